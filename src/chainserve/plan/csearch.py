@@ -1,0 +1,74 @@
+"""Assemble plans and choose the cache-reservation level c (paper §2.3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from chainserve.analysis.bounds import response_time_bounds
+from chainserve.model.spec import Problem
+from chainserve.plan.gbp_cr import GbpCrResult, gbp_cr
+from chainserve.plan.gca import gca
+from chainserve.plan.types import Chain, Placement, Plan, jobs_that_fit
+
+Objective = Literal["lower", "surrogate"]
+
+
+def make_plan(problem: Problem, placement: Placement, chains: tuple[Chain, ...], c: int | None,
+              method: str = "proposed") -> Plan:
+    """A plan with chains sorted fastest first and its §2.5 bounds."""
+    chains = tuple(sorted(chains, key=lambda ch: ch.service_time_s))
+    bounds = response_time_bounds(problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains],
+                                  [ch.capacity for ch in chains])
+    return Plan(problem, placement, chains, c, bounds, method)
+
+
+def max_reservation(problem: Problem) -> int:
+    """c_max = ⌊(max_j M_j − s_m)/s_c⌋: more than this and no server can hold one block."""
+    m = problem.model
+    return jobs_that_fit(max(s.memory_gb for s in problem.servers) - m.block_size_gb, m.cache_size_gb)
+
+
+def plan_for_c(problem: Problem, c: int) -> tuple[GbpCrResult, Plan] | None:
+    """GBP-CR for this c, then GCA on its placement; ``None`` if c is infeasible."""
+    placed = gbp_cr(problem, c)
+    if placed is None:
+        return None
+    return placed, make_plan(problem, placed.placement, gca(problem, placed.placement), c)
+
+
+def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | None = None
+                    ) -> Iterator[tuple[GbpCrResult, Plan]]:
+    """Stable plans for c = 1..c_max (unstable ones, λ ≥ ν, are skipped)."""
+    c_max = max_reservation(problem)
+    for c in range(1, c_max + 1):
+        if progress is not None:
+            progress(c, c_max)
+        result = plan_for_c(problem, c)
+        if result is not None and result[1].is_stable:
+            yield result
+
+
+def search_c(problem: Problem, objective: Objective = "lower",
+             progress: Callable[[int, int], None] | None = None) -> Plan:
+    """The best stable plan over c. ``lower``: least lower bound on mean response time (the paper's
+    choice); ``surrogate``: most job servers c·K(c) promised by GBP-CR (our reading of the §2.3
+    surrogate: more parallel job servers, less queueing), ties by the lower bound, then smaller c.
+
+    Raises ``ValueError`` when no c gives a stable plan.
+    """
+    def score(item: tuple[GbpCrResult, Plan]) -> tuple[float, ...]:
+        placed, plan = item
+        if objective == "lower":
+            return (plan.bounds.lower_s, placed.c)
+        return (-placed.num_job_servers, plan.bounds.lower_s, placed.c)
+
+    if objective not in ("lower", "surrogate"):
+        raise ValueError(f"objective must be 'lower' or 'surrogate', got {objective!r}")
+    best = min(candidate_plans(problem, progress), key=score, default=None)
+    if best is None:
+        raise ValueError(
+            f"arrival_rate: no cache reservation c in 1..{max_reservation(problem)} gives a stable plan "
+            f"for λ = {problem.arrival_rate_per_s:g}/s; lower the rate or add servers")
+    return best[1]

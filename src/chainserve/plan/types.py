@@ -1,0 +1,205 @@
+"""Frozen plan data: block placement, server chains, the whole plan, and its self-check (paper §1).
+
+Blocks are numbered 1..L (1-based, as in the paper). Server references are indices into
+``Problem.servers``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from chainserve.model.spec import Problem
+
+#: Tolerance on memory sums (GB) so float round-off never flips a feasible fit.
+MEMORY_EPS_GB = 1e-9
+#: Relative tolerance of ⌊free/need⌋.
+FIT_EPS = 1e-9
+
+
+def jobs_that_fit(free_gb: float, need_gb: float) -> int:
+    """⌊free/need⌋ with a tolerance for float round-off; 0 when nothing fits."""
+    if free_gb < 0:
+        return 0
+    return int(math.floor(free_gb / need_gb + FIT_EPS))
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Server ``server`` hosts blocks ``start_block .. start_block + num_blocks - 1`` (a_j, m_j)."""
+
+    server: int
+    start_block: int
+    num_blocks: int
+
+    @property
+    def end_block(self) -> int:
+        """Last block hosted, a_j + m_j − 1."""
+        return self.start_block + self.num_blocks - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Spans of the placed servers (servers not listed host nothing)."""
+
+    spans: tuple[Span, ...]
+    num_blocks: int
+
+    def span_of(self, server: int) -> Span | None:
+        for span in self.spans:
+            if span.server == server:
+                return span
+        return None
+
+    @property
+    def servers(self) -> tuple[int, ...]:
+        return tuple(s.server for s in self.spans)
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One hop of a chain: ``server`` runs blocks ``start_block .. start_block + num_blocks - 1``."""
+
+    server: int
+    start_block: int
+    num_blocks: int
+
+    @property
+    def end_block(self) -> int:
+        return self.start_block + self.num_blocks - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A server chain k: its hops, service time T_k and capacity c_k (concurrent jobs)."""
+
+    hops: tuple[Hop, ...]
+    service_time_s: float
+    capacity: int
+
+    @property
+    def rate_per_s(self) -> float:
+        """μ_k = 1/T_k."""
+        return 1.0 / self.service_time_s
+
+    @property
+    def servers(self) -> tuple[int, ...]:
+        return tuple(h.server for h in self.hops)
+
+
+def hop_time_s(problem: Problem, server: int, num_blocks: int) -> float:
+    """τ^c_j + τ^p_j · m_ij: one job's time on one hop."""
+    s = problem.servers[server]
+    return s.tau_c_s + s.tau_p_s * num_blocks
+
+
+def chain_time_s(problem: Problem, hops: tuple[Hop, ...]) -> float:
+    """T_k = Σ_hops (τ^c_j + τ^p_j · m_ij)."""
+    return sum(hop_time_s(problem, h.server, h.num_blocks) for h in hops)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Lower and upper bounds on the mean response time (seconds), paper §2.5."""
+
+    lower_s: float
+    upper_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Placement + chains (sorted fastest first) + the chosen c, ν and the response-time bounds."""
+
+    problem: Problem
+    placement: Placement
+    chains: tuple[Chain, ...]
+    c: int | None
+    bounds: Bounds
+    method: str = "proposed"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total_rate_per_s(self) -> float:
+        """ν = Σ c_k μ_k."""
+        return sum(ch.capacity * ch.rate_per_s for ch in self.chains)
+
+    @property
+    def num_job_servers(self) -> int:
+        """C = Σ c_k."""
+        return sum(ch.capacity for ch in self.chains)
+
+    @property
+    def load(self) -> float:
+        """ρ = λ/ν (≥ 1 means unstable)."""
+        nu = self.total_rate_per_s
+        return math.inf if nu == 0 else self.problem.arrival_rate_per_s / nu
+
+    @property
+    def is_stable(self) -> bool:
+        return self.load < 1
+
+    def cache_used_gb(self) -> dict[int, float]:
+        """Cache reserved on each placed server: Σ_k s_c · m_ij(k) · c_k."""
+        s_c = self.problem.model.cache_size_gb
+        used = {span.server: 0.0 for span in self.placement.spans}
+        for ch in self.chains:
+            for hop in ch.hops:
+                used[hop.server] += s_c * hop.num_blocks * ch.capacity
+        return used
+
+    def free_memory_gb(self) -> dict[int, float]:
+        """M_j − s_m·m_j − reserved cache, per placed server."""
+        s_m = self.problem.model.block_size_gb
+        used = self.cache_used_gb()
+        return {
+            span.server: self.problem.servers[span.server].memory_gb - s_m * span.num_blocks - used[span.server]
+            for span in self.placement.spans
+        }
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the plan is valid: see :func:`check_plan`."""
+        check_plan(self)
+
+
+def check_placement(problem: Problem, placement: Placement) -> None:
+    """Spans lie in 1..L, each server at most once, parameters fit in memory."""
+    L = problem.model.num_blocks
+    seen: set[int] = set()
+    for span in placement.spans:
+        if not 0 <= span.server < problem.num_servers:
+            raise ValueError(f"placement: unknown server index {span.server}")
+        if span.server in seen:
+            raise ValueError(f"placement: server {span.server} placed twice")
+        seen.add(span.server)
+        if span.num_blocks < 1 or span.start_block < 1 or span.end_block > L:
+            raise ValueError(f"placement: span {span} outside blocks 1..{L}")
+        if problem.model.block_size_gb * span.num_blocks > problem.servers[span.server].memory_gb + MEMORY_EPS_GB:
+            raise ValueError(f"placement: server {span.server} cannot hold {span.num_blocks} blocks")
+
+
+def check_plan(plan: Plan) -> None:
+    """Memory never exceeded; every chain covers blocks 1..L contiguously, each hop inside its
+    server's span, capacities ≥ 1, T_k matching the hops."""
+    problem, placement = plan.problem, plan.placement
+    check_placement(problem, placement)
+    L = problem.model.num_blocks
+    for k, ch in enumerate(plan.chains):
+        if ch.capacity < 1:
+            raise ValueError(f"chain {k}: capacity {ch.capacity} < 1")
+        next_block = 1
+        for hop in ch.hops:
+            span = placement.span_of(hop.server)
+            if span is None:
+                raise ValueError(f"chain {k}: server {hop.server} hosts no blocks")
+            if hop.start_block != next_block or hop.num_blocks < 1:
+                raise ValueError(f"chain {k}: hop {hop} does not continue at block {next_block}")
+            if hop.start_block < span.start_block or hop.end_block != span.end_block:
+                raise ValueError(f"chain {k}: hop {hop} is not a suffix of the server's span {span}")
+            next_block = hop.end_block + 1
+        if next_block != L + 1:
+            raise ValueError(f"chain {k}: covers blocks 1..{next_block - 1}, not 1..{L}")
+        if not math.isclose(ch.service_time_s, chain_time_s(problem, ch.hops), rel_tol=1e-9):
+            raise ValueError(f"chain {k}: service time does not match its hops")
+    for server, free in plan.free_memory_gb().items():
+        if free < -MEMORY_EPS_GB * max(1.0, problem.servers[server].memory_gb):
+            raise ValueError(f"server {problem.servers[server].name}: memory exceeded by {-free:.6g} GB")
