@@ -68,6 +68,7 @@ class ModelArch:
             block_size_gb=self.block_size_gb(dtype),
             cache_size_gb=self.cache_size_gb(max_tokens),
             flops_per_token_per_block=self.flops_per_token_per_block,
+            max_tokens=max_tokens,
         )
 
 

@@ -1,0 +1,161 @@
+"""``chainserve plan``: GBP-CR + GCA on a cluster file, c chosen by search or given (paper §2.1–2.3, §2.5)."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from chainserve.cli.common import stderr_console, stdout_console, user_errors
+from chainserve.model.cluster_file import load_cluster
+from chainserve.model.spec import Problem, SpecError
+from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
+from chainserve.plan.export import jobs_per_server, petals_commands, plan_to_dict
+from chainserve.plan.types import Plan
+
+
+class Objective(StrEnum):
+    lower = "lower"
+    surrogate = "surrogate"
+
+
+class Export(StrEnum):
+    petals = "petals"
+
+
+def parse_c(value: str) -> int | None:
+    """``auto`` → ``None`` (search), else a positive integer."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        c = int(value)
+    except ValueError:
+        c = 0
+    if c < 1:
+        raise typer.BadParameter(f"expected a positive integer or 'auto', got {value!r}", param_hint="'--c'")
+    return c
+
+
+def plan(
+    cluster: Annotated[Path, typer.Argument(metavar="CLUSTER", help="Cluster file (YAML or raw JSON).")],
+    rate: Annotated[float | None, typer.Option("--rate", help="Override the arrival rate λ (requests/s).")
+                    ] = None,
+    rho_bar: Annotated[float | None, typer.Option("--rho-bar", help="Override the design load ρ̄.")] = None,
+    c: Annotated[str, typer.Option("--c", metavar="N|auto",
+                                   help="Cache reservation c: a positive integer, or 'auto' to search.")
+                 ] = "auto",
+    objective: Annotated[Objective, typer.Option(help="Score of the c search: least lower bound on the mean "
+                                                      "response time, or most job servers c·K(c).")
+                         ] = Objective.lower,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    export: Annotated[Export | None, typer.Option(help="Also print one server command per placed server.")
+                      ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the placement and chains to this image file.")
+                    ] = None,
+) -> None:
+    """Place blocks and allocate cache for a cluster, and bound the mean response time under JFFC."""
+    c_value = parse_c(c)
+    err = stderr_console()
+    with user_errors():
+        problem = _with_overrides(load_cluster(cluster), rate, rho_bar)
+        result = _make_plan(problem, c_value, objective.value, err)
+        commands = petals_commands(result) if export is Export.petals else None
+        if plot is not None:
+            from chainserve.plan.plot import plot_plan  # matplotlib only when asked for
+
+            plot_plan(result, plot)
+    if as_json:
+        data = plan_to_dict(result)
+        if commands is not None:
+            data["export"] = {"petals": commands}
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        _print_plan(result, stdout_console())
+        if commands is not None:
+            typer.echo("\n".join(commands))
+    if not result.is_stable:
+        err.print(f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
+                  f"ν = {result.total_rate_per_s:.4g}/s; the queue would grow without bound")
+    if plot is not None:
+        err.print(f"plot written to {plot}", markup=False, highlight=False)
+
+
+def _with_overrides(problem: Problem, rate: float | None, rho_bar: float | None) -> Problem:
+    changes = {k: v for k, v in (("arrival_rate_per_s", rate), ("rho_bar", rho_bar)) if v is not None}
+    return problem.with_workload(**changes) if changes else problem
+
+
+def _make_plan(problem: Problem, c: int | None, objective: str, err: Console) -> Plan:
+    """``search_c`` with a progress bar (on a terminal), or ``plan_for_c`` for a given c."""
+    if c is not None:
+        result = plan_for_c(problem, c)
+        if result is None:
+            raise SpecError("c", f"c = {c} is infeasible: reserving cache for {c} jobs per block, the "
+                                 f"servers hold fewer than the model's {problem.model.num_blocks} blocks")
+        return result[1]
+    columns = (TextColumn("searching c"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("c", total=max_reservation(problem))
+        return search_c(problem, objective,
+                        lambda done, total: progress.update(task, completed=done, total=total))
+
+
+def _print_plan(result: Plan, out: Console) -> None:
+    problem = result.problem
+    names = [s.name for s in problem.servers]
+    cache, free, jobs = result.cache_used_gb(), result.free_memory_gb(), jobs_per_server(result)
+    servers = Table(title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)",
+                    title_justify="left")
+    for header in ("server", "gpu", "memory GB", "blocks", "m_j", "cache GB", "free GB", "jobs"):
+        servers.add_column(header, justify="left" if header in ("server", "gpu", "blocks") else "right")
+    for span in sorted(result.placement.spans, key=lambda s: (s.start_block, s.server)):
+        s = problem.servers[span.server]
+        servers.add_row(s.name, s.gpu or "—", f"{s.memory_gb:g}", f"{span.start_block}–{span.end_block}",
+                        str(span.num_blocks), f"{cache[span.server]:.2f}", f"{free[span.server]:.2f}",
+                        str(jobs[span.server]))
+    chains = Table(title=f"Chains (fastest first, {len(result.chains)})", title_justify="left")
+    for header in ("k", "servers", "blocks per hop", "T_k s", "μ_k /s", "c_k"):
+        chains.add_column(header, justify="left" if header in ("servers", "blocks per hop") else "right")
+    for k, ch in enumerate(result.chains, start=1):
+        chains.add_row(str(k), " → ".join(names[h.server] for h in ch.hops),
+                       " + ".join(str(h.num_blocks) for h in ch.hops), f"{ch.service_time_s:.3f}",
+                       f"{ch.rate_per_s:.4f}", str(ch.capacity))
+    out.print(servers)
+    unplaced = [names[j] for j in range(problem.num_servers) if j not in cache]
+    if unplaced:
+        out.print(f"not placed: {', '.join(unplaced)}", highlight=False)
+    out.print(chains)
+    out.print(_summary(result))
+
+
+def _summary(result: Plan) -> Table:
+    problem = result.problem
+    w = problem.workload
+    table = Table(title="Summary", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("cluster", f"{problem.name}: {problem.model.name}, L = {problem.model.num_blocks} blocks, "
+                    f"{problem.num_servers} servers"),
+        ("workload", f"λ = {w.arrival_rate_per_s:g}/s, ρ̄ = {w.rho_bar:g}, "
+                     f"{w.prompt_tokens} prompt + {w.output_tokens} output tokens"),
+        ("c (reservation)", "—" if result.c is None else str(result.c)),
+        ("K (chains)", str(len(result.chains))),
+        ("C = Σ c_k", str(result.num_job_servers)),
+        ("ν = Σ c_k μ_k", f"{result.total_rate_per_s:.4g}/s"),
+        ("ρ = λ/ν", f"{result.load:.3f}"),
+    ]
+    if result.is_stable:
+        rows.append(("mean response", f"{result.bounds.lower_s:.3f} s ≤ E[T] ≤ {result.bounds.upper_s:.3f} s "
+                                      "(JFFC, Theorem-4 bounds)"))
+    else:
+        rows.append(("mean response", "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,223 @@
+"""Per-request path routing with server-side waits for cache (spec §3: PETALS, BPRR's WS-RR).
+
+These dispatchers have no chains and no central queue. When a request arrives it gets a path of hops
+over the placed servers (chosen by a subclass's hop costs, :func:`shortest_path`); it must then hold
+``s_c × (blocks it runs there)`` of every hop's cache pool (:class:`CacheLedger`) for its whole life.
+
+**Hop-by-hop acquisition** (as PETALS' inference session: its first step reaches server 1, which
+allocates its cache, then server 2, …, each server waiting for free cache before it answers): the
+request takes its caches in path order, keeping those it has. When a server's pool cannot hold it, it
+waits at that server in a FIFO queue (PETALS' ``MemoryCache`` holds one lock while the first waiter
+waits, so later requests queue behind it); nobody else allocates there while someone waits. Its
+service starts (a :class:`Start` with ``Route(hops, T, chain=None)``, T from the paper's model) once
+every hop is held; ``complete`` frees all of them and returns the starts that became possible.
+PETALS' 600 s allocation timeout and the client's retries are not modelled: a request keeps waiting
+(a retry would pick the same path again while the cache stays full).
+
+**No deadlock.** Along any path the servers' last blocks strictly increase (a hop runs a suffix of its
+server's span and the next hop continues after it), so a request waiting at server k holds only servers
+whose last block is below e_k, and the requests it waits for — those holding k, or queued ahead of it at
+k — hold k and wait, if at all, at servers with last blocks above e_k. Waits thus point to strictly
+larger last blocks: no cycle. By induction from the largest last block down, every holder eventually
+starts and completes, so every waiter's pool eventually empties; routes never use a hop needing more
+than its pool, so every request eventually starts.
+
+**Failures.** ``fail_server`` aborts every request whose path uses the failed server (in service or
+still acquiring), frees its caches, and routes it again over the live servers in arrival order; the
+aborted in-service ones are reported so a driver can cancel their completions. A request with no live
+path waits (counted in ``num_waiting``) — servers never come back, so it is never served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from chainserve.dispatch.base import FailureOutcome, Job, Route, Start
+from chainserve.dispatch.cache_ledger import CacheLedger
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.types import Hop, Span, chain_time_s
+
+HopCost = Callable[[Span, int], float]
+
+
+def shortest_path(spans: Sequence[Span], hop_cost: HopCost, exit_cost: Callable[[Span], float],
+                  num_blocks: int) -> tuple[Hop, ...] | None:
+    """Cheapest source→sink path: a hop into ``span`` after a predecessor ending at block b runs the
+    ``span.end_block − b`` blocks b+1..end (allowed iff ``span.start_block ≤ b+1 ≤ end``), costing
+    ``hop_cost(span, blocks)`` (``inf``: not allowed); a path ends with a span ending at L, plus its
+    ``exit_cost``. Dynamic programme over end blocks, O(J · distinct ends). Ties: the smaller
+    predecessor end, then the smaller server index. ``None`` when no finite path exists.
+
+    >>> spans = [Span(0, 1, 2), Span(1, 2, 2), Span(2, 1, 3)]
+    >>> [(h.server, h.start_block, h.num_blocks) for h in shortest_path(
+    ...     spans, lambda s, m: 1.0 + m, lambda s: 0.0, 3)]   # 1 hop (cost 4) beats 2 hops (cost 5)
+    [(2, 1, 3)]
+    """
+    best: dict[int, float] = {0: 0.0}
+    ends = [0]  # ends reached so far, ascending
+    back: dict[int, tuple[int, Span]] = {}
+    for span in sorted(spans, key=lambda s: (s.end_block, s.server)):
+        end = span.end_block
+        options = [(best[prev] + hop_cost(span, end - prev), prev)
+                   for prev in ends if span.start_block - 1 <= prev < end]
+        if not options:
+            continue
+        cost, prev = min(options)
+        cost += exit_cost(span) if end == num_blocks else 0.0
+        if cost < best.get(end, math.inf):
+            if end not in best:
+                ends.append(end)
+            best[end], back[end] = cost, (prev, span)
+    if not math.isfinite(best.get(num_blocks, math.inf)):
+        return None
+    hops: list[Hop] = []
+    end = num_blocks
+    while end > 0:
+        prev, span = back[end]
+        hops.append(Hop(span.server, prev + 1, end - prev))
+        end = prev
+    return tuple(reversed(hops))
+
+
+@dataclass(slots=True)
+class PathRequest:
+    """A routed request: its hops, mean service time T, how many hops' caches it holds, where it
+    waits (server index, ``None`` if not waiting) and whether it is in service."""
+
+    job: Job
+    hops: tuple[Hop, ...]
+    service_time_s: float
+    num_held: int = 0
+    waiting_at: int | None = None
+    in_service: bool = False
+
+
+class PathRouter:
+    """Shared mechanics of the path routers; subclasses give the hop costs (:meth:`path_costs`)."""
+
+    name = "path"
+
+    def __init__(self, layout: PathPlacement):
+        layout.check()
+        self.problem = layout.problem
+        self.spans = layout.placement.spans
+        self.cache_gb_per_block = layout.problem.model.cache_size_gb
+        self.ledger = CacheLedger(layout.cache_gb)
+        self.alive = [True] * layout.problem.num_servers
+        self.requests: dict[int, PathRequest] = {}
+        self.queues: dict[int, deque[int]] = {s.server: deque() for s in self.spans}
+        self.holders: dict[int, dict[int, float]] = {s.server: {} for s in self.spans}
+        self.unroutable: deque[Job] = deque()
+        self._num_in_service = 0
+        if self._choose_hops() is None:
+            raise ValueError(f"{layout.method}: no path over the placement fits one request's cache")
+
+    def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
+        """Hop and exit costs for the next request, given the current state."""
+        raise NotImplementedError
+
+    def need_gb(self, num_blocks: int) -> float:
+        """Cache one request holds on a hop of ``num_blocks`` blocks: s_c · m_ij."""
+        return self.cache_gb_per_block * num_blocks
+
+    def _choose_hops(self) -> tuple[Hop, ...] | None:
+        hop_cost, exit_cost = self.path_costs()
+
+        def usable(span: Span, m: int) -> float:
+            fits = self.need_gb(m) <= self.ledger.capacity_gb[span.server]
+            return hop_cost(span, m) if self.alive[span.server] and fits else math.inf
+
+        return shortest_path(self.spans, usable, exit_cost, self.problem.model.num_blocks)
+
+    def _admit(self, job: Job) -> list[Start]:
+        hops = self._choose_hops()
+        if hops is None:
+            self.unroutable.append(job)
+            return []
+        request = PathRequest(job, hops, chain_time_s(self.problem, hops))
+        self.requests[job.job_id] = request
+        return self._advance(request)
+
+    def _advance(self, request: PathRequest) -> list[Start]:
+        """Take caches hop by hop until one is full (then wait there) or all are held (then start)."""
+        job_id = request.job.job_id
+        while request.num_held < len(request.hops):
+            hop = request.hops[request.num_held]
+            need, queue = self.need_gb(hop.num_blocks), self.queues[hop.server]
+            at_head = bool(queue) and queue[0] == job_id
+            if (at_head or not queue) and self.ledger.can_allocate(hop.server, need):
+                if at_head:
+                    queue.popleft()
+                self.ledger.allocate(hop.server, need)
+                self.holders[hop.server][job_id] = need
+                request.num_held += 1
+                request.waiting_at = None
+                continue
+            if not at_head:
+                queue.append(job_id)
+                request.waiting_at = hop.server
+            return []
+        request.in_service = True
+        self._num_in_service += 1
+        return [Start(request.job, Route(request.hops, request.service_time_s, None))]
+
+    def _serve_queue(self, server: int) -> list[Start]:
+        starts: list[Start] = []
+        queue = self.queues[server]
+        while queue:
+            head = self.requests[queue[0]]
+            if not self.ledger.can_allocate(server, self.need_gb(head.hops[head.num_held].num_blocks)):
+                break
+            starts += self._advance(head)
+        return starts
+
+    def _release(self, request: PathRequest) -> None:
+        job_id = request.job.job_id
+        for hop in request.hops[:request.num_held]:
+            self.ledger.free(hop.server, self.holders[hop.server].pop(job_id))
+        if request.waiting_at is not None:
+            self.queues[request.waiting_at].remove(job_id)
+        del self.requests[job_id]
+        if request.in_service:
+            self._num_in_service -= 1
+
+    def submit(self, job: Job, now: float) -> list[Start]:
+        return self._admit(job)
+
+    def complete(self, job_id: int, now: float) -> list[Start]:
+        request = self.requests.get(job_id)
+        if request is None or not request.in_service:
+            raise KeyError(f"job {job_id} is not in service")
+        self._release(request)
+        starts: list[Start] = []
+        for hop in request.hops:
+            starts += self._serve_queue(hop.server)
+        return starts
+
+    def fail_server(self, server: int, now: float) -> FailureOutcome:
+        if not self.alive[server]:
+            return FailureOutcome()
+        self.alive[server] = False
+        hit = [r for r in self.requests.values() if any(h.server == server for h in r.hops)]
+        freed: set[int] = set()
+        for request in hit:
+            freed.update(h.server for h in request.hops[:request.num_held])
+            self._release(request)
+        by_arrival = sorted(hit, key=lambda r: (r.job.arrived_at, r.job.job_id))
+        starts: list[Start] = []
+        for j in sorted(freed - {server}):
+            starts += self._serve_queue(j)
+        for request in by_arrival:
+            starts += self._admit(request.job)
+        return FailureOutcome(tuple(r.job for r in by_arrival if r.in_service), tuple(starts))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.requests) - self._num_in_service + len(self.unroutable)
+
+    @property
+    def num_in_service(self) -> int:
+        return self._num_in_service

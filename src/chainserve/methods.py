@@ -1,0 +1,116 @@
+"""Method registry (spec §2–§3): a method's name → its offline layout and its online dispatcher.
+
+* ``proposed``: c-search over GBP-CR + GCA (§2.3), JFFC over the chains (§2.4);
+* ``proposed:<policy>``: the same chains under another load-balancing policy of
+  ``chainserve.dispatch.registry.POLICIES`` (SED, JSQ, JIQ, random, threshold-JFFC …; §3, §4.3);
+* ``petals``: PETALS' placement and client routing; ``bprr``: CG-BP placement and WS-RR routing;
+* ``jffc-only``: whole-model replicas under JFFC.
+
+Layouts are built once per problem; ``make_dispatcher(rng)`` gives a fresh dispatcher (its own state)
+for every run, so Monte-Carlo runs never share queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from chainserve.dispatch.base import Dispatcher
+from chainserve.dispatch.jffc import JFFC
+from chainserve.dispatch.petals_route import PetalsRouter
+from chainserve.dispatch.ws_rr import WsRrRouter
+from chainserve.model.spec import Problem
+from chainserve.plan.baselines.bprr import bprr_placement
+from chainserve.plan.baselines.jffc_only import jffc_only_plan
+from chainserve.plan.baselines.petals import petals_placement
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.csearch import search_c
+from chainserve.plan.types import Plan
+
+PolicyFactory = Callable[[Plan, np.random.Generator], Dispatcher]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSetup:
+    """``plan_or_placement``: a :class:`Plan` (chain methods) or a :class:`PathPlacement` (path routers);
+    ``make_dispatcher(rng)``: a fresh dispatcher over it; ``description``: one line for reports."""
+
+    plan_or_placement: Plan | PathPlacement
+    make_dispatcher: Callable[[np.random.Generator], Dispatcher]
+    description: str
+
+
+def _jffc(plan: Plan, rng: np.random.Generator) -> Dispatcher:
+    return JFFC(plan.chains)
+
+
+def policy_factory(policy: str) -> PolicyFactory:
+    """The registry's factory for ``policy``; plain JFFC is built in, so it works without the registry.
+
+    >>> policy_factory("jffc") is not None
+    True
+    """
+    try:
+        from chainserve.dispatch.registry import POLICIES
+    except ImportError:
+        POLICIES = {}
+    if policy in POLICIES:
+        return POLICIES[policy]
+    if policy == "jffc":
+        return _jffc
+    known = sorted(set(POLICIES) | {"jffc"})
+    raise ValueError(f"policy {policy!r} is unknown; known: {', '.join(known)}")
+
+
+def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc") -> MethodSetup:
+    factory = policy_factory(policy)
+    plan = search_c(problem)
+    return MethodSetup(plan, lambda r: factory(plan, r),
+                       f"GBP-CR + GCA with c* = {plan.c} ({len(plan.chains)} chains, "
+                       f"{plan.num_job_servers} job servers), {policy}")
+
+
+def _petals(problem: Problem, rng: np.random.Generator) -> MethodSetup:
+    layout = petals_placement(problem, rng)
+    return MethodSetup(layout, lambda r: PetalsRouter(layout),
+                       f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing")
+
+
+def _bprr(problem: Problem, rng: np.random.Generator) -> MethodSetup:
+    layout = bprr_placement(problem)
+    return MethodSetup(layout, lambda r: WsRrRouter(layout),
+                       f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing")
+
+
+def _jffc_only(problem: Problem, rng: np.random.Generator) -> MethodSetup:
+    plan = jffc_only_plan(problem)
+    return MethodSetup(plan, lambda r: JFFC(plan.chains),
+                       f"whole-model replicas on {len(plan.chains)} servers, JFFC")
+
+
+METHODS: dict[str, Callable[[Problem, np.random.Generator], MethodSetup]] = {
+    "proposed": _proposed, "petals": _petals, "bprr": _bprr, "jffc-only": _jffc_only}
+
+
+def build_method(name: str, problem: Problem, rng: np.random.Generator) -> MethodSetup:
+    """Build method ``name`` (a key of :data:`METHODS`, or ``proposed:<policy>``) for ``problem``;
+    ``rng`` drives randomised placements (PETALS' join order). Raises ``ValueError`` for an unknown
+    name or a method that does not apply (e.g. ``jffc-only`` when no server fits the model).
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> p = Problem((Server("a", 20, 0.5, 0.1), Server("b", 20, 1.0, 0.1)), ModelSpec("toy", 3, 2.0, 1.0),
+    ...             Workload(0.2))
+    >>> setup = build_method("jffc-only", p, np.random.default_rng(0))
+    >>> setup.description, setup.make_dispatcher(np.random.default_rng(1)).name
+    ('whole-model replicas on 2 servers, JFFC', 'jffc')
+    """
+    base, sep, policy = name.partition(":")
+    if sep:
+        if base != "proposed" or not policy:
+            raise ValueError(f"method {name!r}: only 'proposed:<policy>' takes a policy")
+        return _proposed(problem, rng, policy)
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is unknown; known: {', '.join(METHODS)}, proposed:<policy>")
+    return METHODS[name](problem, rng)

@@ -1,0 +1,340 @@
+"""Load a cluster description (YAML or JSON) into a :class:`Problem` (paper §1, §4).
+
+Two formats, told apart by content (``num_blocks`` at the top means raw); the file extension only
+picks the parser (``.json`` → JSON, anything else → YAML, which also reads JSON).
+
+**Cluster format** (short, catalogue-based)::
+
+    name: paper-testbed            # optional, default the file name
+    model: llama-2-7b              # catalogue name, or {name, dtype, max_tokens},
+                                   # or raw {num_blocks, block_size_gb, cache_size_gb[, name]}
+    dtype: fp16                    # optional, default the model's
+    max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
+    workload: {arrival_rate: 2.57, prompt_tokens: 2048, output_tokens: 28, rho_bar: 0.7}
+    servers:
+      - {gpu: a100-3g.40gb, count: 3, rtt_ms: [20, 35, 50], name: high}
+      - {name: custom, memory_gb: 20, tau_p_s: 0.175, tau_c_s: 1.2}
+
+``workload``: ``arrival_rate`` λ (requests/s, required), ``prompt_tokens`` (2000), ``output_tokens``
+(20), ``rho_bar`` ρ̄ (0.7). A server entry stands for ``count`` (1) identical servers named
+``name-1 … name-count`` (just ``name`` when count is 1; ``name`` defaults to the gpu profile):
+
+- ``memory_gb`` M_j: default the gpu profile's;
+- ``tau_p_s`` or ``tau_p_ms`` τ^p_j: default :func:`catalogue.tau_p_s` for the gpu and model with
+  the workload's token lengths;
+- ``tau_c_s`` or ``tau_c_ms`` τ^c_j: default ``(RTT + 18 ms) × output_tokens`` from
+  ``rtt_ms`` / ``rtt_s`` (one number, or a list with one RTT per server of the entry).
+
+**Raw format** (seconds and GB, as solvers exchange instances)::
+
+    {"servers": [{"server_id": 0, "memory_gb": 40, "tau_c": 0.9, "tau_p": 0.109}],
+     "num_blocks": 70, "block_size_gb": 1.31, "cache_size_gb": 0.117,
+     "arrival_rate": 0.2, "rho_bar": 0.7}
+
+(optional: ``name``, ``prompt_tokens``, ``output_tokens``). Every problem raises :class:`SpecError`
+naming the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chainserve.model import catalogue
+from chainserve.model.catalogue import GpuProfile, ModelArch
+from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
+
+WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
+SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms",
+               "rtt_ms", "rtt_s")
+RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb")
+RAW_KEYS = ("name", "servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate", "rho_bar",
+            "prompt_tokens", "output_tokens")
+RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
+RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
+
+
+def load_cluster(path: str | Path) -> Problem:
+    """Read a cluster file; the problem is named after the file unless it names itself."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), "no such file") from None
+    except OSError as exc:
+        raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    return problem_from_dict(_parse(text, path), default_name=path.stem)
+
+
+def _parse(text: str, path: Path) -> Any:
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(str(path), f"malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(str(path), f"malformed YAML{where}: {problem}") from None
+
+
+def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
+    """Build a :class:`Problem` from parsed YAML/JSON (either format).
+
+    >>> p = problem_from_dict({"model": "llama-2-7b", "workload": {"arrival_rate": 1.0},
+    ...                        "servers": [{"gpu": "a100-80gb", "count": 2, "rtt_ms": 10}]})
+    >>> [s.name for s in p.servers], p.model.num_blocks, p.servers[0].memory_gb
+    (['a100-80gb-1', 'a100-80gb-2'], 32, 80)
+    """
+    data = _mapping(data, "cluster")
+    if "num_blocks" in data:
+        return _raw_problem(data, default_name)
+    _check_keys(data, "", ("name", "model", "dtype", "max_tokens", "workload", "servers"),
+                required=("model", "workload", "servers"))
+    workload = _workload(_mapping(data["workload"], "workload"), "workload")
+    arch, model = _model(data, workload)
+    entries = _list(data["servers"], "servers")
+    servers = [server for i, entry in enumerate(entries)
+               for server in _entry_servers(entry, f"servers[{i}]", arch, model, workload)]
+    return Problem(tuple(servers), model, workload, _string(data.get("name", default_name), "name"))
+
+
+def replica_servers(name: str, count: int, *, memory_gb: float, tau_p_s: float, round_trips: int,
+                    rtts_s: Sequence[float] | None = None, tau_c_s: float | None = None,
+                    gpu: str | None = None) -> tuple[Server, ...]:
+    """``count`` identical servers ``name-1 … name-count`` (``name`` alone when count is 1).
+
+    τ^c is ``tau_c_s`` when given, else ``(RTT + 18 ms) × round_trips`` from each server's RTT.
+
+    >>> [(s.name, round(s.tau_c_s, 3)) for s in replica_servers("low", 2, memory_gb=20, tau_p_s=0.175,
+    ...                                                           round_trips=20, rtts_s=[0.01, 0.1])]
+    [('low-1', 0.56), ('low-2', 2.36)]
+    """
+    names = [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
+    rtts: Sequence[float | None] = [None] * count if rtts_s is None else rtts_s
+    if len(rtts) != count:
+        raise SpecError(f"{name}.rtt_s", f"expected {count} RTTs, got {len(rtts)}")
+    if tau_c_s is None and rtts_s is None:
+        raise SpecError(f"{name}.tau_c_s", "give tau_c_s or the RTTs to derive it from")
+    return tuple(
+        Server(n, memory_gb, tau_p_s, catalogue.tau_c_s(rtt, round_trips) if tau_c_s is None else tau_c_s,
+               gpu=gpu, rtt_s=rtt)
+        for n, rtt in zip(names, rtts, strict=True))
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+def _workload(data: Mapping[str, Any], path: str) -> Workload:
+    _check_keys(data, path, WORKLOAD_KEYS, required=("arrival_rate",))
+    fields: dict[str, Any] = {"arrival_rate_per_s": _number(data, "arrival_rate", path)}
+    if "rho_bar" in data:
+        fields["rho_bar"] = _number(data, "rho_bar", path)
+    for key in ("prompt_tokens", "output_tokens"):
+        if key in data:
+            fields[key] = _count(data, key, path)
+    with _at(path):
+        return Workload(**fields)
+
+
+def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | None, ModelSpec]:
+    """The catalogue architecture (``None`` for a raw model) and the ModelSpec."""
+    raw = data["model"]
+    top_options = [k for k in ("dtype", "max_tokens") if k in data]
+    if isinstance(raw, Mapping) and "num_blocks" in raw:
+        _check_keys(raw, "model", RAW_MODEL_KEYS, required=RAW_MODEL_KEYS[1:])
+        if top_options:
+            raise SpecError(top_options[0], "only applies to a catalogue model, not to a raw one")
+        name = _string(raw.get("name", "custom"), "model.name")
+        return None, ModelSpec(name, _count(raw, "num_blocks", "model"),
+                               _number(raw, "block_size_gb", "model"), _number(raw, "cache_size_gb", "model"))
+    # where each option comes from: the top level or the model mapping
+    source: dict[str, tuple[Mapping[str, Any], str]] = {k: (data, "") for k in top_options}
+    if isinstance(raw, Mapping):
+        _check_keys(raw, "model", ("name", "dtype", "max_tokens"), required=("name",))
+        for key in ("dtype", "max_tokens"):
+            if key in raw and key in source:
+                raise SpecError(f"model.{key}", "given both here and at the top level")
+            if key in raw:
+                source[key] = (raw, "model")
+        name_path, name = "model.name", raw["name"]
+    else:
+        name_path, name = "model", raw
+    with _at(field=name_path):
+        arch = catalogue.model_arch(_string(name, name_path))
+    dtype = None
+    if "dtype" in source:
+        where, path = source["dtype"]
+        dtype = _string(where["dtype"], _join(path, "dtype"))
+        if dtype not in catalogue.BITS_PER_PARAM:
+            raise SpecError(_join(path, "dtype"), f"unknown dtype {dtype!r}; known: "
+                            f"{', '.join(catalogue.BITS_PER_PARAM)}")
+    max_tokens = workload.prompt_tokens + workload.output_tokens
+    if "max_tokens" in source:
+        max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1])
+    return arch, arch.spec(dtype, max_tokens)
+
+
+def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec,
+                   workload: Workload) -> tuple[Server, ...]:
+    entry = _mapping(raw, path)
+    _check_keys(entry, path, SERVER_KEYS)
+    profile: GpuProfile | None = None
+    if "gpu" in entry:
+        with _at(field=f"{path}.gpu"):
+            profile = catalogue.gpu_profile(_string(entry["gpu"], "gpu"))
+    count = _count(entry, "count", path) if "count" in entry else 1
+    if "name" in entry:
+        name = _string(entry["name"], f"{path}.name")
+    elif profile is not None:
+        name = profile.name
+    else:
+        raise SpecError(f"{path}.name", "required when no gpu is given")
+    if "memory_gb" in entry:
+        memory_gb: float = _number(entry, "memory_gb", path)
+    elif profile is not None:
+        memory_gb = profile.memory_gb
+    else:
+        raise SpecError(f"{path}.memory_gb", "required when no gpu is given")
+    tau_p = _seconds(entry, "tau_p", path)
+    if tau_p is None:
+        if profile is None or arch is None:
+            raise SpecError(f"{path}.tau_p_s", "required unless both a gpu and a catalogue model are given")
+        tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens,
+                                  workload.output_tokens)
+    tau_c = _seconds(entry, "tau_c", path, allow_zero=True)
+    rtts = _rtts(entry, path, count)
+    if tau_c is None and rtts is None:
+        raise SpecError(f"{path}.rtt_ms", "required unless tau_c_s (or tau_c_ms) is given")
+    return replica_servers(name, count, memory_gb=memory_gb, tau_p_s=tau_p, rtts_s=rtts, tau_c_s=tau_c,
+                           round_trips=workload.output_tokens, gpu=profile.name if profile else None)
+
+
+def _rtts(entry: Mapping[str, Any], path: str, count: int) -> list[float] | None:
+    """RTTs in seconds, one per server of the entry, from ``rtt_ms`` or ``rtt_s``."""
+    keys = [k for k in ("rtt_ms", "rtt_s") if k in entry]
+    if not keys:
+        return None
+    if len(keys) > 1:
+        raise SpecError(f"{path}.rtt_ms", "give rtt_ms or rtt_s, not both")
+    key = keys[0]
+    per_s = 1000 if key == "rtt_ms" else 1  # divide, not × 1e-3: 26.0 ms → the same float as presets
+    value = entry[key]
+    if not isinstance(value, list):
+        return [_number(entry, key, path, allow_zero=True) / per_s] * count
+    if len(value) != count:
+        raise SpecError(f"{path}.{key}", f"expected {count} values (one per server), got {len(value)}")
+    items = dict(enumerate(value))
+    return [_number(items, i, f"{path}.{key}", allow_zero=True) / per_s for i in range(count)]
+
+
+def _seconds(entry: Mapping[str, Any], stem: str, path: str, allow_zero: bool = False) -> float | None:
+    """``<stem>_s`` or ``<stem>_ms`` (not both) in seconds, or ``None`` when neither is given."""
+    if f"{stem}_s" in entry and f"{stem}_ms" in entry:
+        raise SpecError(f"{path}.{stem}_s", f"give {stem}_s or {stem}_ms, not both")
+    if f"{stem}_s" in entry:
+        return _number(entry, f"{stem}_s", path, allow_zero=allow_zero)
+    if f"{stem}_ms" in entry:
+        return _number(entry, f"{stem}_ms", path, allow_zero=allow_zero) / 1000
+    return None
+
+
+def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
+    _check_keys(data, "", RAW_KEYS, required=RAW_REQUIRED)
+    name = _string(data.get("name", default_name), "name")
+    model = ModelSpec(name, _count(data, "num_blocks", ""), _number(data, "block_size_gb", ""),
+                      _number(data, "cache_size_gb", ""))
+    workload = _workload({k: data[k] for k in WORKLOAD_KEYS if k in data}, "")
+    servers = []
+    for i, raw in enumerate(_list(data["servers"], "servers")):
+        path = f"servers[{i}]"
+        entry = _mapping(raw, path)
+        _check_keys(entry, path, RAW_SERVER_KEYS, required=RAW_SERVER_KEYS)
+        server_id = entry["server_id"]
+        if isinstance(server_id, bool) or not isinstance(server_id, int | str):
+            raise SpecError(f"{path}.server_id", f"must be an integer or a string, got {server_id!r}")
+        servers.append(Server(str(server_id), _number(entry, "memory_gb", path),
+                              _number(entry, "tau_p", path), _number(entry, "tau_c", path, allow_zero=True)))
+    return Problem(tuple(servers), model, workload, name)
+
+
+# --- field helpers --------------------------------------------------------------------------------
+
+@contextmanager
+def _at(prefix: str = "", field: str | None = None) -> Iterator[None]:
+    """Re-raise a :class:`SpecError` from a catalogue or constructor under its path in the file:
+    ``field`` replaces the error's field, else ``prefix`` goes in front of it."""
+    try:
+        yield
+    except SpecError as exc:
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise SpecError(field or _join(prefix, exc.field), message) from None
+
+
+def _join(path: str, key: object) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_keys(data: Mapping[str, Any], path: str, allowed: Sequence[str],
+                required: Sequence[str] = ()) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; expected one of: {', '.join(allowed)}"
+            raise SpecError(_join(path, str(key)), f"unknown key{hint}")
+    for key in required:
+        if key not in data:
+            raise SpecError(_join(path, key), "missing")
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(path, f"must be a mapping of keys to values, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise SpecError(path, "must be a non-empty list")
+    return value
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(path, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _number(data: Mapping[Any, Any], key: object, path: str, allow_zero: bool = False) -> float:
+    """``data[key]`` as a positive (or non-negative) finite number; errors name ``path.key``."""
+    value, where = data[key], _join(path, key)
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:  # PyYAML reads 1e-3 (no dot) as text
+            raise SpecError(where, f"must be a number, got the text {value!r} (write it as e.g. 1.0e-3)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SpecError(where, f"must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise SpecError(where, f"must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+    return value
+
+
+def _count(data: Mapping[str, Any], key: str, path: str) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(_join(path, key), f"must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,114 @@
+"""BPRR's CG-BP block placement (spec §3; Sun, He, Ji, Parag, arXiv 2512.21884).
+
+Our reading of CG-BP (conservative greedy block placement), with the points the spec leaves open:
+
+* **Sessions to reserve, R.** "Mean plus one standard deviation of the number of concurrent requests."
+  We estimate that number as in an M/M/∞ system: Poisson with mean λ·T̄, so
+  ``R = ⌈λT̄ + √(λT̄)⌉`` (at least 1). T̄, a request's mean service time, is not known before the
+  placement; we take ``T̄ = L · mean_j t̃_j(1)``, L blocks at the servers' mean amortised time per
+  block when each reserves cache for one session (t̃ as in GBP-CR). R is capped by
+  ``⌊(Σ_j M_j − s_m(L+J)) / (s_c(L+J))⌋``, the most sessions the cluster's memory could hold on every
+  block (the ``+J`` allows each server a block's worth of rounding waste).
+* **Blocks per server.** ``m_j = min(⌊M_j / (s_m + s_c·R)⌋, L)``; servers sorted by amortised time
+  ``t̃_j = (τ^c_j + τ^p_j·m_j)/m_j`` (fastest first, ties by index).
+* **Phase 1** — every block reaches R sessions: walking that order, a server starts at the first block
+  whose session capacity is below R (shifted left to end at L if it would run past it). A server's
+  session capacity on its blocks is ``k_j = ⌊(M_j − s_m·m_j)/(s_c·m_j)⌋ ≥ R``, so one pass over blocks
+  1..L suffices. If the servers run out first, R is lowered by one and the placement redone.
+* **Phase 2** — fill the least-served blocks: each remaining server, in the same order, takes the
+  window whose least capacity is smallest (ties: smallest total capacity, then smallest start).
+
+Every placed server gives all memory left after its parameters to its cache pool, from which WS-RR
+(:mod:`chainserve.dispatch.ws_rr`) routes requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+from chainserve.model.spec import Problem
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.gbp_cr import blocks_with_reservation
+from chainserve.plan.types import Placement, Span, jobs_that_fit
+
+
+def bprr_sessions_cap(problem: Problem) -> int:
+    """⌊(Σ_j M_j − s_m(L+J)) / (s_c(L+J))⌋, the largest R memory allows (may be ≤ 0)."""
+    m = problem.model
+    room = m.num_blocks + problem.num_servers
+    return math.floor((sum(s.memory_gb for s in problem.servers) - m.block_size_gb * room)
+                      / (m.cache_size_gb * room))
+
+
+def bprr_sessions(problem: Problem) -> int:
+    """R = ⌈λT̄ + √(λT̄)⌉ (≥ 1), capped by :func:`bprr_sessions_cap`; see the module docstring.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> p = Problem((Server("a", 30, 1.0, 0.0),), ModelSpec("toy", 2, 2.0, 1.0), Workload(1.0))
+    >>> bprr_sessions(p)   # T̄ = 2 blocks × 1 s, λT̄ = 2: ⌈2 + 1.41⌉ = 4; cap ⌊(30 − 6)/3⌋ = 8
+    4
+    """
+    cap = bprr_sessions_cap(problem)
+    if cap < 1:
+        raise ValueError("servers: their memory cannot hold every block with cache for one session")
+    blocks = blocks_with_reservation(problem, 1)
+    per_block = [(s.tau_c_s + s.tau_p_s * m) / m
+                 for s, m in zip(problem.servers, blocks, strict=True) if m > 0]
+    if not per_block:
+        raise ValueError("servers: none can hold one block with cache for one session")
+    load = problem.arrival_rate_per_s * problem.model.num_blocks * sum(per_block) / len(per_block)
+    return min(max(1, math.ceil(load + math.sqrt(load))), cap)
+
+
+def _cg_bp(problem: Problem, sessions: int) -> tuple[Span, ...] | None:
+    """Phases 1 and 2 for R = ``sessions``; ``None`` if phase 1 cannot reach R on every block."""
+    model, L = problem.model, problem.model.num_blocks
+    blocks = blocks_with_reservation(problem, sessions)
+    times = [s.tau_c_s + s.tau_p_s * m for s, m in zip(problem.servers, blocks, strict=True)]
+    order = sorted((j for j, m in enumerate(blocks) if m > 0), key=lambda j: (times[j] / blocks[j], j))
+    capacity = [0] * (L + 1)  # 1-based: sessions each block can hold
+    spans: list[Span] = []
+    for j in order:
+        m = blocks[j]
+        short = [b for b in range(1, L + 1) if capacity[b] < sessions]
+        if short:
+            start = min(short[0], L - m + 1)
+        else:
+            start = min(range(1, L - m + 2),
+                        key=lambda a: (min(capacity[a:a + m]), sum(capacity[a:a + m]), a))
+        spans.append(Span(j, start, m))
+        sessions_here = jobs_that_fit(problem.servers[j].memory_gb - model.block_size_gb * m,
+                                      model.cache_size_gb * m)
+        for b in range(start, start + m):
+            capacity[b] += sessions_here
+    if min(capacity[1:]) < sessions:
+        return None
+    return tuple(spans)
+
+
+def bprr_placement(problem: Problem) -> PathPlacement:
+    """CG-BP placement with R from :func:`bprr_sessions` (lowered until phase 1 succeeds).
+    O(R·J·L²) at worst. Raises ``ValueError`` when even R = 1 cannot cover every block.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> p = Problem((Server("a", 10, 1.0, 0.0), Server("b", 10, 2.0, 0.0), Server("c", 10, 1.5, 0.0)),
+    ...             ModelSpec("toy", 4, 2.0, 1.0), Workload(0.05))
+    >>> layout = bprr_placement(p)   # λT̄ = 0.3 → R = 1; m = ⌊10/3⌋ = 3 blocks each
+    >>> # a (fastest) takes 1..3, c covers block 4 ending at L (2..4), b ties on 1..3 and 2..4 → 1..3
+    >>> [(s.server, s.start_block, s.num_blocks) for s in layout.placement.spans], layout.cache_gb
+    ([(0, 1, 3), (2, 2, 3), (1, 1, 3)], (4.0, 4.0, 4.0))
+    """
+    for sessions in range(bprr_sessions(problem), 0, -1):
+        spans = _cg_bp(problem, sessions)
+        if spans is not None:
+            break
+    else:
+        raise ValueError("servers: too little memory to host every block with cache for one session")
+    s_m = problem.model.block_size_gb
+    placed = {s.server: s for s in spans}
+    cache = tuple(problem.servers[j].memory_gb - s_m * placed[j].num_blocks if j in placed else 0.0
+                  for j in range(problem.num_servers))
+    layout = PathPlacement(problem, Placement(spans, problem.model.num_blocks), cache, "bprr",
+                           (f"R = {sessions} sessions reserved per block",))
+    layout.check()
+    return layout

@@ -1,0 +1,385 @@
+"""Baselines of spec §3: PETALS / BPRR / JFFC-only placements, the path routers and the method registry."""
+
+import itertools
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from chainserve.dispatch.base import Job
+from chainserve.dispatch.path_router import PathRouter, shortest_path
+from chainserve.dispatch.petals_route import ALLOC_PENALTY_S, PetalsRouter
+from chainserve.dispatch.ws_rr import WsRrRouter, expected_wait_s
+from chainserve.methods import METHODS, build_method
+from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.plan.baselines.bprr import bprr_placement, bprr_sessions, bprr_sessions_cap
+from chainserve.plan.baselines.jffc_only import jffc_only_plan
+from chainserve.plan.baselines.petals import best_start, petals_placement
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.types import Placement, Plan, Span
+
+EPS = 1e-9
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def toy(memories, taus, num_blocks, s_m=1.0, s_c=1.0, rate=0.1, tau_c=0.0, prompt=1, output=1):
+    servers = tuple(Server(f"s{i}", float(m), float(t), tau_c)
+                    for i, (m, t) in enumerate(zip(memories, taus, strict=True)))
+    return Problem(servers, ModelSpec("toy", num_blocks, s_m, s_c), Workload(rate, prompt_tokens=prompt,
+                                                                             output_tokens=output))
+
+
+@st.composite
+def problems(draw):
+    num_blocks = draw(st.integers(2, 6))
+    num_servers = draw(st.integers(2, 5))
+    s_c = draw(st.sampled_from([0.25, 0.5, 1.0]))
+    memories = draw(st.lists(st.integers(2, 4 * num_blocks), min_size=num_servers, max_size=num_servers))
+    taus = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=num_servers, max_size=num_servers))
+    return toy(memories, taus, num_blocks, s_c=s_c, rate=draw(st.sampled_from([0.05, 0.5, 2.0])),
+               tau_c=draw(st.sampled_from([0.0, 0.3])), output=draw(st.integers(1, 3)))
+
+
+def assert_valid_layout(layout: PathPlacement) -> None:
+    """Independent of PathPlacement.check: spans inside 1..L, every block hosted, memory respected."""
+    problem, L = layout.problem, layout.problem.model.num_blocks
+    covered = set()
+    for span in layout.placement.spans:
+        assert 1 <= span.start_block <= span.end_block <= L
+        covered.update(range(span.start_block, span.end_block + 1))
+        used = problem.model.block_size_gb * span.num_blocks + layout.cache_gb[span.server]
+        assert used <= problem.servers[span.server].memory_gb + EPS
+    assert covered == set(range(1, L + 1))
+    assert len({s.server for s in layout.placement.spans}) == len(layout.placement.spans)
+
+
+# ---------------------------------------------------------------- placements
+
+
+def test_best_start_is_lexicographic_on_sorted_windows():
+    # windows of 3: [5,0,2]→(0,2,5) [0,2,0]→(0,0,2) [2,0,1]→(0,1,2) [0,1,0]→(0,0,1): the last wins
+    assert best_start(np.array([5.0, 0.0, 2.0, 0.0, 1.0, 0.0]), 3) == 3
+    assert best_start(np.array([1.0, 1.0, 1.0]), 2) == 0  # ties: smallest start
+    assert best_start(np.array([0.0, 9.0, 0.0, 0.0]), 2) == 2  # two empty blocks beat one
+
+
+def test_petals_worked_example():
+    # s_m = 1, s_c = 1 for max tokens 2 (prompt 1 + output 1); cache_tokens = 2 → 1 GB per block.
+    # m = ⌊M/2⌋: 3, 2, 2 blocks; throughput min(1/τ^p / ((m+1)/2), ∞): 1/2, 2/3, 1/3.
+    p = toy([6, 4, 4], [1.0, 1.0, 2.0], 4)
+    order = np.random.default_rng(7).permutation(3).tolist()
+    layout = petals_placement(p, np.random.default_rng(7), cache_tokens=2)
+    spans = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
+    # replay by hand in the same join order
+    throughput, rates, blocks, expect = [0.0] * 4, [1 / 2, 2 / 3, 1 / 3], [3, 2, 2], {}
+    for j in order:
+        options = [(sorted(throughput[a:a + blocks[j]]), a) for a in range(4 - blocks[j] + 1)]
+        start = min(options)[1]
+        expect[j] = (start + 1, blocks[j])
+        for b in range(start, start + blocks[j]):
+            throughput[b] += rates[j]
+    assert spans == expect
+    assert layout.cache_gb == (3.0, 2.0, 2.0)
+    assert_valid_layout(layout)
+
+
+def test_petals_blocks_use_max_tokens_of_the_workload():
+    # s_c for 2020 tokens (2000 + 20); 4096 tokens of cache per block = 4096/2020 · s_c
+    p = toy([40, 40, 40, 20, 20], [0.1, 0.1, 0.1, 0.2, 0.2], 70, s_m=1.31, s_c=0.117, prompt=2000, output=20)
+    layout = petals_placement(p, np.random.default_rng(0))
+    per_block = 0.117 * 4096 / 2020
+    for span in layout.placement.spans:
+        assert span.num_blocks == math.floor(p.servers[span.server].memory_gb / (1.31 + per_block))
+        assert layout.cache_gb[span.server] == pytest.approx(per_block * span.num_blocks)
+
+
+def test_petals_rebalancing_raises_the_weakest_block():
+    p = toy([3, 4, 5, 11], [4.0, 2.0, 4.0, 4.0], 4)
+
+    def weakest(layout):
+        t = np.zeros(4)
+        for s in layout.placement.spans:
+            t[s.start_block - 1:s.end_block] += 1 / p.servers[s.server].tau_p_s / ((s.num_blocks + 1) / 2)
+        return t.min()
+
+    before = petals_placement(p, np.random.default_rng(0), cache_tokens=1)
+    after = petals_placement(p, np.random.default_rng(0), cache_tokens=1, rebalance_rounds=2)
+    assert weakest(after) > weakest(before) / 0.75  # it moved because the gain exceeded 1/0.75
+    assert_valid_layout(after)
+
+
+def test_petals_raises_when_blocks_stay_uncovered():
+    with pytest.raises(ValueError, match="hosted by no server"):
+        petals_placement(toy([4, 4], [1.0, 1.0], 6), np.random.default_rng(0), cache_tokens=2)
+
+
+def test_bprr_sessions_and_cap():
+    # one server, L = 2, s_m = 2, s_c = 1: t̃(1) = τ^p = 1, T̄ = 2 s; λ = 1 → λT̄ = 2 → ⌈2 + √2⌉ = 4
+    p = toy([30], [1.0], 2, s_m=2.0, rate=1.0)
+    assert bprr_sessions_cap(p) == 8  # ⌊(30 − 2·3)/(1·3)⌋
+    assert bprr_sessions(p) == 4
+    assert bprr_sessions(p.with_workload(arrival_rate_per_s=100.0)) == 8  # capped
+
+
+def test_bprr_worked_example():
+    # R = 1 (λT̄ = 0.05 · 4 · mean(1, 2, 1.5) = 0.3); m = ⌊10/3⌋ = 3 blocks; 1 session each.
+    # Phase 1 (fastest first): a → 1..3, c → 2..4 (shifted to end at L). Phase 2: b ties → 1..3.
+    layout = bprr_placement(toy([10, 10, 10], [1.0, 2.0, 1.5], 4, s_m=2.0, rate=0.05))
+    assert [(s.server, s.start_block, s.num_blocks) for s in layout.placement.spans] == [
+        (0, 1, 3), (2, 2, 3), (1, 1, 3)]
+    assert layout.cache_gb == (4.0, 4.0, 4.0)
+
+
+def test_bprr_phase_two_fills_the_least_served_blocks():
+    # R = 1 (cap ⌊(17 − 7)/7⌋ = 1); m = 2, 3, 2 blocks holding 1 session each. Phase 1: a (fastest)
+    # → 1..2, b → 2..4 (shifted to end at L): capacity per block 1, 2, 1, 1. Phase 2: c's windows
+    # (1,2) (2,1) (1,1) all have least capacity 1; the smallest total is blocks 3..4.
+    p = toy([5, 7, 5], [0.5, 1.0, 1.0], 4, rate=0.01)
+    assert bprr_sessions(p) == 1
+    layout = bprr_placement(p)
+    spans = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
+    assert spans == {0: (1, 2), 1: (2, 3), 2: (3, 2)}
+    assert_valid_layout(layout)
+
+
+@FAST
+@given(problems(), st.integers(0, 3))
+def test_placements_respect_memory_and_cover_every_block(problem, seed):
+    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=2),
+                  lambda: bprr_placement(problem)):
+        try:
+            layout = build()
+        except ValueError:
+            continue
+        assert_valid_layout(layout)
+
+
+def test_jffc_only_plan_and_not_applicable():
+    p = toy([20, 8, 15], [1.0, 1.0, 2.0], 3, s_m=2.0, tau_c=0.5)
+    plan = jffc_only_plan(p)
+    assert [(ch.servers, ch.capacity, ch.service_time_s) for ch in plan.chains] == [
+        ((0,), 4, 3.5), ((2,), 3, 6.5)]  # ⌊(20 − 6)/3⌋, ⌊(15 − 6)/3⌋; server 1 cannot hold the model
+    with pytest.raises(ValueError, match="not applicable"):
+        jffc_only_plan(toy([7, 8], [1.0, 1.0], 3, s_m=2.0))
+
+
+# ---------------------------------------------------------------- shortest path
+
+
+def brute_force_path(spans, cost, L):
+    best = math.inf
+    for k in range(1, len(spans) + 1):
+        for seq in itertools.permutations(spans, k):
+            prev, total = 0, 0.0
+            for span in seq:
+                if not span.start_block <= prev + 1 <= span.end_block:
+                    break
+                total += cost(span, span.end_block - prev)
+                prev = span.end_block
+            else:
+                if prev == L:
+                    best = min(best, total)
+    return best
+
+
+@FAST
+@given(st.integers(2, 6), st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6), st.floats(0.1, 5)),
+                                   min_size=1, max_size=5))
+def test_shortest_path_matches_brute_force(L, raw):
+    spans = [Span(j, min(a, L), min(m, L - min(a, L) + 1)) for j, (a, m, _) in enumerate(raw)]
+    weight = {j: w for j, (_, _, w) in enumerate(raw)}
+
+    def cost(span, m):
+        return 0.3 + weight[span.server] * m
+
+    path = shortest_path(spans, cost, lambda s: 0.0, L)
+    expected = brute_force_path(spans, cost, L)
+    if path is None:
+        assert expected == math.inf
+        return
+    assert path[0].start_block == 1 and path[-1].end_block == L
+    assert all(a.end_block + 1 == b.start_block for a, b in itertools.pairwise(path))
+    by_server = {s.server: s for s in spans}
+    assert sum(cost(by_server[h.server], h.num_blocks) for h in path) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- routers
+
+
+class Driver:
+    """A minimal event loop: checks memory on every start from the outside, records completions."""
+
+    def __init__(self, router: PathRouter):
+        self.router, self.next_id, self.now = router, 0, 0.0
+        self.in_service: dict[int, tuple] = {}
+        self.completed: list[int] = []
+        self.restarts = 0
+        problem = router.problem
+        self.s_c = problem.model.cache_size_gb
+        self.pool = router.ledger.capacity_gb
+
+    def _start(self, starts):
+        for start in starts:
+            assert start.job.job_id not in self.in_service
+            assert start.route.chain is None
+            self.in_service[start.job.job_id] = start.route.hops
+        used = defaultdict(float)
+        for hops in self.in_service.values():
+            for hop in hops:
+                used[hop.server] += self.s_c * hop.num_blocks
+        for server, gb in used.items():
+            assert gb <= self.pool[server] + EPS and self.router.alive[server]
+        for server, pool in enumerate(self.pool):  # the ledger never goes over the pool
+            assert -EPS <= self.router.ledger.free_gb[server] <= pool + EPS
+
+    def arrive(self):
+        self.now += 0.1
+        self._start(self.router.submit(Job(self.next_id, self.now), self.now))
+        self.next_id += 1
+
+    def finish(self, pick: int):
+        if self.in_service:
+            job_id = sorted(self.in_service)[pick % len(self.in_service)]
+            del self.in_service[job_id]
+            self.completed.append(job_id)
+            self._start(self.router.complete(job_id, self.now))
+
+    def fail(self, server: int):
+        outcome = self.router.fail_server(server, self.now)
+        for job in outcome.aborted:
+            assert self.in_service.pop(job.job_id) is not None
+            self.restarts += 1
+        self._start(outcome.starts)
+
+    def step(self, kind: str, k: int):
+        """``a``: arrival; ``f``: the k-th job in service completes; ``x``: the k-th placed server fails."""
+        if kind == "a":
+            self.arrive()
+        elif kind == "f":
+            self.finish(k)
+        else:
+            spans = self.router.spans
+            self.fail(spans[k % len(spans)].server)
+
+    def drain(self):
+        while self.in_service:
+            self.finish(0)
+
+
+def layouts(problem, seed):
+    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=4),
+                  lambda: bprr_placement(problem)):
+        try:
+            yield build()
+        except ValueError:
+            continue
+
+
+EVENTS = st.lists(st.tuples(st.sampled_from("aaaffx"), st.integers(0, 9)), max_size=40)
+
+
+@FAST
+@given(problems(), st.integers(0, 3), EVENTS)
+def test_routers_respect_memory_and_serve_every_request(problem, seed, events):
+    """a: arrival, f: a completion, x: a server failure; then every job in service completes."""
+    made = list(layouts(problem, seed))
+    assume(made)
+    for layout in made:
+        for Router in (PetalsRouter, WsRrRouter):
+            try:
+                driver = Driver(Router(layout))
+            except ValueError:  # no path fits one request's cache
+                continue
+            router = driver.router
+            for kind, k in events:
+                driver.step(kind, k)
+                assert router.num_waiting + router.num_in_service == driver.next_id - len(driver.completed)
+            driver.drain()
+            stuck = sorted(job.job_id for job in router.unroutable)
+            assert sorted(driver.completed + stuck) == list(range(driver.next_id))  # no deadlock, none lost
+            assert not stuck or router._choose_hops() is None  # only when no live path is left
+            assert router.num_in_service == 0 and router.num_waiting == len(stuck)
+            assert router.ledger.free_gb == pytest.approx(list(driver.pool))
+
+
+def replicas(num_servers=3, L=3, pool_jobs=2):
+    p = toy([L + pool_jobs * L] * num_servers, [1.0 + j for j in range(num_servers)], L)
+    spans = tuple(Span(j, 1, L) for j in range(num_servers))
+    return PathPlacement(p, Placement(spans, L), (float(pool_jobs * L),) * num_servers, "test")
+
+
+@pytest.mark.parametrize("Router", [PetalsRouter, WsRrRouter])
+def test_failure_loses_no_request(Router):
+    driver = Driver(Router(replicas()))
+    for _ in range(10):
+        driver.arrive()
+    holding = {j for j, hops in driver.in_service.items() if hops[0].server == 0}
+    waiting = driver.router.num_waiting
+    assert holding and waiting
+    driver.fail(0)
+    assert driver.restarts == len(holding)
+    assert all(hops[0].server != 0 for hops in driver.in_service.values())
+    for _ in range(5):
+        driver.arrive()
+    driver.drain()
+    assert sorted(driver.completed) == list(range(15))
+    assert driver.router.ledger.free_gb[1:] == pytest.approx([6.0, 6.0])
+
+
+def test_failure_without_live_path_keeps_requests_waiting():
+    driver = Driver(PetalsRouter(replicas(num_servers=1)))
+    driver.arrive()
+    driver.fail(0)
+    assert driver.restarts == 1 and not driver.in_service
+    assert driver.router.num_waiting == 1 and driver.router.num_in_service == 0
+
+
+def test_waits_are_fifo_per_server():
+    router = PetalsRouter(replicas(num_servers=1, pool_jobs=1))
+    driver = Driver(router)
+    for _ in range(4):
+        driver.arrive()
+    assert list(router.queues[0]) == [1, 2, 3]
+    driver.finish(0)
+    assert list(driver.in_service) == [1] and list(router.queues[0]) == [2, 3]
+
+
+def test_petals_penalty_checks_the_whole_span():
+    # server 0 hosts 1..3 but a path may use only block 3 of it; free cache for 1 block, not 3 → penalty
+    p = toy([10, 10], [1.0, 1.0], 3)
+    layout = PathPlacement(p, Placement((Span(0, 1, 3), Span(1, 1, 2)), 3), (4.0, 4.0), "test")
+    router = PetalsRouter(layout)
+    router.ledger.allocate(0, 2.0)  # 2 GB left: one job on 1..2 blocks, not on all 3
+    hop_cost, _ = router.path_costs()
+    assert hop_cost(layout.placement.spans[0], 1) == pytest.approx(router.enter_s[0] + 1.0 + ALLOC_PENALTY_S)
+    assert hop_cost(layout.placement.spans[1], 2) == pytest.approx(router.enter_s[1] + 2.0)
+
+
+def test_expected_wait_matches_order_statistics_and_grows_with_the_deficit():
+    holders = [(1.0, 0.5)] * 4
+    waits = [expected_wait_s(d, holders) for d in (0.5, 1.5, 2.5, 3.5)]
+    assert waits == pytest.approx([2 / 4, 2 / 4 + 2 / 3, 2 / 4 + 2 / 3 + 2 / 2, 2 / 4 + 2 / 3 + 2 / 2 + 2])
+    rng = np.random.default_rng(0)
+    samples = np.sort(rng.exponential(2.0, size=(20_000, 4)), axis=1)[:, 1]  # 2nd departure
+    assert samples.mean() == pytest.approx(waits[1], rel=0.03)
+
+
+# ---------------------------------------------------------------- method registry
+
+
+def test_build_method_for_every_name():
+    p = toy([20, 20, 12], [0.5, 1.0, 0.8], 3, s_m=2.0, tau_c=0.1, rate=0.2, prompt=2000, output=48)
+    for name in (*METHODS, "proposed:jffc"):
+        setup = build_method(name, p, np.random.default_rng(0))
+        layout = setup.plan_or_placement
+        assert isinstance(layout, Plan | PathPlacement) and setup.description
+        dispatcher = setup.make_dispatcher(np.random.default_rng(1))
+        assert dispatcher is not setup.make_dispatcher(np.random.default_rng(1))  # fresh state each run
+        starts = dispatcher.submit(Job(0, 0.0), 0.0)
+        assert len(starts) == 1 and starts[0].route.hops[-1].end_block == 3
+    for bad in ("nope", "petals:jffc", "proposed:"):
+        with pytest.raises(ValueError):
+            build_method(bad, p, np.random.default_rng(0))

@@ -1,0 +1,139 @@
+"""``chainserve plan``: tables, JSON, PETALS export, plot, and the one-line error convention."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from chainserve.cli import app
+from chainserve.model.cluster_file import load_cluster
+from chainserve.plan.csearch import search_c
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SIM = str(EXAMPLES / "paper-sim-bloom-20.yaml")
+TESTBED = str(EXAMPLES / "paper-testbed-llama2-7b.yaml")
+RAW = str(EXAMPLES / "raw-instance.json")
+PETALS_LINE = re.compile(r"^python -m petals\.cli\.run_server (\S+) --block_indices (\d+):(\d+) "
+                         r"--attn_cache_tokens (\d+) --inference_max_length (\d+)( .*)?$")
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, ["plan", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_subprocess_json_is_a_consistent_plan():
+    proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "plan", SIM, "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {"c", "servers", "chains", "nu", "load", "bounds"} <= data.keys()
+    assert {"name", "start_block", "num_blocks"} <= data["servers"][0].keys()
+    assert {"servers", "blocks", "service_time", "capacity", "rate"} <= data["chains"][0].keys()
+    for chain in data["chains"]:  # hops cover 1..L in order
+        flat = [b for first, last in chain["blocks"] for b in range(first, last + 1)]
+        assert flat == list(range(1, 71))
+    nu = sum(ch["capacity"] * ch["rate"] for ch in data["chains"])
+    assert math.isclose(data["nu"], nu) and math.isclose(data["load"], 0.2 / nu)
+    assert 0 < data["bounds"]["lower"] <= data["bounds"]["upper"]
+    expected = search_c(load_cluster(SIM))
+    assert data["c"] == expected.c and math.isclose(data["bounds"]["lower"], expected.bounds.lower_s)
+
+
+def test_subprocess_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "plan", str(tmp_path / "absent.yaml")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {tmp_path / 'absent.yaml'}: no such file"]
+
+
+def test_tables():
+    result = run(SIM)
+    assert result.exit_code == 0
+    for words in ("Servers (8 of 20 placed)", "Chains", "Summary", "high-1", "not placed:", "E[T]"):
+        assert words in result.stdout
+
+
+def test_fixed_c_and_rate_override():
+    data = json.loads(run(TESTBED, "--c", "2", "--rate", "3.5", "--rho-bar", "0.5", "--json").stdout)
+    assert data["c"] == 2 and data["arrival_rate"] == 3.5 and data["stable"]
+
+
+def test_surrogate_objective():
+    data = json.loads(run(SIM, "--objective", "surrogate", "--json").stdout)
+    assert data["c"] >= 1 and data["stable"]
+
+
+def test_unstable_plan_is_printed_with_a_warning():
+    result = run(RAW, "--c", "2", "--rate", "10")
+    assert result.exit_code == 0 and "UNSTABLE" in result.stdout and "unstable plan" in result.stderr
+    data = json.loads(run(RAW, "--c", "2", "--rate", "10", "--json").stdout)
+    assert not data["stable"] and data["load"] > 1
+
+
+@pytest.mark.parametrize(("cluster", "repo", "max_tokens", "flag"), [
+    (SIM, "bigscience/bloom", 2048, "--quant_type nf4"),  # hops that use part of a span
+    (TESTBED, "meta-llama/Llama-2-7b-hf", 2048 + 28, "--quant_type none"),
+])
+def test_petals_export_matches_the_plan(cluster, repo, max_tokens, flag):
+    data = json.loads(run(cluster, "--json", "--export", "petals").stdout)
+    lines = data["export"]["petals"]
+    assert len(lines) == len(data["servers"])
+    block_jobs = {s["name"]: 0 for s in data["servers"]}
+    for chain in data["chains"]:
+        for name, (first, last) in zip(chain["servers"], chain["blocks"], strict=True):
+            block_jobs[name] += chain["capacity"] * (last - first + 1)
+    for line, server in zip(lines, data["servers"], strict=True):
+        got_repo, start, end, tokens, max_len, rest = PETALS_LINE.match(line).groups()
+        assert got_repo == repo and int(max_len) == max_tokens
+        first = server["start_block"] - 1
+        assert (int(start), int(end)) == (first, first + server["num_blocks"])
+        share = Fraction(block_jobs[server["name"]], server["num_blocks"])  # jobs per block
+        assert int(tokens) == math.ceil(share * max_tokens)
+        assert f"--public_name {server['name']}" in rest and flag in rest
+
+
+def test_petals_export_plain_lines():
+    result = run(SIM, "--export", "petals")
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("python -m petals")]
+    assert len(lines) == 8 and all(PETALS_LINE.match(ln) for ln in lines)
+
+
+def test_plot_written(tmp_path):
+    out = tmp_path / "plan.png"
+    result = run(SIM, "--plot", str(out), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["c"] >= 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ((RAW, "--export", "petals"), "model.max_tokens"),
+    ((RAW, "--rate", "-1"), "arrival_rate"),
+    ((RAW, "--rate", "500"), "arrival_rate"),
+    ((RAW, "--c", "99"), "c"),
+])
+def test_errors_one_line_exit_2(args, field):
+    result = run(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {field}: ")
+
+
+def test_bad_cluster_field_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(TESTBED).read_text().replace("count: 6", "count: 6, memory_gb: -20"))
+    result = run(str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: servers[1].memory_gb: must be positive, got -20"]
+
+
+@pytest.mark.parametrize("args", [(RAW, "--c", "0"), (RAW, "--objective", "best"), ()])
+def test_usage_errors_exit_2(args):
+    assert run(*args).exit_code == 2

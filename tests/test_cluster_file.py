@@ -1,0 +1,209 @@
+"""Cluster files (YAML / raw JSON) and the paper presets (paper §1, §4.1, §4.2)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chainserve.model import catalogue
+from chainserve.model.cluster_file import load_cluster, problem_from_dict
+from chainserve.model.presets import paper_sim_cluster, paper_testbed
+from chainserve.model.spec import SpecError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BASE = """
+model: llama-2-7b
+workload: {arrival_rate: 1.0, prompt_tokens: 100, output_tokens: 10}
+servers:
+"""
+
+
+# --- examples and presets ------------------------------------------------------------------------
+
+def test_sim_example_equals_preset():
+    preset = paper_sim_cluster(20, 0.2, np.random.default_rng(2026))
+    assert load_cluster(EXAMPLES / "paper-sim-bloom-20.yaml") == preset
+
+
+def test_testbed_example_equals_preset():
+    assert load_cluster(EXAMPLES / "paper-testbed-llama2-7b.yaml") == paper_testbed()
+
+
+def test_raw_example():
+    p = load_cluster(EXAMPLES / "raw-instance.json")
+    raw = json.loads((EXAMPLES / "raw-instance.json").read_text())
+    assert p.name == "raw-small" and p.model.num_blocks == raw["num_blocks"]
+    assert [(s.name, s.memory_gb, s.tau_p_s, s.tau_c_s) for s in p.servers] == [
+        (str(s["server_id"]), s["memory_gb"], s["tau_p"], s["tau_c"]) for s in raw["servers"]]
+    assert p.workload.arrival_rate_per_s == raw["arrival_rate"] and p.workload.rho_bar == raw["rho_bar"]
+
+
+def test_raw_format_detected_by_content_in_yaml(tmp_path):
+    text = (EXAMPLES / "raw-instance.json").read_text()
+    assert load_cluster(write(tmp_path, text, "inst.yaml")) == load_cluster(EXAMPLES / "raw-instance.json")
+
+
+@pytest.mark.parametrize(("num_servers", "eta", "num_high"),
+                         [(10, 0.1, 1), (20, 0.2, 4), (30, 0.3, 9), (40, 0.4, 16)])
+def test_paper_sim_cluster_shape(num_servers, eta, num_high):
+    p = paper_sim_cluster(num_servers, eta, np.random.default_rng(1))
+    high = [s for s in p.servers if s.gpu == "a100-3g.40gb"]
+    assert len(p.servers) == num_servers and len(high) == num_high
+    assert all(s.tau_p_s == 0.109 and s.memory_gb == 40 for s in high)
+    assert all(s.tau_p_s == 0.175 and s.memory_gb == 20 for s in p.servers if s not in high)
+    assert all(0.010 <= s.rtt_s <= 0.100 for s in p.servers)
+    assert all(math.isclose(s.tau_c_s, (s.rtt_s + 0.018) * 20) for s in p.servers)
+    assert p.model.num_blocks == 70 and math.isclose(p.model.cache_size_gb, 2 * 14336 * 2048 * 2 / 1e9)
+    assert p.workload.arrival_rate_per_s == 0.2 and p.workload.rho_bar == 0.7
+
+
+def test_paper_sim_cluster_seeded():
+    a, b = (paper_sim_cluster(10, 0.3, np.random.default_rng(7)) for _ in range(2))
+    assert a == b
+    assert a != paper_sim_cluster(10, 0.3, np.random.default_rng(8))
+
+
+@pytest.mark.parametrize(("args", "field"), [((0, 0.2), "num_servers"), ((10, 1.5), "eta")])
+def test_paper_sim_cluster_rejects(args, field):
+    with pytest.raises(SpecError) as err:
+        paper_sim_cluster(*args, np.random.default_rng(0))
+    assert err.value.field == field
+
+
+# --- defaults and derivations --------------------------------------------------------------------
+
+def test_gpu_entry_defaults(tmp_path):
+    p = load_cluster(write(tmp_path, BASE + "  - {gpu: 3g.40gb, count: 2, rtt_ms: [10, 30]}\n"))
+    arch, gpu = catalogue.model_arch("llama-2-7b"), catalogue.gpu_profile("a100-3g.40gb")
+    assert [s.name for s in p.servers] == ["a100-3g.40gb-1", "a100-3g.40gb-2"]
+    assert p.name == "c" and p.model == arch.spec("fp16", max_tokens=110)
+    expected_tau_p = catalogue.tau_p_s(gpu, arch, p.model.block_size_gb, 100, 10)
+    for server, rtt_s in zip(p.servers, (0.010, 0.030), strict=True):
+        assert server.memory_gb == 40 and server.gpu == "a100-3g.40gb" and server.rtt_s == rtt_s
+        assert server.tau_p_s == expected_tau_p
+        assert math.isclose(server.tau_c_s, catalogue.tau_c_s(rtt_s, 10))
+
+
+def test_explicit_values_override_profile(tmp_path):
+    entry = "  - {gpu: l4, name: edge, memory_gb: 20, tau_p_ms: 50, tau_c_s: 0.5}\n"
+    (s,) = load_cluster(write(tmp_path, BASE + entry)).servers
+    assert (s.name, s.memory_gb, s.tau_p_s, s.tau_c_s, s.rtt_s) == ("edge", 20, 0.05, 0.5, None)
+
+
+def test_model_forms_agree(tmp_path):
+    servers = "  - {gpu: t4, rtt_s: 0.02}\n"
+    top = load_cluster(write(tmp_path, BASE.replace("llama-2-7b", "llama-2-7b\ndtype: int8\nmax_tokens: 512")
+                             + servers))
+    nested = load_cluster(write(tmp_path, BASE.replace("llama-2-7b", "{name: llama-2-7b, dtype: int8, "
+                                                       "max_tokens: 512}") + servers))
+    assert top == nested
+    assert top.model == catalogue.model_arch("llama-2-7b").spec("int8", max_tokens=512)
+
+
+def test_raw_model_in_yaml(tmp_path):
+    text = """
+model: {num_blocks: 4, block_size_gb: 1.5, cache_size_gb: 0.1}
+workload: {arrival_rate: 0.3}
+servers:
+  - {name: a, memory_gb: 10, tau_p_s: 0.2, tau_c_ms: 300}
+  - {name: b, memory_gb: 8, tau_p_s: 0.3, rtt_ms: 40}
+"""
+    p = load_cluster(write(tmp_path, text))
+    assert (p.model.name, p.model.num_blocks, p.model.block_size_gb) == ("custom", 4, 1.5)
+    assert p.servers[0].tau_c_s == 0.3
+    assert math.isclose(p.servers[1].tau_c_s, (0.040 + catalogue.HOP_OVERHEAD_S) * 20)  # default 20 outputs
+
+
+def test_problem_from_dict_names_itself():
+    data = {"name": "mine", "model": "smollm2-135m", "workload": {"arrival_rate": 2},
+            "servers": [{"gpu": "t4", "rtt_ms": 5}]}
+    p = problem_from_dict(data, default_name="ignored")
+    assert p.name == "mine" and p.servers[0].name == "t4"
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+SERVER_ERRORS = [
+    ("  - {gpu: t4, rtt_ms: 5}\n  - {name: x, memory_gb: -3, tau_p_s: 1, tau_c_s: 1}\n",
+     "servers[1].memory_gb", "positive"),
+    ("  - {gpu: z80, rtt_ms: 5}\n", "servers[0].gpu", "unknown gpu"),
+    ("  - {gpu: t4, memroy_gb: 5, rtt_ms: 5}\n", "servers[0].memroy_gb", "did you mean 'memory_gb'"),
+    ("  - {gpu: t4, count: 2, rtt_ms: [5]}\n", "servers[0].rtt_ms", "expected 2 values"),
+    ("  - {gpu: t4, rtt_ms: [5, -1], count: 2}\n", "servers[0].rtt_ms[1]", "non-negative"),
+    ("  - {gpu: t4}\n", "servers[0].rtt_ms", "required"),
+    ("  - {memory_gb: 5, tau_p_s: 1, tau_c_s: 1}\n", "servers[0].name", "required"),
+    ("  - {name: a, memory_gb: 5, rtt_ms: 1}\n", "servers[0].tau_p_s", "required"),
+    ("  - {gpu: t4, rtt_ms: 5, tau_p_s: 1, tau_p_ms: 2}\n", "servers[0].tau_p_s", "not both"),
+    ("  - {gpu: t4, rtt_ms: 5, tau_p_s: 1e-3}\n", "servers[0].tau_p_s", "1.0e-3"),
+    ("  - {gpu: t4, rtt_ms: 5, count: 0}\n", "servers[0].count", "positive integer"),
+    ("  - {gpu: t4, rtt_ms: 5}\n  - {gpu: t4, rtt_ms: 9}\n", "servers", "unique"),
+    ("  - not-a-mapping\n", "servers[0]", "mapping"),
+]
+
+
+@pytest.mark.parametrize(("servers", "field", "words"), SERVER_ERRORS)
+def test_server_errors_name_the_field(tmp_path, servers, field, words):
+    with pytest.raises(SpecError) as err:
+        load_cluster(write(tmp_path, BASE + servers))
+    assert err.value.field == field and words in str(err.value)
+
+
+ONE_T4 = BASE + "  - {gpu: t4, rtt_ms: 5}\n"
+TOP_ERRORS = [
+    (ONE_T4.replace("llama-2-7b", "gpt-9"), "model", "unknown model"),
+    (ONE_T4.replace("llama-2-7b", "{name: gpt-9}"), "model.name", "unknown model"),
+    (ONE_T4.replace("arrival_rate: 1.0", "arrival_rate: 0"), "workload.arrival_rate", "positive"),
+    (ONE_T4.replace("arrival_rate: 1.0", "arrival_rate: -2"), "workload.arrival_rate", "positive"),
+    (ONE_T4.replace("output_tokens: 10", "output_tokens: 10, rho_bar: 1.2"), "workload.rho_bar", "below 1"),
+    (ONE_T4.replace("arrival_rate: 1.0, ", ""), "workload.arrival_rate", "missing"),
+    (ONE_T4.replace("workload", "workloda"), "workloda", "did you mean 'workload'"),
+    (ONE_T4.replace("llama-2-7b", "llama-2-7b\ndtype: fp8"), "dtype", "unknown dtype"),
+    (ONE_T4.replace("llama-2-7b", "{name: llama-2-7b, max_tokens: 0}"), "model.max_tokens", "positive"),
+    (ONE_T4.replace("llama-2-7b", "{name: llama-2-7b, dtype: fp16}\ndtype: fp16"), "model.dtype", "both"),
+    ("model: llama-2-7b\nservers: [{gpu: t4, rtt_ms: 1}]\n", "workload", "missing"),
+    ("- just\n- a list\n", "cluster", "mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "words"), TOP_ERRORS)
+def test_top_level_errors_name_the_field(tmp_path, text, field, words):
+    with pytest.raises(SpecError) as err:
+        load_cluster(write(tmp_path, text))
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_raw_json_errors(tmp_path):
+    raw = json.loads((EXAMPLES / "raw-instance.json").read_text())
+    del raw["servers"][2]["tau_p"]
+    with pytest.raises(SpecError, match=r"servers\[2\]\.tau_p: missing"):
+        load_cluster(write(tmp_path, json.dumps(raw), "bad.json"))
+    raw = json.loads((EXAMPLES / "raw-instance.json").read_text())
+    raw["arrival_rte"] = 1
+    with pytest.raises(SpecError, match="arrival_rte: unknown key"):
+        load_cluster(write(tmp_path, json.dumps(raw), "bad.json"))
+
+
+@pytest.mark.parametrize(("text", "name", "words"), [
+    ("model: [unclosed\n", "bad.yaml", "malformed YAML at line"),
+    ('{"servers": [1,]}', "bad.json", "malformed JSON at line 1"),
+])
+def test_malformed_files(tmp_path, text, name, words):
+    path = write(tmp_path, text, name)
+    with pytest.raises(SpecError) as err:
+        load_cluster(path)
+    assert err.value.field == str(path) and words in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_cluster(tmp_path / "absent.yaml")
