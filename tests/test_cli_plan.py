@@ -134,6 +134,11 @@ def test_bad_cluster_field_is_named(tmp_path):
     assert result.stderr.splitlines() == ["error: servers[1].memory_gb: must be positive, got -20"]
 
 
-@pytest.mark.parametrize("args", [(RAW, "--c", "0"), (RAW, "--objective", "best"), ()])
+@pytest.mark.parametrize("args", [(RAW, "--c", "0"), (RAW, "--objective", "best"), ("--rate",)])
 def test_usage_errors_exit_2(args):
     assert run(*args).exit_code == 2
+
+
+def test_default_cluster_is_the_example():
+    """`chainserve plan` with no file plans the embedded default, the same as the example file."""
+    assert json.loads(run("--json").stdout) == json.loads(run(SIM, "--json").stdout)

@@ -20,6 +20,10 @@ from chainserve.plan.export import jobs_per_server, petals_commands, plan_to_dic
 from chainserve.plan.types import Plan
 
 
+#: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
+DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "default-cluster.yaml"
+
+
 class Objective(StrEnum):
     lower = "lower"
     surrogate = "surrogate"
@@ -43,7 +47,9 @@ def parse_c(value: str) -> int | None:
 
 
 def plan(
-    cluster: Annotated[Path, typer.Argument(metavar="CLUSTER", help="Cluster file (YAML or raw JSON).")],
+    cluster: Annotated[Path | None, typer.Argument(
+        metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
+                                  "(BLOOM-176B on 20 MIG slices, η = 0.2).")] = None,
     rate: Annotated[float | None, typer.Option("--rate", help="Override the arrival rate λ (requests/s).")
                     ] = None,
     rho_bar: Annotated[float | None, typer.Option("--rho-bar", help="Override the design load ρ̄.")] = None,
@@ -63,7 +69,7 @@ def plan(
     c_value = parse_c(c)
     err = stderr_console()
     with user_errors():
-        problem = _with_overrides(load_cluster(cluster), rate, rho_bar)
+        problem = _with_overrides(load_cluster(cluster or DEFAULT_CLUSTER), rate, rho_bar)
         result = _make_plan(problem, c_value, objective.value, err)
         commands = petals_commands(result) if export is Export.petals else None
         if plot is not None:
