@@ -20,6 +20,7 @@ import numpy as np
 from chainserve.dispatch.base import Dispatcher
 from chainserve.dispatch.jffc import JFFC
 from chainserve.dispatch.petals_route import PetalsRouter
+from chainserve.dispatch.registry import POLICIES
 from chainserve.dispatch.ws_rr import WsRrRouter
 from chainserve.model.spec import Problem
 from chainserve.plan.baselines.bprr import bprr_placement
@@ -28,8 +29,6 @@ from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.csearch import search_c
 from chainserve.plan.types import Plan
-
-PolicyFactory = Callable[[Plan, np.random.Generator], Dispatcher]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,32 +41,12 @@ class MethodSetup:
     description: str
 
 
-def _jffc(plan: Plan, rng: np.random.Generator) -> Dispatcher:
-    return JFFC(plan.chains)
-
-
-def policy_factory(policy: str) -> PolicyFactory:
-    """The registry's factory for ``policy``; plain JFFC is built in, so it works without the registry.
-
-    >>> policy_factory("jffc") is not None
-    True
-    """
-    try:
-        from chainserve.dispatch.registry import POLICIES
-    except ImportError:
-        POLICIES = {}
-    if policy in POLICIES:
-        return POLICIES[policy]
-    if policy == "jffc":
-        return _jffc
-    known = sorted(set(POLICIES) | {"jffc"})
-    raise ValueError(f"policy {policy!r} is unknown; known: {', '.join(known)}")
-
-
 def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc") -> MethodSetup:
-    factory = policy_factory(policy)
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")
+    factory = POLICIES[policy]
     plan = search_c(problem)
-    return MethodSetup(plan, lambda r: factory(plan, r),
+    return MethodSetup(plan, lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
                        f"GBP-CR + GCA with c* = {plan.c} ({len(plan.chains)} chains, "
                        f"{plan.num_job_servers} job servers), {policy}")
 

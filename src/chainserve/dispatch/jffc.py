@@ -1,6 +1,7 @@
 """JFFC: Join-the-Fastest-Free-Chain with one central FIFO queue (paper §2.4), and its threshold
 variant (beyond the paper; Lin & Kumar 1984): chain k takes a waiting job only while more than
-``thresholds[k]`` jobs wait. All-zero thresholds are plain JFFC.
+``thresholds[k]`` jobs wait. All-zero thresholds are plain JFFC. After a failure the fastest live
+chain's threshold drops to 0, so no queue is left waiting beside free slots.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class JFFC:
         chains = self.state.chains
         self.order = tuple(sorted(range(len(chains)), key=lambda k: (chains[k].service_time_s, k)))
         self.rank = {k: r for r, k in enumerate(self.order)}
-        by_rank = tuple(thresholds[k] for k in self.order) if thresholds is not None else (0,) * len(chains)
-        if len(by_rank) != len(chains) or any(t < 0 for t in by_rank):
+        if thresholds is not None and (len(thresholds) != len(chains) or any(t < 0 for t in thresholds)):
             raise ValueError("thresholds: need one non-negative integer per chain")
-        if any(a > b for a, b in zip(by_rank, by_rank[1:])):
+        by_rank = tuple(thresholds[k] for k in self.order) if thresholds is not None else (0,) * len(chains)
+        if any(a > b for a, b in zip(by_rank, by_rank[1:], strict=False)):
             raise ValueError("thresholds: must not decrease from faster to slower chains")
         self.threshold_by_rank = by_rank
         if any(by_rank):
@@ -70,6 +71,12 @@ class JFFC:
 
     def fail_server(self, server: int, now: float) -> FailureOutcome:
         aborted = self.state.fail_server(server)
+        # The fastest live chain must take jobs at any queue length, or a queue no longer than the
+        # survivors' thresholds would wait forever; dead ranks faster than it get 0 too, so that the
+        # fastest free slot (live or dead) still has the lowest threshold.
+        first_live = next((r for r, k in enumerate(self.order) if self.state.alive[k]), None)
+        if first_live is not None:
+            self.threshold_by_rank = (0,) * (first_live + 1) + self.threshold_by_rank[first_live + 1 :]
         self.queue.extendleft(reversed(aborted))
         return FailureOutcome(tuple(aborted), tuple(self._fill()))
 
