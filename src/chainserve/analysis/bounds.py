@@ -9,7 +9,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import logsumexp
 
 from chainserve.plan.types import Bounds
 
@@ -28,18 +27,18 @@ def mean_jobs_birth_death(arrival_rate: float, death_rates: np.ndarray) -> float
     1.0
     """
     C = len(death_rates)
-    nu = float(death_rates[-1])
+    nu = float(death_rates[-1]) if C else 0.0
     if C == 0 or arrival_rate >= nu:
         return math.inf
     rho = arrival_rate / nu
     # log φ_n (unnormalised, φ_0 = 1) for n = 0..C
     log_phi = np.concatenate(([0.0], np.cumsum(math.log(arrival_rate) - np.log(death_rates))))
-    n = np.arange(C)
     log_tail = log_phi[C] - math.log1p(-rho)  # Σ_{n ≥ C} φ_n
-    log_norm = logsumexp(np.append(log_phi[:C], log_tail))
-    body = np.exp(logsumexp(log_phi[1:C], b=n[1:]) - log_norm) if C > 1 else 0.0
-    tail = math.exp(log_phi[C] - log_norm) * (rho / (1 - rho) ** 2 + C / (1 - rho))
-    return float(body + tail)
+    phi = np.exp(log_phi - max(float(log_phi[:C].max()), log_tail))  # scaled so that nothing overflows
+    norm = float(phi[:C].sum()) + phi[C] / (1 - rho)
+    body = float(np.dot(np.arange(C), phi[:C]))
+    tail = phi[C] * (rho / (1 - rho) ** 2 + C / (1 - rho))
+    return float((body + tail) / norm)
 
 
 def response_time_bounds(arrival_rate: float, rates: Sequence[float], capacities: Sequence[int]) -> Bounds:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from chainserve.cli import plan_cmd
+from chainserve.cli import experiment_cmd, plan_cmd, simulate_cmd
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +20,8 @@ def _root() -> None:
 
 
 app.command("plan")(plan_cmd.plan)
+app.command("simulate")(simulate_cmd.simulate)
+app.command("experiment")(experiment_cmd.experiment)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
 from chainserve.plan.export import jobs_per_server, petals_commands, plan_to_dict
 from chainserve.plan.types import Plan
 
-
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "default-cluster.yaml"
 

@@ -1,0 +1,1 @@
+"""The paper's experiments as code (paper §4): each writes a markdown report and PNG plots."""

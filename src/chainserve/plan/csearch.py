@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -40,14 +39,22 @@ def plan_for_c(problem: Problem, c: int) -> tuple[GbpCrResult, Plan] | None:
 
 def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | None = None
                     ) -> Iterator[tuple[GbpCrResult, Plan]]:
-    """Stable plans for c = 1..c_max (unstable ones, λ ≥ ν, are skipped)."""
+    """Stable plans for c = 1..c_max (unstable ones, λ ≥ ν, are skipped). GCA depends on the placement
+    alone, so a placement GBP-CR repeats for another c (m_j(c) takes few distinct values) reuses its
+    chains: same plans as :func:`plan_for_c`, computed once."""
     c_max = max_reservation(problem)
+    chains_of: dict[Placement, tuple[Chain, ...]] = {}
     for c in range(1, c_max + 1):
         if progress is not None:
             progress(c, c_max)
-        result = plan_for_c(problem, c)
-        if result is not None and result[1].is_stable:
-            yield result
+        placed = gbp_cr(problem, c)
+        if placed is None:
+            continue
+        if placed.placement not in chains_of:
+            chains_of[placed.placement] = gca(problem, placed.placement)
+        plan = make_plan(problem, placed.placement, chains_of[placed.placement], c)
+        if plan.is_stable:
+            yield placed, plan
 
 
 def search_c(problem: Problem, objective: Objective = "lower",

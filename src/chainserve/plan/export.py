@@ -9,7 +9,6 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from chainserve.model import catalogue
 from chainserve.model.spec import ModelSpec, SpecError
 from chainserve.plan.types import Plan
 

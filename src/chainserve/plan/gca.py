@@ -51,7 +51,7 @@ def gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
         """Costs with unusable edges set to inf: outside the span, not ending later, or no room
         for one job (same test as :func:`jobs_that_fit`)."""
         blocks = end[rows][:, None] - prev_end[None, :]
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             fits = np.floor(resid[rows][:, None] / (s_c * blocks) + FIT_EPS) >= 1
         ok = (blocks > 0) & (prev_end[None, :] >= start[rows][:, None] - 1) & fits & (resid[rows][:, None] >= 0)
         return np.where(ok, cost[rows], np.inf)
@@ -78,8 +78,8 @@ def gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
         while b > 0:
             r, prev = best_row[b], best_prev[b]
             rows.append(r)
-            blocks.append(b - prev)
-            b = prev
+            blocks.append(int(b - prev))
+            b = int(prev)
         rows.reverse()
         blocks.reverse()
         capacity = min(jobs_that_fit(resid[r], s_c * m) for r, m in zip(rows, blocks, strict=True))

@@ -1,0 +1,112 @@
+"""KV-cache ledger: the cache every server holds for the jobs in service, checked against memory.
+
+Paper §1: a job served on a route holds s_c·m_ij of cache on every server j of it, so at every
+instant ``s_m·m_j + s_c·Σ_{jobs in service through j} m_ij ≤ M_j``. The ledger counts cache in
+block-jobs (units of s_c) against ``⌊(M_j − s_m·m_j)/s_c⌋``, so the check is exact integer arithmetic.
+For a :class:`PathPlacement` (PETALS, BPRR) the limit is the server's cache pool ``⌊cache_gb_j/s_c⌋``,
+which the layout keeps within ``M_j − s_m·m_j``.
+
+Exact and O(1) per start on the common path: with Z_k jobs on plan chain k, a plan whose
+reservation fits (Σ_k m_jk·c_k within every server's limit) cannot exceed memory while every
+Z_k ≤ c_k and no per-request route is in service. The driver handles that case inline (it only
+counts Z_k); :meth:`CacheLedger.admit` / :meth:`CacheLedger.release` handle the rest — a start beyond
+c_k, a route that is not one of the plan's chains — by summing the actual usage of the servers
+involved. ``num_unsafe`` counts the reasons the fast path is off (chains over capacity, per-request
+jobs in service, a plan whose reservation does not fit).
+"""
+
+from __future__ import annotations
+
+from chainserve.dispatch.base import Route
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.types import Plan, jobs_that_fit
+
+
+class MemoryExceeded(RuntimeError):
+    """A dispatcher started a job whose KV cache does not fit on one of its servers."""
+
+
+class CacheLedger:
+    """Jobs in service per plan chain (``in_service``, Z_k) and per-request cache (``extra``), per
+    server limits (``limits``) in block-jobs; see the module docstring.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.plan.csearch import make_plan
+    >>> from chainserve.plan.types import Chain, Hop, Placement, Span
+    >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(0.1))
+    >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 2.0, 3),), 3)
+    >>> ledger, route = CacheLedger(plan), Route.of_chain(0, plan.chains[0])
+    >>> for job in range(4):   # 8 GB free, a job holds 2 GB: the 4th start still fits
+    ...     ledger.admit(job, route, 0.0)
+    >>> ledger.in_service, ledger.num_unsafe
+    ([4], 1)
+    >>> ledger.admit(4, route, 0.0)
+    Traceback (most recent call last):
+    ...
+    chainserve.sim.memory.MemoryExceeded: job 4 at t=0.0: server 0 would hold 10 block-jobs of cache, 8 fit
+    """
+
+    def __init__(self, plan: Plan | PathPlacement):
+        problem, model = plan.problem, plan.problem.model
+        self.limits = [0] * problem.num_servers
+        for span in plan.placement.spans:
+            free_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
+            if isinstance(plan, PathPlacement):
+                free_gb = plan.cache_gb[span.server]
+            self.limits[span.server] = jobs_that_fit(free_gb, model.cache_size_gb)
+        self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
+        self.capacity = [ch.capacity for ch in plan.chains]
+        self.in_service = [0] * len(plan.chains)
+        self.extra = [0] * problem.num_servers
+        #: chain index -> the Route object the driver may take the fast path for
+        self.known: dict[int, Route] = {}
+        self.through: list[list[tuple[int, int]]] = [[] for _ in problem.servers]
+        for k, hops in enumerate(self.chain_hops):
+            for server, blocks in hops:
+                self.through[server].append((k, blocks))
+        reserved = [sum(b * self.capacity[k] for k, b in ks) for ks in self.through]
+        self.num_unsafe = int(any(r > lim for r, lim in zip(reserved, self.limits, strict=True)))
+
+    def used(self, server: int) -> int:
+        """Block-jobs of cache held on ``server`` now."""
+        return self.extra[server] + sum(b * self.in_service[k] for k, b in self.through[server])
+
+    def _chain_of(self, route: Route) -> int | None:
+        """The plan chain ``route`` runs on (its hops are the chain's), else ``None``."""
+        k = route.chain
+        if k is None or not 0 <= k < len(self.chain_hops):
+            return None
+        if route is self.known.get(k):
+            return k
+        if tuple((h.server, h.num_blocks) for h in route.hops) != self.chain_hops[k]:
+            return None
+        self.known.setdefault(k, route)
+        return k
+
+    def admit(self, job: int, route: Route, now: float) -> None:
+        """Account for ``job`` starting on ``route``; raise :class:`MemoryExceeded` if it does not fit."""
+        k = self._chain_of(route)
+        hops = self.chain_hops[k] if k is not None else [(h.server, h.num_blocks) for h in route.hops]
+        for server, blocks in hops:
+            load = self.used(server) + blocks
+            if load > self.limits[server]:
+                raise MemoryExceeded(f"job {job} at t={now}: server {server} would hold {load} block-jobs "
+                                     f"of cache, {self.limits[server]} fit")
+        if k is None:
+            for server, blocks in hops:
+                self.extra[server] += blocks
+            self.num_unsafe += 1
+        else:
+            self.in_service[k] += 1
+            self.num_unsafe += self.in_service[k] > self.capacity[k]
+
+    def release(self, route: Route) -> None:
+        """Free the cache of one job that ran on ``route``."""
+        k = self._chain_of(route)
+        if k is None:
+            for hop in route.hops:
+                self.extra[hop.server] -= hop.num_blocks
+            self.num_unsafe -= 1
+        else:
+            self.num_unsafe -= self.in_service[k] > self.capacity[k]
+            self.in_service[k] -= 1
