@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.plan.csearch import make_plan, max_reservation, plan_for_c, search_c
-from chainserve.plan.gbp_cr import GbpCrResult
+from chainserve.plan.gca import gca
 from chainserve.plan.types import Chain, Hop, Placement, chain_time_s, jobs_that_fit
 
 #: τ values drawn from a small grid as well as continuously, so that ties between paths happen.
@@ -77,19 +77,6 @@ def reference_gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
         chains.append(Chain(tuple(hops), chain_time_s(problem, tuple(hops)), capacity))
 
 
-def gbp_cr_walk_chains(problem: Problem, placed: GbpCrResult) -> tuple[Chain, ...]:
-    """The K(c) chains GBP-CR closed, read back from its walk order, each with capacity c; a hop runs
-    the blocks the previous server did not (the left-shifted server runs fewer than it hosts)."""
-    chains, hops, next_block = [], [], 1
-    for span in placed.placement.spans:
-        hops.append(Hop(span.server, next_block, span.end_block - next_block + 1))
-        next_block = span.end_block + 1
-        if next_block > problem.model.num_blocks:
-            chains.append(Chain(tuple(hops), chain_time_s(problem, tuple(hops)), placed.c))
-            hops, next_block = [], 1
-    return tuple(chains)
-
-
 def feasible_plans(problem: Problem):
     for c in range(1, max_reservation(problem) + 1):
         result = plan_for_c(problem, c)
@@ -105,20 +92,22 @@ def test_every_c_gives_a_valid_plan(problem):
         assert plan.bounds.lower_s <= plan.bounds.upper_s * (1 + 1e-12)
         if not plan.is_stable:
             assert math.isinf(plan.bounds.lower_s)
-        # GBP-CR's promise holds on its placement: its own chains at capacity c fit together
-        walk = gbp_cr_walk_chains(problem, placed)
+        # GBP-CR's own chains at capacity c fit together and keep its promise ...
+        walk = tuple(Chain(hops, chain_time_s(problem, hops), placed.c) for hops in placed.chains)
         assert len(walk) == placed.num_chains
         promised = make_plan(problem, placed.placement, walk, placed.c)
         promised.check()
         assert promised.total_rate_per_s >= placed.promised_rate_per_s * (1 - 1e-12)
+        # ... and so does the allocated plan (GCA, or GBP-CR's chains + GCA fill when GCA falls short)
+        assert plan.total_rate_per_s >= placed.promised_rate_per_s * (1 - 1e-12)
 
 
 @settings(max_examples=150, deadline=None)
 @given(clusters())
 def test_gca_equals_reference(problem):
     for _, plan in feasible_plans(problem):
-        expected = make_plan(problem, plan.placement, reference_gca(problem, plan.placement), plan.c)
-        assert plan.chains == expected.chains  # servers, blocks, capacities and times, bit for bit
+        # servers, blocks, capacities and times, bit for bit
+        assert gca(problem, plan.placement) == reference_gca(problem, plan.placement)
 
 
 @settings(max_examples=150, deadline=None)

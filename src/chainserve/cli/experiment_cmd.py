@@ -26,5 +26,5 @@ def experiment(
     if num_seeds < 1 or num_jobs < 1:
         raise fail("seeds/requests: must be positive integers")
     with user_errors():
-        report = spec.run(out, num_seeds, num_jobs)
+        report = spec.load()(out, num_seeds, num_jobs)
     typer.echo(str(report))

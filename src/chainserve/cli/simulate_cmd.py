@@ -20,8 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chainserve.analysis.records import Summary
-from chainserve.cli.common import fail, stderr_console, stdout_console, user_errors
+from chainserve.cli.common import stderr_console, stdout_console, user_errors
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
 from chainserve.experiments.common import Replication, run_method
@@ -165,18 +164,12 @@ def _spinner(err: Console, text: str) -> AbstractContextManager[object]:
     return err.status(text) if err.is_terminal else nullcontext()
 
 
-def _summary(run: Replication) -> Summary:
-    if run.summary is None:
-        raise fail("simulation: no measured request finished")
-    return run.summary
-
-
 def _to_json(run: Replication, name: str, problem: Problem, arrivals_text: str, service: str,
              warmup: int) -> dict[str, object]:
     data: dict[str, object] = {
         "method": name, "description": run.setup.description, "seed": run.seed, "cluster": problem.name,
         "arrivals": arrivals_text, "arrival_rate": problem.arrival_rate_per_s, "service_model": service,
-        "warmup": warmup, **_summary(run).to_json()}
+        "warmup": warmup, **run.summary.to_json()}
     plan = run.setup.plan_or_placement
     if isinstance(plan, Plan):
         data["bounds"] = {"lower": plan.bounds.lower_s, "upper": plan.bounds.upper_s} if plan.is_stable else None
@@ -185,7 +178,7 @@ def _to_json(run: Replication, name: str, problem: Problem, arrivals_text: str, 
 
 def _print_run(run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int,
                out: Console) -> None:
-    summary = _summary(run)
+    summary = run.summary
     times = Table(title=f"Simulated times (seconds, {summary.num_requests} requests)", title_justify="left")
     for header in ("metric", "mean", "p50", "p95", "p99"):
         times.add_column(header, justify="left" if header == "metric" else "right")

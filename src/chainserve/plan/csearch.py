@@ -9,7 +9,7 @@ from chainserve.analysis.bounds import response_time_bounds
 from chainserve.model.spec import Problem
 from chainserve.plan.gbp_cr import GbpCrResult, gbp_cr
 from chainserve.plan.gca import gca
-from chainserve.plan.types import Chain, Placement, Plan, jobs_that_fit
+from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_that_fit
 
 Objective = Literal["lower", "surrogate"]
 
@@ -29,12 +29,27 @@ def max_reservation(problem: Problem) -> int:
     return jobs_that_fit(max(s.memory_gb for s in problem.servers) - m.block_size_gb, m.cache_size_gb)
 
 
+def allocate(problem: Problem, placed: GbpCrResult, greedy: tuple[Chain, ...]) -> tuple[Chain, ...]:
+    """GCA's chains ``greedy`` for GBP-CR's placement — unless their ν falls below the rate GBP-CR
+    promised. §2.2 argues that cannot happen, but GCA is greedy and it can (a 3-server case in
+    tests/test_planner_hand.py: the fastest path takes memory two of GBP-CR's chains needed). Then
+    GBP-CR's own K(c) chains keep capacity c and GCA fills the memory they leave, so ν never falls
+    below the promise.
+    """
+    if sum(ch.capacity * ch.rate_per_s for ch in greedy) >= placed.promised_rate_per_s * (1 - 1e-12):
+        return greedy
+    own = tuple(Chain(hops, chain_time_s(problem, hops), placed.c) for hops in placed.chains)
+    return gca(problem, placed.placement, reserved=own)
+
+
 def plan_for_c(problem: Problem, c: int) -> tuple[GbpCrResult, Plan] | None:
-    """GBP-CR for this c, then GCA on its placement; ``None`` if c is infeasible."""
+    """GBP-CR for this c, then GCA on its placement (see :func:`allocate`); ``None`` if c is
+    infeasible."""
     placed = gbp_cr(problem, c)
     if placed is None:
         return None
-    return placed, make_plan(problem, placed.placement, gca(problem, placed.placement), c)
+    chains = allocate(problem, placed, gca(problem, placed.placement))
+    return placed, make_plan(problem, placed.placement, chains, c)
 
 
 def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | None = None
@@ -52,7 +67,7 @@ def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | Non
             continue
         if placed.placement not in chains_of:
             chains_of[placed.placement] = gca(problem, placed.placement)
-        plan = make_plan(problem, placed.placement, chains_of[placed.placement], c)
+        plan = make_plan(problem, placed.placement, allocate(problem, placed, chains_of[placed.placement]), c)
         if plan.is_stable:
             yield placed, plan
 

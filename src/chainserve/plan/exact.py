@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import Bounds as VariableBounds
 from scipy.optimize import LinearConstraint, milp
 
-from chainserve.analysis.bounds import mean_jobs_birth_death
+from chainserve.analysis.bounds import mean_jobs_birth_death, slot_rates
 from chainserve.model.spec import Problem
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Plan, Span, chain_time_s, jobs_that_fit
@@ -102,25 +102,23 @@ def optimal_allocation(problem: Problem, placement: Placement, chains: Sequence[
         cost = np.ones(len(paths))
         target = problem.arrival_rate_per_s / problem.workload.rho_bar
         constraints.append(LinearConstraint(rates[None, :] / target, 1.0, np.inf))  # relative tolerance
-    if paths:
-        result = milp(cost, constraints=constraints, integrality=np.ones(len(paths)),
-                      bounds=VariableBounds(0, most), options={"mip_rel_gap": 0.0})
-        if result.status != 0:
-            raise ValueError(f"arrival_rate: no allocation reaches ν ≥ λ/ρ̄ ({result.message})")
-        capacities = np.rint(result.x).astype(int)
-    elif objective == "job_servers":
-        raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
-    else:
-        capacities = np.zeros(0, dtype=int)
+    method = f"milp-{objective.replace('_', '-')}"
+    if not paths:
+        if objective == "job_servers":
+            raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
+        return make_plan(problem, placement, (), None, method)
+    result = milp(cost, constraints=constraints, integrality=np.ones(len(paths)),
+                  bounds=VariableBounds(0, most), options={"mip_rel_gap": 0.0})
+    if result.status != 0:
+        raise ValueError(f"arrival_rate: no allocation reaches ν ≥ λ/ρ̄ ({result.message})")
     chosen = tuple(Chain(path, chain_time_s(problem, path), int(c))
-                   for path, c in zip(paths, capacities, strict=True) if c > 0)
-    return make_plan(problem, placement, chosen, None, f"milp-{objective.replace('_', '-')}")
+                   for path, c in zip(paths, np.rint(result.x).astype(int), strict=True) if c > 0)
+    return make_plan(problem, placement, chosen, None, method)
 
 
 def lower_bound_s(arrival_rate: float, rates: np.ndarray, capacities: Sequence[int]) -> float:
-    """§2.5 lower bound for rates already sorted fastest first (``inf`` if unstable or empty)."""
-    slots = np.repeat(rates, capacities)
-    return mean_jobs_birth_death(arrival_rate, np.cumsum(slots)) / arrival_rate
+    """The §2.5 lower bound alone (``inf`` if unstable or empty)."""
+    return mean_jobs_birth_death(arrival_rate, np.cumsum(slot_rates(rates, capacities))) / arrival_rate
 
 
 Needs = Sequence[Sequence[tuple[int, int]]]
@@ -231,8 +229,8 @@ def optimal_plan(problem: Problem, max_placements: int = 200_000, max_jobs_per_s
       smaller total span length, is enumerated too. So placements where some server's whole span is on
       no path are skipped, as are spans whose whole length cannot hold one job
       (:func:`span_options`) and swaps of identical servers (:func:`placements`).
-    * Branch and bound against the best plan so far: a placement whose fastest chain is no faster
-      than its bound is skipped (the bound is at least 1/μ_1: ν̄_n ≤ n·μ_1, so Z is stochastically
+    * Branch and bound against the best plan so far: a placement whose fastest chain takes at least
+      the best bound found is skipped (the bound is at least 1/μ_1: ν̄_n ≤ n·μ_1, so Z is stochastically
       above an M/M/∞ queue of rate μ_1), then :func:`best_maximal_allocation` prunes inside.
 
     Cost: P placements (≤ Π_groups C(S+n−1, n), S ≤ 1 + L(L+1)/2 spans per server) times the paths

@@ -94,7 +94,8 @@ def jobs_per_server(plan: Plan) -> dict[int, int]:
 def max_tokens_of(model: ModelSpec) -> int:
     """The sequence length s_c was sized for (known for catalogue models).
 
-    >>> max_tokens_of(catalogue.model_arch("llama-2-7b").spec("fp16", max_tokens=2076))
+    >>> from chainserve.model.catalogue import model_arch
+    >>> max_tokens_of(model_arch("llama-2-7b").spec("fp16", max_tokens=2076))
     2076
     """
     if model.max_tokens is None:

@@ -5,17 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chainserve.model.spec import Problem
-from chainserve.plan.types import Placement, Span, jobs_that_fit
+from chainserve.plan.types import Hop, Placement, Span, jobs_that_fit
 
 
 @dataclass(frozen=True, slots=True)
 class GbpCrResult:
-    """GBP-CR's placement for one c, with the K(c) chains it closed and their promised rate."""
+    """GBP-CR's placement for one c, with the K(c) chains it closed and their promised rate.
+
+    ``chains``: the hops of each closed chain in walk order (a hop runs the blocks its predecessor
+    did not, so the left-shifted server runs fewer blocks than it hosts); each fits capacity c.
+    """
 
     c: int
     placement: Placement
     num_chains: int
     promised_rate_per_s: float  # c · Σ_{closed chains} 1/T
+    chains: tuple[tuple[Hop, ...], ...] = ()
 
     @property
     def num_job_servers(self) -> int:
@@ -55,16 +60,19 @@ def gbp_cr(problem: Problem, c: int) -> GbpCrResult | None:
     order = sorted((j for j, m in enumerate(blocks) if m > 0), key=lambda j: (times[j] / blocks[j], j))
     target = problem.arrival_rate_per_s / (problem.workload.rho_bar * c)
     spans: list[Span] = []
-    next_block, chain_time, rate, num_chains = 1, 0.0, 0.0, 0
+    chains: list[tuple[Hop, ...]] = []
+    hops: list[Hop] = []
+    next_block, chain_time, rate = 1, 0.0, 0.0
     for j in order:
         start = min(next_block, L - blocks[j] + 1)
         spans.append(Span(j, start, blocks[j]))
+        hops.append(Hop(j, next_block, start + blocks[j] - next_block))
         chain_time += times[j]
         next_block = start + blocks[j]
         if next_block > L:
             rate += 1.0 / chain_time
-            num_chains += 1
-            next_block, chain_time = 1, 0.0
+            chains.append(tuple(hops))
+            next_block, chain_time, hops = 1, 0.0, []
             if rate >= target:
                 break
-    return GbpCrResult(c, Placement(tuple(spans), L), num_chains, c * rate)
+    return GbpCrResult(c, Placement(tuple(spans), L), len(chains), c * rate, tuple(chains))

@@ -10,14 +10,19 @@ least cost, then least end block, then least server index.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from chainserve.model.spec import Problem
 from chainserve.plan.types import FIT_EPS, Chain, Hop, Placement, jobs_that_fit
 
 
-def gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
+def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) -> tuple[Chain, ...]:
     """Repeatedly take the fastest feasible chain and give it all the capacity memory allows.
+
+    ``reserved`` chains (with their capacities) hold their memory first and lead the result; GCA
+    then fills what is left (used by :func:`chainserve.plan.csearch.allocate`).
 
     Residual memory M̃_j = M_j − s_m·m_j; an edge into j carrying m_ij blocks is usable while
     M̃_j ≥ s_c·m_ij; a chain gets c_k = min_hops ⌊M̃_j/(s_c·m_ij)⌋. Stops when no path is left.
@@ -35,13 +40,17 @@ def gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
     s_m, s_c = problem.model.block_size_gb, problem.model.cache_size_gb
     spans = sorted(placement.spans, key=lambda s: (s.end_block, s.server))
     if not spans:
-        return ()
+        return tuple(reserved)
     server = np.array([s.server for s in spans])
     start = np.array([s.start_block for s in spans])
     end = np.array([s.end_block for s in spans])
     tau_c = np.array([problem.servers[j].tau_c_s for j in server])
     tau_p = np.array([problem.servers[j].tau_p_s for j in server])
     resid = np.array([problem.servers[j].memory_gb - s_m * m.num_blocks for j, m in zip(server, spans, strict=True)])
+    row_of = {int(j): r for r, j in enumerate(server)}
+    for chain in reserved:
+        for hop in chain.hops:
+            resid[row_of[hop.server]] -= s_c * hop.num_blocks * chain.capacity
     # cost[r, b'] = τ^c + τ^p·(e_r − b') for a predecessor ending at b' (valid entries only)
     prev_end = np.arange(L + 1)
     cost = tau_c[:, None] + tau_p[:, None] * (end[:, None] - prev_end[None, :])
@@ -57,7 +66,7 @@ def gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
         return np.where(ok, cost[rows], np.inf)
 
     masked = usable_costs(np.arange(len(spans)))
-    chains: list[Chain] = []
+    chains: list[Chain] = list(reserved)
     while True:
         best = np.full(L + 1, np.inf)
         best[0] = 0.0

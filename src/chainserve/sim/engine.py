@@ -3,9 +3,9 @@
 The driver owns the clock and the event order; the dispatcher owns every decision (paper §2.4's
 central queue lives in it). Events are arrivals (a pre-drawn sorted stream), completions (a heap) and
 optional server failures (a sorted list), merged in time order; at equal times a failure comes first,
-then a completion, then an arrival. Randomness: ``SeedSequence(seed).spawn(2)`` gives the arrival and
-the service streams, so every policy run with the same seed sees the same arrivals and the same
-per-job service variates.
+then a completion, then an arrival. Randomness: ``SeedSequence(seed).spawn(2)`` (or a Generator's
+``spawn(2)``) gives the arrival and the service streams, so every policy run with the same seed sees
+the same arrivals and the same per-job service variates.
 
 Invariants checked on every event (a violation raises, it is a dispatcher bug):
 
@@ -29,7 +29,7 @@ from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.types import Plan
-from chainserve.sim.arrivals import ArrivalProcess, PoissonArrivals
+from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.memory import CacheLedger
 from chainserve.sim.service import ServiceModel, service_model
 
@@ -73,7 +73,8 @@ class SimResult:
 
 
 def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: ArrivalProcess | None = None,
-             service: str | ServiceModel = "exponential", *, seed: int | np.random.SeedSequence = 0,
+             service: str | ServiceModel = "exponential", *,
+             seed: int | np.random.SeedSequence | np.random.Generator = 0,
              num_jobs: int | None = None, warmup: int = 0,
              failures: Sequence[tuple[float, int]] = ()) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
@@ -83,7 +84,8 @@ def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: Arriv
     ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
     starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
 
-    O(events · (dispatcher cost + hops per route + log jobs in service)).
+    O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
+    the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
 
     >>> from chainserve.dispatch.jffc import JFFC
     >>> from chainserve.plan.csearch import make_plan
@@ -95,14 +97,16 @@ def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: Arriv
     >>> r.num_finished, round(r.summary.response.mean_s, 1)  # M/M/4, μ = 2, λ = 1: E[T] ≈ 0.5
     (10000, 0.5)
     """
-    seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    arrival_seq, service_seq = seq.spawn(2)
-    stream = (arrivals or PoissonArrivals()).sample(plan.problem.workload, num_jobs,
-                                                   np.random.default_rng(arrival_seq))
+    if isinstance(seed, np.random.Generator):
+        arrival_rng, service_rng = seed.spawn(2)
+    else:
+        seq = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        arrival_rng, service_rng = (np.random.default_rng(s) for s in seq.spawn(2))
+    stream = (arrivals or PoissonArrivals()).sample(plan.problem.workload, num_jobs, arrival_rng)
     n = len(stream)
     if not 0 <= warmup < n:
         raise ValueError(f"warmup: must lie in 0..{n - 1}, got {warmup}")
-    duration = service_model(service).sampler(plan.problem, stream, np.random.default_rng(service_seq))
+    duration = service_model(service).sampler(plan.problem, stream, service_rng)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
@@ -181,6 +185,12 @@ def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: Arriv
             next_job += 1
             t_arrival = times[next_job]
 
+    return _result(plan, dispatcher, stream, warmup, started, finished, chain_of, route_of, num_restarts)
+
+
+def _result(plan: Plan | PathPlacement, dispatcher: Dispatcher, stream: Arrivals, warmup: int, started: array,
+            finished: array, chain_of: array, route_of: list[Route | None], num_restarts: int) -> SimResult:
+    """Check conservation, then summarise the finished jobs among ``warmup:``."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()
     num_unfinished = int(np.count_nonzero(np.isnan(finished_at)))
     if dispatcher.num_waiting + dispatcher.num_in_service != num_unfinished:
