@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +109,8 @@ def replications_ci(means: Sequence[float] | np.ndarray, confidence: float = 0.9
         raise ValueError(f"means: need at least 2 replications, got {x.size}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence: must lie in (0, 1), got {confidence}")
+    from scipy import stats  # ~2 s to import: only when an interval is asked for, not at CLI start-up
+
     t = stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)
     return Interval(float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(x.size)), confidence)
 

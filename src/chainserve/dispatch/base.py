@@ -20,7 +20,9 @@ from typing import Protocol
 from chainserve.plan.types import Chain, Hop
 
 
-@dataclass(frozen=True, slots=True)
+# Job and Start are made on every event of the simulator's hot path: slotted but not frozen (a frozen
+# dataclass's __init__ costs ~2× more, ~30 % of simulated throughput). Treat them as read-only.
+@dataclass(slots=True)
 class Job:
     """A request: id, arrival time and its token lengths (l_in, l_out)."""
 
@@ -44,7 +46,7 @@ class Route:
         return cls(chain.hops, chain.service_time_s, index)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Start:
     """Decision: ``job`` starts service now on ``route``."""
 
@@ -92,39 +94,34 @@ class ChainState:
         self.capacity = [ch.capacity for ch in self.chains]
         self.busy = [0] * len(self.chains)
         self.alive = [True] * len(self.chains)
-        self.chain_of: dict[int, int] = {}
-        self.job_of: dict[int, Job] = {}
+        self.held: dict[int, tuple[int, Job]] = {}  # job id → (chain, job) for jobs in service
 
     def can_start(self, k: int) -> bool:
         return self.alive[k] and self.busy[k] < self.capacity[k]
 
     def start(self, job: Job, k: int) -> Start:
-        if not self.can_start(k):
+        if not self.alive[k] or self.busy[k] >= self.capacity[k]:
             raise RuntimeError(f"chain {k} has no free slot")
         self.busy[k] += 1
-        self.chain_of[job.job_id] = k
-        self.job_of[job.job_id] = job
+        self.held[job.job_id] = (k, job)
         return Start(job, self.routes[k])
 
     def finish(self, job_id: int) -> int:
         """Free the job's slot; returns its chain."""
-        if job_id not in self.chain_of:
+        held = self.held.pop(job_id, None)
+        if held is None:
             raise KeyError(f"job {job_id} is not in service")
-        k = self.chain_of.pop(job_id)
-        del self.job_of[job_id]
-        self.busy[k] -= 1
-        return k
+        self.busy[held[0]] -= 1
+        return held[0]
 
     def fail_server(self, server: int) -> list[Job]:
         """Mark every chain through ``server`` dead; return its jobs (oldest first), slots freed."""
-        aborted: list[Job] = []
         for k, ch in enumerate(self.chains):
             if self.alive[k] and server in ch.servers:
                 self.alive[k] = False
-        for job_id, k in list(self.chain_of.items()):
-            if not self.alive[k]:
-                aborted.append(self.job_of[job_id])
-                self.finish(job_id)
+        aborted = [job for k, job in self.held.values() if not self.alive[k]]
+        for job in aborted:
+            self.finish(job.job_id)
         return sorted(aborted, key=lambda j: (j.arrived_at, j.job_id))
 
     @property

@@ -50,9 +50,8 @@ class CacheLedger:
         problem, model = plan.problem, plan.problem.model
         self.limits = [0] * problem.num_servers
         for span in plan.placement.spans:
-            free_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
-            if isinstance(plan, PathPlacement):
-                free_gb = plan.cache_gb[span.server]
+            free_gb = (plan.cache_gb[span.server] if isinstance(plan, PathPlacement) else
+                       problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks)
             self.limits[span.server] = jobs_that_fit(free_gb, model.cache_size_gb)
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
         self.capacity = [ch.capacity for ch in plan.chains]
