@@ -56,7 +56,8 @@ def _paper_servers(name: str, gpu: str, rtts_s: np.ndarray, workload: Workload) 
 def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None) -> Problem:
     """The §4.2 testbed: LLaMA-2-7B in fp16 (s_c for 2048 + 28 tokens) on three A100-80GB split by
     MIG into 3× 3g.40gb ("high-1..3") + 6× 2g.20gb ("low-1..6"); 2048 prompt / 28 output tokens
-    (the Azure code trace's means), λ = 2.57/s, ρ̄ = 0.7; ``max_tokens`` sizes s_c (default 2048 + 28). τ^p comes from the catalogue formula
+    (the Azure code trace's means), λ = 2.57/s, ρ̄ = 0.7; ``max_tokens`` sizes s_c (default 2048 + 28).
+    τ^p comes from the catalogue formula
     (:func:`catalogue.tau_p_s`), τ^c = (RTT + 18 ms) × 28 with the fixed synthetic RTTs of
     :data:`TESTBED_RTTS_MS` (the paper emulated WAN delays with netem but does not list them).
 
