@@ -142,3 +142,12 @@ def test_usage_errors_exit_2(args):
 def test_default_cluster_is_the_example():
     """`chainserve plan` with no file plans the embedded default, the same as the example file."""
     assert json.loads(run("--json").stdout) == json.loads(run(SIM, "--json").stdout)
+
+
+def test_model_no_server_set_can_hold(tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text("model: bloom-176b\nworkload: {arrival_rate: 0.2}\nservers:\n  - {gpu: t4, count: 2, rtt_ms: 20}\n")
+    result = run(str(small))
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: model: bloom-176b/nf4 needs 70 blocks") and "at most 22" in line

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from typing import Literal
 
 from chainserve.analysis.bounds import response_time_bounds
-from chainserve.model.spec import Problem
-from chainserve.plan.gbp_cr import GbpCrResult, gbp_cr
+from chainserve.model.spec import Problem, SpecError
+from chainserve.plan.gbp_cr import GbpCrResult, blocks_with_reservation, gbp_cr
 from chainserve.plan.gca import gca
 from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_that_fit
 
@@ -72,6 +72,15 @@ def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | Non
             yield placed, plan
 
 
+def check_model_fits(problem: Problem) -> None:
+    """Raise ``SpecError`` (field ``model``) when the servers cannot hold the model even with cache
+    for a single job (GBP-CR infeasible at c = 1)."""
+    held = sum(blocks_with_reservation(problem, 1))
+    if held < problem.model.num_blocks:
+        raise SpecError("model", f"{problem.model.name} needs {problem.model.num_blocks} blocks, but with cache "
+                                 f"for one job the servers hold at most {held}; add servers or quantise")
+
+
 def search_c(problem: Problem, objective: Objective = "lower",
              progress: Callable[[int, int], None] | None = None) -> Plan:
     """The best stable plan over c. ``lower``: least lower bound on mean response time (the paper's
@@ -88,6 +97,7 @@ def search_c(problem: Problem, objective: Objective = "lower",
 
     if objective not in ("lower", "surrogate"):
         raise ValueError(f"objective must be 'lower' or 'surrogate', got {objective!r}")
+    check_model_fits(problem)
     best = min(candidate_plans(problem, progress), key=score, default=None)
     if best is None:
         raise ValueError(
