@@ -53,8 +53,11 @@ class JFFC:
         self.queue: deque[Job] = deque()
 
     def _fill(self) -> list[Start]:
+        queue = self.queue
+        if not queue:  # most completions: nothing waits
+            return []
         starts: list[Start] = []
-        queue, free, alive = self.queue, self.free_slots, self.state.alive
+        free, alive = self.free_slots, self.state.alive
         while queue and free and len(queue) > self.threshold_by_rank[free[0]]:
             k = self.order[heapq.heappop(free)]
             if alive[k]:

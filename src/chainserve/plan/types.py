@@ -25,8 +25,8 @@ def jobs_that_fit(free_gb: float, need_gb: float) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Span:
-    """Server ``server`` hosts blocks ``start_block .. start_block + num_blocks - 1`` (a_j, m_j)."""
+class BlockRange:
+    """Blocks ``start_block .. start_block + num_blocks - 1`` on server ``server``."""
 
     server: int
     start_block: int
@@ -34,8 +34,13 @@ class Span:
 
     @property
     def end_block(self) -> int:
-        """Last block hosted, a_j + m_j − 1."""
+        """Last block, start + num − 1."""
         return self.start_block + self.num_blocks - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Span(BlockRange):
+    """The blocks a server hosts (a_j, m_j)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +62,8 @@ class Placement:
 
 
 @dataclass(frozen=True, slots=True)
-class Hop:
-    """One hop of a chain: ``server`` runs blocks ``start_block .. start_block + num_blocks - 1``."""
-
-    server: int
-    start_block: int
-    num_blocks: int
-
-    @property
-    def end_block(self) -> int:
-        return self.start_block + self.num_blocks - 1
+class Hop(BlockRange):
+    """One hop of a chain: the blocks ``server`` runs for it (m_ij of them, a suffix of its span)."""
 
 
 @dataclass(frozen=True, slots=True)
