@@ -146,7 +146,8 @@ def test_default_cluster_is_the_example():
 
 def test_model_no_server_set_can_hold(tmp_path):
     small = tmp_path / "small.yaml"
-    small.write_text("model: bloom-176b\nworkload: {arrival_rate: 0.2}\nservers:\n  - {gpu: t4, count: 2, rtt_ms: 20}\n")
+    small.write_text("model: bloom-176b\nworkload: {arrival_rate: 0.2}\n"
+                     "servers:\n  - {gpu: t4, count: 2, rtt_ms: 20}\n")
     result = run(str(small))
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()

@@ -14,10 +14,10 @@ from chainserve.sim.engine import simulate
 
 def one_server_chains(times_s, capacities):
     """One single-server chain per (T_k, c_k); each server holds the 2-block model and c_k jobs."""
-    servers = tuple(Server(f"s{k}", 2.0 + c, t / 2, 0.0) for k, (t, c) in enumerate(zip(times_s, capacities)))
+    servers = tuple(Server(f"s{k}", 2.0 + c, t / 2, 0.0) for k, (t, c) in enumerate(zip(times_s, capacities, strict=True)))
     problem = Problem(servers, ModelSpec("toy", 2, 1.0, 0.5), Workload(1.0))
     placement = Placement(tuple(Span(k, 1, 2) for k in range(len(servers))), 2)
-    chains = tuple(Chain((Hop(k, 1, 2),), t, c) for k, (t, c) in enumerate(zip(times_s, capacities)))
+    chains = tuple(Chain((Hop(k, 1, 2),), t, c) for k, (t, c) in enumerate(zip(times_s, capacities, strict=True)))
     return make_plan(problem, placement, chains, None)
 
 
@@ -30,7 +30,7 @@ def one_server_chains(times_s, capacities):
 def test_simulated_mean_response_within_2_percent_of_ctmc(times_s, capacities, load, thresholds):
     plan = one_server_chains(times_s, capacities)
     rates = [1 / t for t in times_s]
-    rate = load * sum(c * r for c, r in zip(capacities, rates))
+    rate = load * sum(c * r for c, r in zip(capacities, rates, strict=True))
     exact = jffc_ctmc(rates, capacities, rate, thresholds).mean_response_s
     result = simulate(plan, JFFC(plan.chains, thresholds), PoissonArrivals(rate), seed=11, num_jobs=300_000,
                       warmup=10_000)
