@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000, help="jobs to simulate")
     parser.add_argument("--load", type=float, default=0.8, help="ρ = λ/ν")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=5, 
+    parser.add_argument("--repeat", type=int, default=5,
                         help="timed runs; the best is reported (this shared VM is noisy: ±30 %% between runs)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
     args = parser.parse_args()
