@@ -14,10 +14,11 @@ from chainserve.sim.engine import simulate
 
 def one_server_chains(times_s, capacities):
     """One single-server chain per (T_k, c_k); each server holds the 2-block model and c_k jobs."""
-    servers = tuple(Server(f"s{k}", 2.0 + c, t / 2, 0.0) for k, (t, c) in enumerate(zip(times_s, capacities, strict=True)))
+    pairs = list(enumerate(zip(times_s, capacities, strict=True)))
+    servers = tuple(Server(f"s{k}", 2.0 + c, t / 2, 0.0) for k, (t, c) in pairs)
     problem = Problem(servers, ModelSpec("toy", 2, 1.0, 0.5), Workload(1.0))
     placement = Placement(tuple(Span(k, 1, 2) for k in range(len(servers))), 2)
-    chains = tuple(Chain((Hop(k, 1, 2),), t, c) for k, (t, c) in enumerate(zip(times_s, capacities, strict=True)))
+    chains = tuple(Chain((Hop(k, 1, 2),), t, c) for k, (t, c) in pairs)
     return make_plan(problem, placement, chains, None)
 
 
