@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from chainserve.dispatch.jffc import JFFC
-from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, write_report
+from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, save_figure, write_report
 from chainserve.model.presets import paper_sim_cluster
 from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
 from chainserve.sim.engine import simulate
@@ -71,9 +71,7 @@ def c_sweep(out_dir: Path, num_seeds: int = 5, num_jobs: int = 5000, num_rates: 
     bx.set(xlabel="arrival rate λ (1/s)", ylabel="chosen c", title="chosen c versus load")
     bx.legend(fontsize=8)
     bx.grid(alpha=0.3)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "c_sweep.png", dpi=120)
+    save_figure(fig, out_dir / "c_sweep.png")
     sections = [
         f"Command: `chainserve experiment c-sweep --seeds {num_seeds} --requests {num_jobs}`. Paper cluster "
         f"J = 20, η = 0.2 (seed 2026), λ = 0.2/s; simulated JFFC mean ± 95 % CI over seeds 0..{num_seeds - 1} "

@@ -82,6 +82,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out a matplotlib ``Figure`` and write it as PNG to ``path`` (folders created)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def write_report(out_dir: Path, name: str, title: str, sections: Sequence[str]) -> Path:
     """Write ``out_dir/name.md`` with a title and sections; returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, reduction_pct, run_method, write_report
+from chainserve.experiments.common import (
+    markdown_table,
+    mean_ci,
+    progress_bar,
+    reduction_pct,
+    run_method,
+    save_figure,
+    write_report,
+)
 from chainserve.model.presets import paper_sim_cluster
 
 METHODS = ("proposed", "petals", "bprr")
@@ -91,9 +99,7 @@ def paper_sweeps(out_dir: Path, num_seeds: int = 20, num_jobs: int = 300) -> Pat
     _plot(axes[0], by_j, "num_servers", "servers J (η = 0.2)")
     _plot(axes[1], by_eta, "eta", "fraction of high servers η (J = 20)")
     fig.suptitle(f"Mean response time, λ = 0.2/s, {num_seeds} seeds × {num_jobs} requests (95 % CI)")
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "paper_sweeps.png", dpi=120)
+    save_figure(fig, out_dir / "paper_sweeps.png")
     sections = [
         f"Command: `chainserve experiment paper-sweeps --seeds {num_seeds} --requests {num_jobs}`. Seeds "
         f"0..{num_seeds - 1}; mean ± 95 % CI over seeds; reductions are of the proposed method's mean response "

@@ -16,7 +16,14 @@ from chainserve.analysis.bounds import response_time_bounds
 from chainserve.analysis.ctmc import jffc_ctmc
 from chainserve.dispatch.registry import POLICIES
 from chainserve.dispatch.thresholds import choose_thresholds
-from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, reduction_pct, write_report
+from chainserve.experiments.common import (
+    markdown_table,
+    mean_ci,
+    progress_bar,
+    reduction_pct,
+    save_figure,
+    write_report,
+)
 from chainserve.model.presets import paper_sim_cluster
 from chainserve.plan.csearch import search_c
 from chainserve.plan.types import Chain, Hop, Plan
@@ -99,9 +106,7 @@ def policy_comparison(out_dir: Path, num_seeds: int = 10, num_jobs: int = 20_000
            title=f"{len(plan.chains)} chains, C = {plan.num_job_servers}, {num_seeds} seeds × {num_jobs} jobs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "policies.png", dpi=120)
+    save_figure(fig, out_dir / "policies.png")
     chain_rows = [[k, " → ".join(plan.problem.servers[s].name for s in ch.servers), ch.service_time_s,
                    ch.capacity] for k, ch in enumerate(plan.chains)]
     sections = [

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, reduction_pct, run_method, write_report
+from chainserve.experiments.common import (
+    markdown_table,
+    mean_ci,
+    progress_bar,
+    reduction_pct,
+    run_method,
+    save_figure,
+    write_report,
+)
 from chainserve.model.presets import paper_testbed
 from chainserve.sim.arrivals import TraceArrivals
 
@@ -49,9 +57,7 @@ def _plot(measured: dict[str, dict[str, float]], path: Path) -> None:
     ax.set(ylabel="mean response time (s)", yscale="log", title="Table 1: MIG testbed, 1000 Azure code requests")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def _avg(summaries, metric) -> float:
