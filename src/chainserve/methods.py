@@ -22,7 +22,7 @@ from chainserve.dispatch.jffc import JFFC
 from chainserve.dispatch.petals_route import PetalsRouter
 from chainserve.dispatch.registry import POLICIES
 from chainserve.dispatch.ws_rr import WsRrRouter
-from chainserve.model.spec import Problem
+from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.baselines.bprr import bprr_placement
 from chainserve.plan.baselines.jffc_only import jffc_only_plan
 from chainserve.plan.baselines.petals import petals_placement
@@ -41,9 +41,26 @@ class MethodSetup:
     description: str
 
 
-def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc") -> MethodSetup:
+def check_method_name(name: str) -> tuple[str, str | None]:
+    """Split ``name`` into (method, policy or ``None``); raise ``SpecError`` (field ``method`` or
+    ``policy``) for an unknown one. Cheap: callers use it to fail before any planning.
+
+    >>> check_method_name("proposed:sed"), check_method_name("petals")
+    (('proposed', 'sed'), ('petals', None))
+    """
+    base, sep, policy = name.partition(":")
+    if base not in METHODS:
+        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}, proposed:<policy>")
+    if not sep:
+        return base, None
+    if base != "proposed":
+        raise SpecError("method", f"only proposed takes a policy, got {name!r}")
     if policy not in POLICIES:
-        raise ValueError(f"policy {policy!r} is unknown; known: {', '.join(sorted(POLICIES))}")
+        raise SpecError("policy", f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    return base, policy
+
+
+def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc") -> MethodSetup:
     factory = POLICIES[policy]
     plan = search_c(problem)
     return MethodSetup(plan, lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
@@ -85,11 +102,7 @@ def build_method(name: str, problem: Problem, rng: np.random.Generator) -> Metho
     >>> setup.description, setup.make_dispatcher(np.random.default_rng(1)).name
     ('whole-model replicas on 2 servers, JFFC', 'jffc')
     """
-    base, sep, policy = name.partition(":")
-    if sep:
-        if base != "proposed" or not policy:
-            raise ValueError(f"method {name!r}: only 'proposed:<policy>' takes a policy")
+    base, policy = check_method_name(name)
+    if policy is not None:
         return _proposed(problem, rng, policy)
-    if name not in METHODS:
-        raise ValueError(f"method {name!r} is unknown; known: {', '.join(METHODS)}, proposed:<policy>")
-    return METHODS[name](problem, rng)
+    return METHODS[base](problem, rng)

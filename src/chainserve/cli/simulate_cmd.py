@@ -24,7 +24,7 @@ from chainserve.cli.common import stderr_console, stdout_console, user_errors
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
 from chainserve.experiments.common import Replication, run_method
-from chainserve.methods import METHODS
+from chainserve.methods import METHODS, check_method_name
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.types import Plan
@@ -85,20 +85,13 @@ def method_name(method: str, policy: str | None) -> str:
     >>> method_name("proposed", "sed"), method_name("proposed:jsq", None), method_name("petals", None)
     ('proposed:sed', 'proposed:jsq', 'petals')
     """
-    base, sep, inner = method.partition(":")
-    if base not in METHODS:
-        raise SpecError("method", f"unknown method {method!r}; known: {', '.join(METHODS)}, proposed:<policy>")
-    if sep and base != "proposed":
-        raise SpecError("method", f"only proposed takes a policy, got {method!r}")
-    if policy is not None:
-        if method != "proposed":
-            raise SpecError("policy", f"--policy applies only to --method proposed, got --method {method}")
-        inner, sep = policy, ":"
-    if not sep:
+    check_method_name(method)
+    if policy is None:
         return method
-    if inner not in POLICIES:
-        raise SpecError("policy", f"unknown policy {inner!r}; known: {', '.join(POLICIES)}")
-    return f"proposed:{inner}"
+    if method != "proposed":
+        raise SpecError("policy", f"--policy applies only to --method proposed, got --method {method}")
+    check_method_name(f"proposed:{policy}")
+    return f"proposed:{policy}"
 
 
 def _check_counts(requests: int, warmup: int, seed: int) -> None:
