@@ -54,6 +54,7 @@ def assert_valid_layout(layout: PathPlacement) -> None:
         assert used <= problem.servers[span.server].memory_gb + EPS
     assert covered == set(range(1, L + 1))
     assert len({s.server for s in layout.placement.spans}) == len(layout.placement.spans)
+    assert layout.reservation_by_server() == {s.server: layout.cache_gb[s.server] for s in layout.placement.spans}
 
 
 # ---------------------------------------------------------------- placements
@@ -210,59 +211,112 @@ def test_shortest_path_matches_brute_force(L, raw):
 
 
 class Driver:
-    """A minimal event loop: checks memory on every start from the outside, records completions."""
+    """A minimal event loop: checks memory and attempts on every start from the outside, records
+    completions and cancels."""
 
     def __init__(self, router: PathRouter):
         self.router, self.next_id, self.now = router, 0, 0.0
         self.in_service: dict[int, tuple] = {}
+        self.attempt: dict[int, int] = {}  # job id → attempt of its current or last start
+        self.stale: list[tuple[int, int]] = []  # (job id, attempt) of starts no longer in service
+        self.jobs: dict[int, Job] = {}
         self.completed: list[int] = []
+        self.cancelled: set[int] = set()
         self.restarts = 0
         problem = router.problem
         self.s_c = problem.model.cache_size_gb
-        self.pool = router.ledger.capacity_gb
+        self.pool = router.pool.capacity_gb
 
     def _start(self, starts):
         for start in starts:
-            assert start.job.job_id not in self.in_service
+            job_id = start.job.job_id
+            assert job_id not in self.in_service
             assert start.route.chain is None
-            self.in_service[start.job.job_id] = start.route.hops
+            assert start.attempt == self.attempt.get(job_id, -1) + 1  # 0, then +1 per restart
+            self.attempt[job_id] = start.attempt
+            self.in_service[job_id] = start.route.hops
         used = defaultdict(float)
         for hops in self.in_service.values():
             for hop in hops:
                 used[hop.server] += self.s_c * hop.num_blocks
         for server, gb in used.items():
             assert gb <= self.pool[server] + EPS and self.router.alive[server]
-        for server, pool in enumerate(self.pool):  # the ledger never goes over the pool
-            assert -EPS <= self.router.ledger.free_gb[server] <= pool + EPS
+        for server, pool in enumerate(self.pool):  # the router never goes over a pool
+            assert -EPS <= self.router.pool.free_gb[server] <= pool + EPS
+
+    def _leave(self, job_id):
+        del self.in_service[job_id]
+        self.stale.append((job_id, self.attempt[job_id]))
 
     def arrive(self):
         self.now += 0.1
-        self._start(self.router.submit(Job(self.next_id, self.now), self.now))
+        self.jobs[self.next_id] = job = Job(self.next_id, self.now)
         self.next_id += 1
+        self._start(self.router.submit(job, self.now))
 
     def finish(self, pick: int):
         if self.in_service:
             job_id = sorted(self.in_service)[pick % len(self.in_service)]
-            del self.in_service[job_id]
+            self._leave(job_id)
             self.completed.append(job_id)
-            self._start(self.router.complete(job_id, self.now))
+            self._start(self.router.complete(job_id, self.now, self.attempt[job_id] if pick % 2 else None))
 
     def fail(self, server: int):
         outcome = self.router.fail_server(server, self.now)
         for job in outcome.aborted:
-            assert self.in_service.pop(job.job_id) is not None
+            self._leave(job.job_id)
             self.restarts += 1
         self._start(outcome.starts)
 
+    def abort(self, pick: int):
+        if self.in_service:
+            job_id = sorted(self.in_service)[pick % len(self.in_service)]
+            self._leave(job_id)
+            self.restarts += 1
+            self._start(self.router.abort(job_id, self.now))
+
+    def cancel(self, pick: int):
+        """Cancel any job: waiting, acquiring, in service, finished, cancelled or unknown."""
+        job_id = pick % (self.next_id + 2)
+        if job_id in self.in_service:
+            self._leave(job_id)
+        if job_id < self.next_id and job_id not in self.completed:
+            self.cancelled.add(job_id)
+        self._start(self.router.cancel(job_id, self.now))
+
+    def drain_and_resubmit(self):
+        """Hand the waiting jobs over as to a new router (which numbers attempts from 0 again)."""
+        jobs = self.router.drain()
+        assert self.router.num_waiting == 0 and not any(self.router.queues.values())
+        assert jobs == sorted(jobs, key=lambda j: (j.arrived_at, j.job_id))
+        for job in jobs:
+            self.attempt.pop(job.job_id, None)
+            self.stale = [(j, a) for j, a in self.stale if j != job.job_id]
+        for job in jobs:
+            self._start(self.router.submit(job, self.now))
+
     def step(self, kind: str, k: int):
-        """``a``: arrival; ``f``: the k-th job in service completes; ``x``: the k-th placed server fails."""
+        """``a``: arrival; ``f``: the k-th job in service completes; ``x``: the k-th placed server fails;
+        ``r``: it is restored; ``b``: the k-th job in service aborts; ``c``: job k is cancelled; ``d``:
+        drain and resubmit; ``l``: a late completion of a stale attempt."""
+        spans = self.router.spans
         if kind == "a":
             self.arrive()
         elif kind == "f":
             self.finish(k)
-        else:
-            spans = self.router.spans
+        elif kind == "x":
             self.fail(spans[k % len(spans)].server)
+        elif kind == "r":
+            self._start(self.router.restore_server(spans[k % len(spans)].server, self.now))
+        elif kind == "b":
+            self.abort(k)
+        elif kind == "c":
+            self.cancel(k)
+        elif kind == "d":
+            self.drain_and_resubmit()
+        elif self.stale:
+            job_id, attempt = self.stale[k % len(self.stale)]
+            assert self.router.complete(job_id, self.now, attempt) == []
 
     def drain(self):
         while self.in_service:
@@ -278,13 +332,14 @@ def layouts(problem, seed):
             continue
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from("aaaffx"), st.integers(0, 9)), max_size=40)
+EVENTS = st.lists(st.tuples(st.sampled_from("aaaaffffxrbcdl"), st.integers(0, 9)), max_size=40)
 
 
 @FAST
 @given(problems(), st.integers(0, 3), EVENTS)
 def test_routers_respect_memory_and_serve_every_request(problem, seed, events):
-    """a: arrival, f: a completion, x: a server failure; then every job in service completes."""
+    """Events of :meth:`Driver.step`; then every job in service completes, and once every server is
+    back, every request that was not cancelled is served."""
     made = list(layouts(problem, seed))
     assume(made)
     for layout in made:
@@ -296,13 +351,21 @@ def test_routers_respect_memory_and_serve_every_request(problem, seed, events):
             router = driver.router
             for kind, k in events:
                 driver.step(kind, k)
-                assert router.num_waiting + router.num_in_service == driver.next_id - len(driver.completed)
+                assert router.num_in_service == len(driver.in_service)
+                assert router.num_waiting + router.num_in_service == (
+                    driver.next_id - len(driver.completed) - len(driver.cancelled))
             driver.drain()
             stuck = sorted(job.job_id for job in router.unroutable)
-            assert sorted(driver.completed + stuck) == list(range(driver.next_id))  # no deadlock, none lost
+            finished = sorted(driver.completed + sorted(driver.cancelled))
+            assert sorted(finished + stuck) == list(range(driver.next_id))  # no deadlock, none lost
             assert not stuck or router._choose_hops() is None  # only when no live path is left
             assert router.num_in_service == 0 and router.num_waiting == len(stuck)
-            assert router.ledger.free_gb == pytest.approx(list(driver.pool))
+            assert router.pool.free_gb == pytest.approx(list(driver.pool))
+            for span in router.spans:  # every server back: the stuck requests are served
+                driver.step("r", router.spans.index(span))
+            driver.drain()
+            assert sorted(driver.completed + sorted(driver.cancelled)) == list(range(driver.next_id))
+            assert router.num_waiting == 0
 
 
 def replicas(num_servers=3, L=3, pool_jobs=2):
@@ -326,7 +389,7 @@ def test_failure_loses_no_request(Router):
         driver.arrive()
     driver.drain()
     assert sorted(driver.completed) == list(range(15))
-    assert driver.router.ledger.free_gb[1:] == pytest.approx([6.0, 6.0])
+    assert driver.router.pool.free_gb[1:] == pytest.approx([6.0, 6.0])
 
 
 def test_failure_without_live_path_keeps_requests_waiting():
@@ -347,12 +410,57 @@ def test_waits_are_fifo_per_server():
     assert list(driver.in_service) == [1] and list(router.queues[0]) == [2, 3]
 
 
+def started(starts):
+    """(job, first server, attempt) of each start."""
+    return [(s.job.job_id, s.route.hops[0].server, s.attempt) for s in starts]
+
+
+@pytest.mark.parametrize("Router", [PetalsRouter, WsRrRouter])
+def test_cancel_and_late_completions(Router):
+    router = Router(replicas(num_servers=1, pool_jobs=1))
+    assert started(router.submit(Job(0, 0.0), 0.0)) == [(0, 0, 0)]
+    assert router.submit(Job(1, 1.0), 1.0) == [] and router.submit(Job(2, 2.0), 2.0) == []
+    assert router.cancel(2, 3.0) == [] and list(router.queues[0]) == [1]  # leaves the wait queue
+    assert started(router.cancel(0, 4.0)) == [(1, 0, 0)]  # the waiter takes the freed cache
+    assert router.cancel(0, 5.0) == [] and router.cancel(9, 5.0) == []  # idempotent
+    assert router.complete(0, 6.0, attempt=0) == []  # a cancelled start's late completion
+    with pytest.raises(KeyError):
+        router.complete(0, 6.0)
+    assert router.num_in_service == 1 and router.num_waiting == 0
+
+
+@pytest.mark.parametrize("Router", [PetalsRouter, WsRrRouter])
+def test_abort_and_restore_route_again_with_the_next_attempt(Router):
+    router = Router(replicas(num_servers=1, pool_jobs=1))
+    router.submit(Job(0, 0.0), 0.0)
+    router.submit(Job(1, 1.0), 1.0)
+    assert started(router.abort(0, 2.0)) == [(1, 0, 0)]  # the waiter first, as after a failure
+    assert list(router.queues[0]) == [0] and router.complete(0, 3.0, attempt=0) == []
+    assert started(router.complete(1, 4.0)) == [(0, 0, 1)]
+    assert router.fail_server(0, 5.0).aborted[0].job_id == 0 and router.num_waiting == 1
+    assert router.restore_server(0, 6.0) != [] and router.restore_server(0, 6.0) == []
+    assert router.num_in_service == 1 and router.requests[0].attempt == 2
+    with pytest.raises(KeyError):
+        router.abort(1, 7.0)
+
+
+def test_drain_frees_the_caches_of_requests_still_acquiring():
+    # blocks 1 on server 0 (pool: 2 jobs), 2 on server 1 (pool: 1 job): job 1 holds 0, waits at 1
+    p = toy([10, 10], [1.0, 1.0], 2)
+    router = PetalsRouter(PathPlacement(p, Placement((Span(0, 1, 1), Span(1, 2, 1)), 2), (2.0, 1.0), "test"))
+    assert started(router.submit(Job(0, 0.0), 0.0)) == [(0, 0, 0)]
+    assert router.submit(Job(1, 1.0), 1.0) == [] and router.pool.free_gb == [0.0, 0.0]
+    assert [j.job_id for j in router.drain()] == [1]
+    assert router.pool.free_gb == [1.0, 0.0] and not router.queues[1] and router.num_waiting == 0
+    assert router.complete(0, 2.0) == [] and router.pool.free_gb == [2.0, 1.0]
+
+
 def test_petals_penalty_checks_the_whole_span():
     # server 0 hosts 1..3 but a path may use only block 3 of it; free cache for 1 block, not 3 → penalty
     p = toy([10, 10], [1.0, 1.0], 3)
     layout = PathPlacement(p, Placement((Span(0, 1, 3), Span(1, 1, 2)), 3), (4.0, 4.0), "test")
     router = PetalsRouter(layout)
-    router.ledger.allocate(0, 2.0)  # 2 GB left: one job on 1..2 blocks, not on all 3
+    router.pool.allocate(0, 2.0)  # 2 GB left: one job on 1..2 blocks, not on all 3
     hop_cost, _ = router.path_costs()
     assert hop_cost(layout.placement.spans[0], 1) == pytest.approx(router.enter_s[0] + 1.0 + ALLOC_PENALTY_S)
     assert hop_cost(layout.placement.spans[1], 2) == pytest.approx(router.enter_s[1] + 2.0)

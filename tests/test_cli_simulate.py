@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from chainserve.cli import app
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
-from chainserve.experiments.common import run_method
 from chainserve.methods import METHODS
 from chainserve.model.cluster_file import load_cluster
 from chainserve.sim.arrivals import GammaArrivals, read_azure_trace
+from chainserve.sim.runs import run_method
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TESTBED = str(EXAMPLES / "paper-testbed-llama2-7b.yaml")

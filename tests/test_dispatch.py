@@ -158,82 +158,133 @@ def scenarios(draw):
         )
         for _ in range(num)
     ]
-    events = draw(st.lists(st.tuples(st.integers(0, 19), st.integers(0, 999)), max_size=80))
+    events = draw(st.lists(st.tuples(st.integers(0, 23), st.integers(0, 999)), max_size=80))
     return chains, events
 
 
-def check_invariants(name, d, chains, in_service, waiting, failed, num_submitted, num_done):
-    per_chain = [0] * len(chains)
-    for k, _ in in_service.values():
-        per_chain[k] += 1
-    for k, ch in enumerate(chains):
-        assert per_chain[k] <= ch.capacity  # never exceeds a capacity
-        assert per_chain[k] == 0 or not failed & set(ch.servers)  # nobody served on a dead chain
-    assert d.num_in_service == len(in_service)
-    assert d.num_waiting == len(waiting)
-    assert num_submitted == num_done + d.num_waiting + d.num_in_service  # arrivals = departures + in system
-    live = [k for k, ch in enumerate(chains) if not failed & set(ch.servers)]
-    if name == "jffc" and d.num_waiting:  # work-conserving: no free live slot while jobs wait
-        assert all(per_chain[k] == chains[k].capacity for k in live)
-    if isinstance(d, PerChainDispatcher):  # per-chain FIFO, and a queue only behind a full chain
-        for k, q in enumerate(d.queues):
-            keys = [(j.arrived_at, j.job_id) for j in q]
-            assert keys == sorted(keys)
-            assert not q or (k in live and per_chain[k] == chains[k].capacity)
+class Model:
+    """What a driver knows about a dispatcher's jobs; checks every start it is given."""
+
+    def __init__(self, name, d, chains):
+        self.name, self.d, self.chains = name, d, chains
+        self.waiting: dict[int, Job] = {}
+        self.in_service: dict[int, tuple[int, Job, int]] = {}  # job id → (chain, job, attempt)
+        self.num_starts: dict[int, int] = {}  # starts of each job by this dispatcher (drain resets)
+        self.stale: list[tuple[int, int]] = []  # (job id, attempt) no longer in service
+        self.failed: set[int] = set()
+        self.done: list[int] = []
+        self.cancelled: set[int] = set()
+        self.num_arrived = 0
+
+    def apply(self, starts):
+        for s in starts:
+            job = s.job
+            assert job.job_id in self.waiting
+            if self.name in ("jffc", "threshold-jffc"):  # central queue FIFO: the oldest waiting job starts
+                assert (job.arrived_at, job.job_id) == min((j.arrived_at, j.job_id) for j in self.waiting.values())
+            assert s.attempt == self.num_starts.get(job.job_id, 0)  # 0, then +1 per restart
+            self.num_starts[job.job_id] = s.attempt + 1
+            del self.waiting[job.job_id]
+            self.in_service[job.job_id] = (s.route.chain, job, s.attempt)
+
+    def leave_service(self, job_id, to_queue):
+        _, job, attempt = self.in_service.pop(job_id)
+        self.stale.append((job_id, attempt))
+        if to_queue:
+            self.waiting[job_id] = job
+
+    def step(self, kind, pick, now):
+        d, in_service = self.d, self.in_service
+        if kind < 10 or (10 <= kind < 18 and not in_service):
+            job = Job(self.num_arrived, now)
+            self.num_arrived += 1
+            self.waiting[job.job_id] = job
+            self.apply(d.submit(job, now))
+        elif kind < 16:  # a completion, half of the time naming its attempt
+            job_id = sorted(in_service)[pick % len(in_service)]
+            attempt = in_service[job_id][2] if pick % 2 else None
+            self.leave_service(job_id, to_queue=False)
+            self.done.append(job_id)
+            self.apply(d.complete(job_id, now, attempt))
+        elif kind < 18:  # abort: the job is re-queued and may start again at once
+            job_id = sorted(in_service)[pick % len(in_service)]
+            self.leave_service(job_id, to_queue=True)
+            self.apply(d.abort(job_id, now))
+        elif kind == 18:
+            server = pick % 5
+            self.failed.add(server)
+            out = d.fail_server(server, now)
+            dead = {j for j, (k, _, _) in in_service.items() if self.failed & set(self.chains[k].servers)}
+            assert {j.job_id for j in out.aborted} == dead  # exactly the dead chains' jobs abort
+            for job in out.aborted:
+                self.leave_service(job.job_id, to_queue=True)
+            self.apply(out.starts)
+        elif kind == 19:
+            self.failed.discard(pick % 5)
+            self.apply(d.restore_server(pick % 5, now))
+        elif kind == 20:  # cancel any job: waiting, in service, finished, cancelled or unknown
+            job_id = pick % (self.num_arrived + 2)
+            if job_id in in_service:
+                self.leave_service(job_id, to_queue=False)
+                self.cancelled.add(job_id)
+            elif self.waiting.pop(job_id, None) is not None:
+                self.cancelled.add(job_id)
+            self.apply(d.cancel(job_id, now))
+        elif kind == 21:  # drain, and hand the jobs back as to a new dispatcher (attempts restart at 0)
+            jobs = d.drain()
+            assert sorted(j.job_id for j in jobs) == sorted(self.waiting) and d.num_waiting == 0
+            if self.name in ("jffc", "threshold-jffc") or isinstance(d, PerChainDispatcher):
+                assert jobs == sorted(jobs, key=lambda j: (j.arrived_at, j.job_id))  # queue order
+            for job in jobs:
+                self.num_starts.pop(job.job_id, None)
+                self.stale = [(j, a) for j, a in self.stale if j != job.job_id]
+            for job in jobs:
+                self.apply(d.submit(job, now))
+        elif self.stale:  # a late completion of an earlier attempt is ignored
+            job_id, attempt = self.stale[pick % len(self.stale)]
+            assert d.complete(job_id, now, attempt) == []
+        self.check()
+
+    def check(self):
+        d, chains = self.d, self.chains
+        per_chain = [0] * len(chains)
+        for k, _, _ in self.in_service.values():
+            per_chain[k] += 1
+        for k, ch in enumerate(chains):
+            assert per_chain[k] <= ch.capacity  # never exceeds a capacity
+            assert per_chain[k] == 0 or not self.failed & set(ch.servers)  # nobody served on a dead chain
+        assert d.num_in_service == len(self.in_service)
+        assert d.num_waiting == len(self.waiting)
+        # arrivals = departures + cancelled + in system
+        assert self.num_arrived == len(self.done) + len(self.cancelled) + d.num_waiting + d.num_in_service
+        live = [k for k, ch in enumerate(chains) if not self.failed & set(ch.servers)]
+        if d.name == "jffc" and d.num_waiting:  # work-conserving: no free live slot while jobs wait
+            assert all(per_chain[k] == chains[k].capacity for k in live)
+        if isinstance(d, JFFC) and d.num_waiting and live:  # the fastest live chain takes any queue
+            fastest = min(live, key=lambda k: (chains[k].service_time_s, k))
+            assert per_chain[fastest] == chains[fastest].capacity
+        if isinstance(d, PerChainDispatcher):  # per-chain FIFO, and a queue only behind a full chain
+            for k, q in enumerate(d.queues):
+                keys = [(j.arrived_at, j.job_id) for j in q]
+                assert keys == sorted(keys)
+                assert not q or (k in live and per_chain[k] == chains[k].capacity)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @settings(max_examples=40, deadline=None)
 @given(scenario=scenarios(), seed=st.integers(0, 2**16))
 def test_policy_invariants(name, scenario, seed):
+    """Events: arrivals, completions, aborts, failures, restores, cancels, drains, late completions."""
     chains, events = scenario
     nu = sum(ch.capacity * ch.rate_per_s for ch in chains)
-    d = POLICIES[name](chains, np.random.default_rng(seed), 0.8 * nu)
-    in_service: dict[int, tuple[int, Job]] = {}
-    waiting: dict[int, Job] = {}
-    failed: set[int] = set()
-    done: list[int] = []
-    now, next_id = 0.0, 0
-
-    def apply(starts):
-        for s in starts:
-            job = s.job
-            assert job.job_id in waiting
-            if name in ("jffc", "threshold-jffc"):  # central queue FIFO: the oldest waiting job starts
-                assert (job.arrived_at, job.job_id) == min((j.arrived_at, j.job_id) for j in waiting.values())
-            del waiting[job.job_id]
-            in_service[job.job_id] = (s.route.chain, job)
-
+    model = Model(name, POLICIES[name](chains, np.random.default_rng(seed), 0.8 * nu), chains)
+    now = 0.0
     for kind, pick in events:
         now += 0.1
-        if kind < 10 or (kind < 19 and not in_service):
-            job = Job(next_id, now)
-            next_id += 1
-            waiting[job.job_id] = job
-            apply(d.submit(job, now))
-        elif kind < 19:
-            job_id = sorted(in_service)[pick % len(in_service)]
-            del in_service[job_id]
-            done.append(job_id)
-            apply(d.complete(job_id, now))
-        else:
-            failed.add(pick % 5)
-            out = d.fail_server(pick % 5, now)
-            dead = {j for j, (k, _) in in_service.items() if failed & set(chains[k].servers)}
-            assert {j.job_id for j in out.aborted} == dead  # exactly the dead chains' jobs abort
-            for job in out.aborted:
-                del in_service[job.job_id]
-                waiting[job.job_id] = job
-            apply(out.starts)
-        check_invariants(name, d, chains, in_service, waiting, failed, next_id, len(done))
-
-    while in_service:  # drain: failure loses no job
-        job_id = min(in_service)
-        del in_service[job_id]
-        done.append(job_id)
-        apply(d.complete(job_id, now))
-        check_invariants(name, d, chains, in_service, waiting, failed, next_id, len(done))
-    if any(not failed & set(ch.servers) for ch in chains):
-        assert sorted(done) == list(range(next_id)) and d.num_waiting == 0
-    else:
-        assert len(done) + d.num_waiting == next_id and len(set(done)) == len(done)
+        model.step(kind, pick, now)
+    for server in sorted(model.failed):  # restore everything, then serve: nothing is lost
+        model.step(19, server, now)
+    while model.in_service:
+        model.step(10, 0, now)
+    assert sorted(model.done + sorted(model.cancelled)) == list(range(model.num_arrived))
+    assert model.d.num_waiting == 0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.plan.csearch import make_plan, max_reservation, plan_for_c, search_c
 from chainserve.plan.gca import gca
-from chainserve.plan.types import Chain, Hop, Placement, chain_time_s, jobs_that_fit
+from chainserve.plan.types import Chain, Hop, Placement, chain_time_s, jobs_that_fit, reserved_block_jobs
 
 #: τ values drawn from a small grid as well as continuously, so that ties between paths happen.
 TAU_GRID = (0.0, 0.25, 0.5, 1.0, 1.5)
@@ -100,6 +100,12 @@ def test_every_c_gives_a_valid_plan(problem):
         assert promised.total_rate_per_s >= placed.promised_rate_per_s * (1 - 1e-12)
         # ... and so does the allocated plan (GCA, or GBP-CR's chains + GCA fill when GCA falls short)
         assert plan.total_rate_per_s >= placed.promised_rate_per_s * (1 - 1e-12)
+        # its reservation in block-jobs is exactly Σ_k m_ij(k)·c_k (the GB sum's round-off is harmless)
+        exact = {span.server: 0 for span in plan.placement.spans}
+        for ch in plan.chains:
+            for hop in ch.hops:
+                exact[hop.server] += hop.num_blocks * ch.capacity
+        assert reserved_block_jobs(plan) == exact
 
 
 @settings(max_examples=150, deadline=None)

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from chainserve.plan.types import Bounds
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Lower and upper bounds on the mean response time (seconds), paper §2.5."""
+
+    lower_s: float
+    upper_s: float
 
 
 def slot_rates(rates: Sequence[float], capacities: Sequence[int]) -> np.ndarray:

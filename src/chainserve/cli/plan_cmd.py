@@ -16,7 +16,8 @@ from chainserve.cli.common import stderr_console, stdout_console, user_errors
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
-from chainserve.plan.export import jobs_per_server, petals_commands, plan_to_dict
+from chainserve.plan.export import jobs_per_server, petals_commands
+from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Plan
 
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
@@ -76,7 +77,7 @@ def plan(
 
             plot_plan(result, plot)
     if as_json:
-        data = plan_to_dict(result)
+        data = layout_to_dict(result)  # a plan file: chainserve serve --plan / block-server --plan
         if commands is not None:
             data["export"] = {"petals": commands}
         typer.echo(json.dumps(data, indent=2))
@@ -114,7 +115,7 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console) ->
 def _print_plan(result: Plan, out: Console) -> None:
     problem = result.problem
     names = [s.name for s in problem.servers]
-    cache, free, jobs = result.cache_used_gb(), result.free_memory_gb(), jobs_per_server(result)
+    cache, free, jobs = result.reservation_by_server(), result.free_memory_gb(), jobs_per_server(result)
     servers = Table(title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)",
                     title_justify="left")
     for header in ("server", "gpu", "memory GB", "blocks", "m_j", "cache GB", "free GB", "jobs"):

@@ -4,7 +4,7 @@ Arrivals are Poisson at the cluster's λ (or ``--rate``), a Gamma renewal proces
 (the inter-arrival CV) is not 1, or a replay of an Azure-format trace (``--trace``; ``bundled`` is the
 shipped Azure code trace, §4.2). A replayed trace sets λ to its own mean rate, (n − 1)/span over the
 replayed rows, so the method is planned, and its Theorem-4 bounds computed, for the load it will see.
-Seeds follow :mod:`chainserve.experiments.common`: ``--seed s`` is replication s of the experiments.
+Seeds follow :mod:`chainserve.sim.runs`: ``--seed s`` is replication s of the experiments.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from rich.table import Table
 from chainserve.cli.common import stderr_console, stdout_console, user_errors
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
-from chainserve.experiments.common import Replication, run_method
 from chainserve.methods import METHODS, check_method_name
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.types import Plan
 from chainserve.sim.arrivals import ArrivalProcess, GammaArrivals, PoissonArrivals, TraceArrivals, read_azure_trace
+from chainserve.sim.runs import Replication, run_method
 from chainserve.sim.service import SERVICE_MODELS, service_model
 
 BUNDLED_TRACE = "bundled"

@@ -5,10 +5,25 @@ A dispatcher owns the online state (queues, jobs in service, cache held) and ans
 is passed in), does no I/O and imports no torch, so the virtual-time simulator and the wall-clock
 orchestrator drive the very same object:
 
-* ``submit(job, now)``      → the starts this arrival causes;
-* ``complete(job_id, now)`` → the starts the freed capacity causes;
+* ``submit(job, now)`` → the starts this arrival causes;
+* ``complete(job_id, now, attempt=None)`` → the starts the freed capacity causes. With ``attempt``
+  given, a completion of a start that is no longer in service (aborted, cancelled, failed: a late
+  message) is ignored and returns ``[]``; without it, a job not in service raises ``KeyError``;
+* ``cancel(job_id, now)`` → the job leaves wherever it is (waiting, acquiring caches, in service:
+  its capacity is freed) and the starts the freed capacity causes; an unknown or finished job: ``[]``;
+* ``abort(job_id, now)`` → one start of an in-service job failed (a server refused it): its capacity
+  is freed, the job goes back to the head of the queue (each policy says where exactly) and the
+  starts that follow are returned, possibly the same job again; not in service: ``KeyError``;
 * ``fail_server(server, now)`` → the jobs whose service was aborted (the dispatcher has already put
-  them back at the head of its queue, in arrival order: nothing is lost) and any starts.
+  them back at the head of its queue, in arrival order: nothing is lost) and any starts;
+* ``restore_server(server, now)`` → a failed server is back: every route whose servers are all alive
+  again is usable; the starts that follow. Restoring a live server does nothing and returns ``[]``;
+* ``drain()`` → removes and returns every *waiting* job (queue order), to hand them to another
+  dispatcher; jobs in service stay.
+
+Each :class:`Start` carries ``attempt``: 0 for a job's first start, +1 for each later start of the
+same job (after ``abort`` or a failure), so that a driver can tell a late completion from a current
+one. Attempts count the starts this dispatcher made: ``drain`` and ``cancel`` forget the job.
 """
 
 from __future__ import annotations
@@ -48,10 +63,11 @@ class Route:
 
 @dataclass(slots=True)
 class Start:
-    """Decision: ``job`` starts service now on ``route``."""
+    """Decision: ``job`` starts service now on ``route``, for the ``attempt``-th time (0: first)."""
 
     job: Job
     route: Route
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +85,17 @@ class Dispatcher(Protocol):
 
     def submit(self, job: Job, now: float) -> list[Start]: ...
 
-    def complete(self, job_id: int, now: float) -> list[Start]: ...
+    def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]: ...
+
+    def cancel(self, job_id: int, now: float) -> list[Start]: ...
+
+    def abort(self, job_id: int, now: float) -> list[Start]: ...
 
     def fail_server(self, server: int, now: float) -> FailureOutcome: ...
+
+    def restore_server(self, server: int, now: float) -> list[Start]: ...
+
+    def drain(self) -> list[Job]: ...
 
     @property
     def num_waiting(self) -> int: ...
@@ -81,9 +105,11 @@ class Dispatcher(Protocol):
 
 
 class ChainState:
-    """Occupancy of a plan's chains: Z_k jobs in service against capacity c_k, and liveness.
+    """Occupancy of a plan's chains: Z_k jobs in service against capacity c_k, liveness, and the
+    attempt number of each job's next start.
 
-    Chains are kept in the order given (a plan lists them fastest first).
+    Chains are kept in the order given (a plan lists them fastest first). A chain is alive while
+    none of its servers has failed.
     """
 
     def __init__(self, chains: Sequence[Chain]):
@@ -94,7 +120,9 @@ class ChainState:
         self.capacity = [ch.capacity for ch in self.chains]
         self.busy = [0] * len(self.chains)
         self.alive = [True] * len(self.chains)
-        self.held: dict[int, tuple[int, Job]] = {}  # job id → (chain, job) for jobs in service
+        self.failed: set[int] = set()
+        self.held: dict[int, tuple[int, Job, int]] = {}  # job id → (chain, job, attempt) in service
+        self.next_attempt: dict[int, int] = {}  # job id → attempt of its next start, once aborted
 
     def can_start(self, k: int) -> bool:
         return self.alive[k] and self.busy[k] < self.capacity[k]
@@ -103,8 +131,14 @@ class ChainState:
         if not self.alive[k] or self.busy[k] >= self.capacity[k]:
             raise RuntimeError(f"chain {k} has no free slot")
         self.busy[k] += 1
-        self.held[job.job_id] = (k, job)
-        return Start(job, self.routes[k])
+        attempt = self.next_attempt.pop(job.job_id, 0) if self.next_attempt else 0
+        self.held[job.job_id] = (k, job, attempt)
+        return Start(job, self.routes[k], attempt)
+
+    def is_serving(self, job_id: int, attempt: int) -> bool:
+        """Whether ``job_id`` is in service under ``attempt``."""
+        held = self.held.get(job_id)
+        return held is not None and held[2] == attempt
 
     def finish(self, job_id: int) -> int:
         """Free the job's slot; returns its chain."""
@@ -114,15 +148,42 @@ class ChainState:
         self.busy[held[0]] -= 1
         return held[0]
 
+    def abort(self, job_id: int) -> tuple[int, Job]:
+        """Free the slot of an in-service job that will be started again; returns (chain, job)."""
+        held = self.held.get(job_id)
+        if held is None:
+            raise KeyError(f"job {job_id} is not in service")
+        k, job, attempt = held
+        self.finish(job_id)
+        self.next_attempt[job_id] = attempt + 1
+        return k, job
+
+    def forget(self, job_id: int) -> None:
+        """Drop the attempt count of a job that leaves this dispatcher (cancelled or drained)."""
+        self.next_attempt.pop(job_id, None)
+
     def fail_server(self, server: int) -> list[Job]:
         """Mark every chain through ``server`` dead; return its jobs (oldest first), slots freed."""
+        self.failed.add(server)
         for k, ch in enumerate(self.chains):
             if self.alive[k] and server in ch.servers:
                 self.alive[k] = False
-        aborted = [job for k, job in self.held.values() if not self.alive[k]]
+        aborted = [job for k, job, _ in self.held.values() if not self.alive[k]]
         for job in aborted:
-            self.finish(job.job_id)
+            self.abort(job.job_id)
         return sorted(aborted, key=lambda j: (j.arrived_at, j.job_id))
+
+    def restore_server(self, server: int) -> list[int]:
+        """``server`` is back: revive every dead chain none of whose servers is still failed; returns
+        the revived chains (a live server: none)."""
+        if server not in self.failed:
+            return []
+        self.failed.discard(server)
+        revived = [k for k, ch in enumerate(self.chains)
+                   if not self.alive[k] and not self.failed.intersection(ch.servers)]
+        for k in revived:
+            self.alive[k] = True
+        return revived
 
     @property
     def num_in_service(self) -> int:

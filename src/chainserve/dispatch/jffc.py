@@ -1,7 +1,13 @@
 """JFFC: Join-the-Fastest-Free-Chain with one central FIFO queue (paper §2.4), and its threshold
 variant (beyond the paper; Lin & Kumar 1984): chain k takes a waiting job only while more than
-``thresholds[k]`` jobs wait. All-zero thresholds are plain JFFC. After a failure the fastest live
-chain's threshold drops to 0, so no queue is left waiting beside free slots.
+``thresholds[k]`` jobs wait. All-zero thresholds are plain JFFC. The thresholds in force are always
+the configured ones with every rank up to the fastest live chain set to 0: after a failure the fastest
+live chain takes jobs at any queue length, so no queue is left waiting beside free slots, and once
+the failed servers are restored the configured thresholds return.
+
+Beyond §2.4, for a serving runtime: ``cancel`` removes a job from the queue or frees its slot;
+``abort`` frees its slot and puts it back at the front of the central queue; ``restore_server``
+gives the revived chains' slots back; ``drain`` empties the queue.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class JFFC:
         by_rank = tuple(thresholds[k] for k in self.order) if thresholds is not None else (0,) * len(chains)
         if any(a > b for a, b in zip(by_rank, by_rank[1:], strict=False)):
             raise ValueError("thresholds: must not decrease from faster to slower chains")
-        self.threshold_by_rank = by_rank
+        self.configured_by_rank = self.threshold_by_rank = by_rank
         if any(by_rank):
             self.name = "threshold-jffc"
         self.free_slots = [r for r, k in enumerate(self.order) for _ in range(chains[k].capacity)]
@@ -57,31 +63,71 @@ class JFFC:
         if not queue:  # most completions: nothing waits
             return []
         starts: list[Start] = []
-        free, alive = self.free_slots, self.state.alive
+        free = self.free_slots  # live chains' free slots only: fail_server removes the dead ones'
         while queue and free and len(queue) > self.threshold_by_rank[free[0]]:
-            k = self.order[heapq.heappop(free)]
-            if alive[k]:
-                starts.append(self.state.start(queue.popleft(), k))
+            starts.append(self.state.start(queue.popleft(), self.order[heapq.heappop(free)]))
         return starts
 
     def submit(self, job: Job, now: float) -> list[Start]:
         self.queue.append(job)
         return self._fill()
 
-    def complete(self, job_id: int, now: float) -> list[Start]:
+    def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]:
+        if attempt is not None and not self.state.is_serving(job_id, attempt):
+            return []  # a late completion of an aborted or cancelled start
         heapq.heappush(self.free_slots, self.rank[self.state.finish(job_id)])
+        return self._fill()
+
+    def cancel(self, job_id: int, now: float) -> list[Start]:
+        self.state.forget(job_id)
+        if job_id in self.state.held:
+            return self.complete(job_id, now)
+        for i, job in enumerate(self.queue):
+            if job.job_id == job_id:
+                del self.queue[i]
+                break
+        return []
+
+    def abort(self, job_id: int, now: float) -> list[Start]:
+        k, job = self.state.abort(job_id)
+        heapq.heappush(self.free_slots, self.rank[k])
+        self.queue.appendleft(job)
         return self._fill()
 
     def fail_server(self, server: int, now: float) -> FailureOutcome:
         aborted = self.state.fail_server(server)
-        # The fastest live chain must take jobs at any queue length, or a queue no longer than the
-        # survivors' thresholds would wait forever; dead ranks faster than it get 0 too, so that the
-        # fastest free slot (live or dead) still has the lowest threshold.
-        first_live = next((r for r, k in enumerate(self.order) if self.state.alive[k]), None)
-        if first_live is not None:
-            self.threshold_by_rank = (0,) * (first_live + 1) + self.threshold_by_rank[first_live + 1 :]
+        alive = self.state.alive
+        self.free_slots = [r for r in self.free_slots if alive[self.order[r]]]  # dead chains' free slots
+        heapq.heapify(self.free_slots)
+        self._set_thresholds()
         self.queue.extendleft(reversed(aborted))
         return FailureOutcome(tuple(aborted), tuple(self._fill()))
+
+    def restore_server(self, server: int, now: float) -> list[Start]:
+        revived = self.state.restore_server(server)
+        if not revived:
+            return []
+        for k in revived:  # a dead chain holds no job and, since fail_server, no free slot
+            for _ in range(self.state.capacity[k] - self.state.busy[k]):
+                heapq.heappush(self.free_slots, self.rank[k])
+        self._set_thresholds()
+        return self._fill()
+
+    def drain(self) -> list[Job]:
+        jobs = list(self.queue)
+        self.queue.clear()
+        for job in jobs:
+            self.state.forget(job.job_id)
+        return jobs
+
+    def _set_thresholds(self) -> None:
+        """The configured thresholds, with 0 up to the fastest live chain's rank: it must take jobs at
+        any queue length, or a queue no longer than the survivors' thresholds would wait forever (0 for
+        the dead ranks before it keeps thresholds non-decreasing)."""
+        first_live = next((r for r, k in enumerate(self.order) if self.state.alive[k]), None)
+        configured = self.configured_by_rank
+        if first_live is not None:
+            self.threshold_by_rank = (0,) * (first_live + 1) + configured[first_live + 1 :]
 
     @property
     def num_waiting(self) -> int:

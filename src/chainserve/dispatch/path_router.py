@@ -2,7 +2,7 @@
 
 These dispatchers have no chains and no central queue. When a request arrives it gets a path of hops
 over the placed servers (chosen by a subclass's hop costs, :func:`shortest_path`); it must then hold
-``s_c × (blocks it runs there)`` of every hop's cache pool (:class:`CacheLedger`) for its whole life.
+``s_c × (blocks it runs there)`` of every hop's cache pool (:class:`CachePool`) for its whole life.
 
 **Hop-by-hop acquisition** (as PETALS' inference session: its first step reaches server 1, which
 allocates its cache, then server 2, …, each server waiting for free cache before it answers): the
@@ -25,7 +25,13 @@ than its pool, so every request eventually starts.
 **Failures.** ``fail_server`` aborts every request whose path uses the failed server (in service or
 still acquiring), frees its caches, and routes it again over the live servers in arrival order; the
 aborted in-service ones are reported so a driver can cancel their completions. A request with no live
-path waits (counted in ``num_waiting``) — servers never come back, so it is never served.
+path waits (counted in ``num_waiting``) until ``restore_server`` brings a server back; then every such
+request is routed again, in arrival order.
+
+**Runtime verbs.** ``abort`` frees an in-service request's caches and routes it again, as a failure
+does (the requests waiting for the freed caches take them first); ``cancel`` frees whatever the
+request holds, leaves its wait queue, and lets the waiters behind take what is free; ``drain``
+removes every request not yet in service, freeing the caches it acquired so far.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chainserve.dispatch.base import FailureOutcome, Job, Route, Start
-from chainserve.dispatch.cache_ledger import CacheLedger
+from chainserve.dispatch.cache_pool import CachePool
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.types import Hop, Span, chain_time_s
 
@@ -82,6 +88,14 @@ def shortest_path(spans: Sequence[Span], hop_cost: HopCost, exit_cost: Callable[
     return tuple(reversed(hops))
 
 
+def _arrival_key(request: PathRequest) -> tuple[float, int]:
+    return _job_key(request.job)
+
+
+def _job_key(job: Job) -> tuple[float, int]:
+    return job.arrived_at, job.job_id
+
+
 @dataclass(slots=True)
 class PathRequest:
     """A routed request: its hops, mean service time T, how many hops' caches it holds, where it
@@ -93,6 +107,7 @@ class PathRequest:
     num_held: int = 0
     waiting_at: int | None = None
     in_service: bool = False
+    attempt: int = 0
 
 
 class PathRouter:
@@ -105,12 +120,13 @@ class PathRouter:
         self.problem = layout.problem
         self.spans = layout.placement.spans
         self.cache_gb_per_block = layout.problem.model.cache_size_gb
-        self.ledger = CacheLedger(layout.cache_gb)
+        self.pool = CachePool(layout.cache_gb)
         self.alive = [True] * layout.problem.num_servers
         self.requests: dict[int, PathRequest] = {}
         self.queues: dict[int, deque[int]] = {s.server: deque() for s in self.spans}
         self.holders: dict[int, dict[int, float]] = {s.server: {} for s in self.spans}
         self.unroutable: deque[Job] = deque()
+        self.next_attempt: dict[int, int] = {}  # job id → attempt of its next start, once aborted
         self._num_in_service = 0
         if self._choose_hops() is None:
             raise ValueError(f"{layout.method}: no path over the placement fits one request's cache")
@@ -127,7 +143,7 @@ class PathRouter:
         hop_cost, exit_cost = self.path_costs()
 
         def usable(span: Span, m: int) -> float:
-            fits = self.need_gb(m) <= self.ledger.capacity_gb[span.server]
+            fits = self.need_gb(m) <= self.pool.capacity_gb[span.server]
             return hop_cost(span, m) if self.alive[span.server] and fits else math.inf
 
         return shortest_path(self.spans, usable, exit_cost, self.problem.model.num_blocks)
@@ -137,7 +153,8 @@ class PathRouter:
         if hops is None:
             self.unroutable.append(job)
             return []
-        request = PathRequest(job, hops, chain_time_s(self.problem, hops))
+        request = PathRequest(job, hops, chain_time_s(self.problem, hops),
+                              attempt=self.next_attempt.get(job.job_id, 0))
         self.requests[job.job_id] = request
         return self._advance(request)
 
@@ -148,10 +165,10 @@ class PathRouter:
             hop = request.hops[request.num_held]
             need, queue = self.need_gb(hop.num_blocks), self.queues[hop.server]
             at_head = bool(queue) and queue[0] == job_id
-            if (at_head or not queue) and self.ledger.can_allocate(hop.server, need):
+            if (at_head or not queue) and self.pool.can_allocate(hop.server, need):
                 if at_head:
                     queue.popleft()
-                self.ledger.allocate(hop.server, need)
+                self.pool.allocate(hop.server, need)
                 self.holders[hop.server][job_id] = need
                 request.num_held += 1
                 request.waiting_at = None
@@ -162,22 +179,24 @@ class PathRouter:
             return []
         request.in_service = True
         self._num_in_service += 1
-        return [Start(request.job, Route(request.hops, request.service_time_s, None))]
+        self.next_attempt.pop(job_id, None)
+        return [Start(request.job, Route(request.hops, request.service_time_s, None), request.attempt)]
 
     def _serve_queue(self, server: int) -> list[Start]:
         starts: list[Start] = []
         queue = self.queues[server]
         while queue:
             head = self.requests[queue[0]]
-            if not self.ledger.can_allocate(server, self.need_gb(head.hops[head.num_held].num_blocks)):
+            if not self.pool.can_allocate(server, self.need_gb(head.hops[head.num_held].num_blocks)):
                 break
             starts += self._advance(head)
         return starts
 
     def _release(self, request: PathRequest) -> None:
+        """Free the request's caches, take it out of its wait queue and forget it."""
         job_id = request.job.job_id
         for hop in request.hops[:request.num_held]:
-            self.ledger.free(hop.server, self.holders[hop.server].pop(job_id))
+            self.pool.free(hop.server, self.holders[hop.server].pop(job_id))
         if request.waiting_at is not None:
             self.queues[request.waiting_at].remove(job_id)
         del self.requests[job_id]
@@ -187,32 +206,84 @@ class PathRouter:
     def submit(self, job: Job, now: float) -> list[Start]:
         return self._admit(job)
 
-    def complete(self, job_id: int, now: float) -> list[Start]:
+    def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]:
         request = self.requests.get(job_id)
-        if request is None or not request.in_service:
-            raise KeyError(f"job {job_id} is not in service")
+        if request is None or not request.in_service or attempt not in (None, request.attempt):
+            if attempt is None:
+                raise KeyError(f"job {job_id} is not in service")
+            return []  # a late completion of an aborted or cancelled start
         self._release(request)
         starts: list[Start] = []
         for hop in request.hops:
             starts += self._serve_queue(hop.server)
         return starts
 
+    def cancel(self, job_id: int, now: float) -> list[Start]:
+        self.next_attempt.pop(job_id, None)
+        request = self.requests.get(job_id)
+        if request is None:
+            if any(job.job_id == job_id for job in self.unroutable):
+                self.unroutable = deque(job for job in self.unroutable if job.job_id != job_id)
+            return []
+        touched = [h.server for h in request.hops[:request.num_held]]
+        if request.waiting_at is not None:
+            touched.append(request.waiting_at)
+        self._release(request)
+        starts: list[Start] = []
+        for server in touched:
+            starts += self._serve_queue(server)
+        return starts
+
+    def abort(self, job_id: int, now: float) -> list[Start]:
+        request = self.requests.get(job_id)
+        if request is None or not request.in_service:
+            raise KeyError(f"job {job_id} is not in service")
+        return self._reroute([request], set())
+
     def fail_server(self, server: int, now: float) -> FailureOutcome:
         if not self.alive[server]:
             return FailureOutcome()
         self.alive[server] = False
         hit = [r for r in self.requests.values() if any(h.server == server for h in r.hops)]
+        aborted = tuple(r.job for r in sorted(hit, key=_arrival_key) if r.in_service)
+        return FailureOutcome(aborted, tuple(self._reroute(hit, {server})))
+
+    def _reroute(self, requests: list[PathRequest], dead: set[int]) -> list[Start]:
+        """Release ``requests``, let the waiters at the freed live servers take the caches, then
+        route the requests again in arrival order (an in-service one's next start is a new attempt)."""
         freed: set[int] = set()
-        for request in hit:
+        for request in requests:
             freed.update(h.server for h in request.hops[:request.num_held])
             self._release(request)
-        by_arrival = sorted(hit, key=lambda r: (r.job.arrived_at, r.job.job_id))
+            if request.in_service:
+                self.next_attempt[request.job.job_id] = request.attempt + 1
         starts: list[Start] = []
-        for j in sorted(freed - {server}):
+        for j in sorted(freed - dead):
             starts += self._serve_queue(j)
-        for request in by_arrival:
+        for request in sorted(requests, key=_arrival_key):
             starts += self._admit(request.job)
-        return FailureOutcome(tuple(r.job for r in by_arrival if r.in_service), tuple(starts))
+        return starts
+
+    def restore_server(self, server: int, now: float) -> list[Start]:
+        if self.alive[server]:
+            return []
+        self.alive[server] = True
+        stranded = sorted(self.unroutable, key=_job_key)
+        self.unroutable.clear()
+        starts: list[Start] = []
+        for job in stranded:
+            starts += self._admit(job)
+        return starts
+
+    def drain(self) -> list[Job]:
+        waiting = [r for r in self.requests.values() if not r.in_service]
+        for request in waiting:
+            self._release(request)
+        jobs = sorted([*(r.job for r in waiting), *self.unroutable], key=_job_key)
+        self.unroutable.clear()
+        for job in jobs:
+            self.next_attempt.pop(job.job_id, None)
+        return jobs
 
     @property
     def num_waiting(self) -> int:

@@ -9,6 +9,12 @@ plus queued). Only live chains are candidates ("ties to the fastest" = least T_k
 On a server failure every chain through it dies; its in-service jobs (reported as aborted) and its
 queued jobs are re-assigned, oldest first, by the same rule to the live chains, each entering its new
 queue in arrival order. With no live chain left, jobs wait unassigned (still counted as waiting).
+
+Beyond the paper, for a serving runtime: ``abort`` frees the job's slot and re-assigns the job by the
+same rule as a failure does (entering its queue in arrival order; the freed slot goes to the head of
+its chain's queue); ``cancel`` removes a job from its queue or frees its slot (the head of that
+chain's queue takes it); ``restore_server`` revives the chains whose servers are all alive and
+assigns the unassigned jobs; queued jobs stay where they are. ``drain`` empties every queue.
 """
 
 from __future__ import annotations
@@ -53,21 +59,46 @@ class PerChainDispatcher:
             self.unassigned.append(job)
             return []
         k = self.choose(live)
-        if self.state.can_start(k):
-            return [self.state.start(job, k)]
         queue = self.queues[k]
+        if not queue and self.state.can_start(k):
+            return [self.state.start(job, k)]
         if queue and _arrival_key(job) < _arrival_key(queue[-1]):  # a re-assigned older job
             self.queues[k] = deque(sorted([*queue, job], key=_arrival_key))
         else:
             queue.append(job)
         return []
 
+    def _serve(self, k: int) -> list[Start]:
+        """Start the head of chain k's queue in its free slots."""
+        queue, starts = self.queues[k], []
+        while queue and self.state.can_start(k):
+            starts.append(self.state.start(queue.popleft(), k))
+        return starts
+
     def submit(self, job: Job, now: float) -> list[Start]:
         return self._assign(job)
 
-    def complete(self, job_id: int, now: float) -> list[Start]:
+    def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]:
+        if attempt is not None and not self.state.is_serving(job_id, attempt):
+            return []  # a late completion of an aborted or cancelled start
         k = self.state.finish(job_id)
         return [self.state.start(self.queues[k].popleft(), k)] if self.queues[k] else []
+
+    def cancel(self, job_id: int, now: float) -> list[Start]:
+        self.state.forget(job_id)
+        if job_id in self.state.held:
+            return self.complete(job_id, now)
+        for queue in (*self.queues, self.unassigned):
+            for i, job in enumerate(queue):
+                if job.job_id == job_id:
+                    del queue[i]
+                    return []
+        return []
+
+    def abort(self, job_id: int, now: float) -> list[Start]:
+        k, job = self.state.abort(job_id)
+        starts = self._assign(job)  # sees chain k's freed slot; if it picks k, by arrival order
+        return starts + self._serve(k)
 
     def fail_server(self, server: int, now: float) -> FailureOutcome:
         aborted = self.state.fail_server(server)
@@ -78,6 +109,21 @@ class PerChainDispatcher:
                 self.queues[k].clear()
         starts = [s for job in sorted(stranded, key=_arrival_key) for s in self._assign(job)]
         return FailureOutcome(tuple(aborted), tuple(starts))
+
+    def restore_server(self, server: int, now: float) -> list[Start]:
+        if not self.state.restore_server(server) or not self.unassigned:
+            return []
+        stranded = sorted(self.unassigned, key=_arrival_key)
+        self.unassigned.clear()
+        return [s for job in stranded for s in self._assign(job)]
+
+    def drain(self) -> list[Job]:
+        jobs = sorted((job for queue in (*self.queues, self.unassigned) for job in queue), key=_arrival_key)
+        for queue in (*self.queues, self.unassigned):
+            queue.clear()
+        for job in jobs:
+            self.state.forget(job.job_id)
+        return jobs
 
     @property
     def num_waiting(self) -> int:

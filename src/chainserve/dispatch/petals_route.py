@@ -17,7 +17,7 @@ the latency of one generation step —
 Our model: one job makes n = ``output_tokens`` round trips (one per generated token), so one step costs
 a job ``τ^p_j / n`` per block; the RTT is ``Server.rtt_s`` when known, else recovered from
 ``τ^c_j = (RTT + 18 ms)·n``. We have no server-to-server RTTs, so a hop into server j costs half of j's
-RTT to the client. The free cache is read from the ledger now (PETALS reads announcements that may be a
+RTT to the client. The free cache is read from the pool now (PETALS reads announcements that may be a
 minute old). The chosen path then acquires its caches hop by hop (:mod:`.path_router`); its service
 time is the paper's ``T = Σ(τ^c_j + τ^p_j·m_ij)``, the same model as every other method's.
 """
@@ -64,7 +64,7 @@ class PetalsRouter(PathRouter):
     def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
         def hop_cost(span: Span, num_blocks: int) -> float:
             j = span.server
-            has_cache = self.ledger.can_allocate(j, self.need_gb(span.num_blocks))
+            has_cache = self.pool.can_allocate(j, self.need_gb(span.num_blocks))
             penalty = 0.0 if has_cache else ALLOC_PENALTY_S
             return self.enter_s[j] + self.block_s[j] * num_blocks + penalty
 

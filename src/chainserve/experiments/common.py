@@ -1,54 +1,19 @@
-"""Shared plumbing of the experiments: seeded replications of one method, and report writing.
+"""Shared plumbing of the experiments: confidence intervals, progress bars and report writing.
 
-Seeds: replication ``s`` builds its cluster from ``default_rng(s)``, the method's randomised
-placement (PETALS' join order) from ``SeedSequence([s, 1])``, its dispatcher's coins from
-``SeedSequence([s, 2])`` and the simulation (arrivals, service) from seed ``s`` — so every method
-sees the same cluster and the same arrival and service draws in replication ``s``.
+Replications run through :func:`chainserve.sim.runs.run_method` (its module doc gives the seeds);
+replication ``s`` builds its cluster from ``default_rng(s)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from chainserve.analysis.records import Interval, Summary, replications_ci
-from chainserve.methods import MethodSetup, build_method
-from chainserve.model.spec import Problem
-from chainserve.plan.types import Plan
-from chainserve.sim.arrivals import ArrivalProcess
-from chainserve.sim.engine import simulate
-
-
-@dataclass(frozen=True, slots=True)
-class Replication:
-    """One simulated run: its seed, summary and (chain methods) the plan's bounds."""
-
-    seed: int
-    summary: Summary
-    setup: MethodSetup
-
-    @property
-    def bounds(self) -> tuple[float, float] | None:
-        plan = self.setup.plan_or_placement
-        return (plan.bounds.lower_s, plan.bounds.upper_s) if isinstance(plan, Plan) else None
-
-
-def run_method(problem: Problem, method: str, seed: int, num_jobs: int, arrivals: ArrivalProcess | None = None,
-               service: str = "exponential", warmup: int = 0) -> Replication:
-    """Build ``method`` for ``problem`` and simulate ``num_jobs`` jobs with the seeds of the module doc."""
-    setup = build_method(method, problem, np.random.default_rng(np.random.SeedSequence([seed, 1])))
-    dispatcher = setup.make_dispatcher(np.random.default_rng(np.random.SeedSequence([seed, 2])))
-    result = simulate(setup.plan_or_placement, dispatcher, arrivals, service, seed=seed, num_jobs=num_jobs,
-                      warmup=warmup)
-    if result.summary is None:
-        raise RuntimeError(f"{method}: no job finished in replication {seed}")
-    return Replication(seed, result.summary, setup)
+from chainserve.analysis.records import Interval, replications_ci
 
 
 def mean_ci(values: Sequence[float]) -> Interval:
@@ -96,5 +61,3 @@ def write_report(out_dir: Path, name: str, title: str, sections: Sequence[str]) 
     path.write_text(f"# {title}\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
     return path
 
-
-ProblemFactory = Callable[[int], Problem]

@@ -18,11 +18,11 @@ from chainserve.experiments.common import (
     mean_ci,
     progress_bar,
     reduction_pct,
-    run_method,
     save_figure,
     write_report,
 )
 from chainserve.model.presets import paper_sim_cluster
+from chainserve.sim.runs import run_method
 
 METHODS = ("proposed", "petals", "bprr")
 PAPER_REDUCTION = "8–83 %"

@@ -18,12 +18,12 @@ from chainserve.experiments.common import (
     mean_ci,
     progress_bar,
     reduction_pct,
-    run_method,
     save_figure,
     write_report,
 )
 from chainserve.model.presets import paper_testbed
 from chainserve.sim.arrivals import TraceArrivals
+from chainserve.sim.runs import run_method
 
 METHODS = ("petals", "bprr", "jffc-only", "proposed")
 PAPER = {"petals": (31.4, 68.5, 89.3, 24.2, 7.2), "bprr": (19.8, 44.2, 61.7, 12.6, 7.2),

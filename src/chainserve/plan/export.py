@@ -10,7 +10,7 @@ from fractions import Fraction
 from typing import Any
 
 from chainserve.model.spec import ModelSpec, SpecError
-from chainserve.plan.types import Plan
+from chainserve.plan.types import Plan, reserved_block_jobs
 
 #: Hugging Face repositories PETALS loads for the catalogue models.
 HF_REPOS = {
@@ -47,7 +47,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     time (s); infinite values become ``null``.
     """
     problem = plan.problem
-    cache, free = plan.cache_used_gb(), plan.free_memory_gb()
+    cache, free = plan.reservation_by_server(), plan.free_memory_gb()
     jobs = jobs_per_server(plan)
     servers = [{
         "name": problem.servers[span.server].name,
@@ -108,10 +108,7 @@ def cache_tokens_per_block(plan: Plan, max_tokens: int) -> dict[int, int]:
     """PETALS ``attn_cache_tokens`` per placed server: its reserved cache spread over its m_j blocks,
     in tokens, ⌈Σ_k c_k·m_ij(k) / m_j × max_tokens⌉ (PETALS sizes one pool of that many tokens on
     each of its blocks, shared by all sessions)."""
-    block_jobs = {span.server: 0 for span in plan.placement.spans}
-    for ch in plan.chains:
-        for hop in ch.hops:
-            block_jobs[hop.server] += ch.capacity * hop.num_blocks
+    block_jobs = reserved_block_jobs(plan)
     return {span.server: math.ceil(Fraction(block_jobs[span.server], span.num_blocks) * max_tokens)
             for span in plan.placement.spans}
 

@@ -1,14 +1,18 @@
 """Frozen plan data: block placement, server chains, the whole plan, and its self-check (paper §1).
 
 Blocks are numbered 1..L (1-based, as in the paper). Server references are indices into
-``Problem.servers``.
+``Problem.servers``. :class:`Layout` is what every planner's output answers: this module's
+:class:`Plan` (chains with reserved cache) and the path routers' ``PathPlacement`` (a cache pool per
+server, :mod:`chainserve.plan.baselines.types`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from chainserve.analysis.bounds import Bounds
 from chainserve.model.spec import Problem
 
 #: Tolerance on memory sums (GB) so float round-off never flips a feasible fit.
@@ -95,12 +99,30 @@ def chain_time_s(problem: Problem, hops: tuple[Hop, ...]) -> float:
     return sum(hop_time_s(problem, h.server, h.num_blocks) for h in hops)
 
 
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Lower and upper bounds on the mean response time (seconds), paper §2.5."""
+class Layout(Protocol):
+    """A placement and the cache it sets aside: a :class:`Plan` or a ``PathPlacement``."""
 
-    lower_s: float
-    upper_s: float
+    @property
+    def problem(self) -> Problem: ...
+
+    @property
+    def placement(self) -> Placement: ...
+
+    @property
+    def chains(self) -> tuple[Chain, ...]: ...
+
+    def reservation_by_server(self) -> dict[int, float]:
+        """Cache reserved on each placed server, GB: s_c·Σ_k m_ij(k)·c_k for a plan, the cache pool
+        for a path placement."""
+        ...
+
+
+def reserved_block_jobs(layout: Layout) -> dict[int, int]:
+    """The reservation of each placed server in block-jobs (units of s_c): Σ_k m_ij(k)·c_k for a
+    plan (exact: the GB sum's round-off is far below :data:`FIT_EPS`), ⌊pool/s_c⌋ for a path
+    placement."""
+    s_c = layout.problem.model.cache_size_gb
+    return {j: jobs_that_fit(gb, s_c) for j, gb in layout.reservation_by_server().items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +157,8 @@ class Plan:
     def is_stable(self) -> bool:
         return self.load < 1
 
-    def cache_used_gb(self) -> dict[int, float]:
-        """Cache reserved on each placed server: Σ_k s_c · m_ij(k) · c_k."""
+    def reservation_by_server(self) -> dict[int, float]:
+        """Cache reserved on each placed server, GB: Σ_k s_c · m_ij(k) · c_k (:class:`Layout`)."""
         s_c = self.problem.model.cache_size_gb
         used = {span.server: 0.0 for span in self.placement.spans}
         for ch in self.chains:
@@ -147,7 +169,7 @@ class Plan:
     def free_memory_gb(self) -> dict[int, float]:
         """M_j − s_m·m_j − reserved cache, per placed server."""
         s_m = self.problem.model.block_size_gb
-        used = self.cache_used_gb()
+        used = self.reservation_by_server()
         return {
             span.server: self.problem.servers[span.server].memory_gb - s_m * span.num_blocks - used[span.server]
             for span in self.placement.spans

@@ -64,39 +64,11 @@ class ArrivalProcess(Protocol):
     def sample(self, workload: Workload, num_jobs: int | None, rng: np.random.Generator) -> Arrivals: ...
 
 
-@dataclass(frozen=True, slots=True)
-class EmpiricalLengths:
-    """Token lengths drawn with replacement from observed (prompt, output) pairs, e.g. a trace's."""
-
-    prompt_tokens: tuple[int, ...]
-    output_tokens: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not self.prompt_tokens or len(self.prompt_tokens) != len(self.output_tokens):
-            raise ValueError("lengths: need equally many, and some, prompt and output lengths")
-
-    @classmethod
-    def from_trace(cls, path: str | Path | None = None) -> EmpiricalLengths:
-        trace = read_azure_trace(path)
-        return cls(tuple(trace.prompt_tokens.tolist()), tuple(trace.output_tokens.tolist()))
-
-    def sample(self, num_jobs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        picks = rng.integers(len(self.prompt_tokens), size=num_jobs)
-        return np.asarray(self.prompt_tokens)[picks], np.asarray(self.output_tokens)[picks]
-
-
-def _lengths(lengths: EmpiricalLengths | None, workload: Workload, num_jobs: int,
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    if lengths is None:  # the workload's mean lengths, for every job
-        return (np.full(num_jobs, workload.prompt_tokens, dtype=np.int64),
-                np.full(num_jobs, workload.output_tokens, dtype=np.int64))
-    return lengths.sample(num_jobs, rng)
-
-
-def _renewal(gaps_s: np.ndarray, lengths: EmpiricalLengths | None, workload: Workload,
-             rng: np.random.Generator) -> Arrivals:
-    prompt, output = _lengths(lengths, workload, len(gaps_s), rng)
-    return Arrivals(np.cumsum(gaps_s), prompt, output)
+def _renewal(gaps_s: np.ndarray, workload: Workload) -> Arrivals:
+    """Arrivals after the given gaps, every job with the workload's mean lengths."""
+    n = len(gaps_s)
+    return Arrivals(np.cumsum(gaps_s), np.full(n, workload.prompt_tokens, dtype=np.int64),
+                    np.full(n, workload.output_tokens, dtype=np.int64))
 
 
 def _check_rate(rate_per_s: float | None) -> None:
@@ -112,8 +84,8 @@ def _need_count(num_jobs: int | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PoissonArrivals:
-    """Poisson arrivals of rate ``rate_per_s`` (default: the workload's λ); token lengths from
-    ``lengths`` (default: the workload's means for every job).
+    """Poisson arrivals of rate ``rate_per_s`` (default: the workload's λ); every job has the
+    workload's mean token lengths.
 
     >>> a = PoissonArrivals(2.0).sample(Workload(1.0), 20_000, np.random.default_rng(0))
     >>> round(float(len(a) / a.times_s[-1]), 1)
@@ -121,14 +93,13 @@ class PoissonArrivals:
     """
 
     rate_per_s: float | None = None
-    lengths: EmpiricalLengths | None = None
 
     def __post_init__(self) -> None:
         _check_rate(self.rate_per_s)
 
     def sample(self, workload: Workload, num_jobs: int | None, rng: np.random.Generator) -> Arrivals:
         rate = self.rate_per_s or workload.arrival_rate_per_s
-        return _renewal(rng.exponential(1.0 / rate, _need_count(num_jobs)), self.lengths, workload, rng)
+        return _renewal(rng.exponential(1.0 / rate, _need_count(num_jobs)), workload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +115,6 @@ class GammaArrivals:
 
     cv: float = 1.0
     rate_per_s: float | None = None
-    lengths: EmpiricalLengths | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.cv) and self.cv > 0):
@@ -155,7 +125,7 @@ class GammaArrivals:
         rate = self.rate_per_s or workload.arrival_rate_per_s
         shape = 1.0 / self.cv**2
         gaps = rng.gamma(shape, 1.0 / (rate * shape), _need_count(num_jobs))
-        return _renewal(gaps, self.lengths, workload, rng)
+        return _renewal(gaps, workload)
 
 
 def bundled_trace_path() -> Path:

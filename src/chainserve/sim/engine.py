@@ -27,10 +27,9 @@ import numpy as np
 
 from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
-from chainserve.plan.baselines.types import PathPlacement
-from chainserve.plan.types import Plan
+from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
-from chainserve.sim.memory import CacheLedger
+from chainserve.sim.memory import MemoryLedger
 from chainserve.sim.service import ServiceModel, service_model
 
 
@@ -72,14 +71,14 @@ class SimResult:
             if i >= self.warmup and route is not None and not math.isnan(self.finished_at[i]))
 
 
-def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: ArrivalProcess | None = None,
+def simulate(plan: Layout, dispatcher: Dispatcher, arrivals: ArrivalProcess | None = None,
              service: str | ServiceModel = "exponential", *,
              seed: int | np.random.SeedSequence | np.random.Generator = 0,
              num_jobs: int | None = None, warmup: int = 0,
              failures: Sequence[tuple[float, int]] = ()) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
     ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
-    :class:`PathPlacement` for the per-request routers: its cache pools bound memory), with
+    ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
     ``service`` times, until no event is left. ``failures``: (time, server) events passed to
     ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
     starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
@@ -110,7 +109,7 @@ def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: Arriv
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
-    ledger = CacheLedger(plan)
+    ledger = MemoryLedger(plan)
     known, in_service, capacity = ledger.known, ledger.in_service, ledger.capacity
     admit, release = ledger.admit, ledger.release
     nan = math.nan
@@ -188,7 +187,7 @@ def simulate(plan: Plan | PathPlacement, dispatcher: Dispatcher, arrivals: Arriv
     return _result(plan, dispatcher, stream, warmup, started, finished, chain_of, route_of, num_restarts)
 
 
-def _result(plan: Plan | PathPlacement, dispatcher: Dispatcher, stream: Arrivals, warmup: int, started: array,
+def _result(plan: Layout, dispatcher: Dispatcher, stream: Arrivals, warmup: int, started: array,
             finished: array, chain_of: array, route_of: list[Route | None], num_restarts: int) -> SimResult:
     """Check conservation, then summarise the finished jobs among ``warmup:``."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()

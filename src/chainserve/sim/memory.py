@@ -1,15 +1,15 @@
-"""KV-cache ledger: the cache every server holds for the jobs in service, checked against memory.
+"""Memory ledger: the KV cache every server holds for the jobs in service, checked against memory.
 
 Paper §1: a job served on a route holds s_c·m_ij of cache on every server j of it, so at every
 instant ``s_m·m_j + s_c·Σ_{jobs in service through j} m_ij ≤ M_j``. The ledger counts cache in
 block-jobs (units of s_c) against ``⌊(M_j − s_m·m_j)/s_c⌋``, so the check is exact integer arithmetic.
-For a :class:`PathPlacement` (PETALS, BPRR) the limit is the server's cache pool ``⌊cache_gb_j/s_c⌋``,
-which the layout keeps within ``M_j − s_m·m_j``.
+For a layout without chains (PETALS, BPRR: a ``PathPlacement``) the limit is the server's
+reservation, its cache pool ``⌊cache_gb_j/s_c⌋``, which the layout keeps within ``M_j − s_m·m_j``.
 
 Exact and O(1) per start on the common path: with Z_k jobs on plan chain k, a plan whose
 reservation fits (Σ_k m_jk·c_k within every server's limit) cannot exceed memory while every
 Z_k ≤ c_k and no per-request route is in service. The driver handles that case inline (it only
-counts Z_k); :meth:`CacheLedger.admit` / :meth:`CacheLedger.release` handle the rest — a start beyond
+counts Z_k); :meth:`MemoryLedger.admit` / :meth:`MemoryLedger.release` handle the rest — a start beyond
 c_k, a route that is not one of the plan's chains — by summing the actual usage of the servers
 involved. ``num_unsafe`` counts the reasons the fast path is off (chains over capacity, per-request
 jobs in service, a plan whose reservation does not fit).
@@ -18,15 +18,14 @@ jobs in service, a plan whose reservation does not fit).
 from __future__ import annotations
 
 from chainserve.dispatch.base import Route
-from chainserve.plan.baselines.types import PathPlacement
-from chainserve.plan.types import Plan, jobs_that_fit
+from chainserve.plan.types import Layout, jobs_that_fit, reserved_block_jobs
 
 
 class MemoryExceeded(RuntimeError):
     """A dispatcher started a job whose KV cache does not fit on one of its servers."""
 
 
-class CacheLedger:
+class MemoryLedger:
     """Jobs in service per plan chain (``in_service``, Z_k) and per-request cache (``extra``), per
     server limits (``limits``) in block-jobs; see the module docstring.
 
@@ -35,7 +34,7 @@ class CacheLedger:
     >>> from chainserve.plan.types import Chain, Hop, Placement, Span
     >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(0.1))
     >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 2.0, 3),), 3)
-    >>> ledger, route = CacheLedger(plan), Route.of_chain(0, plan.chains[0])
+    >>> ledger, route = MemoryLedger(plan), Route.of_chain(0, plan.chains[0])
     >>> for job in range(4):   # 8 GB free, a job holds 2 GB: the 4th start still fits
     ...     ledger.admit(job, route, 0.0)
     >>> ledger.in_service, ledger.num_unsafe
@@ -46,13 +45,15 @@ class CacheLedger:
     chainserve.sim.memory.MemoryExceeded: job 4 at t=0.0: server 0 would hold 10 block-jobs of cache, 8 fit
     """
 
-    def __init__(self, plan: Plan | PathPlacement):
+    def __init__(self, plan: Layout):
         problem, model = plan.problem, plan.problem.model
+        reserved = reserved_block_jobs(plan)
         self.limits = [0] * problem.num_servers
         for span in plan.placement.spans:
-            free_gb = (plan.cache_gb[span.server] if isinstance(plan, PathPlacement) else
-                       problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks)
-            self.limits[span.server] = jobs_that_fit(free_gb, model.cache_size_gb)
+            room_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
+            # chains may use all the room (a start beyond c_k that fits is allowed); paths their pool
+            self.limits[span.server] = (jobs_that_fit(room_gb, model.cache_size_gb) if plan.chains
+                                        else reserved[span.server])
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
         self.capacity = [ch.capacity for ch in plan.chains]
         self.in_service = [0] * len(plan.chains)
@@ -63,8 +64,7 @@ class CacheLedger:
         for k, hops in enumerate(self.chain_hops):
             for server, blocks in hops:
                 self.through[server].append((k, blocks))
-        reserved = [sum(b * self.capacity[k] for k, b in ks) for ks in self.through]
-        self.num_unsafe = int(any(r > lim for r, lim in zip(reserved, self.limits, strict=True)))
+        self.num_unsafe = int(any(r > self.limits[j] for j, r in reserved.items()))
 
     def used(self, server: int) -> int:
         """Block-jobs of cache held on ``server`` now."""

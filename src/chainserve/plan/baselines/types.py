@@ -15,7 +15,7 @@ from chainserve.plan.types import MEMORY_EPS_GB, Chain, Placement, check_placeme
 
 @dataclass(frozen=True, slots=True)
 class PathPlacement:
-    """A placement for per-request path routing.
+    """A placement for per-request path routing (a :class:`~chainserve.plan.types.Layout`).
 
     ``cache_gb[j]``: the cache pool of server j (index into ``problem.servers``; 0 for servers that
     host nothing). ``method``: which baseline made it; ``notes``: its parameters in words.
@@ -33,6 +33,10 @@ class PathPlacement:
                              f"got {len(self.cache_gb)}")
         if any(c < 0 for c in self.cache_gb):
             raise ValueError("cache_gb: pools must be non-negative")
+
+    def reservation_by_server(self) -> dict[int, float]:
+        """The cache pool of each placed server, GB (:class:`~chainserve.plan.types.Layout`)."""
+        return {span.server: self.cache_gb[span.server] for span in self.placement.spans}
 
     @property
     def chains(self) -> tuple[Chain, ...]:

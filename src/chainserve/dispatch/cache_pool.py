@@ -1,4 +1,4 @@
-"""Per-server KV-cache ledger for the path routers (spec §3): free GB of each server's cache pool.
+"""Per-server KV-cache pools of the path routers (spec §3): free GB of each server's pool.
 
 Paired verbs ``can_allocate`` / ``allocate`` / ``free``; a tolerance keeps float round-off from
 flipping a fit, and ``allocate`` refuses anything that does not fit, so the pool is never exceeded.
@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from chainserve.plan.types import MEMORY_EPS_GB
 
 
-class CacheLedger:
+class CachePool:
     """Free cache per server, starting from each pool's size.
 
-    >>> ledger = CacheLedger([1.0, 0.5])
-    >>> ledger.allocate(0, 0.6); ledger.can_allocate(0, 0.6), ledger.free_gb[0]
+    >>> pool = CachePool([1.0, 0.5])
+    >>> pool.allocate(0, 0.6); pool.can_allocate(0, 0.6), pool.free_gb[0]
     (False, 0.4)
-    >>> ledger.free(0, 0.6); ledger.can_allocate(0, 1.0)
+    >>> pool.free(0, 0.6); pool.can_allocate(0, 1.0)
     True
     """
 
@@ -44,6 +44,3 @@ class CacheLedger:
         if freed > self.capacity_gb[server] + self._eps(server):
             raise RuntimeError(f"server {server}: freeing {gb:.6g} GB it never allocated")
         self.free_gb[server] = min(freed, self.capacity_gb[server])
-
-    def used_gb(self, server: int) -> float:
-        return self.capacity_gb[server] - self.free_gb[server]

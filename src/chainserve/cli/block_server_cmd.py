@@ -1,0 +1,82 @@
+"""``chainserve block-server``: one server's span of blocks and its KV cache (paper §4.2).
+
+Kept light (no planner or simulator imports unless ``--plan`` is given) so that servers start fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chainserve.cli.common import user_errors
+from chainserve.model.spec import SpecError
+
+
+def read_secret(path: Path | None, variable: str) -> str | None:
+    """A secret from a file (first line), else the environment, else ``None``."""
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip() or None
+    return os.environ.get(variable) or None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def block_server(
+    server_id: Annotated[str, typer.Option("--id", help="This server's name in the plan.")],
+    plan: Annotated[Path | None, typer.Option(help="Take span and cache from this plan file "
+                                                   "(chainserve plan --json output).")] = None,
+    first_block: Annotated[int | None, typer.Option(help="First block (1-based), without --plan.")] = None,
+    num_blocks: Annotated[int | None, typer.Option(help="Number of blocks, without --plan.")] = None,
+    block_slots: Annotated[int | None, typer.Option(
+        help="KV block-slots (one block of one session), without --plan.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="KV positions per session.")] = 2048,
+    backend: Annotated[str, typer.Option(metavar="torch|emulated")] = "emulated",
+    model: Annotated[str | None, typer.Option(metavar="NAME|PATH", help="torch backend: the model.")] = None,
+    step_ms_per_block: Annotated[float | None, typer.Option(
+        help="emulated: compute per block per step in ms (default from --plan: τ^p/l_out).")] = None,
+    slowdown: Annotated[float, typer.Option(help="Stretch compute X-fold.")] = 1.0,
+    delay_ms: Annotated[float | None, typer.Option(
+        help="One-way injected delay in ms (default from --plan with emulated: τ^c/(2·l_out), else 0).")] = None,
+    idle_timeout_s: Annotated[float, typer.Option(help="Free a session idle this long.")] = 300.0,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind (0: any free port).")] = 0,
+    token_file: Annotated[Path | None, typer.Option(
+        help="Shared secret (default: $CHAINSERVE_TOKEN; none: accept every caller).")] = None,
+    exit_with_parent: Annotated[int | None, typer.Option(help="Exit when this parent process is gone.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run one block server: a span of blocks and its KV cache, answering the orchestrator."""
+    from chainserve.runtime.backends.base import SpanInfo
+    from chainserve.runtime.backends.factory import make_span
+    from chainserve.runtime.block_server import BlockServer, ServerKnobs, serve_forever
+
+    setup_logging(log_level)
+    with user_errors():
+        step_s, delay_s = (step_ms_per_block or 0.0) / 1000, (delay_ms or 0.0) / 1000
+        if plan is not None:
+            from chainserve.plan.plan_file import load_layout
+            from chainserve.runtime.layout import server_specs
+
+            specs = {s.name: s for s in server_specs(load_layout(plan), max_tokens)}
+            if server_id not in specs:
+                raise SpecError("id", f"{server_id!r} is not placed in the plan; placed: {', '.join(specs)}")
+            spec = specs[server_id]
+            info = spec.info
+            if backend == "emulated":
+                step_s = spec.step_s_per_block if step_ms_per_block is None else step_s
+                delay_s = spec.delay_s if delay_ms is None else delay_s
+        else:
+            if None in (first_block, num_blocks, block_slots):
+                raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
+            info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
+        knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, read_secret(token_file, "CHAINSERVE_TOKEN") or "")
+        span, model_id = make_span(backend, info, model, step_s)
+    server = BlockServer(server_id, span, knobs, backend, model_id)
+    asyncio.run(serve_forever(server, host, port, exit_with_parent))

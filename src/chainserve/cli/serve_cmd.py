@@ -1,0 +1,87 @@
+"""``chainserve serve``: plan a cluster, start its block servers, serve the OpenAI API (paper §4.2)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chainserve.cli.block_server_cmd import read_secret, setup_logging
+from chainserve.cli.common import fail, user_errors
+from chainserve.methods import METHODS
+from chainserve.model.spec import SpecError
+
+
+def parse_pairs(values: list[str] | None, option: str, number: bool = True) -> dict:
+    """``["s1=2.0", "s2=1.5"]`` → ``{"s1": 2.0, "s2": 1.5}`` (values as strings when not ``number``)."""
+    pairs: dict = {}
+    for item in values or []:
+        for part in item.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise SpecError(option, f"expected NAME=VALUE, got {part!r}")
+            try:
+                pairs[name.strip()] = float(value) if number else value.strip()
+            except ValueError:
+                raise SpecError(option, f"{name}: not a number: {value!r}") from None
+    return pairs
+
+
+def serve(
+    cluster: Annotated[Path | None, typer.Argument(metavar="[CLUSTER]",
+                                                   help="Cluster file (YAML or raw JSON) to plan and serve.")] = None,
+    plan: Annotated[Path | None, typer.Option(help="A saved plan (chainserve plan --json output) instead of a "
+                                                   "cluster file.")] = None,
+    backend: Annotated[str, typer.Option(metavar="torch|emulated",
+                                         help="torch: real weights; emulated: steps sleep the servers' "
+                                              "profiled τ^p, τ^c.")] = "emulated",
+    model: Annotated[str | None, typer.Option(metavar="NAME|PATH",
+                                              help="torch backend: smollm2-135m, tiny-random, or a local "
+                                                   "Hugging Face directory.")] = None,
+    method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}, or proposed:<policy>.")] = "proposed",
+    launcher: Annotated[str, typer.Option(metavar="local|ray", help="Where block servers run.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (with --launcher ray).")] = None,
+    servers: Annotated[list[str] | None, typer.Option(
+        metavar="NAME=HOST:PORT", help="Block servers started by hand (chainserve block-server --plan …); "
+                                       "one per placed server, repeat or comma-separate.")] = None,
+    host: Annotated[str, typer.Option(help="Address of the HTTP API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the HTTP API (0: any free port).")] = 8000,
+    max_tokens: Annotated[int | None, typer.Option(
+        help="KV positions per session (prompt + output); default the model spec's max_tokens, else 2048.")] = None,
+    slowdown: Annotated[list[str] | None, typer.Option(
+        metavar="NAME=X", help="Stretch a server's compute X-fold (heterogeneity on one host).")] = None,
+    delay_ms: Annotated[list[str] | None, typer.Option(
+        metavar="NAME=MS", help="Extra one-way network delay of a server, in ms.")] = None,
+    max_waiting: Annotated[int | None, typer.Option(help="Bound of the central queue (HTTP 429 past it).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.",
+                                                envvar="CHAINSERVE_API_KEY")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="Secret shared with the block servers (default: $CHAINSERVE_TOKEN, else a fresh one).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""
+    from chainserve.runtime.service import ServeConfig
+    from chainserve.runtime.service import serve as run
+
+    setup_logging(log_level)
+    with user_errors():
+        config = ServeConfig(cluster, plan, backend, model, method, launcher, address,
+                             parse_pairs(servers, "servers", number=False), host, port, max_tokens,
+                             parse_pairs(slowdown, "slowdown"), parse_pairs(delay_ms, "delay_ms"), seed, max_waiting,
+                             api_key, read_secret(token_file, "CHAINSERVE_TOKEN"), log_dir)
+
+    def ready(url: str, service) -> None:
+        typer.echo(f"chainserve: serving {service.orchestrator.model_id} on {url} "
+                   f"(method {service.orchestrator.method}, {len(service.specs)} block servers, "
+                   f"logs in {service.log_dir})")
+
+    try:
+        asyncio.run(run(config, ready))
+    except (ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        pass

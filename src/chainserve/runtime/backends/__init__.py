@@ -1,0 +1,1 @@
+"""Compute backends behind one interface (:mod:`.base`): ``torch`` (real weights) and ``emulated``."""

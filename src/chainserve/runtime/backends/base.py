@@ -1,0 +1,112 @@
+"""The two halves of a served model, as the runtime sees them (paper §4.2).
+
+* A :class:`SpanBackend` lives in a block server: it runs the server's span of blocks for one session
+  at a time and owns the KV memory, an arena of ``num_block_slots`` *block-slots* (one block-slot
+  holds one block's K and V of one session for ``max_tokens`` positions, i.e. s_c). A session that
+  enters the span at block b holds one block-slot for each of the blocks b..end, so a server's cache
+  is exactly the plan's reservation Σ_k c_k·m_ij(k) (chains) or its cache pool (PETALS, BPRR).
+  Admission (which block-slots a session gets) is the block server's job (:mod:`..kv_arena`).
+* A :class:`ModelHead` lives in the orchestrator, the client of every chain (as PETALS' client is):
+  tokenizer, chat template, embeddings, final norm + LM head.
+
+Hidden states travel as :class:`WireTensor` (raw bytes with dtype and shape; never pickle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+#: dtypes allowed on the wire → bytes per element.
+WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+
+
+class NoFreeSlot(RuntimeError):
+    """Admission refused: not enough free block-slots for the session (never an out-of-bounds write)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireTensor:
+    """A tensor as raw bytes: ``dtype`` (a key of :data:`WIRE_DTYPES`; bf16 travels as its 2-byte
+    pattern), ``shape``, and ``data`` (C-contiguous, exactly ``prod(shape) × itemsize`` bytes)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in WIRE_DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+        if not self.shape or any(not isinstance(d, int) or d < 0 for d in self.shape):
+            raise ValueError(f"shape: must be non-negative integers, got {self.shape!r}")
+        if len(self.data) != self.nbytes:
+            raise ValueError(f"data: {len(self.data)} bytes for shape {self.shape} of {self.dtype} "
+                             f"(need {self.nbytes})")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * WIRE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanInfo:
+    """What a block server hosts: blocks ``first_block``..``first_block + num_blocks − 1`` (1-based,
+    the plan's span), ``num_block_slots`` block-slots of KV cache of ``max_tokens`` positions each."""
+
+    first_block: int
+    num_blocks: int
+    num_block_slots: int
+    max_tokens: int
+
+    @property
+    def last_block(self) -> int:
+        return self.first_block + self.num_blocks - 1
+
+
+class SpanBackend(Protocol):
+    """Runs blocks of one server's span (see module docstring)."""
+
+    info: SpanInfo
+
+    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
+                      position: int) -> WireTensor:
+        """Run blocks ``first_block..info.last_block`` on ``hidden`` ([1, q, hidden_size]: q new
+        tokens at absolute positions ``position..position+q−1``); block ``first_block + i`` reads and
+        writes the KV of block-slot ``slots[i]`` (positions ``< position`` were written by earlier
+        calls of the same session; later ones are overwritten). Returns the hidden states after the
+        last block, same dtype and shape. The caller guarantees ``position + q ≤ info.max_tokens``."""
+        ...
+
+    def close(self) -> None:
+        """Release the weights and the cache."""
+        ...
+
+
+class ModelHead(Protocol):
+    """Tokenizer, embeddings and LM head of the served model (orchestrator side)."""
+
+    model_id: str
+    num_blocks: int
+    max_tokens: int
+    eos_token_ids: tuple[int, ...]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (``[{"role", "content"}, …]``) through the tokenizer's chat template,
+        ending with the assistant's turn opened."""
+        ...
+
+    def embed(self, token_ids: Sequence[int]) -> WireTensor:
+        """Hidden states entering block 1 for these tokens: [1, len(token_ids), hidden_size]."""
+        ...
+
+    def logits(self, hidden: WireTensor) -> np.ndarray:
+        """Next-token logits (float32, [vocab]) from the last position of the last block's output."""
+        ...

@@ -1,0 +1,110 @@
+"""The ``emulated`` backend: no torch, no weights; a step sleeps the server's profiled time (§4.2).
+
+It lets the paper's clusters (BLOOM-176B on 20-40 servers, LLaMA-2-7B on 9 MIG slices) run as real
+processes on a small CPU machine, with every API path, metric and transport message of the torch
+backend. The timing model (our reading of §1 and §4.1): a job on hop (i, j) takes τ^c_j + τ^p_j·m_ij
+in total over its ``steps`` = l_out forward steps (one prefill, l_out − 1 decodes), so each step costs
+``m_ij · τ^p_j / steps`` of compute (slept by the span) and ``τ^c_j / steps`` of communication (slept
+by the block server as its injected delay). A job with the workload's mean l_out thus takes exactly
+T_k = Σ (τ^c_j + τ^p_j·m_ij), the plan's service time, plus the real overhead of the system.
+
+The emulated model speaks a small built-in vocabulary: the hidden state is the token ids themselves
+and the next token is a fixed pseudo-random function of the last one, so greedy output is
+deterministic. It never emits EOS, so a request runs to ``max_tokens`` (as l_out does in the model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from chainserve.runtime.backends.base import SpanInfo, WireTensor
+
+WORDS = tuple("""
+the of and to in is that for it as with was on be by at this are from or have an they which one you
+had not but what all were when we there can been has more if will would their so about out up into
+them some could time these two may then do first any like now my over such our man me even most made
+after also did many before must through back years where much your way well down should because each
+just those people how too little state good very make world still own see men work long get here
+between both life being under never day same another know while last might us great old year off come
+since against go came right used take three chain server block cache job queue plan model token fast
+slow memory place route serve load time wait start end light river stone cloud green quiet music road
+""".split())
+EOS_TOKEN = "<eos>"
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+VOCAB = (EOS_TOKEN, "<unk>", *CHAT_TOKENS, *WORDS)
+
+
+class EmulatedSpan:
+    """A span whose forward sleeps ``num_blocks × step_s_per_block`` and returns its input (the block
+    server applies slowdown and injected delays, the same for every backend).
+
+    >>> span = EmulatedSpan(SpanInfo(1, 4, 8, 64), step_s_per_block=0.0)
+    >>> x = WireTensor("int32", (1, 2, 1), np.array([5, 6], dtype=np.int32).tobytes())
+    >>> asyncio.run(span.forward(x, 2, [0, 1, 2], 0)) == x
+    True
+    """
+
+    def __init__(self, info: SpanInfo, step_s_per_block: float):
+        if not step_s_per_block >= 0:
+            raise ValueError(f"step_s_per_block: must be ≥ 0, got {step_s_per_block}")
+        self.info = info
+        self.step_s_per_block = step_s_per_block
+
+    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
+                      position: int) -> WireTensor:
+        num_blocks = self.info.last_block - first_block + 1
+        if hidden.dtype != "int32" or len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != 1:
+            raise ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
+        if len(slots) != num_blocks:
+            raise ValueError(f"slots: {len(slots)} for {num_blocks} blocks")
+        delay = num_blocks * self.step_s_per_block
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return hidden
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class EmulatedHead:
+    """Tokenizer and "LM head" of the emulated model (see the module docstring).
+
+    >>> head = EmulatedHead("llama-2-7b", num_blocks=32, max_tokens=4096)
+    >>> ids = head.encode("the chain serves a job")
+    >>> head.decode(ids), head.model_id
+    ('the chain <unk> <unk> job', 'emulated/llama-2-7b')
+    """
+
+    def __init__(self, model_name: str, num_blocks: int, max_tokens: int):
+        self.model_id = f"emulated/{model_name}"
+        self.num_blocks = num_blocks
+        self.max_tokens = max_tokens
+        self.index = {word: i for i, word in enumerate(VOCAB)}
+        self.eos_token_ids = (self.index[EOS_TOKEN],)
+        rng = np.random.default_rng(2026)
+        self.table = rng.standard_normal((len(VOCAB), len(VOCAB))).astype(np.float32) * 3
+        self.table[:, : 2 + len(CHAT_TOKENS)] = -1e9  # never EOS, <unk> or a chat token
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.index["<unk>"]
+        return [self.index.get(word, unk) for word in re.findall(r"<\|\w+\|>|[^\s<]+|<", text.lower())]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return " ".join(VOCAB[i] for i in token_ids if 0 <= i < len(VOCAB) and VOCAB[i] not in CHAT_TOKENS)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        text = " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages)
+        return self.encode(text + " <|assistant|>")
+
+    def embed(self, token_ids: Sequence[int]) -> WireTensor:
+        return WireTensor("int32", (1, len(token_ids), 1), np.asarray(token_ids, dtype=np.int32).tobytes())
+
+    def logits(self, hidden: WireTensor) -> np.ndarray:
+        last = int(np.frombuffer(hidden.data, dtype=np.int32)[-1])
+        if not 0 <= last < len(VOCAB):
+            raise ValueError(f"hidden: token id {last} outside the emulated vocabulary")
+        return self.table[last].copy()

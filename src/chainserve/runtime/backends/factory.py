@@ -1,0 +1,49 @@
+"""Build a backend by name; torch is imported only when the torch backend is asked for."""
+
+from __future__ import annotations
+
+from chainserve.runtime.backends.base import ModelHead, SpanBackend, SpanInfo
+
+BACKENDS = ("torch", "emulated")
+
+
+def make_span(backend: str, info: SpanInfo, model: str | None, step_s_per_block: float) -> tuple[SpanBackend, str]:
+    """The span backend of a block server and the served model's id."""
+    if backend == "emulated":
+        from chainserve.runtime.backends.emulated import EmulatedSpan
+
+        return EmulatedSpan(info, step_s_per_block), "emulated"
+    if backend == "torch":
+        import torch
+
+        from chainserve.runtime.backends.torch_backend import TorchSpan
+        from chainserve.runtime.models import resolve_model
+
+        torch.set_num_threads(1)  # several server processes share the machine's cores
+        if model is None:
+            raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
+        path = resolve_model(model)
+        return TorchSpan(path, info), path.name
+    raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+
+def make_head(backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int) -> ModelHead:
+    """The orchestrator's tokenizer and LM head for ``backend``."""
+    if backend == "emulated":
+        from chainserve.runtime.backends.emulated import EmulatedHead
+
+        return EmulatedHead(model_name, num_blocks, max_tokens)
+    if backend == "torch":
+        import torch
+
+        from chainserve.runtime.backends.torch_backend import TorchHead
+        from chainserve.runtime.models import resolve_model
+
+        torch.set_num_threads(1)
+        if model is None:
+            raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
+        head = TorchHead(resolve_model(model), max_tokens=max_tokens)
+        if head.num_blocks != num_blocks:
+            raise ValueError(f"model: {model} has {head.num_blocks} blocks but the cluster's model has {num_blocks}")
+        return head
+    raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

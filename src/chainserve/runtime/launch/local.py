@@ -1,0 +1,109 @@
+"""Start each block server as a child process, the way a user would (``chainserve block-server``, §4.2).
+
+Each child gets its own command line (naming its id), the shared secret in its environment (never on
+the command line), ``--exit-with-parent`` so it never outlives the orchestrator, and a log file. It
+binds a free loopback port and reports it on its first stdout line. :meth:`LocalLauncher.stop` sends
+SIGTERM, waits, then SIGKILLs what is left: no orphans, ports freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from chainserve.runtime.layout import ServerSpec
+
+log = logging.getLogger("chainserve.launch")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendArgs:
+    """What every block server of a cluster shares: backend, model (torch), host to bind."""
+
+    backend: str
+    model: str | None = None
+    host: str = "127.0.0.1"
+    idle_timeout_s: float = 300.0
+
+
+def block_server_argv(spec: ServerSpec, common: BackendArgs, slowdown: float, extra_delay_s: float,
+                      parent_pid: int | None = None) -> list[str]:
+    """``python -m chainserve block-server …`` for one server. The emulated backend sleeps the plan's
+    τ^p and τ^c (:class:`ServerSpec`); ``extra_delay_s`` adds to the one-way delay either way."""
+    info = spec.info
+    emulated = common.backend == "emulated"
+    delay_s = (spec.delay_s if emulated else 0.0) + extra_delay_s
+    argv = [sys.executable, "-m", "chainserve", "block-server", "--id", spec.name,
+            "--first-block", str(info.first_block), "--num-blocks", str(info.num_blocks),
+            "--block-slots", str(info.num_block_slots), "--max-tokens", str(info.max_tokens),
+            "--backend", common.backend, "--host", common.host, "--port", "0",
+            "--slowdown", repr(slowdown), "--delay-ms", repr(delay_s * 1000),
+            "--idle-timeout-s", repr(common.idle_timeout_s)]
+    if emulated:
+        argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
+    if common.model is not None:
+        argv += ["--model", common.model]
+    if parent_pid is not None:
+        argv += ["--exit-with-parent", str(parent_pid)]
+    return argv
+
+
+class LocalLauncher:
+    """Child processes on this machine; ``log_dir`` gets one ``<server>.log`` per server."""
+
+    def __init__(self, log_dir: Path, token: str, ready_timeout_s: float = 300.0):
+        self.log_dir = log_dir
+        self.token = token
+        self.ready_timeout_s = ready_timeout_s
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float],
+                    extra_delay_s: dict[str, float]) -> dict[int, str]:
+        """Start every server, wait for all to be ready; returns server index → endpoint."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        for spec in specs:
+            argv = block_server_argv(spec, common, slowdown.get(spec.name, 1.0), extra_delay_s.get(spec.name, 0.0),
+                                     os.getpid())
+            with open(self.log_dir / f"{spec.name}.log", "ab") as log_file:
+                self.procs[spec.name] = await asyncio.create_subprocess_exec(
+                    *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env)
+            log.info("started block server %s (pid %d)", spec.name, self.procs[spec.name].pid)
+        try:
+            endpoints = await asyncio.wait_for(
+                asyncio.gather(*(self._ready(spec.name) for spec in specs)), self.ready_timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+        return {spec.index: endpoint for spec, endpoint in zip(specs, endpoints, strict=True)}
+
+    async def _ready(self, name: str) -> str:
+        proc = self.procs[name]
+        line = await proc.stdout.readline()
+        try:
+            event = json.loads(line)
+            return str(event["endpoint"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            await proc.wait()
+            tail = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"block server {name} failed to start (exit {proc.returncode}): "
+                               + " | ".join(tail)) from None
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every child, wait ``grace_s``, SIGKILL the rest, reap all."""
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for name, proc in self.procs.items():
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                log.warning("block server %s ignored SIGTERM; killing it", name)
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()

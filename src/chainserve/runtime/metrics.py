@@ -1,0 +1,127 @@
+"""Prometheus metrics of the serving runtime (paper §4.2), named after vLLM's so dashboards carry over.
+
+Each :class:`RuntimeMetrics` owns its own ``CollectorRegistry`` (never the process-global one), so
+several servers or tests coexist in one process. The orchestrator feeds it; ``GET /metrics`` of
+:mod:`.api` serves :meth:`RuntimeMetrics.render`. Every metric, defined once:
+
+===============================================  =========  =================================================
+name                                             type       meaning
+===============================================  =========  =================================================
+``chainserve:num_requests_running``              gauge      requests holding a chain slot (in service)
+``chainserve:num_requests_waiting``              gauge      requests in the central queue
+``chainserve:kv_cache_usage_perc{server}``       gauge      used / total block-slots of a server, 0..1
+``chainserve:chain_busy_slots{chain}``           gauge      jobs in service on plan chain k
+``chainserve:chain_capacity_slots{chain}``       gauge      c_k, the jobs chain k may serve at once (§2.2)
+``chainserve:time_to_first_token_seconds``       histogram  arrival → first token (``Finished.ttft_s``)
+``chainserve:time_per_output_token_seconds``     histogram  mean gap between output tokens after the first
+``chainserve:e2e_request_latency_seconds``       histogram  arrival → end, the response time T (``e2e_s``)
+``chainserve:request_queue_time_seconds``        histogram  arrival → start of service, waiting (``queued_s``)
+``chainserve:request_success_total{finished_reason}``  counter  finished requests, ``stop`` or ``length``
+``chainserve:request_failure_total{reason}``     counter    e.g. ``cancelled`` (client gone), ``rejected``
+                                                            (queue full, HTTP 429), ``error``
+``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
+``chainserve:generation_tokens_total``           counter    generated tokens of finished requests
+===============================================  =========  =================================================
+
+Histograms share :data:`LATENCY_BUCKETS_S`, 1 ms .. 10 min. Counters also expose prometheus-client's
+``*_created`` samples.
+
+>>> m = RuntimeMetrics()
+>>> m.set_kv_usage("s0", used_block_slots=3, total_block_slots=12)
+>>> body, content_type = m.render()
+>>> b'chainserve:kv_cache_usage_perc{server="s0"} 0.25' in body
+True
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .requests import Finished
+
+#: Histogram buckets (seconds): from a 1 ms token gap to a 10 min queue wait.
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+class RuntimeMetrics:
+    """The runtime's metrics in one registry (``registry``: a fresh one unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self.num_requests_running = Gauge(
+            "chainserve:num_requests_running", "Requests in service on a chain.", registry=r
+        )
+        self.num_requests_waiting = Gauge(
+            "chainserve:num_requests_waiting", "Requests waiting in the central queue.", registry=r
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "chainserve:kv_cache_usage_perc",
+            "Fraction of a server's KV block-slots in use (0..1).",
+            ["server"],
+            registry=r,
+        )
+        self.chain_busy_slots = Gauge(
+            "chainserve:chain_busy_slots", "Jobs in service on a plan chain.", ["chain"], registry=r
+        )
+        self.chain_capacity_slots = Gauge(
+            "chainserve:chain_capacity_slots", "Capacity c_k of a plan chain (jobs at once).", ["chain"], registry=r
+        )
+        self.time_to_first_token = self._histogram("time_to_first_token_seconds", "Arrival to first token.")
+        self.time_per_output_token = self._histogram(
+            "time_per_output_token_seconds", "Mean time between output tokens after the first."
+        )
+        self.e2e_request_latency = self._histogram("e2e_request_latency_seconds", "Arrival to last token.")
+        self.request_queue_time = self._histogram("request_queue_time_seconds", "Arrival to start of service.")
+        self.request_success = Counter(
+            "chainserve:request_success_total", "Finished requests by finish reason.", ["finished_reason"], registry=r
+        )
+        self.request_failure = Counter(
+            "chainserve:request_failure_total", "Requests that did not finish, by reason.", ["reason"], registry=r
+        )
+        self.prompt_tokens = Counter("chainserve:prompt_tokens_total", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("chainserve:generation_tokens_total", "Tokens generated.", registry=r)
+
+    def _histogram(self, name: str, doc: str) -> Histogram:
+        return Histogram(f"chainserve:{name}", doc, buckets=LATENCY_BUCKETS_S, registry=self.registry)
+
+    def set_queue(self, num_running: int, num_waiting: int) -> None:
+        """Requests in service and in the central queue, now."""
+        self.num_requests_running.set(num_running)
+        self.num_requests_waiting.set(num_waiting)
+
+    def set_kv_usage(self, server: str, used_block_slots: int, total_block_slots: int) -> None:
+        """KV usage of ``server`` as a fraction of its block-slots (0 for a server with none)."""
+        if not 0 <= used_block_slots <= max(total_block_slots, 0):
+            raise ValueError(f"used_block_slots: must lie in [0, {total_block_slots}], got {used_block_slots}")
+        usage = used_block_slots / total_block_slots if total_block_slots > 0 else 0.0
+        self.kv_cache_usage_perc.labels(server=server).set(usage)
+
+    def set_chain(self, chain: int, busy: int, capacity: int) -> None:
+        """Occupancy ``busy`` and capacity c_k of plan chain ``chain``."""
+        self.chain_busy_slots.labels(chain=str(chain)).set(busy)
+        self.chain_capacity_slots.labels(chain=str(chain)).set(capacity)
+
+    def observe_finished(self, f: Finished, tpot_s: float | None) -> None:
+        """A finished request: its times, tokens and finish reason; ``tpot_s`` is ``None`` when fewer
+        than two tokens were generated (no gap to measure)."""
+        self.time_to_first_token.observe(f.ttft_s)
+        self.e2e_request_latency.observe(f.e2e_s)
+        self.request_queue_time.observe(f.queued_s)
+        if tpot_s is not None:
+            self.time_per_output_token.observe(tpot_s)
+        self.request_success.labels(finished_reason=f.finish_reason).inc()
+        self.prompt_tokens.inc(f.prompt_tokens)
+        self.generation_tokens.inc(f.completion_tokens)
+
+    def observe_failure(self, reason: str) -> None:
+        """A request that ended without :class:`Finished` (``cancelled``, ``rejected``, ``error``, …)."""
+        self.request_failure.labels(reason=reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of this registry and its HTTP content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

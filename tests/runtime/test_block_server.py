@@ -1,0 +1,175 @@
+"""Block server request handling (no sockets: :meth:`BlockServer.handle` on encoded frames), admission
+control, message validation, and the orchestrator's retry of a refused admission (paper §1, §4.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.plan.csearch import make_plan
+from chainserve.plan.types import Chain, Hop, Placement, Span
+from chainserve.runtime import protocol
+from chainserve.runtime.backends.base import SpanInfo, WireTensor
+from chainserve.runtime.backends.emulated import EmulatedHead, EmulatedSpan
+from chainserve.runtime.block_server import BlockServer, ServerKnobs
+from chainserve.runtime.client import ServerFailed, ServerRefused
+from chainserve.runtime.orchestrator import Orchestrator
+from chainserve.runtime.requests import SamplingParams
+
+TOKEN = "secret"
+
+
+def server(first: int = 1, num: int = 2, slots: int = 4, step_s: float = 0.0, idle_s: float = 300.0) -> BlockServer:
+    return BlockServer("s", EmulatedSpan(SpanInfo(first, num, slots, 32), step_s), ServerKnobs(idle_timeout_s=idle_s,
+                                                                                                token=TOKEN))
+
+
+def ids(*tokens: int) -> WireTensor:
+    return WireTensor("int32", (1, len(tokens), 1), np.asarray(tokens, dtype=np.int32).tobytes())
+
+
+def call(srv: BlockServer, op: str, tensor: WireTensor | None = None, token: str = TOKEN, **fields) -> protocol.Reply:
+    return protocol.decode_reply(asyncio.run(srv.handle(protocol.encode_request(op, 1, token, tensor, **fields))))
+
+
+class LoopbackClient:
+    """A client that calls a BlockServer's handler directly (the real protocol, no socket)."""
+
+    def __init__(self, srv: BlockServer):
+        self.name, self.srv = srv.server_id, srv
+
+    async def _request(self, op, tensor=None, **fields) -> protocol.Reply:
+        reply = protocol.decode_reply(await self.srv.handle(protocol.encode_request(op, 1, TOKEN, tensor, **fields)))
+        if not reply.ok:
+            raise (ServerRefused(reply.message) if reply.error == "no_free_slot"
+                   else ServerFailed(self.name, reply.message, reply.error))
+        return reply
+
+    async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
+        reply = await self._request("forward", hidden, session=session, first_block=first_block, position=position,
+                                    open=open, close=close)
+        return reply.tensor
+
+    def close_session(self, session):
+        return asyncio.ensure_future(self._request("close", session=session))
+
+    async def info(self, timeout_s=10.0):
+        return (await self._request("info")).fields
+
+
+def test_forward_admits_steps_and_closes() -> None:
+    srv = server()
+    assert call(srv, "forward", ids(5, 6), session="a", first_block=1, position=0, open=True).tensor == ids(5, 6)
+    assert srv.arena.num_used == 2
+    assert call(srv, "forward", ids(7), session="a", first_block=1, position=2, close=True).ok
+    assert srv.arena.num_used == 0 and srv.counters.num_steps == 2 and srv.counters.peak_block_slots == 2
+
+
+def test_a_full_arena_refuses_and_never_over_allocates() -> None:
+    srv = server(num=2, slots=3)
+    assert call(srv, "forward", ids(1), session="a", first_block=1, position=0, open=True).ok
+    refused = call(srv, "forward", ids(1), session="b", first_block=1, position=0, open=True)
+    assert (refused.ok, refused.error) == (False, "no_free_slot")
+    assert call(srv, "forward", ids(1), session="c", first_block=2, position=0, open=True).ok  # one block fits
+    assert srv.arena.num_used == 3 and srv.counters.num_refused == 1
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"not json"], "bad_request"),
+    ([b"{}", b"", b""], "bad_request"),
+    ([json.dumps({"v": 1, "op": "launch", "rid": 1, "token": TOKEN}).encode()], "bad_request"),
+    ([json.dumps({"v": 1, "op": "info", "rid": 1, "token": "wrong"}).encode()], "unauthorized"),
+    ([json.dumps({"v": 1, "op": "info", "rid": 1}).encode()], "unauthorized"),
+    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
+                  "open": True, "tensor": {"dtype": "int32", "shape": [1, 2, 1]}}).encode(), b"\0" * 4], "bad_request"),
+    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
+                  "open": True, "tensor": {"dtype": "float64", "shape": [1, 1, 1]}}).encode(), b"\0" * 8],
+     "bad_request"),
+    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1,
+                  "position": 40, "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(),
+      b"\0" * 4], "bad_request"),
+    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 9,
+                  "position": 0, "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(),
+      b"\0" * 4], "bad_request"),
+    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1,
+                  "position": 0, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(), b"\0" * 4],
+     "unknown_session"),
+    ([json.dumps({"v": 1, "op": "close", "rid": 1, "token": TOKEN, "session": "nobody"}).encode()], "unknown_session"),
+])
+def test_malformed_or_unauthorised_messages_are_refused_before_any_tensor_work(frames, code) -> None:
+    srv = server()
+    reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
+    assert (reply.ok, reply.error) == (False, code)
+    assert srv.arena.num_used == 0 and srv.counters.num_steps == 0
+
+
+def test_idle_sessions_expire() -> None:
+    srv = server(idle_s=5.0)
+    call(srv, "forward", ids(1), session="a", first_block=1, position=0, open=True)
+    srv.expire_idle(srv.sessions["a"].last_used_at + 6.0)
+    assert srv.arena.num_used == 0 and srv.counters.num_expired == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["open", "step", "close"]), st.integers(0, 4), st.integers(1, 3)),
+                max_size=40))
+def test_the_arena_is_never_exceeded(ops) -> None:
+    srv = server(first=1, num=3, slots=5)
+    for op, session, first in ops:
+        name = f"s{session}"
+        if op == "open":
+            call(srv, "forward", ids(1), session=name, first_block=first, position=0, open=True)
+        elif op == "step" and name in srv.sessions:
+            call(srv, "forward", ids(1), session=name, first_block=srv.sessions[name].first_block,
+                 position=srv.sessions[name].next_position)
+        elif op == "close":
+            call(srv, "close", session=name)
+        assert srv.arena.num_used == sum(3 - s.first_block + 1 for s in srv.sessions.values()) <= 5
+    assert srv.counters.peak_block_slots <= 5
+
+
+def test_a_refused_admission_leaves_the_job_queued_and_it_is_served_later() -> None:
+    """The plan lets 2 jobs run on the chain, but the last server's arena holds only 1: the second job is
+    refused there, ``abort`` puts it back at the head of the central queue (it never leaves the
+    dispatcher), and it is started again (attempt 1, after a backoff) until the server admits it."""
+    problem = Problem((Server("a", 10, 0.01, 0.0), Server("b", 10, 0.01, 0.0)), ModelSpec("m", 2, 1.0, 1.0),
+                      Workload(1.0))
+    plan = make_plan(problem, Placement((Span(0, 1, 1), Span(1, 2, 1)), 2),
+                     (Chain((Hop(0, 1, 1), Hop(1, 2, 1)), 0.02, 2),), 2)
+    servers = {0: server(1, 1, 2, step_s=0.05), 1: server(2, 1, 1, step_s=0.05)}
+    head = EmulatedHead("m", 2, 32)
+
+    async def run() -> tuple[list, list[int], Orchestrator]:
+        from chainserve.dispatch.jffc import JFFC
+
+        orch = Orchestrator(plan, JFFC(plan.chains), head, {j: LoopbackClient(s) for j, s in servers.items()},
+                            retry_backoff_s=0.02)
+        held: list[int] = []
+
+        async def consume(stream) -> list:
+            return [event async for event in stream]
+
+        params = SamplingParams(max_tokens=4, temperature=0)
+        jobs = [asyncio.create_task(consume(orch.generate(head.encode("the chain"), params))) for _ in range(2)]
+        while not all(job.done() for job in jobs):
+            held.append(orch.dispatcher.num_waiting + orch.dispatcher.num_in_service + sum(j.done() for j in jobs))
+            await asyncio.sleep(0.005)
+        return [job.result() for job in jobs], held, orch
+
+    results, held, orch = asyncio.run(run())
+    assert set(held) == {2}  # every job is always waiting, in service or done: none is lost
+    finished = [events[-1] for events in results]
+    assert all(f.completion_tokens == 4 for f in finished)
+    assert [e.text for e in results[0][:-1]] == [e.text for e in results[1][:-1]]  # same greedy text
+    refused = max(finished, key=lambda f: f.num_attempts)
+    assert refused.num_attempts >= 2
+    attempts = sorted((r.job_id, r.attempt) for r in orch.starts)
+    assert (1, 1) in attempts or (0, 1) in attempts  # the refused job was started again
+    assert servers[1].counters.num_refused >= 1 and servers[1].counters.peak_sessions == 1
+    assert all(s.arena.num_used == 0 for s in servers.values())

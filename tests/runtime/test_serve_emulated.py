@@ -1,0 +1,151 @@
+"""End to end on the emulated backend: ``chainserve serve`` started as a user does, spoken to over HTTP
+with the official ``openai`` client, httpx and curl (paper §4.2; issue: serving runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from tests.runtime.conftest import EMULATED_6, REPLICAS, server_infos, serving, sse_events
+
+PROMPT = "the chain serves the model"
+
+
+@pytest.fixture(scope="module")
+def proposed(tmp_path_factory):
+    with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path_factory.mktemp("proposed")) as served:
+        yield served
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_streaming_and_not_agree_and_report_usage(proposed) -> None:
+    c = client(proposed.url)
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = c.chat.completions.create(model="emulated/toy", messages=messages, max_tokens=7, temperature=0)
+    chunks = list(c.chat.completions.create(model="emulated/toy", messages=messages, max_tokens=7, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert whole.choices[0].message.content == streamed != ""
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 7 and chunks[-1].usage.completion_tokens == 7
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
+    assert [m.id for m in c.models.list().data] == ["emulated/toy"]
+
+
+def test_completions_over_curl_stream_ends_with_done(proposed) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 5, "stream": True, "temperature": 0})
+    out = subprocess.run(["curl", "-sN", proposed.url + "/v1/completions", "-H", "content-type: application/json",
+                          "-d", body], capture_output=True, text=True, timeout=60, check=True).stdout
+    events = sse_events(out)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+    plain = client(proposed.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert text == plain.choices[0].text
+
+
+def test_burst_of_three_times_capacity_never_exceeds_slots(proposed) -> None:
+    plan = proposed.get("/plan")
+    capacity = plan["num_job_servers"]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=proposed.url, timeout=120) as http:
+            body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(3 * capacity)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * (3 * capacity)
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for r in responses)
+    status = proposed.get("/status")
+    assert status["num_running"] == status["num_waiting"] == 0
+    for chain in status["chains"]:
+        assert chain["peak_busy"] <= chain["capacity"]
+    assert status["chains"][0]["peak_busy"] == status["chains"][0]["capacity"]  # the burst filled the fastest
+    for info in server_infos(proposed):
+        assert 0 < info["peak_block_slots"] <= info["num_block_slots"]
+        assert info["used_block_slots"] == info["num_sessions"] == 0
+        assert info["num_refused"] == 0
+    waited = [r.json()["chainserve"]["queued_s"] for r in responses]
+    assert max(waited) > 0.01  # some of the burst queued centrally
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"prompt": PROMPT, "max_tokens": -1}, 400),
+    ({"prompt": PROMPT, "max_tokens": 10**12}, 400),
+    ({"prompt": PROMPT, "max_tokens": "many"}, 400),
+    ({"prompt": 42}, 400),
+    ({"prompt": PROMPT, "model": "gpt-4"}, 404),
+    ({"prompt": ""}, 400),
+])
+def test_bad_completion_input_gets_openai_errors(proposed, body, status) -> None:
+    response = httpx.post(proposed.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == status
+    assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_bad_chat_input_gets_openai_errors(proposed) -> None:
+    c = client(proposed.url)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="emulated/toy", messages=[], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="emulated/toy", messages=[{"role": "user", "content": PROMPT}], max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": PROMPT}])
+    assert proposed.get("/health") == {"status": "ok"}
+
+
+@pytest.mark.parametrize("method, cluster", [("petals", EMULATED_6), ("bprr", EMULATED_6),
+                                             ("jffc-only", REPLICAS), ("proposed:sed", EMULATED_6)])
+def test_every_method_serves(tmp_path, method, cluster) -> None:
+    with serving(str(cluster), "--backend", "emulated", "--method", method, tmp_path=tmp_path) as served:
+        assert served.get("/plan")["method"] == method
+
+        async def ask() -> list[dict]:
+            async with httpx.AsyncClient(base_url=served.url, timeout=120) as http:
+                body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+                responses = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(6)))
+            return [r.json() for r in responses]
+
+        answers = asyncio.run(ask())
+        # the emulated model's greedy text depends on the tokens only, never on the route
+        reference = client(served.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=6,
+                                                          temperature=0).choices[0].text
+        assert {a["choices"][0]["text"] for a in answers} == {reference}
+        assert all(a["chainserve"]["hops"] for a in answers)
+
+
+def test_serve_a_saved_plan_with_servers_started_by_hand(tmp_path) -> None:
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(subprocess.run([sys.executable, "-m", "chainserve", "plan", str(EMULATED_6), "--json"],
+                                        capture_output=True, text=True, check=True).stdout)
+    names = [s["name"] for s in json.loads(plan_file.read_text())["servers"]]
+    (tmp_path / "token").write_text("by-hand-token")
+    procs, endpoints = [], {}
+    try:
+        for name in names:
+            proc = subprocess.Popen([sys.executable, "-m", "chainserve", "block-server", "--plan", str(plan_file),
+                                     "--id", name, "--host", "127.0.0.1", "--port", "0",
+                                     "--token-file", str(tmp_path / "token"), "--log-level", "warning"],
+                                    stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            endpoints[name] = json.loads(proc.stdout.readline())["endpoint"].removeprefix("tcp://")
+        servers = ",".join(f"{n}={e}" for n, e in endpoints.items())
+        by_hand = ("--plan", str(plan_file), "--servers", servers)
+        with serving(*by_hand, tmp_path=tmp_path, token="by-hand-token") as served:
+            answer = client(served.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=4)
+            assert answer.usage.completion_tokens == 4
+            assert {h["server"] for h in answer.model_extra["chainserve"]["hops"]} <= set(names)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
