@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.asyncio
 
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend
 from chainserve.runtime.kv_arena import KVArena
+from chainserve.runtime.timing import SteadySleep
+from chainserve.runtime.zmq_io import LoopSocket
 
 log = logging.getLogger("chainserve.block_server")
 
@@ -83,6 +84,7 @@ class BlockServer:
         self.counters = Counters()
         self.backend_name = backend_name
         self.model_id = model_id
+        self.sleep = SteadySleep()
 
     def describe(self) -> dict:
         info, c = self.info, self.counters
@@ -121,8 +123,7 @@ class BlockServer:
 
     async def _delay(self) -> None:
         """A round trip's injected delay (both ways), for replies without compute."""
-        if self.knobs.delay_s > 0:
-            await asyncio.sleep(2 * self.knobs.delay_s)
+        await self.sleep(2 * self.knobs.delay_s)
 
     def _admit(self, name: str, first_block: int) -> Session:
         info = self.info
@@ -183,9 +184,7 @@ class BlockServer:
         if request.close and name in self.sessions:
             self._close(name)
         # slowdown and both ways of the network delay in one sleep (one timer's overshoot, not three)
-        wait_s = (self.knobs.slowdown - 1) * compute_s + 2 * self.knobs.delay_s
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
+        await self.sleep((self.knobs.slowdown - 1) * compute_s + 2 * self.knobs.delay_s)
         return protocol.encode_reply(request.rid, out)
 
     def expire_idle(self, now: float) -> None:
@@ -199,7 +198,7 @@ class BlockServer:
 
 async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: int | None = None) -> None:
     """Bind, print the ready line, answer requests until SIGTERM/SIGINT (or the parent dies)."""
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     if port:
@@ -210,23 +209,26 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tasks: set[asyncio.Task] = set()
+
+    async def answer(identity: bytes, frames: list[bytes]) -> None:
+        reply = await server.handle(frames)
+        try:
+            io.send([identity, *reply])
+        except zmq.ZMQError as exc:  # the client's queue is full or gone: it will time out
+            log.warning("%s: reply dropped: %s", server.server_id, exc)
+
+    def receive(frames: list[bytes]) -> None:
+        task = loop.create_task(answer(frames[0], frames[1:]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    io = LoopSocket(sock, receive)
     endpoint = f"tcp://{host}:{port}"
     print(json.dumps({"event": "ready", "server_id": server.server_id, "endpoint": endpoint, "pid": os.getpid()}),
           flush=True)
     log.info("%s: serving blocks %d..%d with %d block-slots on %s", server.server_id, server.info.first_block,
              server.info.last_block, server.info.num_block_slots, endpoint)
-    tasks: set[asyncio.Task] = set()
-
-    async def answer(identity: bytes, frames: list[bytes]) -> None:
-        reply = await server.handle(frames)
-        await sock.send_multipart([identity, *reply], copy=False)
-
-    async def receive() -> None:
-        while True:
-            identity, *frames = await sock.recv_multipart()
-            task = asyncio.create_task(answer(identity, frames))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
 
     async def housekeeping() -> None:
         while True:
@@ -236,12 +238,12 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
                 log.warning("%s: parent %d is gone, shutting down", server.server_id, parent_pid)
                 stop.set()
 
-    workers = [asyncio.create_task(receive()), asyncio.create_task(housekeeping())]
+    keeper = asyncio.create_task(housekeeping())
     await stop.wait()
-    for task in [*workers, *tasks]:
+    for task in [keeper, *tasks]:
         task.cancel()
-    await asyncio.gather(*workers, *tasks, return_exceptions=True)
-    sock.close(0)
+    await asyncio.gather(keeper, *tasks, return_exceptions=True)
+    io.close()
     ctx.term()
     server.backend.close()
     log.info("%s: stopped", server.server_id)

@@ -1,7 +1,7 @@
 """The orchestrator's side of the block-server transport: one ZeroMQ DEALER per server (§4.2).
 
-Requests carry an id; one reader task per connection resolves the waiting futures, so many jobs
-share a connection with any number of requests in flight. ZeroMQ keeps per-connection order: a
+Requests carry an id; replies resolve the waiting futures as they arrive (:mod:`.zmq_io`), so many
+jobs share a connection with any number of requests in flight. ZeroMQ keeps per-connection order: a
 ``close`` sent before a later ``forward(open=True)`` reaches the server first.
 """
 
@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import WireTensor
+from chainserve.runtime.zmq_io import LoopSocket
 
 log = logging.getLogger("chainserve.client")
 
@@ -37,35 +37,35 @@ class ServerFailed(RuntimeError):
 class BlockClient:
     """Async requests to one block server at ``endpoint`` (``tcp://host:port``)."""
 
-    def __init__(self, name: str, endpoint: str, token: str = "", ctx: zmq.asyncio.Context | None = None,
+    def __init__(self, name: str, endpoint: str, token: str = "", ctx: zmq.Context | None = None,
                  timeout_s: float = 600.0):
         self.name = name
         self.endpoint = endpoint
         self.token = token
         self.timeout_s = timeout_s
-        self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.ctx = ctx or zmq.Context.instance()
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[protocol.Reply]] = {}
-        self._reader: asyncio.Task | None = None
+        self._io: LoopSocket | None = None
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+    def _socket(self) -> LoopSocket:
+        """The connection, opened on first use inside the running loop."""
+        if self._io is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._io = LoopSocket(sock, self._on_reply)
+        return self._io
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                reply = protocol.decode_reply(frames)
-            except protocol.ProtocolError as exc:
-                log.error("%s: malformed reply dropped: %s", self.name, exc)
-                continue
-            future = self._pending.pop(reply.rid, None)
-            if future is not None and not future.done():
-                future.set_result(reply)
+    def _on_reply(self, frames: list[bytes]) -> None:
+        try:
+            reply = protocol.decode_reply(frames)
+        except protocol.ProtocolError as exc:
+            log.error("%s: malformed reply dropped: %s", self.name, exc)
+            return
+        future = self._pending.pop(reply.rid, None)
+        if future is not None and not future.done():
+            future.set_result(reply)
 
     def send(self, op: str, tensor: WireTensor | None = None, **fields: Any) -> asyncio.Future[protocol.Reply]:
         """Queue one request on the socket now (so requests leave in call order); the future gets
@@ -74,11 +74,15 @@ class BlockClient:
 
     def _send(self, op: str, tensor: WireTensor | None, fields: dict[str, Any]
               ) -> tuple[int, asyncio.Future[protocol.Reply]]:
-        self._ensure_reader()
+        io = self._socket()
         rid = next(self._rids)
         future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
-        self.sock.send_multipart(protocol.encode_request(op, rid, self.token, tensor, **fields), copy=False)
+        try:
+            io.send(protocol.encode_request(op, rid, self.token, tensor, **fields))
+        except zmq.ZMQError as exc:
+            del self._pending[rid]
+            raise ServerFailed(self.name, f"cannot send {op}: {exc}", "transport") from None
         return rid, future
 
     async def request(self, op: str, tensor: WireTensor | None = None, timeout_s: float | None = None,
@@ -114,9 +118,8 @@ class BlockClient:
         return self.send("close", session=session)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
-        self.sock.close(0)
+        if self._io is not None:
+            self._io.close()

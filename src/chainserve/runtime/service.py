@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import uvicorn
-import zmq.asyncio
+import zmq
 
 from chainserve.dispatch.base import Dispatcher
 from chainserve.dispatch.jffc import JFFC
@@ -139,7 +139,7 @@ class Service:
         self.ray = None
         self.clients: dict[int, BlockClient] = {}
         self.orchestrator: Orchestrator | None = None
-        self.ctx: zmq.asyncio.Context | None = None
+        self.ctx: zmq.Context | None = None
         self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
 
     async def __aenter__(self) -> Service:
@@ -160,7 +160,7 @@ class Service:
             self.max_tokens = head.max_tokens
             self.specs = server_specs(self.layout, self.max_tokens)
         endpoints = await self._start_servers()
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
         self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
         method = config.method if config.plan is None or config.method != "proposed" else self.layout.method

@@ -15,13 +15,13 @@ deterministic. It never emits EOS, so a request runs to ``max_tokens`` (as l_out
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from chainserve.runtime.backends.base import SpanInfo, WireTensor
+from chainserve.runtime.timing import SteadySleep
 
 WORDS = tuple("""
 the of and to in is that for it as with was on be by at this are from or have an they which one you
@@ -42,6 +42,7 @@ class EmulatedSpan:
     """A span whose forward sleeps ``num_blocks × step_s_per_block`` and returns its input (the block
     server applies slowdown and injected delays, the same for every backend).
 
+    >>> import asyncio
     >>> span = EmulatedSpan(SpanInfo(1, 4, 8, 64), step_s_per_block=0.0)
     >>> x = WireTensor("int32", (1, 2, 1), np.array([5, 6], dtype=np.int32).tobytes())
     >>> asyncio.run(span.forward(x, 2, [0, 1, 2], 0)) == x
@@ -53,6 +54,7 @@ class EmulatedSpan:
             raise ValueError(f"step_s_per_block: must be ≥ 0, got {step_s_per_block}")
         self.info = info
         self.step_s_per_block = step_s_per_block
+        self.sleep = SteadySleep()
 
     async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
                       position: int) -> WireTensor:
@@ -61,9 +63,7 @@ class EmulatedSpan:
             raise ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
         if len(slots) != num_blocks:
             raise ValueError(f"slots: {len(slots)} for {num_blocks} blocks")
-        delay = num_blocks * self.step_s_per_block
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self.sleep(num_blocks * self.step_s_per_block)
         return hidden
 
     def close(self) -> None:
