@@ -12,7 +12,7 @@ import sys
 import httpx
 import openai
 import pytest
-from tests.runtime.conftest import EMULATED_6, REPLICAS, server_infos, serving, sse_events
+from tests.runtime.conftest import DATA, EMULATED_6, REPLICAS, server_infos, serving, sse_events
 
 PROMPT = "the chain serves the model"
 
@@ -52,6 +52,28 @@ def test_completions_over_curl_stream_ends_with_done(proposed) -> None:
     text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
     plain = client(proposed.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=5, temperature=0)
     assert text == plain.choices[0].text
+
+
+def test_an_idle_chain_serves_a_job_in_about_its_planned_time(proposed) -> None:
+    """Emulated servers sleep τ^p_j·m_ij/l_out and τ^c_j/l_out per step: a job of l_out tokens on an idle
+    system takes the fastest chain's T_k plus the runtime's own overhead."""
+    plan = proposed.get("/plan")
+    output_tokens = plan["problem"]["workload"]["output_tokens"]
+    answer = client(proposed.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=output_tokens)
+    route = answer.model_extra["chainserve"]
+    assert route["chain"] == 0
+    planned = plan["chains"][0]["service_time"]
+    assert planned * 0.97 <= route["e2e_s"] <= planned * 1.5
+
+
+def test_a_raw_instance_is_served_with_its_own_tau(tmp_path) -> None:
+    raw = DATA.parents[2] / "examples" / "raw-instance.json"
+    with serving(str(raw), "--backend", "emulated", tmp_path=tmp_path) as served:
+        plan = served.get("/plan")
+        assert plan["cluster"] == "raw-small" and served.get("/v1/models")["data"][0]["id"] == "emulated/raw-small"
+        answer = client(served.url).completions.create(model="emulated/raw-small", prompt=PROMPT, max_tokens=20)
+        planned = plan["chains"][answer.model_extra["chainserve"]["chain"]]["service_time"]
+        assert planned * 0.97 <= answer.model_extra["chainserve"]["e2e_s"] <= planned * 1.2
 
 
 def test_burst_of_three_times_capacity_never_exceeds_slots(proposed) -> None:

@@ -39,6 +39,7 @@ def check_served_equals_reference(url: str, model_id: str, model: str, max_token
     chunks = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
                                             stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.model_extra["chainserve"]["token_ids"] == tokens  # token for token
     assert whole.choices[0].message.content == streamed == text
     assert whole.usage.completion_tokens == len(tokens)
     hops = whole.model_extra["chainserve"]["hops"]

@@ -225,7 +225,8 @@ def usage(f: Finished) -> dict[str, int]:
 
 
 def route(f: Finished) -> dict[str, Any]:
-    """The non-standard ``chainserve`` field: where and how long the request ran."""
+    """The non-standard ``chainserve`` field: where and how long the request ran, and the generated
+    token ids (EOS included when it ended the answer)."""
     return {
         "chain": f.chain,
         "hops": [{"server": s, "first_block": a, "last_block": b} for s, a, b in f.hops],
@@ -233,6 +234,7 @@ def route(f: Finished) -> dict[str, Any]:
         "ttft_s": f.ttft_s,
         "e2e_s": f.e2e_s,
         "num_attempts": f.num_attempts,
+        "token_ids": list(f.token_ids),
     }
 
 

@@ -238,7 +238,7 @@ class Orchestrator:
         params, head = run.params, self.head
         hops = [(hop.start_block, self.clients[hop.server]) for hop in route.hops]
         sampler, stream = Sampler(params), TextStream(head.decode, params.stop)
-        hidden, position, reason = head.embed(run.prompt), 0, "length"
+        hidden, position, reason, generated = head.embed(run.prompt), 0, "length", []
         for n in range(1, params.max_tokens + 1):
             last = n == params.max_tokens
             for first_block, client in hops:
@@ -250,6 +250,7 @@ class Orchestrator:
                 opened.clear()  # the servers closed the session after this step
             position += hidden.shape[1]
             token = sampler(head.logits(hidden))
+            generated.append(token)
             now = self.clock()
             if run.times.first_token_at is None:
                 run.times.first_token_at = now
@@ -269,7 +270,7 @@ class Orchestrator:
         return Finished(reason, len(run.prompt), n, stream.text, route.chain,
                         tuple((self.names[h.server], h.start_block, h.end_block) for h in route.hops),
                         times.started_at - times.arrived_at, times.first_token_at - times.arrived_at,
-                        now - times.arrived_at, run.num_refusals + 1)
+                        now - times.arrived_at, run.num_refusals + 1, tuple(generated))
 
     # ---- state for /plan, /status, /metrics ---------------------------------------------------
     def plan_dict(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class Finished:
     token counts, the whole generated text, and where and how it ran: ``chain`` (plan chain index or
     ``None`` for per-request paths), ``hops`` as (server name, first block, last block), and the
     times in seconds (``queued_s`` arrival → start of service, ``ttft_s`` arrival → first token,
-    ``e2e_s`` arrival → end)."""
+    ``e2e_s`` arrival → end), the attempts it took, and the generated ``token_ids``."""
 
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
@@ -65,6 +65,7 @@ class Finished:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     num_attempts: int = 1
+    token_ids: tuple[int, ...] = ()
 
 
 class Overloaded(RuntimeError):
