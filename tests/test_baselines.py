@@ -72,7 +72,7 @@ def test_petals_worked_example():
     # m = ⌊M/2⌋: 3, 2, 2 blocks; throughput min(1/τ^p / ((m+1)/2), ∞): 1/2, 2/3, 1/3.
     p = toy([6, 4, 4], [1.0, 1.0, 2.0], 4)
     order = np.random.default_rng(7).permutation(3).tolist()
-    layout = petals_placement(p, np.random.default_rng(7), cache_tokens=2)
+    layout = petals_placement(p, np.random.default_rng(7), cache_tokens=2, autograd_gb=0.0)
     spans = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
     # replay by hand in the same join order
     throughput, rates, blocks, expect = [0.0] * 4, [1 / 2, 2 / 3, 1 / 3], [3, 2, 2], {}
@@ -88,13 +88,44 @@ def test_petals_worked_example():
 
 
 def test_petals_blocks_use_max_tokens_of_the_workload():
-    # s_c for 2020 tokens (2000 + 20); 4096 tokens of cache per block = 4096/2020 · s_c
+    # s_c for 2020 tokens (2000 + 20); 4096 tokens of cache per block = 4096/2020 · s_c; a raw model
+    # (not in the catalogue) gets BLOOM's autograd reserve, 2 GiB = 2.147483648 GB
     p = toy([40, 40, 40, 20, 20], [0.1, 0.1, 0.1, 0.2, 0.2], 70, s_m=1.31, s_c=0.117, prompt=2000, output=20)
     layout = petals_placement(p, np.random.default_rng(0))
     per_block = 0.117 * 4096 / 2020
     for span in layout.placement.spans:
-        assert span.num_blocks == math.floor(p.servers[span.server].memory_gb / (1.31 + per_block))
+        memory_gb = p.servers[span.server].memory_gb
+        assert span.num_blocks == math.floor((memory_gb - 2 * 1.073741824) / (1.31 + per_block))
         assert layout.cache_gb[span.server] == pytest.approx(per_block * span.num_blocks)
+
+
+def test_petals_block_count_with_the_autograd_reserve_by_hand():
+    # BLOOM-176B NF4 on a 40 GB slice, 4096 tokens of cache per block:
+    #   s_m = 2 466 279 424 params · 4.25 bits / 8 = 1.310211 GB; s_c (2048 tokens) = 2·14336·2048·2 B
+    #   = 0.117441 GB, so cache per block = 2 · s_c = 0.234881 GB; reserve = 2 GiB · 14336/14336 = 2.147484 GB.
+    #   m = ⌊(40 − 2.147484) / (1.310211 + 0.234881)⌋ = ⌊37.852516 / 1.545092⌋ = ⌊24.499⌋ = 24
+    #   (without the reserve: ⌊40 / 1.545092⌋ = ⌊25.888⌋ = 25). On 20 GB: ⌊17.852516 / 1.545092⌋ = 11 (not 12).
+    from chainserve.model.catalogue import model_arch
+    from chainserve.plan.baselines.petals import autograd_reserve_gb
+
+    bloom = model_arch("bloom-176b").spec("nf4", max_tokens=2048)
+    assert bloom.block_size_gb == pytest.approx(1.310211, abs=1e-6)
+    assert autograd_reserve_gb(bloom) == pytest.approx(2.147484, abs=1e-6)
+    servers = (*(Server(f"high-{i}", 40, 0.109, 1.0) for i in (1, 2, 3)), Server("low", 20, 0.175, 1.0))
+    p = Problem(servers, bloom, Workload(0.2, prompt_tokens=2000, output_tokens=20))
+    spans = petals_placement(p, np.random.default_rng(0)).placement.spans
+    assert sorted(s.num_blocks for s in spans) == [11, 24, 24, 24]  # 83 blocks hosted for L = 70
+    no_reserve = petals_placement(p, np.random.default_rng(0), autograd_gb=0.0).placement.spans
+    assert sorted(s.num_blocks for s in no_reserve) == [12, 25, 25, 25]
+    # LLaMA-2-7B (hidden 4096): 2 GiB · 4096/14336 = 0.613567 GB; fp16 s_m = 202 383 360 · 2 B = 0.404767 GB,
+    # 4096-token cache per block = 2·4096·4096·2 B = 0.067109 GB: ⌊(20 − 0.613567)/0.471876⌋ = ⌊41.08⌋ → L = 32
+    # on 20 GB, and on 10 GB ⌊(10 − 0.613567)/0.471876⌋ = ⌊19.89⌋ = 19 (⌊21.19⌋ = 21 without it).
+    llama = model_arch("llama-2-7b").spec("fp16", max_tokens=2076)
+    assert autograd_reserve_gb(llama) == pytest.approx(0.613567, abs=1e-6)
+    p = Problem((Server("a", 20, 0.1, 1.0), Server("b", 10, 0.1, 1.0)), llama,
+                Workload(0.2, prompt_tokens=2048, output_tokens=28))
+    spans = petals_placement(p, np.random.default_rng(0)).placement.spans
+    assert sorted(s.num_blocks for s in spans) == [19, 32]
 
 
 def test_petals_rebalancing_raises_the_weakest_block():
@@ -106,23 +137,74 @@ def test_petals_rebalancing_raises_the_weakest_block():
             t[s.start_block - 1:s.end_block] += 1 / p.servers[s.server].tau_p_s / ((s.num_blocks + 1) / 2)
         return t.min()
 
-    before = petals_placement(p, np.random.default_rng(0), cache_tokens=1)
-    after = petals_placement(p, np.random.default_rng(0), cache_tokens=1, rebalance_rounds=2)
+    before = petals_placement(p, np.random.default_rng(0), cache_tokens=1, autograd_gb=0.0)
+    after = petals_placement(p, np.random.default_rng(0), cache_tokens=1, rebalance_rounds=2, autograd_gb=0.0)
     assert weakest(after) > weakest(before) / 0.75  # it moved because the gain exceeded 1/0.75
     assert_valid_layout(after)
 
 
 def test_petals_raises_when_blocks_stay_uncovered():
     with pytest.raises(ValueError, match="hosted by no server"):
-        petals_placement(toy([4, 4], [1.0, 1.0], 6), np.random.default_rng(0), cache_tokens=2)
+        petals_placement(toy([4, 4], [1.0, 1.0], 6), np.random.default_rng(0), cache_tokens=2, autograd_gb=0.0)
 
 
 def test_bprr_sessions_and_cap():
-    # one server, L = 2, s_m = 2, s_c = 1: t̃(1) = τ^p = 1, T̄ = 2 s; λ = 1 → λT̄ = 2 → ⌈2 + √2⌉ = 4
+    # one server, L = 2, s_m = 2, s_c = 1: the R = 1 placement puts both blocks on it; its path takes
+    # T̄ = 2 × 1 s; λ = 1 → λT̄ = 2 → ⌊2 + √2⌋ = ⌊3.41⌋ = 3
     p = toy([30], [1.0], 2, s_m=2.0, rate=1.0)
     assert bprr_sessions_cap(p) == 8  # ⌊(30 − 2·3)/(1·3)⌋
-    assert bprr_sessions(p) == 4
+    assert bprr_sessions(p) == 3
     assert bprr_sessions(p.with_workload(arrival_rate_per_s=100.0)) == 8  # capped
+
+
+def test_bprr_sessions_use_the_fastest_path_of_the_r1_placement_by_hand():
+    # L = 4, s_m = 2, s_c = 1, M = 10 each, τ^c = 0.5 s; τ^p = 1, 2, 1.5 s for a, b, c.
+    # R = 1: m = ⌊10/3⌋ = 3; t̃ = 3.5/3, 6.5/3, 5/3 → order a, c, b. Phase 1: a → 1..3, c → 2..4;
+    # phase 2: b → 1..3. Fastest path: a runs 1..3 (0.5 + 3 = 3.5 s), c runs block 4 (0.5 + 1.5 = 2 s):
+    # T̄ = 5.5 s. (The old estimate L · mean t̃ = 4 · (3.5 + 6.5 + 5)/9 = 6.67 s.)
+    # λ = 0.1: λT̄ = 0.55 → ⌊0.55 + 0.742⌋ = 1;  λ = 0.2: 1.1 → ⌊1.1 + 1.049⌋ = 2;
+    # λ = 0.5: 2.75 → ⌊4.41⌋ = 4, capped at ⌊(30 − 2·7)/(1·7)⌋ = 2.
+    from chainserve.plan.baselines.bprr import fastest_path_s
+
+    p = toy([10, 10, 10], [1.0, 2.0, 1.5], 4, s_m=2.0, tau_c=0.5, rate=0.1)
+    one = bprr_placement(p, sessions=1)
+    assert [(s.server, s.start_block, s.num_blocks) for s in one.placement.spans] == [(0, 1, 3), (2, 2, 3), (1, 1, 3)]
+    assert fastest_path_s(p, one.placement.spans) == pytest.approx(5.5)
+    assert bprr_sessions_cap(p) == 2
+    assert [bprr_sessions(p.with_workload(arrival_rate_per_s=r)) for r in (0.1, 0.2, 0.5)] == [1, 2, 2]
+
+
+def test_bprr_sessions_override():
+    from chainserve.methods import check_method_name
+    from chainserve.model.cluster_file import problem_from_dict
+    from chainserve.model.spec import SpecError
+
+    p = toy([10, 10, 10], [1.0, 2.0, 1.5], 4, s_m=2.0, tau_c=0.5, rate=0.1)  # rule: R = 1
+    assert "R = 1 sessions reserved per block (⌊λT̄ + √(λT̄)⌋)" in bprr_placement(p).notes[0]
+    fixed = bprr_placement(p, sessions=2)
+    assert fixed.notes[0].startswith("R = 2 sessions reserved per block (fixed")
+    # too many for phase 1: lowered (R = 3: m = ⌊10/5⌋ = 2 blocks holding 3 sessions; R = 4: 1 block each)
+    assert bprr_placement(p, sessions=50).notes[0].startswith("R = 3 sessions reserved per block (fixed; 50 asked")
+    setup = build_method("bprr:R=2", p, np.random.default_rng(0))
+    assert setup.plan_or_placement.placement == fixed.placement and "R = 2" in setup.description
+    assert check_method_name("bprr:R=2") == ("bprr", None)
+    for bad in ("bprr:R=0", "bprr:R=", "bprr:3", "bprr:r=3", "bprr:R=1.5", "bprr:R=-1", "jffc-only:R=2"):
+        with pytest.raises(SpecError) as info:
+            build_method(bad, p, np.random.default_rng(0))
+        assert info.value.field == "method"
+    cluster = {"model": "bloom-176b", "bprr_sessions": 2, "workload": {"arrival_rate": 0.2},
+               "servers": [{"gpu": "a100-3g.40gb", "count": 3, "rtt_ms": 20}, {"gpu": "a100-2g.20gb", "rtt_ms": 30}]}
+    problem = problem_from_dict(cluster)
+    assert problem.bprr_sessions == 2
+    assert problem.with_workload(arrival_rate_per_s=0.3).bprr_sessions == 2
+    assert bprr_placement(problem).notes[0].startswith("R = 2 sessions reserved per block (fixed")
+    raw = {"num_blocks": 4, "block_size_gb": 2.0, "cache_size_gb": 1.0, "arrival_rate": 0.1, "bprr_sessions": 3,
+           "servers": [{"server_id": i, "memory_gb": 10, "tau_p": 1.0, "tau_c": 0.5} for i in range(3)]}
+    assert problem_from_dict(raw).bprr_sessions == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(SpecError) as info:
+            problem_from_dict({**cluster, "bprr_sessions": bad})
+        assert info.value.field == "bprr_sessions"
 
 
 def test_bprr_worked_example():
@@ -149,7 +231,7 @@ def test_bprr_phase_two_fills_the_least_served_blocks():
 @FAST
 @given(problems(), st.integers(0, 3))
 def test_placements_respect_memory_and_cover_every_block(problem, seed):
-    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=2),
+    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=2, autograd_gb=0.0),
                   lambda: bprr_placement(problem)):
         try:
             layout = build()
@@ -324,7 +406,7 @@ class Driver:
 
 
 def layouts(problem, seed):
-    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=4),
+    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=4, autograd_gb=0.0),
                   lambda: bprr_placement(problem)):
         try:
             yield build()

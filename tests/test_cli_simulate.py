@@ -24,7 +24,10 @@ STATS = ("mean", "p50", "p95", "p99")
 
 
 def run(*args: str):
-    result = CliRunner().invoke(app, ["simulate", *args])
+    """``chainserve simulate`` with the paper's greedy planner unless ``--planner`` is given (what these
+    tests compare with); tests/test_best_planner.py covers the default ``best``."""
+    planner = () if "--planner" in args else ("--planner", "greedy")
+    result = CliRunner().invoke(app, ["simulate", *args, *planner])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
 
@@ -37,7 +40,7 @@ def run_json(*args: str) -> dict:
 
 def test_subprocess_json_keys_and_types():
     proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "simulate", "--requests", "300", "--seed", "4",
-                           "--json"], capture_output=True, text=True, timeout=120, check=False)
+                           "--json", "--planner", "greedy"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["requests"] == 300 and data["method"] == "proposed" and data["seed"] == 4
@@ -122,8 +125,8 @@ def test_table():
     (("--method", "proposed:fifo"), "policy"),
     (("--policy", "fifo"), "policy"),
     (("--method", "bprr", "--policy", "sed"), "policy"),
-    (("--rate", "-1"), "arrival_rate"),
-    (("--rate", "500"), "arrival_rate"),  # no stable plan
+    (("--rate", "-1"), "rate"),
+    (("--rate", "500"), "rate"),  # no stable plan
     (("--rate", "0.2", "--trace", "bundled"), "rate"),
     (("--trace", "absent.csv"), "trace"),
     (("--time-scale", "2"), "time-scale"),

@@ -37,6 +37,7 @@ def test_sim_example_equals_preset():
 
 def test_testbed_example_equals_preset():
     assert load_cluster(EXAMPLES / "paper-testbed-llama2-7b.yaml") == paper_testbed()
+    assert load_cluster(EXAMPLES / "paper-testbed-llama2-13b.yaml") == paper_testbed(model="llama-2-13b")
 
 
 def test_raw_example():

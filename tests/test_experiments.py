@@ -6,9 +6,9 @@ from typer.testing import CliRunner
 from chainserve.cli import app
 from chainserve.experiments.registry import EXPERIMENTS
 
-SMALL = {"paper-sweeps": (2, 40), "policies": (2, 300), "c-sweep": (2, 200), "table1": (2, 100)}
+SMALL = {"paper-sweeps": (2, 40), "policies": (2, 300), "c-sweep": (2, 200), "table1": (2, 100), "planners": (1, 40)}
 PLOTS = {"paper-sweeps": "paper_sweeps.png", "policies": "policies.png", "c-sweep": "c_sweep.png",
-         "table1": "table1.png"}
+         "table1": "table1.png", "planners": "planners.png"}
 
 
 def test_every_experiment_has_a_small_size():

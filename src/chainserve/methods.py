@@ -3,7 +3,8 @@
 * ``proposed``: c-search over GBP-CR + GCA (§2.3), JFFC over the chains (§2.4);
 * ``proposed:<policy>``: the same chains under another load-balancing policy of
   ``chainserve.dispatch.registry.POLICIES`` (SED, JSQ, JIQ, random, threshold-JFFC …; §3, §4.3);
-* ``petals``: PETALS' placement and client routing; ``bprr``: CG-BP placement and WS-RR routing;
+* ``petals``: PETALS' placement and client routing; ``bprr``: CG-BP placement and WS-RR routing
+  (``bprr:R=<n>`` fixes its sessions per block R instead of its rule);
 * ``jffc-only``: whole-model replicas under JFFC.
 
 Layouts are built once per problem; ``make_dispatcher(rng)`` gives a fresh dispatcher (its own state)
@@ -12,6 +13,7 @@ for every run, so Monte-Carlo runs never share queues.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from chainserve.plan.baselines.bprr import bprr_placement
 from chainserve.plan.baselines.jffc_only import jffc_only_plan
 from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
-from chainserve.plan.csearch import search_c
+from chainserve.plan.best import PLANNERS, plan_with
 from chainserve.plan.types import Plan
 
 
@@ -45,13 +47,17 @@ def check_method_name(name: str) -> tuple[str, str | None]:
     """Split ``name`` into (method, policy or ``None``); raise ``SpecError`` (field ``method`` or
     ``policy``) for an unknown one. Cheap: callers use it to fail before any planning.
 
-    >>> check_method_name("proposed:sed"), check_method_name("petals")
-    (('proposed', 'sed'), ('petals', None))
+    >>> check_method_name("proposed:sed"), check_method_name("petals"), check_method_name("bprr:R=3")
+    (('proposed', 'sed'), ('petals', None), ('bprr', None))
     """
     base, sep, policy = name.partition(":")
     if base not in METHODS:
-        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}, proposed:<policy>")
+        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}, proposed:<policy>, "
+                                  "bprr:R=<n>")
     if not sep:
+        return base, None
+    if base == "bprr":
+        bprr_sessions_option(name)
         return base, None
     if base != "proposed":
         raise SpecError("method", f"only proposed takes a policy, got {name!r}")
@@ -60,12 +66,29 @@ def check_method_name(name: str) -> tuple[str, str | None]:
     return base, policy
 
 
-def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc") -> MethodSetup:
+def bprr_sessions_option(name: str) -> int | None:
+    """BPRR's R fixed by the method name ``bprr:R=<n>`` (``None`` without one); ``SpecError``
+    (field ``method``) for a malformed option.
+
+    >>> bprr_sessions_option("bprr:R=4"), bprr_sessions_option("bprr"), bprr_sessions_option("petals")
+    (4, None, None)
+    """
+    base, sep, option = name.partition(":")
+    if base != "bprr" or not sep:
+        return None
+    match = re.fullmatch(r"R=([1-9][0-9]{0,5})", option)
+    if match is None:
+        raise SpecError("method", f"bprr takes R=<sessions per block, 1..999999>, got {name!r}")
+    return int(match.group(1))
+
+
+def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc", planner: str = "greedy"
+              ) -> MethodSetup:
     factory = POLICIES[policy]
-    plan = search_c(problem)
+    plan = plan_with(planner, problem)
+    how = f"GBP-CR + GCA with c* = {plan.c}" if planner == "greedy" else "best planner"
     return MethodSetup(plan, lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
-                       f"GBP-CR + GCA with c* = {plan.c} ({len(plan.chains)} chains, "
-                       f"{plan.num_job_servers} job servers), {policy}")
+                       f"{how} ({len(plan.chains)} chains, {plan.num_job_servers} job servers), {policy}")
 
 
 def _petals(problem: Problem, rng: np.random.Generator) -> MethodSetup:
@@ -74,8 +97,8 @@ def _petals(problem: Problem, rng: np.random.Generator) -> MethodSetup:
                        f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing")
 
 
-def _bprr(problem: Problem, rng: np.random.Generator) -> MethodSetup:
-    layout = bprr_placement(problem)
+def _bprr(problem: Problem, rng: np.random.Generator, sessions: int | None = None) -> MethodSetup:
+    layout = bprr_placement(problem, sessions)
     return MethodSetup(layout, lambda r: WsRrRouter(layout),
                        f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing")
 
@@ -90,9 +113,10 @@ METHODS: dict[str, Callable[[Problem, np.random.Generator], MethodSetup]] = {
     "proposed": _proposed, "petals": _petals, "bprr": _bprr, "jffc-only": _jffc_only}
 
 
-def build_method(name: str, problem: Problem, rng: np.random.Generator) -> MethodSetup:
-    """Build method ``name`` (a key of :data:`METHODS`, or ``proposed:<policy>``) for ``problem``;
-    ``rng`` drives randomised placements (PETALS' join order). Raises ``ValueError`` for an unknown
+def build_method(name: str, problem: Problem, rng: np.random.Generator, planner: str = "greedy") -> MethodSetup:
+    """Build method ``name`` (a key of :data:`METHODS`, ``proposed:<policy>`` or ``bprr:R=<n>``) for ``problem``;
+    ``rng`` drives randomised placements (PETALS' join order); ``planner`` (``greedy``, the paper's, or
+    ``best``, :func:`chainserve.plan.best.best_plan`) plans the proposed chains. Raises ``ValueError`` for an unknown
     name or a method that does not apply (e.g. ``jffc-only`` when no server fits the model).
 
     >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
@@ -103,6 +127,10 @@ def build_method(name: str, problem: Problem, rng: np.random.Generator) -> Metho
     ('whole-model replicas on 2 servers, JFFC', 'jffc')
     """
     base, policy = check_method_name(name)
-    if policy is not None:
-        return _proposed(problem, rng, policy)
+    if planner not in PLANNERS:
+        raise SpecError("planner", f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
+    if base == "proposed":
+        return _proposed(problem, rng, policy or "jffc", planner)
+    if base == "bprr":
+        return _bprr(problem, rng, bprr_sessions_option(name))
     return METHODS[base](problem, rng)

@@ -54,6 +54,8 @@ def serving(*args: str, tmp_path: Path, ready_s: float = 180.0, token: str | Non
     (tmp_path / "token").write_text(token)
     log_dir = tmp_path / "logs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if "--planner" not in args and "--plan" not in args:  # the paper's greedy plan: deterministic chains
+        args = (*args, "--planner", "greedy")
     proc = subprocess.Popen([sys.executable, "-m", "chainserve", "serve", *args, "--port", "0",
                              "--token-file", str(tmp_path / "token"), "--log-dir", str(log_dir),
                              "--log-level", "warning"],

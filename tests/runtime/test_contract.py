@@ -54,14 +54,15 @@ class VirtualClock:
 
 
 class FakeClient:
-    """A block server that answers at once, except that a job's first hop waits for its gate."""
+    """A block server that answers at once, except that a job's first hop waits for its gate (sessions
+    are named ``j<job>s<serial>``; the script never aborts a job, so one gate per job)."""
 
     def __init__(self, name: str, gates: dict[str, asyncio.Event], first_blocks: set[int]):
         self.name, self.gates, self.first_blocks = name, gates, first_blocks
 
     async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
         if first_block == 1:
-            await self.gates.setdefault(session, asyncio.Event()).wait()
+            await self.gates.setdefault(session.partition("s")[0], asyncio.Event()).wait()
         return hidden
 
     def close_session(self, session):
@@ -100,7 +101,8 @@ async def drive_orchestrator(layout, dispatcher, times, durations) -> dict[int, 
         t_arrival = times[next_job] if next_job < len(times) else np.inf
         if completions and completions[0][0] <= t_arrival:  # completions first at equal times
             clock.now, job, attempt = heapq.heappop(completions)
-            gates.setdefault(f"j{job}a{attempt}", asyncio.Event()).set()
+            assert attempt == 0
+            gates.setdefault(f"j{job}", asyncio.Event()).set()
         else:
             clock.now = t_arrival
             stream = orch.generate(head.encode("the chain serves"), params)

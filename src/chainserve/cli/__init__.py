@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 #: command → (module, function), in the order ``--help`` lists them.
 COMMANDS = {
@@ -22,18 +24,67 @@ COMMANDS = {
 }
 
 
-def _root() -> None:
+class _Flags:
+    """On/off flags show as flags in ``--help`` (no ``<bool>`` value) with their default."""
+
+    params: list[Any]
+
+    def _plain_flags(self) -> None:
+        for param in self.params:
+            if getattr(param, "is_flag", False) and not param.secondary_opts:
+                param.metavar, param.show_default = "", False
+                param.help = f"{param.help or ''} \\[default: {'on' if param.default else 'off'}]".strip()
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_Flags, TyperGroup):
+    """The root command: usage errors of any command print one ``error: <field>: …`` line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain_flags()
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        from chainserve.cli.common import run_one_line
+
+        return run_one_line(super().main, args, prog_name, complete_var, standalone_mode, **extra)
+
+
+class _Command(_Flags, TyperCommand):
+    """One command (see :class:`_Flags`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain_flags()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"chainserve {version('chainserve')}")
+        raise typer.Exit()
+
+
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     """Plan, simulate and serve chain-structured LLM inference over heterogeneous GPUs."""
 
 
 def build_app(names: tuple[str, ...] = tuple(COMMANDS)) -> typer.Typer:
     """The typer app with the given commands."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                       help="Plan, simulate and serve chain-structured LLM inference over heterogeneous GPUs.")
-    app.callback()(_root)
+    app.callback(cls=_Group)(_root)
     for name in names:
         module, function = COMMANDS[name]
-        app.command(name)(getattr(importlib.import_module(f"chainserve.cli.{module}"), function))
+        app.command(name, cls=_Command)(getattr(importlib.import_module(f"chainserve.cli.{module}"), function))
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -12,10 +13,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from chainserve.cli.common import stderr_console, stdout_console, user_errors
+from chainserve.cli.common import (
+    check_image_path,
+    fmt_s,
+    renamed,
+    stderr_console,
+    stdout_console,
+    user_errors,
+)
+from chainserve.model import limits
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
-from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
+from chainserve.plan.best import best_plan
+from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Plan
@@ -27,6 +37,11 @@ DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "default-cluste
 class Objective(StrEnum):
     lower = "lower"
     surrogate = "surrogate"
+
+
+class Planner(StrEnum):
+    best = "best"
+    greedy = "greedy"
 
 
 class Export(StrEnum):
@@ -50,27 +65,36 @@ def plan(
     cluster: Annotated[Path | None, typer.Argument(
         metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
                                   "(BLOOM-176B on 20 MIG slices, η = 0.2).")] = None,
-    rate: Annotated[float | None, typer.Option("--rate", help="Override the arrival rate λ (requests/s).")
-                    ] = None,
-    rho_bar: Annotated[float | None, typer.Option("--rho-bar", help="Override the design load ρ̄.")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", help="Arrival rate λ in requests/s, 1e-06..1e+06 "
+                                                              "\\[default: the cluster file's]")] = None,
+    rho_bar: Annotated[float | None, typer.Option("--rho-bar", help="Design load ρ̄ (GBP-CR places servers until "
+                                                                    "ν ≥ λ/ρ̄), 0.001..0.999 \\[default: the "
+                                                                    "cluster file's, else 0.7]")] = None,
     c: Annotated[str, typer.Option("--c", metavar="N|auto",
                                    help="Cache reservation c: a positive integer, or 'auto' to search.")
                  ] = "auto",
     objective: Annotated[Objective, typer.Option(help="Score of the c search: least lower bound on the mean "
                                                       "response time, or most job servers c·K(c).")
                          ] = Objective.lower,
+    planner: Annotated[Planner, typer.Option(help="best: the greedy plan improved (more placements, local "
+                                                  "search, MILP; never worse by the lower bound); greedy: the "
+                                                  "paper's GBP-CR + GCA + c-search. --c N and --objective "
+                                                  "surrogate plan greedily.")] = Planner.best,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
-    export: Annotated[Export | None, typer.Option(help="Also print one server command per placed server.")
-                      ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the placement and chains to this image file.")
-                    ] = None,
+    export: Annotated[Export | None, typer.Option(help="Also print one PETALS run_server command per placed "
+                                                      "server \\[default: none]")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw the placement and chains to this image file (.png, "
+                                                   ".pdf, .svg, …) \\[default: none]")] = None,
 ) -> None:
     """Place blocks and allocate cache for a cluster, and bound the mean response time under JFFC."""
     c_value = parse_c(c)
     err = stderr_console()
     with user_errors():
+        if plot is not None:
+            check_image_path("plot", plot)
         problem = _with_overrides(load_cluster(cluster or DEFAULT_CLUSTER), rate, rho_bar)
-        result = _make_plan(problem, c_value, objective.value, err)
+        with renamed("arrival_rate", "rate") if rate is not None else nullcontext():
+            result = _make_plan(problem, c_value, objective.value, err, planner.value)
         commands = petals_commands(result) if export is Export.petals else None
         if plot is not None:
             from chainserve.plan.plot import plot_plan  # matplotlib only when asked for
@@ -93,12 +117,21 @@ def plan(
 
 
 def _with_overrides(problem: Problem, rate: float | None, rho_bar: float | None) -> Problem:
+    """The problem with ``--rate`` / ``--rho-bar`` applied (each checked against its range)."""
+    if rate is not None:
+        limits.check_range("rate", rate, limits.RATE_PER_S, "requests/s")
+    if rho_bar is not None:
+        limits.check_range("rho-bar", rho_bar, limits.RHO_BAR)
     changes = {k: v for k, v in (("arrival_rate_per_s", rate), ("rho_bar", rho_bar)) if v is not None}
     return problem.with_workload(**changes) if changes else problem
 
 
-def _make_plan(problem: Problem, c: int | None, objective: str, err: Console) -> Plan:
-    """``search_c`` with a progress bar (on a terminal), or ``plan_for_c`` for a given c."""
+def _make_plan(problem: Problem, c: int | None, objective: str, err: Console, planner: str = "greedy") -> Plan:
+    """``best_plan`` (planner ``best``, c searched, objective ``lower``), else ``search_c`` with a progress
+    bar (on a terminal), or ``plan_for_c`` for a given c."""
+    if planner == "best" and c is None and objective == "lower":
+        with err.status("planning (best) …") if err.is_terminal else nullcontext():
+            return best_plan(problem)
     if c is not None:
         result = plan_for_c(problem, c)
         if result is None:
@@ -107,7 +140,7 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console) ->
         return result[1]
     columns = (TextColumn("searching c"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("c", total=max_reservation(problem))
+        task = progress.add_task("c", total=searched_reservations(problem))
         return search_c(problem, objective,
                         lambda done, total: progress.update(task, completed=done, total=total))
 
@@ -130,14 +163,47 @@ def _print_plan(result: Plan, out: Console) -> None:
         chains.add_column(header, justify="left" if header in ("servers", "blocks per hop") else "right")
     for k, ch in enumerate(result.chains, start=1):
         chains.add_row(str(k), " → ".join(names[h.server] for h in ch.hops),
-                       " + ".join(str(h.num_blocks) for h in ch.hops), f"{ch.service_time_s:.3f}",
+                       " + ".join(str(h.num_blocks) for h in ch.hops), fmt_s(ch.service_time_s),
                        f"{ch.rate_per_s:.4f}", str(ch.capacity))
     out.print(servers)
-    unplaced = [names[j] for j in range(problem.num_servers) if j not in cache]
+    unplaced = [j for j in range(problem.num_servers) if j not in cache]
     if unplaced:
-        out.print(f"not placed: {', '.join(unplaced)}", highlight=False)
+        out.print(_idle_servers(result, unplaced), highlight=False)
     out.print(chains)
     out.print(_summary(result))
+    out.print(LEGEND, highlight=False)
+
+
+LEGEND = """\
+Key: m_j = blocks server j hosts; cache GB = KV cache reserved on it for the jobs of its chains; jobs = Σ c_k over
+the chains through it. T_k = mean service time of chain k (its servers' τ^c + τ^p × blocks); μ_k = 1/T_k; c_k = jobs
+chain k runs at once. c is GBP-CR's reservation while placing (cache for c jobs on every block); GCA then gives
+each chain all the capacity the remaining memory allows, so c_k can exceed c. ν = Σ c_k μ_k is the total service
+rate, ρ = λ/ν the load, ρ̄ the design load. E[T] bounds: Sun, He, Hou (2026), Theorem 4, under JFFC dispatch."""
+
+
+def _idle_servers(result: Plan, unplaced: list[int]) -> str:
+    """Why servers host nothing: too little memory for one block, or not needed for λ/ρ̄."""
+    from chainserve.plan.gbp_cr import blocks_with_reservation
+
+    problem = result.problem
+    names = [s.name for s in problem.servers]
+    blocks = blocks_with_reservation(problem, result.c) if result.c is not None else [1] * problem.num_servers
+    small = [names[j] for j in unplaced if blocks[j] == 0]
+    spare = [names[j] for j in unplaced if blocks[j] > 0]
+    lines = []
+    if spare:
+        target = problem.arrival_rate_per_s / problem.workload.rho_bar
+        if any(note.startswith("planner: best") for note in result.notes):
+            lines.append(f"not placed (not needed): {', '.join(spare)} — no plan found with them had a lower "
+                         "bound on the mean response time")
+        else:
+            lines.append(f"not placed (not needed): {', '.join(spare)} — GBP-CR stops adding servers once its "
+                         f"chains promise c·Σ 1/T ≥ λ/ρ̄ = {target:.4g}/s")
+    if small:
+        lines.append(f"not placed (too little memory): {', '.join(small)} — cannot hold one block with cache for "
+                     f"c = {result.c} jobs")
+    return "\n".join(lines)
 
 
 def _summary(result: Plan) -> Table:
@@ -149,8 +215,9 @@ def _summary(result: Plan) -> Table:
     rows = [
         ("cluster", f"{problem.name}: {problem.model.name}, L = {problem.model.num_blocks} blocks, "
                     f"{problem.num_servers} servers"),
-        ("workload", f"λ = {w.arrival_rate_per_s:g}/s, ρ̄ = {w.rho_bar:g}, "
-                     f"{w.prompt_tokens} prompt + {w.output_tokens} output tokens"),
+        ("workload", f"λ = {w.arrival_rate_per_s:g}/s, ρ̄ = {w.rho_bar:g}" + (
+            f", {w.prompt_tokens} prompt + {w.output_tokens} output tokens"
+            if problem.model.flops_per_token_per_block is not None else "")),
         ("c (reservation)", "—" if result.c is None else str(result.c)),
         ("K (chains)", str(len(result.chains))),
         ("C = Σ c_k", str(result.num_job_servers)),
@@ -158,8 +225,8 @@ def _summary(result: Plan) -> Table:
         ("ρ = λ/ν", f"{result.load:.3f}"),
     ]
     if result.is_stable:
-        rows.append(("mean response", f"{result.bounds.lower_s:.3f} s ≤ E[T] ≤ {result.bounds.upper_s:.3f} s "
-                                      "(JFFC, Theorem-4 bounds)"))
+        rows.append(("mean response", f"{fmt_s(result.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(result.bounds.upper_s)} s "
+                                      "(JFFC, Poisson arrivals; Theorem-4 bounds)"))
     else:
         rows.append(("mean response", "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"))
     for key, value in rows:

@@ -54,13 +54,22 @@ def serve(
         metavar="NAME=X", help="Stretch a server's compute X-fold (heterogeneity on one host).")] = None,
     delay_ms: Annotated[list[str] | None, typer.Option(
         metavar="NAME=MS", help="Extra one-way network delay of a server, in ms.")] = None,
-    max_waiting: Annotated[int | None, typer.Option(help="Bound of the central queue (HTTP 429 past it).")] = None,
+    max_waiting: Annotated[int | None, typer.Option(
+        help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold).")] = None,
+    request_timeout_s: Annotated[float, typer.Option(help="End a request not finished after this long "
+                                                          "(HTTP 504).")] = 600.0,
+    heartbeat_s: Annotated[float, typer.Option(help="Ask every block server for a heartbeat this often.")] = 0.5,
+    heartbeat_deadline_s: Annotated[float, typer.Option(
+        help="A server that misses a heartbeat's reply for this long is marked dead.")] = 2.0,
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.",
                                                 envvar="CHAINSERVE_API_KEY")] = None,
     token_file: Annotated[Path | None, typer.Option(
         help="Secret shared with the block servers (default: $CHAINSERVE_TOKEN, else a fresh one).")] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
+    planner: Annotated[str, typer.Option(metavar="best|greedy", help="Planner of the proposed chains: best "
+                                                                     "(improves on the paper's greedy) or greedy.")
+                       ] = "best",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""
@@ -72,7 +81,8 @@ def serve(
         config = ServeConfig(cluster, plan, backend, model, method, launcher, address,
                              parse_pairs(servers, "servers", number=False), host, port, max_tokens,
                              parse_pairs(slowdown, "slowdown"), parse_pairs(delay_ms, "delay_ms"), seed, max_waiting,
-                             api_key, read_secret(token_file, "CHAINSERVE_TOKEN"), log_dir)
+                             api_key, read_secret(token_file, "CHAINSERVE_TOKEN"), log_dir, request_timeout_s,
+                             heartbeat_s, heartbeat_deadline_s, planner=planner)
 
     def ready(url: str, service) -> None:
         typer.echo(f"chainserve: serving {service.orchestrator.model_id} on {url} "

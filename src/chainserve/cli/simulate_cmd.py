@@ -10,7 +10,6 @@ Seeds follow :mod:`chainserve.sim.runs`: ``--seed s`` is replication s of the ex
 from __future__ import annotations
 
 import json
-import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -20,18 +19,28 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chainserve.cli.common import stderr_console, stdout_console, user_errors
+from chainserve.cli.common import fmt_s, renamed, stderr_console, stdout_console, user_errors
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
 from chainserve.methods import METHODS, check_method_name
+from chainserve.model import limits
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
+from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
 from chainserve.sim.arrivals import ArrivalProcess, GammaArrivals, PoissonArrivals, TraceArrivals, read_azure_trace
 from chainserve.sim.runs import Replication, run_method
 from chainserve.sim.service import SERVICE_MODELS, service_model
 
 BUNDLED_TRACE = "bundled"
+#: Most requests one run simulates.
+MAX_REQUESTS = 10_000_000
+#: ``--burstiness`` (inter-arrival CV) and ``--time-scale`` ranges.
+CV_RANGE = (0.01, 10.0)
+TIME_SCALE_RANGE = (1e-3, 1e3)
+#: Simulated clocks are floats: the run's span may be at most this many shortest service times, so
+#: that a service time keeps ~7 significant digits next to the clock (2^-52 × 1e9 ≈ 2e-7).
+MAX_SPAN_IN_SERVICE_TIMES = 1e9
 
 
 def simulate(
@@ -42,33 +51,52 @@ def simulate(
                       ] = "proposed",
     policy: Annotated[str | None, typer.Option(help="Dispatch policy of the proposed chains: "
                                                     f"{', '.join(POLICIES)} (default jffc).")] = None,
-    requests: Annotated[int, typer.Option(help="Number of requests to simulate.")] = 1000,
-    rate: Annotated[float | None, typer.Option(help="Override the arrival rate λ (requests/s).")] = None,
+    requests: Annotated[int, typer.Option(help=f"Number of requests to simulate, 1..{MAX_REQUESTS}.")] = 1000,
+    rate: Annotated[float | None, typer.Option(help="Arrival rate λ in requests/s, 1e-06..1e+06 \\[default: the "
+                                                    "cluster file's]")] = None,
     trace: Annotated[str | None, typer.Option(
         metavar="FILE|bundled", help="Replay an Azure-format trace (TIMESTAMP,ContextTokens,GeneratedTokens); "
-                                     "'bundled': the shipped Azure code trace 2023.")] = None,
+                                     "'bundled': the shipped Azure code trace 2023 \\[default: none, Poisson "
+                                     "arrivals]")] = None,
     time_scale: Annotated[float | None, typer.Option(
-        help="Multiply the trace's inter-arrival times (0.5 replays twice as fast; default 1).")] = None,
-    trace_start: Annotated[int | None, typer.Option(help="First trace row to replay (default 0).")] = None,
+        help="Multiply the trace's inter-arrival times, 0.001..1000 (0.5 replays twice as fast) \\[default: 1]"
+    )] = None,
+    trace_start: Annotated[int | None, typer.Option(help="First trace row to replay \\[default: 0]")] = None,
     burstiness: Annotated[float | None, typer.Option(
-        metavar="CV", help="Coefficient of variation of Gamma inter-arrival times (1: Poisson).")] = None,
+        metavar="CV", help="Coefficient of variation of Gamma inter-arrival times, 0.01..10 (1: Poisson) "
+                           "\\[default: 1]")] = None,
     service: Annotated[str, typer.Option(metavar="|".join(SERVICE_MODELS),
                                          help="Service-time model.")] = "exponential",
     seed: Annotated[int, typer.Option(help="Seed of the placement, dispatch and simulation streams.")] = 0,
-    warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics.")] = 0,
+    warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics, "
+                                             "0..requests-1.")] = 0,
+    planner: Annotated[str, typer.Option(metavar="best|greedy", help="Planner of the proposed chains: best "
+                                                                     "(improves on the paper's greedy) or greedy.")
+                       ] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
     err = stderr_console()
     with user_errors():
         name = method_name(method, policy)
+        if planner not in PLANNERS:
+            raise SpecError("planner", f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
         _check_counts(requests, warmup, seed)
         service_model(service)
         problem = load_cluster(cluster or DEFAULT_CLUSTER)
         problem, arrivals, arrivals_text = _arrivals(problem, requests, rate, trace, time_scale, trace_start,
                                                      burstiness)
-        with _spinner(err, f"simulating {requests} requests of {name} …"):
-            run = run_method(problem, name, seed, requests, arrivals, service, warmup)
+        rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
+        _check_span(problem, requests, rate_field)
+        with _spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
+            try:
+                run = run_method(problem, name, seed, requests, arrivals, service, warmup, planner)
+            except SpecError as exc:
+                if exc.field != "arrival_rate" or trace is None:
+                    raise
+                raise SpecError("arrival_rate", f"{str(exc).removeprefix('arrival_rate: ')} (the trace's own rate; "
+                                "replay it slower with --time-scale, or use a larger cluster such as "
+                                "examples/paper-testbed-llama2-7b.yaml)") from None
     plan = run.setup.plan_or_placement
     if as_json:
         typer.echo(json.dumps(_to_json(run, name, problem, arrivals_text, service, warmup), indent=2))
@@ -95,8 +123,7 @@ def method_name(method: str, policy: str | None) -> str:
 
 
 def _check_counts(requests: int, warmup: int, seed: int) -> None:
-    if requests < 1:
-        raise SpecError("requests", f"must be at least 1, got {requests}")
+    limits.check_count("requests", requests, MAX_REQUESTS)
     if not 0 <= warmup < requests:
         raise SpecError("warmup", f"must lie in 0..{requests - 1} (fewer than --requests), got {warmup}")
     if seed < 0:
@@ -109,6 +136,8 @@ def _arrivals(problem: Problem, num_jobs: int, rate: float | None, trace: str | 
     if trace is None:
         if time_scale is not None or trace_start is not None:
             raise SpecError("time-scale" if time_scale is not None else "trace-start", "applies only with --trace")
+        if rate is not None:
+            limits.check_range("rate", rate, limits.RATE_PER_S, "requests/s")
         return _generated(problem if rate is None else problem.with_workload(arrival_rate_per_s=rate),
                           burstiness)
     if rate is not None:
@@ -122,8 +151,7 @@ def _generated(problem: Problem, cv: float | None) -> tuple[Problem, ArrivalProc
     lam = problem.arrival_rate_per_s
     if cv is None or cv == 1:
         return problem, PoissonArrivals(), f"Poisson, λ = {lam:g}/s"
-    if not (math.isfinite(cv) and cv > 0):
-        raise SpecError("burstiness", f"must be a positive number, got {cv!r}")
+    limits.check_range("burstiness", cv, CV_RANGE)
     return problem, GammaArrivals(cv), f"Gamma renewal, CV = {cv:g}, λ = {lam:g}/s"
 
 
@@ -131,10 +159,11 @@ def _replayed(problem: Problem, num_jobs: int, trace: str, scale: float, first: 
               ) -> tuple[Problem, ArrivalProcess, str]:
     """Rows ``first ..`` of the trace; λ becomes their mean rate (n − 1)/span, after ``scale``."""
     path = None if trace == BUNDLED_TRACE else Path(trace)
+    if path is not None and path.is_dir():
+        raise SpecError("trace", f"{trace} is a folder; give a trace file (CSV) or 'bundled'")
     if path is not None and not path.is_file():
         raise SpecError("trace", f"{trace}: no such file")
-    if not (math.isfinite(scale) and scale > 0):
-        raise SpecError("time-scale", f"must be a positive number, got {scale!r}")
+    limits.check_range("time-scale", scale, TIME_SCALE_RANGE)
     num_rows = len(read_azure_trace(path))
     if not 0 <= first < num_rows:
         raise SpecError("trace-start", f"must lie in 0..{num_rows - 1} (the trace's rows), got {first}")
@@ -146,10 +175,26 @@ def _replayed(problem: Problem, num_jobs: int, trace: str, scale: float, first: 
     if span_s <= 0:
         raise SpecError("requests", "the replayed requests all arrive at once, so the trace has no rate; "
                                     "replay more of them")
-    problem = problem.with_workload(arrival_rate_per_s=(num_jobs - 1) / span_s)
+    rate = (num_jobs - 1) / span_s
+    if not limits.RATE_PER_S[0] <= rate <= limits.RATE_PER_S[1]:
+        raise SpecError("time-scale" if scale != 1 else "trace",
+                        f"the replayed rows' rate {rate:.3g}/s lies outside 1e-06..1e+06 requests/s")
+    problem = problem.with_workload(arrival_rate_per_s=rate)
     text = (f"{'Azure code trace 2023' if path is None else path.name}, rows {first}–{first + num_jobs - 1}, "
             f"time ×{scale:g}, λ = {problem.arrival_rate_per_s:.4g}/s")
     return problem, process, text
+
+
+def _check_span(problem: Problem, num_jobs: int, field: str) -> None:
+    """Refuse runs whose clock would lose a service time's precision (see MAX_SPAN_IN_SERVICE_TIMES):
+    the requests span about n/λ seconds, a service time is at least L·min τ^p."""
+    shortest_s = problem.model.num_blocks * min(s.tau_p_s for s in problem.servers)
+    span_s = num_jobs / problem.arrival_rate_per_s
+    if span_s > MAX_SPAN_IN_SERVICE_TIMES * shortest_s:
+        need = num_jobs / (MAX_SPAN_IN_SERVICE_TIMES * shortest_s)
+        raise SpecError(field, f"{num_jobs} requests at λ = {problem.arrival_rate_per_s:g}/s span ~{span_s:.3g} s, "
+                               f"more than 1e9 service times ({shortest_s:.3g} s each): the simulated clock "
+                               f"would round service times away; use λ ≥ {need:.3g}/s or fewer requests")
 
 
 def _spinner(err: Console, text: str) -> AbstractContextManager[object]:
@@ -177,7 +222,7 @@ def _print_run(run: Replication, name: str, problem: Problem, arrivals_text: str
         times.add_column(header, justify="left" if header == "metric" else "right")
     for label, stats in (("response", summary.response), ("waiting", summary.waiting),
                          ("service", summary.service)):
-        times.add_row(label, *(f"{v:.3f}" for v in (stats.mean_s, stats.p50_s, stats.p95_s, stats.p99_s)))
+        times.add_row(label, *(fmt_s(v) for v in (stats.mean_s, stats.p50_s, stats.p95_s, stats.p99_s)))
     info = Table(title="Run", title_justify="left", show_header=False)
     info.add_column(style="bold")
     info.add_column()
@@ -196,9 +241,11 @@ def _print_run(run: Replication, name: str, problem: Problem, arrivals_text: str
                                       f"({ci.confidence:.0%} batch-means interval)"))
     plan = run.setup.plan_or_placement
     if isinstance(plan, Plan):
-        bounds = (f"{plan.bounds.lower_s:.3f} s ≤ E[T] ≤ {plan.bounds.upper_s:.3f} s" if plan.is_stable
+        bounds = (f"{fmt_s(plan.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(plan.bounds.upper_s)} s" if plan.is_stable
                   else "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]")
-        rows.append(("Theorem-4 bounds", f"{bounds} (JFFC); simulated mean {summary.response.mean_s:.3f} s"))
+        poisson = ("JFFC, Poisson arrivals" if arrivals_text.startswith("Poisson") else
+                   "JFFC, assuming Poisson arrivals at this mean rate; these arrivals are not Poisson")
+        rows.append(("Theorem-4 bounds", f"{bounds} ({poisson}); simulated mean {fmt_s(summary.response.mean_s)} s"))
     for key, value in rows:
         info.add_row(key, value)
     out.print(times)

@@ -28,11 +28,20 @@ def reduction_pct(ours: float, theirs: float) -> float:
     return 100.0 * (1.0 - ours / theirs) if theirs > 0 and math.isfinite(theirs) else math.nan
 
 
+def pct(value: float) -> str:
+    """One percent convention for every report: ``12.3 %`` (a reduction is positive when ours is lower)."""
+    return "–" if math.isnan(value) else f"{value:.1f} %"
+
+
+#: ``chainserve experiment --quiet`` turns the progress bars off.
+SHOW_PROGRESS = True
+
+
 def progress_bar(console: Console | None = None) -> Progress:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+    """A rich progress bar on stderr (hidden when stderr is not a terminal, or with :data:`SHOW_PROGRESS` off)."""
     console = console or Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not console.is_terminal, transient=True)
+                    console=console, disable=not (SHOW_PROGRESS and console.is_terminal), transient=True)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -30,4 +30,6 @@ EXPERIMENTS: dict[str, Experiment] = {
                           "response time and bounds vs c; chosen c vs λ"),
     "table1": Experiment("chainserve.experiments.table1:table1", 5, 1000,
                          "§4.2 Table 1 in simulation: MIG testbed + Azure code trace"),
+    "planners": Experiment("chainserve.experiments.planners:planner_comparison", 20, 300,
+                           "§4.1 sweeps with the proposed method planned greedily (paper) vs by the best planner"),
 }

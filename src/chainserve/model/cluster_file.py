@@ -10,6 +10,7 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
                                    # or raw {num_blocks, block_size_gb, cache_size_gb[, name]}
     dtype: fp16                    # optional, default the model's
     max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
+    bprr_sessions: 3               # optional, fixes BPRR's R (default: its rule, plan/baselines/bprr.py)
     workload: {arrival_rate: 2.57, prompt_tokens: 2048, output_tokens: 28, rho_bar: 0.7}
     servers:
       - {gpu: a100-3g.40gb, count: 3, rtt_ms: [20, 35, 50], name: high}
@@ -31,8 +32,12 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
      "num_blocks": 70, "block_size_gb": 1.31, "cache_size_gb": 0.117,
      "arrival_rate": 0.2, "rho_bar": 0.7}
 
-(optional: ``name``, ``prompt_tokens``, ``output_tokens``). Every problem raises :class:`SpecError`
-naming the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
+(optional: ``name``, ``prompt_tokens``, ``output_tokens``, ``bprr_sessions``, ``max_tokens``: the
+sequence length ``cache_size_gb`` holds, needed only by ``plan --export petals``; a raw model mapping
+in the cluster format takes it too). Numbers must lie in the ranges of :mod:`chainserve.model.limits`
+(times 1e-6..1e6 s, rates 1e-6..1e6/s, sizes 1e-9..1e6 GB, ρ̄ 0.001..0.999, at most 1000 servers and
+1000 blocks, tokens 1..10^6). Every problem raises
+:class:`SpecError` naming the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
 """
 
 from __future__ import annotations
@@ -47,16 +52,16 @@ from typing import Any
 
 import yaml
 
-from chainserve.model import catalogue
+from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
 from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
 
 WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
 SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms",
                "rtt_ms", "rtt_s")
-RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb")
+RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb", "max_tokens")
 RAW_KEYS = ("name", "servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate", "rho_bar",
-            "prompt_tokens", "output_tokens")
+            "prompt_tokens", "output_tokens", "bprr_sessions", "max_tokens")
 RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
 RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
 
@@ -64,10 +69,15 @@ RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
 def load_cluster(path: str | Path) -> Problem:
     """Read a cluster file; the problem is named after the file unless it names itself."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(str(path), "is a folder, not a cluster file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(str(path), "no such file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                                   "save the cluster file as UTF-8") from None
     except OSError as exc:
         raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
     return problem_from_dict(_parse(text, path), default_name=path.stem)
@@ -99,14 +109,19 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
     data = _mapping(data, "cluster")
     if "num_blocks" in data:
         return _raw_problem(data, default_name)
-    _check_keys(data, "", ("name", "model", "dtype", "max_tokens", "workload", "servers"),
+    _check_keys(data, "", ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions"),
                 required=("model", "workload", "servers"))
     workload = _workload(_mapping(data["workload"], "workload"), "workload")
     arch, model = _model(data, workload)
     entries = _list(data["servers"], "servers")
-    servers = [server for i, entry in enumerate(entries)
-               for server in _entry_servers(entry, f"servers[{i}]", arch, model, workload)]
-    return Problem(tuple(servers), model, workload, _string(data.get("name", default_name), "name"))
+    servers: list[Server] = []
+    for i, entry in enumerate(entries):
+        servers += _entry_servers(entry, f"servers[{i}]", arch, model, workload)
+        if len(servers) > limits.MAX_SERVERS:
+            raise SpecError(f"servers[{i}]", f"the cluster has more than {limits.MAX_SERVERS} servers "
+                                             f"(the planner's limit on J) after this entry")
+    return Problem(tuple(servers), model, workload, _string(data.get("name", default_name), "name"),
+                   bprr_sessions=_bprr_sessions(data))
 
 
 def replica_servers(name: str, count: int, *, memory_gb: float, tau_p_s: float, round_trips: int,
@@ -136,12 +151,12 @@ def replica_servers(name: str, count: int, *, memory_gb: float, tau_p_s: float, 
 
 def _workload(data: Mapping[str, Any], path: str) -> Workload:
     _check_keys(data, path, WORKLOAD_KEYS, required=("arrival_rate",))
-    fields: dict[str, Any] = {"arrival_rate_per_s": _number(data, "arrival_rate", path)}
+    fields: dict[str, Any] = {"arrival_rate_per_s": _number(data, "arrival_rate", path, RATE)}
     if "rho_bar" in data:
-        fields["rho_bar"] = _number(data, "rho_bar", path)
+        fields["rho_bar"] = _number(data, "rho_bar", path, RHO)
     for key in ("prompt_tokens", "output_tokens"):
         if key in data:
-            fields[key] = _count(data, key, path)
+            fields[key] = _count(data, key, path, limits.MAX_TOKENS)
     with _at(path):
         return Workload(**fields)
 
@@ -151,12 +166,14 @@ def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | Non
     raw = data["model"]
     top_options = [k for k in ("dtype", "max_tokens") if k in data]
     if isinstance(raw, Mapping) and "num_blocks" in raw:
-        _check_keys(raw, "model", RAW_MODEL_KEYS, required=RAW_MODEL_KEYS[1:])
+        _check_keys(raw, "model", RAW_MODEL_KEYS, required=RAW_MODEL_KEYS[1:4])
         if top_options:
-            raise SpecError(top_options[0], "only applies to a catalogue model, not to a raw one")
+            raise SpecError(top_options[0], "only applies to a catalogue model, not to a raw one" + (
+                "; a raw model takes it in its mapping (model.max_tokens)" if top_options[0] == "max_tokens" else ""))
         name = _string(raw.get("name", "custom"), "model.name")
-        return None, ModelSpec(name, _count(raw, "num_blocks", "model"),
-                               _number(raw, "block_size_gb", "model"), _number(raw, "cache_size_gb", "model"))
+        return None, ModelSpec(name, _count(raw, "num_blocks", "model", limits.MAX_BLOCKS),
+                               _number(raw, "block_size_gb", "model", MEMORY),
+                               _number(raw, "cache_size_gb", "model", MEMORY), max_tokens=_max_tokens(raw, "model"))
     # where each option comes from: the top level or the model mapping
     source: dict[str, tuple[Mapping[str, Any], str]] = {k: (data, "") for k in top_options}
     if isinstance(raw, Mapping):
@@ -180,7 +197,7 @@ def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | Non
                             f"{', '.join(catalogue.BITS_PER_PARAM)}")
     max_tokens = workload.prompt_tokens + workload.output_tokens
     if "max_tokens" in source:
-        max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1])
+        max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1], limits.MAX_TOKENS)
     return arch, arch.spec(dtype, max_tokens)
 
 
@@ -192,7 +209,7 @@ def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec
     if "gpu" in entry:
         with _at(field=f"{path}.gpu"):
             profile = catalogue.gpu_profile(_string(entry["gpu"], "gpu"))
-    count = _count(entry, "count", path) if "count" in entry else 1
+    count = _count(entry, "count", path, limits.MAX_SERVERS) if "count" in entry else 1
     if "name" in entry:
         name = _string(entry["name"], f"{path}.name")
     elif profile is not None:
@@ -200,7 +217,7 @@ def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec
     else:
         raise SpecError(f"{path}.name", "required when no gpu is given")
     if "memory_gb" in entry:
-        memory_gb: float = _number(entry, "memory_gb", path)
+        memory_gb: float = _number(entry, "memory_gb", path, MEMORY)
     elif profile is not None:
         memory_gb = profile.memory_gb
     else:
@@ -211,10 +228,17 @@ def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec
             raise SpecError(f"{path}.tau_p_s", "required unless both a gpu and a catalogue model are given")
         tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens,
                                   workload.output_tokens)
+        with _at(field=f"{path}.tau_p_s"):
+            limits.check_range("tau_p_s", tau_p, limits.TIME_S, "s (derived from the gpu, model and tokens)")
     tau_c = _seconds(entry, "tau_c", path, allow_zero=True)
     rtts = _rtts(entry, path, count)
     if tau_c is None and rtts is None:
         raise SpecError(f"{path}.rtt_ms", "required unless tau_c_s (or tau_c_ms) is given")
+    if tau_c is None and rtts is not None:
+        for rtt in rtts:  # τ^c = (RTT + 18 ms) × output_tokens must stay a meaningful time
+            with _at(field=f"{path}.rtt_ms"):
+                limits.check_range("tau_c_s", catalogue.tau_c_s(rtt, workload.output_tokens), limits.TIME_S,
+                                   "s for the derived tau_c_s = (RTT + 18 ms) × output_tokens")
     return replica_servers(name, count, memory_gb=memory_gb, tau_p_s=tau_p, rtts_s=rtts, tau_c_s=tau_c,
                            round_trips=workload.output_tokens, gpu=profile.name if profile else None)
 
@@ -230,11 +254,17 @@ def _rtts(entry: Mapping[str, Any], path: str, count: int) -> list[float] | None
     per_s = 1000 if key == "rtt_ms" else 1  # divide, not × 1e-3: 26.0 ms → the same float as presets
     value = entry[key]
     if not isinstance(value, list):
-        return [_number(entry, key, path, allow_zero=True) / per_s] * count
+        return [_number(entry, key, path, _time_bounds(per_s), allow_zero=True) / per_s] * count
     if len(value) != count:
         raise SpecError(f"{path}.{key}", f"expected {count} values (one per server), got {len(value)}")
     items = dict(enumerate(value))
-    return [_number(items, i, f"{path}.{key}", allow_zero=True) / per_s for i in range(count)]
+    return [_number(items, i, f"{path}.{key}", _time_bounds(per_s), allow_zero=True) / per_s
+            for i in range(count)]
+
+
+def _time_bounds(per_s: int) -> tuple[tuple[float, float], str]:
+    """The time range (and unit) in the unit of a ``*_s`` (``per_s`` 1) or ``*_ms`` (1000) field."""
+    return (limits.TIME_S[0] * per_s, limits.TIME_S[1] * per_s), "ms" if per_s == 1000 else "s"
 
 
 def _seconds(entry: Mapping[str, Any], stem: str, path: str, allow_zero: bool = False) -> float | None:
@@ -242,29 +272,45 @@ def _seconds(entry: Mapping[str, Any], stem: str, path: str, allow_zero: bool = 
     if f"{stem}_s" in entry and f"{stem}_ms" in entry:
         raise SpecError(f"{path}.{stem}_s", f"give {stem}_s or {stem}_ms, not both")
     if f"{stem}_s" in entry:
-        return _number(entry, f"{stem}_s", path, allow_zero=allow_zero)
+        return _number(entry, f"{stem}_s", path, _time_bounds(1), allow_zero=allow_zero)
     if f"{stem}_ms" in entry:
-        return _number(entry, f"{stem}_ms", path, allow_zero=allow_zero) / 1000
+        return _number(entry, f"{stem}_ms", path, _time_bounds(1000), allow_zero=allow_zero) / 1000
     return None
 
 
 def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
     _check_keys(data, "", RAW_KEYS, required=RAW_REQUIRED)
     name = _string(data.get("name", default_name), "name")
-    model = ModelSpec(name, _count(data, "num_blocks", ""), _number(data, "block_size_gb", ""),
-                      _number(data, "cache_size_gb", ""))
+    model = ModelSpec(name, _count(data, "num_blocks", "", limits.MAX_BLOCKS),
+                      _number(data, "block_size_gb", "", MEMORY), _number(data, "cache_size_gb", "", MEMORY),
+                      max_tokens=_max_tokens(data, ""))
     workload = _workload({k: data[k] for k in WORKLOAD_KEYS if k in data}, "")
     servers = []
-    for i, raw in enumerate(_list(data["servers"], "servers")):
+    entries = _list(data["servers"], "servers")
+    if len(entries) > limits.MAX_SERVERS:
+        raise SpecError("servers", f"at most {limits.MAX_SERVERS} servers (the planner's limit on J), "
+                                   f"got {len(entries)}")
+    for i, raw in enumerate(entries):
         path = f"servers[{i}]"
         entry = _mapping(raw, path)
         _check_keys(entry, path, RAW_SERVER_KEYS, required=RAW_SERVER_KEYS)
         server_id = entry["server_id"]
         if isinstance(server_id, bool) or not isinstance(server_id, int | str):
             raise SpecError(f"{path}.server_id", f"must be an integer or a string, got {server_id!r}")
-        servers.append(Server(str(server_id), _number(entry, "memory_gb", path),
-                              _number(entry, "tau_p", path), _number(entry, "tau_c", path, allow_zero=True)))
-    return Problem(tuple(servers), model, workload, name)
+        servers.append(Server(str(server_id), _number(entry, "memory_gb", path, MEMORY),
+                              _number(entry, "tau_p", path, _time_bounds(1)),
+                              _number(entry, "tau_c", path, _time_bounds(1), allow_zero=True)))
+    return Problem(tuple(servers), model, workload, name, bprr_sessions=_bprr_sessions(data))
+
+
+def _max_tokens(data: Mapping[str, Any], path: str) -> int | None:
+    """A raw model's optional ``max_tokens``: the sequence length ``cache_size_gb`` was sized for."""
+    return _count(data, "max_tokens", path, limits.MAX_TOKENS) if "max_tokens" in data else None
+
+
+def _bprr_sessions(data: Mapping[str, Any]) -> int | None:
+    """The optional ``bprr_sessions`` field: BPRR's R (sessions per block), fixed by the file."""
+    return _count(data, "bprr_sessions", "") if "bprr_sessions" in data else None
 
 
 # --- field helpers --------------------------------------------------------------------------------
@@ -316,8 +362,10 @@ def _string(value: Any, path: str) -> str:
     return value
 
 
-def _number(data: Mapping[Any, Any], key: object, path: str, allow_zero: bool = False) -> float:
-    """``data[key]`` as a positive (or non-negative) finite number; errors name ``path.key``."""
+def _number(data: Mapping[Any, Any], key: object, path: str, bounds: tuple[tuple[float, float], str],
+            allow_zero: bool = False) -> float:
+    """``data[key]`` as a number in ``bounds`` (a range and its unit, :mod:`~chainserve.model.limits`),
+    or 0 with ``allow_zero``; errors name ``path.key``."""
     value, where = data[key], _join(path, key)
     if isinstance(value, str):
         try:
@@ -330,11 +378,16 @@ def _number(data: Mapping[Any, Any], key: object, path: str, allow_zero: bool = 
         raise SpecError(where, f"must be a number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise SpecError(where, f"must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
-    return value
+    return limits.check_range(where, value, bounds[0], bounds[1], allow_zero=allow_zero)
 
 
-def _count(data: Mapping[str, Any], key: str, path: str) -> int:
+def _count(data: Mapping[str, Any], key: str, path: str, high: int | None = None) -> int:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SpecError(_join(path, key), f"must be a positive integer, got {value!r}")
-    return value
+    return value if high is None else limits.check_count(_join(path, key), value, high)
+
+
+RATE = (limits.RATE_PER_S, "requests/s")
+RHO = (limits.RHO_BAR, "(below 1: a design load of 1 or more plans for an unstable queue)")
+MEMORY = (limits.MEMORY_GB, "GB")

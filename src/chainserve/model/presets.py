@@ -53,10 +53,13 @@ def _paper_servers(name: str, gpu: str, rtts_s: np.ndarray, workload: Workload) 
                            round_trips=workload.output_tokens, gpu=gpu)
 
 
-def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None) -> Problem:
+def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None, model: str = "llama-2-7b") -> Problem:
     """The §4.2 testbed: LLaMA-2-7B in fp16 (s_c for 2048 + 28 tokens) on three A100-80GB split by
     MIG into 3× 3g.40gb ("high-1..3") + 6× 2g.20gb ("low-1..6"); 2048 prompt / 28 output tokens
     (the Azure code trace's means), λ = 2.57/s, ρ̄ = 0.7; ``max_tokens`` sizes s_c (default 2048 + 28).
+    ``model``: another catalogue model in fp16 on the same slices (``llama-2-13b`` gives the
+    memory-tight variant: 25.4 GB of weights, too large for a 20 GB slice); the problem is then named
+    ``paper-testbed-<model>``.
     τ^p comes from the catalogue formula
     (:func:`catalogue.tau_p_s`), τ^c = (RTT + 18 ms) × 28 with the fixed synthetic RTTs of
     :data:`TESTBED_RTTS_MS` (the paper emulated WAN delays with netem but does not list them).
@@ -66,14 +69,14 @@ def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None) -> 
     (9, 32, 'low-1')
     """
     workload = Workload(arrival_rate, rho_bar=0.7, prompt_tokens=2048, output_tokens=28)
-    arch = catalogue.model_arch("llama-2-7b")
-    model = arch.spec("fp16", max_tokens=max_tokens or workload.prompt_tokens + workload.output_tokens)
+    arch = catalogue.model_arch(model)
+    spec = arch.spec("fp16", max_tokens=max_tokens or workload.prompt_tokens + workload.output_tokens)
     servers: tuple[Server, ...] = ()
     for name, gpu in (("high", "a100-3g.40gb"), ("low", "a100-2g.20gb")):
         profile = catalogue.gpu_profile(gpu)
         rtts = TESTBED_RTTS_MS[name]
-        tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens,
+        tau_p = catalogue.tau_p_s(profile, arch, spec.block_size_gb, workload.prompt_tokens,
                                   workload.output_tokens)
         servers += replica_servers(name, len(rtts), memory_gb=profile.memory_gb, tau_p_s=tau_p, gpu=gpu,
                                    rtts_s=[r / 1000 for r in rtts], round_trips=workload.output_tokens)
-    return Problem(servers, model, workload, "paper-testbed")
+    return Problem(servers, spec, workload, "paper-testbed" if model == "llama-2-7b" else f"paper-testbed-{model}")

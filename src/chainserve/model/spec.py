@@ -106,17 +106,24 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """A planning instance: the servers, the model and the workload."""
+    """A planning instance: the servers, the model and the workload.
+
+    ``bprr_sessions``: R for the BPRR baseline when fixed by the cluster file (``None``: its rule).
+    """
 
     servers: tuple[Server, ...]
     model: ModelSpec
     workload: Workload
     name: str = "cluster"
     notes: tuple[str, ...] = field(default=())
+    bprr_sessions: int | None = None
 
     def __post_init__(self) -> None:
         if not self.servers:
             raise SpecError("servers", "at least one server is required")
+        if self.bprr_sessions is not None and (not isinstance(self.bprr_sessions, int)
+                                               or isinstance(self.bprr_sessions, bool) or self.bprr_sessions < 1):
+            raise SpecError("bprr_sessions", f"must be a positive integer, got {self.bprr_sessions!r}")
         names = [s.name for s in self.servers]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -140,4 +147,4 @@ class Problem:
             "output_tokens": w.output_tokens,
         }
         fields.update(changes)
-        return Problem(self.servers, self.model, Workload(**fields), self.name, self.notes)
+        return Problem(self.servers, self.model, Workload(**fields), self.name, self.notes, self.bprr_sessions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Literal
 
 from chainserve.analysis.bounds import response_time_bounds
@@ -52,13 +53,27 @@ def plan_for_c(problem: Problem, c: int) -> tuple[GbpCrResult, Plan] | None:
     return placed, make_plan(problem, placed.placement, chains, c)
 
 
+#: The c-search tries c = 1..min(c_max, C_SEARCH_LIMIT). c_max is memory over the cache of one job
+#: per block, so a tiny cache (``max_tokens: 1``) makes it millions; past a few thousand jobs reserved
+#: per block the placement no longer changes with c (every server already holds what it can), so the
+#: work is bounded by this range, not by the token count. ``plan --c N`` still takes any c ≤ c_max.
+C_SEARCH_LIMIT = 2048
+
+
+def searched_reservations(problem: Problem) -> int:
+    """The largest c the search tries: min(c_max, :data:`C_SEARCH_LIMIT`)."""
+    return min(max_reservation(problem), C_SEARCH_LIMIT)
+
+
 def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | None = None
                     ) -> Iterator[tuple[GbpCrResult, Plan]]:
-    """Stable plans for c = 1..c_max (unstable ones, λ ≥ ν, are skipped). GCA depends on the placement
-    alone, so a placement GBP-CR repeats for another c (m_j(c) takes few distinct values) reuses its
-    chains: same plans as :func:`plan_for_c`, computed once."""
-    c_max = max_reservation(problem)
+    """Stable plans for c = 1..min(c_max, C_SEARCH_LIMIT) (unstable ones, λ ≥ ν, are skipped). GCA
+    depends on the placement alone, so a placement GBP-CR repeats for another c (m_j(c) takes few
+    distinct values) reuses its chains, and chains already scored reuse their bounds: same plans as
+    :func:`plan_for_c`, computed once."""
+    c_max = searched_reservations(problem)
     chains_of: dict[Placement, tuple[Chain, ...]] = {}
+    plan_of: dict[tuple[Placement, tuple[Chain, ...]], Plan] = {}
     for c in range(1, c_max + 1):
         if progress is not None:
             progress(c, c_max)
@@ -67,7 +82,11 @@ def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | Non
             continue
         if placed.placement not in chains_of:
             chains_of[placed.placement] = gca(problem, placed.placement)
-        plan = make_plan(problem, placed.placement, allocate(problem, placed, chains_of[placed.placement]), c)
+        chains = allocate(problem, placed, chains_of[placed.placement])
+        key = (placed.placement, chains)
+        if key not in plan_of:
+            plan_of[key] = make_plan(problem, placed.placement, chains, c)
+        plan = replace(plan_of[key], c=c)
         if plan.is_stable:
             yield placed, plan
 
@@ -100,7 +119,7 @@ def search_c(problem: Problem, objective: Objective = "lower",
     check_model_fits(problem)
     best = min(candidate_plans(problem, progress), key=score, default=None)
     if best is None:
-        raise ValueError(
-            f"arrival_rate: no cache reservation c in 1..{max_reservation(problem)} gives a stable plan "
-            f"for λ = {problem.arrival_rate_per_s:g}/s; lower the rate or add servers")
+        raise SpecError(
+            "arrival_rate", f"no cache reservation c in 1..{searched_reservations(problem)} gives a stable plan "
+                            f"for λ = {problem.arrival_rate_per_s:g}/s; lower the rate or add servers")
     return best[1]

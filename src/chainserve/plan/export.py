@@ -99,8 +99,9 @@ def max_tokens_of(model: ModelSpec) -> int:
     2076
     """
     if model.max_tokens is None:
-        raise SpecError("model.max_tokens", f"unknown for {model.name!r}; give max_tokens (or a catalogue "
-                        "model) so that cache can be sized in tokens")
+        raise SpecError("max_tokens", f"unknown for the raw model {model.name!r}; add \"max_tokens\" (the sequence "
+                        "length cache_size_gb holds) to the raw instance, or model.max_tokens to a raw model "
+                        "mapping, so that cache can be sized in tokens")
     return model.max_tokens
 
 

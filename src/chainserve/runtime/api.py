@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import openai_schema as oa
 from .metrics import RuntimeMetrics
-from .requests import Engine, Finished, Overloaded, SamplingParams, TokenEvent
+from .requests import Engine, Finished, Overloaded, RequestFailed, SamplingParams, TokenEvent
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -364,6 +364,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(oa.ApiError)
     async def api_error(_: Request, e: oa.ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestFailed)
+    async def request_failed(_: Request, e: RequestFailed) -> JSONResponse:
+        code = "timeout" if e.status == 504 else "unavailable"
+        return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:

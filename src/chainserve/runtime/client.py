@@ -117,6 +117,13 @@ class BlockClient:
         """Send a close now; the reply (ignored by callers that need not wait) arrives in the future."""
         return self.send("close", session=session)
 
+    def fail_pending(self, message: str) -> None:
+        """The server is gone: every request still waiting for it fails now (not at its timeout)."""
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ServerFailed(self.name, message, "transport"))
+
     def close(self) -> None:
         for future in self._pending.values():
             if not future.done():

@@ -21,6 +21,9 @@ name                                             type       meaning
                                                             (queue full, HTTP 429), ``error``
 ``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
 ``chainserve:generation_tokens_total``           counter    generated tokens of finished requests
+``chainserve:plan_changes_total{reason}``        counter    chains recomposed (``server_failed``, ``server_back``)
+``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
+``chainserve:requests_resumed_total``            counter    jobs replayed on another chain after a failure
 ===============================================  =========  =================================================
 
 Histograms share :data:`LATENCY_BUCKETS_S`, 1 ms .. 10 min. Counters also expose prometheus-client's
@@ -85,6 +88,11 @@ class RuntimeMetrics:
         )
         self.prompt_tokens = Counter("chainserve:prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("chainserve:generation_tokens_total", "Tokens generated.", registry=r)
+        self.plan_changes = Counter("chainserve:plan_changes_total", "Plan changes by reason.", ["reason"], registry=r)
+        self.server_up = Gauge("chainserve:server_up", "1 while a block server answers.", ["server"], registry=r)
+        self.requests_resumed = Counter(
+            "chainserve:requests_resumed_total", "Jobs resumed on another chain after a failure.", registry=r
+        )
 
     def _histogram(self, name: str, doc: str) -> Histogram:
         return Histogram(f"chainserve:{name}", doc, buckets=LATENCY_BUCKETS_S, registry=self.registry)
@@ -121,6 +129,17 @@ class RuntimeMetrics:
     def observe_failure(self, reason: str) -> None:
         """A request that ended without :class:`Finished` (``cancelled``, ``rejected``, ``error``, …)."""
         self.request_failure.labels(reason=reason).inc()
+
+    def observe_plan_change(self, reason: str) -> None:
+        """The chains were recomposed (``reason``: ``server_failed``, ``server_back``)."""
+        self.plan_changes.labels(reason=reason).inc()
+
+    def set_server_up(self, server: str, up: bool) -> None:
+        self.server_up.labels(server=server).set(1 if up else 0)
+
+    def observe_resume(self) -> None:
+        """A job restarts on another chain, replaying its prompt and the tokens generated so far."""
+        self.requests_resumed.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of this registry and its HTTP content type."""

@@ -8,8 +8,19 @@ servers hop by hop (prefill, then one decode step per token), applies the LM hea
 streams tokens back. When the job ends its sessions close and ``complete`` frees its slot, whose
 starts run next. A refused admission (a server without free block-slots) ``abort``s the start: the
 job goes back to the head of the queue and retries after a short backoff; a client that leaves
-``cancel``s its job. The clock and the block-server clients are injected, so tests run the same code
-on a virtual clock with a fake transport.
+``cancel``s its job; the central queue is bounded (``max_waiting``; past it, :class:`Overloaded`).
+
+Failures (beyond the paper, which plans once): a block server that misses its heartbeats, exits, or
+fails on the data path is marked dead and ``fail_server`` re-queues the jobs of its chains. The
+chains are recomposed without it (``replan``: GCA on the survivors' spans within their arenas,
+:mod:`.recovery`); waiting jobs move to the new dispatcher, jobs still running on old chains finish
+there (drained, never cut). An aborted job resumes on its new chain by replaying its prompt and the
+tokens generated so far as one prefill, so the client's stream goes on where it stopped, with the
+same tokens under greedy decoding (and the same sampler state otherwise). A server that answers
+again rejoins the same way. Every change is logged with its reason and listed at ``/plan``.
+
+The clock and the block-server clients are injected, so tests run the same code on a virtual clock
+with a fake transport.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -29,10 +41,22 @@ from chainserve.plan.types import Layout, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.requests import Finished, Overloaded, RequestTimes, SamplingParams, TokenEvent
+from chainserve.runtime.requests import (
+    Finished,
+    Overloaded,
+    RequestFailed,
+    RequestTimes,
+    SamplingParams,
+    TokenEvent,
+)
 from chainserve.runtime.sampling import Sampler, TextStream
 
 log = logging.getLogger("chainserve.orchestrator")
+
+#: ServerFailed codes that mean the server itself is gone (not a bad request of ours).
+DEAD_CODES = frozenset({"timeout", "transport"})
+#: Replans: given the live servers, a new layout and a fresh dispatcher, or ``None`` to keep the chains.
+Replan = Callable[[frozenset[int]], tuple[Layout, Dispatcher] | None]
 
 
 class ServerClient(Protocol):
@@ -48,23 +72,24 @@ class ServerClient(Protocol):
     async def info(self, timeout_s: float = 10.0) -> dict[str, Any]: ...
 
 
-class RequestFailed(RuntimeError):
-    """A request could not be served (a block server failed); streamed to the client as an error."""
-
-
 @dataclass(slots=True, eq=False)
 class JobRun:
-    """A request in the system: its job, prompt, sampling, event queue and current attempt."""
+    """A request in the system: its job, prompt, decoding state (kept across attempts, so a resumed
+    job continues its stream), event queue, the dispatcher holding it and the start it runs."""
 
     job: Job
     prompt: list[int]
     params: SamplingParams
     times: RequestTimes
+    sampler: Sampler
+    stream: TextStream
+    dispatcher: Dispatcher
+    generated: list[int] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     task: asyncio.Task | None = None
-    route: Route | None = None
-    attempt: int = 0
+    start: Start | None = None
     num_refusals: int = 0
+    num_resumes: int = 0
     done: bool = False
 
 
@@ -81,14 +106,17 @@ class StartRecord:
 
 class Orchestrator:
     """See the module docstring. ``clients[j]`` talks to the block server of problem server j;
-    ``max_waiting`` bounds the central queue (``None``: unbounded)."""
+    ``max_waiting`` bounds the central queue (``None``: unbounded); ``request_timeout_s`` ends a
+    request that has not finished in that time; ``replan`` recomposes chains after a failure."""
 
     def __init__(self, layout: Layout, dispatcher: Dispatcher, head: ModelHead,
                  clients: Mapping[int, ServerClient], *, metrics: RuntimeMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, max_waiting: int | None = None,
-                 retry_backoff_s: float = 0.05, method: str = "proposed"):
+                 retry_backoff_s: float = 0.05, method: str = "proposed", request_timeout_s: float = 600.0,
+                 replan: Replan | None = None, heartbeat_s: float = 0.5, heartbeat_deadline_s: float = 2.0):
         self.layout = layout
         self.dispatcher = dispatcher
+        self.retired: list[Dispatcher] = []  # older dispatchers whose jobs still run (drained)
         self.head = head
         self.clients = dict(clients)
         self.metrics = metrics or RuntimeMetrics()
@@ -96,19 +124,27 @@ class Orchestrator:
         self.max_waiting = max_waiting
         self.retry_backoff_s = retry_backoff_s
         self.method = method
+        self.request_timeout_s = request_timeout_s
+        self.replan = replan
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_deadline_s = heartbeat_deadline_s
         self.model_id = head.model_id
         self.max_tokens = head.max_tokens
         self.names = [s.name for s in layout.problem.servers]
+        self.index = {name: j for j, name in enumerate(self.names)}
         self.block_slots = reserved_block_jobs(layout)
         self.used_slots = dict.fromkeys(self.block_slots, 0)
         self.alive = dict.fromkeys(self.block_slots, True)
         self.runs: dict[int, JobRun] = {}
         self.starts: deque[StartRecord] = deque(maxlen=100_000)
-        state = getattr(dispatcher, "state", None)
-        #: most jobs each chain ever held at once (a check that no chain exceeds c_k)
-        self.peak_busy = [0] * (len(state.chains) if state is not None else 0)
+        self.plan_changes: deque[dict[str, Any]] = deque(maxlen=100)
         self._ids = itertools.count()
+        self._serials = itertools.count()
         self._health: asyncio.Task | None = None
+        self.peak_busy: list[int] = []
+        self._reset_peaks()
+        for j in self.block_slots:
+            self.metrics.set_server_up(self.names[j], True)
         self._update_gauges()
 
     # ---- the API side -------------------------------------------------------------------------
@@ -126,20 +162,42 @@ class Orchestrator:
         if len(prompt_ids) + params.max_tokens > self.max_tokens:
             raise ValueError(f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
                              f"the {self.max_tokens} tokens a job's cache holds")
-        if self.max_waiting is not None and self.dispatcher.num_waiting >= self.max_waiting:
+        waiting = self.num_waiting
+        if self.max_waiting is not None and waiting >= self.max_waiting:
             self.metrics.observe_failure("rejected")
-            raise Overloaded(f"{self.dispatcher.num_waiting} requests are waiting (the bound is {self.max_waiting})")
+            raise Overloaded(f"{waiting} requests are waiting (the bound is {self.max_waiting})",
+                             self._retry_after_s(waiting))
         now = self.clock()
         job = Job(next(self._ids), now, len(prompt_ids), params.max_tokens)
-        run = JobRun(job, list(prompt_ids), params, RequestTimes(now))
+        run = JobRun(job, list(prompt_ids), params, RequestTimes(now), Sampler(params),
+                     TextStream(self.head.decode, params.stop), self.dispatcher)
         self.runs[job.job_id] = run
         self._apply(self.dispatcher.submit(job, now))
         return self._stream(run)
 
+    @property
+    def num_waiting(self) -> int:
+        return self.dispatcher.num_waiting + sum(d.num_waiting for d in self.retired)
+
+    @property
+    def num_running(self) -> int:
+        return self.dispatcher.num_in_service + sum(d.num_in_service for d in self.retired)
+
+    def _retry_after_s(self, waiting: int) -> float:
+        """About how long the queue ahead takes to clear at the plan's rate ν (1 s when unknown)."""
+        rate = sum(ch.capacity * ch.rate_per_s for ch in self.layout.chains)
+        return max(1.0, waiting / rate) if rate > 0 else 1.0
+
     async def _stream(self, run: JobRun) -> AsyncIterator[TokenEvent | Finished]:
+        deadline = run.times.arrived_at + self.request_timeout_s
         try:
             while True:
-                event = await run.events.get()
+                try:
+                    event = await asyncio.wait_for(run.events.get(), max(deadline - self.clock(), 0.0))
+                except TimeoutError:
+                    self.cancel(run.job.job_id, "timeout")
+                    raise RequestFailed(f"the request did not finish within {self.request_timeout_s:g} s",
+                                        504) from None
                 if isinstance(event, Exception):
                     raise event
                 yield event
@@ -149,24 +207,26 @@ class Orchestrator:
             if not run.done:
                 self.cancel(run.job.job_id)
 
-    def cancel(self, job_id: int) -> None:
-        """The client left: stop the job wherever it is and free its place."""
+    def cancel(self, job_id: int, reason: str = "cancelled") -> None:
+        """The client left (or its time ran out): stop the job wherever it is and free its place."""
         run = self.runs.get(job_id)
         if run is None or run.done:
             return
+        dispatcher = run.dispatcher
         self._end(run)
         if run.task is not None:
             run.task.cancel()
-        self.metrics.observe_failure("cancelled")
-        log.info("job %d cancelled", job_id)
-        self._apply(self.dispatcher.cancel(job_id, self.clock()))
+        self.metrics.observe_failure(reason)
+        log.info("job %d %s", job_id, reason)
+        self._apply(dispatcher.cancel(job_id, self.clock()), dispatcher)
 
     # ---- dispatcher decisions -----------------------------------------------------------------
-    def _apply(self, starts: Sequence[Start]) -> None:
+    def _apply(self, starts: Sequence[Start], dispatcher: Dispatcher | None = None) -> None:
         now = self.clock()
         for start in starts:
             run = self.runs[start.job.job_id]
-            run.attempt, run.route = start.attempt, start.route
+            run.dispatcher = dispatcher or self.dispatcher
+            run.start = start
             if run.times.started_at is None:
                 run.times.started_at = now
             for hop in start.route.hops:
@@ -180,11 +240,11 @@ class Orchestrator:
         self._update_gauges()
 
     def _release(self, run: JobRun) -> None:
-        """The job's route no longer holds cache (its slot is about to be freed in the dispatcher)."""
-        if run.route is not None:
-            for hop in run.route.hops:
+        """The job's route no longer holds cache (its slot is being freed in the dispatcher)."""
+        if run.start is not None:
+            for hop in run.start.route.hops:
                 self.used_slots[hop.server] -= hop.num_blocks
-            run.route = None
+            run.start = None
 
     def _end(self, run: JobRun) -> None:
         run.done = True
@@ -193,7 +253,7 @@ class Orchestrator:
 
     async def _serve(self, run: JobRun, start: Start) -> None:
         job_id, route, attempt = start.job.job_id, start.route, start.attempt
-        session = f"j{job_id}a{attempt}"
+        session = f"j{job_id}s{next(self._serials)}"
         opened: list[ServerClient] = []
         try:
             if run.num_refusals:
@@ -201,45 +261,77 @@ class Orchestrator:
             finished = await self._run_route(run, route, session, opened)
         except ServerRefused as exc:
             self._close_sessions(opened, session)
-            run.num_refusals += 1
-            log.info("job %d attempt %d refused (%s); back to the head of the queue", job_id, attempt, exc)
-            self._release(run)
-            self._apply(self.dispatcher.abort(job_id, self.clock()))
+            if run.start is start:
+                run.num_refusals += 1
+                log.info("job %d attempt %d refused (%s); back to the head of the queue", job_id, attempt, exc)
+                self._requeue(run)
             return
         except asyncio.CancelledError:
             self._close_sessions(opened, session)
             raise
-        except (ServerFailed, ValueError) as exc:
+        except ServerFailed as exc:
             self._close_sessions(opened, session)
-            log.error("job %d failed on attempt %d: %s", job_id, attempt, exc)
-            self._end(run)
-            self.metrics.observe_failure("error")
-            run.events.put_nowait(RequestFailed(str(exc)))
-            self._apply(self.dispatcher.cancel(job_id, self.clock()))
+            if run.start is not start:  # already re-queued by the failure that caused this error
+                return
+            if exc.code in DEAD_CODES and exc.server in self.index:
+                self._server_failed(self.index[exc.server], str(exc))
+            elif exc.code == "unknown_session":  # the server restarted under us: replay elsewhere or there
+                log.warning("job %d lost its session on %s; resuming", job_id, exc.server)
+                self._requeue(run)
+            else:
+                self._fail_request(run, str(exc))
+            return
+        except ValueError as exc:
+            self._close_sessions(opened, session)
+            self._fail_request(run, str(exc))
             return
         self._close_sessions(opened, session)
+        dispatcher = run.dispatcher
         self._end(run)
         log.info("job %d done: chain %s, %d tokens, %.3f s", job_id, finished.chain, finished.completion_tokens,
                  finished.e2e_s)
         tpot = ((finished.e2e_s - finished.ttft_s) / (finished.completion_tokens - 1)
                 if finished.completion_tokens > 1 else None)
         self.metrics.observe_finished(finished, tpot)
-        self._apply(self.dispatcher.complete(job_id, self.clock(), attempt))
+        self._apply(dispatcher.complete(job_id, self.clock(), attempt), dispatcher)
+        self._retire_idle()
         run.events.put_nowait(finished)
+
+    def _requeue(self, run: JobRun) -> None:
+        """This start failed (refused, or its session was lost): the job goes back to the head of
+        its dispatcher's queue, keeping what it generated."""
+        dispatcher = run.dispatcher
+        self._release(run)
+        self._apply(dispatcher.abort(run.job.job_id, self.clock()), dispatcher)
+
+    def _fail_request(self, run: JobRun, message: str) -> None:
+        log.error("job %d failed: %s", run.job.job_id, message)
+        dispatcher = run.dispatcher
+        self._end(run)
+        self.metrics.observe_failure("error")
+        run.events.put_nowait(RequestFailed(message))
+        self._apply(dispatcher.cancel(run.job.job_id, self.clock()), dispatcher)
 
     def _close_sessions(self, opened: list[ServerClient], session: str) -> None:
         """Send the closes now (they reach each server before any later open); acks are not awaited."""
         for client in opened:
-            client.close_session(session).add_done_callback(_ignore_result)
+            try:
+                client.close_session(session).add_done_callback(_ignore_result)
+            except ServerFailed:
+                pass  # a dead server frees nothing
         opened.clear()
 
     async def _run_route(self, run: JobRun, route: Route, session: str, opened: list[ServerClient]) -> Finished:
-        """Prefill, then decode token by token through ``route``'s hops; push a TokenEvent per token."""
+        """Prefill (the prompt, plus what was generated before a failure), then decode token by token
+        through ``route``'s hops; push a TokenEvent per new token."""
         params, head = run.params, self.head
         hops = [(hop.start_block, self.clients[hop.server]) for hop in route.hops]
-        sampler, stream = Sampler(params), TextStream(head.decode, params.stop)
-        hidden, position, reason, generated = head.embed(run.prompt), 0, "length", []
-        for n in range(1, params.max_tokens + 1):
+        if run.generated:
+            run.num_resumes += 1
+            self.metrics.observe_resume()
+            log.info("job %d resumes on chain %s after %d tokens", run.job.job_id, route.chain, len(run.generated))
+        hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
+        for n in range(len(run.generated) + 1, params.max_tokens + 1):
             last = n == params.max_tokens
             for first_block, client in hops:
                 is_open = position == 0
@@ -249,33 +341,107 @@ class Orchestrator:
             if last:
                 opened.clear()  # the servers closed the session after this step
             position += hidden.shape[1]
-            token = sampler(head.logits(hidden))
-            generated.append(token)
+            token = run.sampler(head.logits(hidden))
+            run.generated.append(token)
             now = self.clock()
             if run.times.first_token_at is None:
                 run.times.first_token_at = now
             if token in head.eos_token_ids and not params.ignore_eos:
-                run.events.put_nowait(TokenEvent(token, stream.finish()))
+                run.events.put_nowait(TokenEvent(token, run.stream.finish()))
                 reason = "stop"
                 break
-            text = stream.push(token)
-            if stream.stopped:
+            text = run.stream.push(token)
+            if run.stream.stopped:
                 run.events.put_nowait(TokenEvent(token, text))
                 reason = "stop"
                 break
-            run.events.put_nowait(TokenEvent(token, text + (stream.finish() if last else "")))
+            run.events.put_nowait(TokenEvent(token, text + (run.stream.finish() if last else "")))
             if not last:
                 hidden = head.embed([token])
         times, now = run.times, self.clock()
-        return Finished(reason, len(run.prompt), n, stream.text, route.chain,
+        return Finished(reason, len(run.prompt), len(run.generated), run.stream.text, route.chain,
                         tuple((self.names[h.server], h.start_block, h.end_block) for h in route.hops),
                         times.started_at - times.arrived_at, times.first_token_at - times.arrived_at,
-                        now - times.arrived_at, run.num_refusals + 1, tuple(generated))
+                        now - times.arrived_at, run.num_refusals + run.num_resumes + 1, tuple(run.generated))
+
+    # ---- failures and rejoins -----------------------------------------------------------------
+    def server_failed(self, name: str, reason: str) -> None:
+        """A launcher saw the server's process exit (or an operator says it is gone)."""
+        if name in self.index:
+            self._server_failed(self.index[name], reason)
+
+    def _server_failed(self, j: int, reason: str) -> None:
+        if not self.alive.get(j, False):
+            return
+        self.alive[j] = False
+        self.metrics.set_server_up(self.names[j], False)
+        log.warning("block server %s failed: %s", self.names[j], reason)
+        now = self.clock()
+        current = asyncio.current_task()
+        for dispatcher in (self.dispatcher, *self.retired):
+            outcome = dispatcher.fail_server(j, now)
+            for job in outcome.aborted:
+                run = self.runs[job.job_id]
+                if run.task is not None and run.task is not current:
+                    run.task.cancel()
+                self._release(run)
+            self._apply(outcome.starts, dispatcher)
+        fail_pending = getattr(self.clients[j], "fail_pending", None)
+        if fail_pending is not None:
+            fail_pending(f"marked dead: {reason}")
+        self._recompose("server_failed", f"{self.names[j]}: {reason}")
+
+    def _server_back(self, j: int) -> None:
+        self.alive[j] = True
+        self.metrics.set_server_up(self.names[j], True)
+        log.warning("block server %s is back", self.names[j])
+        now = self.clock()
+        for dispatcher in (self.dispatcher, *self.retired):
+            self._apply(dispatcher.restore_server(j, now), dispatcher)
+        self._recompose("server_back", self.names[j])
+
+    def _recompose(self, reason: str, detail: str) -> None:
+        """Switch to chains for the live servers: waiting jobs move to the new dispatcher; running
+        ones finish on the old (drained, never cut)."""
+        change = None if self.replan is None else self.replan(frozenset(j for j, up in self.alive.items() if up))
+        if change is not None:
+            layout, dispatcher = change
+            old = self.dispatcher
+            moved = old.drain()
+            self.layout, self.dispatcher = layout, dispatcher
+            self.retired.append(old)
+            self._reset_peaks()
+            for job in moved:
+                self.runs[job.job_id].dispatcher = dispatcher
+                self._apply(dispatcher.submit(job, self.clock()), dispatcher)
+            self._retire_idle()
+        chains = [[self.names[j] for j in ch.servers] for ch in self.layout.chains]
+        self.plan_changes.append({"at": time.time(), "reason": reason, "detail": detail,
+                                  "recomposed": change is not None, "chains": chains})
+        self.metrics.observe_plan_change(reason)
+        log.warning("plan change (%s: %s): %s", reason, detail,
+                    "chains " + "; ".join(" → ".join(c) for c in chains) if change else "chains kept")
+        self._update_gauges()
+
+    def _retire_idle(self) -> None:
+        """Forget old dispatchers with nothing left in them; move any waiting job to the current one."""
+        for old in list(self.retired):
+            for job in old.drain():
+                self.runs[job.job_id].dispatcher = self.dispatcher
+                self._apply(self.dispatcher.submit(job, self.clock()))
+            if old.num_in_service == 0:
+                self.retired.remove(old)
+
+    def _reset_peaks(self) -> None:
+        state = getattr(self.dispatcher, "state", None)
+        self.peak_busy = [0] * (len(state.chains) if state is not None else 0)
 
     # ---- state for /plan, /status, /metrics ---------------------------------------------------
     def plan_dict(self) -> dict[str, Any]:
         data = layout_to_dict(self.layout)
         data["method"] = self.method
+        data["alive"] = {self.names[j]: up for j, up in self.alive.items()}
+        data["changes"] = list(self.plan_changes)
         return data
 
     def status(self) -> dict[str, Any]:
@@ -285,17 +451,16 @@ class Orchestrator:
              "capacity": state.capacity[k], "peak_busy": self.peak_busy[k], "alive": state.alive[k]}
             for k, ch in enumerate(state.chains)]
         return {"healthy": all(self.alive.values()), "model": self.model_id, "method": self.method,
-                "num_running": self.dispatcher.num_in_service, "num_waiting": self.dispatcher.num_waiting,
-                "chains": chains,
+                "num_running": self.num_running, "num_waiting": self.num_waiting, "chains": chains,
                 "servers": [{"name": self.names[j], "endpoint": getattr(self.clients.get(j), "endpoint", None),
                              "alive": self.alive[j], "used_block_slots": self.used_slots[j],
                              "block_slots": self.block_slots[j]} for j in self.block_slots]}
 
     def _update_gauges(self) -> None:
         m = self.metrics
-        m.set_queue(self.dispatcher.num_in_service, self.dispatcher.num_waiting)
-        for j, total in self.block_slots.items():
-            m.set_kv_usage(self.names[j], self.used_slots[j], total)
+        m.set_queue(self.num_running, self.num_waiting)
+        for j, total in self.block_slots.items():  # starts being refused may briefly count past the arena
+            m.set_kv_usage(self.names[j], min(self.used_slots[j], total), total)
         state = getattr(self.dispatcher, "state", None)
         if state is not None:
             for k in range(len(state.chains)):
@@ -303,7 +468,8 @@ class Orchestrator:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def connect(self, timeout_s: float = 120.0) -> None:
-        """Wait until every block server answers and hosts what the layout says it should."""
+        """Wait until every block server answers and hosts what the layout says it should, then
+        watch their heartbeats."""
         deadline = self.clock() + timeout_s
         for j, client in self.clients.items():
             while True:
@@ -314,27 +480,42 @@ class Orchestrator:
                     if self.clock() > deadline:
                         raise RuntimeError(f"block server {self.names[j]} did not answer within "
                                            f"{timeout_s:g} s") from exc
-            span = self.layout.placement.span_of(j)
-            want = (span.start_block, span.num_blocks, self.block_slots[j])
-            got = (info.get("first_block"), info.get("num_blocks"), info.get("num_block_slots"))
-            if got != want:
-                raise RuntimeError(f"block server {self.names[j]} hosts blocks from {got[0]}, {got[1]} blocks, "
-                                   f"{got[2]} block-slots; the plan says {want}")
+            mismatch = self._mismatch(j, info)
+            if mismatch:
+                raise RuntimeError(mismatch)
         self._health = asyncio.get_running_loop().create_task(self._watch_health())
         log.info("all %d block servers are up", len(self.clients))
 
-    async def _watch_health(self, period_s: float = 2.0) -> None:
+    def _mismatch(self, j: int, info: dict[str, Any]) -> str | None:
+        span = self.layout.placement.span_of(j)
+        want = (span.start_block, span.num_blocks, self.block_slots[j])
+        got = (info.get("first_block"), info.get("num_blocks"), info.get("num_block_slots"))
+        if got != want:
+            return (f"block server {self.names[j]} hosts blocks from {got[0]}, {got[1]} blocks, {got[2]} block-slots; "
+                    f"the plan says {want}")
+        return None
+
+    async def _watch_health(self) -> None:
+        """Heartbeats: every ``heartbeat_s`` each server must answer ``info`` within the deadline."""
         while True:
-            await asyncio.sleep(period_s)
-            for j, client in self.clients.items():
-                try:
-                    await client.info(timeout_s=max(period_s, 5.0))
-                    ok = True
-                except ServerFailed:
-                    ok = False
-                if ok != self.alive[j]:
-                    log.warning("block server %s is %s", self.names[j], "back" if ok else "not answering")
-                self.alive[j] = ok
+            await asyncio.sleep(self.heartbeat_s)
+            was_alive = dict(self.alive)  # a verdict reached during the round (a process exit) stands
+            results = await asyncio.gather(*(self._beat(j, c) for j, c in self.clients.items()))
+            for j, info in zip(self.clients, results, strict=True):
+                if info is None and self.alive[j]:
+                    self._server_failed(j, f"no heartbeat within {self.heartbeat_deadline_s:g} s")
+                elif info is not None and not self.alive[j] and not was_alive[j]:
+                    mismatch = self._mismatch(j, info)
+                    if mismatch:
+                        log.error("block server %s answers but cannot rejoin: %s", self.names[j], mismatch)
+                    else:
+                        self._server_back(j)
+
+    async def _beat(self, j: int, client: ServerClient) -> dict[str, Any] | None:
+        try:
+            return await client.info(timeout_s=self.heartbeat_deadline_s)
+        except ServerFailed:
+            return None
 
     async def close(self) -> None:
         """Cancel every job and stop watching the servers."""
@@ -348,3 +529,16 @@ class Orchestrator:
 def _ignore_result(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def default_max_waiting(layout: Layout) -> int:
+    """4 × C, C the jobs the layout serves at once (Σ c_k; for a path placement, the fewest
+    sessions any block can hold, Σ over the servers covering it of slots_j/m_j)."""
+    if layout.chains:
+        return 4 * sum(ch.capacity for ch in layout.chains)
+    slots = reserved_block_jobs(layout)
+    per_block = [0.0] * (layout.placement.num_blocks + 1)
+    for span in layout.placement.spans:
+        for b in range(span.start_block, span.end_block + 1):
+            per_block[b] += slots[span.server] / span.num_blocks
+    return 4 * max(1, math.floor(min(per_block[1:])))

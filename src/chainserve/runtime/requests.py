@@ -68,6 +68,14 @@ class Finished:
     token_ids: tuple[int, ...] = ()
 
 
+class RequestFailed(RuntimeError):
+    """A request could not be served (``status`` 504: its timeout passed; 503: no server could)."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
 class Overloaded(RuntimeError):
     """The central queue is full: the request is refused (HTTP 429)."""
 

@@ -32,14 +32,15 @@ from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import SpecError
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import load_layout
-from chainserve.plan.types import Layout
+from chainserve.plan.types import Layout, Plan, reserved_block_jobs
 from chainserve.runtime.api import create_app
 from chainserve.runtime.backends.factory import BACKENDS, make_head
 from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.orchestrator import Orchestrator
+from chainserve.runtime.orchestrator import Orchestrator, Replan, default_max_waiting
+from chainserve.runtime.recovery import recompose
 
 log = logging.getLogger("chainserve.service")
 
@@ -70,6 +71,10 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
     log_dir: Path | None = None
+    request_timeout_s: float = 600.0
+    heartbeat_s: float = 0.5
+    heartbeat_deadline_s: float = 2.0
+    planner: str = "best"  # proposed chains: "best" (chainserve.plan.best) or "greedy" (the paper's)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -87,6 +92,11 @@ class ServeConfig:
                 raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
+        for name in ("request_timeout_s", "heartbeat_s", "heartbeat_deadline_s"):
+            if not 0 < getattr(self, name) <= 86_400:
+                raise SpecError(name, f"must lie in (0, 86400] seconds, got {getattr(self, name)}")
 
 
 def make_dispatcher(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
@@ -111,7 +121,7 @@ def build_layout(config: ServeConfig) -> tuple[Layout, Dispatcher]:
     if config.plan is not None:
         layout = load_layout(config.plan)
         return layout, make_dispatcher(config.method if config.method != "proposed" else layout.method, layout, rng)
-    setup = build_method(config.method, load_cluster(config.cluster), rng)
+    setup = build_method(config.method, load_cluster(config.cluster), rng, config.planner)
     return setup.plan_or_placement, setup.make_dispatcher(rng)
 
 
@@ -164,9 +174,26 @@ class Service:
         names = {spec.index: spec.name for spec in self.specs}
         self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
         method = config.method if config.plan is None or config.method != "proposed" else self.layout.method
-        self.orchestrator = Orchestrator(self.layout, self.dispatcher, head, self.clients, metrics=self.metrics,
-                                         max_waiting=config.max_waiting, method=method)
+        max_waiting = default_max_waiting(self.layout) if config.max_waiting is None else config.max_waiting
+        self.orchestrator = Orchestrator(
+            self.layout, self.dispatcher, head, self.clients, metrics=self.metrics, max_waiting=max_waiting,
+            method=method, request_timeout_s=config.request_timeout_s, replan=self._replanner(method),
+            heartbeat_s=config.heartbeat_s, heartbeat_deadline_s=config.heartbeat_deadline_s)
         await self.orchestrator.connect()
+
+    def _replanner(self, method: str) -> Replan | None:
+        """Chains for the live servers (:func:`recompose`) with a fresh dispatcher of the same policy;
+        path placements (PETALS, BPRR) route around dead servers by themselves."""
+        if not isinstance(self.layout, Plan):
+            return None
+        plan, slots = self.layout, reserved_block_jobs(self.layout)
+        rng = np.random.default_rng(self.config.seed + 1)
+
+        def replan(alive: frozenset[int]) -> tuple[Layout, Dispatcher] | None:
+            new = recompose(plan, alive, slots)
+            return None if new is None else (new, make_dispatcher(method, new, rng))
+
+        return replan
 
     async def _start_servers(self) -> dict[int, str]:
         config = self.config
@@ -181,25 +208,32 @@ class Service:
 
             self.ray = RayLauncher(config.ray_address, self.token)
             return await self.ray.start(self.specs, common, config.slowdown, delays)
-        self.launcher = LocalLauncher(self.log_dir, self.token)
+        self.launcher = LocalLauncher(self.log_dir, self.token, on_exit=self._server_exited)
         log.info("block server logs: %s", self.log_dir)
         return await self.launcher.start(self.specs, common, config.slowdown, delays)
+
+    def _server_exited(self, name: str, reason: str) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.server_failed(name, reason)
 
     def app(self):
         return create_app(self.orchestrator, self.metrics, api_key=self.config.api_key)
 
     async def stop(self) -> None:
-        if self.orchestrator is not None:
-            await self.orchestrator.close()
-        for client in self.clients.values():
-            client.close()
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
-        if self.launcher is not None:
-            await self.launcher.stop()
-        if self.ray is not None:
-            await self.ray.stop()
+        """Stop in reverse order; the block servers are stopped whatever failed before."""
+        try:
+            if self.orchestrator is not None:
+                await self.orchestrator.close()
+            for client in self.clients.values():
+                client.close()
+            if self.ctx is not None:
+                self.ctx.term()
+                self.ctx = None
+        finally:
+            if self.launcher is not None:
+                await self.launcher.stop()
+            if self.ray is not None:
+                await self.ray.stop()
 
 
 class _Server(uvicorn.Server):

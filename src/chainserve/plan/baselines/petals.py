@@ -3,11 +3,15 @@
 What PETALS does (read in ``server/server.py``, ``server/block_selection.py``, ``server/throughput.py``,
 ``server/memory_cache.py``), and what we keep:
 
-* **Number of blocks.** A server takes ``⌊memory / (block size + cache per block)⌋`` blocks (at most L),
-  where the cache per block holds K and V for ``attn_cache_tokens`` tokens. Recent PETALS reserve 8192
-  tokens (32768 for grouped-query models); the version the paper compares against reserved 4096
-  (16384), our default (:func:`default_cache_tokens` tells grouped-query catalogue models apart).
-  PETALS also keeps ~2 GiB aside for backward passes; we serve inference only and keep nothing aside.
+* **Number of blocks.** A server first sets aside an autograd reserve for backward passes,
+  ``2 GiB × n_devices × hidden_size / 14336`` (2 GiB for BLOOM-176B, proportional for other models;
+  one device per server here, :func:`autograd_reserve_gb`), then takes
+  ``⌊(memory − reserve) / (block size + cache per block)⌋`` blocks (at most L), where the cache per
+  block holds K and V for ``attn_cache_tokens`` tokens. We serve inference only, but a PETALS server
+  keeps the reserve whatever it serves, so we keep it too (it is part of what the baseline is).
+  Recent PETALS reserve 8192 tokens (32768 for grouped-query models); the version the paper compares
+  against reserved 4096 (16384), our default (:func:`default_cache_tokens` tells grouped-query
+  catalogue models apart).
   The cache pool is ``cache per block × blocks`` and is all a server will ever give to inference
   sessions (the rest of its memory stays unused).
   Our ``ModelSpec`` sizes s_c for the maximum sequence but does not record that length, so we take
@@ -47,6 +51,10 @@ from chainserve.plan.types import Placement, Span, jobs_that_fit
 STAY_BIAS = 1e-3
 #: Throughput treated as zero (jobs/s).
 TINY_RATE = 1e-12
+#: PETALS' autograd reserve: 2 GiB per device for BLOOM-176B (hidden size 14336), proportional otherwise.
+AUTOGRAD_GIB = 2.0
+BLOOM_HIDDEN_SIZE = 14336
+GIB_IN_GB = 1024**3 / 1e9
 
 
 def default_cache_tokens(model: ModelSpec) -> int:
@@ -59,6 +67,19 @@ def default_cache_tokens(model: ModelSpec) -> int:
     """
     arch = MODELS.get(model.name.split("/")[0])
     return 16384 if arch is not None and arch.num_kv_heads < arch.num_heads else 4096
+
+
+def autograd_reserve_gb(model: ModelSpec, num_devices: int = 1) -> float:
+    """PETALS' autograd reserve in GB: 2 GiB × ``num_devices`` × hidden_size / 14336, hidden_size from
+    the catalogue (``name/dtype`` spec name); a model the catalogue does not know gets BLOOM's 2 GiB.
+
+    >>> from chainserve.model.catalogue import model_arch
+    >>> [round(autograd_reserve_gb(model_arch(n).spec()), 4) for n in ("bloom-176b", "llama-2-7b")]
+    [2.1475, 0.6136]
+    """
+    arch = MODELS.get(model.name.split("/")[0])
+    hidden_size = arch.hidden_size if arch is not None else BLOOM_HIDDEN_SIZE
+    return AUTOGRAD_GIB * GIB_IN_GB * num_devices * hidden_size / BLOOM_HIDDEN_SIZE
 
 
 def best_start(throughput: np.ndarray, num_blocks: int) -> int:
@@ -109,16 +130,17 @@ def _should_move(throughput: np.ndarray, starts: dict[int, int], blocks: dict[in
 
 def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: int | None = None, *,
                      network_rps: Sequence[float] | None = None, rebalance_rounds: int = 0,
-                     balance_quality: float = 0.75) -> PathPlacement:
+                     balance_quality: float = 0.75, autograd_gb: float | None = None) -> PathPlacement:
     """PETALS' placement; see the module docstring. ``cache_tokens`` defaults to
-    :func:`default_cache_tokens`. O(J·L² log L) (+ rebalancing).
+    :func:`default_cache_tokens`, ``autograd_gb`` (memory each server sets aside) to
+    :func:`autograd_reserve_gb`. O(J·L² log L) (+ rebalancing).
 
     Raises ``ValueError`` when the servers that fit at least one block cannot host every block.
 
     >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
     >>> p = Problem(tuple(Server(n, 10, t, 0.0) for n, t in (("a", 1.0), ("b", 2.0), ("c", 1.0))),
     ...             ModelSpec("toy", 4, 2.0, 1.0), Workload(0.1, prompt_tokens=1, output_tokens=1))
-    >>> pp = petals_placement(p, np.random.default_rng(0), cache_tokens=2)  # one job's cache per block
+    >>> pp = petals_placement(p, np.random.default_rng(0), cache_tokens=2, autograd_gb=0.0)  # 1 job/block
     >>> # m = ⌊10/(2+1)⌋ = 3 each; joining c, a, b: c takes 1..3, a must cover block 4 (2..4), b ties → 1..3
     >>> sorted((s.server, s.start_block, s.num_blocks) for s in pp.placement.spans), pp.cache_gb
     ([(0, 2, 3), (1, 1, 3), (2, 1, 3)], (3.0, 3.0, 3.0))
@@ -128,10 +150,13 @@ def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: i
         raise ValueError(f"cache_tokens must be a positive integer, got {cache_tokens}")
     if not 0 < balance_quality <= 1:
         raise ValueError(f"balance_quality must be in (0, 1], got {balance_quality}")
+    autograd_gb = autograd_reserve_gb(problem.model) if autograd_gb is None else autograd_gb
+    if not (autograd_gb >= 0 and math.isfinite(autograd_gb)):
+        raise ValueError(f"autograd_gb must be a non-negative number, got {autograd_gb}")
     model, L = problem.model, problem.model.num_blocks
     max_tokens = model.max_tokens or problem.workload.prompt_tokens + problem.workload.output_tokens
     cache_per_block_gb = model.cache_size_gb * cache_tokens / max_tokens
-    blocks = {j: min(jobs_that_fit(s.memory_gb, model.block_size_gb + cache_per_block_gb), L)
+    blocks = {j: min(jobs_that_fit(s.memory_gb - autograd_gb, model.block_size_gb + cache_per_block_gb), L)
               for j, s in enumerate(problem.servers)}
     blocks = {j: m for j, m in blocks.items() if m > 0}
     link = network_rps if network_rps is not None else [math.inf] * problem.num_servers
@@ -152,7 +177,9 @@ def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: i
     spans = tuple(Span(j, starts[j] + 1, blocks[j]) for j in sorted(starts))
     cache = tuple(cache_per_block_gb * blocks[j] if j in starts else 0.0 for j in range(problem.num_servers))
     layout = PathPlacement(problem, Placement(spans, L), cache, "petals", (
-        f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB; max tokens "
-        f"{max_tokens} = prompt + output)", f"rebalance rounds {rebalance_rounds}"))
+        f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB; s_c sized for "
+        f"{max_tokens} tokens, {'the model max_tokens' if model.max_tokens else 'prompt + output'})",
+        f"autograd reserve {autograd_gb:.3g} GB",
+        f"rebalance rounds {rebalance_rounds}"))
     layout.check()
     return layout

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,15 @@ def block_server_argv(spec: ServerSpec, common: BackendArgs, slowdown: float, ex
 class LocalLauncher:
     """Child processes on this machine; ``log_dir`` gets one ``<server>.log`` per server."""
 
-    def __init__(self, log_dir: Path, token: str, ready_timeout_s: float = 300.0):
+    def __init__(self, log_dir: Path, token: str, ready_timeout_s: float = 300.0,
+                 on_exit: Callable[[str, str], None] | None = None):
         self.log_dir = log_dir
         self.token = token
         self.ready_timeout_s = ready_timeout_s
+        self.on_exit = on_exit  # on_exit(server name, reason) when a server's process ends unasked
         self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.watchers: list[asyncio.Task] = []
+        self.stopping = False
 
     async def start(self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float],
                     extra_delay_s: dict[str, float]) -> dict[int, str]:
@@ -80,7 +85,15 @@ class LocalLauncher:
         except BaseException:
             await self.stop()
             raise
+        self.watchers = [asyncio.create_task(self._watch(name)) for name in self.procs]
         return {spec.index: endpoint for spec, endpoint in zip(specs, endpoints, strict=True)}
+
+    async def _watch(self, name: str) -> None:
+        code = await self.procs[name].wait()
+        if not self.stopping:
+            log.warning("block server %s exited (status %s)", name, code)
+            if self.on_exit is not None:
+                self.on_exit(name, f"process exited with status {code}")
 
     async def _ready(self, name: str) -> str:
         proc = self.procs[name]
@@ -96,6 +109,9 @@ class LocalLauncher:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child, wait ``grace_s``, SIGKILL the rest, reap all."""
+        self.stopping = True
+        for task in self.watchers:
+            task.cancel()
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.terminate()

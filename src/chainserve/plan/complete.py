@@ -1,0 +1,124 @@
+"""Completing a placement into a plan, and scoring it, for the best planner (spec §2.2, §2.5).
+
+A placement is completed by GCA (§2.2) and, where the chains are few, also by the optimal cache
+allocation over the chains found plus the fastest routing paths (:func:`chainserve.plan.exact.
+optimal_allocation`, a small HiGHS MILP maximising ν); the better of the two by the §2.5 lower bound
+wins. Plans are compared by :func:`score`: lower bound first, then upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from chainserve.model.spec import Problem
+from chainserve.plan.csearch import make_plan
+from chainserve.plan.exact import best_maximal_allocation, job_block_room, optimal_allocation
+from chainserve.plan.gca import gca
+from chainserve.plan.types import Chain, Hop, Placement, Plan, Span, chain_time_s
+
+#: Most columns handed to the exact allocation MILP (it solves hundreds in milliseconds).
+MAX_ALLOCATION_PATHS = 120
+#: Most capacity vectors Π_k (c_k^max + 1) for the exact branch and bound on the lower bound.
+MAX_ALLOCATION_TREE = 2_000
+
+Path = tuple[Hop, ...]
+
+
+def score(plan: Plan) -> tuple[float, float]:
+    """(lower, upper) Theorem-4 bounds: the best planner's objective, ties broken by the upper bound."""
+    return plan.bounds.lower_s, plan.bounds.upper_s
+
+
+def is_better(candidate: Plan, incumbent: Plan | None) -> bool:
+    """Strictly better by :func:`score` (a relative 1e-12 margin keeps round-off from cycling)."""
+    if incumbent is None:
+        return math.isfinite(candidate.bounds.lower_s)
+    new, old = score(candidate), score(incumbent)
+    if new[0] < old[0] * (1 - 1e-12):
+        return True
+    return new[0] <= old[0] * (1 + 1e-12) and new[1] < old[1] * (1 - 1e-12)
+
+
+def fastest_paths(problem: Problem, spans: Sequence[Span], room: Callable[[Span], int], limit: int) -> list[Path]:
+    """Up to ``limit`` fastest distinct source→sink paths over ``spans`` (several spans of one server
+    are allowed: a path never uses a server twice), by a k-best dynamic programme over end blocks:
+    span (j, a, e) may follow a path ending at b iff a ≤ b + 1 ≤ e and m = e − b ≤ ``room(span)``
+    (one job fits). O(|spans| · B · limit), B the number of distinct span ends.
+    """
+    L = problem.model.num_blocks
+    best: dict[int, list[tuple[float, Path]]] = {0: [(0.0, ())]}
+    for e in sorted({s.end_block for s in spans}):
+        found: dict[Path, float] = {}
+        for span in (s for s in spans if s.end_block == e):
+            server = problem.servers[span.server]
+            most = room(span)
+            for b in [b for b in best if span.start_block - 1 <= b < e and e - b <= most]:
+                hop_s = server.tau_c_s + server.tau_p_s * (e - b)
+                for time_s, path in best[b]:
+                    if all(h.server != span.server for h in path):
+                        found.setdefault((*path, Hop(span.server, b + 1, e - b)), time_s + hop_s)
+        best[e] = sorted(((t, p) for p, t in found.items()), key=lambda tp: tp[0])[:limit]
+    return [path for _, path in best.get(L, [])]
+
+
+def complete(problem: Problem, placement: Placement, exact: bool = True, c: int | None = None) -> Plan:
+    """GCA's plan for ``placement`` and, with ``exact``, the optimal allocation over GCA's chains and
+    the fastest routing paths when that is at most :data:`MAX_ALLOCATION_PATHS` columns; the better
+    by :func:`score`. Cost: one GCA (O(rounds·J·L)) plus one small MILP.
+    """
+    chains = gca(problem, placement)
+    plan = make_plan(problem, placement, chains, c)
+    if not exact or not chains:
+        return plan
+    columns = {ch.hops: None for ch in chains}
+    if len(columns) < MAX_ALLOCATION_PATHS:
+        room = job_block_room(problem, placement)
+        paths = fastest_paths(problem, placement.spans, lambda span: room[span.server],
+                              MAX_ALLOCATION_PATHS - len(columns))
+        columns.update((p, None) for p in paths)
+    try:
+        alternative = optimal_allocation(problem, placement, tuple(columns))
+    except ValueError:
+        return plan
+    alternative = make_plan(problem, placement, alternative.chains, c)
+    plan = alternative if is_better(alternative, plan) else plan
+    exact_plan = bound_optimal_allocation(problem, placement, tuple(columns), plan, c)
+    return exact_plan if exact_plan is not None else plan
+
+
+def bound_optimal_allocation(problem: Problem, placement: Placement, paths: Sequence[Path], incumbent: Plan,
+                             c: int | None) -> Plan | None:
+    """The allocation over ``paths`` with the least lower bound, by the branch and bound of
+    :func:`chainserve.plan.exact.best_maximal_allocation`, when its tree is small (at most
+    :data:`MAX_ALLOCATION_TREE` capacity vectors); ``None`` if too big or nothing beats ``incumbent``."""
+    room = job_block_room(problem, placement)
+    most = [min(room[h.server] // h.num_blocks for h in path) for path in paths]
+    if math.prod(m + 1 for m in most) > MAX_ALLOCATION_TREE:
+        return None
+    timed = sorted(paths, key=lambda p: chain_time_s(problem, p))
+    slot = {j: i for i, j in enumerate(room)}
+    needs = [[(slot[h.server], h.num_blocks) for h in path] for path in timed]
+    rates = np.array([1.0 / chain_time_s(problem, p) for p in timed])
+    found = best_maximal_allocation(problem.arrival_rate_per_s, rates, needs, list(room.values()),
+                                    incumbent.bounds.lower_s)
+    if found is None:
+        return None
+    chains = tuple(Chain(p, chain_time_s(problem, p), k) for p, k in zip(timed, found[1], strict=True) if k > 0)
+    plan = make_plan(problem, placement, chains, c)
+    return plan if is_better(plan, incumbent) else None
+
+
+def tighten(plan: Plan) -> Plan:
+    """Drop the servers no chain uses and shrink every span to the blocks its chains run (same chains,
+    same bounds, more free memory): what a deployment should start."""
+    first: dict[int, int] = {}
+    for ch in plan.chains:
+        for hop in ch.hops:
+            first[hop.server] = min(first.get(hop.server, hop.start_block), hop.start_block)
+    spans = tuple(Span(s.server, first[s.server], s.end_block - first[s.server] + 1)
+                  for s in plan.placement.spans if s.server in first)
+    placement = Placement(spans, plan.placement.num_blocks)
+    return make_plan(plan.problem, placement, plan.chains, plan.c, plan.method)

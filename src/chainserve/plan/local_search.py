@@ -1,0 +1,118 @@
+"""Local search over block placements, scored by the Theorem-4 lower bound (spec §2.5) of the plan GCA
+completes (spec §2.2): the best planner's improvement step.
+
+A placement is a map server → span (a_j, m_j). Moves, for every server j:
+
+* placed: shrink by one block at either end, extend by one at either end (if one job still fits on
+  every block, (s_m + s_c)·m_j ≤ M_j), shift by one, align the start just after another span's end or
+  the end onto another span's end, drop j;
+* not placed (GBP-CR leaves many idle): add j with a span from just after a span end (or block 1) to a
+  span end (or L), as long as one job fits;
+* swap the spans of two servers (when each fits the other's).
+
+First improvement over the moves in a seeded random order, restarted after every improvement; stops at
+a local optimum, after ``max_evaluations`` completions, or at ``deadline`` (``time.monotonic()``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from chainserve.model.spec import Problem
+from chainserve.plan.complete import is_better
+from chainserve.plan.types import Placement, Plan, Span, jobs_that_fit
+
+Spans = dict[int, tuple[int, int]]  # server → (start block, number of blocks)
+Evaluate = Callable[[Placement], Plan]
+
+
+def most_blocks(problem: Problem, server: int) -> int:
+    """The longest span server j can host with cache for one job on every block: m_j(1)."""
+    m = problem.model
+    memory = problem.servers[server].memory_gb
+    return min(jobs_that_fit(memory, m.block_size_gb + m.cache_size_gb), m.num_blocks)
+
+
+def as_placement(spans: Spans, num_blocks: int) -> Placement:
+    return Placement(tuple(Span(j, a, m) for j, (a, m) in sorted(spans.items())), num_blocks)
+
+
+def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_added: int = 8) -> Iterator[Spans]:
+    """Every move of the module doc, in a random order (seeded by ``rng``); unplaced servers: only the
+    ``max_added`` fastest per block (τ^p_j, then τ^c_j), each from every start to the nearest and the
+    farthest reachable span end. O(J² + J·B) moves, B the number of distinct span ends."""
+    L = problem.model.num_blocks
+    servers = problem.servers
+    limit = [most_blocks(problem, j) for j in range(problem.num_servers)]
+    ends = sorted({a + m - 1 for a, m in spans.values()} | {L})
+    starts = sorted({0} | {e for e in ends if e < L})  # a span may start right after one of these
+    moves: list[tuple[tuple[int, tuple[int, int] | None], ...]] = []
+
+    def put(j: int, a: int, m: int) -> None:
+        if 1 <= a and m >= 1 and a + m - 1 <= L and m <= limit[j] and spans.get(j) != (a, m):
+            moves.append(((j, (a, m)),))
+
+    for j, (a, m) in spans.items():
+        e = a + m - 1
+        for a2, m2 in ((a + 1, m - 1), (a, m - 1), (a - 1, m + 1), (a, m + 1), (a - 1, m), (a + 1, m)):
+            put(j, a2, m2)
+        for b in starts:
+            put(j, b + 1, e - b)
+        for e2 in ends:
+            put(j, a, e2 - a + 1)
+        if len(spans) > 1:
+            moves.append(((j, None),))
+    idle = sorted((j for j in range(problem.num_servers) if j not in spans and limit[j] > 0),
+                  key=lambda j: (servers[j].tau_p_s, servers[j].tau_c_s, j))[:max_added]
+    for j in idle:
+        for b in starts:
+            reach = [e2 for e2 in ends if b < e2 <= b + limit[j]]
+            for e2 in {min(b + limit[j], L), *reach[:1], *reach[-1:]}:
+                put(j, b + 1, e2 - b)
+    placed = sorted(spans)
+    for x, i in enumerate(placed):
+        for k in [*placed[x + 1:], *idle]:
+            (a, m), other = spans[i], spans.get(k)
+            if other is None:
+                if m <= limit[k]:
+                    moves.append(((i, None), (k, (a, m))))
+            elif (a, m) != other and m <= limit[k] and other[1] <= limit[i]:
+                moves.append(((i, other), (k, (a, m))))
+    for index in rng.permutation(len(moves)):
+        changed = dict(spans)
+        for j, span in moves[index]:
+            if span is None:
+                changed.pop(j, None)
+            else:
+                changed[j] = span
+        yield changed
+
+
+def local_search(problem: Problem, start: Plan, evaluate: Evaluate, rng: np.random.Generator,
+                 max_evaluations: int, deadline: float) -> tuple[Plan, int]:
+    """Improve ``start`` by the moves of the module doc; returns (best plan, completions used).
+    Never returns a plan worse than ``start`` by :func:`chainserve.plan.complete.score`.
+    O(max_evaluations · one GCA)."""
+    best = start
+    spans: Spans = {s.server: (s.start_block, s.num_blocks) for s in start.placement.spans}
+    seen = {tuple(sorted(spans.items()))}
+    used = 0
+    improved = True
+    while improved and used < max_evaluations and time.monotonic() < deadline:
+        improved = False
+        for candidate in neighbours(problem, spans, rng):
+            key = tuple(sorted(candidate.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            plan = evaluate(as_placement(candidate, problem.model.num_blocks))
+            used += 1
+            if is_better(plan, best):
+                best, spans, improved = plan, candidate, True
+                break
+            if used >= max_evaluations or time.monotonic() >= deadline:
+                break
+    return best, used

@@ -1,0 +1,54 @@
+"""Chains after a server fails or comes back (beyond the paper, §4.3: static plans; issue: reliability).
+
+The surviving servers keep their spans and their KV arenas (block servers cannot grow memory they
+never allocated), so a new cache allocation must fit the arenas: GCA (§2.2) runs on the surviving
+placement with each server's memory taken as exactly its parameters plus its arena,
+s_m·m_j + s_c·slots_j. With every server alive again the original plan comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Set
+
+from chainserve.plan.csearch import make_plan
+from chainserve.plan.gca import gca
+from chainserve.plan.types import Placement, Plan
+
+
+def recompose(plan: Plan, alive: Set[int], block_slots: Mapping[int, int]) -> Plan | None:
+    """The plan for the servers in ``alive``: ``plan`` itself when all of its servers are alive, else
+    GCA over the surviving spans within their arenas; ``None`` when no chain covers blocks 1..L.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.plan.types import Span
+    >>> p = Problem(tuple(Server(n, 10, t, 0.0) for n, t in (("a", 1.0), ("b", 2.0), ("c", 3.0))),
+    ...             ModelSpec("toy", 2, 2.0, 1.0), Workload(0.1))
+    >>> placement = Placement((Span(0, 1, 2), Span(1, 1, 1), Span(2, 2, 1)), 2)
+    >>> full = make_plan(p, placement, gca(p, placement), None)
+    >>> [(ch.servers, ch.capacity) for ch in full.chains]
+    [((0,), 3), ((1, 2), 8)]
+    >>> slots = {0: 6, 1: 8, 2: 8}
+    >>> [(ch.servers, ch.capacity) for ch in recompose(full, {1, 2}, slots).chains]
+    [((1, 2), 8)]
+    >>> recompose(full, {0, 1, 2}, slots) is full, recompose(full, {0, 1}, slots).chains[0].servers
+    (True, (0,))
+    >>> print(recompose(full, {1}, slots))
+    None
+    """
+    placed = set(plan.placement.servers)
+    if placed <= set(alive):
+        return plan
+    problem = plan.problem
+    model = problem.model
+    spans = tuple(s for s in plan.placement.spans if s.server in alive)
+    servers = list(problem.servers)
+    for span in spans:
+        arena_gb = model.block_size_gb * span.num_blocks + model.cache_size_gb * block_slots[span.server]
+        servers[span.server] = dataclasses.replace(servers[span.server],
+                                                   memory_gb=min(servers[span.server].memory_gb, arena_gb))
+    capped = dataclasses.replace(problem, servers=tuple(servers))
+    chains = gca(capped, Placement(spans, plan.placement.num_blocks)) if spans else ()
+    if not chains:
+        return None
+    return make_plan(problem, plan.placement, chains, plan.c, plan.method)
