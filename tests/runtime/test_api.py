@@ -301,6 +301,8 @@ BAD = [  # (path, body, status, param)
     (CHAT, {"messages": [{"role": "user", "content": "boom"}]}, 400, None),  # chat_prompt's ValueError
     (CHAT, {"messages": [{"role": "user", "content": "x" * 60}]}, 400, "messages"),
     (CHAT, {"messages": MSG, "model": "gpt-4"}, 404, "model"),
+    (CHAT, {"messages": MSG, "temprature": 0.5}, 400, None),
+    (COMP, {"prompt": "hi", "messages": MSG}, 400, None),
     (COMP, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     (COMP, {"prompt": "hi", "model": 3}, 400, "model"),
 ]
@@ -447,7 +449,8 @@ def test_real_server_stream_with_the_openai_client(slow_server, engine):
 
 @pytest.mark.parametrize("path", [COMP, CHAT])
 def test_disconnect_while_streaming_closes_the_engine_iterator(slow_server, engine, path):
-    body = {"prompt": "abc", "messages": MSG, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    body = {"max_tokens": 40, "ignore_eos": True, "stream": True} | ({"messages": MSG} if path == CHAT else
+                                                                     {"prompt": "abc"})
     t0 = time.monotonic()
     with httpx.Client(base_url=slow_server) as http, http.stream("POST", path, json=body) as r:
         assert r.status_code == 200

@@ -1,22 +1,22 @@
 """OpenAI request bodies and response objects of the runtime's API (paper §4.2's client side).
 
-Requests are pydantic models in strict mode (no ``"5"`` → 5, no ``true`` → 1); unknown top-level fields
-are ignored, as OpenAI clients send extras such as ``user`` or ``metadata``. Responses are plain dicts
+Requests are pydantic models in strict mode (no ``"5"`` → 5, no ``true`` → 1); an unknown top-level
+field is a 400 ("unrecognized request argument", as OpenAI answers), except the OpenAI parameters in
+:data:`IGNORED_FIELDS`, which clients send and which change nothing here. Responses are plain dicts
 in OpenAI's shapes. Parameters that would change the output but are not implemented are rejected
 (:meth:`CompletionRequest.unsupported`), never silently ignored:
 
 * ``n`` / ``best_of`` other than 1, ``echo: true``, ``logprobs`` / ``top_logprobs``, non-empty
   ``suffix`` or ``logit_bias``, non-zero ``presence_penalty`` / ``frequency_penalty``, ``tools``,
   a ``response_format`` other than ``text``; ``stream_options`` without ``stream: true``.
-* Ignored (no effect on the output): ``user``, ``metadata``, ``store``, ``tool_choice``, ``service_tier``
-  and any other unknown field. ``ignore_eos`` is a (vLLM-style) extension.
+* Ignored (no effect on the output): :data:`IGNORED_FIELDS`. ``ignore_eos`` is a (vLLM-style) extension.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .requests import Finished
 
@@ -73,6 +73,11 @@ def _token_ids(x: Any) -> list[int] | None:
     return None
 
 
+#: OpenAI parameters accepted and ignored: they do not change what is generated.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "tool_choice", "parallel_tool_calls",
+                            "prompt_cache_key", "safety_identifier"})
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool | None = False
@@ -95,6 +100,15 @@ class _Request(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields) - IGNORED_FIELDS)
+            if unknown:
+                raise ValueError(f"unrecognized request argument supplied: {unknown[0]}")
+        return data
 
     @field_validator("stop", mode="plain")
     @classmethod
