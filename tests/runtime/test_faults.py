@@ -28,12 +28,7 @@ PROMPTS = ["the chain serves the model", "a fast server holds the cache", "we wa
 
 def emulated_reference(prompt: str, max_tokens: int) -> str:
     """The emulated model's greedy answer, computed here (what a fault-free run streams)."""
-    head = EmulatedHead("toy", 8, 4096)
-    ids = head.encode(prompt)
-    out = []
-    for _ in range(max_tokens):
-        out.append(int(head.logits(head.embed(ids + out)).argmax()))
-    return head.decode(out)
+    return EmulatedHead("toy", 8, 4096).greedy_text(prompt, max_tokens)
 
 
 def kill(served, name: str):

@@ -111,8 +111,9 @@ class BlockServer:
                 await self._delay()
                 return protocol.encode_reply(rid)
             return await self._forward(request)
-        except protocol.ProtocolError as exc:
-            log.warning("%s: refused request %d: %s", self.server_id, rid, exc)
+        except protocol.ProtocolError as exc:  # a lost session is routine after a restart; the rest is not
+            log.log(logging.INFO if exc.code == "unknown_session" else logging.WARNING, "%s: refused request %d: %s",
+                    self.server_id, rid, exc)
             return protocol.encode_error(rid, exc.code, str(exc))
         except NoFreeSlot as exc:
             await self._delay()

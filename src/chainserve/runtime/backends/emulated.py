@@ -103,6 +103,14 @@ class EmulatedHead:
     def embed(self, token_ids: Sequence[int]) -> WireTensor:
         return WireTensor("int32", (1, len(token_ids), 1), np.asarray(token_ids, dtype=np.int32).tobytes())
 
+    def greedy_text(self, prompt: str, max_tokens: int) -> str:
+        """What greedy decoding of ``prompt`` streams (the emulated model in one process: a fault-free
+        reference for tests and the soak)."""
+        ids, out = self.encode(prompt), []
+        for _ in range(max_tokens):
+            out.append(int(np.argmax(self.table[(ids + out)[-1]])))
+        return self.decode(out)
+
     def logits(self, hidden: WireTensor) -> np.ndarray:
         last = int(np.frombuffer(hidden.data, dtype=np.int32)[-1])
         if not 0 <= last < len(VOCAB):
