@@ -74,16 +74,21 @@ def main() -> None:
         ratios["best"].append(best_plan(problem).bounds.lower_s / optimal_s)
     for name, values in ratios.items():
         r = np.array(values)
-        console.print(f"{name} / optimal lower bound: mean {r.mean():.4f}, worst {r.max():.4f}, median "
-                      f"{np.median(r):.4f}; optimum matched on {int(np.sum(r <= 1 + MATCH_TOLERANCE))}, within 5 % "
-                      f"on {int(np.sum(r <= 1.05))} of {len(r)} instances")
+        console.print(
+            f"{name} / optimal lower bound: mean {r.mean():.4f}, worst {r.max():.4f}, median "
+            f"{np.median(r):.4f}; optimum matched on {int(np.sum(r <= 1 + MATCH_TOLERANCE))}, within 5 % "
+            f"on {int(np.sum(r <= 1.05))} of {len(r)} instances"
+        )
     greedy, best = np.array(ratios["greedy"]), np.array(ratios["best"])
     worse = int(np.sum(best > greedy * (1 + MATCH_TOLERANCE)))
     met = np.mean(best <= 1.05) >= 0.95 and best.mean() <= 1.02 and worse == 0
-    console.print(f"best worse than greedy on {worse} instances; targets (≥ 95 % within 5 %, mean ≤ 1.02, never "
-                  f"worse): {'met' if met else 'MISSED'} ({time.perf_counter() - started:.1f} s)")
+    console.print(
+        f"best worse than greedy on {worse} instances; targets (≥ 95 % within 5 %, mean ≤ 1.02, never "
+        f"worse): {'met' if met else 'MISSED'} ({time.perf_counter() - started:.1f} s)"
+    )
     if min(greedy.min(), best.min()) < 1 - MATCH_TOLERANCE:
         raise SystemExit("error: a heuristic plan beat the 'optimal' one")
+
 
 if __name__ == "__main__":
     main()

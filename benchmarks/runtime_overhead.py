@@ -40,11 +40,14 @@ async def measure(num_servers: int, blocks_each: int, delay_ms: float, tokens: i
     model_dir = resolve_model("tiny-random")
     head = TorchHead(model_dir, max_tokens=tokens + 64)
     token = secrets.token_hex(8)
-    specs = [ServerSpec(j, f"b{j}", SpanInfo(1 + j * blocks_each, blocks_each, blocks_each, tokens + 64), 0.0, 0.0)
-             for j in range(num_servers)]
+    specs = [
+        ServerSpec(j, f"b{j}", SpanInfo(1 + j * blocks_each, blocks_each, blocks_each, tokens + 64), 0.0, 0.0)
+        for j in range(num_servers)
+    ]
     launcher = LocalLauncher(Path(tempfile.mkdtemp(prefix="chainserve-bench-")), token)
-    endpoints = await launcher.start(specs, BackendArgs("torch", "tiny-random"), {},
-                                     {s.name: delay_ms / 1000 for s in specs})
+    endpoints = await launcher.start(
+        specs, BackendArgs("torch", "tiny-random"), {}, {s.name: delay_ms / 1000 for s in specs}
+    )
     clients = [BlockClient(s.name, endpoints[s.index], token) for s in specs]
     try:
         prompt = head.encode("The quick brown fox jumps over the lazy dog")
@@ -69,13 +72,21 @@ async def measure(num_servers: int, blocks_each: int, delay_ms: float, tokens: i
         for client in clients:
             client.close()
         await launcher.stop()
-    compute_s = [(a["compute_s"] - b["compute_s"]) / (a["num_steps"] - b["num_steps"])
-                 for a, b in zip(after, before, strict=True)]
+    compute_s = [
+        (a["compute_s"] - b["compute_s"]) / (a["num_steps"] - b["num_steps"])
+        for a, b in zip(after, before, strict=True)
+    ]
     per_token = statistics.median(latencies)
     floor = sum(compute_s) + num_servers * 2 * delay_ms / 1000
-    return {"servers": num_servers, "delay_ms": delay_ms, "per_token_ms": per_token * 1000,
-            "compute_ms": [c * 1000 for c in compute_s], "floor_ms": floor * 1000, "ratio": per_token / floor,
-            "per_hop_overhead_ms": (per_token - floor) / num_servers * 1000}
+    return {
+        "servers": num_servers,
+        "delay_ms": delay_ms,
+        "per_token_ms": per_token * 1000,
+        "compute_ms": [c * 1000 for c in compute_s],
+        "floor_ms": floor * 1000,
+        "ratio": per_token / floor,
+        "per_hop_overhead_ms": (per_token - floor) / num_servers * 1000,
+    }
 
 
 def main() -> None:
@@ -92,10 +103,11 @@ def main() -> None:
     print(f"  ratio (target <= 1.15)          {chain['ratio']:.3f}")
     print(f"  per-hop overhead                {chain['per_hop_overhead_ms']:.3f} ms")
     print("2 servers x 2 tiny blocks, no injected delay")
-    print(f"  per-token latency (median)      {bare['per_token_ms']:.2f} ms "
-          f"(compute {sum(bare['compute_ms']):.2f} ms)")
-    print(f"  per-token overhead              {bare['per_token_ms'] - sum(bare['compute_ms']):.2f} ms "
-          f"(PETALS: 13-16 ms; target <= 3.25 ms)")
+    print(f"  per-token latency (median)      {bare['per_token_ms']:.2f} ms (compute {sum(bare['compute_ms']):.2f} ms)")
+    print(
+        f"  per-token overhead              {bare['per_token_ms'] - sum(bare['compute_ms']):.2f} ms "
+        f"(PETALS: 13-16 ms; target <= 3.25 ms)"
+    )
     print(f"  per-hop overhead                {bare['per_hop_overhead_ms']:.3f} ms")
 
 

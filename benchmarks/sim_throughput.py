@@ -35,8 +35,16 @@ def synthetic_plan(num_servers: int, c: int, load: float, seed: int) -> Plan:
     for j in range(num_servers):
         gpu = gpu_profile("a100-3g.40gb" if rng.random() < 0.3 else "a100-2g.20gb")
         rtt_s = float(rng.uniform(0.01, 0.08))
-        servers.append(Server(f"s{j}", gpu.memory_gb, tau_p_s(gpu, arch, spec.block_size_gb, 2000, 20),
-                              tau_c_s(rtt_s, 20), gpu=gpu.name, rtt_s=rtt_s))
+        servers.append(
+            Server(
+                f"s{j}",
+                gpu.memory_gb,
+                tau_p_s(gpu, arch, spec.block_size_gb, 2000, 20),
+                tau_c_s(rtt_s, 20),
+                gpu=gpu.name,
+                rtt_s=rtt_s,
+            )
+        )
     # a rate GBP-CR cannot reach, so that it places every server; the real λ is set below
     problem = Problem(tuple(servers), spec, Workload(1e6), name=f"synthetic-{num_servers}")
     result = plan_for_c(problem, c)
@@ -49,34 +57,44 @@ def synthetic_plan(num_servers: int, c: int, load: float, seed: int) -> Plan:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", type=int, default=274,
-                        help="servers in the synthetic cluster (274: 104 chains)")
+    parser.add_argument("--servers", type=int, default=274, help="servers in the synthetic cluster (274: 104 chains)")
     parser.add_argument("--c", type=int, default=2, help="GBP-CR cache reservation")
     parser.add_argument("--jobs", type=int, default=1_000_000, help="jobs to simulate")
     parser.add_argument("--load", type=float, default=0.8, help="ρ = λ/ν")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="timed runs; the best is reported (this shared VM is noisy: ±30 %% between runs)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="timed runs; the best is reported (this shared VM is noisy: ±30 %% between runs)",
+    )
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
     args = parser.parse_args()
 
     plan = synthetic_plan(args.servers, args.c, args.load, args.seed)
     hops = np.mean([len(ch.hops) for ch in plan.chains])
-    print(f"plan: {len(plan.chains)} chains, C = {plan.num_job_servers} job servers, {hops:.1f} hops/chain, "
-          f"ν = {plan.total_rate_per_s:.2f}/s, λ = {plan.problem.arrival_rate_per_s:.2f}/s, "
-          f"bounds [{plan.bounds.lower_s:.2f}, {plan.bounds.upper_s:.2f}] s")
+    print(
+        f"plan: {len(plan.chains)} chains, C = {plan.num_job_servers} job servers, {hops:.1f} hops/chain, "
+        f"ν = {plan.total_rate_per_s:.2f}/s, λ = {plan.problem.arrival_rate_per_s:.2f}/s, "
+        f"bounds [{plan.bounds.lower_s:.2f}, {plan.bounds.upper_s:.2f}] s"
+    )
     best_wall = best_cpu = float("inf")
     for _ in range(args.repeat):
         wall, cpu = time.perf_counter(), time.process_time()
-        result = simulate(plan, JFFC(plan.chains), PoissonArrivals(), seed=args.seed, num_jobs=args.jobs,
-                          warmup=args.jobs // 10)
+        result = simulate(
+            plan, JFFC(plan.chains), PoissonArrivals(), seed=args.seed, num_jobs=args.jobs, warmup=args.jobs // 10
+        )
         best_wall = min(best_wall, time.perf_counter() - wall)
         best_cpu = min(best_cpu, time.process_time() - cpu)
     s = result.summary
-    print(f"simulated mean response {s.response.mean_s:.3f} s (99th pct {s.response.p99_s:.3f} s), "
-          f"mean waiting {s.waiting.mean_s:.4f} s")
-    print(f"{args.jobs} jobs in {best_wall:.2f} s wall, {best_cpu:.2f} s CPU: "
-          f"{args.jobs / best_wall:,.0f} jobs/s wall, {args.jobs / best_cpu:,.0f} jobs/s CPU")
+    print(
+        f"simulated mean response {s.response.mean_s:.3f} s (99th pct {s.response.p99_s:.3f} s), "
+        f"mean waiting {s.waiting.mean_s:.4f} s"
+    )
+    print(
+        f"{args.jobs} jobs in {best_wall:.2f} s wall, {best_cpu:.2f} s CPU: "
+        f"{args.jobs / best_wall:,.0f} jobs/s wall, {args.jobs / best_cpu:,.0f} jobs/s CPU"
+    )
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()

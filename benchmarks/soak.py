@@ -32,18 +32,51 @@ from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.loadgen import stream_completion
 
 CLUSTER = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data" / "emulated-6.yaml"
-PROMPTS = ["the chain serves the model", "a fast server holds the cache", "we wait in the queue",
-           "light on the river", "the plan came back", "many people work here"]
-BAD_BODIES = [{"prompt": "x", "max_tokens": -3}, {"prompt": 7}, {"prompt": "x", "max_tokens": 10**9},
-              {"prompt": "x", "temperature": "hot"}, {"prompt": "x", "bogus": 1}, {"prompt": ""}, "not json {"]
+PROMPTS = [
+    "the chain serves the model",
+    "a fast server holds the cache",
+    "we wait in the queue",
+    "light on the river",
+    "the plan came back",
+    "many people work here",
+]
+BAD_BODIES = [
+    {"prompt": "x", "max_tokens": -3},
+    {"prompt": 7},
+    {"prompt": "x", "max_tokens": 10**9},
+    {"prompt": "x", "temperature": "hot"},
+    {"prompt": "x", "bogus": 1},
+    {"prompt": ""},
+    "not json {",
+]
 
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     (workdir / "token").write_text(os.urandom(8).hex())
-    proc = subprocess.Popen([sys.executable, "-m", "chainserve", "serve", str(CLUSTER), "--backend", "emulated",
-                             "--planner", "greedy", "--port", "0", "--token-file", str(workdir / "token"),
-                             "--log-dir", str(workdir / "logs"), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=open(workdir / "serve.err", "wb"), text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chainserve",
+            "serve",
+            str(CLUSTER),
+            "--backend",
+            "emulated",
+            "--planner",
+            "greedy",
+            "--port",
+            "0",
+            "--token-file",
+            str(workdir / "token"),
+            "--log-dir",
+            str(workdir / "logs"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(workdir / "serve.err", "wb"),
+        text=True,
+    )
     for line in proc.stdout:
         match = re.search(r"on (http://\S+)", line)
         if match:
@@ -56,8 +89,18 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
     head = EmulatedHead("toy", 8, 4096)
     workdir = Path(tempfile.mkdtemp(prefix="chainserve-soak-"))
     proc, url = start_server(workdir)
-    counts = {"sent": 0, "completed": 0, "resumed": 0, "cancelled_by_client": 0, "lost": 0, "wrong_text": 0,
-              "bad_inputs_sent": 0, "bad_inputs_rejected": 0, "kills": 0, "restarts": 0}
+    counts = {
+        "sent": 0,
+        "completed": 0,
+        "resumed": 0,
+        "cancelled_by_client": 0,
+        "lost": 0,
+        "wrong_text": 0,
+        "bad_inputs_sent": 0,
+        "bad_inputs_rejected": 0,
+        "kills": 0,
+        "restarts": 0,
+    }
     deadline = time.monotonic() + minutes * 60
     try:
         async with httpx.AsyncClient(base_url=url, timeout=300) as http:
@@ -89,8 +132,11 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
                 while time.monotonic() < deadline:
                     body = rng.choice(BAD_BODIES)
                     counts["bad_inputs_sent"] += 1
-                    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(
-                        body, str) else {"json": body}
+                    kwargs = (
+                        {"content": body, "headers": {"content-type": "application/json"}}
+                        if isinstance(body, str)
+                        else {"json": body}
+                    )
                     response = await http.post("/v1/completions", **kwargs)
                     counts["bad_inputs_rejected"] += 400 <= response.status_code < 500
                     await asyncio.sleep(1.0)
@@ -135,9 +181,26 @@ async def server_pid(workdir: Path, plan: dict, name: str, status: dict) -> int:
 
 
 def restart(workdir: Path, name: str, port: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "chainserve", "block-server", "--plan", str(workdir / "plan.json"),
-                             "--id", name, "--port", port, "--token-file", str(workdir / "token"),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chainserve",
+            "block-server",
+            "--plan",
+            str(workdir / "plan.json"),
+            "--id",
+            name,
+            "--port",
+            port,
+            "--token-file",
+            str(workdir / "token"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.readline()
     (workdir / f"restarted-{name}-{proc.pid}.pid").write_text(str(proc.pid))
 
@@ -152,8 +215,10 @@ def main() -> None:
     if not 0 < args.minutes <= 10:
         raise SystemExit("error: minutes: must lie in (0, 10]")
     counts = asyncio.run(soak(args.minutes, args.fault_every, args.clients, args.seed))
-    print(f"requests served        {counts['completed']} of {counts['sent']} sent "
-          f"({counts['resumed']} resumed after a failure, {counts['cancelled_by_client']} hung up by their client)")
+    print(
+        f"requests served        {counts['completed']} of {counts['sent']} sent "
+        f"({counts['resumed']} resumed after a failure, {counts['cancelled_by_client']} hung up by their client)"
+    )
     print(f"faults injected        {counts['kills']} kills (SIGKILL), {counts['restarts']} restarts by hand")
     print(f"bad inputs rejected    {counts['bad_inputs_rejected']} of {counts['bad_inputs_sent']} (4xx)")
     print(f"lost                   {counts['lost']} (wrong text: {counts['wrong_text']})")

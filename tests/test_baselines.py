@@ -26,10 +26,12 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 
 def toy(memories, taus, num_blocks, s_m=1.0, s_c=1.0, rate=0.1, tau_c=0.0, prompt=1, output=1):
-    servers = tuple(Server(f"s{i}", float(m), float(t), tau_c)
-                    for i, (m, t) in enumerate(zip(memories, taus, strict=True)))
-    return Problem(servers, ModelSpec("toy", num_blocks, s_m, s_c), Workload(rate, prompt_tokens=prompt,
-                                                                             output_tokens=output))
+    servers = tuple(
+        Server(f"s{i}", float(m), float(t), tau_c) for i, (m, t) in enumerate(zip(memories, taus, strict=True))
+    )
+    return Problem(
+        servers, ModelSpec("toy", num_blocks, s_m, s_c), Workload(rate, prompt_tokens=prompt, output_tokens=output)
+    )
 
 
 @st.composite
@@ -39,8 +41,15 @@ def problems(draw):
     s_c = draw(st.sampled_from([0.25, 0.5, 1.0]))
     memories = draw(st.lists(st.integers(2, 4 * num_blocks), min_size=num_servers, max_size=num_servers))
     taus = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=num_servers, max_size=num_servers))
-    return toy(memories, taus, num_blocks, s_c=s_c, rate=draw(st.sampled_from([0.05, 0.5, 2.0])),
-               tau_c=draw(st.sampled_from([0.0, 0.3])), output=draw(st.integers(1, 3)))
+    return toy(
+        memories,
+        taus,
+        num_blocks,
+        s_c=s_c,
+        rate=draw(st.sampled_from([0.05, 0.5, 2.0])),
+        tau_c=draw(st.sampled_from([0.0, 0.3])),
+        output=draw(st.integers(1, 3)),
+    )
 
 
 def assert_valid_layout(layout: PathPlacement) -> None:
@@ -77,7 +86,7 @@ def test_petals_worked_example():
     # replay by hand in the same join order
     throughput, rates, blocks, expect = [0.0] * 4, [1 / 2, 2 / 3, 1 / 3], [3, 2, 2], {}
     for j in order:
-        options = [(sorted(throughput[a:a + blocks[j]]), a) for a in range(4 - blocks[j] + 1)]
+        options = [(sorted(throughput[a : a + blocks[j]]), a) for a in range(4 - blocks[j] + 1)]
         start = min(options)[1]
         expect[j] = (start + 1, blocks[j])
         for b in range(start, start + blocks[j]):
@@ -122,8 +131,11 @@ def test_petals_block_count_with_the_autograd_reserve_by_hand():
     # on 20 GB, and on 10 GB ⌊(10 − 0.613567)/0.471876⌋ = ⌊19.89⌋ = 19 (⌊21.19⌋ = 21 without it).
     llama = model_arch("llama-2-7b").spec("fp16", max_tokens=2076)
     assert autograd_reserve_gb(llama) == pytest.approx(0.613567, abs=1e-6)
-    p = Problem((Server("a", 20, 0.1, 1.0), Server("b", 10, 0.1, 1.0)), llama,
-                Workload(0.2, prompt_tokens=2048, output_tokens=28))
+    p = Problem(
+        (Server("a", 20, 0.1, 1.0), Server("b", 10, 0.1, 1.0)),
+        llama,
+        Workload(0.2, prompt_tokens=2048, output_tokens=28),
+    )
     spans = petals_placement(p, np.random.default_rng(0)).placement.spans
     assert sorted(s.num_blocks for s in spans) == [19, 32]
 
@@ -134,7 +146,7 @@ def test_petals_rebalancing_raises_the_weakest_block():
     def weakest(layout):
         t = np.zeros(4)
         for s in layout.placement.spans:
-            t[s.start_block - 1:s.end_block] += 1 / p.servers[s.server].tau_p_s / ((s.num_blocks + 1) / 2)
+            t[s.start_block - 1 : s.end_block] += 1 / p.servers[s.server].tau_p_s / ((s.num_blocks + 1) / 2)
         return t.min()
 
     before = petals_placement(p, np.random.default_rng(0), cache_tokens=1, autograd_gb=0.0)
@@ -192,14 +204,24 @@ def test_bprr_sessions_override():
         with pytest.raises(SpecError) as info:
             build_method(bad, p, np.random.default_rng(0))
         assert info.value.field == "method"
-    cluster = {"model": "bloom-176b", "bprr_sessions": 2, "workload": {"arrival_rate": 0.2},
-               "servers": [{"gpu": "a100-3g.40gb", "count": 3, "rtt_ms": 20}, {"gpu": "a100-2g.20gb", "rtt_ms": 30}]}
+    cluster = {
+        "model": "bloom-176b",
+        "bprr_sessions": 2,
+        "workload": {"arrival_rate": 0.2},
+        "servers": [{"gpu": "a100-3g.40gb", "count": 3, "rtt_ms": 20}, {"gpu": "a100-2g.20gb", "rtt_ms": 30}],
+    }
     problem = problem_from_dict(cluster)
     assert problem.bprr_sessions == 2
     assert problem.with_workload(arrival_rate_per_s=0.3).bprr_sessions == 2
     assert bprr_placement(problem).notes[0].startswith("R = 2 sessions reserved per block (fixed")
-    raw = {"num_blocks": 4, "block_size_gb": 2.0, "cache_size_gb": 1.0, "arrival_rate": 0.1, "bprr_sessions": 3,
-           "servers": [{"server_id": i, "memory_gb": 10, "tau_p": 1.0, "tau_c": 0.5} for i in range(3)]}
+    raw = {
+        "num_blocks": 4,
+        "block_size_gb": 2.0,
+        "cache_size_gb": 1.0,
+        "arrival_rate": 0.1,
+        "bprr_sessions": 3,
+        "servers": [{"server_id": i, "memory_gb": 10, "tau_p": 1.0, "tau_c": 0.5} for i in range(3)],
+    }
     assert problem_from_dict(raw).bprr_sessions == 3
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(SpecError) as info:
@@ -212,7 +234,10 @@ def test_bprr_worked_example():
     # Phase 1 (fastest first): a → 1..3, c → 2..4 (shifted to end at L). Phase 2: b ties → 1..3.
     layout = bprr_placement(toy([10, 10, 10], [1.0, 2.0, 1.5], 4, s_m=2.0, rate=0.05))
     assert [(s.server, s.start_block, s.num_blocks) for s in layout.placement.spans] == [
-        (0, 1, 3), (2, 2, 3), (1, 1, 3)]
+        (0, 1, 3),
+        (2, 2, 3),
+        (1, 1, 3),
+    ]
     assert layout.cache_gb == (4.0, 4.0, 4.0)
 
 
@@ -231,8 +256,10 @@ def test_bprr_phase_two_fills_the_least_served_blocks():
 @FAST
 @given(problems(), st.integers(0, 3))
 def test_placements_respect_memory_and_cover_every_block(problem, seed):
-    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=2, autograd_gb=0.0),
-                  lambda: bprr_placement(problem)):
+    for build in (
+        lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=2, autograd_gb=0.0),
+        lambda: bprr_placement(problem),
+    ):
         try:
             layout = build()
         except ValueError:
@@ -244,7 +271,9 @@ def test_jffc_only_plan_and_not_applicable():
     p = toy([20, 8, 15], [1.0, 1.0, 2.0], 3, s_m=2.0, tau_c=0.5)
     plan = jffc_only_plan(p)
     assert [(ch.servers, ch.capacity, ch.service_time_s) for ch in plan.chains] == [
-        ((0,), 4, 3.5), ((2,), 3, 6.5)]  # ⌊(20 − 6)/3⌋, ⌊(15 − 6)/3⌋; server 1 cannot hold the model
+        ((0,), 4, 3.5),
+        ((2,), 3, 6.5),
+    ]  # ⌊(20 − 6)/3⌋, ⌊(15 − 6)/3⌋; server 1 cannot hold the model
     with pytest.raises(ValueError, match="not applicable"):
         jffc_only_plan(toy([7, 8], [1.0, 1.0], 3, s_m=2.0))
 
@@ -269,8 +298,10 @@ def brute_force_path(spans, cost, L):
 
 
 @FAST
-@given(st.integers(2, 6), st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6), st.floats(0.1, 5)),
-                                   min_size=1, max_size=5))
+@given(
+    st.integers(2, 6),
+    st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6), st.floats(0.1, 5)), min_size=1, max_size=5),
+)
 def test_shortest_path_matches_brute_force(L, raw):
     spans = [Span(j, min(a, L), min(m, L - min(a, L) + 1)) for j, (a, m, _) in enumerate(raw)]
     weight = {j: w for j, (_, _, w) in enumerate(raw)}
@@ -406,8 +437,10 @@ class Driver:
 
 
 def layouts(problem, seed):
-    for build in (lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=4, autograd_gb=0.0),
-                  lambda: bprr_placement(problem)):
+    for build in (
+        lambda: petals_placement(problem, np.random.default_rng(seed), cache_tokens=4, autograd_gb=0.0),
+        lambda: bprr_placement(problem),
+    ):
         try:
             yield build()
         except ValueError:
@@ -435,7 +468,8 @@ def test_routers_respect_memory_and_serve_every_request(problem, seed, events):
                 driver.step(kind, k)
                 assert router.num_in_service == len(driver.in_service)
                 assert router.num_waiting + router.num_in_service == (
-                    driver.next_id - len(driver.completed) - len(driver.cancelled))
+                    driver.next_id - len(driver.completed) - len(driver.cancelled)
+                )
             driver.drain()
             stuck = sorted(job.job_id for job in router.unroutable)
             finished = sorted(driver.completed + sorted(driver.cancelled))

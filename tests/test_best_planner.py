@@ -22,8 +22,12 @@ from test_planner_properties import clusters
 
 def toy() -> Problem:
     """Two fast servers that GBP-CR's walk leaves idle at λ = 1 and one slow one that it uses."""
-    servers = (Server("a", 6.0, 0.2, 0.05), Server("b", 6.0, 0.2, 0.05), Server("c", 4.0, 0.4, 0.3),
-               Server("d", 3.0, 0.5, 0.1))
+    servers = (
+        Server("a", 6.0, 0.2, 0.05),
+        Server("b", 6.0, 0.2, 0.05),
+        Server("c", 4.0, 0.4, 0.3),
+        Server("d", 3.0, 0.5, 0.1),
+    )
     return Problem(servers, ModelSpec("toy", 4, 1.0, 0.25), Workload(1.0))
 
 
@@ -72,8 +76,10 @@ def test_fastest_paths_are_the_routing_paths_in_time_order():
     room = job_block_room(problem, placement)
     found = fastest_paths(problem, placement.spans, lambda span: room[span.server], 100)
     assert set(found) == set(routing_paths(problem, placement))
-    times = [sum(problem.servers[h.server].tau_c_s + problem.servers[h.server].tau_p_s * h.num_blocks for h in p)
-             for p in found]
+    times = [
+        sum(problem.servers[h.server].tau_c_s + problem.servers[h.server].tau_p_s * h.num_blocks for h in p)
+        for p in found
+    ]
     assert times == sorted(times)
 
 
@@ -90,8 +96,9 @@ def test_tighten_keeps_bounds_and_frees_memory():
 def test_local_search_never_returns_worse():
     problem = toy()
     start = search_c(problem)
-    found, used = local_search(problem, start, lambda pl: complete(problem, pl, exact=False),
-                               np.random.default_rng(0), 50, float("inf"))
+    found, used = local_search(
+        problem, start, lambda pl: complete(problem, pl, exact=False), np.random.default_rng(0), 50, float("inf")
+    )
     check_plan(found)
     assert used <= 50 and found.bounds.lower_s <= start.bounds.lower_s
 

@@ -32,9 +32,15 @@ def random_plan(seed: int) -> Plan:
     num_blocks = int(rng.integers(2, 13))
     model = ModelSpec("m", num_blocks, 1.0, float(rng.choice([0.1, 0.25, 0.5])))
     while True:
-        servers = tuple(Server(f"s{j}", float(rng.uniform(1.5, 2.5 * num_blocks)),
-                               float(rng.uniform(0.02, 0.6)), float(rng.uniform(0.0, 0.5)))
-                        for j in range(int(rng.integers(2, 13))))
+        servers = tuple(
+            Server(
+                f"s{j}",
+                float(rng.uniform(1.5, 2.5 * num_blocks)),
+                float(rng.uniform(0.02, 0.6)),
+                float(rng.uniform(0.0, 0.5)),
+            )
+            for j in range(int(rng.integers(2, 13)))
+        )
         problem = Problem(servers, model, Workload(1e6))  # place every server GBP-CR reaches
         result = plan_for_c(problem, int(rng.integers(1, 5)))
         if result is not None and result[1].chains:

@@ -23,8 +23,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RAW = EXAMPLES / "raw-instance.json"
 TESTBED = EXAMPLES / "paper-testbed-llama2-7b.yaml"
 LIMIT_S = 30.0
-SMALL = {"model": "llama-2-7b", "workload": {"arrival_rate": 1.0},
-         "servers": [{"gpu": "a100-80gb", "count": 2, "rtt_ms": 10}]}
+SMALL = {
+    "model": "llama-2-7b",
+    "workload": {"arrival_rate": 1.0},
+    "servers": [{"gpu": "a100-80gb", "count": 2, "rtt_ms": 10}],
+}
 
 
 def cli(*args: str):
@@ -64,18 +67,22 @@ def with_(base: dict, **changes: object) -> dict:
 
 # --- the inputs of the issue ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("changes", "field"), [
-    ({"servers__0__memory_gb": 1.0e308}, "servers[0].memory_gb"),
-    ({"workload__arrival_rate": 1.0e-308}, "workload.arrival_rate"),
-    ({"servers__0__tau_p_s": 1e-300}, "servers[0].tau_p_s"),
-    ({"servers__0__tau_c_s": 1e-300}, "servers[0].tau_c_s"),
-    ({"servers__0__tau_p_s": 1e300}, "servers[0].tau_p_s"),
-    ({"servers__0__tau_c_s": 1e300}, "servers[0].tau_c_s"),
-    ({"servers__0__count": 100_000_000}, "servers[0].count"),
-    ({"servers__0__count": 100_000}, "servers[0].count"),
-    ({"servers__0__rtt_ms": 1e308}, "servers[0].rtt_ms"),
-    ({"workload__rho_bar": 1e-308}, "workload.rho_bar"),
-])
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"servers__0__memory_gb": 1.0e308}, "servers[0].memory_gb"),
+        ({"workload__arrival_rate": 1.0e-308}, "workload.arrival_rate"),
+        ({"servers__0__tau_p_s": 1e-300}, "servers[0].tau_p_s"),
+        ({"servers__0__tau_c_s": 1e-300}, "servers[0].tau_c_s"),
+        ({"servers__0__tau_p_s": 1e300}, "servers[0].tau_p_s"),
+        ({"servers__0__tau_c_s": 1e300}, "servers[0].tau_c_s"),
+        ({"servers__0__count": 100_000_000}, "servers[0].count"),
+        ({"servers__0__count": 100_000}, "servers[0].count"),
+        ({"servers__0__rtt_ms": 1e308}, "servers[0].rtt_ms"),
+        ({"workload__rho_bar": 1e-308}, "workload.rho_bar"),
+    ],
+)
 @pytest.mark.parametrize("command", ["plan", "simulate"])
 def test_out_of_range_cluster_numbers_name_their_field(tmp_path, command, changes, field):
     path = write(tmp_path, with_(SMALL, **changes))
@@ -84,8 +91,10 @@ def test_out_of_range_cluster_numbers_name_their_field(tmp_path, command, change
 
 def test_raw_json_huge_memory_and_blocks(tmp_path):
     raw = json.loads(RAW.read_text())
-    assert error_field(cli("plan", write(tmp_path, with_(raw, servers__0__memory_gb=1e308), "r.json"))) \
+    assert (
+        error_field(cli("plan", write(tmp_path, with_(raw, servers__0__memory_gb=1e308), "r.json")))
         == "servers[0].memory_gb"
+    )
     assert error_field(cli("plan", write(tmp_path, with_(raw, num_blocks=100_000_000), "r.json"))) == "num_blocks"
     assert error_field(cli("simulate", write(tmp_path, with_(raw, arrival_rate=1e-308), "r.json"))) == "arrival_rate"
 
@@ -99,26 +108,31 @@ def test_tiny_cache_plans_fast(tmp_path, max_tokens):
     assert data["stable"] and 0 < data["bounds"]["lower"] <= data["bounds"]["upper"]
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("--burstiness", "1e308"), "burstiness"),
-    (("--burstiness", "nan"), "burstiness"),
-    (("--rate", "1e-308"), "rate"),
-    (("--rate", "1e-17"), "rate"),
-    (("--rate", "1e-200"), "rate"),
-    (("--rate", "inf"), "rate"),
-    (("--rate", "500"), "rate"),
-    (("--trace", "bundled", "--time-scale", "1e308"), "time-scale"),
-    (("--trace", "bundled", "--time-scale", "0"), "time-scale"),
-    (("--trace", "."), "trace"),
-    (("--trace", "bundled", "--requests", "1000"), "trace"),  # the default cluster cannot serve its rate
-    (("--requests", "0"), "requests"),
-    (("--requests", str(MAX_REQUESTS + 1)), "requests"),
-    (("--rate", "abc"), "rate"),
-    (("--jsn",), "jsn"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("--burstiness", "1e308"), "burstiness"),
+        (("--burstiness", "nan"), "burstiness"),
+        (("--rate", "1e-308"), "rate"),
+        (("--rate", "1e-17"), "rate"),
+        (("--rate", "1e-200"), "rate"),
+        (("--rate", "inf"), "rate"),
+        (("--rate", "500"), "rate"),
+        (("--trace", "bundled", "--time-scale", "1e308"), "time-scale"),
+        (("--trace", "bundled", "--time-scale", "0"), "time-scale"),
+        (("--trace", "."), "trace"),
+        (("--trace", "bundled", "--requests", "1000"), "trace"),  # the default cluster cannot serve its rate
+        (("--requests", "0"), "requests"),
+        (("--requests", str(MAX_REQUESTS + 1)), "requests"),
+        (("--rate", "abc"), "rate"),
+        (("--jsn",), "jsn"),
+    ],
+)
 def test_simulate_flags(args, field):
-    assert error_field(cli("simulate", "--requests", "50", *args) if "--requests" not in args
-                       else cli("simulate", *args)) == field
+    assert (
+        error_field(cli("simulate", "--requests", "50", *args) if "--requests" not in args else cli("simulate", *args))
+        == field
+    )
 
 
 def test_rate_in_range_gives_a_right_answer():
@@ -138,17 +152,20 @@ def test_trace_run_shown_in_the_readme_works_and_says_poisson_is_assumed():
     assert f"chainserve simulate examples/{TESTBED.name} --trace bundled" in (EXAMPLES.parent / "README.md").read_text()
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("--plot", "{tmp}"), "plot"),
-    (("--plot", "{tmp}/noext"), "plot"),
-    (("--plot", "{tmp}/plan.xyz"), "plot"),
-    (("--rate", "1e308"), "rate"),
-    (("--rho-bar", "1"), "rho-bar"),
-    (("--c", "0"), "c"),
-    (("--json", "true"), "true"),  # --json takes no value: 'true' is read as the cluster file
-    (("{tmp}/not-utf8.yaml",), "{tmp}/not-utf8.yaml"),
-    (("{tmp}",), "{tmp}"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("--plot", "{tmp}"), "plot"),
+        (("--plot", "{tmp}/noext"), "plot"),
+        (("--plot", "{tmp}/plan.xyz"), "plot"),
+        (("--rate", "1e308"), "rate"),
+        (("--rho-bar", "1"), "rho-bar"),
+        (("--c", "0"), "c"),
+        (("--json", "true"), "true"),  # --json takes no value: 'true' is read as the cluster file
+        (("{tmp}/not-utf8.yaml",), "{tmp}/not-utf8.yaml"),
+        (("{tmp}",), "{tmp}"),
+    ],
+)
 def test_plan_flags(tmp_path, args, field):
     (tmp_path / "not-utf8.yaml").write_bytes(b"name: \xff\xfe\n")
     result = cli("plan", *(a.format(tmp=tmp_path) for a in args))
@@ -170,13 +187,16 @@ def test_raw_plan_prints_no_token_lengths_and_explains_itself():
     assert "not placed (not needed)" in default and "λ/ρ̄" in default
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("table1", "--requests", "100000"), "requests"),
-    (("policies", "--seeds", "0"), "seeds"),
-    (("policies", "--requests", "0"), "requests"),
-    (("policies", "--out", "{tmp}/file"), "out"),
-    (("nope",), "name"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("table1", "--requests", "100000"), "requests"),
+        (("policies", "--seeds", "0"), "seeds"),
+        (("policies", "--requests", "0"), "requests"),
+        (("policies", "--out", "{tmp}/file"), "out"),
+        (("nope",), "name"),
+    ],
+)
 def test_experiment_checks_before_running(tmp_path, args, field):
     (tmp_path / "file").write_text("x")
     assert error_field(cli("experiment", *(a.format(tmp=tmp_path) for a in args))) == field
@@ -188,17 +208,32 @@ def test_usage_errors_are_one_line_and_version():
     assert error_field(cli("experiment")) == "name"
     result = cli("--version")
     assert result.exit_code == 0 and re.fullmatch(r"chainserve \S+\n", result.stdout)
-    proc = subprocess.run([sys.executable, "-m", "chainserve", "--version"], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chainserve", "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0 and proc.stdout == result.stdout
 
 
 # --- help --------------------------------------------------------------------------------------------
 
-OFFLINE = {"plan": ("--rate", "--rho-bar", "--c", "--objective", "--json", "--export", "--plot"),
-           "simulate": ("--method", "--policy", "--requests", "--rate", "--trace", "--time-scale", "--trace-start",
-                        "--burstiness", "--service", "--seed", "--warmup", "--json"),
-           "experiment": ("--out", "--seeds", "--requests", "--quiet")}
+OFFLINE = {
+    "plan": ("--rate", "--rho-bar", "--c", "--objective", "--json", "--export", "--plot"),
+    "simulate": (
+        "--method",
+        "--policy",
+        "--requests",
+        "--rate",
+        "--trace",
+        "--time-scale",
+        "--trace-start",
+        "--burstiness",
+        "--service",
+        "--seed",
+        "--warmup",
+        "--json",
+    ),
+    "experiment": ("--out", "--seeds", "--requests", "--quiet"),
+}
 
 
 @pytest.mark.parametrize("command", list(OFFLINE))
@@ -218,14 +253,39 @@ def test_help_is_complete_and_matches_the_readme(command, monkeypatch):
 
 # --- fuzz -----------------------------------------------------------------------------------------
 
-NUMBERS = st.one_of(st.floats(1e-308, 1e308), st.floats(-1e308, -1e-308), st.just(math.nan), st.just(math.inf),
-                    st.integers(-10**20, 10**20), st.sampled_from([0, 0.0, True, "1e-3", "x", None, [], {}]),
-                    st.lists(st.just(1.0), min_size=1001, max_size=1001))
-FIELDS = ["workload__arrival_rate", "workload__rho_bar", "workload__prompt_tokens", "workload__output_tokens",
-          "max_tokens", "servers__0__memory_gb", "servers__0__count", "servers__0__rtt_ms", "servers__0__tau_p_s",
-          "servers__0__tau_c_s", "servers__0__tau_c_ms"]
-RAW_FIELDS = ["num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate", "rho_bar", "max_tokens",
-              "servers__0__memory_gb", "servers__0__tau_c", "servers__0__tau_p"]
+NUMBERS = st.one_of(
+    st.floats(1e-308, 1e308),
+    st.floats(-1e308, -1e-308),
+    st.just(math.nan),
+    st.just(math.inf),
+    st.integers(-(10**20), 10**20),
+    st.sampled_from([0, 0.0, True, "1e-3", "x", None, [], {}]),
+    st.lists(st.just(1.0), min_size=1001, max_size=1001),
+)
+FIELDS = [
+    "workload__arrival_rate",
+    "workload__rho_bar",
+    "workload__prompt_tokens",
+    "workload__output_tokens",
+    "max_tokens",
+    "servers__0__memory_gb",
+    "servers__0__count",
+    "servers__0__rtt_ms",
+    "servers__0__tau_p_s",
+    "servers__0__tau_c_s",
+    "servers__0__tau_c_ms",
+]
+RAW_FIELDS = [
+    "num_blocks",
+    "block_size_gb",
+    "cache_size_gb",
+    "arrival_rate",
+    "rho_bar",
+    "max_tokens",
+    "servers__0__memory_gb",
+    "servers__0__tau_c",
+    "servers__0__tau_p",
+]
 CONSEQUENCES = {"model", "arrival_rate", "workload.arrival_rate", "servers[0].rtt_ms", "servers[0].tau_p_s"}
 
 

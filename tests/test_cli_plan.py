@@ -19,8 +19,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SIM = str(EXAMPLES / "paper-sim-bloom-20.yaml")
 TESTBED = str(EXAMPLES / "paper-testbed-llama2-7b.yaml")
 RAW = str(EXAMPLES / "raw-instance.json")
-PETALS_LINE = re.compile(r"^python -m petals\.cli\.run_server (\S+) --block_indices (\d+):(\d+) "
-                         r"--attn_cache_tokens (\d+) --inference_max_length (\d+)( .*)?$")
+PETALS_LINE = re.compile(
+    r"^python -m petals\.cli\.run_server (\S+) --block_indices (\d+):(\d+) "
+    r"--attn_cache_tokens (\d+) --inference_max_length (\d+)( .*)?$"
+)
 
 
 def run(*args: str):
@@ -33,8 +35,13 @@ def run(*args: str):
 
 
 def test_subprocess_json_is_a_consistent_plan():
-    proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "plan", SIM, "--json", "--planner", "greedy"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chainserve.cli", "plan", SIM, "--json", "--planner", "greedy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert {"c", "servers", "chains", "nu", "load", "bounds"} <= data.keys()
@@ -51,8 +58,13 @@ def test_subprocess_json_is_a_consistent_plan():
 
 
 def test_subprocess_error_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "plan", str(tmp_path / "absent.yaml")],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chainserve.cli", "plan", str(tmp_path / "absent.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: {tmp_path / 'absent.yaml'}: no such file"]
 
@@ -81,10 +93,13 @@ def test_unstable_plan_is_printed_with_a_warning():
     assert not data["stable"] and data["load"] > 1
 
 
-@pytest.mark.parametrize(("cluster", "repo", "max_tokens", "flag"), [
-    (SIM, "bigscience/bloom", 2048, "--quant_type nf4"),  # hops that use part of a span
-    (TESTBED, "meta-llama/Llama-2-7b-hf", 2048 + 28, "--quant_type none"),
-])
+@pytest.mark.parametrize(
+    ("cluster", "repo", "max_tokens", "flag"),
+    [
+        (SIM, "bigscience/bloom", 2048, "--quant_type nf4"),  # hops that use part of a span
+        (TESTBED, "meta-llama/Llama-2-7b-hf", 2048 + 28, "--quant_type none"),
+    ],
+)
 def test_petals_export_matches_the_plan(cluster, repo, max_tokens, flag):
     data = json.loads(run(cluster, "--json", "--export", "petals").stdout)
     lines = data["export"]["petals"]
@@ -116,12 +131,15 @@ def test_plot_written(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    ((RAW, "--export", "petals"), "max_tokens"),
-    ((RAW, "--rate", "-1"), "rate"),
-    ((RAW, "--rate", "500"), "rate"),
-    ((RAW, "--c", "99"), "c"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ((RAW, "--export", "petals"), "max_tokens"),
+        ((RAW, "--rate", "-1"), "rate"),
+        ((RAW, "--rate", "500"), "rate"),
+        ((RAW, "--c", "99"), "c"),
+    ],
+)
 def test_errors_one_line_exit_2(args, field):
     result = run(*args)
     assert result.exit_code == 2 and result.stdout == ""
@@ -149,8 +167,9 @@ def test_default_cluster_is_the_example():
 
 def test_model_no_server_set_can_hold(tmp_path):
     small = tmp_path / "small.yaml"
-    small.write_text("model: bloom-176b\nworkload: {arrival_rate: 0.2}\n"
-                     "servers:\n  - {gpu: t4, count: 2, rtt_ms: 20}\n")
+    small.write_text(
+        "model: bloom-176b\nworkload: {arrival_rate: 0.2}\nservers:\n  - {gpu: t4, count: 2, rtt_ms: 20}\n"
+    )
     result = run(str(small))
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()

@@ -39,8 +39,25 @@ def run_json(*args: str) -> dict:
 
 
 def test_subprocess_json_keys_and_types():
-    proc = subprocess.run([sys.executable, "-m", "chainserve.cli", "simulate", "--requests", "300", "--seed", "4",
-                           "--json", "--planner", "greedy"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chainserve.cli",
+            "simulate",
+            "--requests",
+            "300",
+            "--seed",
+            "4",
+            "--json",
+            "--planner",
+            "greedy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["requests"] == 300 and data["method"] == "proposed" and data["seed"] == 4
@@ -77,24 +94,24 @@ def test_every_method_runs(cluster, method):
 
 
 def test_policy_option_is_proposed_with_that_policy():
-    assert run_json("--policy", "sed", "--requests", "200") == run_json("--method", "proposed:sed",
-                                                                         "--requests", "200")
+    assert run_json("--policy", "sed", "--requests", "200") == run_json("--method", "proposed:sed", "--requests", "200")
 
 
 def test_bundled_trace_sets_the_rate():
     data = run_json(TESTBED, "--trace", "bundled", "--requests", "200")
     times = read_azure_trace().times_s
     assert data["requests"] == 200 and math.isclose(data["arrival_rate"], 199 / (times[199] - times[0]))
-    later = run_json(TESTBED, "--trace", "bundled", "--requests", "200", "--trace-start", "1000",
-                     "--time-scale", "2")
+    later = run_json(TESTBED, "--trace", "bundled", "--requests", "200", "--trace-start", "1000", "--time-scale", "2")
     assert math.isclose(later["arrival_rate"], 199 / (times[1199] - times[1000]) / 2)
     assert "rows 1000–1199" in later["arrivals"]
 
 
 def test_trace_file(tmp_path):
     trace = tmp_path / "t.csv"
-    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                     + "".join(f"2023-11-16 18:15:{i:02d}.000,{100 + i},{1 + i % 5}\n" for i in range(30)))
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:{i:02d}.000,{100 + i},{1 + i % 5}\n" for i in range(30))
+    )
     data = run_json(TESTBED, "--trace", str(trace), "--requests", "30", "--service", "token")
     assert data["requests"] == 30 and math.isclose(data["arrival_rate"], 1.0)
     assert data["service_model"] == "token" and "t.csv" in data["arrivals"]
@@ -112,36 +129,49 @@ def test_rate_burstiness_and_warmup():
 def test_table():
     result = run(TESTBED, "--method", "proposed:jsq", "--requests", "200")
     assert result.exit_code == 0
-    for words in ("Simulated times", "response", "waiting", "service", "p99", "throughput",
-                  "proposed:jsq: GBP-CR + GCA", "Theorem-4 bounds", "simulated mean", "batch-means"):
+    for words in (
+        "Simulated times",
+        "response",
+        "waiting",
+        "service",
+        "p99",
+        "throughput",
+        "proposed:jsq: GBP-CR + GCA",
+        "Theorem-4 bounds",
+        "simulated mean",
+        "batch-means",
+    ):
         assert words in result.stdout
     petals = run(TESTBED, "--method", "petals", "--requests", "200").stdout
     assert "PETALS placement" in petals and "Theorem-4" not in petals
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("--method", "vllm"), "method"),
-    (("--method", "petals:jffc"), "method"),
-    (("--method", "proposed:fifo"), "policy"),
-    (("--policy", "fifo"), "policy"),
-    (("--method", "bprr", "--policy", "sed"), "policy"),
-    (("--rate", "-1"), "rate"),
-    (("--rate", "500"), "rate"),  # no stable plan
-    (("--rate", "0.2", "--trace", "bundled"), "rate"),
-    (("--trace", "absent.csv"), "trace"),
-    (("--time-scale", "2"), "time-scale"),
-    (("--trace-start", "5"), "trace-start"),
-    (("--trace", "bundled", "--time-scale", "0"), "time-scale"),
-    (("--trace", "bundled", "--trace-start", "9000"), "trace-start"),
-    (("--trace", "bundled", "--requests", "9000"), "requests"),
-    (("--trace", "bundled", "--burstiness", "2"), "burstiness"),
-    (("--burstiness", "0"), "burstiness"),
-    (("--requests", "0"), "requests"),
-    (("--requests", "10", "--warmup", "10"), "warmup"),
-    (("--seed", "-1"), "seed"),
-    (("--service", "gamma"), "service"),
-    (("absent.yaml",), "absent.yaml"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("--method", "vllm"), "method"),
+        (("--method", "petals:jffc"), "method"),
+        (("--method", "proposed:fifo"), "policy"),
+        (("--policy", "fifo"), "policy"),
+        (("--method", "bprr", "--policy", "sed"), "policy"),
+        (("--rate", "-1"), "rate"),
+        (("--rate", "500"), "rate"),  # no stable plan
+        (("--rate", "0.2", "--trace", "bundled"), "rate"),
+        (("--trace", "absent.csv"), "trace"),
+        (("--time-scale", "2"), "time-scale"),
+        (("--trace-start", "5"), "trace-start"),
+        (("--trace", "bundled", "--time-scale", "0"), "time-scale"),
+        (("--trace", "bundled", "--trace-start", "9000"), "trace-start"),
+        (("--trace", "bundled", "--requests", "9000"), "requests"),
+        (("--trace", "bundled", "--burstiness", "2"), "burstiness"),
+        (("--burstiness", "0"), "burstiness"),
+        (("--requests", "0"), "requests"),
+        (("--requests", "10", "--warmup", "10"), "warmup"),
+        (("--seed", "-1"), "seed"),
+        (("--service", "gamma"), "service"),
+        (("absent.yaml",), "absent.yaml"),
+    ],
+)
 def test_errors_one_line_exit_2(args, field):
     result = run(*args)
     assert result.exit_code == 2 and result.stdout == ""

@@ -30,6 +30,7 @@ servers:
 
 # --- examples and presets ------------------------------------------------------------------------
 
+
 def test_sim_example_equals_preset():
     preset = paper_sim_cluster(20, 0.2, np.random.default_rng(2026))
     assert load_cluster(EXAMPLES / "paper-sim-bloom-20.yaml") == preset
@@ -45,7 +46,8 @@ def test_raw_example():
     raw = json.loads((EXAMPLES / "raw-instance.json").read_text())
     assert p.name == "raw-small" and p.model.num_blocks == raw["num_blocks"]
     assert [(s.name, s.memory_gb, s.tau_p_s, s.tau_c_s) for s in p.servers] == [
-        (str(s["server_id"]), s["memory_gb"], s["tau_p"], s["tau_c"]) for s in raw["servers"]]
+        (str(s["server_id"]), s["memory_gb"], s["tau_p"], s["tau_c"]) for s in raw["servers"]
+    ]
     assert p.workload.arrival_rate_per_s == raw["arrival_rate"] and p.workload.rho_bar == raw["rho_bar"]
 
 
@@ -54,8 +56,7 @@ def test_raw_format_detected_by_content_in_yaml(tmp_path):
     assert load_cluster(write(tmp_path, text, "inst.yaml")) == load_cluster(EXAMPLES / "raw-instance.json")
 
 
-@pytest.mark.parametrize(("num_servers", "eta", "num_high"),
-                         [(10, 0.1, 1), (20, 0.2, 4), (30, 0.3, 9), (40, 0.4, 16)])
+@pytest.mark.parametrize(("num_servers", "eta", "num_high"), [(10, 0.1, 1), (20, 0.2, 4), (30, 0.3, 9), (40, 0.4, 16)])
 def test_paper_sim_cluster_shape(num_servers, eta, num_high):
     p = paper_sim_cluster(num_servers, eta, np.random.default_rng(1))
     high = [s for s in p.servers if s.gpu == "a100-3g.40gb"]
@@ -83,6 +84,7 @@ def test_paper_sim_cluster_rejects(args, field):
 
 # --- defaults and derivations --------------------------------------------------------------------
 
+
 def test_gpu_entry_defaults(tmp_path):
     p = load_cluster(write(tmp_path, BASE + "  - {gpu: 3g.40gb, count: 2, rtt_ms: [10, 30]}\n"))
     arch, gpu = catalogue.model_arch("llama-2-7b"), catalogue.gpu_profile("a100-3g.40gb")
@@ -103,10 +105,12 @@ def test_explicit_values_override_profile(tmp_path):
 
 def test_model_forms_agree(tmp_path):
     servers = "  - {gpu: t4, rtt_s: 0.02}\n"
-    top = load_cluster(write(tmp_path, BASE.replace("llama-2-7b", "llama-2-7b\ndtype: int8\nmax_tokens: 512")
-                             + servers))
-    nested = load_cluster(write(tmp_path, BASE.replace("llama-2-7b", "{name: llama-2-7b, dtype: int8, "
-                                                       "max_tokens: 512}") + servers))
+    top = load_cluster(
+        write(tmp_path, BASE.replace("llama-2-7b", "llama-2-7b\ndtype: int8\nmax_tokens: 512") + servers)
+    )
+    nested = load_cluster(
+        write(tmp_path, BASE.replace("llama-2-7b", "{name: llama-2-7b, dtype: int8, max_tokens: 512}") + servers)
+    )
     assert top == nested
     assert top.model == catalogue.model_arch("llama-2-7b").spec("int8", max_tokens=512)
 
@@ -126,8 +130,12 @@ servers:
 
 
 def test_problem_from_dict_names_itself():
-    data = {"name": "mine", "model": "smollm2-135m", "workload": {"arrival_rate": 2},
-            "servers": [{"gpu": "t4", "rtt_ms": 5}]}
+    data = {
+        "name": "mine",
+        "model": "smollm2-135m",
+        "workload": {"arrival_rate": 2},
+        "servers": [{"gpu": "t4", "rtt_ms": 5}],
+    }
     p = problem_from_dict(data, default_name="ignored")
     assert p.name == "mine" and p.servers[0].name == "t4"
 
@@ -135,8 +143,11 @@ def test_problem_from_dict_names_itself():
 # --- errors --------------------------------------------------------------------------------------
 
 SERVER_ERRORS = [
-    ("  - {gpu: t4, rtt_ms: 5}\n  - {name: x, memory_gb: -3, tau_p_s: 1, tau_c_s: 1}\n",
-     "servers[1].memory_gb", "positive"),
+    (
+        "  - {gpu: t4, rtt_ms: 5}\n  - {name: x, memory_gb: -3, tau_p_s: 1, tau_c_s: 1}\n",
+        "servers[1].memory_gb",
+        "positive",
+    ),
     ("  - {gpu: z80, rtt_ms: 5}\n", "servers[0].gpu", "unknown gpu"),
     ("  - {gpu: t4, memroy_gb: 5, rtt_ms: 5}\n", "servers[0].memroy_gb", "did you mean 'memory_gb'"),
     ("  - {gpu: t4, count: 2, rtt_ms: [5]}\n", "servers[0].rtt_ms", "expected 2 values"),
@@ -194,10 +205,13 @@ def test_raw_json_errors(tmp_path):
         load_cluster(write(tmp_path, json.dumps(raw), "bad.json"))
 
 
-@pytest.mark.parametrize(("text", "name", "words"), [
-    ("model: [unclosed\n", "bad.yaml", "malformed YAML at line"),
-    ('{"servers": [1,]}', "bad.json", "malformed JSON at line 1"),
-])
+@pytest.mark.parametrize(
+    ("text", "name", "words"),
+    [
+        ("model: [unclosed\n", "bad.yaml", "malformed YAML at line"),
+        ('{"servers": [1,]}', "bad.json", "malformed JSON at line 1"),
+    ],
+)
 def test_malformed_files(tmp_path, text, name, words):
     path = write(tmp_path, text, name)
     with pytest.raises(SpecError) as err:

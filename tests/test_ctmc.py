@@ -31,9 +31,7 @@ def erlang_c(arrival_rate, rate, c):
     return p_wait, wait_s, wait_s + 1 / rate
 
 
-@pytest.mark.parametrize(
-    ("arrival_rate", "rate", "c"), [(0.5, 1.0, 1), (2.5, 1.0, 3), (0.3, 0.1, 5), (7.9, 1.0, 8)]
-)
+@pytest.mark.parametrize(("arrival_rate", "rate", "c"), [(0.5, 1.0, 1), (2.5, 1.0, 3), (0.3, 0.1, 5), (7.9, 1.0, 8)])
 def test_one_chain_is_mm_c(arrival_rate, rate, c):
     p_wait, wait_s, response_s = erlang_c(arrival_rate, rate, c)
     r = jffc_ctmc([rate], [c], arrival_rate)
@@ -119,9 +117,7 @@ def truncated_ctmc_mean_jobs(rates, caps, lam, thresholds, max_queue):
 )
 def test_lumped_tail_matches_long_truncation(rates, caps, thresholds, lam):
     exact = jffc_ctmc(rates, caps, lam, thresholds)
-    assert exact.mean_jobs == pytest.approx(
-        truncated_ctmc_mean_jobs(rates, caps, lam, thresholds, 150), rel=1e-8
-    )
+    assert exact.mean_jobs == pytest.approx(truncated_ctmc_mean_jobs(rates, caps, lam, thresholds, 150), rel=1e-8)
 
 
 @settings(max_examples=40, deadline=None)
@@ -176,9 +172,7 @@ def test_thresholds_never_worse_than_jffc_on_two_chains(slow_time_s, rho):
     assert tuned <= best * 1.001  # the search finds the optimum threshold (to its tolerance)
 
 
-@pytest.mark.parametrize(
-    ("slow_time_s", "rho", "min_gain"), [(10.0, 0.3, 0.35), (10.0, 0.6, 0.12), (30.0, 0.6, 0.25)]
-)
+@pytest.mark.parametrize(("slow_time_s", "rho", "min_gain"), [(10.0, 0.3, 0.35), (10.0, 0.6, 0.12), (30.0, 0.6, 0.25)])
 def test_thresholds_beat_jffc_when_the_slow_chain_is_much_slower(slow_time_s, rho, min_gain):
     rates, caps = [1.0, 1 / slow_time_s], [1, 1]
     lam = rho * (1 + 1 / slow_time_s)
@@ -205,9 +199,7 @@ def test_thresholds_on_three_chains_close_to_brute_force():
     thresholds = choose_thresholds(one_hop_chains(times_s, caps), lam)
     assert thresholds[0] == 0 and thresholds[0] <= thresholds[1] <= thresholds[2]
     tuned = jffc_ctmc(rates, caps, lam, thresholds).mean_response_s
-    best = min(
-        jffc_ctmc(rates, caps, lam, [0, a, b]).mean_response_s for a in range(4) for b in range(a, 30, 2)
-    )
+    best = min(jffc_ctmc(rates, caps, lam, [0, a, b]).mean_response_s for a in range(4) for b in range(a, 30, 2))
     assert tuned <= best * 1.005
     assert tuned < 0.8 * jffc_ctmc(rates, caps, lam).mean_response_s
 

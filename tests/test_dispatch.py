@@ -21,11 +21,7 @@ def chain(time_s, capacity, *servers):
 
 def run(d, num_jobs, t0=0.0):
     """Submit jobs t0, t0+1, …; return {job_id: chain} of the ones that started."""
-    return {
-        s.job.job_id: s.route.chain
-        for i in range(num_jobs)
-        for s in d.submit(Job(int(t0) + i, t0 + i), t0 + i)
-    }
+    return {s.job.job_id: s.route.chain for i in range(num_jobs) for s in d.submit(Job(int(t0) + i, t0 + i), t0 + i)}
 
 
 # --- hand-checked sequences ---
@@ -102,9 +98,7 @@ def test_jiq_prefers_idle_chains_then_uniform():
 def test_random_is_uniform_over_live_chains():
     counts = np.zeros(3)
     for seed in range(300):
-        d = RandomDispatch(
-            [chain(1.0, 9, 0), chain(5.0, 9, 1), chain(9.0, 9, 2)], np.random.default_rng(seed)
-        )
+        d = RandomDispatch([chain(1.0, 9, 0), chain(5.0, 9, 1), chain(9.0, 9, 2)], np.random.default_rng(seed))
         d.fail_server(2, 0.0)
         counts[next(iter(run(d, 1).values()))] += 1
     assert counts[2] == 0 and counts[:2].min() > 120  # each ~150 of 300

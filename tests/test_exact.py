@@ -24,9 +24,14 @@ def tiny_clusters(draw, max_servers: int = 3, max_blocks: int = 3) -> Problem:
     num_blocks = draw(st.integers(1, max_blocks))
     cache_gb = draw(st.sampled_from((0.5, 1.0)))
     servers = tuple(
-        Server(f"s{j}", draw(st.sampled_from((1.5, 2.0, 2.5, 3.0, 4.0))),
-               draw(st.sampled_from((0.5, 1.0, 1.5, 2.0))), draw(st.sampled_from((0.0, 0.25, 1.0))))
-        for j in range(draw(st.integers(1, max_servers))))
+        Server(
+            f"s{j}",
+            draw(st.sampled_from((1.5, 2.0, 2.5, 3.0, 4.0))),
+            draw(st.sampled_from((0.5, 1.0, 1.5, 2.0))),
+            draw(st.sampled_from((0.0, 0.25, 1.0))),
+        )
+        for j in range(draw(st.integers(1, max_servers)))
+    )
     arrival = draw(st.sampled_from((0.05, 0.2, 0.5, 1.0)))
     return Problem(servers, ModelSpec("tiny", num_blocks, 1.0, cache_gb), Workload(arrival, 0.7))
 
@@ -49,9 +54,10 @@ def allocations(paths, room: dict[int, int]):
 def every_placement(problem: Problem):
     """All placements, no pruning: each server nothing or any span whose parameters fit."""
     L, s_m = problem.model.num_blocks, problem.model.block_size_gb
-    options = [[None] + [Span(j, a, m) for m in range(1, L + 1) for a in range(1, L - m + 2)
-                         if s_m * m <= s.memory_gb]
-               for j, s in enumerate(problem.servers)]
+    options = [
+        [None] + [Span(j, a, m) for m in range(1, L + 1) for a in range(1, L - m + 2) if s_m * m <= s.memory_gb]
+        for j, s in enumerate(problem.servers)
+    ]
     for choice in itertools.product(*options):
         yield Placement(tuple(span for span in choice if span is not None), L)
 
@@ -94,8 +100,7 @@ def test_milp_matches_brute_force(problem):
 
 def test_milp_on_given_chains():
     # two one-server chains on one server of room ⌊(5 − 1)/1⌋ = 4 job-blocks; only the first is offered
-    p = Problem((Server("a", 5.0, 1.0, 0.0), Server("b", 5.0, 2.0, 0.0)), ModelSpec("toy", 1, 1.0, 1.0),
-                Workload(0.1))
+    p = Problem((Server("a", 5.0, 1.0, 0.0), Server("b", 5.0, 2.0, 0.0)), ModelSpec("toy", 1, 1.0, 1.0), Workload(0.1))
     placement = Placement((Span(0, 1, 1), Span(1, 1, 1)), 1)
     paths = routing_paths(p, placement)
     plan = optimal_allocation(p, placement, chains=paths[1:])
@@ -126,8 +131,11 @@ def test_optimal_plan_matches_unpruned_brute_force(problem):
 @settings(max_examples=60, deadline=None)
 @given(tiny_clusters())
 def test_optimal_plan_beats_every_heuristic(problem):
-    heuristic = [plan for c in range(1, max_reservation(problem) + 1)
-                 if (result := plan_for_c(problem, c)) is not None and (plan := result[1]).is_stable]
+    heuristic = [
+        plan
+        for c in range(1, max_reservation(problem) + 1)
+        if (result := plan_for_c(problem, c)) is not None and (plan := result[1]).is_stable
+    ]
     try:
         optimal = optimal_plan(problem)
     except ValueError:
@@ -149,7 +157,10 @@ def test_identical_servers_counted_once():
     count, generated = placements(p)
     assert count == math.comb(3 + 3 - 1, 3) == 10
     assert sorted(tuple((s.start_block, s.num_blocks) for s in pl.spans) for pl in generated) == [
-        ((1, 1), (1, 1), (2, 1)), ((1, 1), (2, 1)), ((1, 1), (2, 1), (2, 1))]
+        ((1, 1), (1, 1), (2, 1)),
+        ((1, 1), (2, 1)),
+        ((1, 1), (2, 1), (2, 1)),
+    ]
 
 
 def test_too_big_instances_are_refused():

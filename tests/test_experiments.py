@@ -7,8 +7,13 @@ from chainserve.cli import app
 from chainserve.experiments.registry import EXPERIMENTS
 
 SMALL = {"paper-sweeps": (2, 40), "policies": (2, 300), "c-sweep": (2, 200), "table1": (2, 100), "planners": (1, 40)}
-PLOTS = {"paper-sweeps": "paper_sweeps.png", "policies": "policies.png", "c-sweep": "c_sweep.png",
-         "table1": "table1.png", "planners": "planners.png"}
+PLOTS = {
+    "paper-sweeps": "paper_sweeps.png",
+    "policies": "policies.png",
+    "c-sweep": "c_sweep.png",
+    "table1": "table1.png",
+    "planners": "planners.png",
+}
 
 
 def test_every_experiment_has_a_small_size():
@@ -19,8 +24,9 @@ def test_every_experiment_has_a_small_size():
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_experiment_writes_report_and_plot(name, tmp_path):
     seeds, requests = SMALL[name]
-    result = CliRunner().invoke(app, ["experiment", name, "--out", str(tmp_path), "--seeds", str(seeds),
-                                      "--requests", str(requests)])
+    result = CliRunner().invoke(
+        app, ["experiment", name, "--out", str(tmp_path), "--seeds", str(seeds), "--requests", str(requests)]
+    )
     assert result.exit_code == 0, result.output
     report = tmp_path / result.stdout.strip().rsplit("/", 1)[-1]
     text = report.read_text()

@@ -39,11 +39,14 @@ def spans_of(placement: Placement) -> list[tuple[int, int, int]]:
 
 def chain_rows(chains) -> list[tuple[tuple[tuple[int, int, int], ...], float, int]]:
     """((server, first block, last block) per hop, T_k, c_k) per chain."""
-    return [(tuple((h.server, h.start_block, h.end_block) for h in ch.hops), ch.service_time_s, ch.capacity)
-            for ch in chains]
+    return [
+        (tuple((h.server, h.start_block, h.end_block) for h in ch.hops), ch.service_time_s, ch.capacity)
+        for ch in chains
+    ]
 
 
 # ---------------------------------------------------------------- GBP-CR (§2.1)
+
 
 def test_gbp_cr_c1_left_shift_and_stopping_rule(problem):
     # m_j(1) = min(⌊M_j / (s_m + s_c)⌋, L) = ⌊M_j / 1.5⌋: A ⌊6/1.5⌋ = 4, B ⌊4.5/1.5⌋ = 3, C ⌊3/1.5⌋ = 2
@@ -96,6 +99,7 @@ def test_gbp_cr_c3_ties_and_infeasible_c(problem):
 
 
 # ---------------------------------------------------------------- GCA (§2.2)
+
 
 def test_gca_on_c2_placement(problem):
     # spans B [1..2], A [2..4], C [1..1]; residual M̃ = M − s_m·m: B 2.5, A 3, C 2
@@ -177,6 +181,7 @@ def test_search_c_by_hand(problem):
 
 
 # ---------------------------------------------------------------- bounds (§2.5)
+
 
 def test_bounds_c2_by_hand():
     # μ = (2, 1), c = (1, 1), λ = 1, ν = 3, ρ = 1/3, C = 2

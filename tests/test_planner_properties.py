@@ -47,8 +47,12 @@ def reference_gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
     span = {s.server: s for s in placement.spans}
     resid = {j: problem.servers[j].memory_gb - s_m * s.num_blocks for j, s in span.items()}
     end = {j: s.end_block for j, s in span.items()} | {None: 0}
-    edges = [(i, j, span[j].end_block - end[i]) for i in [None, *span] for j in span
-             if span[j].start_block <= end[i] + 1 <= span[j].end_block]
+    edges = [
+        (i, j, span[j].end_block - end[i])
+        for i in [None, *span]
+        for j in span
+        if span[j].start_block <= end[i] + 1 <= span[j].end_block
+    ]
     chains = []
     while True:
         usable = [(i, j, m) for i, j, m in edges if resid[j] >= 0 and jobs_that_fit(resid[j], s_c * m) >= 1]
@@ -56,8 +60,11 @@ def reference_gca(problem: Problem, placement: Placement) -> tuple[Chain, ...]:
         pred: dict[int, tuple[int | None, int]] = {}
         for j in sorted(span, key=lambda j: end[j]):
             server = problem.servers[j]
-            options = [(dist[i] + (server.tau_c_s + server.tau_p_s * m), end[i], -1 if i is None else i, i, m)
-                       for i, jj, m in usable if jj == j and i in dist]
+            options = [
+                (dist[i] + (server.tau_c_s + server.tau_p_s * m), end[i], -1 if i is None else i, i, m)
+                for i, jj, m in usable
+                if jj == j and i in dist
+            ]
             if options:
                 cost, _, _, i, m = min(options, key=lambda o: o[:3])
                 dist[j], pred[j] = cost, (i, m)

@@ -26,8 +26,11 @@ def test_record_times_and_validation():
 
 def test_summary_by_hand():
     # chain 0 (c = 1): jobs at [0,1] and [1,3]; chain 1 (c = 2): a job at [0.5, 2.5], waiting 0.5
-    records = [JobRecord(0, 0.0, 0.0, 1.0, 0, (0,), 10, 1), JobRecord(1, 1.0, 1.0, 3.0, 0, (0,), 10, 1),
-               JobRecord(2, 0.0, 0.5, 2.5, 1, (1,), 10, 1)]
+    records = [
+        JobRecord(0, 0.0, 0.0, 1.0, 0, (0,), 10, 1),
+        JobRecord(1, 1.0, 1.0, 3.0, 0, (0,), 10, 1),
+        JobRecord(2, 0.0, 0.5, 2.5, 1, (1,), 10, 1),
+    ]
     s = summarize(records, capacities=[1, 2])
     assert s.num_requests == 3 and s.window_s == 3.0 and s.throughput_per_s == 1.0
     assert s.response.mean_s == pytest.approx(5.5 / 3) and s.waiting.mean_s == pytest.approx(0.5 / 3)

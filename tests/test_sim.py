@@ -27,10 +27,14 @@ from chainserve.sim.service import route_cost
 def parallel_plan(tau_p_s: list[float], capacities: list[int], load: float, num_blocks: int = 2) -> Plan:
     """One single-server chain per entry (τ^c = 0), memory for exactly c_k jobs, λ = load·ν."""
     model = ModelSpec("m", num_blocks, 1.0, 0.5)
-    servers = tuple(Server(f"s{k}", num_blocks * (1.0 + 0.5 * c), t, 0.0) for k, (t, c) in
-                    enumerate(zip(tau_p_s, capacities, strict=True)))
-    chains = tuple(Chain((Hop(k, 1, num_blocks),), num_blocks * t, c) for k, (t, c) in
-                   enumerate(zip(tau_p_s, capacities, strict=True)))
+    servers = tuple(
+        Server(f"s{k}", num_blocks * (1.0 + 0.5 * c), t, 0.0)
+        for k, (t, c) in enumerate(zip(tau_p_s, capacities, strict=True))
+    )
+    chains = tuple(
+        Chain((Hop(k, 1, num_blocks),), num_blocks * t, c)
+        for k, (t, c) in enumerate(zip(tau_p_s, capacities, strict=True))
+    )
     nu = sum(c / ch.service_time_s for c, ch in zip(capacities, chains, strict=True))
     problem = Problem(servers, model, Workload(load * nu))
     placement = Placement(tuple(Span(k, 1, num_blocks) for k in range(len(chains))), num_blocks)
@@ -45,15 +49,25 @@ def random_plan(seed: int, load: float) -> Plan:
     num_blocks = int(rng.integers(2, 9))
     model = ModelSpec("m", num_blocks, 1.0, float(rng.choice([0.125, 0.25, 0.5])))
     while True:
-        servers = tuple(Server(f"s{j}", float(rng.integers(2, 2 * num_blocks + 4)),
-                               float(rng.uniform(0.05, 0.5)), float(rng.choice([0.0, rng.uniform(0.0, 0.3)])))
-                        for j in range(rng.integers(2, 9)))
+        servers = tuple(
+            Server(
+                f"s{j}",
+                float(rng.integers(2, 2 * num_blocks + 4)),
+                float(rng.uniform(0.05, 0.5)),
+                float(rng.choice([0.0, rng.uniform(0.0, 0.3)])),
+            )
+            for j in range(rng.integers(2, 9))
+        )
         problem = Problem(servers, model, Workload(1e6))
         result = plan_for_c(problem, int(rng.integers(1, 4)))
         if result is not None and result[1].chains:
             plan = result[1]
-            return make_plan(problem.with_workload(arrival_rate_per_s=load * plan.total_rate_per_s),
-                             plan.placement, plan.chains, plan.c)
+            return make_plan(
+                problem.with_workload(arrival_rate_per_s=load * plan.total_rate_per_s),
+                plan.placement,
+                plan.chains,
+                plan.c,
+            )
 
 
 def erlang_c_wait_s(c: int, arrival_rate: float, rate: float) -> float:
@@ -240,8 +254,7 @@ def first_violation(plan: Plan, log) -> int | None:
 
 def with_slack(plan: Plan, rng: np.random.Generator) -> Plan:
     """The same chains with capacities lowered at random (still ≥ 1): memory left over."""
-    chains = tuple(Chain(ch.hops, ch.service_time_s, int(rng.integers(1, ch.capacity + 1)))
-                   for ch in plan.chains)
+    chains = tuple(Chain(ch.hops, ch.service_time_s, int(rng.integers(1, ch.capacity + 1))) for ch in plan.chains)
     return make_plan(plan.problem, plan.placement, chains, plan.c)
 
 
@@ -294,8 +307,9 @@ class Scripted:
 def test_a_start_beyond_capacity_that_fits_turns_on_exact_checks(script, fits):
     # server 0 hosts blocks 1..2 and 5 block-jobs of cache; chain A = s0 (2 blocks, c = 1),
     # chain B = s1 (block 1) → s0 (block 2, c = 2): reserved 2·1 + 1·2 = 4 of 5.
-    problem = Problem((Server("s0", 7.0, 0.5, 0.0), Server("s1", 4.0, 0.5, 0.0)), ModelSpec("m", 2, 1.0, 1.0),
-                      Workload(1.0))
+    problem = Problem(
+        (Server("s0", 7.0, 0.5, 0.0), Server("s1", 4.0, 0.5, 0.0)), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0)
+    )
     chains = (Chain((Hop(0, 1, 2),), 1.0, 1), Chain((Hop(1, 1, 1), Hop(0, 2, 1)), 1.0, 2))
     plan = make_plan(problem, Placement((Span(0, 1, 2), Span(1, 1, 1)), 2), chains, None)
     plan.check()
@@ -344,8 +358,10 @@ def path_routers(problem: Problem, rng: np.random.Generator):
         from chainserve.plan.baselines.petals import petals_placement
     except ImportError:
         return
-    for make_layout, router in ((lambda: petals_placement(problem, rng), PetalsRouter),
-                                (lambda: bprr_placement(problem), WsRrRouter)):
+    for make_layout, router in (
+        (lambda: petals_placement(problem, rng), PetalsRouter),
+        (lambda: bprr_placement(problem), WsRrRouter),
+    ):
         try:
             layout = make_layout()
         except ValueError:  # the baseline does not apply to this cluster
@@ -414,20 +430,26 @@ def test_poisson_default_rate_is_the_workload_rate():
 
 def test_token_service_reproduces_chain_time_at_mean_lengths():
     arch, spec = model_arch("bloom-176b"), model_arch("bloom-176b").spec()
-    servers = tuple(Server(f"s{j}", gpu_profile(g).memory_gb,
-                           tau_p_s(gpu_profile(g), arch, spec.block_size_gb, 2000, 20),
-                           tau_c_s(0.02 * (j + 1), 20), gpu=g)
-                    for j, g in enumerate(["a100-3g.40gb", "a100-2g.20gb", "a100-3g.40gb"]))
+    servers = tuple(
+        Server(
+            f"s{j}",
+            gpu_profile(g).memory_gb,
+            tau_p_s(gpu_profile(g), arch, spec.block_size_gb, 2000, 20),
+            tau_c_s(0.02 * (j + 1), 20),
+            gpu=g,
+        )
+        for j, g in enumerate(["a100-3g.40gb", "a100-2g.20gb", "a100-3g.40gb"])
+    )
     problem = Problem(servers, spec, Workload(0.2))
     hops = (Hop(0, 1, 28), Hop(1, 29, 14), Hop(2, 43, 28))
     cost = route_cost(problem, hops)
     assert cost.time_s(2000, 20) == pytest.approx(chain_time_s(problem, hops), rel=1e-12)
     bandwidth = [gpu_profile(s.gpu).bandwidth_gb_per_s for s in servers]
-    one_more_token = sum(h.num_blocks * spec.block_size_gb / bandwidth[h.server]
-                         + servers[h.server].tau_c_s / 20 for h in hops)  # s_m/b_j per block, one round trip
+    one_more_token = sum(
+        h.num_blocks * spec.block_size_gb / bandwidth[h.server] + servers[h.server].tau_c_s / 20 for h in hops
+    )  # s_m/b_j per block, one round trip
     assert cost.time_s(2000, 21) - cost.time_s(2000, 20) == pytest.approx(one_more_token, rel=1e-9)
-    plain = Problem(tuple(Server(s.name, s.memory_gb, s.tau_p_s, s.tau_c_s) for s in servers), spec,
-                    Workload(0.2))
+    plain = Problem(tuple(Server(s.name, s.memory_gb, s.tau_p_s, s.tau_c_s) for s in servers), spec, Workload(0.2))
     assert route_cost(plain, hops).time_s(2000, 20) == pytest.approx(chain_time_s(plain, hops), rel=1e-12)
 
 

@@ -23,16 +23,20 @@ def one_server_chains(times_s, capacities):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("times_s", "capacities", "load", "thresholds"), [
-    ((1.0, 2.0), (2, 1), 0.6, None),
-    ((1.0, 1.5, 4.0), (1, 2, 1), 0.8, None),
-    ((1.0, 10.0), (1, 1), 0.5, (0, 3)),
-])
+@pytest.mark.parametrize(
+    ("times_s", "capacities", "load", "thresholds"),
+    [
+        ((1.0, 2.0), (2, 1), 0.6, None),
+        ((1.0, 1.5, 4.0), (1, 2, 1), 0.8, None),
+        ((1.0, 10.0), (1, 1), 0.5, (0, 3)),
+    ],
+)
 def test_simulated_mean_response_within_2_percent_of_ctmc(times_s, capacities, load, thresholds):
     plan = one_server_chains(times_s, capacities)
     rates = [1 / t for t in times_s]
     rate = load * sum(c * r for c, r in zip(capacities, rates, strict=True))
     exact = jffc_ctmc(rates, capacities, rate, thresholds).mean_response_s
-    result = simulate(plan, JFFC(plan.chains, thresholds), PoissonArrivals(rate), seed=11, num_jobs=300_000,
-                      warmup=10_000)
+    result = simulate(
+        plan, JFFC(plan.chains, thresholds), PoissonArrivals(rate), seed=11, num_jobs=300_000, warmup=10_000
+    )
     assert result.summary.response.mean_s == pytest.approx(exact, rel=0.02)

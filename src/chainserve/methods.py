@@ -52,8 +52,9 @@ def check_method_name(name: str) -> tuple[str, str | None]:
     """
     base, sep, policy = name.partition(":")
     if base not in METHODS:
-        raise SpecError("method", f"unknown method {name!r}; known: {', '.join(METHODS)}, proposed:<policy>, "
-                                  "bprr:R=<n>")
+        raise SpecError(
+            "method", f"unknown method {name!r}; known: {', '.join(METHODS)}, proposed:<policy>, bprr:R=<n>"
+        )
     if not sep:
         return base, None
     if base == "bprr":
@@ -82,35 +83,44 @@ def bprr_sessions_option(name: str) -> int | None:
     return int(match.group(1))
 
 
-def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc", planner: str = "greedy"
-              ) -> MethodSetup:
+def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc", planner: str = "greedy") -> MethodSetup:
     factory = POLICIES[policy]
     plan = plan_with(planner, problem)
     how = f"GBP-CR + GCA with c* = {plan.c}" if planner == "greedy" else "best planner"
-    return MethodSetup(plan, lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
-                       f"{how} ({len(plan.chains)} chains, {plan.num_job_servers} job servers), {policy}")
+    return MethodSetup(
+        plan,
+        lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
+        f"{how} ({len(plan.chains)} chains, {plan.num_job_servers} job servers), {policy}",
+    )
 
 
 def _petals(problem: Problem, rng: np.random.Generator) -> MethodSetup:
     layout = petals_placement(problem, rng)
-    return MethodSetup(layout, lambda r: PetalsRouter(layout),
-                       f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing")
+    return MethodSetup(
+        layout,
+        lambda r: PetalsRouter(layout),
+        f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing",
+    )
 
 
 def _bprr(problem: Problem, rng: np.random.Generator, sessions: int | None = None) -> MethodSetup:
     layout = bprr_placement(problem, sessions)
-    return MethodSetup(layout, lambda r: WsRrRouter(layout),
-                       f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing")
+    return MethodSetup(
+        layout, lambda r: WsRrRouter(layout), f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing"
+    )
 
 
 def _jffc_only(problem: Problem, rng: np.random.Generator) -> MethodSetup:
     plan = jffc_only_plan(problem)
-    return MethodSetup(plan, lambda r: JFFC(plan.chains),
-                       f"whole-model replicas on {len(plan.chains)} servers, JFFC")
+    return MethodSetup(plan, lambda r: JFFC(plan.chains), f"whole-model replicas on {len(plan.chains)} servers, JFFC")
 
 
 METHODS: dict[str, Callable[[Problem, np.random.Generator], MethodSetup]] = {
-    "proposed": _proposed, "petals": _petals, "bprr": _bprr, "jffc-only": _jffc_only}
+    "proposed": _proposed,
+    "petals": _petals,
+    "bprr": _bprr,
+    "jffc-only": _jffc_only,
+}
 
 
 def build_method(name: str, problem: Problem, rng: np.random.Generator, planner: str = "greedy") -> MethodSetup:

@@ -56,10 +56,27 @@ def serving(*args: str, tmp_path: Path, ready_s: float = 180.0, token: str | Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if "--planner" not in args and "--plan" not in args:  # the paper's greedy plan: deterministic chains
         args = (*args, "--planner", "greedy")
-    proc = subprocess.Popen([sys.executable, "-m", "chainserve", "serve", *args, "--port", "0",
-                             "--token-file", str(tmp_path / "token"), "--log-dir", str(log_dir),
-                             "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.err", "wb"), text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chainserve",
+            "serve",
+            *args,
+            "--port",
+            "0",
+            "--token-file",
+            str(tmp_path / "token"),
+            "--log-dir",
+            str(log_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "serve.err", "wb"),
+        text=True,
+        env=env,
+    )
     try:
         deadline, url = time.monotonic() + ready_s, None
         while url is None and time.monotonic() < deadline:
@@ -81,8 +98,12 @@ def serving(*args: str, tmp_path: Path, ready_s: float = 180.0, token: str | Non
             proc.kill()
             pytest.fail("chainserve serve ignored SIGTERM")
         time.sleep(0.5)
-        left = [pid for pid in children if Path(f"/proc/{pid}").exists()
-                and "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or ["Z"])]
+        left = [
+            pid
+            for pid in children
+            if Path(f"/proc/{pid}").exists()
+            and "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or ["Z"])
+        ]
         assert not left, f"block servers left running: {left}"
 
 
@@ -110,6 +131,6 @@ def sse_events(body: str) -> list[dict | str]:
     out: list[dict | str] = []
     for line in body.splitlines():
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out

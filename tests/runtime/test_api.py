@@ -449,8 +449,9 @@ def test_real_server_stream_with_the_openai_client(slow_server, engine):
 
 @pytest.mark.parametrize("path", [COMP, CHAT])
 def test_disconnect_while_streaming_closes_the_engine_iterator(slow_server, engine, path):
-    body = {"max_tokens": 40, "ignore_eos": True, "stream": True} | ({"messages": MSG} if path == CHAT else
-                                                                     {"prompt": "abc"})
+    body = {"max_tokens": 40, "ignore_eos": True, "stream": True} | (
+        {"messages": MSG} if path == CHAT else {"prompt": "abc"}
+    )
     t0 = time.monotonic()
     with httpx.Client(base_url=slow_server) as http, http.stream("POST", path, json=body) as r:
         assert r.status_code == 200

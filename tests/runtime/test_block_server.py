@@ -26,8 +26,9 @@ TOKEN = "secret"
 
 
 def server(first: int = 1, num: int = 2, slots: int = 4, step_s: float = 0.0, idle_s: float = 300.0) -> BlockServer:
-    return BlockServer("s", EmulatedSpan(SpanInfo(first, num, slots, 32), step_s), ServerKnobs(idle_timeout_s=idle_s,
-                                                                                                token=TOKEN))
+    return BlockServer(
+        "s", EmulatedSpan(SpanInfo(first, num, slots, 32), step_s), ServerKnobs(idle_timeout_s=idle_s, token=TOKEN)
+    )
 
 
 def ids(*tokens: int) -> WireTensor:
@@ -47,13 +48,17 @@ class LoopbackClient:
     async def _request(self, op, tensor=None, **fields) -> protocol.Reply:
         reply = protocol.decode_reply(await self.srv.handle(protocol.encode_request(op, 1, TOKEN, tensor, **fields)))
         if not reply.ok:
-            raise (ServerRefused(reply.message) if reply.error == "no_free_slot"
-                   else ServerFailed(self.name, reply.message, reply.error))
+            raise (
+                ServerRefused(reply.message)
+                if reply.error == "no_free_slot"
+                else ServerFailed(self.name, reply.message, reply.error)
+            )
         return reply
 
     async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
-        reply = await self._request("forward", hidden, session=session, first_block=first_block, position=position,
-                                    open=open, close=close)
+        reply = await self._request(
+            "forward", hidden, session=session, first_block=first_block, position=position, open=open, close=close
+        )
         return reply.tensor
 
     def close_session(self, session):
@@ -80,28 +85,114 @@ def test_a_full_arena_refuses_and_never_over_allocates() -> None:
     assert srv.arena.num_used == 3 and srv.counters.num_refused == 1
 
 
-@pytest.mark.parametrize("frames, code", [
-    ([b"not json"], "bad_request"),
-    ([b"{}", b"", b""], "bad_request"),
-    ([json.dumps({"v": 1, "op": "launch", "rid": 1, "token": TOKEN}).encode()], "bad_request"),
-    ([json.dumps({"v": 1, "op": "info", "rid": 1, "token": "wrong"}).encode()], "unauthorized"),
-    ([json.dumps({"v": 1, "op": "info", "rid": 1}).encode()], "unauthorized"),
-    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
-                  "open": True, "tensor": {"dtype": "int32", "shape": [1, 2, 1]}}).encode(), b"\0" * 4], "bad_request"),
-    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
-                  "open": True, "tensor": {"dtype": "float64", "shape": [1, 1, 1]}}).encode(), b"\0" * 8],
-     "bad_request"),
-    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1,
-                  "position": 40, "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(),
-      b"\0" * 4], "bad_request"),
-    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 9,
-                  "position": 0, "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(),
-      b"\0" * 4], "bad_request"),
-    ([json.dumps({"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1,
-                  "position": 0, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}}).encode(), b"\0" * 4],
-     "unknown_session"),
-    ([json.dumps({"v": 1, "op": "close", "rid": 1, "token": TOKEN, "session": "nobody"}).encode()], "unknown_session"),
-])
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([b"not json"], "bad_request"),
+        ([b"{}", b"", b""], "bad_request"),
+        ([json.dumps({"v": 1, "op": "launch", "rid": 1, "token": TOKEN}).encode()], "bad_request"),
+        ([json.dumps({"v": 1, "op": "info", "rid": 1, "token": "wrong"}).encode()], "unauthorized"),
+        ([json.dumps({"v": 1, "op": "info", "rid": 1}).encode()], "unauthorized"),
+        (
+            [
+                json.dumps(
+                    {
+                        "v": 1,
+                        "op": "forward",
+                        "rid": 1,
+                        "token": TOKEN,
+                        "session": "a",
+                        "first_block": 1,
+                        "position": 0,
+                        "open": True,
+                        "tensor": {"dtype": "int32", "shape": [1, 2, 1]},
+                    }
+                ).encode(),
+                b"\0" * 4,
+            ],
+            "bad_request",
+        ),
+        (
+            [
+                json.dumps(
+                    {
+                        "v": 1,
+                        "op": "forward",
+                        "rid": 1,
+                        "token": TOKEN,
+                        "session": "a",
+                        "first_block": 1,
+                        "position": 0,
+                        "open": True,
+                        "tensor": {"dtype": "float64", "shape": [1, 1, 1]},
+                    }
+                ).encode(),
+                b"\0" * 8,
+            ],
+            "bad_request",
+        ),
+        (
+            [
+                json.dumps(
+                    {
+                        "v": 1,
+                        "op": "forward",
+                        "rid": 1,
+                        "token": TOKEN,
+                        "session": "a",
+                        "first_block": 1,
+                        "position": 40,
+                        "open": True,
+                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
+                    }
+                ).encode(),
+                b"\0" * 4,
+            ],
+            "bad_request",
+        ),
+        (
+            [
+                json.dumps(
+                    {
+                        "v": 1,
+                        "op": "forward",
+                        "rid": 1,
+                        "token": TOKEN,
+                        "session": "a",
+                        "first_block": 9,
+                        "position": 0,
+                        "open": True,
+                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
+                    }
+                ).encode(),
+                b"\0" * 4,
+            ],
+            "bad_request",
+        ),
+        (
+            [
+                json.dumps(
+                    {
+                        "v": 1,
+                        "op": "forward",
+                        "rid": 1,
+                        "token": TOKEN,
+                        "session": "a",
+                        "first_block": 1,
+                        "position": 0,
+                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
+                    }
+                ).encode(),
+                b"\0" * 4,
+            ],
+            "unknown_session",
+        ),
+        (
+            [json.dumps({"v": 1, "op": "close", "rid": 1, "token": TOKEN, "session": "nobody"}).encode()],
+            "unknown_session",
+        ),
+    ],
+)
 def test_malformed_or_unauthorised_messages_are_refused_before_any_tensor_work(frames, code) -> None:
     srv = server()
     reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
@@ -117,8 +208,9 @@ def test_idle_sessions_expire() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["open", "step", "close"]), st.integers(0, 4), st.integers(1, 3)),
-                max_size=40))
+@given(
+    st.lists(st.tuples(st.sampled_from(["open", "step", "close"]), st.integers(0, 4), st.integers(1, 3)), max_size=40)
+)
 def test_the_arena_is_never_exceeded(ops) -> None:
     srv = server(first=1, num=3, slots=5)
     for op, session, first in ops:
@@ -126,8 +218,14 @@ def test_the_arena_is_never_exceeded(ops) -> None:
         if op == "open":
             call(srv, "forward", ids(1), session=name, first_block=first, position=0, open=True)
         elif op == "step" and name in srv.sessions:
-            call(srv, "forward", ids(1), session=name, first_block=srv.sessions[name].first_block,
-                 position=srv.sessions[name].next_position)
+            call(
+                srv,
+                "forward",
+                ids(1),
+                session=name,
+                first_block=srv.sessions[name].first_block,
+                position=srv.sessions[name].next_position,
+            )
         elif op == "close":
             call(srv, "close", session=name)
         assert srv.arena.num_used == sum(3 - s.first_block + 1 for s in srv.sessions.values()) <= 5
@@ -138,18 +236,21 @@ def test_a_refused_admission_leaves_the_job_queued_and_it_is_served_later() -> N
     """The plan lets 2 jobs run on the chain, but the last server's arena holds only 1: the second job is
     refused there, ``abort`` puts it back at the head of the central queue (it never leaves the
     dispatcher), and it is started again (attempt 1, after a backoff) until the server admits it."""
-    problem = Problem((Server("a", 10, 0.01, 0.0), Server("b", 10, 0.01, 0.0)), ModelSpec("m", 2, 1.0, 1.0),
-                      Workload(1.0))
-    plan = make_plan(problem, Placement((Span(0, 1, 1), Span(1, 2, 1)), 2),
-                     (Chain((Hop(0, 1, 1), Hop(1, 2, 1)), 0.02, 2),), 2)
+    problem = Problem(
+        (Server("a", 10, 0.01, 0.0), Server("b", 10, 0.01, 0.0)), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0)
+    )
+    plan = make_plan(
+        problem, Placement((Span(0, 1, 1), Span(1, 2, 1)), 2), (Chain((Hop(0, 1, 1), Hop(1, 2, 1)), 0.02, 2),), 2
+    )
     servers = {0: server(1, 1, 2, step_s=0.05), 1: server(2, 1, 1, step_s=0.05)}
     head = EmulatedHead("m", 2, 32)
 
     async def run() -> tuple[list, list[int], Orchestrator]:
         from chainserve.dispatch.jffc import JFFC
 
-        orch = Orchestrator(plan, JFFC(plan.chains), head, {j: LoopbackClient(s) for j, s in servers.items()},
-                            retry_backoff_s=0.02)
+        orch = Orchestrator(
+            plan, JFFC(plan.chains), head, {j: LoopbackClient(s) for j, s in servers.items()}, retry_backoff_s=0.02
+        )
         held: list[int] = []
 
         async def consume(stream) -> list:

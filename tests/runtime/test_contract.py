@@ -75,8 +75,12 @@ class FakeClient:
 
 
 def problem() -> Problem:
-    servers = tuple(Server(f"s{j}", m, tp, tc) for j, (m, tp, tc) in enumerate(
-        [(9.0, 0.10, 0.5), (7.0, 0.12, 0.3), (6.0, 0.2, 0.2), (5.0, 0.15, 0.6), (8.0, 0.3, 0.1)]))
+    servers = tuple(
+        Server(f"s{j}", m, tp, tc)
+        for j, (m, tp, tc) in enumerate(
+            [(9.0, 0.10, 0.5), (7.0, 0.12, 0.3), (6.0, 0.2, 0.2), (5.0, 0.15, 0.6), (8.0, 0.3, 0.1)]
+        )
+    )
     return Problem(servers, ModelSpec("toy", 8, 0.5, 0.25), Workload(3.0, rho_bar=0.9))
 
 
@@ -123,10 +127,16 @@ def test_simulator_and_orchestrator_make_identical_starts(method: str) -> None:
     times = np.cumsum(rng.exponential(0.15, NUM_JOBS))
     durations = rng.exponential(1.5, NUM_JOBS)
     setup = build_method(method, problem(), np.random.default_rng(0))
-    sim = simulate(setup.plan_or_placement, setup.make_dispatcher(np.random.default_rng(1)),
-                   ScriptedArrivals(times), ScriptedService(durations), num_jobs=NUM_JOBS)
-    live = asyncio.run(drive_orchestrator(setup.plan_or_placement, setup.make_dispatcher(np.random.default_rng(1)),
-                                          times, durations))
+    sim = simulate(
+        setup.plan_or_placement,
+        setup.make_dispatcher(np.random.default_rng(1)),
+        ScriptedArrivals(times),
+        ScriptedService(durations),
+        num_jobs=NUM_JOBS,
+    )
+    live = asyncio.run(
+        drive_orchestrator(setup.plan_or_placement, setup.make_dispatcher(np.random.default_rng(1)), times, durations)
+    )
     assert sorted(live) == list(range(NUM_JOBS))
     assert int(np.count_nonzero(sim.started_at > times + 1e-12)) > 5, "the script must make jobs wait"
     for job in range(NUM_JOBS):

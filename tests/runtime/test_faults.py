@@ -22,8 +22,16 @@ from tests.runtime.conftest import DATA, EMULATED_6, server_infos, serving
 from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.loadgen import report, run_load
 
-PROMPTS = ["the chain serves the model", "a fast server holds the cache", "we wait in the queue",
-           "light on the river", "the plan came back", "many people work here", "time to start", "old stone road"]
+PROMPTS = [
+    "the chain serves the model",
+    "a fast server holds the cache",
+    "we wait in the queue",
+    "light on the river",
+    "the plan came back",
+    "many people work here",
+    "time to start",
+    "old stone road",
+]
 
 
 def emulated_reference(prompt: str, max_tokens: int) -> str:
@@ -71,9 +79,25 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
 
         # the operator restarts the first one by hand, same id, same port: it rejoins and takes load
         restarted = subprocess.Popen(
-            [sys.executable, "-m", "chainserve", "block-server", "--plan", str(plan_file), "--id", first_chain[0],
-             "--port", ports[first_chain[0]], "--token-file", str(tmp_path / "token"), "--log-level", "warning"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "chainserve",
+                "block-server",
+                "--plan",
+                str(plan_file),
+                "--id",
+                first_chain[0],
+                "--port",
+                ports[first_chain[0]],
+                "--token-file",
+                str(tmp_path / "token"),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             json.loads(restarted.stdout.readline())
             wait_for(lambda: served.get("/plan")["alive"][first_chain[0]])
@@ -89,8 +113,15 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
 
 def test_torch_servers_killed_under_load_give_the_fault_free_text(tmp_path) -> None:
     max_tokens = 24
-    args = (str(DATA / "tiny-6.yaml"), "--backend", "torch", "--model", "tiny-random",
-            "--delay-ms", "a0=4,a1=4,a2=4,b0=4,b1=4,b2=4")
+    args = (
+        str(DATA / "tiny-6.yaml"),
+        "--backend",
+        "torch",
+        "--model",
+        "tiny-random",
+        "--delay-ms",
+        "a0=4,a1=4,a2=4,b0=4,b1=4,b2=4",
+    )
     with serving(*args, tmp_path=tmp_path) as served:
         reference = {r.prompt: r.text for r in asyncio.run(run_load(served.url, PROMPTS, max_tokens, concurrency=4))}
         chains = [c["servers"] for c in served.get("/plan")["chains"]]

@@ -15,8 +15,16 @@ from chainserve.runtime.models import layer_params, model_spec_of, resolve_model
 
 torch.set_num_threads(1)
 
-SMOLLM2_CONFIG = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-                  "num_hidden_layers": 30, "head_dim": 64, "attention_bias": False, "mlp_bias": False}
+SMOLLM2_CONFIG = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "head_dim": 64,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
 
 
 def test_tiny_random_is_deterministic(tmp_path):

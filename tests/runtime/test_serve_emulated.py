@@ -31,8 +31,16 @@ def test_chat_streaming_and_not_agree_and_report_usage(proposed) -> None:
     c = client(proposed.url)
     messages = [{"role": "user", "content": PROMPT}]
     whole = c.chat.completions.create(model="emulated/toy", messages=messages, max_tokens=7, temperature=0)
-    chunks = list(c.chat.completions.create(model="emulated/toy", messages=messages, max_tokens=7, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="emulated/toy",
+            messages=messages,
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert whole.choices[0].message.content == streamed != ""
     assert whole.choices[0].finish_reason == "length"
@@ -45,8 +53,13 @@ def test_completions_over_curl_stream_ends_with_done(proposed) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     body = json.dumps({"prompt": PROMPT, "max_tokens": 5, "stream": True, "temperature": 0})
-    out = subprocess.run(["curl", "-sN", proposed.url + "/v1/completions", "-H", "content-type: application/json",
-                          "-d", body], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["curl", "-sN", proposed.url + "/v1/completions", "-H", "content-type: application/json", "-d", body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     events = sse_events(out)
     assert events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
@@ -101,14 +114,17 @@ def test_burst_of_three_times_capacity_never_exceeds_slots(proposed) -> None:
     assert max(waited) > 0.01  # some of the burst queued centrally
 
 
-@pytest.mark.parametrize("body, status", [
-    ({"prompt": PROMPT, "max_tokens": -1}, 400),
-    ({"prompt": PROMPT, "max_tokens": 10**12}, 400),
-    ({"prompt": PROMPT, "max_tokens": "many"}, 400),
-    ({"prompt": 42}, 400),
-    ({"prompt": PROMPT, "model": "gpt-4"}, 404),
-    ({"prompt": ""}, 400),
-])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"prompt": PROMPT, "max_tokens": -1}, 400),
+        ({"prompt": PROMPT, "max_tokens": 10**12}, 400),
+        ({"prompt": PROMPT, "max_tokens": "many"}, 400),
+        ({"prompt": 42}, 400),
+        ({"prompt": PROMPT, "model": "gpt-4"}, 404),
+        ({"prompt": ""}, 400),
+    ],
+)
 def test_bad_completion_input_gets_openai_errors(proposed, body, status) -> None:
     response = httpx.post(proposed.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == status
@@ -126,8 +142,10 @@ def test_bad_chat_input_gets_openai_errors(proposed) -> None:
     assert proposed.get("/health") == {"status": "ok"}
 
 
-@pytest.mark.parametrize("method, cluster", [("petals", EMULATED_6), ("bprr", EMULATED_6),
-                                             ("jffc-only", REPLICAS), ("proposed:sed", EMULATED_6)])
+@pytest.mark.parametrize(
+    "method, cluster",
+    [("petals", REPLICAS), ("bprr", EMULATED_6), ("jffc-only", REPLICAS), ("proposed:sed", EMULATED_6)],
+)
 def test_every_method_serves(tmp_path, method, cluster) -> None:
     with serving(str(cluster), "--backend", "emulated", "--method", method, tmp_path=tmp_path) as served:
         assert served.get("/plan")["method"] == method
@@ -140,25 +158,53 @@ def test_every_method_serves(tmp_path, method, cluster) -> None:
 
         answers = asyncio.run(ask())
         # the emulated model's greedy text depends on the tokens only, never on the route
-        reference = client(served.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=6,
-                                                          temperature=0).choices[0].text
+        reference = (
+            client(served.url)
+            .completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=6, temperature=0)
+            .choices[0]
+            .text
+        )
         assert {a["choices"][0]["text"] for a in answers} == {reference}
         assert all(a["chainserve"]["hops"] for a in answers)
 
 
 def test_serve_a_saved_plan_with_servers_started_by_hand(tmp_path) -> None:
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(subprocess.run([sys.executable, "-m", "chainserve", "plan", str(EMULATED_6), "--json"],
-                                        capture_output=True, text=True, check=True).stdout)
+    plan_file.write_text(
+        subprocess.run(
+            [sys.executable, "-m", "chainserve", "plan", str(EMULATED_6), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     names = [s["name"] for s in json.loads(plan_file.read_text())["servers"]]
     (tmp_path / "token").write_text("by-hand-token")
     procs, endpoints = [], {}
     try:
         for name in names:
-            proc = subprocess.Popen([sys.executable, "-m", "chainserve", "block-server", "--plan", str(plan_file),
-                                     "--id", name, "--host", "127.0.0.1", "--port", "0",
-                                     "--token-file", str(tmp_path / "token"), "--log-level", "warning"],
-                                    stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chainserve",
+                    "block-server",
+                    "--plan",
+                    str(plan_file),
+                    "--id",
+                    name,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--token-file",
+                    str(tmp_path / "token"),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             procs.append(proc)
             endpoints[name] = json.loads(proc.stdout.readline())["endpoint"].removeprefix("tcp://")
         servers = ",".join(f"{n}={e}" for n, e in endpoints.items())

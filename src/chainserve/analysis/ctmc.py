@@ -43,9 +43,7 @@ class CtmcResult:
         return self.mean_response_s - self.mean_waiting_s
 
 
-def jffc_fill(
-    busy: Busy, queue_len: int, capacities: Sequence[int], thresholds: Sequence[int]
-) -> tuple[Busy, int]:
+def jffc_fill(busy: Busy, queue_len: int, capacities: Sequence[int], thresholds: Sequence[int]) -> tuple[Busy, int]:
     """Drain the queue into free slots, fastest chain first, while ``queue_len > thresholds[k]``.
 
     ``busy``, ``capacities`` and ``thresholds`` list chains fastest first; thresholds are
@@ -180,9 +178,7 @@ def jffc_ctmc(
     )
 
 
-def _stationary(
-    n: int, rows: list[int], cols: list[int], vals: list[float], pin: int, tol: float
-) -> np.ndarray:
+def _stationary(n: int, rows: list[int], cols: list[int], vals: list[float], pin: int, tol: float) -> np.ndarray:
     """π with πQ = 0, Σπ = 1 for the generator whose off-diagonal entries are given (COO, n ≥ 2).
 
     Fixes π_pin = 1 and solves the other n − 1 balance equations (Qᵀ without row and column ``pin``),

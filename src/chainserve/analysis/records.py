@@ -115,8 +115,7 @@ def replications_ci(means: Sequence[float] | np.ndarray, confidence: float = 0.9
     return Interval(float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(x.size)), confidence)
 
 
-def batch_means_ci(values: Sequence[float] | np.ndarray, num_batches: int = 20,
-                   confidence: float = 0.95) -> Interval:
+def batch_means_ci(values: Sequence[float] | np.ndarray, num_batches: int = 20, confidence: float = 0.95) -> Interval:
     """Batch-means interval for the mean of one long, correlated run (values in arrival order).
 
     The run is cut into ``num_batches`` contiguous batches of equal size (the first ``n mod B``
@@ -131,9 +130,9 @@ def batch_means_ci(values: Sequence[float] | np.ndarray, num_batches: int = 20,
     if num_batches < 2 or x.size < num_batches:
         raise ValueError(f"values: need at least num_batches ≥ 2 values, got {x.size} for {num_batches}")
     size = x.size // num_batches
-    batches = x[x.size - size * num_batches:].reshape(num_batches, size).mean(axis=1)
+    batches = x[x.size - size * num_batches :].reshape(num_batches, size).mean(axis=1)
     ci = replications_ci(batches, confidence)
-    return Interval(float(x[x.size - size * num_batches:].mean()), ci.half_width, confidence)
+    return Interval(float(x[x.size - size * num_batches :].mean()), ci.half_width, confidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,28 +164,34 @@ class Summary:
             "service": self.service.to_json(),
             "window_s": self.window_s,
             "utilisation": list(self.utilisation),
-            "response_mean_ci": None if ci is None else
-            {"low": ci.low, "high": ci.high, "confidence": ci.confidence},
+            "response_mean_ci": None if ci is None else {"low": ci.low, "high": ci.high, "confidence": ci.confidence},
         }
 
 
-def _busy_s(started_at: np.ndarray, finished_at: np.ndarray, chain: np.ndarray, num_chains: int,
-            window: tuple[float, float]) -> np.ndarray:
+def _busy_s(
+    started_at: np.ndarray, finished_at: np.ndarray, chain: np.ndarray, num_chains: int, window: tuple[float, float]
+) -> np.ndarray:
     """Service time of each chain's jobs that falls inside the window."""
     overlap = np.minimum(finished_at, window[1]) - np.maximum(started_at, window[0])
     ok = (chain >= 0) & (chain < num_chains)
     return np.bincount(chain[ok], weights=np.maximum(overlap[ok], 0.0), minlength=num_chains)
 
 
-def summarize_arrays(arrived_at: np.ndarray, started_at: np.ndarray, finished_at: np.ndarray,
-                     chain: np.ndarray | None = None, capacities: Sequence[int] = (), warmup: int = 0,
-                     confidence: float = 0.95, num_batches: int = 20) -> Summary:
+def summarize_arrays(
+    arrived_at: np.ndarray,
+    started_at: np.ndarray,
+    finished_at: np.ndarray,
+    chain: np.ndarray | None = None,
+    capacities: Sequence[int] = (),
+    warmup: int = 0,
+    confidence: float = 0.95,
+    num_batches: int = 20,
+) -> Summary:
     """:func:`summarize` on column arrays in arrival order (chain ``-1`` = no chain).
 
     Jobs ``warmup:`` are measured; all jobs count towards the busy time inside the window.
     """
-    arrived_at, started_at, finished_at = (np.asarray(a, dtype=float) for a in (arrived_at, started_at,
-                                                                                   finished_at))
+    arrived_at, started_at, finished_at = (np.asarray(a, dtype=float) for a in (arrived_at, started_at, finished_at))
     if not 0 <= warmup < arrived_at.size:
         raise ValueError(f"records: nothing to summarise ({arrived_at.size} records, warmup {warmup})")
     a, s, f = arrived_at[warmup:], started_at[warmup:], finished_at[warmup:]
@@ -209,12 +214,18 @@ def summarize_arrays(arrived_at: np.ndarray, started_at: np.ndarray, finished_at
         service=Stats.of(f - s),
         utilisation=utilisation,
         response_mean_ci=batch_means_ci(response, num_batches, confidence)
-        if response.size >= 2 * num_batches else None,
+        if response.size >= 2 * num_batches
+        else None,
     )
 
 
-def summarize(records: Sequence[JobRecord], capacities: Sequence[int] = (), warmup: int = 0,
-              confidence: float = 0.95, num_batches: int = 20) -> Summary:
+def summarize(
+    records: Sequence[JobRecord],
+    capacities: Sequence[int] = (),
+    warmup: int = 0,
+    confidence: float = 0.95,
+    num_batches: int = 20,
+) -> Summary:
     """Summarise records (taken in arrival order; the first ``warmup`` are not measured).
 
     ``capacities``: c_k per chain index, for the utilisation; ``confidence``/``num_batches``: the
@@ -233,4 +244,8 @@ def summarize(records: Sequence[JobRecord], capacities: Sequence[int] = (), warm
         np.array([r.started_at for r in ordered]),
         np.array([r.finished_at for r in ordered]),
         np.array([-1 if r.chain is None else r.chain for r in ordered], dtype=int),
-        capacities, warmup, confidence, num_batches)
+        capacities,
+        warmup,
+        confidence,
+        num_batches,
+    )

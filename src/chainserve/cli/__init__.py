@@ -49,8 +49,14 @@ class _Group(_Flags, TyperGroup):
         super().__init__(*args, **kwargs)
         self._plain_flags()
 
-    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: Any = None,
+        complete_var: Any = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         from chainserve.cli.common import run_one_line
 
         return run_one_line(super().main, args, prog_name, complete_var, standalone_mode, **extra)
@@ -72,15 +78,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Plan, simulate and serve chain-structured LLM inference over heterogeneous GPUs."""
 
 
 def build_app(names: tuple[str, ...] = tuple(COMMANDS)) -> typer.Typer:
     """The typer app with the given commands."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
-                      help="Plan, simulate and serve chain-structured LLM inference over heterogeneous GPUs.")
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        cls=_Group,
+        help="Plan, simulate and serve chain-structured LLM inference over heterogeneous GPUs.",
+    )
     app.callback(cls=_Group)(_root)
     for name in names:
         module, function = COMMANDS[name]

@@ -82,8 +82,14 @@ def usage_error_line(exc: click_errors.ClickException) -> str:
     return f"{field}: {message}"
 
 
-def run_one_line(main: Callable[..., object], args: object, prog_name: object, complete_var: object,
-                 standalone_mode: bool, **extra: object) -> object:
+def run_one_line(
+    main: Callable[..., object],
+    args: object,
+    prog_name: object,
+    complete_var: object,
+    standalone_mode: bool,
+    **extra: object,
+) -> object:
     """Run a click ``main`` so that usage errors print one ``error:`` line and exit 2 (no box)."""
     try:
         result = main(args, prog_name, complete_var, standalone_mode=False, **extra)

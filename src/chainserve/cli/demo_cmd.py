@@ -14,8 +14,9 @@ from chainserve.cli.common import fail, stderr_console, stdout_console
 
 def demo(
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 24,
-    backend: Annotated[str, typer.Option(metavar="torch|emulated",
-                                         help="torch: the real SmolLM2 weights; emulated: no weights.")] = "torch",
+    backend: Annotated[
+        str, typer.Option(metavar="torch|emulated", help="torch: the real SmolLM2 weights; emulated: no weights.")
+    ] = "torch",
     model: Annotated[str, typer.Option(metavar="NAME|PATH", help="The model (torch backend).")] = "smollm2-135m",
 ) -> None:
     """Start 5 unequal block servers with SmolLM2-135M-Instruct, answer a few chat prompts, shut down."""
@@ -23,11 +24,19 @@ def demo(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     err, out = stderr_console(), stdout_console()
-    err.print("[bold]chainserve demo[/]: planning the demo cluster and starting its block servers "
-              "(the first run converts SmolLM2 once, ~30 s)…")
+    err.print(
+        "[bold]chainserve demo[/]: planning the demo cluster and starting its block servers "
+        "(the first run converts SmolLM2 once, ~30 s)…"
+    )
     try:
-        records = asyncio.run(run_demo(max_tokens=max_tokens, model=model, backend=backend,
-                                       report=lambda line: err.print(line, markup=False, highlight=False)))
+        records = asyncio.run(
+            run_demo(
+                max_tokens=max_tokens,
+                model=model,
+                backend=backend,
+                report=lambda line: err.print(line, markup=False, highlight=False),
+            )
+        )
     except (ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
     table = Table(title="Where each request went", title_justify="left", show_lines=True)
@@ -36,7 +45,14 @@ def demo(
     for r in records:
         hops = " → ".join(f"{h['server']} ({h['first_block']}–{h['last_block']})" for h in r["hops"])
         chain = "—" if r["chain"] is None else str(r["chain"] + 1)
-        table.add_row(r["prompt"], r["answer"].strip(), chain, hops, f"{r['queued_s']:.2f}", f"{r['ttft_s']:.2f}",
-                      f"{r['e2e_s']:.2f}")
+        table.add_row(
+            r["prompt"],
+            r["answer"].strip(),
+            chain,
+            hops,
+            f"{r['queued_s']:.2f}",
+            f"{r['ttft_s']:.2f}",
+            f"{r['e2e_s']:.2f}",
+        )
     out.print(table)
     err.print("all block servers stopped.")

@@ -27,13 +27,17 @@ _DEFAULT_REQUESTS = "; ".join(f"{name} {spec.num_jobs}" for name, spec in EXPERI
 
 def experiment(
     name: Annotated[str, typer.Argument(metavar="NAME", help=f"One of: {', '.join(EXPERIMENTS)}.")],
-    out: Annotated[Path, typer.Option(help="Folder for the markdown report and PNG plots (created if missing).")
-                   ] = Path("results"),
-    seeds: Annotated[int | None, typer.Option(help=f"Replications, 1..{MAX_SEEDS} \\[default: {_DEFAULTS}]")
-                     ] = None,
-    requests: Annotated[int | None, typer.Option(
-        help=f"Requests per replication, 1..{MAX_REQUESTS} (table1: at most the trace's rows) "
-             f"\\[default: {_DEFAULT_REQUESTS}]")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the markdown report and PNG plots (created if missing).")
+    ] = Path("results"),
+    seeds: Annotated[int | None, typer.Option(help=f"Replications, 1..{MAX_SEEDS} \\[default: {_DEFAULTS}]")] = None,
+    requests: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Requests per replication, 1..{MAX_REQUESTS} (table1: at most the trace's rows) "
+            f"\\[default: {_DEFAULT_REQUESTS}]"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar on stderr.")] = False,
 ) -> None:
     """Run an experiment; prints the path of its report."""

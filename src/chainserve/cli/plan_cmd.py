@@ -62,29 +62,53 @@ def parse_c(value: str) -> int | None:
 
 
 def plan(
-    cluster: Annotated[Path | None, typer.Argument(
-        metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
-                                  "(BLOOM-176B on 20 MIG slices, η = 0.2).")] = None,
-    rate: Annotated[float | None, typer.Option("--rate", help="Arrival rate λ in requests/s, 1e-06..1e+06 "
-                                                              "\\[default: the cluster file's]")] = None,
-    rho_bar: Annotated[float | None, typer.Option("--rho-bar", help="Design load ρ̄ (GBP-CR places servers until "
-                                                                    "ν ≥ λ/ρ̄), 0.001..0.999 \\[default: the "
-                                                                    "cluster file's, else 0.7]")] = None,
-    c: Annotated[str, typer.Option("--c", metavar="N|auto",
-                                   help="Cache reservation c: a positive integer, or 'auto' to search.")
-                 ] = "auto",
-    objective: Annotated[Objective, typer.Option(help="Score of the c search: least lower bound on the mean "
-                                                      "response time, or most job servers c·K(c).")
-                         ] = Objective.lower,
-    planner: Annotated[Planner, typer.Option(help="best: the greedy plan improved (more placements, local "
-                                                  "search, MILP; never worse by the lower bound); greedy: the "
-                                                  "paper's GBP-CR + GCA + c-search. --c N and --objective "
-                                                  "surrogate plan greedily.")] = Planner.best,
+    cluster: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CLUSTER]",
+            help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
+            "(BLOOM-176B on 20 MIG slices, η = 0.2).",
+        ),
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option("--rate", help="Arrival rate λ in requests/s, 1e-06..1e+06 \\[default: the cluster file's]"),
+    ] = None,
+    rho_bar: Annotated[
+        float | None,
+        typer.Option(
+            "--rho-bar",
+            help="Design load ρ̄ (GBP-CR places servers until "
+            "ν ≥ λ/ρ̄), 0.001..0.999 \\[default: the "
+            "cluster file's, else 0.7]",
+        ),
+    ] = None,
+    c: Annotated[
+        str, typer.Option("--c", metavar="N|auto", help="Cache reservation c: a positive integer, or 'auto' to search.")
+    ] = "auto",
+    objective: Annotated[
+        Objective,
+        typer.Option(
+            help="Score of the c search: least lower bound on the mean response time, or most job servers c·K(c)."
+        ),
+    ] = Objective.lower,
+    planner: Annotated[
+        Planner,
+        typer.Option(
+            help="best: the greedy plan improved (more placements, local "
+            "search, MILP; never worse by the lower bound); greedy: the "
+            "paper's GBP-CR + GCA + c-search. --c N and --objective "
+            "surrogate plan greedily."
+        ),
+    ] = Planner.best,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
-    export: Annotated[Export | None, typer.Option(help="Also print one PETALS run_server command per placed "
-                                                      "server \\[default: none]")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw the placement and chains to this image file (.png, "
-                                                   ".pdf, .svg, …) \\[default: none]")] = None,
+    export: Annotated[
+        Export | None, typer.Option(help="Also print one PETALS run_server command per placed server \\[default: none]")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw the placement and chains to this image file (.png, .pdf, .svg, …) \\[default: none]"),
+    ] = None,
 ) -> None:
     """Place blocks and allocate cache for a cluster, and bound the mean response time under JFFC."""
     c_value = parse_c(c)
@@ -110,8 +134,10 @@ def plan(
         if commands is not None:
             typer.echo("\n".join(commands))
     if not result.is_stable:
-        err.print(f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
-                  f"ν = {result.total_rate_per_s:.4g}/s; the queue would grow without bound")
+        err.print(
+            f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
+            f"ν = {result.total_rate_per_s:.4g}/s; the queue would grow without bound"
+        )
     if plot is not None:
         err.print(f"plot written to {plot}", markup=False, highlight=False)
 
@@ -135,36 +161,51 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console, pl
     if c is not None:
         result = plan_for_c(problem, c)
         if result is None:
-            raise SpecError("c", f"c = {c} is infeasible: reserving cache for {c} jobs per block, the "
-                                 f"servers hold fewer than the model's {problem.model.num_blocks} blocks")
+            raise SpecError(
+                "c",
+                f"c = {c} is infeasible: reserving cache for {c} jobs per block, the "
+                f"servers hold fewer than the model's {problem.model.num_blocks} blocks",
+            )
         return result[1]
     columns = (TextColumn("searching c"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("c", total=searched_reservations(problem))
-        return search_c(problem, objective,
-                        lambda done, total: progress.update(task, completed=done, total=total))
+        return search_c(problem, objective, lambda done, total: progress.update(task, completed=done, total=total))
 
 
 def _print_plan(result: Plan, out: Console) -> None:
     problem = result.problem
     names = [s.name for s in problem.servers]
     cache, free, jobs = result.reservation_by_server(), result.free_memory_gb(), jobs_per_server(result)
-    servers = Table(title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)",
-                    title_justify="left")
+    servers = Table(
+        title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)", title_justify="left"
+    )
     for header in ("server", "gpu", "memory GB", "blocks", "m_j", "cache GB", "free GB", "jobs"):
         servers.add_column(header, justify="left" if header in ("server", "gpu", "blocks") else "right")
     for span in sorted(result.placement.spans, key=lambda s: (s.start_block, s.server)):
         s = problem.servers[span.server]
-        servers.add_row(s.name, s.gpu or "—", f"{s.memory_gb:g}", f"{span.start_block}–{span.end_block}",
-                        str(span.num_blocks), f"{cache[span.server]:.2f}", f"{free[span.server]:.2f}",
-                        str(jobs[span.server]))
+        servers.add_row(
+            s.name,
+            s.gpu or "—",
+            f"{s.memory_gb:g}",
+            f"{span.start_block}–{span.end_block}",
+            str(span.num_blocks),
+            f"{cache[span.server]:.2f}",
+            f"{free[span.server]:.2f}",
+            str(jobs[span.server]),
+        )
     chains = Table(title=f"Chains (fastest first, {len(result.chains)})", title_justify="left")
     for header in ("k", "servers", "blocks per hop", "T_k s", "μ_k /s", "c_k"):
         chains.add_column(header, justify="left" if header in ("servers", "blocks per hop") else "right")
     for k, ch in enumerate(result.chains, start=1):
-        chains.add_row(str(k), " → ".join(names[h.server] for h in ch.hops),
-                       " + ".join(str(h.num_blocks) for h in ch.hops), fmt_s(ch.service_time_s),
-                       f"{ch.rate_per_s:.4f}", str(ch.capacity))
+        chains.add_row(
+            str(k),
+            " → ".join(names[h.server] for h in ch.hops),
+            " + ".join(str(h.num_blocks) for h in ch.hops),
+            fmt_s(ch.service_time_s),
+            f"{ch.rate_per_s:.4f}",
+            str(ch.capacity),
+        )
     out.print(servers)
     unplaced = [j for j in range(problem.num_servers) if j not in cache]
     if unplaced:
@@ -195,14 +236,20 @@ def _idle_servers(result: Plan, unplaced: list[int]) -> str:
     if spare:
         target = problem.arrival_rate_per_s / problem.workload.rho_bar
         if any(note.startswith("planner: best") for note in result.notes):
-            lines.append(f"not placed (not needed): {', '.join(spare)} — no plan found with them had a lower "
-                         "bound on the mean response time")
+            lines.append(
+                f"not placed (not needed): {', '.join(spare)} — no plan found with them had a lower "
+                "bound on the mean response time"
+            )
         else:
-            lines.append(f"not placed (not needed): {', '.join(spare)} — GBP-CR stops adding servers once its "
-                         f"chains promise c·Σ 1/T ≥ λ/ρ̄ = {target:.4g}/s")
+            lines.append(
+                f"not placed (not needed): {', '.join(spare)} — GBP-CR stops adding servers once its "
+                f"chains promise c·Σ 1/T ≥ λ/ρ̄ = {target:.4g}/s"
+            )
     if small:
-        lines.append(f"not placed (too little memory): {', '.join(small)} — cannot hold one block with cache for "
-                     f"c = {result.c} jobs")
+        lines.append(
+            f"not placed (too little memory): {', '.join(small)} — cannot hold one block with cache for "
+            f"c = {result.c} jobs"
+        )
     return "\n".join(lines)
 
 
@@ -213,11 +260,20 @@ def _summary(result: Plan) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("cluster", f"{problem.name}: {problem.model.name}, L = {problem.model.num_blocks} blocks, "
-                    f"{problem.num_servers} servers"),
-        ("workload", f"λ = {w.arrival_rate_per_s:g}/s, ρ̄ = {w.rho_bar:g}" + (
-            f", {w.prompt_tokens} prompt + {w.output_tokens} output tokens"
-            if problem.model.flops_per_token_per_block is not None else "")),
+        (
+            "cluster",
+            f"{problem.name}: {problem.model.name}, L = {problem.model.num_blocks} blocks, "
+            f"{problem.num_servers} servers",
+        ),
+        (
+            "workload",
+            f"λ = {w.arrival_rate_per_s:g}/s, ρ̄ = {w.rho_bar:g}"
+            + (
+                f", {w.prompt_tokens} prompt + {w.output_tokens} output tokens"
+                if problem.model.flops_per_token_per_block is not None
+                else ""
+            ),
+        ),
         ("c (reservation)", "—" if result.c is None else str(result.c)),
         ("K (chains)", str(len(result.chains))),
         ("C = Σ c_k", str(result.num_job_servers)),
@@ -225,8 +281,13 @@ def _summary(result: Plan) -> Table:
         ("ρ = λ/ν", f"{result.load:.3f}"),
     ]
     if result.is_stable:
-        rows.append(("mean response", f"{fmt_s(result.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(result.bounds.upper_s)} s "
-                                      "(JFFC, Poisson arrivals; Theorem-4 bounds)"))
+        rows.append(
+            (
+                "mean response",
+                f"{fmt_s(result.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(result.bounds.upper_s)} s "
+                "(JFFC, Poisson arrivals; Theorem-4 bounds)",
+            )
+        )
     else:
         rows.append(("mean response", "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"))
     for key, value in rows:

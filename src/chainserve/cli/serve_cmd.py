@@ -30,46 +30,77 @@ def parse_pairs(values: list[str] | None, option: str, number: bool = True) -> d
 
 
 def serve(
-    cluster: Annotated[Path | None, typer.Argument(metavar="[CLUSTER]",
-                                                   help="Cluster file (YAML or raw JSON) to plan and serve.")] = None,
-    plan: Annotated[Path | None, typer.Option(help="A saved plan (chainserve plan --json output) instead of a "
-                                                   "cluster file.")] = None,
-    backend: Annotated[str, typer.Option(metavar="torch|emulated",
-                                         help="torch: real weights; emulated: steps sleep the servers' "
-                                              "profiled τ^p, τ^c.")] = "emulated",
-    model: Annotated[str | None, typer.Option(metavar="NAME|PATH",
-                                              help="torch backend: smollm2-135m, tiny-random, or a local "
-                                                   "Hugging Face directory.")] = None,
+    cluster: Annotated[
+        Path | None, typer.Argument(metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON) to plan and serve.")
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="A saved plan (chainserve plan --json output) instead of a cluster file.")
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            metavar="torch|emulated", help="torch: real weights; emulated: steps sleep the servers' profiled τ^p, τ^c."
+        ),
+    ] = "emulated",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME|PATH", help="torch backend: smollm2-135m, tiny-random, or a local Hugging Face directory."
+        ),
+    ] = None,
     method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}, or proposed:<policy>.")] = "proposed",
     launcher: Annotated[str, typer.Option(metavar="local|ray", help="Where block servers run.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (with --launcher ray).")] = None,
-    servers: Annotated[list[str] | None, typer.Option(
-        metavar="NAME=HOST:PORT", help="Block servers started by hand (chainserve block-server --plan …); "
-                                       "one per placed server, repeat or comma-separate.")] = None,
+    servers: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=HOST:PORT",
+            help="Block servers started by hand (chainserve block-server --plan …); "
+            "one per placed server, repeat or comma-separate.",
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address of the HTTP API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the HTTP API (0: any free port).")] = 8000,
-    max_tokens: Annotated[int | None, typer.Option(
-        help="KV positions per session (prompt + output); default the model spec's max_tokens, else 2048.")] = None,
-    slowdown: Annotated[list[str] | None, typer.Option(
-        metavar="NAME=X", help="Stretch a server's compute X-fold (heterogeneity on one host).")] = None,
-    delay_ms: Annotated[list[str] | None, typer.Option(
-        metavar="NAME=MS", help="Extra one-way network delay of a server, in ms.")] = None,
-    max_waiting: Annotated[int | None, typer.Option(
-        help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold).")] = None,
-    request_timeout_s: Annotated[float, typer.Option(help="End a request not finished after this long "
-                                                          "(HTTP 504).")] = 600.0,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="KV positions per session (prompt + output); default the model spec's max_tokens, else 2048."
+        ),
+    ] = None,
+    slowdown: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME=X", help="Stretch a server's compute X-fold (heterogeneity on one host)."),
+    ] = None,
+    delay_ms: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=MS", help="Extra one-way network delay of a server, in ms.")
+    ] = None,
+    max_waiting: Annotated[
+        int | None,
+        typer.Option(help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold)."),
+    ] = None,
+    request_timeout_s: Annotated[
+        float, typer.Option(help="End a request not finished after this long (HTTP 504).")
+    ] = 600.0,
     heartbeat_s: Annotated[float, typer.Option(help="Ask every block server for a heartbeat this often.")] = 0.5,
-    heartbeat_deadline_s: Annotated[float, typer.Option(
-        help="A server that misses a heartbeat's reply for this long is marked dead.")] = 2.0,
-    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.",
-                                                envvar="CHAINSERVE_API_KEY")] = None,
-    token_file: Annotated[Path | None, typer.Option(
-        help="Secret shared with the block servers (default: $CHAINSERVE_TOKEN, else a fresh one).")] = None,
+    heartbeat_deadline_s: Annotated[
+        float, typer.Option(help="A server that misses a heartbeat's reply for this long is marked dead.")
+    ] = 2.0,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.", envvar="CHAINSERVE_API_KEY")
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="Secret shared with the block servers (default: $CHAINSERVE_TOKEN, else a fresh one)."),
+    ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
-    planner: Annotated[str, typer.Option(metavar="best|greedy", help="Planner of the proposed chains: best "
-                                                                     "(improves on the paper's greedy) or greedy.")
-                       ] = "best",
+    planner: Annotated[
+        str,
+        typer.Option(
+            metavar="best|greedy",
+            help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy.",
+        ),
+    ] = "best",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""
@@ -78,16 +109,37 @@ def serve(
 
     setup_logging(log_level)
     with user_errors():
-        config = ServeConfig(cluster, plan, backend, model, method, launcher, address,
-                             parse_pairs(servers, "servers", number=False), host, port, max_tokens,
-                             parse_pairs(slowdown, "slowdown"), parse_pairs(delay_ms, "delay_ms"), seed, max_waiting,
-                             api_key, read_secret(token_file, "CHAINSERVE_TOKEN"), log_dir, request_timeout_s,
-                             heartbeat_s, heartbeat_deadline_s, planner=planner)
+        config = ServeConfig(
+            cluster,
+            plan,
+            backend,
+            model,
+            method,
+            launcher,
+            address,
+            parse_pairs(servers, "servers", number=False),
+            host,
+            port,
+            max_tokens,
+            parse_pairs(slowdown, "slowdown"),
+            parse_pairs(delay_ms, "delay_ms"),
+            seed,
+            max_waiting,
+            api_key,
+            read_secret(token_file, "CHAINSERVE_TOKEN"),
+            log_dir,
+            request_timeout_s,
+            heartbeat_s,
+            heartbeat_deadline_s,
+            planner=planner,
+        )
 
     def ready(url: str, service) -> None:
-        typer.echo(f"chainserve: serving {service.orchestrator.model_id} on {url} "
-                   f"(method {service.orchestrator.method}, {len(service.specs)} block servers, "
-                   f"logs in {service.log_dir})")
+        typer.echo(
+            f"chainserve: serving {service.orchestrator.model_id} on {url} "
+            f"(method {service.orchestrator.method}, {len(service.specs)} block servers, "
+            f"logs in {service.log_dir})"
+        )
 
     try:
         asyncio.run(run(config, ready))

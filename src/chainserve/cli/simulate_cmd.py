@@ -44,35 +44,55 @@ MAX_SPAN_IN_SERVICE_TIMES = 1e9
 
 
 def simulate(
-    cluster: Annotated[Path | None, typer.Argument(
-        metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
-                                  "(BLOOM-176B on 20 MIG slices, η = 0.2).")] = None,
-    method: Annotated[str, typer.Option(help=f"Method: {', '.join(METHODS)}, or proposed:<policy>.")
-                      ] = "proposed",
-    policy: Annotated[str | None, typer.Option(help="Dispatch policy of the proposed chains: "
-                                                    f"{', '.join(POLICIES)} (default jffc).")] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[CLUSTER]",
+            help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
+            "(BLOOM-176B on 20 MIG slices, η = 0.2).",
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help=f"Method: {', '.join(METHODS)}, or proposed:<policy>.")] = "proposed",
+    policy: Annotated[
+        str | None, typer.Option(help=f"Dispatch policy of the proposed chains: {', '.join(POLICIES)} (default jffc).")
+    ] = None,
     requests: Annotated[int, typer.Option(help=f"Number of requests to simulate, 1..{MAX_REQUESTS}.")] = 1000,
-    rate: Annotated[float | None, typer.Option(help="Arrival rate λ in requests/s, 1e-06..1e+06 \\[default: the "
-                                                    "cluster file's]")] = None,
-    trace: Annotated[str | None, typer.Option(
-        metavar="FILE|bundled", help="Replay an Azure-format trace (TIMESTAMP,ContextTokens,GeneratedTokens); "
-                                     "'bundled': the shipped Azure code trace 2023 \\[default: none, Poisson "
-                                     "arrivals]")] = None,
-    time_scale: Annotated[float | None, typer.Option(
-        help="Multiply the trace's inter-arrival times, 0.001..1000 (0.5 replays twice as fast) \\[default: 1]"
-    )] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Arrival rate λ in requests/s, 1e-06..1e+06 \\[default: the cluster file's]")
+    ] = None,
+    trace: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE|bundled",
+            help="Replay an Azure-format trace (TIMESTAMP,ContextTokens,GeneratedTokens); "
+            "'bundled': the shipped Azure code trace 2023 \\[default: none, Poisson "
+            "arrivals]",
+        ),
+    ] = None,
+    time_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Multiply the trace's inter-arrival times, 0.001..1000 (0.5 replays twice as fast) \\[default: 1]"
+        ),
+    ] = None,
     trace_start: Annotated[int | None, typer.Option(help="First trace row to replay \\[default: 0]")] = None,
-    burstiness: Annotated[float | None, typer.Option(
-        metavar="CV", help="Coefficient of variation of Gamma inter-arrival times, 0.01..10 (1: Poisson) "
-                           "\\[default: 1]")] = None,
-    service: Annotated[str, typer.Option(metavar="|".join(SERVICE_MODELS),
-                                         help="Service-time model.")] = "exponential",
+    burstiness: Annotated[
+        float | None,
+        typer.Option(
+            metavar="CV",
+            help="Coefficient of variation of Gamma inter-arrival times, 0.01..10 (1: Poisson) \\[default: 1]",
+        ),
+    ] = None,
+    service: Annotated[str, typer.Option(metavar="|".join(SERVICE_MODELS), help="Service-time model.")] = "exponential",
     seed: Annotated[int, typer.Option(help="Seed of the placement, dispatch and simulation streams.")] = 0,
-    warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics, "
-                                             "0..requests-1.")] = 0,
-    planner: Annotated[str, typer.Option(metavar="best|greedy", help="Planner of the proposed chains: best "
-                                                                     "(improves on the paper's greedy) or greedy.")
-                       ] = "best",
+    warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics, 0..requests-1.")] = 0,
+    planner: Annotated[
+        str,
+        typer.Option(
+            metavar="best|greedy",
+            help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy.",
+        ),
+    ] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
@@ -84,8 +104,9 @@ def simulate(
         _check_counts(requests, warmup, seed)
         service_model(service)
         problem = load_cluster(cluster or DEFAULT_CLUSTER)
-        problem, arrivals, arrivals_text = _arrivals(problem, requests, rate, trace, time_scale, trace_start,
-                                                     burstiness)
+        problem, arrivals, arrivals_text = _arrivals(
+            problem, requests, rate, trace, time_scale, trace_start, burstiness
+        )
         rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
         _check_span(problem, requests, rate_field)
         with _spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
@@ -94,17 +115,22 @@ def simulate(
             except SpecError as exc:
                 if exc.field != "arrival_rate" or trace is None:
                     raise
-                raise SpecError("arrival_rate", f"{str(exc).removeprefix('arrival_rate: ')} (the trace's own rate; "
-                                "replay it slower with --time-scale, or use a larger cluster such as "
-                                "examples/paper-testbed-llama2-7b.yaml)") from None
+                raise SpecError(
+                    "arrival_rate",
+                    f"{str(exc).removeprefix('arrival_rate: ')} (the trace's own rate; "
+                    "replay it slower with --time-scale, or use a larger cluster such as "
+                    "examples/paper-testbed-llama2-7b.yaml)",
+                ) from None
     plan = run.setup.plan_or_placement
     if as_json:
         typer.echo(json.dumps(_to_json(run, name, problem, arrivals_text, service, warmup), indent=2))
     else:
         _print_run(run, name, problem, arrivals_text, service, warmup, stdout_console())
     if isinstance(plan, Plan) and not plan.is_stable:
-        err.print(f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
-                  f"ν = {plan.total_rate_per_s:.4g}/s; waiting grows with the number of requests")
+        err.print(
+            f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
+            f"ν = {plan.total_rate_per_s:.4g}/s; waiting grows with the number of requests"
+        )
 
 
 def method_name(method: str, policy: str | None) -> str:
@@ -130,16 +156,22 @@ def _check_counts(requests: int, warmup: int, seed: int) -> None:
         raise SpecError("seed", f"must be a non-negative integer, got {seed}")
 
 
-def _arrivals(problem: Problem, num_jobs: int, rate: float | None, trace: str | None, time_scale: float | None,
-              trace_start: int | None, burstiness: float | None) -> tuple[Problem, ArrivalProcess, str]:
+def _arrivals(
+    problem: Problem,
+    num_jobs: int,
+    rate: float | None,
+    trace: str | None,
+    time_scale: float | None,
+    trace_start: int | None,
+    burstiness: float | None,
+) -> tuple[Problem, ArrivalProcess, str]:
     """The problem with λ set as asked, the arrival process, and its description in words."""
     if trace is None:
         if time_scale is not None or trace_start is not None:
             raise SpecError("time-scale" if time_scale is not None else "trace-start", "applies only with --trace")
         if rate is not None:
             limits.check_range("rate", rate, limits.RATE_PER_S, "requests/s")
-        return _generated(problem if rate is None else problem.with_workload(arrival_rate_per_s=rate),
-                          burstiness)
+        return _generated(problem if rate is None else problem.with_workload(arrival_rate_per_s=rate), burstiness)
     if rate is not None:
         raise SpecError("rate", "--rate and --trace are mutually exclusive (a trace brings its own rate)")
     if burstiness is not None:
@@ -155,8 +187,9 @@ def _generated(problem: Problem, cv: float | None) -> tuple[Problem, ArrivalProc
     return problem, GammaArrivals(cv), f"Gamma renewal, CV = {cv:g}, λ = {lam:g}/s"
 
 
-def _replayed(problem: Problem, num_jobs: int, trace: str, scale: float, first: int
-              ) -> tuple[Problem, ArrivalProcess, str]:
+def _replayed(
+    problem: Problem, num_jobs: int, trace: str, scale: float, first: int
+) -> tuple[Problem, ArrivalProcess, str]:
     """Rows ``first ..`` of the trace; λ becomes their mean rate (n − 1)/span, after ``scale``."""
     path = None if trace == BUNDLED_TRACE else Path(trace)
     if path is not None and path.is_dir():
@@ -173,15 +206,20 @@ def _replayed(problem: Problem, num_jobs: int, trace: str, scale: float, first: 
     replay = process.sample(problem.workload, num_jobs, np.random.default_rng(0))  # a replay draws nothing
     span_s = float(replay.times_s[-1])
     if span_s <= 0:
-        raise SpecError("requests", "the replayed requests all arrive at once, so the trace has no rate; "
-                                    "replay more of them")
+        raise SpecError(
+            "requests", "the replayed requests all arrive at once, so the trace has no rate; replay more of them"
+        )
     rate = (num_jobs - 1) / span_s
     if not limits.RATE_PER_S[0] <= rate <= limits.RATE_PER_S[1]:
-        raise SpecError("time-scale" if scale != 1 else "trace",
-                        f"the replayed rows' rate {rate:.3g}/s lies outside 1e-06..1e+06 requests/s")
+        raise SpecError(
+            "time-scale" if scale != 1 else "trace",
+            f"the replayed rows' rate {rate:.3g}/s lies outside 1e-06..1e+06 requests/s",
+        )
     problem = problem.with_workload(arrival_rate_per_s=rate)
-    text = (f"{'Azure code trace 2023' if path is None else path.name}, rows {first}–{first + num_jobs - 1}, "
-            f"time ×{scale:g}, λ = {problem.arrival_rate_per_s:.4g}/s")
+    text = (
+        f"{'Azure code trace 2023' if path is None else path.name}, rows {first}–{first + num_jobs - 1}, "
+        f"time ×{scale:g}, λ = {problem.arrival_rate_per_s:.4g}/s"
+    )
     return problem, process, text
 
 
@@ -192,9 +230,12 @@ def _check_span(problem: Problem, num_jobs: int, field: str) -> None:
     span_s = num_jobs / problem.arrival_rate_per_s
     if span_s > MAX_SPAN_IN_SERVICE_TIMES * shortest_s:
         need = num_jobs / (MAX_SPAN_IN_SERVICE_TIMES * shortest_s)
-        raise SpecError(field, f"{num_jobs} requests at λ = {problem.arrival_rate_per_s:g}/s span ~{span_s:.3g} s, "
-                               f"more than 1e9 service times ({shortest_s:.3g} s each): the simulated clock "
-                               f"would round service times away; use λ ≥ {need:.3g}/s or fewer requests")
+        raise SpecError(
+            field,
+            f"{num_jobs} requests at λ = {problem.arrival_rate_per_s:g}/s span ~{span_s:.3g} s, "
+            f"more than 1e9 service times ({shortest_s:.3g} s each): the simulated clock "
+            f"would round service times away; use λ ≥ {need:.3g}/s or fewer requests",
+        )
 
 
 def _spinner(err: Console, text: str) -> AbstractContextManager[object]:
@@ -202,26 +243,34 @@ def _spinner(err: Console, text: str) -> AbstractContextManager[object]:
     return err.status(text) if err.is_terminal else nullcontext()
 
 
-def _to_json(run: Replication, name: str, problem: Problem, arrivals_text: str, service: str,
-             warmup: int) -> dict[str, object]:
+def _to_json(
+    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int
+) -> dict[str, object]:
     data: dict[str, object] = {
-        "method": name, "description": run.setup.description, "seed": run.seed, "cluster": problem.name,
-        "arrivals": arrivals_text, "arrival_rate": problem.arrival_rate_per_s, "service_model": service,
-        "warmup": warmup, **run.summary.to_json()}
+        "method": name,
+        "description": run.setup.description,
+        "seed": run.seed,
+        "cluster": problem.name,
+        "arrivals": arrivals_text,
+        "arrival_rate": problem.arrival_rate_per_s,
+        "service_model": service,
+        "warmup": warmup,
+        **run.summary.to_json(),
+    }
     plan = run.setup.plan_or_placement
     if isinstance(plan, Plan):
         data["bounds"] = {"lower": plan.bounds.lower_s, "upper": plan.bounds.upper_s} if plan.is_stable else None
     return data
 
 
-def _print_run(run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int,
-               out: Console) -> None:
+def _print_run(
+    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int, out: Console
+) -> None:
     summary = run.summary
     times = Table(title=f"Simulated times (seconds, {summary.num_requests} requests)", title_justify="left")
     for header in ("metric", "mean", "p50", "p95", "p99"):
         times.add_column(header, justify="left" if header == "metric" else "right")
-    for label, stats in (("response", summary.response), ("waiting", summary.waiting),
-                         ("service", summary.service)):
+    for label, stats in (("response", summary.response), ("waiting", summary.waiting), ("service", summary.service)):
         times.add_row(label, *(fmt_s(v) for v in (stats.mean_s, stats.p50_s, stats.p95_s, stats.p99_s)))
     info = Table(title="Run", title_justify="left", show_header=False)
     info.add_column(style="bold")
@@ -237,14 +286,21 @@ def _print_run(run: Replication, name: str, problem: Problem, arrivals_text: str
     ]
     ci = summary.response_mean_ci
     if ci is not None:
-        rows.append(("mean response", f"{ci.mean:.3f} s ± {ci.half_width:.3f} s "
-                                      f"({ci.confidence:.0%} batch-means interval)"))
+        rows.append(
+            ("mean response", f"{ci.mean:.3f} s ± {ci.half_width:.3f} s ({ci.confidence:.0%} batch-means interval)")
+        )
     plan = run.setup.plan_or_placement
     if isinstance(plan, Plan):
-        bounds = (f"{fmt_s(plan.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(plan.bounds.upper_s)} s" if plan.is_stable
-                  else "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]")
-        poisson = ("JFFC, Poisson arrivals" if arrivals_text.startswith("Poisson") else
-                   "JFFC, assuming Poisson arrivals at this mean rate; these arrivals are not Poisson")
+        bounds = (
+            f"{fmt_s(plan.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(plan.bounds.upper_s)} s"
+            if plan.is_stable
+            else "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"
+        )
+        poisson = (
+            "JFFC, Poisson arrivals"
+            if arrivals_text.startswith("Poisson")
+            else "JFFC, assuming Poisson arrivals at this mean rate; these arrivals are not Poisson"
+        )
         rows.append(("Theorem-4 bounds", f"{bounds} ({poisson}); simulated mean {fmt_s(summary.response.mean_s)} s"))
     for key, value in rows:
         info.add_row(key, value)

@@ -179,8 +179,9 @@ class ChainState:
         if server not in self.failed:
             return []
         self.failed.discard(server)
-        revived = [k for k, ch in enumerate(self.chains)
-                   if not self.alive[k] and not self.failed.intersection(ch.servers)]
+        revived = [
+            k for k, ch in enumerate(self.chains) if not self.alive[k] and not self.failed.intersection(ch.servers)
+        ]
         for k in revived:
             self.alive[k] = True
         return revived

@@ -35,8 +35,7 @@ class CachePool:
 
     def allocate(self, server: int, gb: float) -> None:
         if not self.can_allocate(server, gb):
-            raise RuntimeError(f"server {server}: {gb:.6g} GB of cache requested, "
-                               f"{self.free_gb[server]:.6g} free")
+            raise RuntimeError(f"server {server}: {gb:.6g} GB of cache requested, {self.free_gb[server]:.6g} free")
         self.free_gb[server] -= gb
 
     def free(self, server: int, gb: float) -> None:

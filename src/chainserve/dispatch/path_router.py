@@ -49,8 +49,9 @@ from chainserve.plan.types import Hop, Span, chain_time_s
 HopCost = Callable[[Span, int], float]
 
 
-def shortest_path(spans: Sequence[Span], hop_cost: HopCost, exit_cost: Callable[[Span], float],
-                  num_blocks: int) -> tuple[Hop, ...] | None:
+def shortest_path(
+    spans: Sequence[Span], hop_cost: HopCost, exit_cost: Callable[[Span], float], num_blocks: int
+) -> tuple[Hop, ...] | None:
     """Cheapest source→sink path: a hop into ``span`` after a predecessor ending at block b runs the
     ``span.end_block − b`` blocks b+1..end (allowed iff ``span.start_block ≤ b+1 ≤ end``), costing
     ``hop_cost(span, blocks)`` (``inf``: not allowed); a path ends with a span ending at L, plus its
@@ -67,8 +68,9 @@ def shortest_path(spans: Sequence[Span], hop_cost: HopCost, exit_cost: Callable[
     back: dict[int, tuple[int, Span]] = {}
     for span in sorted(spans, key=lambda s: (s.end_block, s.server)):
         end = span.end_block
-        options = [(best[prev] + hop_cost(span, end - prev), prev)
-                   for prev in ends if span.start_block - 1 <= prev < end]
+        options = [
+            (best[prev] + hop_cost(span, end - prev), prev) for prev in ends if span.start_block - 1 <= prev < end
+        ]
         if not options:
             continue
         cost, prev = min(options)
@@ -153,8 +155,7 @@ class PathRouter:
         if hops is None:
             self.unroutable.append(job)
             return []
-        request = PathRequest(job, hops, chain_time_s(self.problem, hops),
-                              attempt=self.next_attempt.get(job.job_id, 0))
+        request = PathRequest(job, hops, chain_time_s(self.problem, hops), attempt=self.next_attempt.get(job.job_id, 0))
         self.requests[job.job_id] = request
         return self._advance(request)
 
@@ -195,7 +196,7 @@ class PathRouter:
     def _release(self, request: PathRequest) -> None:
         """Free the request's caches, take it out of its wait queue and forget it."""
         job_id = request.job.job_id
-        for hop in request.hops[:request.num_held]:
+        for hop in request.hops[: request.num_held]:
             self.pool.free(hop.server, self.holders[hop.server].pop(job_id))
         if request.waiting_at is not None:
             self.queues[request.waiting_at].remove(job_id)
@@ -225,7 +226,7 @@ class PathRouter:
             if any(job.job_id == job_id for job in self.unroutable):
                 self.unroutable = deque(job for job in self.unroutable if job.job_id != job_id)
             return []
-        touched = [h.server for h in request.hops[:request.num_held]]
+        touched = [h.server for h in request.hops[: request.num_held]]
         if request.waiting_at is not None:
             touched.append(request.waiting_at)
         self._release(request)
@@ -253,7 +254,7 @@ class PathRouter:
         route the requests again in arrival order (an in-service one's next start is a new attempt)."""
         freed: set[int] = set()
         for request in requests:
-            freed.update(h.server for h in request.hops[:request.num_held])
+            freed.update(h.server for h in request.hops[: request.num_held])
             self._release(request)
             if request.in_service:
                 self.next_attempt[request.job.job_id] = request.attempt + 1

@@ -54,8 +54,9 @@ class PetalsRouter(PathRouter):
     def __init__(self, layout: PathPlacement):
         problem = layout.problem
         steps = problem.workload.output_tokens
-        rtts = [s.rtt_s if s.rtt_s is not None else max(s.tau_c_s / steps - HOP_OVERHEAD_S, 0.0)
-                for s in problem.servers]
+        rtts = [
+            s.rtt_s if s.rtt_s is not None else max(s.tau_c_s / steps - HOP_OVERHEAD_S, 0.0) for s in problem.servers
+        ]
         self.enter_s = [rtt / 2 + HOP_OVERHEAD_S for rtt in rtts]
         self.exit_s = [rtt / 2 for rtt in rtts]
         self.block_s = [s.tau_p_s / steps for s in problem.servers]

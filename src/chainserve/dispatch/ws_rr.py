@@ -27,8 +27,9 @@ from chainserve.dispatch.path_router import HopCost, PathRouter
 from chainserve.plan.types import MEMORY_EPS_GB, Span
 
 
-def expected_wait_s(deficit_gb: float, holders: Sequence[tuple[float, float]],
-                    queued: Sequence[tuple[float, float]] = ()) -> float:
+def expected_wait_s(
+    deficit_gb: float, holders: Sequence[tuple[float, float]], queued: Sequence[tuple[float, float]] = ()
+) -> float:
     """Expected time until ``deficit_gb`` is released: first by the ``holders`` (gb held, release
     rate per s), then by the ``queued`` requests once they hold their cache; each group fastest first.
 
@@ -79,8 +80,7 @@ class WsRrRouter(PathRouter):
         def wait_s(j: int, num_blocks: int) -> float:
             if (j, num_blocks) not in waits:
                 ahead = [self.requests[q] for q in self.queues[j]]
-                queued = [(self.need_gb(r.hops[r.num_held].num_blocks), 1.0 / r.service_time_s)
-                          for r in ahead]
+                queued = [(self.need_gb(r.hops[r.num_held].num_blocks), 1.0 / r.service_time_s) for r in ahead]
                 deficit = self.need_gb(num_blocks) + sum(gb for gb, _ in queued) - self.pool.free_gb[j]
                 holding = [(gb, 1.0 / self.requests[q].service_time_s) for q, gb in self.holders[j].items()]
                 waits[j, num_blocks] = expected_wait_s(deficit, holding, queued)

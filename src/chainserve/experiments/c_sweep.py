@@ -33,19 +33,33 @@ def c_sweep(out_dir: Path, num_seeds: int = 5, num_jobs: int = 5000, num_rates: 
             if not plan.is_stable:
                 rows.append([c, placed.num_chains, len(plan.chains), plan.num_job_servers, "unstable", "–", "–"])
                 continue
-            means = [simulate(plan, JFFC(plan.chains), seed=s, num_jobs=num_jobs, warmup=num_jobs // 10)
-                     .summary.response.mean_s for s in range(num_seeds)]
+            means = [
+                simulate(
+                    plan, JFFC(plan.chains), seed=s, num_jobs=num_jobs, warmup=num_jobs // 10
+                ).summary.response.mean_s
+                for s in range(num_seeds)
+            ]
             ci = mean_ci(means)
             cs.append(c)
             sims.append(ci)
             lows.append(plan.bounds.lower_s)
             ups.append(plan.bounds.upper_s)
-            rows.append([c, placed.num_chains, len(plan.chains), plan.num_job_servers, plan.bounds.lower_s,
-                         plan.bounds.upper_s, f"{ci.mean:.2f} ± {ci.half_width:.2f}"])
+            rows.append(
+                [
+                    c,
+                    placed.num_chains,
+                    len(plan.chains),
+                    plan.num_job_servers,
+                    plan.bounds.lower_s,
+                    plan.bounds.upper_s,
+                    f"{ci.mean:.2f} ± {ci.half_width:.2f}",
+                ]
+            )
         chosen = {"lower": search_c(problem, "lower").c, "surrogate": search_c(problem, "surrogate").c}
         saturated = problem.with_workload(arrival_rate_per_s=1e6)  # GBP-CR then places every server
-        top = 0.95 * max(r[1].total_rate_per_s for c in range(1, c_max + 1)
-                         if (r := plan_for_c(saturated, c)) is not None)
+        top = 0.95 * max(
+            r[1].total_rate_per_s for c in range(1, c_max + 1) if (r := plan_for_c(saturated, c)) is not None
+        )
         rate_grid = np.linspace(0.05, top, num_rates)
         by_rate = []
         for rate in rate_grid:
@@ -57,12 +71,19 @@ def c_sweep(out_dir: Path, num_seeds: int = 5, num_jobs: int = 5000, num_rates: 
                 by_rate.append([float(rate), "none stable", "none stable"])
     fig = Figure(figsize=(11, 4.2))
     ax, bx = fig.subplots(1, 2)
-    ax.errorbar(cs, [c.mean for c in sims], yerr=[c.half_width for c in sims], marker="o", capsize=3,
-                label="simulated JFFC (95 % CI)")
+    ax.errorbar(
+        cs,
+        [c.mean for c in sims],
+        yerr=[c.half_width for c in sims],
+        marker="o",
+        capsize=3,
+        label="simulated JFFC (95 % CI)",
+    )
     ax.fill_between(cs, lows, ups, alpha=0.25, label="Theorem-4 bounds")
     ax.axvline(chosen["lower"], color="k", ls="--", label=f"chosen c* = {chosen['lower']} (lower bound)")
-    ax.set(xlabel="cache reservation c", ylabel="mean response time (s)", yscale="log",
-           title="λ = 0.2/s, J = 20, η = 0.2")
+    ax.set(
+        xlabel="cache reservation c", ylabel="mean response time (s)", yscale="log", title="λ = 0.2/s, J = 20, η = 0.2"
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     numeric = [r for r in by_rate if isinstance(r[1], int)]

@@ -40,12 +40,20 @@ SHOW_PROGRESS = True
 def progress_bar(console: Console | None = None) -> Progress:
     """A rich progress bar on stderr (hidden when stderr is not a terminal, or with :data:`SHOW_PROGRESS` off)."""
     console = console or Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not (SHOW_PROGRESS and console.is_terminal), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (SHOW_PROGRESS and console.is_terminal),
+        transient=True,
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table; floats get 3 significant decimals."""
+
     def cell(v: object) -> str:
         if isinstance(v, float):
             return "–" if math.isnan(v) else f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
@@ -69,4 +77,3 @@ def write_report(out_dir: Path, name: str, title: str, sections: Sequence[str]) 
     path = out_dir / f"{name}.md"
     path.write_text(f"# {title}\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
     return path
-

@@ -86,12 +86,17 @@ def _rows(points: list[Point], key: str) -> list[list[object]]:
         ci = {m: mean_ci(p.means[m]) for m in METHODS}
         lo, up = np.mean([b[0] for b in p.bounds]), np.mean([b[1] for b in p.bounds])
         wins = sum(a < b and a < c for a, b, c in zip(*(p.means[m] for m in METHODS), strict=True))
-        rows.append([getattr(p, key)]
-                    + [f"{ci[m].mean:.2f} ± {ci[m].half_width:.2f}" for m in METHODS]
-                    + [f"[{lo:.2f}, {up:.2f}]",
-                       pct(reduction_pct(ci["proposed"].mean, ci["petals"].mean)),
-                       pct(reduction_pct(ci["proposed"].mean, ci["bprr"].mean)), PAPER_REDUCTION,
-                       f"{wins}/{len(p.means['proposed'])}"])
+        rows.append(
+            [getattr(p, key)]
+            + [f"{ci[m].mean:.2f} ± {ci[m].half_width:.2f}" for m in METHODS]
+            + [
+                f"[{lo:.2f}, {up:.2f}]",
+                pct(reduction_pct(ci["proposed"].mean, ci["petals"].mean)),
+                pct(reduction_pct(ci["proposed"].mean, ci["bprr"].mean)),
+                PAPER_REDUCTION,
+                f"{wins}/{len(p.means['proposed'])}",
+            ]
+        )
     return rows
 
 
@@ -103,16 +108,28 @@ def _r_rows(points: list[Point], key: str) -> list[list[object]]:
     rows = []
     for p in points:
         best = min(FIXED_R, key=lambda r: _mean(p, f"bprr:R={r}"))
-        rows.append([getattr(p, key), _mean(p, "proposed"), _r_range(p.rule_r), _mean(p, "bprr")]
-                    + [_mean(p, f"bprr:R={r}") for r in FIXED_R]
-                    + [f"R = {best}", pct(reduction_pct(_mean(p, "proposed"), _mean(p, f"bprr:R={best}")))])
+        rows.append(
+            [getattr(p, key), _mean(p, "proposed"), _r_range(p.rule_r), _mean(p, "bprr")]
+            + [_mean(p, f"bprr:R={r}") for r in FIXED_R]
+            + [f"R = {best}", pct(reduction_pct(_mean(p, "proposed"), _mean(p, f"bprr:R={best}")))]
+        )
     return rows
 
 
 def _why_rows(points: list[Point], key: str) -> list[list[object]]:
-    return [[getattr(p, key), _mean(p, "proposed"), _mean(p, "bprr"), float(np.mean(p.service["proposed"])),
-             float(np.mean(p.service["bprr"])), float(np.mean(p.placed["proposed"])),
-             float(np.mean(p.placed["bprr"]))] for p in points if not _is_lowest(p)]
+    return [
+        [
+            getattr(p, key),
+            _mean(p, "proposed"),
+            _mean(p, "bprr"),
+            float(np.mean(p.service["proposed"])),
+            float(np.mean(p.service["bprr"])),
+            float(np.mean(p.placed["proposed"])),
+            float(np.mean(p.placed["bprr"])),
+        ]
+        for p in points
+        if not _is_lowest(p)
+    ]
 
 
 def _plot(ax, rx, points: list[Point], key: str, label: str) -> None:
@@ -120,8 +137,16 @@ def _plot(ax, rx, points: list[Point], key: str, label: str) -> None:
     step = 0.012 * (xs.max() - xs.min() or 1.0)
     for i, method in enumerate(METHODS):
         cis = [mean_ci(p.means[method]) for p in points]
-        ax.errorbar(xs + (i - 1) * step, [c.mean for c in cis], yerr=[c.half_width for c in cis],
-                    marker="osD"[i], ms=5, capsize=3, color=COLOURS[method], label=method)
+        ax.errorbar(
+            xs + (i - 1) * step,
+            [c.mean for c in cis],
+            yerr=[c.half_width for c in cis],
+            marker="osD"[i],
+            ms=5,
+            capsize=3,
+            color=COLOURS[method],
+            label=method,
+        )
     lows = [np.mean([b[0] for b in p.bounds]) for p in points]
     ups = [np.mean([b[1] for b in p.bounds]) for p in points]
     ax.fill_between(xs, lows, ups, color="tab:green", alpha=0.2, label="proposed: Theorem-4 bounds")
@@ -133,12 +158,17 @@ def _plot(ax, rx, points: list[Point], key: str, label: str) -> None:
     for i, method in enumerate(("petals", "bprr"), start=1):
         ratios = [_mean(p, method) / _mean(p, "proposed") for p in points]
         shifted = xs + (i - 1) * step
-        rx.plot(shifted, np.minimum(ratios, top), marker="osD"[i], color=COLOURS[method],
-                label=f"{method} / proposed")
+        rx.plot(shifted, np.minimum(ratios, top), marker="osD"[i], color=COLOURS[method], label=f"{method} / proposed")
         for x, r in zip(shifted, ratios, strict=True):
             if r > top:  # off the panel: write the value at the edge
-                rx.annotate(f"{r:.1f}↑", (x, top), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                            color=COLOURS[method])
+                rx.annotate(
+                    f"{r:.1f}↑",
+                    (x, top),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                    color=COLOURS[method],
+                )
     rx.axhline(1.0, color="tab:green", lw=1)
     rx.set_xlabel(label)
     rx.set_ylabel("baseline / proposed")
@@ -169,18 +199,41 @@ def paper_sweeps(out_dir: Path, num_seeds: int = 20, num_jobs: int = 300) -> Pat
         tick = lambda: bar.advance(task)  # noqa: E731
         by_j = [run_point(j, eta, seeds, num_jobs, tick) for j, eta in grid_j]
         by_eta = [run_point(j, eta, seeds, num_jobs, tick) for j, eta in grid_eta]
-    header = ["{}", *(f"{m} mean (s)" for m in METHODS), "bounds (s)", "reduction vs PETALS",
-              "reduction vs BPRR", "paper", "ours lowest"]
-    r_header = ["{}", "proposed (s)", "BPRR rule: R", "BPRR rule (s)", *(f"R = {r} (s)" for r in FIXED_R),
-                "best R", "reduction vs best R"]
-    why_header = ["point", "proposed (s)", "BPRR (s)", "proposed service (s)", "BPRR service (s)",
-                  "servers placed: proposed", "servers placed: BPRR"]
+    header = [
+        "{}",
+        *(f"{m} mean (s)" for m in METHODS),
+        "bounds (s)",
+        "reduction vs PETALS",
+        "reduction vs BPRR",
+        "paper",
+        "ours lowest",
+    ]
+    r_header = [
+        "{}",
+        "proposed (s)",
+        "BPRR rule: R",
+        "BPRR rule (s)",
+        *(f"R = {r} (s)" for r in FIXED_R),
+        "best R",
+        "reduction vs best R",
+    ]
+    why_header = [
+        "point",
+        "proposed (s)",
+        "BPRR (s)",
+        "proposed service (s)",
+        "BPRR service (s)",
+        "servers placed: proposed",
+        "servers placed: BPRR",
+    ]
     fig = Figure(figsize=(11, 7))
     axes = fig.subplots(2, 2, sharex="col", gridspec_kw={"height_ratios": [2, 1]})
     _plot(axes[0][0], axes[1][0], by_j, "num_servers", "servers J (η = 0.2)")
     _plot(axes[0][1], axes[1][1], by_eta, "eta", "fraction of high servers η (J = 20)")
-    fig.suptitle(f"Mean response time, λ = 0.2/s, {num_seeds} seeds × {num_jobs} requests (95 % CI); "
-                 "below: baseline / proposed (> 1: proposed lower)")
+    fig.suptitle(
+        f"Mean response time, λ = 0.2/s, {num_seeds} seeds × {num_jobs} requests (95 % CI); "
+        "below: baseline / proposed (> 1: proposed lower)"
+    )
     save_figure(fig, out_dir / "paper_sweeps.png")
     points = by_j + by_eta
     not_lowest = [p for p in points if not _is_lowest(p)]
@@ -212,9 +265,15 @@ def paper_sweeps(out_dir: Path, num_seeds: int = 20, num_jobs: int = 300) -> Pat
         markdown_table([r_header[0].format("η"), *r_header[1:]], _r_rows(by_eta, "eta")),
     ]
     if not_lowest:
-        sections += ["## Where the proposed method is not the lowest", WHY_NOT,
-                     markdown_table(why_header, [[f"J = {r[0]}" if isinstance(r[0], int)
-                                                                       else f"η = {r[0]}", *r[1:]]
-                                                                      for r in _why_rows(by_j, "num_servers")
-                                                                      + _why_rows(by_eta, "eta")])]
+        sections += [
+            "## Where the proposed method is not the lowest",
+            WHY_NOT,
+            markdown_table(
+                why_header,
+                [
+                    [f"J = {r[0]}" if isinstance(r[0], int) else f"η = {r[0]}", *r[1:]]
+                    for r in _why_rows(by_j, "num_servers") + _why_rows(by_eta, "eta")
+                ],
+            ),
+        ]
     return write_report(out_dir, "paper_sweeps", "Paper §4.1 sweeps: proposed vs PETALS vs BPRR", sections)

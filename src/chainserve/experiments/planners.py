@@ -62,12 +62,17 @@ def _rows(points: list[Point]) -> list[list[object]]:
     for p in points:
         ci = {q: mean_ci(p.means[q]) for q in PLANNERS}
         no_worse = sum(b <= g for g, b in zip(p.means["greedy"], p.means["best"], strict=True))
-        rows.append([p.num_servers, p.eta,
-                     *(f"{ci[q].mean:.2f} ± {ci[q].half_width:.2f}" for q in PLANNERS),
-                     pct(reduction_pct(ci["best"].mean, ci["greedy"].mean)),
-                     *(f"{np.mean(p.lower[q]):.2f}" for q in PLANNERS),
-                     *(f"{np.mean(p.idle[q]):.1f}" for q in PLANNERS),
-                     f"{no_worse}/{len(p.means['best'])}"])
+        rows.append(
+            [
+                p.num_servers,
+                p.eta,
+                *(f"{ci[q].mean:.2f} ± {ci[q].half_width:.2f}" for q in PLANNERS),
+                pct(reduction_pct(ci["best"].mean, ci["greedy"].mean)),
+                *(f"{np.mean(p.lower[q]):.2f}" for q in PLANNERS),
+                *(f"{np.mean(p.idle[q]):.1f}" for q in PLANNERS),
+                f"{no_worse}/{len(p.means['best'])}",
+            ]
+        )
     return rows
 
 
@@ -75,11 +80,19 @@ def _plot(points: list[Point], path: Path) -> None:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.add_subplot()
     xs = np.arange(len(points))
-    for offset, (planner, colour) in zip((-0.1, 0.1), zip(PLANNERS, ("tab:green", "tab:purple"), strict=True),
-                                         strict=True):
+    for offset, (planner, colour) in zip(
+        (-0.1, 0.1), zip(PLANNERS, ("tab:green", "tab:purple"), strict=True), strict=True
+    ):
         cis = [mean_ci(p.means[planner]) for p in points]
-        ax.errorbar(xs + offset, [c.mean for c in cis], yerr=[c.half_width for c in cis], fmt="o", capsize=3,
-                    color=colour, label=planner)
+        ax.errorbar(
+            xs + offset,
+            [c.mean for c in cis],
+            yerr=[c.half_width for c in cis],
+            fmt="o",
+            capsize=3,
+            color=colour,
+            label=planner,
+        )
     ax.set_xticks(xs, [f"J={p.num_servers}\nη={p.eta:g}" for p in points])
     ax.set_ylabel("mean response time (s)")
     ax.legend()
@@ -93,8 +106,18 @@ def planner_comparison(out_dir: Path, num_seeds: int = 20, num_jobs: int = 300) 
     with progress_bar() as bar:
         task = bar.add_task("planners", total=len(grid) * num_seeds * len(PLANNERS))
         points = [run_point(j, eta, seeds, num_jobs, lambda: bar.advance(task)) for j, eta in grid]
-    header = ["J", "η", "greedy mean (s)", "best mean (s)", "reduction", "greedy lower (s)", "best lower (s)",
-              "greedy idle servers", "best idle servers", "best ≤ greedy (seeds)"]
+    header = [
+        "J",
+        "η",
+        "greedy mean (s)",
+        "best mean (s)",
+        "reduction",
+        "greedy lower (s)",
+        "best lower (s)",
+        "greedy idle servers",
+        "best idle servers",
+        "best ≤ greedy (seeds)",
+    ]
     overall_g = np.mean([m for p in points for m in p.means["greedy"]])
     overall_b = np.mean([m for p in points for m in p.means["best"]])
     sections = [

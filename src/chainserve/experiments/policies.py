@@ -89,26 +89,44 @@ def policy_comparison(out_dir: Path, num_seeds: int = 10, num_jobs: int = 20_000
     for rho in LOADS:
         ci = {p: mean_ci(means[p][rho]) for p in ORDER}
         best = min(ORDER, key=lambda p: ci[p].mean)
-        rows.append([rho, f"[{bounds[rho].lower_s:.2f}, {bounds[rho].upper_s:.2f}]"]
-                    + [f"{ci[p].mean:.2f} ± {ci[p].half_width:.2f}"
-                       + (" (unstable)" if p == "random" and random_is_unstable(plan, rho * nu) else "")
-                       for p in ORDER] + [best])
+        rows.append(
+            [rho, f"[{bounds[rho].lower_s:.2f}, {bounds[rho].upper_s:.2f}]"]
+            + [
+                f"{ci[p].mean:.2f} ± {ci[p].half_width:.2f}"
+                + (" (unstable)" if p == "random" and random_is_unstable(plan, rho * nu) else "")
+                for p in ORDER
+            ]
+            + [best]
+        )
         gaps.append([rho] + [_paired(means["jffc"][rho], means[p][rho]) for p in ORDER[1:]])
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     for policy in ORDER:
         cis = [mean_ci(means[policy][rho]) for rho in LOADS]
-        ax.errorbar(LOADS, [c.mean for c in cis], yerr=[c.half_width for c in cis], marker="o", ms=3,
-                    capsize=2, label=policy)
-    ax.fill_between(LOADS, [bounds[r].lower_s for r in LOADS], [bounds[r].upper_s for r in LOADS],
-                    color="grey", alpha=0.3, label="JFFC bounds")
-    ax.set(xlabel="load ρ = λ/ν", ylabel="mean response time (s)", yscale="log",
-           title=f"{len(plan.chains)} chains, C = {plan.num_job_servers}, {num_seeds} seeds × {num_jobs} jobs")
+        ax.errorbar(
+            LOADS, [c.mean for c in cis], yerr=[c.half_width for c in cis], marker="o", ms=3, capsize=2, label=policy
+        )
+    ax.fill_between(
+        LOADS,
+        [bounds[r].lower_s for r in LOADS],
+        [bounds[r].upper_s for r in LOADS],
+        color="grey",
+        alpha=0.3,
+        label="JFFC bounds",
+    )
+    ax.set(
+        xlabel="load ρ = λ/ν",
+        ylabel="mean response time (s)",
+        yscale="log",
+        title=f"{len(plan.chains)} chains, C = {plan.num_job_servers}, {num_seeds} seeds × {num_jobs} jobs",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     save_figure(fig, out_dir / "policies.png")
-    chain_rows = [[k, " → ".join(plan.problem.servers[s].name for s in ch.servers), ch.service_time_s,
-                   ch.capacity] for k, ch in enumerate(plan.chains)]
+    chain_rows = [
+        [k, " → ".join(plan.problem.servers[s].name for s in ch.servers), ch.service_time_s, ch.capacity]
+        for k, ch in enumerate(plan.chains)
+    ]
     sections = [
         f"Command: `chainserve experiment policies --seeds {num_seeds} --requests {num_jobs}`. Plan: "
         f"paper cluster J = 40, η = 0.2 (seed 2026), planned for λ = 1/s: c = {plan.c}, ν = {nu:.3f}/s. "
@@ -126,14 +144,18 @@ def policy_comparison(out_dir: Path, num_seeds: int = 10, num_jobs: int = 20_000
         "on a two-chain CTMC with the faster chains lumped into at most 4 slots. Where threshold-JFFC loses to "
         "plain JFFC above, these thresholds keep jobs waiting for a faster chain although the chains here differ "
         "by less than 2× in T_k; the lumped two-chain model is the likely cause (it is exact for two chains).",
-        markdown_table(["ρ", "thresholds"], [[rho, " ".join(str(t) for t in choose_thresholds(plan.chains, rho * nu))]
-                                             for rho in LOADS]),
+        markdown_table(
+            ["ρ", "thresholds"],
+            [[rho, " ".join(str(t) for t in choose_thresholds(plan.chains, rho * nu))] for rho in LOADS],
+        ),
         "## Where thresholds pay: two very unequal chains (exact CTMC)",
         "Lin & Kumar (1984): with a central queue and heterogeneous servers, the slow server should be "
         "used only when the queue is long enough. Threshold-JFFC (thresholds from "
         "`chainserve.dispatch.thresholds.choose_thresholds`) against plain JFFC, exact mean response times:",
-        markdown_table(["T_slow / T_fast", "ρ", "threshold", "JFFC (s)", "threshold-JFFC (s)", "reduction"],
-                       lin_kumar_rows()),
+        markdown_table(
+            ["T_slow / T_fast", "ρ", "threshold", "JFFC (s)", "threshold-JFFC (s)", "reduction"], lin_kumar_rows()
+        ),
     ]
-    return write_report(out_dir, "policies", "Load balancing: JFFC vs SED, SA-JSQ, JSQ, JIQ, random, "
-                        "threshold-JFFC", sections)
+    return write_report(
+        out_dir, "policies", "Load balancing: JFFC vs SED, SA-JSQ, JSQ, JIQ, random, threshold-JFFC", sections
+    )

@@ -22,14 +22,25 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {
-    "paper-sweeps": Experiment("chainserve.experiments.paper_sweeps:paper_sweeps", 20, 300,
-                               "§4.1: J and η sweeps, proposed vs PETALS vs BPRR"),
-    "policies": Experiment("chainserve.experiments.policies:policy_comparison", 10, 20_000,
-                           "JFFC vs SED/SA-JSQ/JSQ/JIQ/random/threshold-JFFC over load"),
-    "c-sweep": Experiment("chainserve.experiments.c_sweep:c_sweep", 5, 5000,
-                          "response time and bounds vs c; chosen c vs λ"),
-    "table1": Experiment("chainserve.experiments.table1:table1", 5, 1000,
-                         "§4.2 Table 1 in simulation: MIG testbed + Azure code trace"),
-    "planners": Experiment("chainserve.experiments.planners:planner_comparison", 20, 300,
-                           "§4.1 sweeps with the proposed method planned greedily (paper) vs by the best planner"),
+    "paper-sweeps": Experiment(
+        "chainserve.experiments.paper_sweeps:paper_sweeps", 20, 300, "§4.1: J and η sweeps, proposed vs PETALS vs BPRR"
+    ),
+    "policies": Experiment(
+        "chainserve.experiments.policies:policy_comparison",
+        10,
+        20_000,
+        "JFFC vs SED/SA-JSQ/JSQ/JIQ/random/threshold-JFFC over load",
+    ),
+    "c-sweep": Experiment(
+        "chainserve.experiments.c_sweep:c_sweep", 5, 5000, "response time and bounds vs c; chosen c vs λ"
+    ),
+    "table1": Experiment(
+        "chainserve.experiments.table1:table1", 5, 1000, "§4.2 Table 1 in simulation: MIG testbed + Azure code trace"
+    ),
+    "planners": Experiment(
+        "chainserve.experiments.planners:planner_comparison",
+        20,
+        300,
+        "§4.1 sweeps with the proposed method planned greedily (paper) vs by the best planner",
+    ),
 }

@@ -37,16 +37,24 @@ from chainserve.sim.arrivals import TraceArrivals
 from chainserve.sim.runs import run_method
 
 METHODS = ("petals", "bprr", "jffc-only", "proposed")
-PAPER = {"petals": (31.4, 68.5, 89.3, 24.2, 7.2), "bprr": (19.8, 44.2, 61.7, 12.6, 7.2),
-         "jffc-only": (10.0, 22.1, 29.6, 1.5, 8.5), "proposed": (7.3, 15.2, 21.4, 0.6, 6.7)}
+PAPER = {
+    "petals": (31.4, 68.5, 89.3, 24.2, 7.2),
+    "bprr": (19.8, 44.2, 61.7, 12.6, 7.2),
+    "jffc-only": (10.0, 22.1, 29.6, 1.5, 8.5),
+    "proposed": (7.3, 15.2, 21.4, 0.6, 6.7),
+}
 #: The paper's reductions of the proposed method's mean response time (Table 1: 1 − 7.3/31.4 …).
 PAPER_REDUCTION = {m: reduction_pct(PAPER["proposed"][0], PAPER[m][0]) for m in ("petals", "bprr", "jffc-only")}
-REGIMES = (("memory-loose", "llama-2-7b", "LLaMA-2-7B fp16, the paper's model (fits on every slice)"),
-           ("memory-tight", "llama-2-13b", "LLaMA-2-13B fp16 (too large for a 20 GB slice)"))
+REGIMES = (
+    ("memory-loose", "llama-2-7b", "LLaMA-2-7B fp16, the paper's model (fits on every slice)"),
+    ("memory-tight", "llama-2-13b", "LLaMA-2-13B fp16 (too large for a 20 GB slice)"),
+)
 #: The Azure code trace's mean arrival rate (paper §4.2), requests/s.
 TRACE_RATE_PER_S = 2.57
-SETTINGS = (("trace ×4 speed", 0.25, "trace compressed 4× (about the paper's offered load)"),
-            ("trace as recorded", 1.0, "trace at its own timestamps (light load in our τ model)"))
+SETTINGS = (
+    ("trace ×4 speed", 0.25, "trace compressed 4× (about the paper's offered load)"),
+    ("trace as recorded", 1.0, "trace at its own timestamps (light load in our τ model)"),
+)
 
 
 WHY = """* **Reproduced:** PETALS is by far the worst in every setting, and the proposed method's waiting
@@ -79,8 +87,10 @@ WHY = """* **Reproduced:** PETALS is by far the worst in every setting, and the 
 def _plot(measured: dict[str, dict[str, dict[str, float]]], path: Path, num_jobs: int, num_seeds: int) -> None:
     """Grouped bars (linear axis) of the mean response time per method: one panel per regime with our
     two settings, and the paper's testbed. Bars taller than the panel are cut and labelled."""
-    panels = {**{f"{regime} (simulated)": groups for regime, groups in measured.items()},
-              "paper (testbed)": {"LLaMA-2-7B": {m: PAPER[m][0] for m in METHODS}}}
+    panels = {
+        **{f"{regime} (simulated)": groups for regime, groups in measured.items()},
+        "paper (testbed)": {"LLaMA-2-7B": {m: PAPER[m][0] for m in METHODS}},
+    }
     fig = Figure(figsize=(12, 4.2))
     axes = fig.subplots(1, len(panels))
     for ax, (title, groups) in zip(axes, panels.items(), strict=True):
@@ -97,8 +107,7 @@ def _plot(measured: dict[str, dict[str, dict[str, float]]], path: Path, num_jobs
         ax.set(ylim=(0, top * 1.1), title=title, ylabel="mean response time (s)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.suptitle(f"Table 1: MIG testbed, {num_jobs} Azure code requests, {num_seeds} seed(s) "
-                 "(↑: bar cut, value above)")
+    fig.suptitle(f"Table 1: MIG testbed, {num_jobs} Azure code requests, {num_seeds} seed(s) (↑: bar cut, value above)")
     save_figure(fig, path)
 
 
@@ -116,41 +125,66 @@ def _table(problem, time_scale: float, num_seeds: int, num_jobs: int, tick) -> t
         s = [r.summary for r in reps]
         response = mean_ci([x.response.mean_s for x in s])
         means[method] = response.mean
-        rows.append([method, f"{response.mean:.2f} ± {response.half_width:.2f}",
-                     f"{_avg(s, lambda x: x.response.p95_s):.2f} / {_avg(s, lambda x: x.response.p99_s):.2f}",
-                     _avg(s, lambda x: x.waiting.mean_s), _avg(s, lambda x: x.service.mean_s),
-                     "{:.1f} / {:.1f} / {:.1f} / {:.1f} / {:.1f}".format(*PAPER[method])])
+        rows.append(
+            [
+                method,
+                f"{response.mean:.2f} ± {response.half_width:.2f}",
+                f"{_avg(s, lambda x: x.response.p95_s):.2f} / {_avg(s, lambda x: x.response.p99_s):.2f}",
+                _avg(s, lambda x: x.waiting.mean_s),
+                _avg(s, lambda x: x.service.mean_s),
+                "{:.1f} / {:.1f} / {:.1f} / {:.1f} / {:.1f}".format(*PAPER[method]),
+            ]
+        )
     return rows, means
 
 
 def _plan_section(problem, plan: Plan) -> list[str]:
-    chains = [[k, " → ".join(problem.servers[s].name for s in ch.servers), ch.service_time_s, ch.capacity]
-              for k, ch in enumerate(plan.chains)]
-    return [f"Proposed plan (λ = {problem.arrival_rate_per_s:.2f}/s): c* = {plan.c}, {len(plan.chains)} chains, "
-            f"{plan.num_job_servers} job servers, ν = {plan.total_rate_per_s:.2f}/s.",
-            markdown_table(["chain", "servers", "T_k (s)", "c_k"], chains)]
+    chains = [
+        [k, " → ".join(problem.servers[s].name for s in ch.servers), ch.service_time_s, ch.capacity]
+        for k, ch in enumerate(plan.chains)
+    ]
+    return [
+        f"Proposed plan (λ = {problem.arrival_rate_per_s:.2f}/s): c* = {plan.c}, {len(plan.chains)} chains, "
+        f"{plan.num_job_servers} job servers, ν = {plan.total_rate_per_s:.2f}/s.",
+        markdown_table(["chain", "servers", "T_k (s)", "c_k"], chains),
+    ]
 
 
 def _reductions(means: dict[str, float]) -> str:
     ranked = sorted(METHODS, key=lambda m: means[m])
-    order = ranked[0] + "".join((" = " if means[b] == means[a] else " < ") + b
-                                for a, b in zip(ranked, ranked[1:], strict=False))
-    return "Reduction of the proposed method's mean response time: " + "; ".join(
-        f"vs {m}: {pct(reduction_pct(means['proposed'], means[m]))} (paper {pct(PAPER_REDUCTION[m])})"
-        for m in ("petals", "bprr", "jffc-only")) + f". Order of mean response (lowest first): {order} " \
+    order = ranked[0] + "".join(
+        (" = " if means[b] == means[a] else " < ") + b for a, b in zip(ranked, ranked[1:], strict=False)
+    )
+    return (
+        "Reduction of the proposed method's mean response time: "
+        + "; ".join(
+            f"vs {m}: {pct(reduction_pct(means['proposed'], means[m]))} (paper {pct(PAPER_REDUCTION[m])})"
+            for m in ("petals", "bprr", "jffc-only")
+        )
+        + f". Order of mean response (lowest first): {order} "
         "(paper: proposed < jffc-only < bprr < petals)."
+    )
 
 
 def table1(out_dir: Path, num_seeds: int = 5, num_jobs: int = 1000) -> Path:
     """Write ``table1.md`` and ``table1.png``."""
-    header = ["method", "mean response (s)", "P95 / P99 (s)", "mean waiting (s)", "mean service (s)",
-              "paper: mean / P95 / P99 / waiting / service"]
-    sections = [f"Command: `chainserve experiment table1 --seeds {num_seeds} --requests {num_jobs}`. "
-                f"Seeds 0..{num_seeds - 1} vary PETALS' join order and the dispatchers' coins (the trace and "
-                "token-level service are deterministic); mean ± 95 % CI over seeds. Reductions are "
-                "1 − proposed/baseline of the mean response time (positive: the proposed method is lower). "
-                "Two memory regimes of the same testbed shape (3× 3g.40gb + 6× 2g.20gb): "
-                + "; ".join(f"**{short}**: {text}" for short, _, text in REGIMES) + "."]
+    header = [
+        "method",
+        "mean response (s)",
+        "P95 / P99 (s)",
+        "mean waiting (s)",
+        "mean service (s)",
+        "paper: mean / P95 / P99 / waiting / service",
+    ]
+    sections = [
+        f"Command: `chainserve experiment table1 --seeds {num_seeds} --requests {num_jobs}`. "
+        f"Seeds 0..{num_seeds - 1} vary PETALS' join order and the dispatchers' coins (the trace and "
+        "token-level service are deterministic); mean ± 95 % CI over seeds. Reductions are "
+        "1 − proposed/baseline of the mean response time (positive: the proposed method is lower). "
+        "Two memory regimes of the same testbed shape (3× 3g.40gb + 6× 2g.20gb): "
+        + "; ".join(f"**{short}**: {text}" for short, _, text in REGIMES)
+        + "."
+    ]
     measured: dict[str, dict[str, dict[str, float]]] = {}
     with progress_bar() as bar:
         task = bar.add_task("table 1", total=len(REGIMES) * len(SETTINGS) * len(METHODS) * num_seeds)
@@ -162,9 +196,14 @@ def table1(out_dir: Path, num_seeds: int = 5, num_jobs: int = 1000) -> Path:
                 problem = paper_testbed(arrival_rate=TRACE_RATE_PER_S / time_scale, model=model)
                 rows, means = _table(problem, time_scale, num_seeds, num_jobs, lambda: bar.advance(task))
                 measured[short][label] = means
-                sections += [f"### {long}", *_plan_section(problem, search_c(problem)),
-                             markdown_table(header, rows), _reductions(means)]
+                sections += [
+                    f"### {long}",
+                    *_plan_section(problem, search_c(problem)),
+                    markdown_table(header, rows),
+                    _reductions(means),
+                ]
     _plot(measured, out_dir / "table1.png", num_jobs, num_seeds)
     sections += ["![table 1](table1.png)", "## What is and is not reproduced, and why", WHY]
-    return write_report(out_dir, "table1", "Table 1 in simulation: MIG testbed, Azure code trace, two memory regimes",
-                        sections)
+    return write_report(
+        out_dir, "table1", "Table 1 in simulation: MIG testbed, Azure code trace, two memory regimes", sections
+    )

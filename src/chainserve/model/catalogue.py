@@ -110,8 +110,15 @@ GPUS: dict[str, GpuProfile] = {
         GpuProfile("rtx-4090", 24, 165.0, 1008.0),
     )
 }
-GPU_ALIASES = {"3g.40gb": "a100-3g.40gb", "2g.20gb": "a100-2g.20gb", "1g.10gb": "a100-1g.10gb",
-               "a100": "a100-80gb", "h100": "h100-80gb", "v100": "v100-32gb", "4090": "rtx-4090"}
+GPU_ALIASES = {
+    "3g.40gb": "a100-3g.40gb",
+    "2g.20gb": "a100-2g.20gb",
+    "1g.10gb": "a100-1g.10gb",
+    "a100": "a100-80gb",
+    "h100": "h100-80gb",
+    "v100": "v100-32gb",
+    "4090": "rtx-4090",
+}
 
 #: t_o: fixed per-block overhead of one job (seconds).
 BLOCK_OVERHEAD_S = 0.001
@@ -134,8 +141,7 @@ def gpu_profile(name: str) -> GpuProfile:
     return lookup(GPUS, GPU_ALIASES, name, "gpu")
 
 
-def tau_p_s(gpu: GpuProfile, arch: ModelArch, block_size_gb: float, prompt_tokens: int,
-            output_tokens: int) -> float:
+def tau_p_s(gpu: GpuProfile, arch: ModelArch, block_size_gb: float, prompt_tokens: int, output_tokens: int) -> float:
     """τ^p_j = t_o + (F/f_j)·l_in + (s_m/b_j)·(l_out − 1): prefill is compute-bound, decode
     memory-bound (paper §4.1)."""
     prefill = arch.flops_per_token_per_block / (gpu.peak_tflops * 1e12) * prompt_tokens

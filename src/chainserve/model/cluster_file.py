@@ -57,11 +57,21 @@ from chainserve.model.catalogue import GpuProfile, ModelArch
 from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
 
 WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
-SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms",
-               "rtt_ms", "rtt_s")
+SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms", "rtt_ms", "rtt_s")
 RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb", "max_tokens")
-RAW_KEYS = ("name", "servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate", "rho_bar",
-            "prompt_tokens", "output_tokens", "bprr_sessions", "max_tokens")
+RAW_KEYS = (
+    "name",
+    "servers",
+    "num_blocks",
+    "block_size_gb",
+    "cache_size_gb",
+    "arrival_rate",
+    "rho_bar",
+    "prompt_tokens",
+    "output_tokens",
+    "bprr_sessions",
+    "max_tokens",
+)
 RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
 RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
 
@@ -76,8 +86,10 @@ def load_cluster(path: str | Path) -> Problem:
     except FileNotFoundError:
         raise SpecError(str(path), "no such file") from None
     except UnicodeDecodeError as exc:
-        raise SpecError(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                                   "save the cluster file as UTF-8") from None
+        raise SpecError(
+            str(path),
+            f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save the cluster file as UTF-8",
+        ) from None
     except OSError as exc:
         raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
     return problem_from_dict(_parse(text, path), default_name=path.stem)
@@ -109,8 +121,12 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
     data = _mapping(data, "cluster")
     if "num_blocks" in data:
         return _raw_problem(data, default_name)
-    _check_keys(data, "", ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions"),
-                required=("model", "workload", "servers"))
+    _check_keys(
+        data,
+        "",
+        ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions"),
+        required=("model", "workload", "servers"),
+    )
     workload = _workload(_mapping(data["workload"], "workload"), "workload")
     arch, model = _model(data, workload)
     entries = _list(data["servers"], "servers")
@@ -118,15 +134,30 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
     for i, entry in enumerate(entries):
         servers += _entry_servers(entry, f"servers[{i}]", arch, model, workload)
         if len(servers) > limits.MAX_SERVERS:
-            raise SpecError(f"servers[{i}]", f"the cluster has more than {limits.MAX_SERVERS} servers "
-                                             f"(the planner's limit on J) after this entry")
-    return Problem(tuple(servers), model, workload, _string(data.get("name", default_name), "name"),
-                   bprr_sessions=_bprr_sessions(data))
+            raise SpecError(
+                f"servers[{i}]",
+                f"the cluster has more than {limits.MAX_SERVERS} servers (the planner's limit on J) after this entry",
+            )
+    return Problem(
+        tuple(servers),
+        model,
+        workload,
+        _string(data.get("name", default_name), "name"),
+        bprr_sessions=_bprr_sessions(data),
+    )
 
 
-def replica_servers(name: str, count: int, *, memory_gb: float, tau_p_s: float, round_trips: int,
-                    rtts_s: Sequence[float] | None = None, tau_c_s: float | None = None,
-                    gpu: str | None = None) -> tuple[Server, ...]:
+def replica_servers(
+    name: str,
+    count: int,
+    *,
+    memory_gb: float,
+    tau_p_s: float,
+    round_trips: int,
+    rtts_s: Sequence[float] | None = None,
+    tau_c_s: float | None = None,
+    gpu: str | None = None,
+) -> tuple[Server, ...]:
     """``count`` identical servers ``name-1 … name-count`` (``name`` alone when count is 1).
 
     τ^c is ``tau_c_s`` when given, else ``(RTT + 18 ms) × round_trips`` from each server's RTT.
@@ -142,12 +173,20 @@ def replica_servers(name: str, count: int, *, memory_gb: float, tau_p_s: float, 
     if tau_c_s is None and rtts_s is None:
         raise SpecError(f"{name}.tau_c_s", "give tau_c_s or the RTTs to derive it from")
     return tuple(
-        Server(n, memory_gb, tau_p_s, catalogue.tau_c_s(rtt, round_trips) if tau_c_s is None else tau_c_s,
-               gpu=gpu, rtt_s=rtt)
-        for n, rtt in zip(names, rtts, strict=True))
+        Server(
+            n,
+            memory_gb,
+            tau_p_s,
+            catalogue.tau_c_s(rtt, round_trips) if tau_c_s is None else tau_c_s,
+            gpu=gpu,
+            rtt_s=rtt,
+        )
+        for n, rtt in zip(names, rtts, strict=True)
+    )
 
 
 # --- sections -------------------------------------------------------------------------------------
+
 
 def _workload(data: Mapping[str, Any], path: str) -> Workload:
     _check_keys(data, path, WORKLOAD_KEYS, required=("arrival_rate",))
@@ -168,12 +207,21 @@ def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | Non
     if isinstance(raw, Mapping) and "num_blocks" in raw:
         _check_keys(raw, "model", RAW_MODEL_KEYS, required=RAW_MODEL_KEYS[1:4])
         if top_options:
-            raise SpecError(top_options[0], "only applies to a catalogue model, not to a raw one" + (
-                "; a raw model takes it in its mapping (model.max_tokens)" if top_options[0] == "max_tokens" else ""))
+            raise SpecError(
+                top_options[0],
+                "only applies to a catalogue model, not to a raw one"
+                + (
+                    "; a raw model takes it in its mapping (model.max_tokens)" if top_options[0] == "max_tokens" else ""
+                ),
+            )
         name = _string(raw.get("name", "custom"), "model.name")
-        return None, ModelSpec(name, _count(raw, "num_blocks", "model", limits.MAX_BLOCKS),
-                               _number(raw, "block_size_gb", "model", MEMORY),
-                               _number(raw, "cache_size_gb", "model", MEMORY), max_tokens=_max_tokens(raw, "model"))
+        return None, ModelSpec(
+            name,
+            _count(raw, "num_blocks", "model", limits.MAX_BLOCKS),
+            _number(raw, "block_size_gb", "model", MEMORY),
+            _number(raw, "cache_size_gb", "model", MEMORY),
+            max_tokens=_max_tokens(raw, "model"),
+        )
     # where each option comes from: the top level or the model mapping
     source: dict[str, tuple[Mapping[str, Any], str]] = {k: (data, "") for k in top_options}
     if isinstance(raw, Mapping):
@@ -193,16 +241,18 @@ def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | Non
         where, path = source["dtype"]
         dtype = _string(where["dtype"], _join(path, "dtype"))
         if dtype not in catalogue.BITS_PER_PARAM:
-            raise SpecError(_join(path, "dtype"), f"unknown dtype {dtype!r}; known: "
-                            f"{', '.join(catalogue.BITS_PER_PARAM)}")
+            raise SpecError(
+                _join(path, "dtype"), f"unknown dtype {dtype!r}; known: {', '.join(catalogue.BITS_PER_PARAM)}"
+            )
     max_tokens = workload.prompt_tokens + workload.output_tokens
     if "max_tokens" in source:
         max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1], limits.MAX_TOKENS)
     return arch, arch.spec(dtype, max_tokens)
 
 
-def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec,
-                   workload: Workload) -> tuple[Server, ...]:
+def _entry_servers(
+    raw: Any, path: str, arch: ModelArch | None, model: ModelSpec, workload: Workload
+) -> tuple[Server, ...]:
     entry = _mapping(raw, path)
     _check_keys(entry, path, SERVER_KEYS)
     profile: GpuProfile | None = None
@@ -226,8 +276,7 @@ def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec
     if tau_p is None:
         if profile is None or arch is None:
             raise SpecError(f"{path}.tau_p_s", "required unless both a gpu and a catalogue model are given")
-        tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens,
-                                  workload.output_tokens)
+        tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens, workload.output_tokens)
         with _at(field=f"{path}.tau_p_s"):
             limits.check_range("tau_p_s", tau_p, limits.TIME_S, "s (derived from the gpu, model and tokens)")
     tau_c = _seconds(entry, "tau_c", path, allow_zero=True)
@@ -237,10 +286,22 @@ def _entry_servers(raw: Any, path: str, arch: ModelArch | None, model: ModelSpec
     if tau_c is None and rtts is not None:
         for rtt in rtts:  # τ^c = (RTT + 18 ms) × output_tokens must stay a meaningful time
             with _at(field=f"{path}.rtt_ms"):
-                limits.check_range("tau_c_s", catalogue.tau_c_s(rtt, workload.output_tokens), limits.TIME_S,
-                                   "s for the derived tau_c_s = (RTT + 18 ms) × output_tokens")
-    return replica_servers(name, count, memory_gb=memory_gb, tau_p_s=tau_p, rtts_s=rtts, tau_c_s=tau_c,
-                           round_trips=workload.output_tokens, gpu=profile.name if profile else None)
+                limits.check_range(
+                    "tau_c_s",
+                    catalogue.tau_c_s(rtt, workload.output_tokens),
+                    limits.TIME_S,
+                    "s for the derived tau_c_s = (RTT + 18 ms) × output_tokens",
+                )
+    return replica_servers(
+        name,
+        count,
+        memory_gb=memory_gb,
+        tau_p_s=tau_p,
+        rtts_s=rtts,
+        tau_c_s=tau_c,
+        round_trips=workload.output_tokens,
+        gpu=profile.name if profile else None,
+    )
 
 
 def _rtts(entry: Mapping[str, Any], path: str, count: int) -> list[float] | None:
@@ -258,8 +319,7 @@ def _rtts(entry: Mapping[str, Any], path: str, count: int) -> list[float] | None
     if len(value) != count:
         raise SpecError(f"{path}.{key}", f"expected {count} values (one per server), got {len(value)}")
     items = dict(enumerate(value))
-    return [_number(items, i, f"{path}.{key}", _time_bounds(per_s), allow_zero=True) / per_s
-            for i in range(count)]
+    return [_number(items, i, f"{path}.{key}", _time_bounds(per_s), allow_zero=True) / per_s for i in range(count)]
 
 
 def _time_bounds(per_s: int) -> tuple[tuple[float, float], str]:
@@ -281,15 +341,20 @@ def _seconds(entry: Mapping[str, Any], stem: str, path: str, allow_zero: bool = 
 def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
     _check_keys(data, "", RAW_KEYS, required=RAW_REQUIRED)
     name = _string(data.get("name", default_name), "name")
-    model = ModelSpec(name, _count(data, "num_blocks", "", limits.MAX_BLOCKS),
-                      _number(data, "block_size_gb", "", MEMORY), _number(data, "cache_size_gb", "", MEMORY),
-                      max_tokens=_max_tokens(data, ""))
+    model = ModelSpec(
+        name,
+        _count(data, "num_blocks", "", limits.MAX_BLOCKS),
+        _number(data, "block_size_gb", "", MEMORY),
+        _number(data, "cache_size_gb", "", MEMORY),
+        max_tokens=_max_tokens(data, ""),
+    )
     workload = _workload({k: data[k] for k in WORKLOAD_KEYS if k in data}, "")
     servers = []
     entries = _list(data["servers"], "servers")
     if len(entries) > limits.MAX_SERVERS:
-        raise SpecError("servers", f"at most {limits.MAX_SERVERS} servers (the planner's limit on J), "
-                                   f"got {len(entries)}")
+        raise SpecError(
+            "servers", f"at most {limits.MAX_SERVERS} servers (the planner's limit on J), got {len(entries)}"
+        )
     for i, raw in enumerate(entries):
         path = f"servers[{i}]"
         entry = _mapping(raw, path)
@@ -297,9 +362,14 @@ def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
         server_id = entry["server_id"]
         if isinstance(server_id, bool) or not isinstance(server_id, int | str):
             raise SpecError(f"{path}.server_id", f"must be an integer or a string, got {server_id!r}")
-        servers.append(Server(str(server_id), _number(entry, "memory_gb", path, MEMORY),
-                              _number(entry, "tau_p", path, _time_bounds(1)),
-                              _number(entry, "tau_c", path, _time_bounds(1), allow_zero=True)))
+        servers.append(
+            Server(
+                str(server_id),
+                _number(entry, "memory_gb", path, MEMORY),
+                _number(entry, "tau_p", path, _time_bounds(1)),
+                _number(entry, "tau_c", path, _time_bounds(1), allow_zero=True),
+            )
+        )
     return Problem(tuple(servers), model, workload, name, bprr_sessions=_bprr_sessions(data))
 
 
@@ -314,6 +384,7 @@ def _bprr_sessions(data: Mapping[str, Any]) -> int | None:
 
 
 # --- field helpers --------------------------------------------------------------------------------
+
 
 @contextmanager
 def _at(prefix: str = "", field: str | None = None) -> Iterator[None]:
@@ -332,8 +403,7 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _check_keys(data: Mapping[str, Any], path: str, allowed: Sequence[str],
-                required: Sequence[str] = ()) -> None:
+def _check_keys(data: Mapping[str, Any], path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> None:
     for key in data:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -362,8 +432,9 @@ def _string(value: Any, path: str) -> str:
     return value
 
 
-def _number(data: Mapping[Any, Any], key: object, path: str, bounds: tuple[tuple[float, float], str],
-            allow_zero: bool = False) -> float:
+def _number(
+    data: Mapping[Any, Any], key: object, path: str, bounds: tuple[tuple[float, float], str], allow_zero: bool = False
+) -> float:
     """``data[key]`` as a number in ``bounds`` (a range and its unit, :mod:`~chainserve.model.limits`),
     or 0 with ``allow_zero``; errors name ``path.key``."""
     value, where = data[key], _join(path, key)

@@ -38,8 +38,9 @@ MAX_BLOCKS = 1000
 MAX_TOKENS = 1_000_000
 
 
-def check_range(field: str, value: float, bounds: tuple[float, float], unit: str = "",
-                allow_zero: bool = False) -> float:
+def check_range(
+    field: str, value: float, bounds: tuple[float, float], unit: str = "", allow_zero: bool = False
+) -> float:
     """``value`` when it is a finite number in ``bounds`` (or exactly 0 with ``allow_zero``); else a
     :class:`SpecError` naming ``field`` and the range.
 

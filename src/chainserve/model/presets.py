@@ -20,8 +20,7 @@ SIM_RTT_RANGE_MS = (10.0, 100.0)
 TESTBED_RTTS_MS = {"high": (20.0, 35.0, 50.0), "low": (15.0, 30.0, 45.0, 60.0, 75.0, 90.0)}
 
 
-def paper_sim_cluster(num_servers: int, eta: float, rng: np.random.Generator,
-                      arrival_rate: float = 0.2) -> Problem:
+def paper_sim_cluster(num_servers: int, eta: float, rng: np.random.Generator, arrival_rate: float = 0.2) -> Problem:
     """The §4.1 simulated cluster: BLOOM-176B in NF4 (s_c for 2048 tokens), 2000 prompt / 20 output
     tokens, ρ̄ = 0.7; ``round(eta·J)`` "high" servers (A100 MIG 3g.40gb, 40 GB, τ^p = 0.109 s) named
     ``high-1 …``, the rest "low" (2g.20gb, 20 GB, τ^p = 0.175 s) named ``low-1 …``.
@@ -42,15 +41,22 @@ def paper_sim_cluster(num_servers: int, eta: float, rng: np.random.Generator,
     model = catalogue.model_arch("bloom-176b").spec("nf4", max_tokens=2048)
     rtts_s = np.round(rng.uniform(*SIM_RTT_RANGE_MS, size=num_servers), 1) / 1000
     num_high = round(eta * num_servers)
-    servers = (_paper_servers("high", "a100-3g.40gb", rtts_s[:num_high], workload)
-               + _paper_servers("low", "a100-2g.20gb", rtts_s[num_high:], workload))
+    servers = _paper_servers("high", "a100-3g.40gb", rtts_s[:num_high], workload) + _paper_servers(
+        "low", "a100-2g.20gb", rtts_s[num_high:], workload
+    )
     return Problem(servers, model, workload, f"paper-sim-bloom-{num_servers}")
 
 
 def _paper_servers(name: str, gpu: str, rtts_s: np.ndarray, workload: Workload) -> tuple[Server, ...]:
-    return replica_servers(name, len(rtts_s), memory_gb=catalogue.gpu_profile(gpu).memory_gb,
-                           tau_p_s=PAPER_TAU_P_S[gpu], rtts_s=[float(r) for r in rtts_s],
-                           round_trips=workload.output_tokens, gpu=gpu)
+    return replica_servers(
+        name,
+        len(rtts_s),
+        memory_gb=catalogue.gpu_profile(gpu).memory_gb,
+        tau_p_s=PAPER_TAU_P_S[gpu],
+        rtts_s=[float(r) for r in rtts_s],
+        round_trips=workload.output_tokens,
+        gpu=gpu,
+    )
 
 
 def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None, model: str = "llama-2-7b") -> Problem:
@@ -75,8 +81,14 @@ def paper_testbed(arrival_rate: float = 2.57, max_tokens: int | None = None, mod
     for name, gpu in (("high", "a100-3g.40gb"), ("low", "a100-2g.20gb")):
         profile = catalogue.gpu_profile(gpu)
         rtts = TESTBED_RTTS_MS[name]
-        tau_p = catalogue.tau_p_s(profile, arch, spec.block_size_gb, workload.prompt_tokens,
-                                  workload.output_tokens)
-        servers += replica_servers(name, len(rtts), memory_gb=profile.memory_gb, tau_p_s=tau_p, gpu=gpu,
-                                   rtts_s=[r / 1000 for r in rtts], round_trips=workload.output_tokens)
+        tau_p = catalogue.tau_p_s(profile, arch, spec.block_size_gb, workload.prompt_tokens, workload.output_tokens)
+        servers += replica_servers(
+            name,
+            len(rtts),
+            memory_gb=profile.memory_gb,
+            tau_p_s=tau_p,
+            gpu=gpu,
+            rtts_s=[r / 1000 for r in rtts],
+            round_trips=workload.output_tokens,
+        )
     return Problem(servers, spec, workload, "paper-testbed" if model == "llama-2-7b" else f"paper-testbed-{model}")

@@ -121,8 +121,9 @@ class Problem:
     def __post_init__(self) -> None:
         if not self.servers:
             raise SpecError("servers", "at least one server is required")
-        if self.bprr_sessions is not None and (not isinstance(self.bprr_sessions, int)
-                                               or isinstance(self.bprr_sessions, bool) or self.bprr_sessions < 1):
+        if self.bprr_sessions is not None and (
+            not isinstance(self.bprr_sessions, int) or isinstance(self.bprr_sessions, bool) or self.bprr_sessions < 1
+        ):
             raise SpecError("bprr_sessions", f"must be a positive integer, got {self.bprr_sessions!r}")
         names = [s.name for s in self.servers]
         if len(set(names)) != len(names):

@@ -21,12 +21,15 @@ from chainserve.plan.types import Placement, Span, jobs_that_fit
 def blocks_for_levels(problem: Problem, levels: Sequence[int]) -> list[int]:
     """m_j = min(⌊M_j/(s_m + s_c·c_j)⌋, L) for a per-server reservation level c_j (spec §2.1 step 1)."""
     m = problem.model
-    return [min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * level), m.num_blocks)
-            for s, level in zip(problem.servers, levels, strict=True)]
+    return [
+        min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * level), m.num_blocks)
+        for s, level in zip(problem.servers, levels, strict=True)
+    ]
 
 
-def walk(problem: Problem, levels: Sequence[int], order: Sequence[int], *, stop_early: bool,
-         trim: bool) -> Placement | None:
+def walk(
+    problem: Problem, levels: Sequence[int], order: Sequence[int], *, stop_early: bool, trim: bool
+) -> Placement | None:
     """GBP-CR's walk over ``order`` with per-server levels: each server takes m_j(c_j) blocks from the
     first uncovered one; the server completing a chain is shifted left to end at L (``trim=False``,
     the paper) or holds only the blocks still missing (``trim=True``); a chain's capacity is the least
@@ -75,9 +78,11 @@ def server_orders(problem: Problem, blocks: Sequence[int]) -> dict[str, list[int
     def amortised(j: int) -> float:
         return (servers[j].tau_c_s + servers[j].tau_p_s * blocks[j]) / blocks[j]
 
-    return {"amortised": sorted(usable, key=lambda j: (amortised(j), j)),
-            "memory": sorted(usable, key=lambda j: (-servers[j].memory_gb, amortised(j), j)),
-            "speed": sorted(usable, key=lambda j: (servers[j].tau_p_s, servers[j].tau_c_s, j))}
+    return {
+        "amortised": sorted(usable, key=lambda j: (amortised(j), j)),
+        "memory": sorted(usable, key=lambda j: (-servers[j].memory_gb, amortised(j), j)),
+        "speed": sorted(usable, key=lambda j: (servers[j].tau_p_s, servers[j].tau_c_s, j)),
+    }
 
 
 def memory_groups(problem: Problem) -> list[list[int]]:
@@ -88,8 +93,9 @@ def memory_groups(problem: Problem) -> list[list[int]]:
     return [groups[m] for m in sorted(groups, reverse=True)]
 
 
-def variant_placements(problem: Problem, c: int, other_levels: Sequence[int] = (),
-                       max_groups: int = 3) -> Iterator[Placement]:
+def variant_placements(
+    problem: Problem, c: int, other_levels: Sequence[int] = (), max_groups: int = 3
+) -> Iterator[Placement]:
     """The placements the best planner completes for reservation level ``c``: every order × stop ×
     end of :func:`walk` at level c for all servers, then per-server levels — each memory group (up to
     ``max_groups`` groups) at c or at one of ``other_levels``, in the amortised order, walking every

@@ -76,8 +76,9 @@ def complete(problem: Problem, placement: Placement, exact: bool = True, c: int 
     columns = {ch.hops: None for ch in chains}
     if len(columns) < MAX_ALLOCATION_PATHS:
         room = job_block_room(problem, placement)
-        paths = fastest_paths(problem, placement.spans, lambda span: room[span.server],
-                              MAX_ALLOCATION_PATHS - len(columns))
+        paths = fastest_paths(
+            problem, placement.spans, lambda span: room[span.server], MAX_ALLOCATION_PATHS - len(columns)
+        )
         columns.update((p, None) for p in paths)
     try:
         alternative = optimal_allocation(problem, placement, tuple(columns))
@@ -89,8 +90,9 @@ def complete(problem: Problem, placement: Placement, exact: bool = True, c: int 
     return exact_plan if exact_plan is not None else plan
 
 
-def bound_optimal_allocation(problem: Problem, placement: Placement, paths: Sequence[Path], incumbent: Plan,
-                             c: int | None) -> Plan | None:
+def bound_optimal_allocation(
+    problem: Problem, placement: Placement, paths: Sequence[Path], incumbent: Plan, c: int | None
+) -> Plan | None:
     """The allocation over ``paths`` with the least lower bound, by the branch and bound of
     :func:`chainserve.plan.exact.best_maximal_allocation`, when its tree is small (at most
     :data:`MAX_ALLOCATION_TREE` capacity vectors); ``None`` if too big or nothing beats ``incumbent``."""
@@ -102,8 +104,9 @@ def bound_optimal_allocation(problem: Problem, placement: Placement, paths: Sequ
     slot = {j: i for i, j in enumerate(room)}
     needs = [[(slot[h.server], h.num_blocks) for h in path] for path in timed]
     rates = np.array([1.0 / chain_time_s(problem, p) for p in timed])
-    found = best_maximal_allocation(problem.arrival_rate_per_s, rates, needs, list(room.values()),
-                                    incumbent.bounds.lower_s)
+    found = best_maximal_allocation(
+        problem.arrival_rate_per_s, rates, needs, list(room.values()), incumbent.bounds.lower_s
+    )
     if found is None:
         return None
     chains = tuple(Chain(p, chain_time_s(problem, p), k) for p, k in zip(timed, found[1], strict=True) if k > 0)
@@ -118,7 +121,10 @@ def tighten(plan: Plan) -> Plan:
     for ch in plan.chains:
         for hop in ch.hops:
             first[hop.server] = min(first.get(hop.server, hop.start_block), hop.start_block)
-    spans = tuple(Span(s.server, first[s.server], s.end_block - first[s.server] + 1)
-                  for s in plan.placement.spans if s.server in first)
+    spans = tuple(
+        Span(s.server, first[s.server], s.end_block - first[s.server] + 1)
+        for s in plan.placement.spans
+        if s.server in first
+    )
     placement = Placement(spans, plan.placement.num_blocks)
     return make_plan(plan.problem, placement, plan.chains, plan.c, plan.method)

@@ -15,12 +15,14 @@ from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_tha
 Objective = Literal["lower", "surrogate"]
 
 
-def make_plan(problem: Problem, placement: Placement, chains: tuple[Chain, ...], c: int | None,
-              method: str = "proposed") -> Plan:
+def make_plan(
+    problem: Problem, placement: Placement, chains: tuple[Chain, ...], c: int | None, method: str = "proposed"
+) -> Plan:
     """A plan with chains sorted fastest first and its §2.5 bounds."""
     chains = tuple(sorted(chains, key=lambda ch: ch.service_time_s))
-    bounds = response_time_bounds(problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains],
-                                  [ch.capacity for ch in chains])
+    bounds = response_time_bounds(
+        problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains], [ch.capacity for ch in chains]
+    )
     return Plan(problem, placement, chains, c, bounds, method)
 
 
@@ -65,8 +67,9 @@ def searched_reservations(problem: Problem) -> int:
     return min(max_reservation(problem), C_SEARCH_LIMIT)
 
 
-def candidate_plans(problem: Problem, progress: Callable[[int, int], None] | None = None
-                    ) -> Iterator[tuple[GbpCrResult, Plan]]:
+def candidate_plans(
+    problem: Problem, progress: Callable[[int, int], None] | None = None
+) -> Iterator[tuple[GbpCrResult, Plan]]:
     """Stable plans for c = 1..min(c_max, C_SEARCH_LIMIT) (unstable ones, λ ≥ ν, are skipped). GCA
     depends on the placement alone, so a placement GBP-CR repeats for another c (m_j(c) takes few
     distinct values) reuses its chains, and chains already scored reuse their bounds: same plans as
@@ -96,18 +99,23 @@ def check_model_fits(problem: Problem) -> None:
     for a single job (GBP-CR infeasible at c = 1)."""
     held = sum(blocks_with_reservation(problem, 1))
     if held < problem.model.num_blocks:
-        raise SpecError("model", f"{problem.model.name} needs {problem.model.num_blocks} blocks, but with cache "
-                                 f"for one job the servers hold at most {held}; add servers or quantise")
+        raise SpecError(
+            "model",
+            f"{problem.model.name} needs {problem.model.num_blocks} blocks, but with cache "
+            f"for one job the servers hold at most {held}; add servers or quantise",
+        )
 
 
-def search_c(problem: Problem, objective: Objective = "lower",
-             progress: Callable[[int, int], None] | None = None) -> Plan:
+def search_c(
+    problem: Problem, objective: Objective = "lower", progress: Callable[[int, int], None] | None = None
+) -> Plan:
     """The best stable plan over c. ``lower``: least lower bound on mean response time (the paper's
     choice); ``surrogate``: most job servers c·K(c) promised by GBP-CR (our reading of the §2.3
     surrogate: more parallel job servers, less queueing), ties by the lower bound, then smaller c.
 
     Raises ``ValueError`` when no c gives a stable plan.
     """
+
     def score(item: tuple[GbpCrResult, Plan]) -> tuple[float, ...]:
         placed, plan = item
         if objective == "lower":
@@ -120,6 +128,8 @@ def search_c(problem: Problem, objective: Objective = "lower",
     best = min(candidate_plans(problem, progress), key=score, default=None)
     if best is None:
         raise SpecError(
-            "arrival_rate", f"no cache reservation c in 1..{searched_reservations(problem)} gives a stable plan "
-                            f"for λ = {problem.arrival_rate_per_s:g}/s; lower the rate or add servers")
+            "arrival_rate",
+            f"no cache reservation c in 1..{searched_reservations(problem)} gives a stable plan "
+            f"for λ = {problem.arrival_rate_per_s:g}/s; lower the rate or add servers",
+        )
     return best[1]

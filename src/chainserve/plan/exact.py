@@ -33,9 +33,10 @@ MAX_EXACT_SERVERS = 6
 def job_block_room(problem: Problem, placement: Placement) -> dict[int, int]:
     """U_j = ⌊(M_j − s_m·m_j)/s_c⌋ for every placed server."""
     m = problem.model
-    return {s.server: jobs_that_fit(problem.servers[s.server].memory_gb - m.block_size_gb * s.num_blocks,
-                                    m.cache_size_gb)
-            for s in placement.spans}
+    return {
+        s.server: jobs_that_fit(problem.servers[s.server].memory_gb - m.block_size_gb * s.num_blocks, m.cache_size_gb)
+        for s in placement.spans
+    }
 
 
 def routing_paths(problem: Problem, placement: Placement) -> tuple[Path, ...]:
@@ -65,8 +66,12 @@ def routing_paths(problem: Problem, placement: Placement) -> tuple[Path, ...]:
     return tuple(extend(0, ()))
 
 
-def optimal_allocation(problem: Problem, placement: Placement, chains: Sequence[Path] | None = None,
-                       objective: AllocationObjective = "rate") -> Plan:
+def optimal_allocation(
+    problem: Problem,
+    placement: Placement,
+    chains: Sequence[Path] | None = None,
+    objective: AllocationObjective = "rate",
+) -> Plan:
     """Optimal integer capacities c_k for given chains (default: all :func:`routing_paths`), by
     ``scipy.optimize.milp`` (HiGHS, gap 0). ``rate``: maximise ν = Σ c_k μ_k; ``job_servers``: minimise
     C = Σ c_k subject to ν ≥ λ/ρ̄ (up to HiGHS' feasibility tolerance, 1e-7 relative; ``ValueError``
@@ -107,12 +112,20 @@ def optimal_allocation(problem: Problem, placement: Placement, chains: Sequence[
         if objective == "job_servers":
             raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
         return make_plan(problem, placement, (), None, method)
-    result = milp(cost, constraints=constraints, integrality=np.ones(len(paths)),
-                  bounds=VariableBounds(0, most), options={"mip_rel_gap": 0.0})
+    result = milp(
+        cost,
+        constraints=constraints,
+        integrality=np.ones(len(paths)),
+        bounds=VariableBounds(0, most),
+        options={"mip_rel_gap": 0.0},
+    )
     if result.status != 0:
         raise ValueError(f"arrival_rate: no allocation reaches ν ≥ λ/ρ̄ ({result.message})")
-    chosen = tuple(Chain(path, chain_time_s(problem, path), int(c))
-                   for path, c in zip(paths, np.rint(result.x).astype(int), strict=True) if c > 0)
+    chosen = tuple(
+        Chain(path, chain_time_s(problem, path), int(c))
+        for path, c in zip(paths, np.rint(result.x).astype(int), strict=True)
+        if c > 0
+    )
     return make_plan(problem, placement, chosen, None, method)
 
 
@@ -124,8 +137,9 @@ def lower_bound_s(arrival_rate: float, rates: np.ndarray, capacities: Sequence[i
 Needs = Sequence[Sequence[tuple[int, int]]]
 
 
-def best_maximal_allocation(arrival_rate: float, rates: np.ndarray, needs: Needs, room: list[int],
-                            incumbent: float) -> tuple[float, list[int]] | None:
+def best_maximal_allocation(
+    arrival_rate: float, rates: np.ndarray, needs: Needs, room: list[int], incumbent: float
+) -> tuple[float, list[int]] | None:
     """Branch and bound over maximal allocations: chains (rates fastest first) take capacities from their
     largest down to 0; ``needs[k]`` lists (server slot, m_ij) of chain k, ``room`` the U_j (mutated and
     restored). A branch is cut when even giving every later chain all it could take alone cannot beat
@@ -190,15 +204,21 @@ def placements(problem: Problem) -> tuple[int, Iterator[Placement]]:
     def chainable(spans: list[tuple[int, int, int]]) -> bool:
         ends = {0} | {a + m - 1 for _, a, m in spans}
         return L in ends and all(
-            a - 1 in ends and (a + m - 1 == L or any(b <= a + m <= b + n - 1 for _, b, n in spans))
-            for _, a, m in spans)
+            a - 1 in ends and (a + m - 1 == L or any(b <= a + m <= b + n - 1 for _, b, n in spans)) for _, a, m in spans
+        )
 
     def generate() -> Iterator[Placement]:
-        per_group = [itertools.combinations_with_replacement(range(len(o)), len(g))
-                     for o, g in zip(options, members, strict=True)]
+        per_group = [
+            itertools.combinations_with_replacement(range(len(o)), len(g))
+            for o, g in zip(options, members, strict=True)
+        ]
         for choice in itertools.product(*per_group):
-            spans = [(j, *options[g][pick]) for g, picks in enumerate(choice)
-                     for j, pick in zip(members[g], picks, strict=True) if options[g][pick] is not None]
+            spans = [
+                (j, *options[g][pick])
+                for g, picks in enumerate(choice)
+                for j, pick in zip(members[g], picks, strict=True)
+                if options[g][pick] is not None
+            ]
             if chainable(spans):
                 yield Placement(tuple(Span(*span) for span in sorted(spans)), L)
 
@@ -250,11 +270,12 @@ def optimal_plan(problem: Problem, max_placements: int = 200_000, max_jobs_per_s
     model, lam = problem.model, problem.arrival_rate_per_s
     if problem.num_servers > MAX_EXACT_SERVERS:
         raise ValueError(f"servers: at most {MAX_EXACT_SERVERS} for optimal_plan, got {problem.num_servers}")
-    most_jobs = max(jobs_that_fit(s.memory_gb - model.block_size_gb, model.cache_size_gb)
-                    for s in problem.servers)
+    most_jobs = max(jobs_that_fit(s.memory_gb - model.block_size_gb, model.cache_size_gb) for s in problem.servers)
     if most_jobs > max_jobs_per_server:
-        raise ValueError(f"model.cache_size_gb: a server holds up to {most_jobs} jobs per block, more than "
-                         f"max_jobs_per_server = {max_jobs_per_server}; too big to enumerate")
+        raise ValueError(
+            f"model.cache_size_gb: a server holds up to {most_jobs} jobs per block, more than "
+            f"max_jobs_per_server = {max_jobs_per_server}; too big to enumerate"
+        )
     count, candidates = placements(problem)
     if count > max_placements:
         raise ValueError(f"servers: {count} placements to try, more than max_placements = {max_placements}")
@@ -277,6 +298,7 @@ def optimal_plan(problem: Problem, max_placements: int = 200_000, max_jobs_per_s
     if best is None:
         raise ValueError(f"arrival_rate: no placement gives a stable plan for λ = {lam:g}/s")
     placement, paths, capacities = best
-    chains = tuple(Chain(path, chain_time_s(problem, path), c)
-                   for path, c in zip(paths, capacities, strict=True) if c > 0)
+    chains = tuple(
+        Chain(path, chain_time_s(problem, path), c) for path, c in zip(paths, capacities, strict=True) if c > 0
+    )
     return make_plan(problem, placement, chains, None, "optimal")

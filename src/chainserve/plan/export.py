@@ -49,23 +49,29 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     problem = plan.problem
     cache, free = plan.reservation_by_server(), plan.free_memory_gb()
     jobs = jobs_per_server(plan)
-    servers = [{
-        "name": problem.servers[span.server].name,
-        "gpu": problem.servers[span.server].gpu,
-        "memory_gb": problem.servers[span.server].memory_gb,
-        "start_block": span.start_block,
-        "num_blocks": span.num_blocks,
-        "cache_gb": cache[span.server],
-        "free_gb": free[span.server],
-        "num_jobs": jobs[span.server],
-    } for span in plan.placement.spans]
-    chains = [{
-        "servers": [problem.servers[h.server].name for h in ch.hops],
-        "blocks": [[h.start_block, h.end_block] for h in ch.hops],
-        "service_time": ch.service_time_s,
-        "capacity": ch.capacity,
-        "rate": ch.rate_per_s,
-    } for ch in plan.chains]
+    servers = [
+        {
+            "name": problem.servers[span.server].name,
+            "gpu": problem.servers[span.server].gpu,
+            "memory_gb": problem.servers[span.server].memory_gb,
+            "start_block": span.start_block,
+            "num_blocks": span.num_blocks,
+            "cache_gb": cache[span.server],
+            "free_gb": free[span.server],
+            "num_jobs": jobs[span.server],
+        }
+        for span in plan.placement.spans
+    ]
+    chains = [
+        {
+            "servers": [problem.servers[h.server].name for h in ch.hops],
+            "blocks": [[h.start_block, h.end_block] for h in ch.hops],
+            "service_time": ch.service_time_s,
+            "capacity": ch.capacity,
+            "rate": ch.rate_per_s,
+        }
+        for ch in plan.chains
+    ]
     return {
         "cluster": problem.name,
         "model": problem.model.name,
@@ -99,9 +105,12 @@ def max_tokens_of(model: ModelSpec) -> int:
     2076
     """
     if model.max_tokens is None:
-        raise SpecError("max_tokens", f"unknown for the raw model {model.name!r}; add \"max_tokens\" (the sequence "
-                        "length cache_size_gb holds) to the raw instance, or model.max_tokens to a raw model "
-                        "mapping, so that cache can be sized in tokens")
+        raise SpecError(
+            "max_tokens",
+            f'unknown for the raw model {model.name!r}; add "max_tokens" (the sequence '
+            "length cache_size_gb holds) to the raw instance, or model.max_tokens to a raw model "
+            "mapping, so that cache can be sized in tokens",
+        )
     return model.max_tokens
 
 
@@ -110,8 +119,10 @@ def cache_tokens_per_block(plan: Plan, max_tokens: int) -> dict[int, int]:
     in tokens, ⌈Σ_k c_k·m_ij(k) / m_j × max_tokens⌉ (PETALS sizes one pool of that many tokens on
     each of its blocks, shared by all sessions)."""
     block_jobs = reserved_block_jobs(plan)
-    return {span.server: math.ceil(Fraction(block_jobs[span.server], span.num_blocks) * max_tokens)
-            for span in plan.placement.spans}
+    return {
+        span.server: math.ceil(Fraction(block_jobs[span.server], span.num_blocks) * max_tokens)
+        for span in plan.placement.spans
+    }
 
 
 def petals_commands(plan: Plan, model_repo: str | None = None) -> list[str]:
@@ -130,10 +141,12 @@ def petals_commands(plan: Plan, model_repo: str | None = None) -> list[str]:
     lines = []
     for span in plan.placement.spans:
         start = span.start_block - 1
-        parts = [f"python -m petals.cli.run_server {repo}",
-                 f"--block_indices {start}:{start + span.num_blocks}",
-                 f"--attn_cache_tokens {tokens[span.server]}",
-                 f"--inference_max_length {max_tokens}"]
+        parts = [
+            f"python -m petals.cli.run_server {repo}",
+            f"--block_indices {start}:{start + span.num_blocks}",
+            f"--attn_cache_tokens {tokens[span.server]}",
+            f"--inference_max_length {max_tokens}",
+        ]
         if dtype in PETALS_DTYPE_FLAGS:
             parts.append(PETALS_DTYPE_FLAGS[dtype])
         parts.append(f"--public_name {plan.problem.servers[span.server].name}")

@@ -31,8 +31,9 @@ class GbpCrResult:
 def blocks_with_reservation(problem: Problem, c: int) -> list[int]:
     """m_j(c) = min(⌊M_j / (s_m + s_c·c)⌋, L) for every server."""
     m = problem.model
-    return [min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * c), m.num_blocks)
-            for s in problem.servers]
+    return [
+        min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * c), m.num_blocks) for s in problem.servers
+    ]
 
 
 def gbp_cr(problem: Problem, c: int) -> GbpCrResult | None:

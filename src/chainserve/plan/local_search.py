@@ -65,8 +65,10 @@ def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_add
             put(j, a, e2 - a + 1)
         if len(spans) > 1:
             moves.append(((j, None),))
-    idle = sorted((j for j in range(problem.num_servers) if j not in spans and limit[j] > 0),
-                  key=lambda j: (servers[j].tau_p_s, servers[j].tau_c_s, j))[:max_added]
+    idle = sorted(
+        (j for j in range(problem.num_servers) if j not in spans and limit[j] > 0),
+        key=lambda j: (servers[j].tau_p_s, servers[j].tau_c_s, j),
+    )[:max_added]
     for j in idle:
         for b in starts:
             reach = [e2 for e2 in ends if b < e2 <= b + limit[j]]
@@ -74,7 +76,7 @@ def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_add
                 put(j, b + 1, e2 - b)
     placed = sorted(spans)
     for x, i in enumerate(placed):
-        for k in [*placed[x + 1:], *idle]:
+        for k in [*placed[x + 1 :], *idle]:
             (a, m), other = spans[i], spans.get(k)
             if other is None:
                 if m <= limit[k]:
@@ -91,8 +93,9 @@ def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_add
         yield changed
 
 
-def local_search(problem: Problem, start: Plan, evaluate: Evaluate, rng: np.random.Generator,
-                 max_evaluations: int, deadline: float) -> tuple[Plan, int]:
+def local_search(
+    problem: Problem, start: Plan, evaluate: Evaluate, rng: np.random.Generator, max_evaluations: int, deadline: float
+) -> tuple[Plan, int]:
     """Improve ``start`` by the moves of the module doc; returns (best plan, completions used).
     Never returns a plan worse than ``start`` by :func:`chainserve.plan.complete.score`.
     O(max_evaluations · one GCA)."""

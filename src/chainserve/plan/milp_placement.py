@@ -51,8 +51,13 @@ def span_pool(problem: Problem, plans: Sequence[Plan], max_per_server: int = 40)
     return sorted(pool, key=lambda s: (s.server, s.start_block, s.num_blocks))
 
 
-def solve(problem: Problem, pool: Sequence[Span], paths: Sequence[Path], time_limit_s: float,
-          weights: np.ndarray | None = None) -> Placement | None:
+def solve(
+    problem: Problem,
+    pool: Sequence[Span],
+    paths: Sequence[Path],
+    time_limit_s: float,
+    weights: np.ndarray | None = None,
+) -> Placement | None:
     """One MILP of the module doc over ``pool`` and ``paths``, maximising Σ_k w_k·c_k (``weights``;
     default w_k = μ_k, i.e. ν): the chosen spans, or ``None`` if HiGHS found no solution in time."""
     s_m, s_c = problem.model.block_size_gb, problem.model.cache_size_gb
@@ -75,8 +80,9 @@ def solve(problem: Problem, pool: Sequence[Span], paths: Sequence[Path], time_li
         upper += [1.0, 0.0]
     most = np.zeros(num_paths)
     for k, path in enumerate(paths):
-        most[k] = min(jobs_that_fit(problem.servers[h.server].memory_gb - s_m * h.num_blocks, s_c * h.num_blocks)
-                      for h in path)
+        most[k] = min(
+            jobs_that_fit(problem.servers[h.server].memory_gb - s_m * h.num_blocks, s_c * h.num_blocks) for h in path
+        )
         for h in path:
             row = np.zeros(num_spans + num_paths)
             row[num_spans + k] = 1.0
@@ -88,10 +94,13 @@ def solve(problem: Problem, pool: Sequence[Span], paths: Sequence[Path], time_li
             upper.append(0.0)
     rates = np.array([1.0 / chain_time_s(problem, path) for path in paths]) if weights is None else weights
     cost = np.concatenate((np.full(num_spans, 1e-9), -rates))  # ties: fewer spans
-    result = milp(cost, constraints=[LinearConstraint(np.array(rows), lower, upper)],
-                  integrality=np.ones(num_spans + num_paths),
-                  bounds=VariableBounds(0, np.concatenate((np.ones(num_spans), most))),
-                  options={"time_limit": max(time_limit_s, 0.01), "mip_rel_gap": 1e-3})
+    result = milp(
+        cost,
+        constraints=[LinearConstraint(np.array(rows), lower, upper)],
+        integrality=np.ones(num_spans + num_paths),
+        bounds=VariableBounds(0, np.concatenate((np.ones(num_spans), most))),
+        options={"time_limit": max(time_limit_s, 0.01), "mip_rel_gap": 1e-3},
+    )
     if result.x is None:
         return None
     chosen = [pool[x] for x in range(num_spans) if result.x[x] > 0.5]
@@ -104,28 +113,38 @@ def marginal_gains(problem: Problem, plan: Plan, times_s: np.ndarray) -> np.ndar
     rates = [ch.rate_per_s for ch in plan.chains]
     capacities = [ch.capacity for ch in plan.chains]
     base = plan.bounds.lower_s
-    gains = [base - response_time_bounds(problem.arrival_rate_per_s, [*rates, 1.0 / t], [*capacities, 1]).lower_s
-             for t in times_s]
+    gains = [
+        base - response_time_bounds(problem.arrival_rate_per_s, [*rates, 1.0 / t], [*capacities, 1]).lower_s
+        for t in times_s
+    ]
     return np.maximum(np.array(gains), 0.0)
 
 
-def milp_placements(problem: Problem, plans: Sequence[Plan], deadline: float, max_paths: int = 300,
-                    num_thresholds: int = 3) -> Iterator[Placement]:
+def milp_placements(
+    problem: Problem, plans: Sequence[Plan], deadline: float, max_paths: int = 300, num_thresholds: int = 3
+) -> Iterator[Placement]:
     """Placements from :func:`solve`: the largest ν over every path and over the fastest paths only
     (thresholds at quantiles of the pool's chain times), then the objective linearised around the best
     plan (:func:`marginal_gains`), while time is left before ``deadline`` (``time.monotonic()``).
     ``plans``: the heuristic plans, best first. Each solve is NP-hard; the time limit bounds it."""
     pool = span_pool(problem, plans)
-    room = {s: jobs_that_fit(problem.servers[s.server].memory_gb - problem.model.block_size_gb * s.num_blocks,
-                             problem.model.cache_size_gb) for s in pool}
+    room = {
+        s: jobs_that_fit(
+            problem.servers[s.server].memory_gb - problem.model.block_size_gb * s.num_blocks,
+            problem.model.cache_size_gb,
+        )
+        for s in pool
+    }
     found = fastest_paths(problem, pool, room.__getitem__, max_paths)
     incumbent = [ch.hops for plan in plans for ch in plan.chains]
     paths = list(dict.fromkeys([*incumbent, *found]))
     if not paths:
         return
     times = np.array([chain_time_s(problem, p) for p in paths])
-    runs: list[tuple[list[Path], np.ndarray | None]] = [(paths, marginal_gains(problem, plans[0], times)),
-                                                         (paths, None)]
+    runs: list[tuple[list[Path], np.ndarray | None]] = [
+        (paths, marginal_gains(problem, plans[0], times)),
+        (paths, None),
+    ]
     for threshold in np.quantile(times, np.linspace(0.5, 0.0, num_thresholds + 1)[:num_thresholds]):
         runs.append(([p for p, t in zip(paths, times, strict=True) if t <= threshold], None))
     for chosen, weights in runs:

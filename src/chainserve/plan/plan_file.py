@@ -30,18 +30,35 @@ def layout_to_dict(layout: Layout) -> dict[str, Any]:
     if isinstance(layout, Plan):
         data = plan_to_dict(layout)
     else:
-        data = {"cluster": problem.name, "model": problem.model.name, "method": layout.method, "c": None,
-                "arrival_rate": problem.arrival_rate_per_s, "chains": [], "notes": list(layout.notes),
-                "servers": [{"name": problem.servers[s.server].name, "gpu": problem.servers[s.server].gpu,
-                             "memory_gb": problem.servers[s.server].memory_gb, "start_block": s.start_block,
-                             "num_blocks": s.num_blocks, "cache_gb": layout.cache_gb[s.server]}
-                            for s in layout.placement.spans]}
+        data = {
+            "cluster": problem.name,
+            "model": problem.model.name,
+            "method": layout.method,
+            "c": None,
+            "arrival_rate": problem.arrival_rate_per_s,
+            "chains": [],
+            "notes": list(layout.notes),
+            "servers": [
+                {
+                    "name": problem.servers[s.server].name,
+                    "gpu": problem.servers[s.server].gpu,
+                    "memory_gb": problem.servers[s.server].memory_gb,
+                    "start_block": s.start_block,
+                    "num_blocks": s.num_blocks,
+                    "cache_gb": layout.cache_gb[s.server],
+                }
+                for s in layout.placement.spans
+            ],
+        }
     for entry, span in zip(data["servers"], layout.placement.spans, strict=True):
         entry["block_slots"] = slots[span.server]
-    data["problem"] = {"name": problem.name, "notes": list(problem.notes),
-                       "servers": [dataclasses.asdict(s) for s in problem.servers],
-                       "model": dataclasses.asdict(problem.model),
-                       "workload": dataclasses.asdict(problem.workload)}
+    data["problem"] = {
+        "name": problem.name,
+        "notes": list(problem.notes),
+        "servers": [dataclasses.asdict(s) for s in problem.servers],
+        "model": dataclasses.asdict(problem.model),
+        "workload": dataclasses.asdict(problem.workload),
+    }
     return data
 
 
@@ -49,21 +66,32 @@ def layout_from_dict(data: Any) -> Plan | PathPlacement:
     """Rebuild a layout saved by :func:`layout_to_dict` (raises ``SpecError`` naming the field)."""
     try:
         raw = data["problem"]
-        problem = Problem(tuple(Server(**s) for s in raw["servers"]), ModelSpec(**raw["model"]),
-                          Workload(**raw["workload"]), raw.get("name", "cluster"), tuple(raw.get("notes", ())))
+        problem = Problem(
+            tuple(Server(**s) for s in raw["servers"]),
+            ModelSpec(**raw["model"]),
+            Workload(**raw["workload"]),
+            raw.get("name", "cluster"),
+            tuple(raw.get("notes", ())),
+        )
         index = {s.name: j for j, s in enumerate(problem.servers)}
         spans = tuple(Span(index[s["name"]], int(s["start_block"]), int(s["num_blocks"])) for s in data["servers"])
         placement = Placement(spans, problem.model.num_blocks)
         if not data["chains"]:
             pools = {index[s["name"]]: float(s["cache_gb"]) for s in data["servers"]}
-            layout: Plan | PathPlacement = PathPlacement(problem, placement, tuple(pools.get(j, 0.0) for j in
-                                                                     range(problem.num_servers)),
-                                           str(data["method"]), tuple(data.get("notes", ())))
+            layout: Plan | PathPlacement = PathPlacement(
+                problem,
+                placement,
+                tuple(pools.get(j, 0.0) for j in range(problem.num_servers)),
+                str(data["method"]),
+                tuple(data.get("notes", ())),
+            )
         else:
             chains = []
             for ch in data["chains"]:
-                hops = tuple(Hop(index[name], first, last - first + 1)
-                             for name, (first, last) in zip(ch["servers"], ch["blocks"], strict=True))
+                hops = tuple(
+                    Hop(index[name], first, last - first + 1)
+                    for name, (first, last) in zip(ch["servers"], ch["blocks"], strict=True)
+                )
                 chains.append(Chain(hops, chain_time_s(problem, hops), int(ch["capacity"])))
             layout = make_plan(problem, placement, tuple(chains), data.get("c"), str(data.get("method", "proposed")))
         layout.check()

@@ -30,8 +30,16 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for span in spans:
-        ax.barh(row[span.server], span.num_blocks, left=span.start_block - 0.5, height=0.8,
-                color="0.88", edgecolor="0.55", linewidth=0.8, zorder=1)
+        ax.barh(
+            row[span.server],
+            span.num_blocks,
+            left=span.start_block - 0.5,
+            height=0.8,
+            color="0.88",
+            edgecolor="0.55",
+            linewidth=0.8,
+            zorder=1,
+        )
     cmap = colormaps["tab10" if num_chains <= 10 else "tab20"]
     offset = _lane_offsets(plan)
     for k, chain in enumerate(plan.chains):
@@ -42,10 +50,8 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
             y = row[hop.server] + offset[k, hop.server]
             xs += [hop.start_block - 0.5 + dx, hop.end_block + 0.5 + dx]
             ys += [y, y]
-        label = f"chain {k + 1}: T={chain.service_time_s:.2f} s, c={chain.capacity}" \
-            if k < MAX_LEGEND_CHAINS else None
-        ax.plot(xs, ys, color=cmap(k % cmap.N), linewidth=2.2, marker="o", markersize=3.5,
-                label=label, zorder=3)
+        label = f"chain {k + 1}: T={chain.service_time_s:.2f} s, c={chain.capacity}" if k < MAX_LEGEND_CHAINS else None
+        ax.plot(xs, ys, color=cmap(k % cmap.N), linewidth=2.2, marker="o", markersize=3.5, label=label, zorder=3)
     ax.set_yticks(range(len(spans)))
     ax.set_yticklabels([_server_label(plan, span.server) for span in spans], fontsize=8)
     ax.invert_yaxis()
@@ -56,8 +62,15 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
     if num_chains:
         shown = min(num_chains, MAX_LEGEND_CHAINS)
         extra = f" (fastest {shown} of {num_chains})" if num_chains > shown else ""
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                  title=f"chains{extra}", title_fontsize=8, ncols=1 if shown <= 25 else 2)
+        ax.legend(
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=8,
+            frameon=False,
+            title=f"chains{extra}",
+            title_fontsize=8,
+            ncols=1 if shown <= 25 else 2,
+        )
     path = Path(path)
     fig.savefig(path, dpi=130)
     return path
@@ -85,7 +98,10 @@ def _server_label(plan: Plan, server: int) -> str:
 def _title(plan: Plan) -> str:
     p = plan.problem
     c = "–" if plan.c is None else str(plan.c)
-    response = (f"E[T] ∈ [{plan.bounds.lower_s:.3g}, {plan.bounds.upper_s:.3g}] s" if plan.is_stable
-                else "UNSTABLE (λ ≥ ν)")
-    return (f"{p.name}: {p.model.name}, λ={p.arrival_rate_per_s:g}/s — c={c}, K={len(plan.chains)}, "
-            f"C={plan.num_job_servers}, ν={plan.total_rate_per_s:.3g}/s, ρ={plan.load:.2f}, {response}")
+    response = (
+        f"E[T] ∈ [{plan.bounds.lower_s:.3g}, {plan.bounds.upper_s:.3g}] s" if plan.is_stable else "UNSTABLE (λ ≥ ν)"
+    )
+    return (
+        f"{p.name}: {p.model.name}, λ={p.arrival_rate_per_s:g}/s — c={c}, K={len(plan.chains)}, "
+        f"C={plan.num_job_servers}, ν={plan.total_rate_per_s:.3g}/s, ρ={plan.load:.2f}, {response}"
+    )

@@ -73,8 +73,9 @@ class Counters:
 class BlockServer:
     """Request handling, independent of the socket (tests call :meth:`handle` directly)."""
 
-    def __init__(self, server_id: str, backend: SpanBackend, knobs: ServerKnobs, backend_name: str = "",
-                 model_id: str = ""):
+    def __init__(
+        self, server_id: str, backend: SpanBackend, knobs: ServerKnobs, backend_name: str = "", model_id: str = ""
+    ):
         self.server_id = server_id
         self.backend = backend
         self.info = backend.info
@@ -88,14 +89,27 @@ class BlockServer:
 
     def describe(self) -> dict:
         info, c = self.info, self.counters
-        return {"server_id": self.server_id, "backend": self.backend_name, "model_id": self.model_id,
-                "first_block": info.first_block, "num_blocks": info.num_blocks,
-                "num_block_slots": info.num_block_slots, "max_tokens": info.max_tokens,
-                "used_block_slots": self.arena.num_used, "num_sessions": len(self.sessions),
-                "slowdown": self.knobs.slowdown, "delay_s": self.knobs.delay_s,
-                "num_steps": c.num_steps, "num_admitted": c.num_admitted, "num_refused": c.num_refused,
-                "num_expired": c.num_expired, "peak_block_slots": c.peak_block_slots,
-                "peak_sessions": c.peak_sessions, "compute_s": c.compute_s, "pid": os.getpid()}
+        return {
+            "server_id": self.server_id,
+            "backend": self.backend_name,
+            "model_id": self.model_id,
+            "first_block": info.first_block,
+            "num_blocks": info.num_blocks,
+            "num_block_slots": info.num_block_slots,
+            "max_tokens": info.max_tokens,
+            "used_block_slots": self.arena.num_used,
+            "num_sessions": len(self.sessions),
+            "slowdown": self.knobs.slowdown,
+            "delay_s": self.knobs.delay_s,
+            "num_steps": c.num_steps,
+            "num_admitted": c.num_admitted,
+            "num_refused": c.num_refused,
+            "num_expired": c.num_expired,
+            "peak_block_slots": c.peak_block_slots,
+            "peak_sessions": c.peak_sessions,
+            "compute_s": c.compute_s,
+            "pid": os.getpid(),
+        }
 
     async def handle(self, frames: list[bytes]) -> list[bytes]:
         rid = 0
@@ -112,8 +126,13 @@ class BlockServer:
                 return protocol.encode_reply(rid)
             return await self._forward(request)
         except protocol.ProtocolError as exc:  # a lost session is routine after a restart; the rest is not
-            log.log(logging.INFO if exc.code == "unknown_session" else logging.WARNING, "%s: refused request %d: %s",
-                    self.server_id, rid, exc)
+            log.log(
+                logging.INFO if exc.code == "unknown_session" else logging.WARNING,
+                "%s: refused request %d: %s",
+                self.server_id,
+                rid,
+                exc,
+            )
             return protocol.encode_error(rid, exc.code, str(exc))
         except NoFreeSlot as exc:
             await self._delay()
@@ -129,8 +148,9 @@ class BlockServer:
     def _admit(self, name: str, first_block: int) -> Session:
         info = self.info
         if not info.first_block <= first_block <= info.last_block:
-            raise protocol.ProtocolError(f"first_block: {first_block} outside the span "
-                                         f"{info.first_block}..{info.last_block}")
+            raise protocol.ProtocolError(
+                f"first_block: {first_block} outside the span {info.first_block}..{info.last_block}"
+            )
         session = self.sessions.get(name)
         if session is not None:
             return session
@@ -138,8 +158,13 @@ class BlockServer:
             slots = self.arena.allocate(info.last_block - first_block + 1)
         except NoFreeSlot:
             self.counters.num_refused += 1
-            log.info("%s: refused session %s (%d of %d block-slots used)", self.server_id, name,
-                     self.arena.num_used, info.num_block_slots)
+            log.info(
+                "%s: refused session %s (%d of %d block-slots used)",
+                self.server_id,
+                name,
+                self.arena.num_used,
+                info.num_block_slots,
+            )
             raise
         session = self.sessions[name] = Session(slots, first_block, 0, time.monotonic())
         c = self.counters
@@ -159,8 +184,10 @@ class BlockServer:
         name, tensor = request.session, request.tensor
         num_new = tensor.shape[1] if len(tensor.shape) >= 2 else 0
         if num_new < 1 or request.position + num_new > self.info.max_tokens:
-            raise protocol.ProtocolError(f"position: {num_new} tokens at {request.position} do not fit the "
-                                         f"{self.info.max_tokens} positions the cache holds")
+            raise protocol.ProtocolError(
+                f"position: {num_new} tokens at {request.position} do not fit the "
+                f"{self.info.max_tokens} positions the cache holds"
+            )
         if request.open:
             session = self._admit(name, request.first_block)
         else:
@@ -170,8 +197,9 @@ class BlockServer:
         if request.first_block != session.first_block:
             raise protocol.ProtocolError(f"first_block: session {name!r} entered at {session.first_block}")
         if request.position > session.next_position:
-            raise protocol.ProtocolError(f"position: {request.position} leaves a gap, the session holds "
-                                         f"{session.next_position}")
+            raise protocol.ProtocolError(
+                f"position: {request.position} leaves a gap, the session holds {session.next_position}"
+            )
         session.next_position = request.position + num_new
         began = time.perf_counter()
         try:
@@ -226,10 +254,18 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
 
     io = LoopSocket(sock, receive)
     endpoint = f"tcp://{host}:{port}"
-    print(json.dumps({"event": "ready", "server_id": server.server_id, "endpoint": endpoint, "pid": os.getpid()}),
-          flush=True)
-    log.info("%s: serving blocks %d..%d with %d block-slots on %s", server.server_id, server.info.first_block,
-             server.info.last_block, server.info.num_block_slots, endpoint)
+    print(
+        json.dumps({"event": "ready", "server_id": server.server_id, "endpoint": endpoint, "pid": os.getpid()}),
+        flush=True,
+    )
+    log.info(
+        "%s: serving blocks %d..%d with %d block-slots on %s",
+        server.server_id,
+        server.info.first_block,
+        server.info.last_block,
+        server.info.num_block_slots,
+        endpoint,
+    )
 
     async def housekeeping() -> None:
         while True:

@@ -37,8 +37,9 @@ class ServerFailed(RuntimeError):
 class BlockClient:
     """Async requests to one block server at ``endpoint`` (``tcp://host:port``)."""
 
-    def __init__(self, name: str, endpoint: str, token: str = "", ctx: zmq.Context | None = None,
-                 timeout_s: float = 600.0):
+    def __init__(
+        self, name: str, endpoint: str, token: str = "", ctx: zmq.Context | None = None, timeout_s: float = 600.0
+    ):
         self.name = name
         self.endpoint = endpoint
         self.token = token
@@ -72,8 +73,9 @@ class BlockClient:
         its reply."""
         return self._send(op, tensor, fields)[1]
 
-    def _send(self, op: str, tensor: WireTensor | None, fields: dict[str, Any]
-              ) -> tuple[int, asyncio.Future[protocol.Reply]]:
+    def _send(
+        self, op: str, tensor: WireTensor | None, fields: dict[str, Any]
+    ) -> tuple[int, asyncio.Future[protocol.Reply]]:
         io = self._socket()
         rid = next(self._rids)
         future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
@@ -85,15 +87,17 @@ class BlockClient:
             raise ServerFailed(self.name, f"cannot send {op}: {exc}", "transport") from None
         return rid, future
 
-    async def request(self, op: str, tensor: WireTensor | None = None, timeout_s: float | None = None,
-                      **fields: Any) -> protocol.Reply:
+    async def request(
+        self, op: str, tensor: WireTensor | None = None, timeout_s: float | None = None, **fields: Any
+    ) -> protocol.Reply:
         """Send one request and wait for its reply; raise :class:`ServerRefused` / :class:`ServerFailed`."""
         rid, future = self._send(op, tensor, fields)
         try:
             reply = await asyncio.wait_for(future, timeout_s or self.timeout_s)
         except TimeoutError:
-            raise ServerFailed(self.name, f"no reply to {op} within {timeout_s or self.timeout_s:g} s",
-                               "timeout") from None
+            raise ServerFailed(
+                self.name, f"no reply to {op} within {timeout_s or self.timeout_s:g} s", "timeout"
+            ) from None
         finally:
             self._pending.pop(rid, None)
         if reply.ok:
@@ -105,10 +109,19 @@ class BlockClient:
     async def info(self, timeout_s: float = 10.0) -> dict[str, Any]:
         return (await self.request("info", timeout_s=timeout_s)).fields
 
-    async def forward(self, session: str, first_block: int, position: int, hidden: WireTensor, *,
-                      open: bool = False, close: bool = False) -> WireTensor:
-        reply = await self.request("forward", hidden, session=session, first_block=first_block,
-                                   position=position, open=open, close=close)
+    async def forward(
+        self,
+        session: str,
+        first_block: int,
+        position: int,
+        hidden: WireTensor,
+        *,
+        open: bool = False,
+        close: bool = False,
+    ) -> WireTensor:
+        reply = await self.request(
+            "forward", hidden, session=session, first_block=first_block, position=position, open=open, close=close
+        )
         if reply.tensor is None:
             raise ServerFailed(self.name, "forward reply without a tensor")
         return reply.tensor

@@ -31,25 +31,44 @@ DEMO_PROMPTS = (
 )
 
 
-async def run_demo(prompts: tuple[str, ...] = DEMO_PROMPTS, max_tokens: int = 24, model: str = "smollm2-135m",
-                   cluster: Path = DEMO_CLUSTER, backend: str = "torch",
-                   report: Callable[[str], None] = print) -> list[dict]:
+async def run_demo(
+    prompts: tuple[str, ...] = DEMO_PROMPTS,
+    max_tokens: int = 24,
+    model: str = "smollm2-135m",
+    cluster: Path = DEMO_CLUSTER,
+    backend: str = "torch",
+    report: Callable[[str], None] = print,
+) -> list[dict]:
     """Serve the demo cluster, send ``prompts`` at once, return one record per answer."""
-    config = ServeConfig(cluster=cluster, backend=backend, model=model if backend == "torch" else None,
-                         port=0, slowdown=DEMO_SLOWDOWN, delay_ms=DEMO_DELAY_MS)
+    config = ServeConfig(
+        cluster=cluster,
+        backend=backend,
+        model=model if backend == "torch" else None,
+        port=0,
+        slowdown=DEMO_SLOWDOWN,
+        delay_ms=DEMO_DELAY_MS,
+    )
     async with Service(config) as service:
         server, task, url = await start_http(service, "127.0.0.1", 0)
         try:
             report(f"serving {service.orchestrator.model_id} at {url} with {len(service.specs)} block servers")
             async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
                 async def ask(prompt: str) -> dict:
-                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                            "temperature": 0}
+                    body = {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    }
                     response = await client.post("/v1/chat/completions", json=body)
                     response.raise_for_status()
                     data = response.json()
-                    return {"prompt": prompt, "answer": data["choices"][0]["message"]["content"],
-                            "usage": data["usage"], **data["chainserve"]}
+                    return {
+                        "prompt": prompt,
+                        "answer": data["choices"][0]["message"]["content"],
+                        "usage": data["usage"],
+                        **data["chainserve"],
+                    }
 
                 return list(await asyncio.gather(*(ask(p) for p in prompts)))
         finally:

@@ -54,7 +54,7 @@ async def stream_completion(http: httpx.AsyncClient, prompt: str, max_tokens: in
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", "error")
                     continue
@@ -69,9 +69,14 @@ async def stream_completion(http: httpx.AsyncClient, prompt: str, max_tokens: in
     return result
 
 
-async def run_load(url: str, prompts: Sequence[str], max_tokens: int, concurrency: int,
-                   faults: Sequence[tuple[float, Callable[[], Awaitable[None] | None]]] = (),
-                   timeout_s: float = 300.0) -> list[Result]:
+async def run_load(
+    url: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    concurrency: int,
+    faults: Sequence[tuple[float, Callable[[], Awaitable[None] | None]]] = (),
+    timeout_s: float = 300.0,
+) -> list[Result]:
     """Send every prompt (``concurrency`` at a time, each as soon as a slot frees) while running
     ``faults`` at their offsets (seconds from the start); return the results in prompt order."""
     results: list[Result | None] = [None] * len(prompts)
@@ -80,6 +85,7 @@ async def run_load(url: str, prompts: Sequence[str], max_tokens: int, concurrenc
         queue.put_nowait(i)
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as http:
+
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
@@ -104,7 +110,12 @@ def report(results: Sequence[Result], expected: Callable[[str], str] | None = No
     wrong = [r for r in results if r.ok and expected is not None and r.text != expected(r.prompt)]
     resumed = [r.elapsed_s for r in results if r.ok and r.resumed]
     plain = [r.elapsed_s for r in results if r.ok and not r.resumed]
-    return {"sent": len(results), "completed": sum(r.ok for r in results), "resumed": len(resumed),
-            "lost": sum(not r.ok for r in results) + len(wrong), "wrong_text": len(wrong),
-            "mean_latency_s": sum(plain) / len(plain) if plain else None,
-            "mean_latency_resumed_s": sum(resumed) / len(resumed) if resumed else None}
+    return {
+        "sent": len(results),
+        "completed": sum(r.ok for r in results),
+        "resumed": len(resumed),
+        "lost": sum(not r.ok for r in results) + len(wrong),
+        "wrong_text": len(wrong),
+        "mean_latency_s": sum(plain) / len(plain) if plain else None,
+        "mean_latency_resumed_s": sum(resumed) / len(resumed) if resumed else None,
+    }

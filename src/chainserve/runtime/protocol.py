@@ -68,8 +68,11 @@ def _tensor(meta: Any, frames: list[bytes]) -> WireTensor:
     dtype, shape = meta.get("dtype"), meta.get("shape")
     if dtype not in WIRE_DTYPES:
         raise ProtocolError(f"tensor.dtype: {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
-            or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_TENSOR_BYTES for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 4
+        or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_TENSOR_BYTES for d in shape)
+    ):
         raise ProtocolError(f"tensor.shape: must be 1 to 4 non-negative integers, got {shape!r}")
     if len(frames[1]) > MAX_TENSOR_BYTES:
         raise ProtocolError(f"tensor: {len(frames[1])} bytes exceed the limit of {MAX_TENSOR_BYTES}")
@@ -107,9 +110,17 @@ def decode_request(frames: list[bytes]) -> Request:
     is_open, is_close = header.get("open", False), header.get("close", False)
     if not isinstance(is_open, bool) or not isinstance(is_close, bool):
         raise ProtocolError("open/close: must be booleans")
-    return Request(op, rid, token, session, _int_field(header, "first_block", 1, 1_000_000),
-                   _int_field(header, "position", 0, 10_000_000), _tensor(header.get("tensor"), frames),
-                   is_open, is_close)
+    return Request(
+        op,
+        rid,
+        token,
+        session,
+        _int_field(header, "first_block", 1, 1_000_000),
+        _int_field(header, "position", 0, 10_000_000),
+        _tensor(header.get("tensor"), frames),
+        is_open,
+        is_close,
+    )
 
 
 def encode_request(op: str, rid: int, token: str, tensor: WireTensor | None = None, **fields: Any) -> list[bytes]:

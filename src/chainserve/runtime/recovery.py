@@ -45,8 +45,9 @@ def recompose(plan: Plan, alive: Set[int], block_slots: Mapping[int, int]) -> Pl
     servers = list(problem.servers)
     for span in spans:
         arena_gb = model.block_size_gb * span.num_blocks + model.cache_size_gb * block_slots[span.server]
-        servers[span.server] = dataclasses.replace(servers[span.server],
-                                                   memory_gb=min(servers[span.server].memory_gb, arena_gb))
+        servers[span.server] = dataclasses.replace(
+            servers[span.server], memory_gb=min(servers[span.server].memory_gb, arena_gb)
+        )
     capped = dataclasses.replace(problem, servers=tuple(servers))
     chains = gca(capped, Placement(spans, plan.placement.num_blocks)) if spans else ()
     if not chains:

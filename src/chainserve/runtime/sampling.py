@@ -86,5 +86,5 @@ class TextStream:
     def _advance(self, upto: str) -> str:
         if not upto.startswith(self.text) or len(upto) <= len(self.text):
             return ""
-        delta, self.text = upto[len(self.text):], upto
+        delta, self.text = upto[len(self.text) :], upto
         return delta

@@ -105,8 +105,9 @@ def make_dispatcher(method: str, layout: Layout, rng: np.random.Generator) -> Di
     if isinstance(layout, PathPlacement):
         routers = {"petals": PetalsRouter, "bprr": WsRrRouter}
         if base not in routers:
-            raise SpecError("method", f"the plan is a {layout.method} path placement; serve it with "
-                                      f"--method {layout.method}")
+            raise SpecError(
+                "method", f"the plan is a {layout.method} path placement; serve it with --method {layout.method}"
+            )
         return routers[base](layout)
     if base in ("petals", "bprr"):
         raise SpecError("method", f"{base} needs its own placement; plan it from the cluster file instead")
@@ -136,8 +137,11 @@ class Service:
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
         self.specs = server_specs(self.layout, self.max_tokens)
         names = {spec.name for spec in self.specs}
-        for option, values in (("slowdown", config.slowdown), ("delay_ms", config.delay_ms),
-                               ("servers", config.servers)):
+        for option, values in (
+            ("slowdown", config.slowdown),
+            ("delay_ms", config.delay_ms),
+            ("servers", config.servers),
+        ):
             unknown = sorted(set(values) - names)
             if unknown:
                 raise SpecError(option, f"unknown server(s) {', '.join(unknown)}; placed: {', '.join(sorted(names))}")
@@ -176,9 +180,18 @@ class Service:
         method = config.method if config.plan is None or config.method != "proposed" else self.layout.method
         max_waiting = default_max_waiting(self.layout) if config.max_waiting is None else config.max_waiting
         self.orchestrator = Orchestrator(
-            self.layout, self.dispatcher, head, self.clients, metrics=self.metrics, max_waiting=max_waiting,
-            method=method, request_timeout_s=config.request_timeout_s, replan=self._replanner(method),
-            heartbeat_s=config.heartbeat_s, heartbeat_deadline_s=config.heartbeat_deadline_s)
+            self.layout,
+            self.dispatcher,
+            head,
+            self.clients,
+            metrics=self.metrics,
+            max_waiting=max_waiting,
+            method=method,
+            request_timeout_s=config.request_timeout_s,
+            replan=self._replanner(method),
+            heartbeat_s=config.heartbeat_s,
+            heartbeat_deadline_s=config.heartbeat_deadline_s,
+        )
         await self.orchestrator.connect()
 
     def _replanner(self, method: str) -> Replan | None:
@@ -199,8 +212,10 @@ class Service:
         config = self.config
         if config.servers:
             index = {spec.name: spec.index for spec in self.specs}
-            return {index[name]: address if "://" in address else f"tcp://{address}"
-                    for name, address in config.servers.items()}
+            return {
+                index[name]: address if "://" in address else f"tcp://{address}"
+                for name, address in config.servers.items()
+            }
         common = BackendArgs(config.backend, config.model)
         delays = {name: ms / 1000 for name, ms in config.delay_ms.items()}
         if config.launcher == "ray":

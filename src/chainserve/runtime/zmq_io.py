@@ -18,8 +18,9 @@ import zmq
 class LoopSocket:
     """``sock`` (a plain zmq socket) whose incoming multipart messages are passed to ``on_message``."""
 
-    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None],
-                 loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(
+        self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None], loop: asyncio.AbstractEventLoop | None = None
+    ):
         self.sock = sock
         self.on_message = on_message
         self.loop = loop or asyncio.get_running_loop()

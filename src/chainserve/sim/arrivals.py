@@ -48,14 +48,15 @@ class Arrivals:
     def columns(self) -> tuple[array, array, array]:
         """The three columns as typed Python arrays (``'d'``, ``'q'``, ``'q'``): a memory copy, and
         element access as fast as a list's, for the simulator's event loop."""
-        return (array("d", np.ascontiguousarray(self.times_s, dtype=np.float64).tobytes()),
-                array("q", np.ascontiguousarray(self.prompt_tokens, dtype=np.int64).tobytes()),
-                array("q", np.ascontiguousarray(self.output_tokens, dtype=np.int64).tobytes()))
+        return (
+            array("d", np.ascontiguousarray(self.times_s, dtype=np.float64).tobytes()),
+            array("q", np.ascontiguousarray(self.prompt_tokens, dtype=np.int64).tobytes()),
+            array("q", np.ascontiguousarray(self.output_tokens, dtype=np.int64).tobytes()),
+        )
 
     def __iter__(self) -> Iterator[tuple[float, int, int]]:
         """(arrival time, prompt_tokens, output_tokens) per job."""
-        return zip(self.times_s.tolist(), self.prompt_tokens.tolist(), self.output_tokens.tolist(),
-                   strict=True)
+        return zip(self.times_s.tolist(), self.prompt_tokens.tolist(), self.output_tokens.tolist(), strict=True)
 
 
 class ArrivalProcess(Protocol):
@@ -67,8 +68,11 @@ class ArrivalProcess(Protocol):
 def _renewal(gaps_s: np.ndarray, workload: Workload) -> Arrivals:
     """Arrivals after the given gaps, every job with the workload's mean lengths."""
     n = len(gaps_s)
-    return Arrivals(np.cumsum(gaps_s), np.full(n, workload.prompt_tokens, dtype=np.int64),
-                    np.full(n, workload.output_tokens, dtype=np.int64))
+    return Arrivals(
+        np.cumsum(gaps_s),
+        np.full(n, workload.prompt_tokens, dtype=np.int64),
+        np.full(n, workload.output_tokens, dtype=np.int64),
+    )
 
 
 def _check_rate(rate_per_s: float | None) -> None:
@@ -146,8 +150,9 @@ def read_azure_trace(path: str | Path | None = None) -> Arrivals:
         header = tuple(c.strip() for c in next(rows, ()))
         if header != TRACE_COLUMNS:
             raise ValueError(f"trace: expected columns {','.join(TRACE_COLUMNS)}, got {','.join(header)}")
-        stamps, prompt, output = zip(*((r[0].strip().replace(" ", "T"), int(r[1]), int(r[2]))
-                                        for r in rows if r), strict=True)
+        stamps, prompt, output = zip(
+            *((r[0].strip().replace(" ", "T"), int(r[1]), int(r[2])) for r in rows if r), strict=True
+        )
     ns = np.array(stamps, dtype="datetime64[ns]").astype(np.int64)
     times = (ns - ns[0]) / 1e9
     order = np.argsort(times, kind="stable")
@@ -176,11 +181,13 @@ class TraceArrivals:
         trace = read_azure_trace(self.path)
         end = len(trace) if self.count is None else self.start + self.count
         if end > len(trace) or self.start >= len(trace):
-            raise ValueError(f"start/count: slice {self.start}..{end - 1} exceeds the trace's "
-                             f"{len(trace)} rows")
+            raise ValueError(f"start/count: slice {self.start}..{end - 1} exceeds the trace's {len(trace)} rows")
         if num_jobs is not None and num_jobs > end - self.start:
             raise ValueError(f"num_jobs: {num_jobs} requested, the slice has {end - self.start}")
         end = end if num_jobs is None else self.start + num_jobs
-        times = trace.times_s[self.start:end]
-        return Arrivals((times - times[0]) * self.time_scale, trace.prompt_tokens[self.start:end],
-                        trace.output_tokens[self.start:end])
+        times = trace.times_s[self.start : end]
+        return Arrivals(
+            (times - times[0]) * self.time_scale,
+            trace.prompt_tokens[self.start : end],
+            trace.output_tokens[self.start : end],
+        )

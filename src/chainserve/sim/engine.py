@@ -63,19 +63,32 @@ class SimResult:
         """Records of the measured jobs that finished (built on each access: cheap arrays, costly
         objects)."""
         return tuple(
-            JobRecord(i, float(self.arrived_at[i]), float(self.started_at[i]), float(self.finished_at[i]),
-                      None if self.chain[i] < 0 else int(self.chain[i]),
-                      tuple(h.server for h in route.hops), int(self.prompt_tokens[i]),
-                      int(self.output_tokens[i]))
+            JobRecord(
+                i,
+                float(self.arrived_at[i]),
+                float(self.started_at[i]),
+                float(self.finished_at[i]),
+                None if self.chain[i] < 0 else int(self.chain[i]),
+                tuple(h.server for h in route.hops),
+                int(self.prompt_tokens[i]),
+                int(self.output_tokens[i]),
+            )
             for i, route in enumerate(self.routes)
-            if i >= self.warmup and route is not None and not math.isnan(self.finished_at[i]))
+            if i >= self.warmup and route is not None and not math.isnan(self.finished_at[i])
+        )
 
 
-def simulate(plan: Layout, dispatcher: Dispatcher, arrivals: ArrivalProcess | None = None,
-             service: str | ServiceModel = "exponential", *,
-             seed: int | np.random.SeedSequence | np.random.Generator = 0,
-             num_jobs: int | None = None, warmup: int = 0,
-             failures: Sequence[tuple[float, int]] = ()) -> SimResult:
+def simulate(
+    plan: Layout,
+    dispatcher: Dispatcher,
+    arrivals: ArrivalProcess | None = None,
+    service: str | ServiceModel = "exponential",
+    *,
+    seed: int | np.random.SeedSequence | np.random.Generator = 0,
+    num_jobs: int | None = None,
+    warmup: int = 0,
+    failures: Sequence[tuple[float, int]] = (),
+) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
     ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
     ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
@@ -187,20 +200,50 @@ def simulate(plan: Layout, dispatcher: Dispatcher, arrivals: ArrivalProcess | No
     return _result(plan, dispatcher, stream, warmup, started, finished, chain_of, route_of, num_restarts)
 
 
-def _result(plan: Layout, dispatcher: Dispatcher, stream: Arrivals, warmup: int, started: array,
-            finished: array, chain_of: array, route_of: list[Route | None], num_restarts: int) -> SimResult:
+def _result(
+    plan: Layout,
+    dispatcher: Dispatcher,
+    stream: Arrivals,
+    warmup: int,
+    started: array,
+    finished: array,
+    chain_of: array,
+    route_of: list[Route | None],
+    num_restarts: int,
+) -> SimResult:
     """Check conservation, then summarise the finished jobs among ``warmup:``."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()
     num_unfinished = int(np.count_nonzero(np.isnan(finished_at)))
     if dispatcher.num_waiting + dispatcher.num_in_service != num_unfinished:
-        raise RuntimeError(f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds "
-                           f"{dispatcher.num_waiting} waiting + {dispatcher.num_in_service} in service")
+        raise RuntimeError(
+            f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds "
+            f"{dispatcher.num_waiting} waiting + {dispatcher.num_in_service} in service"
+        )
     started_at = np.frombuffer(started, dtype=np.float64).copy()
     chain = np.frombuffer(chain_of, dtype=np.int64).copy()
     keep = np.flatnonzero(~np.isnan(finished_at))  # at the end, started ⇔ finished
     num_warm = int(np.sum(keep < warmup))
-    summary = None if num_warm == keep.size else summarize_arrays(
-        stream.times_s[keep], started_at[keep], finished_at[keep], chain[keep],
-        [ch.capacity for ch in plan.chains], warmup=num_warm)
-    return SimResult(summary, warmup, stream.times_s, started_at, finished_at, chain, stream.prompt_tokens,
-                     stream.output_tokens, tuple(route_of), num_restarts)
+    summary = (
+        None
+        if num_warm == keep.size
+        else summarize_arrays(
+            stream.times_s[keep],
+            started_at[keep],
+            finished_at[keep],
+            chain[keep],
+            [ch.capacity for ch in plan.chains],
+            warmup=num_warm,
+        )
+    )
+    return SimResult(
+        summary,
+        warmup,
+        stream.times_s,
+        started_at,
+        finished_at,
+        chain,
+        stream.prompt_tokens,
+        stream.output_tokens,
+        tuple(route_of),
+        num_restarts,
+    )

@@ -52,8 +52,9 @@ class MemoryLedger:
         for span in plan.placement.spans:
             room_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
             # chains may use all the room (a start beyond c_k that fits is allowed); paths their pool
-            self.limits[span.server] = (jobs_that_fit(room_gb, model.cache_size_gb) if plan.chains
-                                        else reserved[span.server])
+            self.limits[span.server] = (
+                jobs_that_fit(room_gb, model.cache_size_gb) if plan.chains else reserved[span.server]
+            )
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
         self.capacity = [ch.capacity for ch in plan.chains]
         self.in_service = [0] * len(plan.chains)
@@ -89,8 +90,10 @@ class MemoryLedger:
         for server, blocks in hops:
             load = self.used(server) + blocks
             if load > self.limits[server]:
-                raise MemoryExceeded(f"job {job} at t={now}: server {server} would hold {load} block-jobs "
-                                     f"of cache, {self.limits[server]} fit")
+                raise MemoryExceeded(
+                    f"job {job} at t={now}: server {server} would hold {load} block-jobs "
+                    f"of cache, {self.limits[server]} fit"
+                )
         if k is None:
             for server, blocks in hops:
                 self.extra[server] += blocks

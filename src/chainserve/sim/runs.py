@@ -35,14 +35,23 @@ class Replication:
         return (plan.bounds.lower_s, plan.bounds.upper_s) if isinstance(plan, Plan) else None
 
 
-def run_method(problem: Problem, method: str, seed: int, num_jobs: int, arrivals: ArrivalProcess | None = None,
-               service: str = "exponential", warmup: int = 0, planner: str = "greedy") -> Replication:
+def run_method(
+    problem: Problem,
+    method: str,
+    seed: int,
+    num_jobs: int,
+    arrivals: ArrivalProcess | None = None,
+    service: str = "exponential",
+    warmup: int = 0,
+    planner: str = "greedy",
+) -> Replication:
     """Build ``method`` for ``problem`` (the proposed chains by ``planner``, see
     :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc."""
     setup = build_method(method, problem, np.random.default_rng(np.random.SeedSequence([seed, 1])), planner)
     dispatcher = setup.make_dispatcher(np.random.default_rng(np.random.SeedSequence([seed, 2])))
-    result = simulate(setup.plan_or_placement, dispatcher, arrivals, service, seed=seed, num_jobs=num_jobs,
-                      warmup=warmup)
+    result = simulate(
+        setup.plan_or_placement, dispatcher, arrivals, service, seed=seed, num_jobs=num_jobs, warmup=warmup
+    )
     if result.summary is None:
         raise RuntimeError(f"{method}: no job finished in replication {seed}")
     return Replication(seed, result.summary, setup)

@@ -78,8 +78,11 @@ def block_cost(problem: Problem, server: int) -> BlockCost:
     s, model, w = problem.servers[server], problem.model, problem.workload
     if s.gpu is not None and model.flops_per_token_per_block is not None:
         gpu = gpu_profile(s.gpu)
-        return BlockCost(BLOCK_OVERHEAD_S, model.flops_per_token_per_block / (gpu.peak_tflops * 1e12),
-                         model.block_size_gb / gpu.bandwidth_gb_per_s)
+        return BlockCost(
+            BLOCK_OVERHEAD_S,
+            model.flops_per_token_per_block / (gpu.peak_tflops * 1e12),
+            model.block_size_gb / gpu.bandwidth_gb_per_s,
+        )
     overhead = min(BLOCK_OVERHEAD_S, s.tau_p_s)
     per_token = (s.tau_p_s - overhead) / (w.prompt_tokens + w.output_tokens - 1)
     return BlockCost(overhead, per_token, per_token)
@@ -96,8 +99,12 @@ class RouteCost:
     per_output_s: float
 
     def time_s(self, prompt_tokens: int, output_tokens: int) -> float:
-        return (self.fixed_s + self.prompt_s * prompt_tokens + self.decode_s * (output_tokens - 1)
-                + self.per_output_s * output_tokens)
+        return (
+            self.fixed_s
+            + self.prompt_s * prompt_tokens
+            + self.decode_s * (output_tokens - 1)
+            + self.per_output_s * output_tokens
+        )
 
 
 def route_cost(problem: Problem, hops: Iterable[Hop]) -> RouteCost:
@@ -134,7 +141,9 @@ class TokenService:
 
 
 SERVICE_MODELS: dict[str, type[ExponentialService] | type[TokenService]] = {
-    "exponential": ExponentialService, "token": TokenService}
+    "exponential": ExponentialService,
+    "token": TokenService,
+}
 
 
 def service_model(name_or_model: str | ServiceModel) -> ServiceModel:

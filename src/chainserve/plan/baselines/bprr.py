@@ -40,8 +40,7 @@ def bprr_sessions_cap(problem: Problem) -> int:
     """⌊(Σ_j M_j − s_m(L+J)) / (s_c(L+J))⌋, the largest R memory allows (may be ≤ 0)."""
     m = problem.model
     room = m.num_blocks + problem.num_servers
-    return math.floor((sum(s.memory_gb for s in problem.servers) - m.block_size_gb * room)
-                      / (m.cache_size_gb * room))
+    return math.floor((sum(s.memory_gb for s in problem.servers) - m.block_size_gb * room) / (m.cache_size_gb * room))
 
 
 def fastest_path_s(problem: Problem, spans: tuple[Span, ...]) -> float:
@@ -102,11 +101,9 @@ def _cg_bp(problem: Problem, sessions: int) -> tuple[Span, ...] | None:
         if short:
             start = min(short[0], L - m + 1)
         else:
-            start = min(range(1, L - m + 2),
-                        key=lambda a: (min(capacity[a:a + m]), sum(capacity[a:a + m]), a))
+            start = min(range(1, L - m + 2), key=lambda a: (min(capacity[a : a + m]), sum(capacity[a : a + m]), a))
         spans.append(Span(j, start, m))
-        sessions_here = jobs_that_fit(problem.servers[j].memory_gb - model.block_size_gb * m,
-                                      model.cache_size_gb * m)
+        sessions_here = jobs_that_fit(problem.servers[j].memory_gb - model.block_size_gb * m, model.cache_size_gb * m)
         for b in range(start, start + m):
             capacity[b] += sessions_here
     if min(capacity[1:]) < sessions:
@@ -141,12 +138,14 @@ def bprr_placement(problem: Problem, sessions: int | None = None) -> PathPlaceme
         raise ValueError("servers: too little memory to host every block with cache for one session")
     how = "fixed" if fixed is not None else "⌊λT̄ + √(λT̄)⌋"
     note = f"R = {sessions} sessions reserved per block ({how}" + (
-        f"; {wanted} asked, too many for phase 1)" if sessions != wanted else ")")
+        f"; {wanted} asked, too many for phase 1)" if sessions != wanted else ")"
+    )
     s_m = problem.model.block_size_gb
     placed = {s.server: s for s in spans}
-    cache = tuple(problem.servers[j].memory_gb - s_m * placed[j].num_blocks if j in placed else 0.0
-                  for j in range(problem.num_servers))
-    layout = PathPlacement(problem, Placement(spans, problem.model.num_blocks), cache, "bprr",
-                           (note,))
+    cache = tuple(
+        problem.servers[j].memory_gb - s_m * placed[j].num_blocks if j in placed else 0.0
+        for j in range(problem.num_servers)
+    )
+    layout = PathPlacement(problem, Placement(spans, problem.model.num_blocks), cache, "bprr", (note,))
     layout.check()
     return layout

@@ -33,7 +33,8 @@ def jffc_only_plan(problem: Problem) -> Plan:
     if not chains:
         raise ValueError(
             f"jffc-only: no server can hold all {L} blocks ({model.block_size_gb * L:.4g} GB) plus one job's "
-            f"cache ({model.cache_size_gb * L:.4g} GB); the method is not applicable to this cluster")
+            f"cache ({model.cache_size_gb * L:.4g} GB); the method is not applicable to this cluster"
+        )
     plan = make_plan(problem, Placement(tuple(spans), L), tuple(chains), None, "jffc-only")
     plan.check()
     return plan

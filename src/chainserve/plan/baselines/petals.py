@@ -89,37 +89,43 @@ def best_start(throughput: np.ndarray, num_blocks: int) -> int:
     >>> best_start(np.array([3.0, 1.0, 1.0, 2.0, 0.5]), 2)   # windows sorted: (1,3) (1,1) (1,2) (.5,2)
     3
     """
-    windows = ((sorted(throughput[i:i + num_blocks].tolist()), i)
-               for i in range(len(throughput) - num_blocks + 1))
+    windows = ((sorted(throughput[i : i + num_blocks].tolist()), i) for i in range(len(throughput) - num_blocks + 1))
     return min(windows)[1]
 
 
-def _should_move(throughput: np.ndarray, starts: dict[int, int], blocks: dict[int, int],
-                 rates: dict[int, float], j: int, rng: np.random.Generator, quality: float) -> bool:
+def _should_move(
+    throughput: np.ndarray,
+    starts: dict[int, int],
+    blocks: dict[int, int],
+    rates: dict[int, float],
+    j: int,
+    rng: np.random.Generator,
+    quality: float,
+) -> bool:
     """PETALS' ``should_choose_other_blocks`` for server j, on a copy of the swarm."""
     t = throughput.copy()
     initial = t.min()
     start, m = starts[j], blocks[j]
-    t[start:start + m] -= rates[j] * (1 + STAY_BIAS)
+    t[start : start + m] -= rates[j] * (1 + STAY_BIAS)
     if initial > TINY_RATE and t.min() <= TINY_RATE:
         return False  # leaving would disconnect the swarm
     new_start = best_start(t, m)
     if new_start == start:
         return False
-    t[start:start + m] += rates[j] * STAY_BIAS
+    t[start : start + m] += rates[j] * STAY_BIAS
     where = dict(starts)
     where[j] = new_start
-    t[new_start:new_start + m] += rates[j]
+    t[new_start : new_start + m] += rates[j]
     for _ in range(10 * len(where)):
         moved = False
         for k in rng.permutation(sorted(where)).tolist():
             s, mk = where[k], blocks[k]
-            t[s:s + mk] -= rates[k] * (1 + STAY_BIAS)
+            t[s : s + mk] -= rates[k] * (1 + STAY_BIAS)
             ns = best_start(t, mk)
-            t[s:s + mk] += rates[k] * STAY_BIAS
+            t[s : s + mk] += rates[k] * STAY_BIAS
             moved |= ns != s
             where[k] = ns
-            t[ns:ns + mk] += rates[k]
+            t[ns : ns + mk] += rates[k]
         if not moved:
             break
     new = t.min()
@@ -128,9 +134,16 @@ def _should_move(throughput: np.ndarray, starts: dict[int, int], blocks: dict[in
     return initial / new < quality - STAY_BIAS
 
 
-def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: int | None = None, *,
-                     network_rps: Sequence[float] | None = None, rebalance_rounds: int = 0,
-                     balance_quality: float = 0.75, autograd_gb: float | None = None) -> PathPlacement:
+def petals_placement(
+    problem: Problem,
+    rng: np.random.Generator,
+    cache_tokens: int | None = None,
+    *,
+    network_rps: Sequence[float] | None = None,
+    rebalance_rounds: int = 0,
+    balance_quality: float = 0.75,
+    autograd_gb: float | None = None,
+) -> PathPlacement:
     """PETALS' placement; see the module docstring. ``cache_tokens`` defaults to
     :func:`default_cache_tokens`, ``autograd_gb`` (memory each server sets aside) to
     :func:`autograd_reserve_gb`. O(J·L² log L) (+ rebalancing).
@@ -156,8 +169,10 @@ def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: i
     model, L = problem.model, problem.model.num_blocks
     max_tokens = model.max_tokens or problem.workload.prompt_tokens + problem.workload.output_tokens
     cache_per_block_gb = model.cache_size_gb * cache_tokens / max_tokens
-    blocks = {j: min(jobs_that_fit(s.memory_gb - autograd_gb, model.block_size_gb + cache_per_block_gb), L)
-              for j, s in enumerate(problem.servers)}
+    blocks = {
+        j: min(jobs_that_fit(s.memory_gb - autograd_gb, model.block_size_gb + cache_per_block_gb), L)
+        for j, s in enumerate(problem.servers)
+    }
     blocks = {j: m for j, m in blocks.items() if m > 0}
     link = network_rps if network_rps is not None else [math.inf] * problem.num_servers
     if len(link) != problem.num_servers:
@@ -167,19 +182,26 @@ def petals_placement(problem: Problem, rng: np.random.Generator, cache_tokens: i
     starts: dict[int, int] = {}
     for j in rng.permutation(sorted(blocks)).tolist():
         starts[j] = best_start(throughput, blocks[j])
-        throughput[starts[j]:starts[j] + blocks[j]] += rates[j]
+        throughput[starts[j] : starts[j] + blocks[j]] += rates[j]
     for _ in range(rebalance_rounds):
         for j in rng.permutation(sorted(starts)).tolist():
             if _should_move(throughput, starts, blocks, rates, j, rng, balance_quality):
-                throughput[starts[j]:starts[j] + blocks[j]] -= rates[j]
+                throughput[starts[j] : starts[j] + blocks[j]] -= rates[j]
                 starts[j] = best_start(throughput, blocks[j])
-                throughput[starts[j]:starts[j] + blocks[j]] += rates[j]
+                throughput[starts[j] : starts[j] + blocks[j]] += rates[j]
     spans = tuple(Span(j, starts[j] + 1, blocks[j]) for j in sorted(starts))
     cache = tuple(cache_per_block_gb * blocks[j] if j in starts else 0.0 for j in range(problem.num_servers))
-    layout = PathPlacement(problem, Placement(spans, L), cache, "petals", (
-        f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB; s_c sized for "
-        f"{max_tokens} tokens, {'the model max_tokens' if model.max_tokens else 'prompt + output'})",
-        f"autograd reserve {autograd_gb:.3g} GB",
-        f"rebalance rounds {rebalance_rounds}"))
+    layout = PathPlacement(
+        problem,
+        Placement(spans, L),
+        cache,
+        "petals",
+        (
+            f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB; s_c sized for "
+            f"{max_tokens} tokens, {'the model max_tokens' if model.max_tokens else 'prompt + output'})",
+            f"autograd reserve {autograd_gb:.3g} GB",
+            f"rebalance rounds {rebalance_rounds}",
+        ),
+    )
     layout.check()
     return layout

@@ -29,8 +29,9 @@ class PathPlacement:
 
     def __post_init__(self) -> None:
         if len(self.cache_gb) != self.problem.num_servers:
-            raise ValueError(f"cache_gb: need one pool per server ({self.problem.num_servers}), "
-                             f"got {len(self.cache_gb)}")
+            raise ValueError(
+                f"cache_gb: need one pool per server ({self.problem.num_servers}), got {len(self.cache_gb)}"
+            )
         if any(c < 0 for c in self.cache_gb):
             raise ValueError("cache_gb: pools must be non-negative")
 

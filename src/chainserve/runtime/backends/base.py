@@ -44,8 +44,9 @@ class WireTensor:
         if not self.shape or any(not isinstance(d, int) or d < 0 for d in self.shape):
             raise ValueError(f"shape: must be non-negative integers, got {self.shape!r}")
         if len(self.data) != self.nbytes:
-            raise ValueError(f"data: {len(self.data)} bytes for shape {self.shape} of {self.dtype} "
-                             f"(need {self.nbytes})")
+            raise ValueError(
+                f"data: {len(self.data)} bytes for shape {self.shape} of {self.dtype} (need {self.nbytes})"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -72,8 +73,7 @@ class SpanBackend(Protocol):
 
     info: SpanInfo
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
-                      position: int) -> WireTensor:
+    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
         """Run blocks ``first_block..info.last_block`` on ``hidden`` ([1, q, hidden_size]: q new
         tokens at absolute positions ``position..position+q−1``); block ``first_block + i`` reads and
         writes the KV of block-slot ``slots[i]`` (positions ``< position`` were written by earlier

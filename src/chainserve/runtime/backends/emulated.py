@@ -23,7 +23,8 @@ import numpy as np
 from chainserve.runtime.backends.base import SpanInfo, WireTensor
 from chainserve.runtime.timing import SteadySleep
 
-WORDS = tuple("""
+WORDS = tuple(
+    """
 the of and to in is that for it as with was on be by at this are from or have an they which one you
 had not but what all were when we there can been has more if will would their so about out up into
 them some could time these two may then do first any like now my over such our man me even most made
@@ -32,7 +33,8 @@ just those people how too little state good very make world still own see men wo
 between both life being under never day same another know while last might us great old year off come
 since against go came right used take three chain server block cache job queue plan model token fast
 slow memory place route serve load time wait start end light river stone cloud green quiet music road
-""".split())
+""".split()
+)
 EOS_TOKEN = "<eos>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 VOCAB = (EOS_TOKEN, "<unk>", *CHAT_TOKENS, *WORDS)
@@ -56,8 +58,7 @@ class EmulatedSpan:
         self.step_s_per_block = step_s_per_block
         self.sleep = SteadySleep()
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
-                      position: int) -> WireTensor:
+    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
         num_blocks = self.info.last_block - first_block + 1
         if hidden.dtype != "int32" or len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != 1:
             raise ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")

@@ -39,12 +39,13 @@ class ArenaCache(Cache):
         super().__init__(layers=[])
         self.arena, self.slots, self.offset, self.position = arena, slots, offset, position
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self.arena[self.slots[layer_idx - self.offset]]
         end = self.position + key_states.shape[2]
-        kv[0, :, self.position:end] = key_states[0]
-        kv[1, :, self.position:end] = value_states[0]
+        kv[0, :, self.position : end] = key_states[0]
+        kv[1, :, self.position : end] = value_states[0]
         return kv[0, :, :end].unsqueeze(0), kv[1, :, :end].unsqueeze(0)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -59,13 +60,17 @@ class TorchSpan:
         if config.model_type != "llama":
             raise ValueError(f"model_dir: {model_dir} holds a {config.model_type!r} model; TorchSpan runs Llama blocks")
         if info.first_block < 1 or info.last_block > config.num_hidden_layers or info.num_blocks < 1:
-            raise ValueError(f"info: blocks {info.first_block}..{info.last_block} are not within the model's "
-                             f"1..{config.num_hidden_layers}")
+            raise ValueError(
+                f"info: blocks {info.first_block}..{info.last_block} are not within the model's "
+                f"1..{config.num_hidden_layers}"
+            )
         if info.num_block_slots < 1 or info.max_tokens < 1:
             raise ValueError(f"info: need num_block_slots >= 1 and max_tokens >= 1, got {info}")
         if info.max_tokens > config.max_position_embeddings:
-            raise ValueError(f"info.max_tokens: {info.max_tokens} exceeds the model's "
-                             f"max_position_embeddings {config.max_position_embeddings}")
+            raise ValueError(
+                f"info.max_tokens: {info.max_tokens} exceeds the model's "
+                f"max_position_embeddings {config.max_position_embeddings}"
+            )
         if dtype not in FROM_WIRE.values() or not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not float32, float16 or bfloat16")
         self.info, self.dtype, self.config = info, dtype, config
@@ -74,8 +79,9 @@ class TorchSpan:
         self.rotary = LlamaRotaryEmbedding(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # Bounded KV memory: allocated once, never grows (s_c per block-slot).
-        self.arena = torch.zeros(info.num_block_slots, 2, config.num_key_value_heads, info.max_tokens, head_dim,
-                                 dtype=dtype)
+        self.arena = torch.zeros(
+            info.num_block_slots, 2, config.num_key_value_heads, info.max_tokens, head_dim, dtype=dtype
+        )
 
     def _load_layers(self, model_dir: Path) -> torch.nn.ModuleList:
         first, last = self.info.first_block, self.info.last_block
@@ -87,8 +93,9 @@ class TorchSpan:
             return None
 
         with torch.device("meta"):
-            layers = torch.nn.ModuleList(LlamaDecoderLayer(self.config, layer_idx=i)
-                                         for i in range(self.info.num_blocks))
+            layers = torch.nn.ModuleList(
+                LlamaDecoderLayer(self.config, layer_idx=i) for i in range(self.info.num_blocks)
+            )
         layers.load_state_dict(load_tensors(model_dir, rename, self.dtype), strict=True, assign=True)
         return layers.eval()
 
@@ -97,8 +104,7 @@ class TorchSpan:
         """s_c of this span in bytes: one block's K and V for ``max_tokens`` positions."""
         return self.arena[0].numel() * self.arena.element_size()
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int],
-                      position: int) -> WireTensor:
+    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
         """See :meth:`~.base.SpanBackend.forward`. Runs inline: the server computes one step at a time."""
         x = wire_to_torch(hidden, self.hidden_size)
         return torch_to_wire(self.run(x, first_block, slots, position).to(x.dtype))
@@ -116,8 +122,9 @@ class TorchSpan:
                 mask = torch.ones(q, position + q, dtype=torch.bool).tril(diagonal=position)[None, None]
             cache = ArenaCache(self.arena, slots, offset, position)
             for layer in self.layers[offset:]:
-                h = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                          position_embeddings=cos_sin)
+                h = layer(
+                    h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=cos_sin
+                )
         return h
 
     def _check(self, hidden: torch.Tensor, first_block: int, slots: Sequence[int], position: int) -> int:

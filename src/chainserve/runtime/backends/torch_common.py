@@ -14,8 +14,13 @@ from transformers import AutoConfig, PretrainedConfig
 
 from chainserve.runtime.backends.base import WireTensor
 
-TO_WIRE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-           torch.int32: "int32", torch.int64: "int64"}
+TO_WIRE = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+}
 FROM_WIRE = {name: dtype for dtype, name in TO_WIRE.items()}
 FLOAT_WIRE = ("float32", "float16", "bfloat16")
 
@@ -27,8 +32,7 @@ def load_config(model_dir: Path) -> PretrainedConfig:
     return config
 
 
-def load_tensors(model_dir: Path, rename: Callable[[str], str | None],
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_tensors(model_dir: Path, rename: Callable[[str], str | None], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Only the tensors whose name ``rename`` maps to a new name (``None``: skip), read one by one from
     ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
     model_dir = Path(model_dir)

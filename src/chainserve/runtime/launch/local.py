@@ -32,19 +32,42 @@ class BackendArgs:
     idle_timeout_s: float = 300.0
 
 
-def block_server_argv(spec: ServerSpec, common: BackendArgs, slowdown: float, extra_delay_s: float,
-                      parent_pid: int | None = None) -> list[str]:
+def block_server_argv(
+    spec: ServerSpec, common: BackendArgs, slowdown: float, extra_delay_s: float, parent_pid: int | None = None
+) -> list[str]:
     """``python -m chainserve block-server …`` for one server. The emulated backend sleeps the plan's
     τ^p and τ^c (:class:`ServerSpec`); ``extra_delay_s`` adds to the one-way delay either way."""
     info = spec.info
     emulated = common.backend == "emulated"
     delay_s = (spec.delay_s if emulated else 0.0) + extra_delay_s
-    argv = [sys.executable, "-m", "chainserve", "block-server", "--id", spec.name,
-            "--first-block", str(info.first_block), "--num-blocks", str(info.num_blocks),
-            "--block-slots", str(info.num_block_slots), "--max-tokens", str(info.max_tokens),
-            "--backend", common.backend, "--host", common.host, "--port", "0",
-            "--slowdown", repr(slowdown), "--delay-ms", repr(delay_s * 1000),
-            "--idle-timeout-s", repr(common.idle_timeout_s)]
+    argv = [
+        sys.executable,
+        "-m",
+        "chainserve",
+        "block-server",
+        "--id",
+        spec.name,
+        "--first-block",
+        str(info.first_block),
+        "--num-blocks",
+        str(info.num_blocks),
+        "--block-slots",
+        str(info.num_block_slots),
+        "--max-tokens",
+        str(info.max_tokens),
+        "--backend",
+        common.backend,
+        "--host",
+        common.host,
+        "--port",
+        "0",
+        "--slowdown",
+        repr(slowdown),
+        "--delay-ms",
+        repr(delay_s * 1000),
+        "--idle-timeout-s",
+        repr(common.idle_timeout_s),
+    ]
     if emulated:
         argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
     if common.model is not None:
@@ -57,8 +80,13 @@ def block_server_argv(spec: ServerSpec, common: BackendArgs, slowdown: float, ex
 class LocalLauncher:
     """Child processes on this machine; ``log_dir`` gets one ``<server>.log`` per server."""
 
-    def __init__(self, log_dir: Path, token: str, ready_timeout_s: float = 300.0,
-                 on_exit: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        token: str,
+        ready_timeout_s: float = 300.0,
+        on_exit: Callable[[str, str], None] | None = None,
+    ):
         self.log_dir = log_dir
         self.token = token
         self.ready_timeout_s = ready_timeout_s
@@ -67,21 +95,25 @@ class LocalLauncher:
         self.watchers: list[asyncio.Task] = []
         self.stopping = False
 
-    async def start(self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float],
-                    extra_delay_s: dict[str, float]) -> dict[int, str]:
+    async def start(
+        self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float], extra_delay_s: dict[str, float]
+    ) -> dict[int, str]:
         """Start every server, wait for all to be ready; returns server index → endpoint."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         for spec in specs:
-            argv = block_server_argv(spec, common, slowdown.get(spec.name, 1.0), extra_delay_s.get(spec.name, 0.0),
-                                     os.getpid())
+            argv = block_server_argv(
+                spec, common, slowdown.get(spec.name, 1.0), extra_delay_s.get(spec.name, 0.0), os.getpid()
+            )
             with open(self.log_dir / f"{spec.name}.log", "ab") as log_file:
                 self.procs[spec.name] = await asyncio.create_subprocess_exec(
-                    *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env)
+                    *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env
+                )
             log.info("started block server %s (pid %d)", spec.name, self.procs[spec.name].pid)
         try:
             endpoints = await asyncio.wait_for(
-                asyncio.gather(*(self._ready(spec.name) for spec in specs)), self.ready_timeout_s)
+                asyncio.gather(*(self._ready(spec.name) for spec in specs)), self.ready_timeout_s
+            )
         except BaseException:
             await self.stop()
             raise
@@ -104,8 +136,9 @@ class LocalLauncher:
         except (json.JSONDecodeError, KeyError, TypeError):
             await proc.wait()
             tail = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"block server {name} failed to start (exit {proc.returncode}): "
-                               + " | ".join(tail)) from None
+            raise RuntimeError(
+                f"block server {name} failed to start (exit {proc.returncode}): " + " | ".join(tail)
+            ) from None
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM every child, wait ``grace_s``, SIGKILL the rest, reap all."""

@@ -45,6 +45,7 @@ log = logging.getLogger("chainserve.launch")
 def _no_sigterm_warning(record: logging.LogRecord) -> bool:
     return "SIGTERM handler is not set" not in record.getMessage()
 
+
 #: Smallest object store Ray accepts; the launcher passes only a few small arguments through it.
 LOCAL_OBJECT_STORE_BYTES = 80 * 1024**2
 
@@ -58,8 +59,16 @@ class ServerActor:
         self.is_stopping = False
         self.lock = threading.Lock()  # start and stop may run at once (max_concurrency=2)
 
-    def start(self, spec: ServerSpec, common: BackendArgs, slowdown: float, extra_delay_s: float, token: str,
-              is_local: bool, timeout_s: float) -> dict[str, Any]:
+    def start(
+        self,
+        spec: ServerSpec,
+        common: BackendArgs,
+        slowdown: float,
+        extra_delay_s: float,
+        token: str,
+        is_local: bool,
+        timeout_s: float,
+    ) -> dict[str, Any]:
         """Start the block server, wait up to ``timeout_s`` for its ready line; its endpoint, pid, node, log."""
         node = ray.util.get_node_ip_address()
         common = dataclasses.replace(common, host="127.0.0.1" if is_local else node)
@@ -71,8 +80,9 @@ class ServerActor:
             log_start = log_file.tell()  # the log is appended to: report only this run's lines
             if self.is_stopping:
                 raise RuntimeError(f"block server {spec.name}: stopped before it started")
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                         env=env)
+            self.proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+            )
         line = self._ready_line(timeout_s)
         try:
             endpoint = str(json.loads(line)["endpoint"])
@@ -81,8 +91,10 @@ class ServerActor:
             with open(log_path, "rb") as log_file:
                 log_file.seek(log_start)
                 tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
-            raise RuntimeError(f"block server {spec.name} on {node} sent no ready line within {timeout_s:g} s "
-                               f"(exit {self.proc.returncode}; log {log_path}): " + " | ".join(tail)) from None
+            raise RuntimeError(
+                f"block server {spec.name} on {node} sent no ready line within {timeout_s:g} s "
+                f"(exit {self.proc.returncode}; log {log_path}): " + " | ".join(tail)
+            ) from None
         self.bound_endpoint = endpoint
         return {"endpoint": endpoint, "pid": self.proc.pid, "node": node, "log": str(log_path)}
 
@@ -136,8 +148,9 @@ class RayLauncher:
         self.pg: PlacementGroup | None = None
         self.actors: dict[str, Any] = {}
 
-    async def start(self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float],
-                    extra_delay_s: dict[str, float]) -> dict[int, str]:
+    async def start(
+        self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float], extra_delay_s: dict[str, float]
+    ) -> dict[int, str]:
         """Place and start every server, wait for all to be ready; returns server index → endpoint."""
         try:
             await self._connect(len(specs))
@@ -146,10 +159,20 @@ class RayLauncher:
             for i, spec in enumerate(specs):
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
                 self.actors[spec.name] = remote_actor.options(
-                    num_cpus=1, num_gpus=num_gpus, max_concurrency=2, scheduling_strategy=strategy).remote()
-            refs = [self.actors[spec.name].start.remote(
-                spec, common, slowdown.get(spec.name, 1.0), extra_delay_s.get(spec.name, 0.0), self.token,
-                self.is_local, self.ready_timeout_s) for spec in specs]
+                    num_cpus=1, num_gpus=num_gpus, max_concurrency=2, scheduling_strategy=strategy
+                ).remote()
+            refs = [
+                self.actors[spec.name].start.remote(
+                    spec,
+                    common,
+                    slowdown.get(spec.name, 1.0),
+                    extra_delay_s.get(spec.name, 0.0),
+                    self.token,
+                    self.is_local,
+                    self.ready_timeout_s,
+                )
+                for spec in specs
+            ]
             try:
                 started = await asyncio.wait_for(asyncio.gather(*refs), self.ready_timeout_s + 10)
             except RayTaskError as exc:
@@ -166,8 +189,12 @@ class RayLauncher:
             return  # this process already joined a Ray: use it, leave it running
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
         if self.address is None:
-            quiet |= {"address": "local", "num_cpus": max(os.cpu_count() or 1, num_servers),
-                      "include_dashboard": False, "object_store_memory": LOCAL_OBJECT_STORE_BYTES}
+            quiet |= {
+                "address": "local",
+                "num_cpus": max(os.cpu_count() or 1, num_servers),
+                "include_dashboard": False,
+                "object_store_memory": LOCAL_OBJECT_STORE_BYTES,
+            }
         # ray.init off the loop's thread cannot (and must not) take over SIGTERM; drop its warning that says so
         worker_log = logging.getLogger("ray._private.worker")
         worker_log.addFilter(_no_sigterm_warning)
@@ -186,8 +213,10 @@ class RayLauncher:
         try:
             await asyncio.wait_for(self.pg.ready(), self.ready_timeout_s)
         except TimeoutError:
-            raise RuntimeError(f"ray: cannot place {num_servers} block servers with {bundle} each within "
-                               f"{self.ready_timeout_s:g} s; available: {ray.available_resources()}") from None
+            raise RuntimeError(
+                f"ray: cannot place {num_servers} block servers with {bundle} each within "
+                f"{self.ready_timeout_s:g} s; available: {ray.available_resources()}"
+            ) from None
         return num_gpus
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -199,8 +228,9 @@ class RayLauncher:
             return
         if actors:
             try:
-                await asyncio.wait_for(asyncio.gather(*(a.stop.remote(grace_s) for a in actors),
-                                                      return_exceptions=True), grace_s + 10)
+                await asyncio.wait_for(
+                    asyncio.gather(*(a.stop.remote(grace_s) for a in actors), return_exceptions=True), grace_s + 10
+                )
             except TimeoutError:
                 log.warning("ray: block server actors did not answer stop(); killing them")
             for actor in actors:
