@@ -33,14 +33,20 @@ def block_server(
     plan: Annotated[
         Path | None, typer.Option(help="Take span and cache from this plan file (chainserve plan --json output).")
     ] = None,
-    first_block: Annotated[int | None, typer.Option(help="First block (1-based), without --plan.")] = None,
-    num_blocks: Annotated[int | None, typer.Option(help="Number of blocks, without --plan.")] = None,
+    first_block: Annotated[
+        int | None, typer.Option(help="First block (1-based), without --plan (default: none).")
+    ] = None,
+    num_blocks: Annotated[int | None, typer.Option(help="Number of blocks, without --plan (default: none).")] = None,
     block_slots: Annotated[
-        int | None, typer.Option(help="KV block-slots (one block of one session), without --plan.")
+        int | None, typer.Option(help="KV block-slots (one block of one session), without --plan (default: none).")
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="KV positions per session.")] = 2048,
-    backend: Annotated[str, typer.Option(metavar="torch|emulated")] = "emulated",
-    model: Annotated[str | None, typer.Option(metavar="NAME|PATH", help="torch backend: the model.")] = None,
+    backend: Annotated[str, typer.Option(metavar="torch|emulated", help="torch: real weights; emulated: sleeps.")] = (
+        "emulated"
+    ),
+    model: Annotated[
+        str | None, typer.Option(metavar="NAME|PATH", help="torch backend: the model (default: none).")
+    ] = None,
     step_ms_per_block: Annotated[
         float | None, typer.Option(help="emulated: compute per block per step in ms (default from --plan: τ^p/l_out).")
     ] = None,
@@ -49,13 +55,15 @@ def block_server(
         float | None,
         typer.Option(help="One-way injected delay in ms (default from --plan with emulated: τ^c/(2·l_out), else 0)."),
     ] = None,
-    idle_timeout_s: Annotated[float, typer.Option(help="Free a session idle this long.")] = 300.0,
+    idle_timeout_s: Annotated[float, typer.Option(help="Free a session idle this many seconds.")] = 300.0,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind (0: any free port).")] = 0,
     token_file: Annotated[
         Path | None, typer.Option(help="Shared secret (default: $CHAINSERVE_TOKEN; none: accept every caller).")
     ] = None,
-    exit_with_parent: Annotated[int | None, typer.Option(help="Exit when this parent process is gone.")] = None,
+    exit_with_parent: Annotated[
+        int | None, typer.Option(help="Exit when this parent process is gone (default: none).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run one block server: a span of blocks and its KV cache, answering the orchestrator."""

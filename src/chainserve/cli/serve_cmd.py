@@ -34,7 +34,8 @@ def serve(
         Path | None, typer.Argument(metavar="[CLUSTER]", help="Cluster file (YAML or raw JSON) to plan and serve.")
     ] = None,
     plan: Annotated[
-        Path | None, typer.Option(help="A saved plan (chainserve plan --json output) instead of a cluster file.")
+        Path | None,
+        typer.Option(help="A saved plan (chainserve plan --json output) instead of a cluster file (default: none)."),
     ] = None,
     backend: Annotated[
         str,
@@ -45,12 +46,15 @@ def serve(
     model: Annotated[
         str | None,
         typer.Option(
-            metavar="NAME|PATH", help="torch backend: smollm2-135m, tiny-random, or a local Hugging Face directory."
+            metavar="NAME|PATH",
+            help="torch backend: smollm2-135m, tiny-random, or a local Hugging Face directory (default: none).",
         ),
     ] = None,
     method: Annotated[str, typer.Option(help=f"{', '.join(METHODS)}, or proposed:<policy>.")] = "proposed",
     launcher: Annotated[str, typer.Option(metavar="local|ray", help="Where block servers run.")] = "local",
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (with --launcher ray).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (with --launcher ray) (default: none: start a local Ray).")
+    ] = None,
     servers: Annotated[
         list[str] | None,
         typer.Option(
@@ -69,24 +73,35 @@ def serve(
     ] = None,
     slowdown: Annotated[
         list[str] | None,
-        typer.Option(metavar="NAME=X", help="Stretch a server's compute X-fold (heterogeneity on one host)."),
+        typer.Option(
+            metavar="NAME=X",
+            help="Stretch a server's compute X-fold (heterogeneity on one host) (default: 1 for every server).",
+        ),
     ] = None,
     delay_ms: Annotated[
-        list[str] | None, typer.Option(metavar="NAME=MS", help="Extra one-way network delay of a server, in ms.")
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=MS", help="Extra one-way network delay of a server, in ms (default: 0 for every server)."
+        ),
     ] = None,
     max_waiting: Annotated[
         int | None,
         typer.Option(help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold)."),
     ] = None,
     request_timeout_s: Annotated[
-        float, typer.Option(help="End a request not finished after this long (HTTP 504).")
+        float, typer.Option(help="End a request not finished after this many seconds (HTTP 504).")
     ] = 600.0,
-    heartbeat_s: Annotated[float, typer.Option(help="Ask every block server for a heartbeat this often.")] = 0.5,
+    heartbeat_s: Annotated[
+        float, typer.Option(help="Ask every block server for a heartbeat every this many seconds.")
+    ] = 0.5,
     heartbeat_deadline_s: Annotated[
-        float, typer.Option(help="A server that misses a heartbeat's reply for this long is marked dead.")
+        float, typer.Option(help="A server that misses a heartbeat's reply for this many seconds is marked dead.")
     ] = 2.0,
     api_key: Annotated[
-        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.", envvar="CHAINSERVE_API_KEY")
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY' on /v1/* (default: none: open).", envvar="CHAINSERVE_API_KEY"
+        ),
     ] = None,
     token_file: Annotated[
         Path | None,
