@@ -274,3 +274,25 @@ def test_a_refused_admission_leaves_the_job_queued_and_it_is_served_later() -> N
     assert (1, 1) in attempts or (0, 1) in attempts  # the refused job was started again
     assert servers[1].counters.num_refused >= 1 and servers[1].counters.peak_sessions == 1
     assert all(s.arena.num_used == 0 for s in servers.values())
+
+
+def test_oversized_tensors_are_refused(monkeypatch) -> None:
+    srv = server()
+    header = {
+        "v": 1,
+        "op": "forward",
+        "rid": 1,
+        "token": TOKEN,
+        "session": "a",
+        "first_block": 1,
+        "position": 0,
+        "open": True,
+        "tensor": {"dtype": "float32", "shape": [1, 2**20, 2**12]},
+    }  # declares 16 GiB
+    reply = protocol.decode_reply(asyncio.run(srv.handle([json.dumps(header).encode(), b"\0" * 16])))
+    assert (reply.ok, reply.error) == (False, "bad_request")
+    monkeypatch.setattr(protocol, "MAX_TENSOR_BYTES", 1024)  # a frame past the limit is refused unread
+    header["tensor"] = {"dtype": "int32", "shape": [1, 512, 1]}
+    reply = protocol.decode_reply(asyncio.run(srv.handle([json.dumps(header).encode(), b"\0" * 2048])))
+    assert (reply.ok, reply.error) == (False, "bad_request") and "limit" in reply.message
+    assert srv.arena.num_used == 0 and srv.counters.num_steps == 0
