@@ -189,3 +189,19 @@ def _rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def test_losing_every_server_of_a_block_places_the_model_anew_on_the_survivors(tmp_path) -> None:
+    max_tokens = 30
+    with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path) as served:
+        spans = {s["name"]: (s["start_block"], s["num_blocks"]) for s in served.get("/plan")["servers"]}
+        first = sorted(name for name, (start, _) in spans.items() if start == 1)  # every server holding block 1
+        faults = [(0.8 + 0.3 * i, kill(served, name)) for i, name in enumerate(first)]
+        results = asyncio.run(run_load(served.url, PROMPTS * 2, max_tokens, concurrency=6, faults=faults))
+        counts = report(results, lambda p: emulated_reference(p, max_tokens))
+        print("fault report (re-placement):", counts)
+        assert counts["completed"] == counts["sent"] and counts["lost"] == 0
+        plan = served.get("/plan")
+        assert "replaced" in [c["reason"] for c in plan["changes"]]
+        assert not {s["name"] for s in plan["servers"]} & set(first)
+        assert min(s["start_block"] for s in plan["servers"]) == 1 and plan["chains"]

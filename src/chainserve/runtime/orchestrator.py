@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ log = logging.getLogger("chainserve.orchestrator")
 DEAD_CODES = frozenset({"timeout", "transport"})
 #: Replans: given the live servers, a new layout and a fresh dispatcher, or ``None`` to keep the chains.
 Replan = Callable[[frozenset[int]], tuple[Layout, Dispatcher] | None]
+#: Re-places: given the live servers, a new placement whose servers were (re)started with their new spans,
+#: its dispatcher and the clients of the (re)started servers; ``None`` when not possible.
+Replace = Callable[[frozenset[int]], Awaitable[tuple[Layout, Dispatcher, dict[int, "ServerClient"]] | None]]
 
 
 class ServerClient(Protocol):
@@ -131,6 +134,7 @@ class Orchestrator:
         method: str = "proposed",
         request_timeout_s: float = 600.0,
         replan: Replan | None = None,
+        replace: Replace | None = None,
         heartbeat_s: float = 0.5,
         heartbeat_deadline_s: float = 2.0,
     ):
@@ -146,6 +150,8 @@ class Orchestrator:
         self.method = method
         self.request_timeout_s = request_timeout_s
         self.replan = replan
+        self.replace = replace
+        self._replacing: asyncio.Task | None = None
         self.heartbeat_s = heartbeat_s
         self.heartbeat_deadline_s = heartbeat_deadline_s
         self.model_id = head.model_id
@@ -453,31 +459,69 @@ class Orchestrator:
 
     def _recompose(self, reason: str, detail: str) -> None:
         """Switch to chains for the live servers: waiting jobs move to the new dispatcher; running
-        ones finish on the old (drained, never cut)."""
-        change = None if self.replan is None else self.replan(frozenset(j for j, up in self.alive.items() if up))
+        ones finish on the old (drained, never cut). When the live servers' spans no longer cover the
+        model, a new placement follows (``replace``) and requests wait for it."""
+        alive = frozenset(j for j, up in self.alive.items() if up)
+        change = None if self.replan is None else self.replan(alive)
         if change is not None:
-            layout, dispatcher = change
-            old = self.dispatcher
-            moved = old.drain()
-            self.layout, self.dispatcher = layout, dispatcher
-            self.retired.append(old)
-            self._reset_peaks()
-            for job in moved:
-                self.runs[job.job_id].dispatcher = dispatcher
-                self._apply(dispatcher.submit(job, self.clock()), dispatcher)
-            self._retire_idle()
+            self._switch(*change)
+        self._record(reason, detail, change is not None)
+        covered = any(all(self.alive.get(j, False) for j in ch.servers) for ch in self.layout.chains)
+        if change is None and self.replan is not None and not covered and self.replace is not None:
+            if self._replacing is None or self._replacing.done():
+                self._replacing = asyncio.get_running_loop().create_task(self._replace_placement())
+
+    def _switch(self, layout: Layout, dispatcher: Dispatcher) -> None:
+        old = self.dispatcher
+        moved = old.drain()
+        self.layout, self.dispatcher = layout, dispatcher
+        self.retired.append(old)
+        self._reset_peaks()
+        for job in moved:
+            self.runs[job.job_id].dispatcher = dispatcher
+            self._apply(dispatcher.submit(job, self.clock()), dispatcher)
+        self._retire_idle()
+
+    def _record(self, reason: str, detail: str, recomposed: bool) -> None:
         chains = [[self.names[j] for j in ch.servers] for ch in self.layout.chains]
         self.plan_changes.append(
-            {"at": time.time(), "reason": reason, "detail": detail, "recomposed": change is not None, "chains": chains}
+            {"at": time.time(), "reason": reason, "detail": detail, "recomposed": recomposed, "chains": chains}
         )
         self.metrics.observe_plan_change(reason)
         log.warning(
             "plan change (%s: %s): %s",
             reason,
             detail,
-            "chains " + "; ".join(" → ".join(c) for c in chains) if change else "chains kept",
+            "chains " + "; ".join(" → ".join(c) for c in chains) if recomposed else "chains kept",
         )
         self._update_gauges()
+
+    async def _replace_placement(self) -> None:
+        """Place the model anew on the live servers (restarting those whose span changes)."""
+        alive = frozenset(j for j, up in self.alive.items() if up)
+        log.warning("the live servers no longer cover the model: placing it anew on %d servers", len(alive))
+        try:
+            result = await self.replace(alive)
+        except Exception:
+            log.exception("re-placement failed; requests wait for a server to come back")
+            return
+        if result is None:
+            log.error("the live servers cannot hold the model; requests wait for a server to come back")
+            return
+        layout, dispatcher, clients = result
+        for j, client in clients.items():
+            old = self.clients.get(j)
+            self.clients[j] = client
+            if old is not None and hasattr(old, "close"):
+                old.close()
+        for j, slots in reserved_block_jobs(layout).items():
+            self.block_slots[j] = slots
+            self.alive[j] = True
+            self.metrics.set_server_up(self.names[j], True)
+            if j in clients:
+                self.used_slots[j] = 0
+        self._switch(layout, dispatcher)
+        self._record("replaced", f"{len(clients)} servers restarted with new spans", True)
 
     def _retire_idle(self) -> None:
         """Forget old dispatchers with nothing left in them; move any waiting job to the current one."""
@@ -587,7 +631,7 @@ class Orchestrator:
             for j, info in zip(self.clients, results, strict=True):
                 if info is None and self.alive[j]:
                     self._server_failed(j, f"no heartbeat within {self.heartbeat_deadline_s:g} s")
-                elif info is not None and not self.alive[j] and not was_alive[j]:
+                elif info is not None and not self.alive[j] and not was_alive.get(j, True):
                     mismatch = self._mismatch(j, info)
                     if mismatch:
                         log.error("block server %s answers but cannot rejoin: %s", self.names[j], mismatch)
@@ -604,9 +648,10 @@ class Orchestrator:
         """Cancel every job and stop watching the servers."""
         for run in list(self.runs.values()):
             self.cancel(run.job.job_id)
-        if self._health is not None:
-            self._health.cancel()
-            await asyncio.gather(self._health, return_exceptions=True)
+        for task in (self._health, self._replacing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 def _ignore_result(future: asyncio.Future) -> None:

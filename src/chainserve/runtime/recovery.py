@@ -53,3 +53,40 @@ def recompose(plan: Plan, alive: Set[int], block_slots: Mapping[int, int]) -> Pl
     if not chains:
         return None
     return make_plan(problem, plan.placement, chains, plan.c, plan.method)
+
+
+def replace_survivors(plan: Plan, alive: Set[int]) -> Plan | None:
+    """A new placement of the live servers when their spans no longer cover blocks 1..L: the c-search
+    of §2.3 on the live servers alone (least lower bound; if no c is stable at the workload's rate,
+    the c = 1 plan, which covers the model with the most room), server indices kept. ``None`` when
+    the live servers cannot hold the model at all.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.plan.types import Span
+    >>> p = Problem(tuple(Server(n, 5, 1.0, 0.0) for n in "abc"), ModelSpec("toy", 4, 1.0, 0.5), Workload(0.1))
+    >>> placement = Placement((Span(0, 1, 2), Span(1, 3, 2), Span(2, 1, 4)), 4)
+    >>> plan = make_plan(p, placement, gca(p, placement), None)
+    >>> new = replace_survivors(plan, {0, 1})
+    >>> [(s.server, s.start_block, s.num_blocks) for s in new.placement.spans], new.chains[0].servers
+    ([(0, 1, 2), (1, 3, 2)], (0, 1))
+    >>> print(replace_survivors(plan, {0}))
+    None
+    """
+    from chainserve.plan.csearch import plan_for_c, search_c
+
+    problem = plan.problem
+    live = sorted(alive)
+    sub = dataclasses.replace(problem, servers=tuple(problem.servers[j] for j in live))
+    try:
+        found = search_c(sub)
+    except ValueError:
+        first = plan_for_c(sub, 1)
+        if first is None:
+            return None
+        found = first[1]
+    spans = tuple(dataclasses.replace(s, server=live[s.server]) for s in found.placement.spans)
+    chains = tuple(
+        dataclasses.replace(ch, hops=tuple(dataclasses.replace(h, server=live[h.server]) for h in ch.hops))
+        for ch in found.chains
+    )
+    return make_plan(problem, Placement(spans, plan.placement.num_blocks), chains, found.c, plan.method)

@@ -39,8 +39,8 @@ from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.orchestrator import Orchestrator, Replan, default_max_waiting
-from chainserve.runtime.recovery import recompose
+from chainserve.runtime.orchestrator import Orchestrator, Replace, Replan, default_max_waiting
+from chainserve.runtime.recovery import recompose, replace_survivors
 
 log = logging.getLogger("chainserve.service")
 
@@ -132,6 +132,7 @@ class Service:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.layout, self.dispatcher = build_layout(config)
+        self.placed = self.layout  # the placement in force (a failure may replace it)
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
@@ -189,24 +190,48 @@ class Service:
             method=method,
             request_timeout_s=config.request_timeout_s,
             replan=self._replanner(method),
+            replace=self._replacer(method),
             heartbeat_s=config.heartbeat_s,
             heartbeat_deadline_s=config.heartbeat_deadline_s,
         )
         await self.orchestrator.connect()
 
     def _replanner(self, method: str) -> Replan | None:
-        """Chains for the live servers (:func:`recompose`) with a fresh dispatcher of the same policy;
-        path placements (PETALS, BPRR) route around dead servers by themselves."""
+        """Chains for the live servers (:func:`recompose`, over the placement in force) with a fresh
+        dispatcher of the same policy; path placements (PETALS, BPRR) route around dead servers by
+        themselves."""
         if not isinstance(self.layout, Plan):
             return None
-        plan, slots = self.layout, reserved_block_jobs(self.layout)
         rng = np.random.default_rng(self.config.seed + 1)
 
         def replan(alive: frozenset[int]) -> tuple[Layout, Dispatcher] | None:
-            new = recompose(plan, alive, slots)
+            new = recompose(self.placed, alive, reserved_block_jobs(self.placed))
             return None if new is None else (new, make_dispatcher(method, new, rng))
 
         return replan
+
+    def _replacer(self, method: str) -> Replace | None:
+        """A new placement of the live servers (:func:`replace_survivors`); the servers this service
+        started are restarted with their new spans (only the local launcher can do that)."""
+        if not isinstance(self.layout, Plan) or self.launcher is None:
+            return None
+        rng = np.random.default_rng(self.config.seed + 2)
+
+        async def replace(alive: frozenset[int]) -> tuple[Layout, Dispatcher, dict[int, BlockClient]] | None:
+            new = replace_survivors(self.placed, alive)
+            if new is None:
+                return None
+            current = {spec.name: spec for spec in self.specs}
+            clients = {}
+            for spec in server_specs(new, self.max_tokens):
+                if spec.name not in current or current[spec.name].info != spec.info:
+                    endpoint = await self.launcher.restart(spec)
+                    clients[spec.index] = BlockClient(spec.name, endpoint, self.token, self.ctx)
+                current[spec.name] = spec
+            self.specs, self.placed = list(current.values()), new
+            return new, make_dispatcher(method, new, rng), clients
+
+        return replace
 
     async def _start_servers(self) -> dict[int, str]:
         config = self.config
@@ -239,6 +264,7 @@ class Service:
         try:
             if self.orchestrator is not None:
                 await self.orchestrator.close()
+                self.clients.update(self.orchestrator.clients)  # servers restarted after a re-placement
             for client in self.clients.values():
                 client.close()
             if self.ctx is not None:

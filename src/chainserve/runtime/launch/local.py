@@ -100,16 +100,9 @@ class LocalLauncher:
     ) -> dict[int, str]:
         """Start every server, wait for all to be ready; returns server index → endpoint."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.common, self.slowdown, self.extra_delay_s = common, slowdown, extra_delay_s
         for spec in specs:
-            argv = block_server_argv(
-                spec, common, slowdown.get(spec.name, 1.0), extra_delay_s.get(spec.name, 0.0), os.getpid()
-            )
-            with open(self.log_dir / f"{spec.name}.log", "ab") as log_file:
-                self.procs[spec.name] = await asyncio.create_subprocess_exec(
-                    *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env
-                )
-            log.info("started block server %s (pid %d)", spec.name, self.procs[spec.name].pid)
+            await self._spawn(spec)
         try:
             endpoints = await asyncio.wait_for(
                 asyncio.gather(*(self._ready(spec.name) for spec in specs)), self.ready_timeout_s
@@ -117,12 +110,39 @@ class LocalLauncher:
         except BaseException:
             await self.stop()
             raise
-        self.watchers = [asyncio.create_task(self._watch(name)) for name in self.procs]
+        self.watchers = [asyncio.create_task(self._watch(name, proc)) for name, proc in self.procs.items()]
         return {spec.index: endpoint for spec, endpoint in zip(specs, endpoints, strict=True)}
 
-    async def _watch(self, name: str) -> None:
-        code = await self.procs[name].wait()
-        if not self.stopping:
+    async def _spawn(self, spec: ServerSpec) -> None:
+        env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        argv = block_server_argv(
+            spec, self.common, self.slowdown.get(spec.name, 1.0), self.extra_delay_s.get(spec.name, 0.0), os.getpid()
+        )
+        with open(self.log_dir / f"{spec.name}.log", "ab") as log_file:
+            self.procs[spec.name] = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env
+            )
+        log.info("started block server %s (pid %d)", spec.name, self.procs[spec.name].pid)
+
+    async def restart(self, spec: ServerSpec, grace_s: float = 5.0) -> str:
+        """Stop server ``spec.name`` (if running) and start it again with ``spec`` (a new span or
+        arena); returns its new endpoint."""
+        old = self.procs.get(spec.name)
+        if old is not None and old.returncode is None:
+            old.terminate()
+            try:
+                await asyncio.wait_for(old.wait(), grace_s)
+            except TimeoutError:
+                old.kill()
+                await old.wait()
+        await self._spawn(spec)
+        endpoint = await asyncio.wait_for(self._ready(spec.name), self.ready_timeout_s)
+        self.watchers.append(asyncio.create_task(self._watch(spec.name, self.procs[spec.name])))
+        return endpoint
+
+    async def _watch(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if not self.stopping and self.procs.get(name) is proc:  # not a restart we asked for
             log.warning("block server %s exited (status %s)", name, code)
             if self.on_exit is not None:
                 self.on_exit(name, f"process exited with status {code}")
