@@ -134,3 +134,14 @@ def sse_events(body: str) -> list[dict | str]:
             payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+def block_server_by_hand(plan_file: Path, name: str, token_file: Path, port: str = "0") -> tuple[subprocess.Popen, str]:
+    """``chainserve block-server --plan … --id NAME`` as an operator starts one; returns the process and
+    its ``host:port`` once it is ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chainserve", "block-server", "--plan", str(plan_file), "--id", name,
+         "--host", "127.0.0.1", "--port", port, "--token-file", str(token_file), "--log-level", "warning"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return proc, json.loads(proc.stdout.readline())["endpoint"].removeprefix("tcp://")

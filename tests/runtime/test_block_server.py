@@ -85,6 +85,14 @@ def test_a_full_arena_refuses_and_never_over_allocates() -> None:
     assert srv.arena.num_used == 3 and srv.counters.num_refused == 1
 
 
+def forward_frames(data: bytes = b"\0" * 4, **changes) -> list[bytes]:
+    """A forward request opening session ``a`` at block 1 with one int32 token, fields changed
+    (``None`` drops one)."""
+    header = {"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
+              "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}} | changes  # fmt: skip
+    return [json.dumps({k: v for k, v in header.items() if v is not None}).encode(), data]
+
+
 @pytest.mark.parametrize(
     "frames, code",
     [
@@ -93,104 +101,15 @@ def test_a_full_arena_refuses_and_never_over_allocates() -> None:
         ([json.dumps({"v": 1, "op": "launch", "rid": 1, "token": TOKEN}).encode()], "bad_request"),
         ([json.dumps({"v": 1, "op": "info", "rid": 1, "token": "wrong"}).encode()], "unauthorized"),
         ([json.dumps({"v": 1, "op": "info", "rid": 1}).encode()], "unauthorized"),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "op": "forward",
-                        "rid": 1,
-                        "token": TOKEN,
-                        "session": "a",
-                        "first_block": 1,
-                        "position": 0,
-                        "open": True,
-                        "tensor": {"dtype": "int32", "shape": [1, 2, 1]},
-                    }
-                ).encode(),
-                b"\0" * 4,
-            ],
-            "bad_request",
-        ),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "op": "forward",
-                        "rid": 1,
-                        "token": TOKEN,
-                        "session": "a",
-                        "first_block": 1,
-                        "position": 0,
-                        "open": True,
-                        "tensor": {"dtype": "float64", "shape": [1, 1, 1]},
-                    }
-                ).encode(),
-                b"\0" * 8,
-            ],
-            "bad_request",
-        ),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "op": "forward",
-                        "rid": 1,
-                        "token": TOKEN,
-                        "session": "a",
-                        "first_block": 1,
-                        "position": 40,
-                        "open": True,
-                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
-                    }
-                ).encode(),
-                b"\0" * 4,
-            ],
-            "bad_request",
-        ),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "op": "forward",
-                        "rid": 1,
-                        "token": TOKEN,
-                        "session": "a",
-                        "first_block": 9,
-                        "position": 0,
-                        "open": True,
-                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
-                    }
-                ).encode(),
-                b"\0" * 4,
-            ],
-            "bad_request",
-        ),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "op": "forward",
-                        "rid": 1,
-                        "token": TOKEN,
-                        "session": "a",
-                        "first_block": 1,
-                        "position": 0,
-                        "tensor": {"dtype": "int32", "shape": [1, 1, 1]},
-                    }
-                ).encode(),
-                b"\0" * 4,
-            ],
-            "unknown_session",
-        ),
+        (forward_frames(tensor={"dtype": "int32", "shape": [1, 2, 1]}), "bad_request"),  # 4 bytes for 8
+        (forward_frames(b"\0" * 8, tensor={"dtype": "float64", "shape": [1, 1, 1]}), "bad_request"),
+        (forward_frames(position=40), "bad_request"),  # past the 32 positions of the cache
+        (forward_frames(first_block=9), "bad_request"),  # outside the span
+        (forward_frames(open=None), "unknown_session"),
         (
             [json.dumps({"v": 1, "op": "close", "rid": 1, "token": TOKEN, "session": "nobody"}).encode()],
             "unknown_session",
-        ),
+        ),  # fmt: skip
     ],
 )
 def test_malformed_or_unauthorised_messages_are_refused_before_any_tensor_work(frames, code) -> None:
@@ -278,21 +197,11 @@ def test_a_refused_admission_leaves_the_job_queued_and_it_is_served_later() -> N
 
 def test_oversized_tensors_are_refused(monkeypatch) -> None:
     srv = server()
-    header = {
-        "v": 1,
-        "op": "forward",
-        "rid": 1,
-        "token": TOKEN,
-        "session": "a",
-        "first_block": 1,
-        "position": 0,
-        "open": True,
-        "tensor": {"dtype": "float32", "shape": [1, 2**20, 2**12]},
-    }  # declares 16 GiB
-    reply = protocol.decode_reply(asyncio.run(srv.handle([json.dumps(header).encode(), b"\0" * 16])))
+    declared = forward_frames(b"\0" * 16, tensor={"dtype": "float32", "shape": [1, 2**20, 2**12]})  # 16 GiB
+    reply = protocol.decode_reply(asyncio.run(srv.handle(declared)))
     assert (reply.ok, reply.error) == (False, "bad_request")
     monkeypatch.setattr(protocol, "MAX_TENSOR_BYTES", 1024)  # a frame past the limit is refused unread
-    header["tensor"] = {"dtype": "int32", "shape": [1, 512, 1]}
-    reply = protocol.decode_reply(asyncio.run(srv.handle([json.dumps(header).encode(), b"\0" * 2048])))
+    frames = forward_frames(b"\0" * 2048, tensor={"dtype": "int32", "shape": [1, 512, 1]})
+    reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
     assert (reply.ok, reply.error) == (False, "bad_request") and "limit" in reply.message
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 0

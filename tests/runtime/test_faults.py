@@ -11,13 +11,11 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from tests.runtime.conftest import DATA, EMULATED_6, server_infos, serving
+from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, server_infos, serving
 
 from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.loadgen import report, run_load
@@ -78,28 +76,8 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
         assert all(first_chain[0] not in c["servers"] for c in plan["chains"])
 
         # the operator restarts the first one by hand, same id, same port: it rejoins and takes load
-        restarted = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chainserve",
-                "block-server",
-                "--plan",
-                str(plan_file),
-                "--id",
-                first_chain[0],
-                "--port",
-                ports[first_chain[0]],
-                "--token-file",
-                str(tmp_path / "token"),
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        restarted, _ = block_server_by_hand(plan_file, first_chain[0], tmp_path / "token", ports[first_chain[0]])
         try:
-            json.loads(restarted.stdout.readline())
             wait_for(lambda: served.get("/plan")["alive"][first_chain[0]])
             assert served.get("/plan")["changes"][-1]["reason"] == "server_back"
             again = asyncio.run(run_load(served.url, PROMPTS, 8, concurrency=4))

@@ -12,7 +12,15 @@ import sys
 import httpx
 import openai
 import pytest
-from tests.runtime.conftest import DATA, EMULATED_6, REPLICAS, server_infos, serving, sse_events
+from tests.runtime.conftest import (
+    DATA,
+    EMULATED_6,
+    REPLICAS,
+    block_server_by_hand,
+    server_infos,
+    serving,
+    sse_events,
+)
 
 PROMPT = "the chain serves the model"
 
@@ -183,30 +191,8 @@ def test_serve_a_saved_plan_with_servers_started_by_hand(tmp_path) -> None:
     procs, endpoints = [], {}
     try:
         for name in names:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "chainserve",
-                    "block-server",
-                    "--plan",
-                    str(plan_file),
-                    "--id",
-                    name,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    "--token-file",
-                    str(tmp_path / "token"),
-                    "--log-level",
-                    "warning",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            proc, endpoints[name] = block_server_by_hand(plan_file, name, tmp_path / "token")
             procs.append(proc)
-            endpoints[name] = json.loads(proc.stdout.readline())["endpoint"].removeprefix("tcp://")
         servers = ",".join(f"{n}={e}" for n, e in endpoints.items())
         by_hand = ("--plan", str(plan_file), "--servers", servers)
         with serving(*by_hand, tmp_path=tmp_path, token="by-hand-token") as served:

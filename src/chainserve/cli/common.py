@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -155,3 +156,12 @@ def fmt_s(seconds: float) -> str:
     ('12.346', '4.2e-05', '0.000')
     """
     return f"{seconds:.3g}" if 0 < abs(seconds) < 0.0005 else f"{seconds:.3f}"
+
+
+#: ``--planner`` of the commands that plan the proposed chains (``best`` or the paper's ``greedy``).
+PlannerOption = Annotated[
+    str,
+    typer.Option(
+        metavar="best|greedy", help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy."
+    ),
+]

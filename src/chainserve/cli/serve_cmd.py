@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from chainserve.cli.block_server_cmd import read_secret, setup_logging
-from chainserve.cli.common import fail, user_errors
+from chainserve.cli.common import PlannerOption, fail, user_errors
 from chainserve.methods import METHODS
 from chainserve.model.spec import SpecError
 
@@ -109,13 +109,7 @@ def serve(
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
-    planner: Annotated[
-        str,
-        typer.Option(
-            metavar="best|greedy",
-            help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy.",
-        ),
-    ] = "best",
+    planner: PlannerOption = "best",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chainserve.cli.common import fmt_s, renamed, stderr_console, stdout_console, user_errors
+from chainserve.cli.common import PlannerOption, fmt_s, renamed, stderr_console, stdout_console, user_errors
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
 from chainserve.methods import METHODS, check_method_name
@@ -86,13 +86,7 @@ def simulate(
     service: Annotated[str, typer.Option(metavar="|".join(SERVICE_MODELS), help="Service-time model.")] = "exponential",
     seed: Annotated[int, typer.Option(help="Seed of the placement, dispatch and simulation streams.")] = 0,
     warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics, 0..requests-1.")] = 0,
-    planner: Annotated[
-        str,
-        typer.Option(
-            metavar="best|greedy",
-            help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy.",
-        ),
-    ] = "best",
+    planner: PlannerOption = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
