@@ -165,3 +165,13 @@ PlannerOption = Annotated[
         metavar="best|greedy", help="Planner of the proposed chains: best (improves on the paper's greedy) or greedy."
     ),
 ]
+
+#: The optional CLUSTER argument of ``plan`` and ``simulate``.
+ClusterArgument = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="[CLUSTER]",
+        help="Cluster file (YAML or raw JSON); default: the embedded paper cluster (BLOOM-176B on 20 MIG slices, "
+        "η = 0.2).",
+    ),
+]

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from chainserve.cli.common import (
+    ClusterArgument,
     check_image_path,
     fmt_s,
     renamed,
@@ -62,14 +63,7 @@ def parse_c(value: str) -> int | None:
 
 
 def plan(
-    cluster: Annotated[
-        Path | None,
-        typer.Argument(
-            metavar="[CLUSTER]",
-            help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
-            "(BLOOM-176B on 20 MIG slices, η = 0.2).",
-        ),
-    ] = None,
+    cluster: ClusterArgument = None,
     rate: Annotated[
         float | None,
         typer.Option("--rate", help="Arrival rate λ in requests/s, 1e-06..1e+06 \\[default: the cluster file's]"),

@@ -19,7 +19,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chainserve.cli.common import PlannerOption, fmt_s, renamed, stderr_console, stdout_console, user_errors
+from chainserve.cli.common import (
+    ClusterArgument,
+    PlannerOption,
+    fmt_s,
+    renamed,
+    stderr_console,
+    stdout_console,
+    user_errors,
+)
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
 from chainserve.dispatch.registry import POLICIES
 from chainserve.methods import METHODS, check_method_name
@@ -44,14 +52,7 @@ MAX_SPAN_IN_SERVICE_TIMES = 1e9
 
 
 def simulate(
-    cluster: Annotated[
-        Path | None,
-        typer.Argument(
-            metavar="[CLUSTER]",
-            help="Cluster file (YAML or raw JSON); default: the embedded paper cluster "
-            "(BLOOM-176B on 20 MIG slices, η = 0.2).",
-        ),
-    ] = None,
+    cluster: ClusterArgument = None,
     method: Annotated[str, typer.Option(help=f"Method: {', '.join(METHODS)}, or proposed:<policy>.")] = "proposed",
     policy: Annotated[
         str | None, typer.Option(help=f"Dispatch policy of the proposed chains: {', '.join(POLICIES)} (default jffc).")
