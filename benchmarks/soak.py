@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from chainserve.measure.bench import BenchRequest, completion_body, stream_request
 from chainserve.runtime.backends.emulated import EmulatedHead
-from chainserve.runtime.loadgen import stream_completion
 
 CLUSTER = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data" / "emulated-6.yaml"
 PROMPTS = [
@@ -115,7 +115,8 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
                     counts["sent"] += 1
                     patience = 0.2 if rng.random() < 0.1 else None  # some clients hang up after a moment
                     try:
-                        result = await asyncio.wait_for(stream_completion(http, prompt, max_tokens), patience)
+                        body = completion_body(0, BenchRequest(0.0, 0, max_tokens, prompt=prompt), None)
+                        result = await asyncio.wait_for(stream_request(http, body), patience)
                     except TimeoutError:
                         counts["cancelled_by_client"] += 1
                         continue
@@ -126,7 +127,7 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
                         counts["lost"] += 1
                     else:
                         counts["completed"] += 1
-                        counts["resumed"] += result.resumed
+                        counts["resumed"] += result.num_attempts > 1
 
             async def bad_inputs() -> None:
                 while time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 server restarted by hand, a burst past the queue bound, and secrets that never leak.
 
 Every test starts ``chainserve serve`` as a user does and drives it over HTTP with streamed requests
-(:mod:`chainserve.runtime.loadgen`), so a lost, cut or duplicated token shows in the client's text.
+(the benchmark client, :mod:`chainserve.measure.bench`), so a lost, cut or duplicated token shows in the
+client's text.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import httpx
 from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, server_infos, serving
 
+from chainserve.measure.bench import BenchRequest, RequestResult, run_bench
 from chainserve.runtime.backends.emulated import EmulatedHead
-from chainserve.runtime.loadgen import report, run_load
 
 PROMPTS = [
     "the chain serves the model",
@@ -30,6 +31,35 @@ PROMPTS = [
     "time to start",
     "old stone road",
 ]
+
+
+def run_load(url: str, prompts: list[str], max_tokens: int, concurrency: int, faults=()) -> list[RequestResult]:
+    """Send every prompt (``concurrency`` at a time, each as soon as a slot frees) while running ``faults``
+    (``(offset_s, callable)``) at their offsets; the results in prompt order."""
+    requests = [BenchRequest(0.0, 0, max_tokens, prompt=p) for p in prompts]
+
+    async def go() -> list[RequestResult]:
+        bench = asyncio.create_task(run_bench(url, requests, progress=False, concurrency=concurrency))
+        began = time.monotonic()
+        for at_s, fault in sorted(faults, key=lambda f: f[0]):
+            await asyncio.sleep(max(0.0, at_s - (time.monotonic() - began)))
+            fault()
+        return list((await bench).results)
+
+    return asyncio.run(go())
+
+
+def report(results: list[RequestResult], prompts: list[str], expected) -> dict:
+    """Counts: sent, completed, resumed, lost (not completed, or completed with other text than
+    ``expected(prompt)``, the fault-free answer)."""
+    wrong = sum(r.ok and r.text != expected(prompts[r.index]) for r in results)
+    return {
+        "sent": len(results),
+        "completed": sum(r.ok for r in results),
+        "resumed": sum(r.ok and r.num_attempts > 1 for r in results),
+        "lost": sum(not r.ok for r in results) + wrong,
+        "wrong_text": wrong,
+    }
 
 
 def emulated_reference(prompt: str, max_tokens: int) -> str:
@@ -63,8 +93,8 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
         first_chain = served.get("/plan")["chains"][0]["servers"]  # s0 → s1 → s4: JFFC fills it first
         faults = [(1.0, kill(served, first_chain[0])), (3.0, kill(served, first_chain[2]))]
         prompts = PROMPTS * 6
-        results = asyncio.run(run_load(served.url, prompts, max_tokens, concurrency=8, faults=faults))
-        counts = report(results, lambda p: emulated_reference(p, max_tokens))
+        results = run_load(served.url, prompts, max_tokens, concurrency=8, faults=faults)
+        counts = report(results, prompts, lambda p: emulated_reference(p, max_tokens))
         print("fault report (emulated):", counts)
         assert counts["sent"] == counts["completed"] == len(prompts)
         assert counts["lost"] == counts["wrong_text"] == 0
@@ -80,7 +110,7 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
         try:
             wait_for(lambda: served.get("/plan")["alive"][first_chain[0]])
             assert served.get("/plan")["changes"][-1]["reason"] == "server_back"
-            again = asyncio.run(run_load(served.url, PROMPTS, 8, concurrency=4))
+            again = run_load(served.url, PROMPTS, 8, concurrency=4)
             assert all(r.ok for r in again)
             used = {h["server"] for r in again for h in r.route["hops"]}
             assert first_chain[0] in used
@@ -101,11 +131,11 @@ def test_torch_servers_killed_under_load_give_the_fault_free_text(tmp_path) -> N
         "a0=4,a1=4,a2=4,b0=4,b1=4,b2=4",
     )
     with serving(*args, tmp_path=tmp_path) as served:
-        reference = {r.prompt: r.text for r in asyncio.run(run_load(served.url, PROMPTS, max_tokens, concurrency=4))}
+        reference = {PROMPTS[r.index]: r.text for r in run_load(served.url, PROMPTS, max_tokens, concurrency=4)}
         chains = [c["servers"] for c in served.get("/plan")["chains"]]
         faults = [(0.6, kill(served, chains[0][0])), (1.6, kill(served, chains[1][1]))]
-        results = asyncio.run(run_load(served.url, PROMPTS * 3, max_tokens, concurrency=8, faults=faults))
-        counts = report(results, reference.__getitem__)
+        results = run_load(served.url, PROMPTS * 3, max_tokens, concurrency=8, faults=faults)
+        counts = report(results, PROMPTS * 3, reference.__getitem__)
         print("fault report (torch, tiny model):", counts)
         assert counts["completed"] == counts["sent"] and counts["lost"] == 0
         assert counts["resumed"] >= 1
@@ -128,7 +158,7 @@ def test_a_burst_past_the_queue_bound_gets_429_and_service_goes_on(tmp_path) -> 
         assert int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["type"] == "rate_limit_error"
         metrics = httpx.get(served.url + "/metrics").text
         assert f'chainserve:request_failure_total{{reason="rejected"}} {float(codes.count(429))}' in metrics
-        after = asyncio.run(run_load(served.url, PROMPTS, 8, concurrency=4))
+        after = run_load(served.url, PROMPTS, 8, concurrency=4)
         assert all(r.ok for r in after)
         assert _rss_kb(served.proc.pid) - rss_before < 100_000  # memory stays bounded
 
@@ -175,8 +205,8 @@ def test_losing_every_server_of_a_block_places_the_model_anew_on_the_survivors(t
         spans = {s["name"]: (s["start_block"], s["num_blocks"]) for s in served.get("/plan")["servers"]}
         first = sorted(name for name, (start, _) in spans.items() if start == 1)  # every server holding block 1
         faults = [(0.8 + 0.3 * i, kill(served, name)) for i, name in enumerate(first)]
-        results = asyncio.run(run_load(served.url, PROMPTS * 2, max_tokens, concurrency=6, faults=faults))
-        counts = report(results, lambda p: emulated_reference(p, max_tokens))
+        results = run_load(served.url, PROMPTS * 2, max_tokens, concurrency=6, faults=faults)
+        counts = report(results, PROMPTS * 2, lambda p: emulated_reference(p, max_tokens))
         print("fault report (re-placement):", counts)
         assert counts["completed"] == counts["sent"] and counts["lost"] == 0
         plan = served.get("/plan")
