@@ -185,3 +185,32 @@ def test_unstable_jffc_only_warns():
     data = json.loads(result.stdout)
     assert data["bounds"] is None and data["waiting"]["mean"] > 0
     assert np.isfinite(data["response"]["mean"])
+
+
+def test_rate_profile_adapt_lists_plan_changes():
+    """A step 0.3/s → 0.9/s on the default cluster: the static plan (for the file's 0.2/s) makes no
+    change; --adapt re-plans once the rate rises."""
+    args = ("--requests", "1500", "--rate-profile", "0:0.3,1200:0.9")
+    static = run_json(*args)
+    assert (static["plan_changes"], static["changes"]) == (0, [])
+    adaptive = run_json(*args, "--adapt")
+    assert adaptive["plan_changes"] == len(adaptive["changes"]) >= 1
+    up = next(c for c in adaptive["changes"] if c["reason"] == "rate_up" and c["time"] > 1200)
+    assert up["kind"] in ("reallocate", "replace") and up["new_c"] >= up["old_c"]
+    assert adaptive["response"]["mean"] < static["response"]["mean"]
+
+
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [
+        ("0:0.2,600", "'600' is not T:R"),
+        ("5:0.2", "must start at second 0"),
+        ("0:0.2,60:0.3,60:0.4", "times must increase"),
+        ("0:0", "must lie in 1e-06..1e+06"),
+    ],
+)
+def test_rate_profile_errors(profile, message):
+    result = run("--rate-profile", profile)
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"error: rate-profile: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1

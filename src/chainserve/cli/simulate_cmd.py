@@ -5,11 +5,17 @@ Arrivals are Poisson at the cluster's λ (or ``--rate``), a Gamma renewal proces
 shipped Azure code trace, §4.2). A replayed trace sets λ to its own mean rate, (n − 1)/span over the
 replayed rows, so the method is planned, and its Theorem-4 bounds computed, for the load it will see.
 Seeds follow :mod:`chainserve.sim.runs`: ``--seed s`` is replication s of the experiments.
+
+``--rate-profile T0:R0,T1:R1,…`` makes the arrivals Poisson with a piecewise-constant rate (R_i
+requests/s from second T_i on, T0 = 0); the plan is still made once, for the cluster file's rate.
+``--adapt`` re-plans online with :class:`chainserve.adapt.controller.AdaptiveController` (beyond the
+paper); ``--json`` then lists the plan changes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chainserve.adapt.controller import AdaptConfig
 from chainserve.cli.common import (
     ClusterArgument,
     PlannerOption,
@@ -36,7 +43,15 @@ from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
-from chainserve.sim.arrivals import ArrivalProcess, GammaArrivals, PoissonArrivals, TraceArrivals, read_azure_trace
+from chainserve.sim.adaptive import Transition
+from chainserve.sim.arrivals import (
+    ArrivalProcess,
+    GammaArrivals,
+    PiecewiseArrivals,
+    PoissonArrivals,
+    TraceArrivals,
+    read_azure_trace,
+)
 from chainserve.sim.runs import Replication, run_method
 from chainserve.sim.service import SERVICE_MODELS, service_model
 
@@ -88,6 +103,17 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed of the placement, dispatch and simulation streams.")] = 0,
     warmup: Annotated[int, typer.Option(help="Leave the first N requests out of the statistics, 0..requests-1.")] = 0,
     planner: PlannerOption = "best",
+    rate_profile: Annotated[
+        str | None,
+        typer.Option(
+            metavar="T0:R0,T1:R1,…",
+            help="Poisson arrivals at R_i requests/s from second T_i on (T0 = 0, times increasing); the plan "
+            r"is made for the cluster file's rate \[default: none]",
+        ),
+    ] = None,
+    adapt: Annotated[
+        bool, typer.Option("--adapt", help="Re-plan online when the arrival rate changes (proposed method).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
@@ -98,15 +124,25 @@ def simulate(
             raise SpecError("planner", f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
         _check_counts(requests, warmup, seed)
         service_model(service)
+        if adapt and not name.startswith("proposed"):
+            raise SpecError("adapt", f"only the proposed method re-plans online, got --method {method}")
+        profile = None if rate_profile is None else parse_rate_profile(rate_profile)
+        if profile is not None and (rate is not None or trace is not None or burstiness is not None):
+            raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
         problem = load_cluster(cluster or DEFAULT_CLUSTER)
-        problem, arrivals, arrivals_text = _arrivals(
-            problem, requests, rate, trace, time_scale, trace_start, burstiness
-        )
+        if profile is None:
+            problem, arrivals, arrivals_text = _arrivals(
+                problem, requests, rate, trace, time_scale, trace_start, burstiness
+            )
+        else:
+            arrivals, arrivals_text = profile, f"Poisson, rate profile {rate_profile}"
         rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
         _check_span(problem, requests, rate_field)
         with _spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
             try:
-                run = run_method(problem, name, seed, requests, arrivals, service, warmup, planner)
+                run = run_method(
+                    problem, name, seed, requests, arrivals, service, warmup, planner, AdaptConfig() if adapt else None
+                )
             except SpecError as exc:
                 if exc.field != "arrival_rate" or trace is None:
                     raise
@@ -118,14 +154,79 @@ def simulate(
                 ) from None
     plan = run.setup.plan_or_placement
     if as_json:
-        typer.echo(json.dumps(_to_json(run, name, problem, arrivals_text, service, warmup), indent=2))
+        data = _to_json(run, name, problem, arrivals_text, service, warmup)
+        if adapt or profile is not None:
+            data["plan_changes"] = len(run.transitions)
+            data["changes"] = [_change_json(t) for t in run.transitions]
+        typer.echo(json.dumps(data, indent=2))
     else:
         _print_run(run, name, problem, arrivals_text, service, warmup, stdout_console())
+        if adapt:
+            _print_changes(run, stdout_console())
     if isinstance(plan, Plan) and not plan.is_stable:
         err.print(
             f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
             f"ν = {plan.total_rate_per_s:.4g}/s; waiting grows with the number of requests"
         )
+
+
+def parse_rate_profile(text: str) -> PiecewiseArrivals:
+    """``T0:R0,T1:R1,…`` as a rate profile; a one-line :class:`SpecError` on a malformed one.
+
+    >>> parse_rate_profile("0:0.2,600:0.6").rates_per_s
+    (0.2, 0.6)
+    >>> parse_rate_profile("0:0.2,600")
+    Traceback (most recent call last):
+    ...
+    chainserve.model.spec.SpecError: rate-profile: '600' is not T:R (seconds:requests per second)
+    """
+    starts: list[float] = []
+    rates: list[float] = []
+    for item in text.split(","):
+        t_text, sep, r_text = item.strip().partition(":")
+        try:
+            t, r = float(t_text), float(r_text)
+        except ValueError:
+            t = r = math.nan
+        if not sep or math.isnan(t) or math.isnan(r):
+            raise SpecError("rate-profile", f"{item.strip()!r} is not T:R (seconds:requests per second)")
+        if not math.isfinite(t) or t < 0:
+            raise SpecError("rate-profile", f"time {t_text} must be a non-negative number of seconds")
+        limits.check_range("rate-profile", r, limits.RATE_PER_S, "requests/s")
+        starts.append(t)
+        rates.append(r)
+    if starts[0] != 0:
+        raise SpecError("rate-profile", f"must start at second 0, got {starts[0]:g}")
+    if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        raise SpecError("rate-profile", f"times must increase, got {', '.join(f'{t:g}' for t in starts)}")
+    return PiecewiseArrivals(tuple(starts), tuple(rates))
+
+
+def _change_json(transition: Transition) -> dict[str, object]:
+    change = transition.change
+    return {
+        "time": change.time_s,
+        "reason": change.reason,
+        "kind": change.kind,
+        "old_c": change.old_c,
+        "new_c": change.new_c,
+        "rate": change.rate_per_s,
+        "migrating_s": transition.duration_s,
+        "gain_s": change.gain_s,
+        "cost_s": change.cost_s,
+    }
+
+
+def _print_changes(run: Replication, out: Console) -> None:
+    table = Table(title=f"Plan changes ({len(run.transitions)})", title_justify="left")
+    for header in ("time (s)", "reason", "kind", "c", "rate (/s)", "migrating (s)"):
+        table.add_column(header, justify="left" if header in ("reason", "kind") else "right")
+    for t in run.transitions:
+        c = t.change
+        table.add_row(
+            f"{c.time_s:.1f}", c.reason, c.kind, f"{c.old_c} → {c.new_c}", f"{c.rate_per_s:.4g}", f"{t.duration_s:.1f}"
+        )
+    out.print(table)
 
 
 def method_name(method: str, policy: str | None) -> str:

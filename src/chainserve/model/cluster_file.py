@@ -11,10 +11,15 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
     dtype: fp16                    # optional, default the model's
     max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
     bprr_sessions: 3               # optional, fixes BPRR's R (default: its rule, plan/baselines/bprr.py)
+    load_bandwidth_gb_per_s: 2.0   # optional, weight loading when a re-placement moves blocks (default 2)
     workload: {arrival_rate: 2.57, prompt_tokens: 2048, output_tokens: 28, rho_bar: 0.7}
     servers:
       - {gpu: a100-3g.40gb, count: 3, rtt_ms: [20, 35, 50], name: high}
       - {name: custom, memory_gb: 20, tau_p_s: 0.175, tau_c_s: 1.2}
+
+``load_bandwidth_gb_per_s`` (GB/s, 0.001..10000, default 2: a local NVMe read) prices a re-placement
+by the adaptive controller: a server whose span changes is out of service for s_m × the blocks it did
+not hold ÷ this bandwidth (:mod:`chainserve.adapt.cost`).
 
 ``workload``: ``arrival_rate`` λ (requests/s, required), ``prompt_tokens`` (2000), ``output_tokens``
 (20), ``rho_bar`` ρ̄ (0.7). A server entry stands for ``count`` (1) identical servers named
@@ -32,12 +37,12 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
      "num_blocks": 70, "block_size_gb": 1.31, "cache_size_gb": 0.117,
      "arrival_rate": 0.2, "rho_bar": 0.7}
 
-(optional: ``name``, ``prompt_tokens``, ``output_tokens``, ``bprr_sessions``, ``max_tokens``: the
-sequence length ``cache_size_gb`` holds, needed only by ``plan --export petals``; a raw model mapping
-in the cluster format takes it too). Numbers must lie in the ranges of :mod:`chainserve.model.limits`
-(times 1e-6..1e6 s, rates 1e-6..1e6/s, sizes 1e-9..1e6 GB, ρ̄ 0.001..0.999, at most 1000 servers and
-1000 blocks, tokens 1..10^6). Every problem raises
-:class:`SpecError` naming the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
+(optional: ``name``, ``prompt_tokens``, ``output_tokens``, ``bprr_sessions``, ``load_bandwidth_gb_per_s``,
+``max_tokens``: the sequence length ``cache_size_gb`` holds, needed only by ``plan --export petals``;
+a raw model mapping in the cluster format takes it too). Numbers must lie in the ranges of
+:mod:`chainserve.model.limits` (times 1e-6..1e6 s, rates 1e-6..1e6/s, sizes 1e-9..1e6 GB, ρ̄ 0.001..0.999,
+at most 1000 servers and 1000 blocks, tokens 1..10^6). Every problem raises :class:`SpecError` naming
+the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import yaml
 
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
-from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
+from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
 
 WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
 SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms", "rtt_ms", "rtt_s")
@@ -70,6 +75,7 @@ RAW_KEYS = (
     "prompt_tokens",
     "output_tokens",
     "bprr_sessions",
+    "load_bandwidth_gb_per_s",
     "max_tokens",
 )
 RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
@@ -124,7 +130,7 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
     _check_keys(
         data,
         "",
-        ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions"),
+        ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions", "load_bandwidth_gb_per_s"),
         required=("model", "workload", "servers"),
     )
     workload = _workload(_mapping(data["workload"], "workload"), "workload")
@@ -144,6 +150,7 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
         workload,
         _string(data.get("name", default_name), "name"),
         bprr_sessions=_bprr_sessions(data),
+        load_bandwidth_gb_per_s=_load_bandwidth(data),
     )
 
 
@@ -370,7 +377,14 @@ def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
                 _number(entry, "tau_c", path, _time_bounds(1), allow_zero=True),
             )
         )
-    return Problem(tuple(servers), model, workload, name, bprr_sessions=_bprr_sessions(data))
+    return Problem(
+        tuple(servers),
+        model,
+        workload,
+        name,
+        bprr_sessions=_bprr_sessions(data),
+        load_bandwidth_gb_per_s=_load_bandwidth(data),
+    )
 
 
 def _max_tokens(data: Mapping[str, Any], path: str) -> int | None:
@@ -381,6 +395,13 @@ def _max_tokens(data: Mapping[str, Any], path: str) -> int | None:
 def _bprr_sessions(data: Mapping[str, Any]) -> int | None:
     """The optional ``bprr_sessions`` field: BPRR's R (sessions per block), fixed by the file."""
     return _count(data, "bprr_sessions", "") if "bprr_sessions" in data else None
+
+
+def _load_bandwidth(data: Mapping[str, Any]) -> float:
+    """The optional ``load_bandwidth_gb_per_s`` field (default :data:`DEFAULT_LOAD_BANDWIDTH_GB_PER_S`)."""
+    if "load_bandwidth_gb_per_s" not in data:
+        return DEFAULT_LOAD_BANDWIDTH_GB_PER_S
+    return _number(data, "load_bandwidth_gb_per_s", "", LOAD_BANDWIDTH)
 
 
 # --- field helpers --------------------------------------------------------------------------------
@@ -462,3 +483,5 @@ def _count(data: Mapping[str, Any], key: str, path: str, high: int | None = None
 RATE = (limits.RATE_PER_S, "requests/s")
 RHO = (limits.RHO_BAR, "(below 1: a design load of 1 or more plans for an unstable queue)")
 MEMORY = (limits.MEMORY_GB, "GB")
+#: Weight-loading bandwidth: from a slow network share to well past any PCIe/NVLink link.
+LOAD_BANDWIDTH = ((1e-3, 1e4), "GB/s")

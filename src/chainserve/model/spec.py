@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+#: Default weight-loading bandwidth (GB/s): a local NVMe SSD read into GPU memory.
+DEFAULT_LOAD_BANDWIDTH_GB_PER_S = 2.0
+
 
 class SpecError(ValueError):
     """Invalid input; ``field`` names the offending field (e.g. ``servers[2].memory_gb``)."""
@@ -109,6 +112,8 @@ class Problem:
     """A planning instance: the servers, the model and the workload.
 
     ``bprr_sessions``: R for the BPRR baseline when fixed by the cluster file (``None``: its rule).
+    ``load_bandwidth_gb_per_s``: how fast a server loads block weights when a re-placement changes
+    its span (GB/s; :mod:`chainserve.adapt.cost`).
     """
 
     servers: tuple[Server, ...]
@@ -117,8 +122,10 @@ class Problem:
     name: str = "cluster"
     notes: tuple[str, ...] = field(default=())
     bprr_sessions: int | None = None
+    load_bandwidth_gb_per_s: float = DEFAULT_LOAD_BANDWIDTH_GB_PER_S
 
     def __post_init__(self) -> None:
+        _positive("load_bandwidth_gb_per_s", self.load_bandwidth_gb_per_s)
         if not self.servers:
             raise SpecError("servers", "at least one server is required")
         if self.bprr_sessions is not None and (
@@ -148,4 +155,12 @@ class Problem:
             "output_tokens": w.output_tokens,
         }
         fields.update(changes)
-        return Problem(self.servers, self.model, Workload(**fields), self.name, self.notes, self.bprr_sessions)
+        return Problem(
+            self.servers,
+            self.model,
+            Workload(**fields),
+            self.name,
+            self.notes,
+            self.bprr_sessions,
+            self.load_bandwidth_gb_per_s,
+        )

@@ -191,3 +191,99 @@ class TraceArrivals:
             trace.prompt_tokens[self.start : end],
             trace.output_tokens[self.start : end],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PiecewiseArrivals:
+    """Poisson arrivals whose rate is ``rates_per_s[i]`` from second ``starts_s[i]`` on (beyond the
+    paper: load that changes over time). ``starts_s`` begins at 0 and increases; the last rate holds
+    until ``duration_s``. ``sample(num_jobs)``: the first ``num_jobs`` arrivals (the last rate going on
+    as long as needed); ``None``: every arrival before ``duration_s``. Every job has the workload's
+    mean token lengths.
+
+    Realised by inversion: unit-rate Poisson epochs mapped through the inverse of the cumulative rate
+    Λ(t) = ∫₀ᵗ λ, which is piecewise linear.
+
+    >>> a = PiecewiseArrivals((0.0, 100.0), (1.0, 3.0), 200.0).sample(Workload(1.0), None, np.random.default_rng(0))
+    >>> int(np.sum(a.times_s < 100)), int(np.sum(a.times_s >= 100))   # about 100 and 300
+    (97, 311)
+    """
+
+    starts_s: tuple[float, ...]
+    rates_per_s: tuple[float, ...]
+    duration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.starts_s or len(self.starts_s) != len(self.rates_per_s):
+            raise ValueError("rate profile: need one rate per start time, at least one")
+        if self.starts_s[0] != 0 or any(b <= a for a, b in zip(self.starts_s, self.starts_s[1:], strict=False)):
+            raise ValueError(f"rate profile: start times must begin at 0 and increase, got {self.starts_s}")
+        for rate in self.rates_per_s:
+            _check_rate(rate)
+        if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s: must be a positive number, got {self.duration_s!r}")
+
+    def rate_at(self, t: float) -> float:
+        """λ(t)."""
+        return self.rates_per_s[int(np.searchsorted(self.starts_s, t, side="right")) - 1]
+
+    @property
+    def mean_rate_per_s(self) -> float:
+        """Λ(duration)/duration (needs ``duration_s``)."""
+        if self.duration_s is None:
+            raise ValueError("duration_s: a mean rate needs the profile's duration")
+        return self._cumulative(self.duration_s) / self.duration_s
+
+    @property
+    def peak_rate_per_s(self) -> float:
+        """The highest rate in force before ``duration_s``."""
+        end = math.inf if self.duration_s is None else self.duration_s
+        return max(r for s, r in zip(self.starts_s, self.rates_per_s, strict=True) if s < end)
+
+    def _cumulative(self, t: float) -> float:
+        starts = np.asarray(self.starts_s)
+        lengths = np.clip(np.minimum(np.append(starts[1:], math.inf), t) - starts, 0.0, None)
+        return float(np.dot(lengths, self.rates_per_s))
+
+    def sample(self, workload: Workload, num_jobs: int | None, rng: np.random.Generator) -> Arrivals:
+        if num_jobs is None:
+            if self.duration_s is None:
+                raise ValueError("num_jobs: a rate profile without duration_s needs a job count")
+            count = rng.poisson(self._cumulative(self.duration_s))
+            # given their number, Poisson epochs on [0, Λ(T)] are sorted uniforms
+            epochs = np.sort(rng.uniform(0.0, self._cumulative(self.duration_s), count))
+        else:
+            epochs = np.cumsum(rng.exponential(1.0, _need_count(num_jobs)))
+        knots_t = np.asarray(self.starts_s, dtype=float)
+        knots_cum = np.array([self._cumulative(t) for t in self.starts_s])
+        segment = np.searchsorted(knots_cum, epochs, side="right") - 1
+        rates = np.asarray(self.rates_per_s, dtype=float)[segment]
+        times = knots_t[segment] + (epochs - knots_cum[segment]) / rates
+        n = len(times)
+        return Arrivals(
+            times,
+            np.full(n, workload.prompt_tokens, dtype=np.int64),
+            np.full(n, workload.output_tokens, dtype=np.int64),
+        )
+
+
+def daily_profile(
+    trough_per_s: float, peak_per_s: float, period_s: float = 86_400.0, steps: int = 24, days: int = 1
+) -> PiecewiseArrivals:
+    """An operator's day as ``steps`` piecewise-constant rates per ``period_s``: a cosine from the
+    trough at the start of the period to the peak at its middle, repeated for ``days``.
+
+    >>> p = daily_profile(1.0, 3.0, period_s=24.0, steps=4)
+    >>> [round(r, 2) for r in p.rates_per_s], p.starts_s
+    ([1.29, 2.71, 2.71, 1.29], (0.0, 6.0, 12.0, 18.0))
+    """
+    if not 0 < trough_per_s <= peak_per_s or steps < 1 or days < 1:
+        raise ValueError("daily profile: need 0 < trough ≤ peak, steps ≥ 1 and days ≥ 1")
+    step_s = period_s / steps
+    mid = (np.arange(steps) + 0.5) / steps  # each step's rate is the cosine at its middle
+    rates = trough_per_s + (peak_per_s - trough_per_s) * 0.5 * (1 - np.cos(2 * np.pi * mid))
+    return PiecewiseArrivals(
+        tuple(float(i * step_s) for i in range(steps * days)),
+        tuple(float(r) for r in np.tile(rates, days)),
+        period_s * days,
+    )

@@ -19,25 +19,32 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from heapq import heappop, heappush
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
+from chainserve.dispatch.jffc import JFFC
 from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.memory import MemoryLedger
-from chainserve.sim.service import ServiceModel, service_model
+from chainserve.sim.service import Duration, ServiceModel, service_model
+
+if TYPE_CHECKING:
+    from chainserve.adapt.controller import AdaptiveController
+    from chainserve.sim.adaptive import Transition
 
 
 @dataclass(frozen=True, slots=True)
 class SimResult:
     """Per-job columns in arrival order (``nan`` where a job never started or finished; ``chain``
     -1 where it has none), the final route of each job, and the summary of the finished jobs among
-    ``warmup:`` (``None`` when none finished, e.g. every server failed)."""
+    ``warmup:`` (``None`` when none finished, e.g. every server failed); ``transitions``: the plan
+    changes an adaptive controller made (chain indices then refer to the plan each job ran on)."""
 
     summary: Summary | None
     warmup: int
@@ -49,6 +56,7 @@ class SimResult:
     output_tokens: np.ndarray
     routes: tuple[Route | None, ...]
     num_restarts: int
+    transitions: tuple[Transition, ...] = ()
 
     @property
     def num_jobs(self) -> int:
@@ -88,26 +96,31 @@ def simulate(
     num_jobs: int | None = None,
     warmup: int = 0,
     failures: Sequence[tuple[float, int]] = (),
+    controller: AdaptiveController | None = None,
+    make_dispatcher: Callable[[Layout], Dispatcher] | None = None,
 ) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
-    ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
-    ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
-    ``service`` times, until no event is left. ``failures``: (time, server) events passed to
-    ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
-    starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
+        ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
+        ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
+        ``service`` times, until no event is left. ``failures``: (time, server) events passed to
+        ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
+        starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
+    ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
+    executed as events (:mod:`chainserve.sim.adaptive`; each new plan gets ``make_dispatcher(plan)``,
+    default JFFC over its chains); without one the plan stays (and the loop below runs unchanged).
 
-    O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
-    the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
+        O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
+        the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
 
-    >>> from chainserve.dispatch.jffc import JFFC
-    >>> from chainserve.plan.csearch import make_plan
-    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
-    >>> from chainserve.plan.types import Chain, Hop, Placement, Span
-    >>> p = Problem((Server("a", 10, 0.25, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0))
-    >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.5, 4),), 1)
-    >>> r = simulate(plan, JFFC(plan.chains), seed=1, num_jobs=10_000)
-    >>> r.num_finished, round(r.summary.response.mean_s, 1)  # M/M/4, μ = 2, λ = 1: E[T] ≈ 0.5
-    (10000, 0.5)
+        >>> from chainserve.dispatch.jffc import JFFC
+        >>> from chainserve.plan.csearch import make_plan
+        >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+        >>> from chainserve.plan.types import Chain, Hop, Placement, Span
+        >>> p = Problem((Server("a", 10, 0.25, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0))
+        >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.5, 4),), 1)
+        >>> r = simulate(plan, JFFC(plan.chains), seed=1, num_jobs=10_000)
+        >>> r.num_finished, round(r.summary.response.mean_s, 1)  # M/M/4, μ = 2, λ = 1: E[T] ≈ 0.5
+        (10000, 0.5)
     """
     if isinstance(seed, np.random.Generator):
         arrival_rng, service_rng = seed.spawn(2)
@@ -119,6 +132,8 @@ def simulate(
     if not 0 <= warmup < n:
         raise ValueError(f"warmup: must lie in 0..{n - 1}, got {warmup}")
     duration = service_model(service).sampler(plan.problem, stream, service_rng)
+    if controller is not None:
+        return _simulate_adaptive(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, failures)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
@@ -197,12 +212,35 @@ def simulate(
             next_job += 1
             t_arrival = times[next_job]
 
-    return _result(plan, dispatcher, stream, warmup, started, finished, chain_of, route_of, num_restarts)
+    num_held = dispatcher.num_waiting + dispatcher.num_in_service
+    return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, num_restarts)
+
+
+def _simulate_adaptive(
+    plan: Layout,
+    dispatcher: Dispatcher,
+    controller: AdaptiveController,
+    make_dispatcher: Callable[[Layout], Dispatcher] | None,
+    stream: Arrivals,
+    duration: Duration,
+    warmup: int,
+    failures: Sequence[tuple[float, int]],
+) -> SimResult:
+    """:func:`simulate` with a controller: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
+    from chainserve.sim.adaptive import simulate_adaptive  # it imports this module's results
+
+    if failures:
+        raise ValueError("failures: not simulated together with an adaptive controller")
+    started, finished, chain_of, route_of, _, transitions = simulate_adaptive(
+        plan, dispatcher, controller, make_dispatcher or (lambda layout: JFFC(layout.chains)), stream, duration
+    )
+    result = _result(plan, None, stream, warmup, started, finished, chain_of, route_of, 0)
+    return replace(result, transitions=transitions)
 
 
 def _result(
     plan: Layout,
-    dispatcher: Dispatcher,
+    num_held: int | None,
     stream: Arrivals,
     warmup: int,
     started: array,
@@ -211,13 +249,14 @@ def _result(
     route_of: list[Route | None],
     num_restarts: int,
 ) -> SimResult:
-    """Check conservation, then summarise the finished jobs among ``warmup:``."""
+    """Check conservation (``num_held``: jobs the dispatcher still holds; ``None``: checked by the
+    caller), then summarise the finished jobs among ``warmup:`` (per-chain utilisation only for a
+    run on one plan)."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()
     num_unfinished = int(np.count_nonzero(np.isnan(finished_at)))
-    if dispatcher.num_waiting + dispatcher.num_in_service != num_unfinished:
+    if num_held is not None and num_held != num_unfinished:
         raise RuntimeError(
-            f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds "
-            f"{dispatcher.num_waiting} waiting + {dispatcher.num_in_service} in service"
+            f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds {num_held} waiting or in service"
         )
     started_at = np.frombuffer(started, dtype=np.float64).copy()
     chain = np.frombuffer(chain_of, dtype=np.int64).copy()
@@ -231,7 +270,7 @@ def _result(
             started_at[keep],
             finished_at[keep],
             chain[keep],
-            [ch.capacity for ch in plan.chains],
+            [ch.capacity for ch in plan.chains] if num_held is not None else (),
             warmup=num_warm,
         )
     )

@@ -13,21 +13,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.analysis.records import Summary
-from chainserve.methods import MethodSetup, build_method
+from chainserve.dispatch.registry import POLICIES
+from chainserve.methods import MethodSetup, build_method, check_method_name
 from chainserve.model.spec import Problem
 from chainserve.plan.types import Plan
+from chainserve.sim.adaptive import Transition
 from chainserve.sim.arrivals import ArrivalProcess
 from chainserve.sim.engine import simulate
 
 
 @dataclass(frozen=True, slots=True)
 class Replication:
-    """One simulated run: its seed, summary and (chain methods) the plan's bounds."""
+    """One simulated run: its seed, summary, (chain methods) the plan's bounds, and the plan changes
+    an adaptive run made."""
 
     seed: int
     summary: Summary
     setup: MethodSetup
+    transitions: tuple[Transition, ...] = ()
 
     @property
     def bounds(self) -> tuple[float, float] | None:
@@ -44,14 +49,31 @@ def run_method(
     service: str = "exponential",
     warmup: int = 0,
     planner: str = "greedy",
+    adapt: AdaptConfig | None = None,
 ) -> Replication:
     """Build ``method`` for ``problem`` (the proposed chains by ``planner``, see
-    :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc."""
+    :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc.
+    ``adapt``: re-plan online with an :class:`AdaptiveController` (proposed methods only); every new
+    plan gets a fresh dispatcher of the method's policy, with the same coins' stream."""
+    base, policy = check_method_name(method)
+    if adapt is not None and base != "proposed":
+        raise ValueError(f"adapt: only the proposed method re-plans online, got {method!r}")
     setup = build_method(method, problem, np.random.default_rng(np.random.SeedSequence([seed, 1])), planner)
-    dispatcher = setup.make_dispatcher(np.random.default_rng(np.random.SeedSequence([seed, 2])))
+    coins = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+    dispatcher = setup.make_dispatcher(coins)
+    controller = None if adapt is None else AdaptiveController(problem, setup.plan_or_placement, adapt)
+    factory = POLICIES[policy or "jffc"]
     result = simulate(
-        setup.plan_or_placement, dispatcher, arrivals, service, seed=seed, num_jobs=num_jobs, warmup=warmup
+        setup.plan_or_placement,
+        dispatcher,
+        arrivals,
+        service,
+        seed=seed,
+        num_jobs=num_jobs,
+        warmup=warmup,
+        controller=controller,
+        make_dispatcher=lambda layout: factory(layout.chains, coins, layout.problem.arrival_rate_per_s),
     )
     if result.summary is None:
         raise RuntimeError(f"{method}: no job finished in replication {seed}")
-    return Replication(seed, result.summary, setup)
+    return Replication(seed, result.summary, setup, result.transitions)
