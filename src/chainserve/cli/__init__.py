@@ -19,6 +19,8 @@ COMMANDS = {
     "simulate": ("simulate_cmd", "simulate"),
     "experiment": ("experiment_cmd", "experiment"),
     "serve": ("serve_cmd", "serve"),
+    "profile": ("profile_cmd", "profile"),
+    "bench": ("bench_cmd", "bench"),
     "block-server": ("block_server_cmd", "block_server"),
     "demo": ("demo_cmd", "demo"),
 }

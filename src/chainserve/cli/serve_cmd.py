@@ -110,14 +110,39 @@ def serve(
     log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
     planner: PlannerOption = "best",
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt",
+            help="Re-plan for the measured request rate (proposed method, local launcher): chains or spans "
+            "change without dropping a request; changes at /plan and in /metrics.",
+        ),
+    ] = False,
+    adapt_window_s: Annotated[
+        float, typer.Option(help="With --adapt: seconds per arrival-count window of the change detector.")
+    ] = 10.0,
+    adapt_min_dwell_s: Annotated[
+        float, typer.Option(help="With --adapt: no plan change within this many seconds of the last.")
+    ] = 120.0,
+    adapt_horizon_s: Annotated[
+        float, typer.Option(help="With --adapt: seconds a new plan is expected to stay (weighs gain vs cost).")
+    ] = 1800.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""
+    from chainserve.adapt.controller import AdaptConfig
     from chainserve.runtime.service import ServeConfig
     from chainserve.runtime.service import serve as run
 
     setup_logging(log_level)
     with user_errors():
+        adapt_config = (
+            AdaptConfig(
+                window_s=adapt_window_s, min_dwell_s=adapt_min_dwell_s, horizon_s=adapt_horizon_s, planner=planner
+            )
+            if adapt
+            else None
+        )
         config = ServeConfig(
             cluster,
             plan,
@@ -141,6 +166,7 @@ def serve(
             heartbeat_s,
             heartbeat_deadline_s,
             planner=planner,
+            adapt=adapt_config,
         )
 
     def ready(url: str, service) -> None:

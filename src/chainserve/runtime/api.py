@@ -3,7 +3,9 @@ orchestrator, which queues them and streams tokens back from the chain that serv
 
 Routes: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (JSON or Server-Sent Events with ``stream: true``), and, outside ``/v1``
-and never behind the API key, ``GET /health``, ``/plan``, ``/status``, ``/metrics``.
+and never behind the API key, ``GET /health``, ``/plan``, ``/status``, ``/metrics`` and ``/``, the live
+status page (``static/status.html``: one self-contained file that reads those three JSON/text routes, so it
+needs no key either and never sees one; its Content-Security-Policy lets it load nothing from elsewhere).
 
 Validation (every failure is a 4xx in OpenAI's ``{"error": {message, type, param, code}}`` format;
 request shapes and unsupported parameters in :mod:`.openai_schema`):
@@ -34,12 +36,13 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from importlib import resources
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -51,6 +54,12 @@ from .requests import Engine, Finished, Overloaded, RequestFailed, SamplingParam
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+#: The status page's headers: inline script and style only, fetches to this origin only, never cached.
+STATUS_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:",
+    "Cache-Control": "no-cache",
+}
 
 
 class ClientGone(Exception):
@@ -133,6 +142,12 @@ def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = No
     async def render_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    status_page = resources.files(__package__).joinpath("static", "status.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def status_html() -> HTMLResponse:
+        return HTMLResponse(status_page, headers=STATUS_PAGE_HEADERS)
 
     return app
 

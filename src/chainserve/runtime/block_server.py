@@ -1,7 +1,8 @@
 """A block server: one OS process hosting one server's span of blocks and its KV arena (§4.2).
 
 It answers the orchestrator over a ZeroMQ ROUTER socket (:mod:`.protocol`). A session is admitted
-only when the arena has a block-slot for each block it runs (else a ``no_free_slot`` refusal), runs
+only when the arena has a block-slot for each block it runs within the admission limit the plan in
+force sets (``limit`` op; else a ``no_free_slot`` refusal), runs
 prefill and decode steps on the hidden states it receives, and is freed when closed or idle past
 ``idle_timeout_s``. Heterogeneity on one host: ``slowdown`` stretches every step's compute by that
 factor and ``delay_s`` is an injected one-way network delay. A reply leaves after the compute plus
@@ -96,6 +97,7 @@ class BlockServer:
             "first_block": info.first_block,
             "num_blocks": info.num_blocks,
             "num_block_slots": info.num_block_slots,
+            "slot_limit": self.arena.limit,
             "max_tokens": info.max_tokens,
             "used_block_slots": self.arena.num_used,
             "num_sessions": len(self.sessions),
@@ -119,6 +121,9 @@ class BlockServer:
             if self.knobs.token and not hmac.compare_digest(request.token.encode(), self.knobs.token.encode()):
                 raise protocol.ProtocolError("token: missing or wrong", "unauthorized")
             if request.op == "info":
+                return protocol.encode_reply(rid, **self.describe())
+            if request.op == "limit":
+                self._set_limit(request.num_block_slots)
                 return protocol.encode_reply(rid, **self.describe())
             if request.op == "close":
                 self._close(request.session)
@@ -163,7 +168,7 @@ class BlockServer:
                 self.server_id,
                 name,
                 self.arena.num_used,
-                info.num_block_slots,
+                self.arena.limit,
             )
             raise
         session = self.sessions[name] = Session(slots, first_block, 0, time.monotonic())
@@ -173,6 +178,13 @@ class BlockServer:
         c.peak_sessions = max(c.peak_sessions, len(self.sessions))
         log.debug("%s: admitted session %s at block %d", self.server_id, name, first_block)
         return session
+
+    def _set_limit(self, limit: int) -> None:
+        try:
+            self.arena.set_limit(limit)
+        except ValueError as exc:
+            raise protocol.ProtocolError(f"num_block_slots: {exc}") from None
+        log.info("%s: admission limit %d of %d block-slots", self.server_id, limit, self.info.num_block_slots)
 
     def _close(self, name: str) -> None:
         session = self.sessions.pop(name, None)

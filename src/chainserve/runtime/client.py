@@ -109,6 +109,10 @@ class BlockClient:
     async def info(self, timeout_s: float = 10.0) -> dict[str, Any]:
         return (await self.request("info", timeout_s=timeout_s)).fields
 
+    async def set_limit(self, num_block_slots: int, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Move the server's admission limit within its arena; returns its ``info`` after the change."""
+        return (await self.request("limit", timeout_s=timeout_s, num_block_slots=num_block_slots)).fields
+
     async def forward(
         self,
         session: str,

@@ -21,13 +21,16 @@ name                                             type       meaning
                                                             (queue full, HTTP 429), ``error``
 ``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
 ``chainserve:generation_tokens_total``           counter    generated tokens of finished requests
-``chainserve:plan_changes_total{reason}``        counter    chains recomposed (``server_failed``, ``server_back``)
+``chainserve:plan_changes_total{reason}``        counter    plan changes: ``server_failed``, ``server_back``,
+                                                            ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
 ``chainserve:requests_resumed_total``            counter    jobs replayed on another chain after a failure
 ===============================================  =========  =================================================
 
 Histograms share :data:`LATENCY_BUCKETS_S`, 1 ms .. 10 min. Counters also expose prometheus-client's
-``*_created`` samples.
+``*_created`` samples. Beside the histograms (cumulative since start), :class:`RecentLatencies` keeps the
+exact times of the requests finished in the last :data:`RECENT_WINDOW_S` seconds, whose mean and
+percentiles ``/status`` reports (``latency``) for the status page.
 
 >>> m = RuntimeMetrics()
 >>> m.set_kv_usage("s0", used_block_slots=3, total_block_slots=12)
@@ -38,8 +41,16 @@ True
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from chainserve.analysis.records import Stats
 
 from .requests import Finished
 
@@ -48,13 +59,62 @@ LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+#: The sliding window of :class:`RecentLatencies` (seconds) and the most requests it keeps.
+RECENT_WINDOW_S = 60.0
+RECENT_MAX_REQUESTS = 10_000
+
+
+class RecentLatencies:
+    """The times of the requests finished in the last ``window_s`` seconds of ``clock`` (at most
+    ``max_requests``, the newest), summarised with :class:`~chainserve.analysis.records.Stats` under the
+    keys ``chainserve bench --json`` uses: ``response`` (e2e), ``waiting`` (queue), ``ttft``, ``tpot``.
+
+    >>> now = [0.0]
+    >>> recent = RecentLatencies(window_s=10.0, clock=lambda: now[0])
+    >>> for e2e in (1.0, 2.0, 3.0):
+    ...     recent.add(ttft_s=0.5, tpot_s=None, e2e_s=e2e, queued_s=0.0)
+    >>> recent.summary()["response"]["p50"], recent.summary()["tpot"]
+    (2.0, None)
+    >>> now[0] = 11.0
+    >>> recent.summary()["requests"]
+    0
+    """
+
+    def __init__(
+        self,
+        window_s: float = RECENT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+        max_requests: int = RECENT_MAX_REQUESTS,
+    ) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._rows: deque[tuple[float, float, float, float, float]] = deque(maxlen=max_requests)
+
+    def add(self, ttft_s: float, tpot_s: float | None, e2e_s: float, queued_s: float) -> None:
+        """One finished request, now (``tpot_s`` ``None``: fewer than two tokens)."""
+        self._rows.append((self.clock(), e2e_s, queued_s, ttft_s, np.nan if tpot_s is None else tpot_s))
+
+    def summary(self) -> dict[str, Any]:
+        """``window_s``, ``requests`` (finished in the window) and ``response`` / ``waiting`` / ``ttft`` /
+        ``tpot`` each ``{mean, p50, p95, p99}`` in seconds, ``None`` without a request to measure."""
+        cutoff = self.clock() - self.window_s
+        while self._rows and self._rows[0][0] < cutoff:
+            self._rows.popleft()
+        out: dict[str, Any] = {"window_s": self.window_s, "requests": len(self._rows)}
+        table = np.array(self._rows, dtype=float).reshape(-1, 5)
+        for col, key in enumerate(("response", "waiting", "ttft", "tpot"), start=1):
+            values = table[:, col][~np.isnan(table[:, col])]
+            out[key] = Stats.of(values).to_json() if values.size else None
+        return out
 
 
 class RuntimeMetrics:
-    """The runtime's metrics in one registry (``registry``: a fresh one unless given)."""
+    """The runtime's metrics in one registry (``registry``: a fresh one unless given); ``recent`` holds
+    the last minute's request times (``clock``: its time source)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
+        self.recent = RecentLatencies(clock=clock)
         r = self.registry
         self.num_requests_running = Gauge(
             "chainserve:num_requests_running", "Requests in service on a chain.", registry=r
@@ -122,6 +182,7 @@ class RuntimeMetrics:
         self.request_queue_time.observe(f.queued_s)
         if tpot_s is not None:
             self.time_per_output_token.observe(tpot_s)
+        self.recent.add(f.ttft_s, tpot_s, f.e2e_s, f.queued_s)
         self.request_success.labels(finished_reason=f.finish_reason).inc()
         self.prompt_tokens.inc(f.prompt_tokens)
         self.generation_tokens.inc(f.completion_tokens)
@@ -131,7 +192,8 @@ class RuntimeMetrics:
         self.request_failure.labels(reason=reason).inc()
 
     def observe_plan_change(self, reason: str) -> None:
-        """The chains were recomposed (``reason``: ``server_failed``, ``server_back``)."""
+        """The plan in force changed (``reason``: ``server_failed``, ``server_back``, ``replaced``,
+        or the adaptive controller's ``rate_up`` / ``rate_down``)."""
         self.plan_changes.labels(reason=reason).inc()
 
     def set_server_up(self, server: str, up: bool) -> None:

@@ -12,12 +12,23 @@ job goes back to the head of the queue and retries after a short backoff; a clie
 
 Failures (beyond the paper, which plans once): a block server that misses its heartbeats, exits, or
 fails on the data path is marked dead and ``fail_server`` re-queues the jobs of its chains. The
-chains are recomposed without it (``replan``: GCA on the survivors' spans within their arenas,
-:mod:`.recovery`); waiting jobs move to the new dispatcher, jobs still running on old chains finish
-there (drained, never cut). An aborted job resumes on its new chain by replaying its prompt and the
-tokens generated so far as one prefill, so the client's stream goes on where it stopped, with the
-same tokens under greedy decoding (and the same sampler state otherwise). A server that answers
-again rejoins the same way. Every change is logged with its reason and listed at ``/plan``.
+chains are recomposed without it (GCA on the survivors' spans within their arenas, :mod:`.recovery`);
+waiting jobs move to the new dispatcher, jobs still running on old chains finish there (drained,
+never cut). An aborted job resumes on its new chain by replaying its prompt and the tokens generated
+so far as one prefill, so the client's stream goes on where it stopped, with the same tokens under
+greedy decoding (and the same sampler state otherwise). A server that answers again rejoins the same
+way. When the survivors no longer cover the model it is placed anew on them (:meth:`_migrate`).
+
+Adapting to load (beyond the paper, issue 9): an adaptive controller (the object the simulator
+drives) sees every admitted request's arrival and is asked to ``decide`` after arrivals and on a
+timer; a plan change it returns is executed without dropping or cutting a request. A re-allocation
+switches to the new chains on a fresh dispatcher (:meth:`_adopt`). A re-placement migrates server
+by server (:meth:`_migrate`): the server leaves the chains, its jobs finish, it restarts with its new
+span, the servers in place serve on the chains they form, next. Each block server's admission limit
+follows the plan in force within its physical arena (raised before a job may use it, lowered after),
+and a start waits until each hop has room under the limit (:meth:`_hold`), so old chains' jobs and
+new ones never hold more KV than a server has. Every change is logged with its reason, listed at
+``/plan`` and counted in ``/metrics``.
 
 The clock and the block-server clients are injected, so tests run the same code on a virtual clock
 with a fake transport.
@@ -31,16 +42,17 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.plan.plan_file import layout_to_dict
-from chainserve.plan.types import Layout, reserved_block_jobs
+from chainserve.plan.types import Layout, Placement, Plan, Span, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.metrics import RuntimeMetrics
+from chainserve.runtime.recovery import chains_within, recompose
 from chainserve.runtime.requests import (
     Finished,
     Overloaded,
@@ -55,11 +67,6 @@ log = logging.getLogger("chainserve.orchestrator")
 
 #: ServerFailed codes that mean the server itself is gone (not a bad request of ours).
 DEAD_CODES = frozenset({"timeout", "transport"})
-#: Replans: given the live servers, a new layout and a fresh dispatcher, or ``None`` to keep the chains.
-Replan = Callable[[frozenset[int]], tuple[Layout, Dispatcher] | None]
-#: Re-places: given the live servers, a new placement whose servers were (re)started with their new spans,
-#: its dispatcher and the clients of the (re)started servers; ``None`` when not possible.
-Replace = Callable[[frozenset[int]], Awaitable[tuple[Layout, Dispatcher, dict[int, "ServerClient"]] | None]]
 
 
 class ServerClient(Protocol):
@@ -82,6 +89,32 @@ class ServerClient(Protocol):
 
     async def info(self, timeout_s: float = 10.0) -> dict[str, Any]: ...
 
+    async def set_limit(self, num_block_slots: int, timeout_s: float = 10.0) -> dict[str, Any]: ...
+
+
+class PlanOps(Protocol):
+    """What the service lends the orchestrator to change the plan in force: a fresh dispatcher of the
+    method over a layout; a new placement of the live servers (``None``: impossible); and, where
+    ``can_reload``, restarting server j with its span in a layout (returns its new connection)."""
+
+    can_reload: bool
+
+    def dispatcher(self, layout: Layout) -> Dispatcher: ...
+
+    def place(self, placed: Layout, alive: frozenset[int]) -> Layout | None: ...
+
+    async def reload(self, server: int, layout: Layout) -> ServerClient: ...
+
+
+class Controller(Protocol):
+    """The adaptive controller (``chainserve.adapt``): pure and clock-free, times in seconds."""
+
+    def observe(self, t: float, prompt_tokens: int, output_tokens: int) -> None: ...
+
+    def decide(self, t: float) -> Any: ...
+
+    def applied(self, change: Any, t: float) -> None: ...
+
 
 @dataclass(slots=True, eq=False)
 class JobRun:
@@ -99,6 +132,7 @@ class JobRun:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     task: asyncio.Task | None = None
     start: Start | None = None
+    held: tuple[tuple[int, int], ...] = ()  # (server, block-slots) this start holds (see Orchestrator._hold)
     num_refusals: int = 0
     num_resumes: int = 0
     done: bool = False
@@ -117,8 +151,10 @@ class StartRecord:
 
 class Orchestrator:
     """See the module docstring. ``clients[j]`` talks to the block server of problem server j;
-    ``max_waiting`` bounds the central queue (``None``: unbounded); ``request_timeout_s`` ends a
-    request that has not finished in that time; ``replan`` recomposes chains after a failure."""
+    ``max_waiting`` bounds the central queue (``None``: unbounded; with ``max_waiting_follows_plan``
+    4 × C of the plan in force); ``request_timeout_s`` ends a request that has not finished in that
+    time; ``plan_ops`` lets failures recompose chains and place the model anew; ``controller`` adapts
+    the plan to load, asked every ``adapt_interval_s`` and after each arrival."""
 
     def __init__(
         self,
@@ -133,12 +169,15 @@ class Orchestrator:
         retry_backoff_s: float = 0.05,
         method: str = "proposed",
         request_timeout_s: float = 600.0,
-        replan: Replan | None = None,
-        replace: Replace | None = None,
+        plan_ops: PlanOps | None = None,
         heartbeat_s: float = 0.5,
         heartbeat_deadline_s: float = 2.0,
+        controller: Controller | None = None,
+        adapt_interval_s: float = 0.5,
+        max_waiting_follows_plan: bool = False,
     ):
         self.layout = layout
+        self.placed = layout  # the plan in force with every server alive (failures recompose it)
         self.dispatcher = dispatcher
         self.retired: list[Dispatcher] = []  # older dispatchers whose jobs still run (drained)
         self.head = head
@@ -149,23 +188,35 @@ class Orchestrator:
         self.retry_backoff_s = retry_backoff_s
         self.method = method
         self.request_timeout_s = request_timeout_s
-        self.replan = replan
-        self.replace = replace
-        self._replacing: asyncio.Task | None = None
+        self.plan_ops = plan_ops
+        self.controller = controller
+        self.adapt_interval_s = adapt_interval_s
+        self.max_waiting_follows_plan = max_waiting_follows_plan
+        self._replacing: asyncio.Task | None = None  # the plan change being executed (one at a time)
+        self._adapting: asyncio.Task | None = None
         self.heartbeat_s = heartbeat_s
         self.heartbeat_deadline_s = heartbeat_deadline_s
         self.model_id = head.model_id
         self.max_tokens = head.max_tokens
         self.names = [s.name for s in layout.problem.servers]
         self.index = {name: j for j, name in enumerate(self.names)}
-        self.block_slots = reserved_block_jobs(layout)
-        self.used_slots = dict.fromkeys(self.block_slots, 0)
+        self.block_slots = reserved_block_jobs(layout)  # admission limit per server: the plan in force's
+        self.arena_slots = dict(self.block_slots)  # physical arenas, as each server reports (connect)
+        self.hosted = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
+        self.used_slots = dict.fromkeys(self.block_slots, 0)  # block-slots of the routes started
+        self.held_slots = dict.fromkeys(self.block_slots, 0)  # ... of those admitted by _hold (KV in use)
+        self._freed = asyncio.Event()  # set (and replaced) when held block-slots are released or chains change
+        self.server_limits = dict(self.block_slots)  # each server's own admission limit, as last set
+        self._limits_lock = asyncio.Lock()  # one limit change at a time
+        self._lowering: dict[int, asyncio.Task] = {}
+        self._out: set[int] = set()  # servers taken out of the chains to be restarted with a new span
         self.alive = dict.fromkeys(self.block_slots, True)
         self.runs: dict[int, JobRun] = {}
         self.starts: deque[StartRecord] = deque(maxlen=100_000)
         self.plan_changes: deque[dict[str, Any]] = deque(maxlen=100)
         self._ids = itertools.count()
         self._serials = itertools.count()
+        self._t0 = clock()
         self._health: asyncio.Task | None = None
         self.peak_busy: list[int] = []
         self._reset_peaks()
@@ -209,6 +260,9 @@ class Orchestrator:
         )
         self.runs[job.job_id] = run
         self._apply(self.dispatcher.submit(job, now))
+        if self.controller is not None:
+            self.controller.observe(now - self._t0, len(prompt_ids), params.max_tokens)
+            self._maybe_adapt()
         return self._stream(run)
 
     @property
@@ -285,6 +339,31 @@ class Orchestrator:
             for hop in run.start.route.hops:
                 self.used_slots[hop.server] -= hop.num_blocks
             run.start = None
+        if run.held:
+            for j, num in run.held:
+                self.held_slots[j] -= num
+            run.held = ()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Whoever waits for room (:meth:`_hold`) or a drain looks again."""
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    async def _hold(self, run: JobRun, route: Route) -> bool:
+        """Wait until every hop's server has room under its admission limit, then hold the block-slots
+        (``True``). Without plan changes the dispatcher never asks for more than the limits and this
+        never waits; after one, old chains' jobs may still hold what the new plan gives to other
+        chains. A start of a retired dispatcher does not wait: ``False``, the job moves on."""
+        need = [(h.server, h.num_blocks) for h in route.hops]
+        while any(self.held_slots[j] + num > self.block_slots.get(j, 0) for j, num in need):
+            if run.dispatcher is not self.dispatcher:
+                return False
+            await self._freed.wait()
+        for j, num in need:
+            self.held_slots[j] += num
+        run.held = tuple(need)
+        return True
 
     def _end(self, run: JobRun) -> None:
         run.done = True
@@ -298,6 +377,9 @@ class Orchestrator:
         try:
             if run.num_refusals:
                 await asyncio.sleep(min(self.retry_backoff_s * 2 ** (run.num_refusals - 1), 1.0))
+            if not await self._hold(run, route):
+                self._requeue(run)  # to the current dispatcher
+                return
             finished = await self._run_route(run, route, session, opened)
         except ServerRefused as exc:
             self._close_sessions(opened, session)
@@ -347,10 +429,17 @@ class Orchestrator:
 
     def _requeue(self, run: JobRun) -> None:
         """This start failed (refused, or its session was lost): the job goes back to the head of
-        its dispatcher's queue, keeping what it generated."""
+        its dispatcher's queue, keeping what it generated; a retired dispatcher's job moves to the
+        current one (old chains only finish what they run)."""
         dispatcher = run.dispatcher
         self._release(run)
-        self._apply(dispatcher.abort(run.job.job_id, self.clock()), dispatcher)
+        if dispatcher is self.dispatcher:
+            self._apply(dispatcher.abort(run.job.job_id, self.clock()), dispatcher)
+            return
+        self._apply(dispatcher.cancel(run.job.job_id, self.clock()), dispatcher)
+        run.dispatcher = self.dispatcher
+        self._apply(self.dispatcher.submit(run.job, self.clock()))
+        self._retire_idle()
 
     def _fail_request(self, run: JobRun, message: str) -> None:
         log.error("job %d failed: %s", run.job.job_id, message)
@@ -428,7 +517,7 @@ class Orchestrator:
             self._server_failed(self.index[name], reason)
 
     def _server_failed(self, j: int, reason: str) -> None:
-        if not self.alive.get(j, False):
+        if not self.alive.get(j, False) or j in self._out:  # dead already, or being restarted by us
             return
         self.alive[j] = False
         self.metrics.set_server_up(self.names[j], False)
@@ -457,21 +546,32 @@ class Orchestrator:
             self._apply(dispatcher.restore_server(j, now), dispatcher)
         self._recompose("server_back", self.names[j])
 
+    def _live(self) -> frozenset[int]:
+        """Servers that answer and are not out of the chains for a restart."""
+        return frozenset(j for j, up in self.alive.items() if up and j not in self._out)
+
     def _recompose(self, reason: str, detail: str) -> None:
         """Switch to chains for the live servers: waiting jobs move to the new dispatcher; running
         ones finish on the old (drained, never cut). When the live servers' spans no longer cover the
-        model, a new placement follows (``replace``) and requests wait for it."""
-        alive = frozenset(j for j, up in self.alive.items() if up)
-        change = None if self.replan is None else self.replan(alive)
-        if change is not None:
-            self._switch(*change)
-        self._record(reason, detail, change is not None)
-        covered = any(all(self.alive.get(j, False) for j in ch.servers) for ch in self.layout.chains)
-        if change is None and self.replan is not None and not covered and self.replace is not None:
-            if self._replacing is None or self._replacing.done():
+        model, a new placement follows (:meth:`_replace_placement`) and requests wait for it."""
+        new = None
+        if self.plan_ops is not None and isinstance(self.placed, Plan):
+            new = recompose(self.placed, self._live(), self.block_slots)
+            if new is not None:
+                self._switch(new, self.plan_ops.dispatcher(new))
+        self._record(reason, detail, new is not None)
+        covered = any(all(j in self._live() for j in ch.servers) for ch in self.layout.chains)
+        if new is None and isinstance(self.placed, Plan) and not covered and self.plan_ops.can_reload:
+            if not self._busy:
                 self._replacing = asyncio.get_running_loop().create_task(self._replace_placement())
 
+    @property
+    def _busy(self) -> bool:
+        """A plan change (re-placement or adaptation) is being executed."""
+        return self._replacing is not None and not self._replacing.done()
+
     def _switch(self, layout: Layout, dispatcher: Dispatcher) -> None:
+        self._wake()  # starts of the old dispatcher waiting for room move on
         old = self.dispatcher
         moved = old.drain()
         self.layout, self.dispatcher = layout, dispatcher
@@ -482,10 +582,17 @@ class Orchestrator:
             self._apply(dispatcher.submit(job, self.clock()), dispatcher)
         self._retire_idle()
 
-    def _record(self, reason: str, detail: str, recomposed: bool) -> None:
+    def _record(self, reason: str, detail: str, recomposed: bool, **extra: Any) -> None:
         chains = [[self.names[j] for j in ch.servers] for ch in self.layout.chains]
         self.plan_changes.append(
-            {"at": time.time(), "reason": reason, "detail": detail, "recomposed": recomposed, "chains": chains}
+            {
+                "at": time.time(),
+                "reason": reason,
+                "detail": detail,
+                "recomposed": recomposed,
+                "chains": chains,
+                **extra,
+            }
         )
         self.metrics.observe_plan_change(reason)
         log.warning(
@@ -498,30 +605,191 @@ class Orchestrator:
 
     async def _replace_placement(self) -> None:
         """Place the model anew on the live servers (restarting those whose span changes)."""
-        alive = frozenset(j for j, up in self.alive.items() if up)
+        alive = self._live()
         log.warning("the live servers no longer cover the model: placing it anew on %d servers", len(alive))
         try:
-            result = await self.replace(alive)
+            new = self.plan_ops.place(self.placed, alive)
+            if new is None:
+                log.error("the live servers cannot hold the model; requests wait for a server to come back")
+                return
+            restarted = await self._migrate(new, ())
         except Exception:
             log.exception("re-placement failed; requests wait for a server to come back")
             return
-        if result is None:
-            log.error("the live servers cannot hold the model; requests wait for a server to come back")
+        self._record("replaced", f"{restarted} servers restarted with new spans", True)
+
+    # ---- plan changes: limits, re-allocation, migration ---------------------------------------
+    async def _set_limit(self, j: int, limit: int) -> None:
+        """Server j's own admission limit (holding the lock); a dead server, or one being restarted,
+        keeps its own (a restarted one reports it)."""
+        if self.alive.get(j, False) and j not in self._out:
+            self.server_limits[j] = limit
+            await self.clients[j].set_limit(limit, timeout_s=self.heartbeat_deadline_s)
+
+    async def _adopt(self, layout: Layout) -> None:
+        """Serve ``layout``'s chains on a fresh dispatcher; waiting jobs move to it, running ones finish
+        on their chains. The orchestrator's admission limits become ``layout``'s reservation (0 where
+        a server hosts no chain). A server's own limit is raised before the switch and lowered once
+        what the orchestrator holds there fits (:meth:`_lower`): a job admitted under the old limit
+        opens its later hops' sessions after the switch, and the server must not refuse them."""
+        want = reserved_block_jobs(layout)
+        limits = {j: want.get(j, 0) for j in self.hosted}
+        too_big = [self.names[j] for j, n in limits.items() if n > self.arena_slots.get(j, 0)]
+        if too_big:
+            raise RuntimeError(f"the new plan reserves more than the arenas of {', '.join(too_big)} hold")
+        async with self._limits_lock:
+            raised = [j for j, n in limits.items() if n > self.server_limits.get(j, 0)]
+            await asyncio.gather(*(self._set_limit(j, limits[j]) for j in raised))
+            self.block_slots.update(limits)
+        self.placed = layout
+        if self.max_waiting_follows_plan:
+            self.max_waiting = default_max_waiting(layout)
+        self._switch(layout, self.plan_ops.dispatcher(layout))
+        loop = asyncio.get_running_loop()
+        for j, n in limits.items():
+            if n < self.server_limits.get(j, 0) and (j not in self._lowering or self._lowering[j].done()):
+                self._lowering[j] = loop.create_task(self._lower(j))
+
+    async def _lower(self, j: int) -> None:
+        """Lower server j's own limit to the orchestrator's once the block-slots held there fit it
+        (no new job is admitted past it meanwhile, so this comes within a job's lifetime)."""
+        while self.held_slots.get(j, 0) > self.block_slots.get(j, 0) and j not in self._out:
+            await self._freed.wait()
+        async with self._limits_lock:
+            if self.block_slots.get(j, 0) < self.server_limits.get(j, 0):
+                try:
+                    await self._set_limit(j, self.block_slots[j])
+                except ServerFailed as exc:
+                    log.warning("could not lower the admission limit of %s: %s", self.names[j], exc)
+
+    def _exclude(self) -> None:
+        """New jobs avoid the servers out of the chains (and dead ones): a fresh dispatcher over the
+        same chains with those servers failed; their running jobs finish on the retired one."""
+        dispatcher = self.plan_ops.dispatcher(self.layout)
+        now = self.clock()
+        for j in self.hosted:
+            if j not in self._live():
+                dispatcher.fail_server(j, now)
+        self._switch(self.layout, dispatcher)
+
+    async def _drained(self, j: int) -> None:
+        """Until no started route runs through server j (each ends within the request timeout)."""
+        while self.used_slots.get(j, 0) > 0:
+            await self._freed.wait()
+
+    def _needs_restart(self, target: Layout, j: int) -> bool:
+        span = target.placement.span_of(j)
+        want = reserved_block_jobs(target).get(j, 0)
+        return span is not None and (
+            self.hosted.get(j) != (span.start_block, span.num_blocks) or want > self.arena_slots.get(j, 0)
+        )
+
+    async def _migrate(self, target: Layout, order: Sequence[int]) -> int:
+        """Move to ``target``'s placement. Servers that host nothing yet start first (together: they
+        take nothing out of service); then, one at a time in ``order``, each server whose span
+        changes leaves the chains, its jobs finish (never cut), it restarts with its new span and
+        arena; meanwhile the servers in place serve on the chains they form (GCA within their arenas;
+        none: requests wait). Servers that leave the placement only drain. Returns the restarts."""
+        changed = [j for j in order if self._needs_restart(target, j)]
+        changed += [j for j in target.placement.servers if j not in changed and self._needs_restart(target, j)]
+        fresh = [j for j in changed if j not in self.hosted or not self.alive.get(j, False)]
+        await asyncio.gather(*(self._restart(j, target) for j in fresh))
+        if fresh:
+            await self._serve_interim(target)
+        for j in changed:
+            if j in fresh:
+                continue
+            self._out.add(j)
+            await self._serve_interim(target)
+            began = self.clock()
+            await self._drained(j)
+            log.info("block server %s drained in %.2f s; restarting it", self.names[j], self.clock() - began)
+            await self._restart(j, target)
+            await self._serve_interim(target)
+        await self._adopt(target)
+        return len(changed)
+
+    async def _restart(self, j: int, target: Layout) -> None:
+        """Restart server j with its span and arena in ``target`` (it must hold no job) and take its
+        connection; it serves from the next :meth:`_adopt` on."""
+        self._out.add(j)  # no heartbeat verdicts while it restarts
+        try:
+            client = await self.plan_ops.reload(j, target)
+            info = await client.info()
+        finally:
+            self._out.discard(j)
+        old = self.clients.get(j)
+        self.clients[j] = client
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        self.hosted[j] = (info["first_block"], info["num_blocks"])
+        self.arena_slots[j] = info["num_block_slots"]
+        self.server_limits[j] = info["slot_limit"]
+        self.block_slots[j] = 0  # nothing is admitted there before _adopt raises the limit
+        for counts in (self.used_slots, self.held_slots):
+            counts.setdefault(j, 0)
+        self.alive[j] = True
+        self.metrics.set_server_up(self.names[j], True)
+        log.info("block server %s restarted with blocks %d..+%d", self.names[j], *self.hosted[j])
+
+    async def _serve_interim(self, target: Layout) -> None:
+        """Mid-migration: chains over what the live servers host now; none: new jobs avoid the servers
+        out of service and wait."""
+        interim = self._placed_now(target)
+        if interim is not None:
+            await self._adopt(interim)
+        else:
+            self._exclude()
+
+    def _placed_now(self, target: Layout) -> Plan | None:
+        """Chains over what the live servers of the old and new placements host now (mid-migration)."""
+        members = set(self.placed.placement.servers) | set(target.placement.servers)
+        spans = tuple(Span(j, *self.hosted[j]) for j in sorted(members & self._live() & set(self.hosted)))
+        return chains_within(target, Placement(spans, target.placement.num_blocks), self.arena_slots)
+
+    # ---- adapting to load (issue 9) -----------------------------------------------------------
+    def _maybe_adapt(self) -> None:
+        """Ask the controller; execute the change it returns (one at a time, never while degraded)."""
+        if self.controller is None or self._busy or not all(self.alive.values()):
             return
-        layout, dispatcher, clients = result
-        for j, client in clients.items():
-            old = self.clients.get(j)
-            self.clients[j] = client
-            if old is not None and hasattr(old, "close"):
-                old.close()
-        for j, slots in reserved_block_jobs(layout).items():
-            self.block_slots[j] = slots
-            self.alive[j] = True
-            self.metrics.set_server_up(self.names[j], True)
-            if j in clients:
-                self.used_slots[j] = 0
-        self._switch(layout, dispatcher)
-        self._record("replaced", f"{len(clients)} servers restarted with new spans", True)
+        change = self.controller.decide(self.clock() - self._t0)
+        if change is not None:
+            self._replacing = asyncio.get_running_loop().create_task(self._execute(change))
+
+    async def _adapt_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.adapt_interval_s)
+            self._maybe_adapt()
+
+    async def _execute(self, change: Any) -> None:
+        """Carry out a :class:`~chainserve.adapt.controller.PlanChange`, then tell the controller."""
+        began = self.clock()
+        log.info("plan change (%s) starts: %s for %.3g requests/s", change.reason, change.kind, change.rate_per_s)
+        try:
+            if change.kind == "replace":
+                restarted = await self._migrate(change.layout, [j for j, _ in change.migration])
+            else:
+                restarted = 0
+                await self._adopt(change.layout)
+        except Exception:
+            log.exception("plan change (%s) failed; the chains in force stay", change.reason)
+            return
+        took_s = self.clock() - began
+        self.controller.applied(change, self.clock() - self._t0)
+        self._record(
+            change.reason,
+            f"{change.kind}, c {change.old_c} → {change.new_c} for {change.rate_per_s:.3g} requests/s "
+            f"(predicted gain {change.gain_s:.3g} s > cost {change.cost_s:.3g} s; "
+            f"{restarted} servers restarted, {took_s:.2f} s)",
+            True,
+            kind=change.kind,
+            old_c=change.old_c,
+            new_c=change.new_c,
+            rate_per_s=change.rate_per_s,
+            gain_s=change.gain_s,
+            cost_s=change.cost_s,
+            took_s=took_s,
+        )
 
     def _retire_idle(self) -> None:
         """Forget old dispatchers with nothing left in them; move any waiting job to the current one."""
@@ -567,6 +835,7 @@ class Orchestrator:
             "method": self.method,
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
+            "plan_changed_at": self.plan_changes[-1]["at"] if self.plan_changes else None,
             "chains": chains,
             "servers": [
                 {
@@ -575,10 +844,17 @@ class Orchestrator:
                     "alive": self.alive[j],
                     "used_block_slots": self.used_slots[j],
                     "block_slots": self.block_slots[j],
+                    "kv_cache_usage": self._kv_usage(j),
                 }
                 for j in self.block_slots
             ],
+            "latency": self.metrics.recent.summary(),
         }
+
+    def _kv_usage(self, j: int) -> float:
+        """Server j's used / total block-slots, 0..1, as ``chainserve:kv_cache_usage_perc`` reports it."""
+        total = self.block_slots[j]
+        return min(self.used_slots[j], total) / total if total > 0 else 0.0
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -608,35 +884,55 @@ class Orchestrator:
             mismatch = self._mismatch(j, info)
             if mismatch:
                 raise RuntimeError(mismatch)
-        self._health = asyncio.get_running_loop().create_task(self._watch_health())
+            await self._join(j, info)
+        loop = asyncio.get_running_loop()
+        self._health = loop.create_task(self._watch_health())
+        if self.controller is not None:
+            self._adapting = loop.create_task(self._adapt_timer())
         log.info("all %d block servers are up", len(self.clients))
 
     def _mismatch(self, j: int, info: dict[str, Any]) -> str | None:
-        span = self.layout.placement.span_of(j)
-        want = (span.start_block, span.num_blocks, self.block_slots[j])
+        """Why server j cannot serve the plan in force: another span, or an arena smaller than its
+        reservation (a larger arena is fine: its admission limit is set to the reservation)."""
+        want = (*self.hosted[j], self.block_slots[j])
         got = (info.get("first_block"), info.get("num_blocks"), info.get("num_block_slots"))
-        if got != want:
+        if got[:2] != want[:2] or not isinstance(got[2], int) or got[2] < want[2]:
             return (
                 f"block server {self.names[j]} hosts blocks from {got[0]}, {got[1]} blocks, {got[2]} block-slots; "
                 f"the plan says {want}"
             )
         return None
 
+    async def _join(self, j: int, info: dict[str, Any]) -> None:
+        """Take server j's arena from its own answer and set its admission limit to the plan's."""
+        self.arena_slots[j] = info["num_block_slots"]
+        self.server_limits[j] = info.get("slot_limit", info["num_block_slots"])
+        if self.server_limits[j] != self.block_slots[j]:
+            async with self._limits_lock:
+                await self._set_limit(j, self.block_slots[j])
+
     async def _watch_health(self) -> None:
         """Heartbeats: every ``heartbeat_s`` each server must answer ``info`` within the deadline."""
         while True:
             await asyncio.sleep(self.heartbeat_s)
             was_alive = dict(self.alive)  # a verdict reached during the round (a process exit) stands
-            results = await asyncio.gather(*(self._beat(j, c) for j, c in self.clients.items()))
-            for j, info in zip(self.clients, results, strict=True):
+            clients = [(j, c) for j, c in self.clients.items() if j not in self._out]
+            results = await asyncio.gather(*(self._beat(j, c) for j, c in clients))
+            for (j, client), info in zip(clients, results, strict=True):
+                if j in self._out or self.clients.get(j) is not client:  # restarted meanwhile
+                    continue
                 if info is None and self.alive[j]:
                     self._server_failed(j, f"no heartbeat within {self.heartbeat_deadline_s:g} s")
                 elif info is not None and not self.alive[j] and not was_alive.get(j, True):
                     mismatch = self._mismatch(j, info)
                     if mismatch:
                         log.error("block server %s answers but cannot rejoin: %s", self.names[j], mismatch)
-                    else:
-                        self._server_back(j)
+                        continue
+                    try:
+                        await self._join(j, info)
+                    except ServerFailed:
+                        continue
+                    self._server_back(j)
 
     async def _beat(self, j: int, client: ServerClient) -> dict[str, Any] | None:
         try:
@@ -648,7 +944,7 @@ class Orchestrator:
         """Cancel every job and stop watching the servers."""
         for run in list(self.runs.values()):
             self.cancel(run.job.job_id)
-        for task in (self._health, self._replacing):
+        for task in (self._health, self._adapting, self._replacing, *self._lowering.values()):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

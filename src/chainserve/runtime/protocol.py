@@ -8,8 +8,9 @@ A message is one UTF-8 JSON header frame, optionally followed by one frame of ra
 
 Ops: ``info``; ``forward`` (``session``, ``first_block``, ``position``, ``tensor`` {dtype, shape},
 optional ``open`` to admit the session first and ``close`` to free it after this step); ``close``
-(``session``). Error codes: :data:`ERROR_CODES`. Every field is checked (type, range, byte length)
-before any tensor is touched; nothing is ever unpickled.
+(``session``); ``limit`` (``num_block_slots``: the admission limit within the arena, which a plan
+change moves; the reply is ``info``'s). Error codes: :data:`ERROR_CODES`. Every field is checked
+(type, range, byte length) before any tensor is touched; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 #: Largest tensor frame accepted (bytes): 256 MiB.
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
-OPS = ("info", "forward", "close")
+OPS = ("info", "forward", "close", "limit")
 #: ``no_free_slot``: admission refused (the job may retry); ``bad_request``: a malformed message;
 #: ``unknown_session``: forward/close of a session the server does not hold (expired, or never
 #: opened); ``unauthorized``: wrong token; ``internal``: the backend failed.
@@ -53,6 +54,7 @@ class Request:
     tensor: WireTensor | None = None
     open: bool = False
     close: bool = False
+    num_block_slots: int | None = None
 
 
 def _int_field(header: dict[str, Any], name: str, low: int, high: int) -> int:
@@ -102,6 +104,8 @@ def decode_request(frames: list[bytes]) -> Request:
         raise ProtocolError("token: must be a string")
     if op == "info":
         return Request(op, rid, token)
+    if op == "limit":
+        return Request(op, rid, token, num_block_slots=_int_field(header, "num_block_slots", 0, 1_000_000_000))
     session = header.get("session")
     if not isinstance(session, str) or not 1 <= len(session) <= 128:
         raise ProtocolError("session: must be a string of 1 to 128 characters")
@@ -124,7 +128,7 @@ def decode_request(frames: list[bytes]) -> Request:
 
 
 def encode_request(op: str, rid: int, token: str, tensor: WireTensor | None = None, **fields: Any) -> list[bytes]:
-    """Frames of one request (``fields``: session, first_block, position, open, close)."""
+    """Frames of one request (``fields``: session, first_block, position, open, close, num_block_slots)."""
     header: dict[str, Any] = {"v": VERSION, "op": op, "rid": rid, "token": token, **fields}
     if tensor is None:
         return [json.dumps(header).encode()]

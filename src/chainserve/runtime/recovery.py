@@ -1,9 +1,12 @@
-"""Chains after a server fails or comes back (beyond the paper, §4.3: static plans; issue: reliability).
+"""Chains after a server fails or comes back, or while a plan change migrates servers one at a time
+(beyond the paper, §4.3: static plans; issues: reliability, adapting to load).
 
-The surviving servers keep their spans and their KV arenas (block servers cannot grow memory they
-never allocated), so a new cache allocation must fit the arenas: GCA (§2.2) runs on the surviving
-placement with each server's memory taken as exactly its parameters plus its arena,
-s_m·m_j + s_c·slots_j. With every server alive again the original plan comes back unchanged.
+Servers keep their spans and their KV arenas (block servers cannot grow memory they never
+allocated), so a new cache allocation must fit the arenas: GCA (§2.2) runs on the placement in force
+with each server's memory taken as exactly its parameters plus its arena, s_m·m_j + s_c·slots_j
+(:func:`chains_within`). With every server alive again the original plan comes back unchanged.
+:func:`arena_block_slots` is the arena a server's whole cache memory holds for a span, which an
+adaptive service allocates so that any later plan for that span fits.
 """
 
 from __future__ import annotations
@@ -11,9 +14,42 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Set
 
+from chainserve.model.spec import Problem
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.gca import gca
-from chainserve.plan.types import Placement, Plan
+from chainserve.plan.types import Placement, Plan, Span, jobs_that_fit
+
+
+def arena_block_slots(problem: Problem, span: Span) -> int:
+    """⌊(M_j − s_m·m_j)/s_c⌋: the block-slots server ``span.server``'s memory holds beside its span.
+
+    >>> from chainserve.model.spec import ModelSpec, Server, Workload
+    >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("toy", 4, 2.0, 0.5), Workload(0.1))
+    >>> arena_block_slots(p, Span(0, 1, 3))
+    8
+    """
+    model = problem.model
+    free_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
+    return jobs_that_fit(free_gb, model.cache_size_gb)
+
+
+def chains_within(plan: Plan, placement: Placement, block_slots: Mapping[int, int]) -> Plan | None:
+    """GCA over ``placement`` (spans of live servers) with each server's cache capped at its arena
+    ``block_slots[j]``; the plan keeps ``plan``'s problem, c and method. ``None`` when no chain covers
+    blocks 1..L."""
+    problem = plan.problem
+    model = problem.model
+    servers = list(problem.servers)
+    for span in placement.spans:
+        arena_gb = model.block_size_gb * span.num_blocks + model.cache_size_gb * block_slots[span.server]
+        servers[span.server] = dataclasses.replace(
+            servers[span.server], memory_gb=min(servers[span.server].memory_gb, arena_gb)
+        )
+    capped = dataclasses.replace(problem, servers=tuple(servers))
+    chains = gca(capped, placement) if placement.spans else ()
+    if not chains:
+        return None
+    return make_plan(problem, placement, chains, plan.c, plan.method)
 
 
 def recompose(plan: Plan, alive: Set[int], block_slots: Mapping[int, int]) -> Plan | None:
@@ -39,20 +75,9 @@ def recompose(plan: Plan, alive: Set[int], block_slots: Mapping[int, int]) -> Pl
     placed = set(plan.placement.servers)
     if placed <= set(alive):
         return plan
-    problem = plan.problem
-    model = problem.model
     spans = tuple(s for s in plan.placement.spans if s.server in alive)
-    servers = list(problem.servers)
-    for span in spans:
-        arena_gb = model.block_size_gb * span.num_blocks + model.cache_size_gb * block_slots[span.server]
-        servers[span.server] = dataclasses.replace(
-            servers[span.server], memory_gb=min(servers[span.server].memory_gb, arena_gb)
-        )
-    capped = dataclasses.replace(problem, servers=tuple(servers))
-    chains = gca(capped, Placement(spans, plan.placement.num_blocks)) if spans else ()
-    if not chains:
-        return None
-    return make_plan(problem, plan.placement, chains, plan.c, plan.method)
+    found = chains_within(plan, Placement(spans, plan.placement.num_blocks), block_slots)
+    return None if found is None else dataclasses.replace(found, placement=plan.placement)
 
 
 def replace_survivors(plan: Plan, alive: Set[int]) -> Plan | None:

@@ -4,13 +4,16 @@
 method, or read from a saved plan), the dispatcher over it, the model head, the block servers (child
 processes, Ray actors, or already running at given addresses), one client per server, the orchestrator
 and the FastAPI app — and takes them down in reverse order. :func:`serve` runs it under uvicorn until
-SIGINT/SIGTERM.
+SIGINT/SIGTERM. With ``adapt`` (proposed method, local launcher) an adaptive controller re-plans
+for the measured load: each block server's arena then holds its whole cache memory for its span
+(:func:`~.recovery.arena_block_slots`) and the plan in force sets its admission limit within it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import signal
@@ -22,6 +25,7 @@ import numpy as np
 import uvicorn
 import zmq
 
+from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.dispatch.base import Dispatcher
 from chainserve.dispatch.jffc import JFFC
 from chainserve.dispatch.petals_route import PetalsRouter
@@ -32,15 +36,15 @@ from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import SpecError
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import load_layout
-from chainserve.plan.types import Layout, Plan, reserved_block_jobs
+from chainserve.plan.types import Layout, Plan
 from chainserve.runtime.api import create_app
 from chainserve.runtime.backends.factory import BACKENDS, make_head
 from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
-from chainserve.runtime.layout import server_specs
+from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.orchestrator import Orchestrator, Replace, Replan, default_max_waiting
-from chainserve.runtime.recovery import recompose, replace_survivors
+from chainserve.runtime.orchestrator import Orchestrator, default_max_waiting
+from chainserve.runtime.recovery import arena_block_slots, replace_survivors
 
 log = logging.getLogger("chainserve.service")
 
@@ -75,6 +79,8 @@ class ServeConfig:
     heartbeat_s: float = 0.5
     heartbeat_deadline_s: float = 2.0
     planner: str = "best"  # proposed chains: "best" (chainserve.plan.best) or "greedy" (the paper's)
+    adapt: AdaptConfig | None = None  # re-plan for the measured load (proposed method, local launcher)
+    adapt_interval_s: float = 0.5  # how often the controller is asked besides after each arrival
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -94,9 +100,14 @@ class ServeConfig:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
-        for name in ("request_timeout_s", "heartbeat_s", "heartbeat_deadline_s"):
+        for name in ("request_timeout_s", "heartbeat_s", "heartbeat_deadline_s", "adapt_interval_s"):
             if not 0 < getattr(self, name) <= 86_400:
                 raise SpecError(name, f"must lie in (0, 86400] seconds, got {getattr(self, name)}")
+        if self.adapt is not None:
+            if check_method_name(self.method)[0] != "proposed":
+                raise SpecError("adapt", f"adapts the proposed method's chains only, not --method {self.method}")
+            if self.launcher != "local" or self.servers:
+                raise SpecError("adapt", "restarts block servers with new spans: needs the local launcher")
 
 
 def make_dispatcher(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
@@ -132,11 +143,12 @@ class Service:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.layout, self.dispatcher = build_layout(config)
-        self.placed = self.layout  # the placement in force (a failure may replace it)
+        if config.adapt is not None and not isinstance(self.layout, Plan):
+            raise SpecError("adapt", f"adapts the proposed method's chains only, not a {self.layout.method} plan")
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
-        self.specs = server_specs(self.layout, self.max_tokens)
+        self.specs = self._specs(self.layout)
         names = {spec.name for spec in self.specs}
         for option, values in (
             ("slowdown", config.slowdown),
@@ -173,13 +185,16 @@ class Service:
         head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens)
         if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
             self.max_tokens = head.max_tokens
-            self.specs = server_specs(self.layout, self.max_tokens)
+            self.specs = self._specs(self.layout)
         endpoints = await self._start_servers()
         self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
         self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
         method = config.method if config.plan is None or config.method != "proposed" else self.layout.method
         max_waiting = default_max_waiting(self.layout) if config.max_waiting is None else config.max_waiting
+        controller = None
+        if config.adapt is not None:
+            controller = AdaptiveController(self.layout.problem, self.layout, config.adapt)
         self.orchestrator = Orchestrator(
             self.layout,
             self.dispatcher,
@@ -189,49 +204,31 @@ class Service:
             max_waiting=max_waiting,
             method=method,
             request_timeout_s=config.request_timeout_s,
-            replan=self._replanner(method),
-            replace=self._replacer(method),
+            plan_ops=ServicePlanOps(self, method) if isinstance(self.layout, Plan) else None,
             heartbeat_s=config.heartbeat_s,
             heartbeat_deadline_s=config.heartbeat_deadline_s,
+            controller=controller,
+            adapt_interval_s=config.adapt_interval_s,
+            max_waiting_follows_plan=config.max_waiting is None,
         )
         await self.orchestrator.connect()
 
-    def _replanner(self, method: str) -> Replan | None:
-        """Chains for the live servers (:func:`recompose`, over the placement in force) with a fresh
-        dispatcher of the same policy; path placements (PETALS, BPRR) route around dead servers by
-        themselves."""
-        if not isinstance(self.layout, Plan):
-            return None
-        rng = np.random.default_rng(self.config.seed + 1)
-
-        def replan(alive: frozenset[int]) -> tuple[Layout, Dispatcher] | None:
-            new = recompose(self.placed, alive, reserved_block_jobs(self.placed))
-            return None if new is None else (new, make_dispatcher(method, new, rng))
-
-        return replan
-
-    def _replacer(self, method: str) -> Replace | None:
-        """A new placement of the live servers (:func:`replace_survivors`); the servers this service
-        started are restarted with their new spans (only the local launcher can do that)."""
-        if not isinstance(self.layout, Plan) or self.launcher is None:
-            return None
-        rng = np.random.default_rng(self.config.seed + 2)
-
-        async def replace(alive: frozenset[int]) -> tuple[Layout, Dispatcher, dict[int, BlockClient]] | None:
-            new = replace_survivors(self.placed, alive)
-            if new is None:
-                return None
-            current = {spec.name: spec for spec in self.specs}
-            clients = {}
-            for spec in server_specs(new, self.max_tokens):
-                if spec.name not in current or current[spec.name].info != spec.info:
-                    endpoint = await self.launcher.restart(spec)
-                    clients[spec.index] = BlockClient(spec.name, endpoint, self.token, self.ctx)
-                current[spec.name] = spec
-            self.specs, self.placed = list(current.values()), new
-            return new, make_dispatcher(method, new, rng), clients
-
-        return replace
+    def _specs(self, layout: Layout) -> list[ServerSpec]:
+        """The block servers of ``layout``; when adapting, each arena holds the server's whole cache
+        memory beside its span (any later plan for that span fits; the plan sets the limit)."""
+        specs = server_specs(layout, self.max_tokens)
+        if self.config.adapt is None:
+            return specs
+        problem = layout.problem
+        return [
+            dataclasses.replace(
+                spec,
+                info=dataclasses.replace(
+                    spec.info, num_block_slots=arena_block_slots(problem, layout.placement.span_of(spec.index))
+                ),
+            )
+            for spec in specs
+        ]
 
     async def _start_servers(self) -> dict[int, str]:
         config = self.config
@@ -275,6 +272,35 @@ class Service:
                 await self.launcher.stop()
             if self.ray is not None:
                 await self.ray.stop()
+
+
+class ServicePlanOps:
+    """The service's side of plan changes (:class:`~.orchestrator.PlanOps`): dispatchers of the
+    served method, new placements of live servers (:func:`replace_survivors`), and restarts of the
+    servers this service started (local launcher only)."""
+
+    def __init__(self, service: Service, method: str):
+        self.service = service
+        self.method = method
+        self.rng = np.random.default_rng(service.config.seed + 1)
+
+    @property
+    def can_reload(self) -> bool:
+        return self.service.launcher is not None
+
+    def dispatcher(self, layout: Layout) -> Dispatcher:
+        return make_dispatcher(self.method, layout, self.rng)
+
+    def place(self, placed: Layout, alive: frozenset[int]) -> Layout | None:
+        return replace_survivors(placed, alive) if isinstance(placed, Plan) else None
+
+    async def reload(self, server: int, layout: Layout) -> BlockClient:
+        """Restart block server ``server`` with its span (and arena) in ``layout``; its new client."""
+        service = self.service
+        spec = next(spec for spec in service._specs(layout) if spec.index == server)
+        endpoint = await service.launcher.restart(spec)
+        service.specs = [s for s in service.specs if s.index != server] + [spec]
+        return BlockClient(spec.name, endpoint, service.token, service.ctx)
 
 
 class _Server(uvicorn.Server):

@@ -127,7 +127,7 @@ class LocalLauncher:
     async def restart(self, spec: ServerSpec, grace_s: float = 5.0) -> str:
         """Stop server ``spec.name`` (if running) and start it again with ``spec`` (a new span or
         arena); returns its new endpoint."""
-        old = self.procs.get(spec.name)
+        old = self.procs.pop(spec.name, None)  # its watcher then knows the exit was asked for
         if old is not None and old.returncode is None:
             old.terminate()
             try:
