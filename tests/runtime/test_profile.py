@@ -119,3 +119,15 @@ def test_taus_from_step_times(counts: tuple[int, ...]) -> None:
     else:  # the prefill's line goes through the closes at m = 0: a = 0.002, b = 0.011
         assert p.tau_p_s == pytest.approx(0.011 * 2 + 0.004 * 7) and p.tau_c_s == pytest.approx(0.002 * 8)
     assert p.ping_s == pytest.approx(0.002)
+
+
+def test_a_generated_token_is_saved_owner_only_in_the_log_folder(tmp_path) -> None:
+    from chainserve.runtime.service import ServeConfig, Service
+
+    cluster = Path(__file__).parent / "data" / "emulated-6.yaml"
+    service = Service(ServeConfig(cluster=cluster, planner="greedy", log_dir=tmp_path / "logs"))
+    saved = tmp_path / "logs" / "token"
+    assert saved.read_text().strip() == service.token
+    assert saved.stat().st_mode & 0o777 == 0o600
+    given = Service(ServeConfig(cluster=cluster, planner="greedy", token="mine", log_dir=tmp_path / "given"))
+    assert given.token == "mine" and not (tmp_path / "given" / "token").exists()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import signal
 import tempfile
@@ -168,6 +169,17 @@ class Service:
         self.orchestrator: Orchestrator | None = None
         self.ctx: zmq.Context | None = None
         self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
+        if config.token is None:
+            self._save_token()
+
+    def _save_token(self) -> None:
+        """A generated secret is written, owner-only, to ``LOG_DIR/token`` so operator tools that talk to the
+        block servers (``chainserve profile --url … --token-file``) can use it; it never goes to a log."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / "token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token + "\n")
 
     async def __aenter__(self) -> Service:
         try:
