@@ -5,8 +5,8 @@ Wald's approximation says."""
 import numpy as np
 import pytest
 
-from chainserve.adapt.detect import PoissonCusum, cusum_threshold, expected_delay_s
-from chainserve.adapt.estimate import ArrivalWindows
+from chainserve.adapt.detect import PoissonCusum, change_point, cusum_threshold, expected_delay_s
+from chainserve.adapt.estimate import ArrivalWindows, fano_factor
 
 WINDOW_S, RATE, BAND = 1.0, 5.0, 0.5
 
@@ -61,3 +61,38 @@ def test_windows_count_arrivals_once():
     handed += windows.closed_counts(2000.0)
     assert sum(handed) == 500
     assert windows.estimate(float(times[-1])).output_tokens == 2
+
+
+def bursty_counts(rate: float, fano: float, num_windows: int, rng: np.random.Generator) -> list[int]:
+    """Negative-binomial window counts of mean rate·w and variance fano × mean (a Gamma-mixed Poisson)."""
+    mean = rate * WINDOW_S
+    shape = mean / (fano - 1)
+    return rng.poisson(rng.gamma(shape, mean / shape, num_windows)).tolist()
+
+
+def test_quasi_poisson_cusum_holds_its_false_alarm_rate_on_bursty_counts():
+    """Counts 4× over-dispersed: the Poisson CUSUM alarms far above its target; the same detector with
+    the dispersion measured from the counts (fano_factor) stays within it."""
+    rng = np.random.default_rng(4)
+    counts = bursty_counts(RATE, 4.0, 100_000, rng)
+    phi = fano_factor(counts, 6)
+    assert 3.0 < phi < 5.0
+    h = cusum_threshold(36.0, WINDOW_S)
+
+    def rate(dispersion):
+        detector, alarms = PoissonCusum(RATE, WINDOW_S, BAND, h, dispersion), 0
+        for count in counts:
+            if detector.update(count) is not None:
+                alarms += 1
+                detector.reset(RATE)
+        return alarms / (len(counts) * WINDOW_S / 3600)
+
+    assert rate(1.0) > 5 * 36.0
+    assert rate(phi) <= 36.0
+
+
+def test_change_point_finds_a_step_and_dispersion_ignores_it():
+    rng = np.random.default_rng(5)
+    counts = rng.poisson(2.0, 300).tolist() + rng.poisson(6.0, 30).tolist()
+    assert abs(change_point(counts) - 300) <= 3
+    assert fano_factor(counts, 6) < 1.5  # the step moves one block difference only

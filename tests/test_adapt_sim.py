@@ -25,13 +25,16 @@ def run(rates, seed=0):
 def test_step_up_and_down_replans_and_loses_nothing():
     controller, result = run((0.3, 0.9, 0.3))
     assert result.num_finished == result.num_jobs
-    # up at 0.9/s; back at 0.3/s the plan for ~0.8/s is as fast as the one for 0.3/s (both have
-    # 12.9 s chains), so a move back would not pay
-    assert [t.change.reason for t in result.transitions] == ["rate_up"]
+    # up at 0.9/s to a plan with more cache per block (larger c), back at 0.3/s to a smaller one
+    assert [t.change.reason for t in result.transitions] == ["rate_up", "rate_down"]
     assert [t.change for t in result.transitions] == controller.changes
-    up = result.transitions[0]
+    up, down = result.transitions
     assert 1200 < up.change.time_s < 1200 + 120  # found within two minutes
+    assert 2400 < down.change.time_s < 2400 + 180
     assert up.change.new_c > up.change.old_c and up.change.kind == "replace"
+    assert down.change.new_c < down.change.old_c
+    # planned for the upper confidence bound of the new rate, not below the true one by much
+    assert up.change.rate_per_s > 0.8
     assert 0 < up.duration_s < 300
     assert np.all(result.started_at >= result.arrived_at)
 

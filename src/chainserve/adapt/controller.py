@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 
 from chainserve.adapt.cost import REALLOCATE, Move, predicted_response_s, price_move
-from chainserve.adapt.detect import PoissonCusum, cusum_threshold
-from chainserve.adapt.estimate import ArrivalWindows, Estimate
+from chainserve.adapt.detect import PoissonCusum, change_point, cusum_threshold
+from chainserve.adapt.estimate import ArrivalWindows, Estimate, fano_factor
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.best import PLANNERS, plan_with
 from chainserve.plan.csearch import make_plan
@@ -45,6 +45,14 @@ class AdaptConfig:
     ``min_estimate_arrivals``: arrivals a regime needs before the detector follows its mean rate
     (100: a ±10 % estimate; fewer leave it off-centre, and a noisy centre makes false alarms).
     ``planner``: planner of the new plans, ``greedy`` (paper) or ``best``.
+    ``plan_z``: a new plan is made (and priced) for the upper confidence bound λ̂ + z·√(φ·n)/span of
+    the regime's rate, not its point estimate: a plan a little too large costs a few percent, one too
+    small queues the peak (and an alarm's estimate rests on a few windows).
+    ``dispersion_group``: windows per block of the over-dispersion estimate φ (the Fano factor of the
+    arrivals per block, :func:`~chainserve.adapt.estimate.fano_factor`, over all windows seen; its
+    lower 2-sigma bound, at least 1),
+    by which the detector divides its steps (quasi-Poisson CUSUM, :mod:`.detect`); estimated once
+    ``dispersion_blocks`` blocks have closed.
     """
 
     window_s: float = 10.0
@@ -55,18 +63,24 @@ class AdaptConfig:
     min_improvement: float = 0.02
     min_estimate_arrivals: int = 100
     planner: str = "greedy"
+    plan_z: float = 1.0
+    dispersion_group: int = 6
+    dispersion_blocks: int = 10
 
     def __post_init__(self) -> None:
         for name in ("window_s", "band", "false_alarms_per_hour", "horizon_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise SpecError(name, f"must be a positive number, got {value!r}")
-        for name in ("min_dwell_s", "min_improvement"):
+        for name in ("min_dwell_s", "min_improvement", "plan_z"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise SpecError(name, f"must be a non-negative number, got {value!r}")
         if not (isinstance(self.min_estimate_arrivals, int) and self.min_estimate_arrivals >= 1):
             raise SpecError("min_estimate_arrivals", f"must be a positive integer, got {self.min_estimate_arrivals!r}")
+        for name in ("dispersion_group", "dispersion_blocks"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise SpecError(name, f"must be a positive integer, got {getattr(self, name)!r}")
         if self.planner not in PLANNERS:
             raise SpecError("planner", f"unknown planner {self.planner!r}; known: {', '.join(PLANNERS)}")
 
@@ -154,7 +168,7 @@ class AdaptiveController:
         self._history: list[int] = []  # every closed window's count
         self._regime_start = 0  # first window of the regime in force
         self._pending_start = 0  # first window of the regime the pending change is for
-        self._recheck: float | None = None  # a rate to reconsider at the next decide
+        self._recheck = False  # reconsider the regime at the next decide
 
     @property
     def layout(self) -> Layout:
@@ -173,34 +187,49 @@ class AdaptiveController:
         """Feed the closed windows to the detector; a change worth making, else ``None``."""
         counts = self.windows.closed_counts(t)
         change: PlanChange | None = None
-        if self.pending is None and self._recheck is not None:
-            rate, self._recheck = self._recheck, None
-            change = self._consider(rate, self._regime_start, t)
+        if self.pending is None and self._recheck:
+            self._recheck = False
+            change = self._consider(self._regime_start, t)
         for count in counts:
             self._history.append(count)
+            self._update_dispersion()
             if self.pending is not None or change is not None:
                 continue
             alarm = self.detector.update(count)
             dwelt = t - self.last_applied_s >= self.config.min_dwell_s
             if alarm is not None and dwelt:
-                change = self._consider(alarm.rate_per_s, len(self._history) - alarm.num_windows, t)
+                regime = self._history[self._regime_start :]
+                change = self._consider(self._regime_start + change_point(regime), t)
             elif alarm is None:
                 change = self._follow_regime(t, dwelt)
         return change
 
+    def _update_dispersion(self) -> None:
+        """φ from all windows seen, once enough blocks have closed (every block's end)."""
+        group, history = self.config.dispersion_group, self._history
+        if len(history) % group or len(history) < group * self.config.dispersion_blocks:
+            return
+        fano = fano_factor(history, group)
+        blocks = len(history) // group
+        # its lower 2-sigma bound (a variance estimate from k − 1 differences has relative error
+        # √(2/(k − 1))): Poisson noise alone must not slow the detector down
+        lower = fano * (1 - 2 * math.sqrt(2 / (blocks - 1)))
+        self.detector.dispersion = max(1.0, lower) if math.isfinite(lower) else 1.0
+
     def applied(self, change: PlanChange, t: float) -> None:
         """The driver has executed ``change`` at ``t``: it is the plan in force from now on. The rate is
-        measured again over the regime (the transition's windows too); if that differs from the plan's
-        rate by more than :data:`RECHECK_TOLERANCE`, the next ``decide`` reconsiders (the move must
-        still pay)."""
+        measured again over the regime (the transition's windows too); if even its lower confidence bound
+        exceeds the rate the plan was made for by more than :data:`RECHECK_TOLERANCE`, the next
+        ``decide`` reconsiders (the move must still pay); a plan too large is left to the detector and
+        the band."""
         if change is not self.pending:
             raise ValueError("applied: not the change this controller is waiting for")
         self.pending = None
         self._layout, self.plan_rate_per_s, self.last_applied_s = change.layout, change.rate_per_s, t
         self._regime_start = self._pending_start
         rate = self._regime_rate() or change.rate_per_s
-        if abs(math.log(rate / change.rate_per_s)) > math.log1p(RECHECK_TOLERANCE):
-            self._recheck = rate
+        lower = self.confidence_interval(self._regime_start)[0] if self._history[self._regime_start :] else 0.0
+        self._recheck = lower > change.rate_per_s * (1 + RECHECK_TOLERANCE)
         self.detector.reset(rate)
         self.windows.restart(t)
         self.changes.append(change)
@@ -217,21 +246,34 @@ class AdaptiveController:
         rate = self._regime_rate()
         self.detector.recentre(rate)
         if dwelt and abs(math.log(rate / self.plan_rate_per_s)) > math.log1p(self.config.band):
-            return self._consider(rate, self._regime_start, t)
+            return self._consider(self._regime_start, t)
         return None
 
-    def _consider(self, rate_per_s: float, regime_start: int, t: float) -> PlanChange | None:
-        """The change to make for ``rate_per_s``, the rate of the regime that began at window
-        ``regime_start``, if any; else the detector is re-centred on that regime and the plan stays."""
-        move = self._best_move(rate_per_s)
+    def confidence_interval(self, regime_start: int) -> tuple[float, float]:
+        """λ̂ ∓ ``plan_z``·√(φ·n)/span for the regime that began at window ``regime_start`` (n arrivals
+        over its span; :class:`AdaptConfig`)."""
+        regime = self._history[regime_start:]
+        span = len(regime) * self.config.window_s
+        n = max(sum(regime), 1)
+        spread = self.config.plan_z * math.sqrt(self.detector.dispersion * n)
+        return (n - spread) / span, (n + spread) / span
+
+    def _consider(self, regime_start: int, t: float) -> PlanChange | None:
+        """The change to make for the regime that began at window ``regime_start``, if any (planned
+        and priced at the upper confidence bound of its rate); else the detector is re-centred on
+        that regime and the plan stays."""
+        regime = self._history[regime_start:]
+        rate = max(sum(regime), 1) / (len(regime) * self.config.window_s)
+        upper = self.confidence_interval(regime_start)[1]
+        move = self._best_move(upper)
         if move is None:
             self._regime_start = regime_start
-            self.detector.reset(rate_per_s)
+            self.detector.reset(rate)
             return None
         self._pending_start = regime_start
         self.pending = PlanChange(
             t,
-            "rate_up" if rate_per_s > self.plan_rate_per_s else "rate_down",
+            "rate_up" if rate > self.plan_rate_per_s else "rate_down",
             move.kind,
             self._layout.c if isinstance(self._layout, Plan) else None,
             move.layout.c,

@@ -28,8 +28,12 @@ from chainserve.sim.engine import SimResult, simulate
 
 #: The Azure LLM inference traces 2023 (CC-BY 4.0, Patel et al., Splitwise, ISCA 2024).
 TRACE_DIR = Path("/work/shared/data/azure-llm-2023")
-#: The constant rate of the no-flapping check (the step's low rate).
-CONSTANT_RATE = 0.15
+#: The step's low rate (its peak is three times as high), also the rate of the no-flapping check.
+STEP_LOW = 0.5 / 3
+CONSTANT_RATE = STEP_LOW
+#: Low-phase lengths of the sensitivity runs (each with the step's 30-minute peak between two of them).
+SENSITIVITY_LOW_S = (1800.0, 3600.0, 7200.0)
+SENSITIVITY_METHODS = ("static-peak", "adaptive", "oracle")
 TRACES = {"code": "AzureLLMInferenceTrace_code.csv", "conversation": "AzureLLMInferenceTrace_conv.csv"}
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 METHODS = ("static-mean", "static-peak", "adaptive", "oracle")
@@ -39,11 +43,11 @@ def adaptive_cluster() -> Problem:
     """The §4.1 BLOOM-176B cluster (``examples/paper-sim-bloom-20.yaml``) with its servers spread over a
     WAN: round trips 4× the file's (40–390 ms instead of 10–100 ms). Why: a job makes one round trip
     per hop per token, so hops are what a plan for a high rate pays for — it reserves cache for more
-    jobs per block (c = 14 at 0.6/s), so each server holds fewer blocks and chains have 7 hops, while
-    the plan for 0.2/s (c = 3) uses 3-hop chains that are half as slow. A static plan pays one of the
-    two all day; on the file's LAN round trips the two differ by only ~15 %. The step peaks at 0.45/s
-    (the plan for it, c = 7, runs at ρ ≈ 0.8; a 0.6/s peak leaves ρ ≈ 0.9, where any migration's
-    backlog takes many minutes to drain)."""
+    jobs per block (c = 12 at 0.5/s), so each server holds fewer blocks and its chains have 6 and 10
+    hops, while the plan for 1/6 /s (c = 3) uses 3- and 5-hop chains; on the file's LAN round trips
+    the plans differ by only ~15 %. The step peaks at 0.5/s, where the plan for it runs at ρ ≈ 0.78;
+    at 0.6/s (ρ ≈ 0.91, the cluster's ceiling is ~0.66/s) any migration's backlog takes many minutes
+    to drain."""
     data = yaml.safe_load((EXAMPLES / "paper-sim-bloom-20.yaml").read_text(encoding="utf-8"))
     for entry in data["servers"]:
         entry["rtt_ms"] = [4 * rtt for rtt in entry["rtt_ms"]]
@@ -130,21 +134,21 @@ def run_method(scenario: Scenario, method: str, seed: int, config: AdaptConfig) 
     )
 
 
-def step_scenario(low_per_s: float = 0.15, low_s: float = 3600.0, high_s: float = 1200.0) -> Scenario:
+def step_scenario(low_per_s: float = STEP_LOW, low_s: float = 7200.0, high_s: float = 1800.0) -> Scenario:
     """λ for ``low_s``, 3λ for ``high_s``, λ for ``low_s``."""
     rates = (low_per_s, 3 * low_per_s, low_per_s)
     return profile_scenario("step", PiecewiseArrivals((0.0, low_s, low_s + high_s), rates, 2 * low_s + high_s))
 
 
 def scenarios(max_trace_rows: int) -> list[Scenario]:
-    """The step, a day compressed into 4 hours (trough 0.15/s, peak 0.45/s, 24 steps) and the traces
+    """The step, a day compressed into 4 hours (trough 1/6 /s, peak 0.5/s, 24 steps) and the traces
     (their first ``max_trace_rows`` rows)."""
     found = [
         trace_scenario(name, TRACE_DIR / f, max_trace_rows) for name, f in TRACES.items() if (TRACE_DIR / f).is_file()
     ]
     return [
         step_scenario(),
-        profile_scenario("day", daily_profile(0.15, 0.45, period_s=4 * 3600.0)),
+        profile_scenario("day", daily_profile(STEP_LOW, 3 * STEP_LOW, period_s=4 * 3600.0)),
         *found,
     ]
 
@@ -156,12 +160,19 @@ def adaptive_experiment(out_dir: Path, num_seeds: int, num_jobs: int) -> Path:
     all_scenarios = scenarios(num_jobs)
     results: dict[tuple[str, str], list[Run]] = {}
     constant_seeds = 10 * num_seeds
+    sensitivity = [step_scenario(low_s=low_s) for low_s in SENSITIVITY_LOW_S]
+    total = (len(all_scenarios) * len(METHODS) + len(sensitivity) * len(SENSITIVITY_METHODS)) * num_seeds
     with progress_bar() as bar:
-        task = bar.add_task("adaptive", total=len(all_scenarios) * len(METHODS) * num_seeds + constant_seeds)
+        task = bar.add_task("adaptive", total=total + constant_seeds)
         for scenario in all_scenarios:
             seeds = num_seeds if isinstance(scenario.arrivals, PiecewiseArrivals) else 1
             for method in METHODS:
                 results[scenario.name, method] = [run_method(scenario, method, s, config) for s in range(seeds)]
+                bar.advance(task, num_seeds)
+        swept: dict[tuple[float, str], list[Run]] = {}
+        for low_s, scenario in zip(SENSITIVITY_LOW_S, sensitivity, strict=True):
+            for method in SENSITIVITY_METHODS:
+                swept[low_s, method] = [run_method(scenario, method, s, config) for s in range(num_seeds)]
                 bar.advance(task, num_seeds)
         constant = profile_scenario("constant", PiecewiseArrivals((0.0,), (CONSTANT_RATE,), 3600.0))
         changes = []
@@ -169,7 +180,40 @@ def adaptive_experiment(out_dir: Path, num_seeds: int, num_jobs: int) -> Path:
             changes.append(run_method(constant, "adaptive", s, config).num_changes)
             bar.advance(task)
     command = f"chainserve experiment adaptive --seeds {num_seeds} --requests {num_jobs}"
-    return _report(out_dir, command, problem, config, all_scenarios, results, changes)
+    sweep = _sensitivity_table(sensitivity, swept, config)
+    return _report(out_dir, command, problem, config, all_scenarios, results, changes, sweep)
+
+
+def _sensitivity_table(
+    sensitivity: list[Scenario], swept: dict[tuple[float, str], list[Run]], config: AdaptConfig
+) -> str:
+    """The step with low phases of :data:`SENSITIVITY_LOW_S`: ceiling, static peak, adaptive, oracle."""
+    rows = []
+    for low_s, scenario in zip(SENSITIVITY_LOW_S, sensitivity, strict=True):
+        means = {m: _mean(swept[low_s, m], lambda r: r.mean_s) for m in SENSITIVITY_METHODS}
+        rows.append(
+            (
+                f"{low_s / 60:g} min",
+                pct(ideal_cut_pct(scenario, config)),
+                means["static-peak"],
+                means["adaptive"],
+                means["oracle"],
+                pct(reduction_pct(means["adaptive"], means["static-peak"])),
+                pct(reduction_pct(means["oracle"], means["static-peak"])),
+            )
+        )
+    return markdown_table(
+        (
+            "low phases",
+            "ceiling (Theorem 4)",
+            "static-peak (s)",
+            "adaptive (s)",
+            "oracle (s)",
+            "adaptive vs static-peak",
+            "oracle vs static-peak",
+        ),
+        rows,
+    )
 
 
 def ideal_cut_pct(scenario: Scenario, config: AdaptConfig) -> float:
@@ -190,6 +234,11 @@ def ideal_cut_pct(scenario: Scenario, config: AdaptConfig) -> float:
     return reduction_pct(ideal, static)
 
 
+def num_seeds(results: dict[tuple[str, str], list[Run]]) -> int:
+    """Seeds of the step runs."""
+    return len(results["step", "adaptive"])
+
+
 def _mean(runs: list[Run], field: Callable[[Run], float]) -> float:
     return float(np.mean([field(r) for r in runs]))
 
@@ -202,6 +251,7 @@ def _report(
     all_scenarios: list[Scenario],
     results: dict[tuple[str, str], list[Run]],
     changes: list[int],
+    sweep: str,
 ) -> Path:
     rows = []
     for scenario in all_scenarios:
@@ -230,7 +280,7 @@ def _report(
         f"**{'met' if cut >= 20 else 'NOT met'}**",
         f"- step: adaptive is {vs_oracle:.1f} % above the oracle ({step['oracle']:.2f} s; target ≤ 10 %): "
         f"**{'met' if vs_oracle <= 10 else 'NOT met'}**",
-        f"- constant rate {CONSTANT_RATE:g}/s for 1 h, {len(changes)} seeds: no plan change in "
+        f"- constant rate {CONSTANT_RATE:.3g}/s for 1 h, {len(changes)} seeds: no plan change in "
         f"{no_change:.1f} % of them "
         f"(target ≥ 99 %): **{'met' if no_change >= 99 else 'NOT met'}**",
         f"- step, the ceiling: with each phase's own plan from its first second and free switches, the "
@@ -254,18 +304,32 @@ def _report(
             ("scenario", "method", "seeds", "mean response (s)", "P99 (s)", "plan changes", "migrating (s)"), rows
         ),
         "Scenarios (the first two on the cluster above, the traces on the LLaMA-2-13B MIG testbed): "
-        "step 0.15/s → 0.45/s → 0.15/s (1 h, 20 min, 1 h); a day compressed into 4 h (24 steps, "
-        "cosine from 0.15/s to 0.45/s); the Azure LLM inference traces 2023 (code, conversation; CC-BY 4.0, "
+        "step 1/6 /s → 0.5/s → 1/6 /s (2 h, 30 min, 2 h); a day compressed into 4 h (24 steps, "
+        "cosine from 1/6 /s to 0.5/s); the Azure LLM inference traces 2023 (code, conversation; CC-BY 4.0, "
         "Patel et al., Splitwise, ISCA 2024) at their own timestamps (one replay, so one seed; the oracle "
         "re-plans every 10 min for the rate of those 10 min).",
-        "## Reading\n\nThe 20 % and 10 % step targets are out of reach on this cluster, and the ceiling line says "
-        "why: even free, instant re-planning gains only what the low phases' plans beat the peak plan by "
-        "(3-hop against 4-hop chains at 0.15/s), a few percent once weighted by jobs; each real change "
-        "then costs a detection delay (~40 s at 3×), a drain of the old chains and the load of the moved "
-        "servers, during which the queue grows. The controller does not flap at a constant Poisson rate, "
-        "but the Azure code trace is burstier than Poisson within minutes, which a Poisson CUSUM reads as "
-        "rate changes (its plan-change count above); the conversation trace's rate stays in band. Re-planning "
-        "at every hourly step of the day (the oracle) costs more than it gains.",
+        "## Sensitivity to the phase length\n\nThe step with a 30-minute peak between low phases of each "
+        f"length ({num_seeds(results)} seeds each): what re-planning gains is the low phases' faster chains, so "
+        "it grows with their share of the jobs; the peak phase only pays (a detection delay and a "
+        "migration at ρ ≈ 0.78). The ceiling column is the Theorem-4 bound of each phase's own plan "
+        "against the static peak plan's, job-weighted, with free switches.\n\n" + sweep,
+        "## Reading\n\nThe targets ask adaptive to beat the better static plan by 20 %, but on this cluster "
+        "no 3× step allows that: the most any phase's own plan beats the peak plan by at the low rate is "
+        "the low phases' hop count (3- and 5-hop chains against 6- and 10-hop), ~27 % by the Theorem-4 "
+        "bounds and ~20 % simulated, and the peak phase's jobs gain nothing, so even with free, instant "
+        "switches the job-weighted ceiling stays below 20 % for any phase length (its column above). "
+        "Peaks nearer the cluster's capacity (0.6/s: 7- and 12-hop chains) widen the gap at the low rate "
+        "but leave ρ ≈ 0.91 at the peak, where the backlog of any migration costs more than the low phases "
+        "gain. What the controller does now: it locates the change point by maximum likelihood inside the "
+        "regime (the CUSUM's own segment often starts windows early and under-estimates a 3× step), plans "
+        "for the upper confidence bound of the new rate (too small a plan queues the peak, too large costs "
+        "a few percent), only reconsiders after a change when the plan proved too small, and divides its "
+        "CUSUM steps by the measured over-dispersion (quasi-Poisson), so the bursty Azure code trace no "
+        "longer reads its bursts as rate changes as often (4 plan changes instead of 13 before; adaptive is "
+        "the fastest method there). Not fixed: on the day profile adaptive is slower than both static plans "
+        "(not analysed further yet), "
+        "and with low phases of an hour or less the step's migrations cost more than they gain (the "
+        "sensitivity table).",
         "![adaptive](adaptive.png)",
     ]
     return write_report(out_dir, "adaptive", "Adapting the plan to load", sections)
