@@ -1,7 +1,5 @@
 """The cost model of a plan change (chainserve.adapt.cost) on hand-worked examples."""
 
-import math
-
 import pytest
 
 from chainserve.adapt.cost import REALLOCATE, REPLACE, migration, predicted_response_s, price_move
@@ -69,6 +67,8 @@ def test_migration_loads_only_new_blocks_fastest_chain_first():
     assert dict(moves) == {2: 0.5, 1: 0.0}  # c loads 1 GB at 2 GB/s (the default bandwidth)
 
 
-def test_unstable_new_plan_costs_infinity():
-    new = plan(ON_A, (CHAIN_A, 1.0, 3))  # ν = 3 = λ
-    assert math.isinf(price_move(OLD, new, 3.0, 100.0).cost_s)
+def test_new_plan_that_cannot_keep_up_costs_its_lost_service():
+    """ν = 3 = λ: the 1-second drain's backlog ν·D = 3 jobs never clears, so over H = 100 s it adds
+    ½·3·1 + 3·1·99 = 298.5 s of waiting (finite: the move still beats a plan that is worse)."""
+    new = plan(ON_A, (CHAIN_A, 1.0, 3))
+    assert price_move(OLD, new, 3.0, 100.0).cost_s == pytest.approx(298.5)

@@ -6,8 +6,12 @@ horizon (beyond the paper; its §2.5 bounds price the plans).
   at λ − ν, so a job waits (λ − ν)·H/(2ν) on average, plus C/ν of service.
 * Gain of a move over H: λ·H·(R_old − R_new).
 * Cost: the move's transition is priced as a blackout of D seconds after which the new plan serves at
-  ν_new — jobs keep arriving at λ, the backlog λD then drains at ν_new − λ, which adds (fluid)
-  ½·λ·D²·ν_new/(ν_new − λ) seconds of waiting in all. D is the drain time (the slowest old chain's
+  ν_new — jobs keep arriving at λ, the backlog λD then drains at ν_new − λ, which adds (fluid, the
+  area of the extra backlog) ½·λ·D²·ν_new/(ν_new − λ) seconds of waiting in all, counted only within
+  the horizon H. A new plan that cannot keep up (ν_new ≤ λ, a peak past the cluster's capacity) never
+  drains the blackout's backlog: it adds ν_new·D of backlog for the rest of the horizon,
+  ½·ν_new·D² + ν_new·D·(H − D) — finite, so such a move is still taken when the plan in force is
+  worse (its own fluid response grows faster). D is the drain time (the slowest old chain's
   mean service time T: old jobs finish where they started) for a *re-allocation* (same placement, new
   chains), plus the longest load for a *re-placement*: a server whose span changes loads the blocks it
   did not hold, s_m × blocks ÷ the cluster's load bandwidth.
@@ -82,17 +86,26 @@ def drain_s(layout: Layout) -> float:
     return max((ch.service_time_s for ch in layout.chains), default=0.0)
 
 
-def blackout_cost_s(rate_per_s: float, duration_s: float, new_rate_per_s: float) -> float:
-    """½·λ·D²·ν/(ν − λ): total extra waiting of a D-second outage drained at ν afterwards (fluid).
+def blackout_cost_s(rate_per_s: float, duration_s: float, new_rate_per_s: float, horizon_s: float) -> float:
+    """Total extra waiting (fluid) within ``horizon_s`` of a ``duration_s``-second outage after which
+    the new plan serves at ``new_rate_per_s`` (module docstring).
 
-    >>> blackout_cost_s(1.0, 10.0, 2.0)   # 10 jobs pile up, drain in 10 s: area ½·10·20
+    >>> blackout_cost_s(1.0, 10.0, 2.0, 100.0)   # 10 jobs pile up, drain in 10 s: area ½·10·20
     100.0
+    >>> blackout_cost_s(1.0, 10.0, 2.0, 15.0)    # cut at 15 s: 50 + (10 + 5)/2·5
+    87.5
+    >>> blackout_cost_s(1.0, 10.0, 0.5, 100.0)   # never drains: ½·0.5·100 + 0.5·10·90
+    475.0
     """
-    if duration_s <= 0:
+    duration = min(duration_s, horizon_s)
+    if duration <= 0:
         return 0.0
-    if new_rate_per_s <= rate_per_s:
-        return math.inf
-    return 0.5 * rate_per_s * duration_s**2 * new_rate_per_s / (new_rate_per_s - rate_per_s)
+    lam, nu, rest = rate_per_s, new_rate_per_s, horizon_s - duration
+    if nu <= lam:
+        return 0.5 * nu * duration**2 + nu * duration * rest
+    peak = lam * duration
+    clear = min(rest, peak / (nu - lam))
+    return 0.5 * peak * duration + clear * (peak - 0.5 * (nu - lam) * clear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,4 +136,4 @@ def price_move(current: Layout, new: Plan, rate_per_s: float, horizon_s: float) 
         * (predicted_response_s(current, rate_per_s, horizon_s) - predicted_response_s(new, rate_per_s, horizon_s))
     )
     nu = sum(ch.capacity * ch.rate_per_s for ch in new.chains)
-    return Move(kind, new, moves, transition, gain, blackout_cost_s(rate_per_s, transition, nu))
+    return Move(kind, new, moves, transition, gain, blackout_cost_s(rate_per_s, transition, nu, horizon_s))

@@ -325,8 +325,9 @@ def _report(
         "for the upper confidence bound of the new rate (too small a plan queues the peak, too large costs "
         "a few percent), only reconsiders after a change when the plan proved too small, and divides its "
         "CUSUM steps by the measured over-dispersion (quasi-Poisson), so the bursty Azure code trace no "
-        "longer reads its bursts as rate changes as often (4 plan changes instead of 13 before; adaptive is "
-        "the fastest method there). Not fixed: on the day profile adaptive is slower than both static plans "
+        "longer reads its bursts as rate changes as often (4 plan changes instead of 13 before), and prices a "
+        "move's blackout within the horizon, so a peak past the cluster's capacity no longer makes every "
+        "move look infinitely costly. Not fixed: on the day profile adaptive is slower than both static plans "
         "(not analysed further yet), "
         "and with low phases of an hour or less the step's migrations cost more than they gain (the "
         "sensitivity table).",
