@@ -44,7 +44,8 @@ from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.orchestrator import Orchestrator, default_max_waiting
+from chainserve.runtime.orchestrator import Orchestrator
+from chainserve.runtime.plan_changes import default_max_waiting
 from chainserve.runtime.recovery import arena_block_slots, replace_survivors
 
 log = logging.getLogger("chainserve.service")
