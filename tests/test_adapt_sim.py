@@ -25,14 +25,17 @@ def run(rates, seed=0):
 def test_step_up_and_down_replans_and_loses_nothing():
     controller, result = run((0.3, 0.9, 0.3))
     assert result.num_finished == result.num_jobs
-    # up at 0.9/s to a plan with more cache per block (larger c), back at 0.3/s to a smaller one
-    assert [t.change.reason for t in result.transitions] == ["rate_up", "rate_down"]
+    # up at 0.9/s to a plan with more cache per block (larger c), back at 0.3/s to a smaller one; the
+    # up side alarms early (asymmetric), so a short segment's overshoot may get one correction
     assert [t.change for t in result.transitions] == controller.changes
-    up, down = result.transitions
+    assert 2 <= len(result.transitions) <= 4
+    up = result.transitions[0]
+    down = next(t for t in result.transitions if t.change.time_s > 2400)
+    assert up.change.reason == "rate_up" and down.change.reason == "rate_down"
     assert 1200 < up.change.time_s < 1200 + 120  # found within two minutes
     assert 2400 < down.change.time_s < 2400 + 180
     assert up.change.new_c > up.change.old_c and up.change.kind == "replace"
-    assert down.change.new_c < down.change.old_c
+    assert down.change.new_c < down.change.old_c and down.change.rate_per_s < 0.6
     # planned for the upper confidence bound of the new rate, not below the true one by much
     assert up.change.rate_per_s > 0.8
     assert 0 < up.duration_s < 300

@@ -39,6 +39,10 @@ class AdaptConfig:
     ``window_s``: seconds per arrival-count window of the change detector.
     ``band``: relative rate shift the detector is tuned to: λ0·(1+band) up, λ0/(1+band) down.
     ``false_alarms_per_hour``: target false-alarm rate of the detector at a constant rate.
+    ``false_alarms_up_per_hour``: the up side's own target (``None``: the same). Asymmetric because
+    the errors are: a step up found late queues the peak on a plan too small for it (every minute
+    adds jobs that drain only at the new plan's spare capacity), while a false up-alarm is priced
+    first (its short segment's estimate rarely pays for a move) and at worst over-provisions.
     ``min_dwell_s``: no change is decided within this many seconds of the last one applied.
     ``horizon_s``: how long a new plan is expected to stay in force (its gain is counted over it).
     ``min_improvement``: least relative cut of the predicted mean response a move must bring.
@@ -58,6 +62,7 @@ class AdaptConfig:
     window_s: float = 10.0
     band: float = 0.5
     false_alarms_per_hour: float = 0.01
+    false_alarms_up_per_hour: float | None = 1.0
     min_dwell_s: float = 120.0
     horizon_s: float = 1800.0
     min_improvement: float = 0.02
@@ -72,6 +77,9 @@ class AdaptConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise SpecError(name, f"must be a positive number, got {value!r}")
+        up = self.false_alarms_up_per_hour
+        if up is not None and not (isinstance(up, int | float) and math.isfinite(up) and up > 0):
+            raise SpecError("false_alarms_up_per_hour", f"must be a positive number or None, got {up!r}")
         for name in ("min_dwell_s", "min_improvement", "plan_z"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -88,6 +96,12 @@ class AdaptConfig:
     def threshold(self) -> float:
         """The CUSUM threshold h for :attr:`false_alarms_per_hour`."""
         return cusum_threshold(self.false_alarms_per_hour, self.window_s)
+
+    @property
+    def threshold_up(self) -> float:
+        """The up side's CUSUM threshold (:attr:`false_alarms_up_per_hour`, else :attr:`threshold`)."""
+        up = self.false_alarms_up_per_hour
+        return self.threshold if up is None else cusum_threshold(up, self.window_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +175,9 @@ class AdaptiveController:
         self._layout = layout
         self.plan_rate_per_s = layout.problem.arrival_rate_per_s
         self.windows = ArrivalWindows(config.window_s)
-        self.detector = PoissonCusum(self.plan_rate_per_s, config.window_s, config.band, config.threshold)
+        self.detector = PoissonCusum(
+            self.plan_rate_per_s, config.window_s, config.band, config.threshold, threshold_up=config.threshold_up
+        )
         self.pending: PlanChange | None = None
         self.last_applied_s = -math.inf
         self.changes: list[PlanChange] = []  # applied changes, in order
@@ -264,8 +280,10 @@ class AdaptiveController:
         that regime and the plan stays."""
         regime = self._history[regime_start:]
         rate = max(sum(regime), 1) / (len(regime) * self.config.window_s)
-        upper = self.confidence_interval(regime_start)[1]
-        move = self._best_move(upper)
+        lower, upper = self.confidence_interval(regime_start)
+        # a rise is planned for its upper bound but must pay at its lower one (a false up-alarm's
+        # short segment leaves the lower bound near the plan's rate: no gain)
+        move = self._best_move(upper, max(lower, self.plan_rate_per_s) if rate > self.plan_rate_per_s else upper)
         if move is None:
             self._regime_start = regime_start
             self.detector.reset(rate)
@@ -286,8 +304,9 @@ class AdaptiveController:
         )
         return self.pending
 
-    def _best_move(self, rate_per_s: float) -> Move | None:
-        """The move with the largest net gain at ``rate_per_s``, if it is worth making."""
+    def _best_move(self, rate_per_s: float, price_rate_per_s: float) -> Move | None:
+        """The move with the largest net gain among the plans for ``rate_per_s``, priced at
+        ``price_rate_per_s``, if it is worth making."""
         rate = rounded_rate(rate_per_s)
         horizon = self.config.horizon_s
         candidates = [plan_for_rate(self.problem, self.config.planner, rate)]
@@ -296,6 +315,7 @@ class AdaptiveController:
         chains = gca(at_rate, current.placement)
         if chains:
             candidates.append(make_plan(at_rate, current.placement, chains, getattr(current, "c", None)))
+        rate = rounded_rate(price_rate_per_s)
         moves = [price_move(current, plan, rate, horizon) for plan in candidates]
         best = max(moves, key=lambda m: (m.net_s, m.kind == REALLOCATE))
         now_s = predicted_response_s(current, rate, horizon)

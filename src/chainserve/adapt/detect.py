@@ -89,6 +89,7 @@ class Alarm:
 
 class PoissonCusum:
     """Two-sided CUSUM on windowed Poisson counts (module docstring); one owner feeds it counts.
+    ``threshold_up``: the up side's own threshold (default ``threshold``), for an asymmetric test.
 
     >>> d = PoissonCusum(reference_per_s=1.0, window_s=10.0, band=0.5, threshold=5.0)
     >>> [d.update(10) for _ in range(3)]          # on target: no alarm
@@ -97,10 +98,20 @@ class PoissonCusum:
     Alarm(direction='up', rate_per_s=3.0, num_windows=1)
     """
 
-    def __init__(self, reference_per_s: float, window_s: float, band: float, threshold: float, dispersion: float = 1.0):
-        if not (window_s > 0 and band > 0 and threshold > 0 and dispersion >= 1):
-            raise ValueError("window_s, band and threshold must be positive, dispersion ≥ 1")
+    def __init__(
+        self,
+        reference_per_s: float,
+        window_s: float,
+        band: float,
+        threshold: float,
+        dispersion: float = 1.0,
+        threshold_up: float | None = None,
+    ):
+        up = threshold if threshold_up is None else threshold_up
+        if not (window_s > 0 and band > 0 and threshold > 0 and up > 0 and dispersion >= 1):
+            raise ValueError("window_s, band and thresholds must be positive, dispersion ≥ 1")
         self.window_s, self.band, self.threshold = window_s, band, threshold
+        self.thresholds = {"up": up, "down": threshold}  # the up side may alarm sooner (asymmetric)
         self.dispersion = dispersion  # φ: each step's LLR is divided by it (module docstring)
         self.reset(reference_per_s)
 
@@ -133,7 +144,7 @@ class PoissonCusum:
                 continue
             arrivals, windows = self._segment[side]
             self.statistic[side], self._segment[side] = s, (arrivals + count, windows + 1)
-            if s > self.threshold and alarm is None:
+            if s > self.thresholds[side] and alarm is None:
                 arrivals, windows = self._segment[side]
                 alarm = Alarm(side, max(arrivals, 1) / (windows * self.window_s), windows)
         return alarm
