@@ -6,18 +6,30 @@ from typer.testing import CliRunner
 from chainserve.cli import app
 from chainserve.experiments.registry import EXPERIMENTS
 
-SMALL = {"paper-sweeps": (2, 40), "policies": (2, 300), "c-sweep": (2, 200), "table1": (2, 100), "planners": (1, 40)}
+SMALL = {
+    "paper-sweeps": (2, 40),
+    "policies": (2, 300),
+    "c-sweep": (2, 200),
+    "table1": (2, 100),
+    "planners": (1, 40),
+    "adaptive": (1, 200),
+}
 PLOTS = {
     "paper-sweeps": "paper_sweeps.png",
     "policies": "policies.png",
     "c-sweep": "c_sweep.png",
     "table1": "table1.png",
     "planners": "planners.png",
+    "adaptive": "adaptive.png",
 }
 
 
+#: Experiments that serve live clusters: their machinery is tested in tests/runtime/test_table1_live.py.
+LIVE = {"table1-live", "fidelity"}
+
+
 def test_every_experiment_has_a_small_size():
-    assert set(SMALL) == set(EXPERIMENTS)
+    assert set(SMALL) | LIVE == set(EXPERIMENTS)
 
 
 @pytest.mark.slow

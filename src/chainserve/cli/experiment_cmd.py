@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from chainserve.cli.common import check_out_folder, user_errors
+from chainserve.cli.simulate_cmd import TIME_SCALE_RANGE
 from chainserve.experiments.registry import EXPERIMENTS
 from chainserve.model import limits
 from chainserve.model.spec import SpecError
@@ -39,6 +40,19 @@ def experiment(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar on stderr.")] = False,
+    time_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Live experiments: multiply the trace's gaps by this (0.5 replays twice as fast) "
+            "\\[default: the experiment's]."
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Live experiments: comma-separated methods (petals,bprr,jffc-only,proposed) \\[default: all]."
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment; prints the path of its report."""
     with user_errors():
@@ -47,13 +61,14 @@ def experiment(
         spec = EXPERIMENTS[name]
         num_seeds = spec.num_seeds if seeds is None else limits.check_count("seeds", seeds, MAX_SEEDS)
         num_jobs = spec.num_jobs if requests is None else limits.check_count("requests", requests, MAX_REQUESTS)
-        if name == "table1":
+        if name in ("table1", "table1-live"):
             _check_trace_rows(num_jobs)
+        options = _live_options(name, spec.options, time_scale, methods)
         check_out_folder("out", out)
         from chainserve.experiments import common
 
         common.SHOW_PROGRESS = not quiet
-        report = spec.load()(out, num_seeds, num_jobs)
+        report = spec.load()(out, num_seeds, num_jobs, **options)
     typer.echo(str(report))
 
 
@@ -64,3 +79,19 @@ def _check_trace_rows(num_jobs: int) -> None:
     rows = len(read_azure_trace(None))
     if num_jobs > rows:
         raise SpecError("requests", f"table1 replays the bundled trace, which has {rows} rows; got {num_jobs}")
+
+
+def _live_options(name: str, accepted: frozenset[str], time_scale: float | None, methods: str | None) -> dict:
+    """``--time-scale`` and ``--methods`` for the experiments that take them (checked before the run)."""
+    given = {"time_scale": time_scale, "methods": methods}
+    options = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            raise SpecError(key.replace("_", "-"), f"experiment {name} does not take it")
+        if key == "time_scale":
+            options[key] = limits.check_range("time-scale", value, TIME_SCALE_RANGE)
+        else:
+            options[key] = tuple(m.strip() for m in value.split(",") if m.strip())
+    return options

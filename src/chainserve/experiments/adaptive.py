@@ -39,7 +39,7 @@ DAY_LOW = 0.5 / 3
 SENSITIVITY_LOW_S = (2 * 3600.0, 4 * 3600.0, 6 * 3600.0)
 SENSITIVITY_METHODS = ("static-peak", "adaptive", "oracle")
 TRACES = {"code": "AzureLLMInferenceTrace_code.csv", "conversation": "AzureLLMInferenceTrace_conv.csv"}
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # shipped with the package (examples/ links here)
 METHODS = ("static-mean", "static-peak", "adaptive", "oracle")
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 @dataclass(frozen=True, slots=True)
 class Experiment:
-    target: str  # "module:function", called as function(out_dir, num_seeds, num_jobs) -> report path
+    target: str  # "module:function", called as function(out_dir, num_seeds, num_jobs, **options) -> report path
     num_seeds: int
     num_jobs: int
     help: str
+    options: frozenset[str] = frozenset()  # keyword options it takes besides those: "time_scale", "methods"
 
-    def load(self) -> Callable[[Path, int, int], Path]:
+    def load(self) -> Callable[..., Path]:
         module, _, function = self.target.partition(":")
         return getattr(importlib.import_module(module), function)
 
@@ -42,5 +43,25 @@ EXPERIMENTS: dict[str, Experiment] = {
         20,
         300,
         "§4.1 sweeps with the proposed method planned greedily (paper) vs by the best planner",
+    ),
+    "table1-live": Experiment(
+        "chainserve.experiments.table1_live:table1_live",
+        1,
+        500,
+        "§4.2 Table 1 on the live runtime (emulated MIG testbed) next to the simulator and the paper",
+        frozenset({"time_scale", "methods"}),
+    ),
+    "fidelity": Experiment(
+        "chainserve.experiments.fidelity:fidelity",
+        1,
+        150,
+        "simulated vs measured response time on 3 live clusters (emulated and torch), with the Theorem-4 bounds",
+        frozenset({"time_scale", "methods"}),
+    ),
+    "adaptive": Experiment(
+        "chainserve.experiments.adaptive:adaptive_experiment",
+        10,
+        20_000,
+        "beyond the paper: static vs adaptive vs oracle plans on a step, a day and the Azure traces",
     ),
 }

@@ -14,6 +14,12 @@ the service random stream, and returns ``duration(route, job_index) -> seconds``
   a_j = F/f_j and b_j = s_m/b_j from the catalogue. Otherwise (our reading, the paper is silent) every
   token costs the same: a_j = b_j = (τ^p_j − t_o)/(l̄_in + l̄_out − 1) with t_o = min(t_o, τ^p_j), which
   gives back τ^p_j at the workload's mean lengths l̄_in, l̄_out.
+* ``"emulated"``: the timing of the runtime's emulated backend (``chainserve.runtime.backends.emulated``),
+  so the simulator predicts what the live emulated system measures. A job makes l_out forward steps
+  whatever its prompt (one prefill, l_out − 1 decodes); each step on hop (i, j) sleeps
+  ``(m_ij·τ^p_j + τ^c_j) / l̄_out`` plus ``hop_overhead_s``, the orchestrator's and transport's own time
+  per hop and step (measured, ~1 ms here): duration = ``l_out · Σ_hops ((m_ij·τ^p_j + τ^c_j)/l̄_out +
+  hop_overhead_s)``. Unlike ``"token"``, a long prompt costs no more than a short one.
 """
 
 from __future__ import annotations
@@ -140,9 +146,49 @@ class TokenService:
         return duration
 
 
-SERVICE_MODELS: dict[str, type[ExponentialService] | type[TokenService]] = {
+@dataclass(frozen=True, slots=True)
+class EmulatedService:
+    """The emulated backend's per-step sleeps (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step.
+
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.sim.arrivals import Arrivals
+    >>> p = Problem((Server("a", 10, 0.1, 0.2),), ModelSpec("m", 2, 1.0, 0.1), Workload(1.0, output_tokens=4))
+    >>> jobs = Arrivals(np.zeros(2), np.array([5, 500]), np.array([4, 8]))
+    >>> duration = EmulatedService(0.001).sampler(p, jobs, np.random.default_rng(0))
+    >>> [round(duration(Route((Hop(0, 1, 2),), 0.4), job), 3) for job in (0, 1)]  # (2·0.1 + 0.2)/4 + 0.001 per step
+    [0.404, 0.808]
+    """
+
+    hop_overhead_s: float = 0.0
+    name: ClassVar[str] = "emulated"
+
+    def __post_init__(self) -> None:
+        if not self.hop_overhead_s >= 0:
+            raise ValueError(f"hop_overhead_s: must be ≥ 0, got {self.hop_overhead_s}")
+
+    def step_s(self, problem: Problem, hops: tuple[Hop, ...]) -> float:
+        """One forward step's time along ``hops``."""
+        servers = problem.servers
+        per_job = sum(h.num_blocks * servers[h.server].tau_p_s + servers[h.server].tau_c_s for h in hops)
+        return per_job / problem.workload.output_tokens + self.hop_overhead_s * len(hops)
+
+    def sampler(self, problem: Problem, arrivals: Arrivals, rng: np.random.Generator) -> Duration:
+        _, _, output = arrivals.columns()
+        by_route: dict[tuple[Hop, ...], float] = {}
+
+        def duration(route: Route, job: int) -> float:
+            step = by_route.get(route.hops)
+            if step is None:
+                step = by_route[route.hops] = self.step_s(problem, route.hops)
+            return step * output[job]
+
+        return duration
+
+
+SERVICE_MODELS: dict[str, type[ExponentialService] | type[TokenService] | type[EmulatedService]] = {
     "exponential": ExponentialService,
     "token": TokenService,
+    "emulated": EmulatedService,
 }
 
 

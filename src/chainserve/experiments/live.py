@@ -1,0 +1,237 @@
+"""Live runs for the runtime experiments (issue 7; paper §4.2): serve a layout with ``chainserve serve``
+as a user does, replay requests with the benchmark client, and simulate the same layout and requests.
+
+Each method's layout is built once here and handed to both drivers — ``chainserve serve --plan FILE``
+(an orchestrator process plus one process per block server) and the simulator — so they run the same
+placement, chains and cache pools. Per request the server reports its queue time (``queued_s``) and
+its end-to-end time (``e2e_s``) in the ``chainserve`` field of the answer; measured waiting is
+``queued_s``, measured service ``e2e_s − queued_s``, measured response the client's end-to-end time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from chainserve.analysis.records import Stats
+from chainserve.dispatch.base import Dispatcher
+from chainserve.dispatch.jffc import JFFC
+from chainserve.dispatch.petals_route import PetalsRouter
+from chainserve.dispatch.ws_rr import WsRrRouter
+from chainserve.measure.bench import BenchRequest, run_bench
+from chainserve.methods import build_method
+from chainserve.model.spec import Problem
+from chainserve.plan.baselines.petals import petals_placement
+from chainserve.plan.baselines.types import PathPlacement
+from chainserve.plan.plan_file import layout_to_dict
+from chainserve.plan.types import Hop, Layout, Plan
+from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.engine import simulate
+from chainserve.sim.service import EmulatedService, ServiceModel
+
+#: How long ``chainserve serve`` may take to start its block servers (torch loads weights).
+READY_TIMEOUT_S = 300.0
+_READY = re.compile(r"chainserve: serving \S+ on (http://\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One method's live run: counts and per-request times (seconds) of the completed requests."""
+
+    num_requests: int
+    num_completed: int
+    response_s: np.ndarray
+    waiting_s: np.ndarray
+    service_s: np.ndarray
+    server_e2e_s: np.ndarray
+    model_service_s: np.ndarray  # the emulated backend's sleeps for the request's route and length
+    hop_steps: np.ndarray  # hops of its route × its output tokens
+
+    @property
+    def num_failed(self) -> int:
+        return self.num_requests - self.num_completed
+
+    def stats(self, name: str) -> Stats:
+        return Stats.of(getattr(self, f"{name}_s"))
+
+
+def scale_times(problem: Problem, factor: float) -> Problem:
+    """``problem`` with every time (τ^p, τ^c, RTT) multiplied by ``factor`` and λ divided by it: the
+    same queueing system on a faster (``factor`` < 1) clock, so a run takes ``factor`` as long."""
+    servers = tuple(
+        replace(
+            s,
+            tau_p_s=s.tau_p_s * factor,
+            tau_c_s=s.tau_c_s * factor,
+            rtt_s=None if s.rtt_s is None else s.rtt_s * factor,
+        )
+        for s in problem.servers
+    )
+    workload = replace(problem.workload, arrival_rate_per_s=problem.workload.arrival_rate_per_s / factor)
+    return replace(problem, servers=servers, workload=workload)
+
+
+def build_layout(
+    method: str, problem: Problem, seed: int = 0, planner: str = "greedy", petals_cache_tokens: int | None = None
+) -> Layout:
+    """The layout ``method`` serves (:func:`chainserve.methods.build_method`); PETALS' cache per block
+    is ``petals_cache_tokens`` tokens when given (its ``--attn_cache_tokens``)."""
+    rng = np.random.default_rng(seed)
+    if method == "petals" and petals_cache_tokens is not None:
+        return petals_placement(problem, rng, cache_tokens=petals_cache_tokens)
+    return build_method(method, problem, rng, planner).plan_or_placement
+
+
+def dispatcher_for(layout: Layout) -> Dispatcher:
+    """The dispatcher ``chainserve serve --plan`` builds for ``layout`` (the same type, §2.4, §3): JFFC
+    over a plan's chains, PETALS' or WS-RR's router over a path placement."""
+    if isinstance(layout, PathPlacement):
+        return {"petals": PetalsRouter, "bprr": WsRrRouter}[layout.method](layout)
+    return JFFC(layout.chains)
+
+
+def to_arrivals(requests: Sequence[BenchRequest]) -> Arrivals:
+    """The requests as the simulator's arrival stream (same times and lengths)."""
+    return Arrivals(
+        np.array([r.at_s for r in requests], dtype=float),
+        np.array([r.prompt_tokens for r in requests], dtype=np.int64),
+        np.array([r.output_tokens for r in requests], dtype=np.int64),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayArrivals:
+    """An :class:`~chainserve.sim.arrivals.ArrivalProcess` that always gives the same stream."""
+
+    arrivals: Arrivals
+
+    def sample(self, workload, num_jobs, rng) -> Arrivals:
+        return self.arrivals
+
+
+def simulate_layout(
+    layout: Layout, method: str, requests: Sequence[BenchRequest], service: ServiceModel, seed: int = 0
+):
+    """The simulator's summary of ``requests`` on ``layout`` with ``method``'s dispatcher."""
+    result = simulate(layout, dispatcher_for(layout), ReplayArrivals(to_arrivals(requests)), service, seed=seed)
+    if result.summary is None:
+        raise RuntimeError(f"{method}: no simulated job finished")
+    return result.summary
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    plan_file: Path, method: str, log_dir: Path, backend: str = "emulated", model: str | None = None
+) -> AsyncIterator[str]:
+    """``chainserve serve --plan plan_file`` on a free loopback port; yields its URL, then SIGTERMs it
+    (it stops its block servers) and waits for it to exit."""
+    argv = [sys.executable, "-m", "chainserve", "serve", "--plan", str(plan_file), "--method", method]
+    argv += ["--backend", backend, "--port", "0", "--max-waiting", "1000000", "--request-timeout-s", "3600"]
+    argv += ["--log-dir", str(log_dir), "--log-level", "warning"]
+    if model is not None:
+        argv += ["--model", model]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "serve.log", "w", encoding="utf-8") as log:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=log, env=env)
+        try:
+            try:
+                url = await asyncio.wait_for(_ready_url(proc), READY_TIMEOUT_S)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = (log_dir / "serve.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"{exc or 'chainserve serve did not start'}: {' | '.join(tail)}") from None
+            yield url
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 60)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def _ready_url(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    while line := (await proc.stdout.readline()).decode():
+        match = _READY.search(line)
+        if match:
+            return match.group(1)
+    raise RuntimeError(f"chainserve serve exited with status {await proc.wait()} before it was ready")
+
+
+async def measure_layout(
+    layout: Layout,
+    method: str,
+    requests: Sequence[BenchRequest],
+    work_dir: Path,
+    backend: str = "emulated",
+    model: str | None = None,
+    progress: bool = False,
+) -> Measured:
+    """Serve ``layout`` live, replay ``requests`` against it and collect the per-request times."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    plan_file = work_dir / "plan.json"
+    plan_file.write_text(json.dumps(layout_to_dict(layout)), encoding="utf-8")
+    async with serving(plan_file, method, work_dir / "logs", backend, model) as url:
+        report = await run_bench(url, requests, progress=progress, timeout_s=3600)
+    done = [r for r in report.results if r.ok and r.route is not None]
+    queued = np.array([float(r.route["queued_s"]) for r in done])
+    server_e2e = np.array([float(r.route["e2e_s"]) for r in done])
+    problem = layout.problem
+    index = {s.name: j for j, s in enumerate(problem.servers)}
+    routes = [
+        tuple(
+            Hop(index[h["server"]], h["first_block"], h["last_block"] - h["first_block"] + 1) for h in r.route["hops"]
+        )
+        for r in done
+    ]
+    sleeps = EmulatedService()
+    return Measured(
+        len(report.results),
+        len(done),
+        np.array([float(r.e2e_s) for r in done]),
+        queued,
+        server_e2e - queued,
+        server_e2e,
+        np.array([sleeps.step_s(problem, hops) * r.output_tokens for hops, r in zip(routes, done, strict=True)]),
+        np.array([len(hops) * r.output_tokens for hops, r in zip(routes, done, strict=True)]),
+    )
+
+
+def chain_rows(layout: Layout) -> list[list[object]]:
+    """(chain, servers, blocks per hop, T_k, c_k) rows of a plan; a path placement's spans and pools."""
+    names = [s.name for s in layout.problem.servers]
+    if isinstance(layout, Plan):
+        return [
+            [
+                k,
+                " → ".join(names[h.server] for h in ch.hops),
+                " + ".join(str(h.num_blocks) for h in ch.hops),
+                ch.service_time_s,
+                ch.capacity,
+            ]
+            for k, ch in enumerate(layout.chains)
+        ]
+    assert isinstance(layout, PathPlacement)
+    return [
+        [
+            "–",
+            names[s.server],
+            f"{s.start_block}..{s.start_block + s.num_blocks - 1}",
+            float("nan"),
+            f"pool {layout.cache_gb[s.server]:.2f} GB",
+        ]
+        for s in layout.placement.spans
+    ]
