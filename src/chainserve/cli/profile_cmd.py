@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from chainserve.cli.common import stderr_console, stdout_console, user_errors
+from chainserve.cli.common import check_out_folder, stderr_console, stdout_console, user_errors
 from chainserve.model.spec import Problem, SpecError
 
 
 def _check_out(path: Path) -> Path:
-    """``--out`` names a file that can be written (checked before any work)."""
+    """``--out`` names a file in a writable folder (created if need be; checked before any work)."""
     if path.is_dir():
         raise SpecError("out", f"{path} is a folder; give a file name such as {path / 'profiled.yaml'}")
-    folder = path.parent
-    if folder.exists() and not folder.is_dir():
-        raise SpecError("out", f"{folder} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise SpecError("out", f"{folder}: folder is not writable")
+    check_out_folder("out", path.parent)
     return path
 
 

@@ -29,8 +29,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chainserve.analysis.records import Summary
-from chainserve.experiments.common import markdown_table, pct, progress_bar, write_report
-from chainserve.experiments.live import Measured, build_layout, measure_layout, scale_times, simulate_layout
+from chainserve.experiments.common import markdown_table, progress_bar, write_report
+from chainserve.experiments.live import (
+    Measured,
+    build_layout,
+    error_cell,
+    measure_layout,
+    scale_times,
+    simulate_layout,
+    within_target,
+)
 from chainserve.experiments.table1_live import (
     METHODS,
     PETALS_CACHE_TOKENS,
@@ -165,10 +173,10 @@ def fidelity_table(clusters: list[ClusterRun]) -> str:
                     f"{r.measured.num_completed}/{r.measured.num_requests}",
                     live.mean_s,
                     sim.mean_s,
-                    pct(100 * (sim.mean_s - live.mean_s) / live.mean_s),
+                    error_cell(sim.mean_s, live.mean_s),
                     live.p95_s,
                     sim.p95_s,
-                    pct(100 * (sim.p95_s - live.p95_s) / live.p95_s),
+                    error_cell(sim.p95_s, live.p95_s),
                     f"{r.measured.stats('service').mean_s:.2f} / {r.simulated.service.mean_s:.2f}",
                     f"{r.measured.stats('waiting').mean_s:.2f} / {r.simulated.waiting.mean_s:.2f}",
                     _bounds(r.layout),
@@ -261,8 +269,7 @@ def fidelity(
 
 def _report(out_dir: Path, clusters: list[ClusterRun], num_jobs: int, time_scale: float, methods) -> Path:
     within = [
-        abs(r.simulated.response.mean_s - r.measured.stats("response").mean_s)
-        <= 0.15 * r.measured.stats("response").mean_s
+        within_target(r.simulated.response.mean_s, r.measured.stats("response").mean_s)
         for c in clusters
         for r in c.rows
         if c.name != "smollm2-3"

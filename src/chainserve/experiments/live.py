@@ -29,6 +29,7 @@ from chainserve.dispatch.base import Dispatcher
 from chainserve.dispatch.jffc import JFFC
 from chainserve.dispatch.petals_route import PetalsRouter
 from chainserve.dispatch.ws_rr import WsRrRouter
+from chainserve.experiments.common import pct
 from chainserve.measure.bench import BenchRequest, run_bench
 from chainserve.methods import build_method
 from chainserve.model.spec import Problem
@@ -42,6 +43,8 @@ from chainserve.sim.service import EmulatedService, ServiceModel
 
 #: How long ``chainserve serve`` may take to start its block servers (torch loads weights).
 READY_TIMEOUT_S = 300.0
+#: Issue 7: the simulator predicts the runtime's mean response time within this fraction.
+FIDELITY_TARGET = 0.15
 _READY = re.compile(r"chainserve: serving \S+ on (http://\S+)")
 
 
@@ -235,3 +238,13 @@ def chain_rows(layout: Layout) -> list[list[object]]:
         ]
         for s in layout.placement.spans
     ]
+
+
+def error_cell(sim: float, live: float) -> str:
+    """The simulator's error relative to the measured value, as a report cell ("–" without one)."""
+    return pct(100 * (sim - live) / live) if live > 0 else "–"
+
+
+def within_target(sim: float, live: float) -> bool:
+    """Whether a simulated mean lies within :data:`FIDELITY_TARGET` of the measured one."""
+    return abs(sim - live) <= FIDELITY_TARGET * live

@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,19 @@ from matplotlib.figure import Figure
 
 from chainserve.analysis.records import Stats, Summary
 from chainserve.experiments.common import markdown_table, pct, progress_bar, reduction_pct, save_figure, write_report
-from chainserve.experiments.live import Measured, build_layout, chain_rows, measure_layout, simulate_layout
+from chainserve.experiments.live import (
+    Measured,
+    build_layout,
+    chain_rows,
+    error_cell,
+    measure_layout,
+    simulate_layout,
+    within_target,
+)
 from chainserve.experiments.table1 import PAPER, PAPER_REDUCTION
 from chainserve.measure.bench import BenchRequest, trace_requests
-from chainserve.model import catalogue
-from chainserve.model.spec import Problem, Server, SpecError, Workload
+from chainserve.model import presets
+from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.csearch import plan_for_c, search_c
 from chainserve.plan.types import Layout, Plan
 from chainserve.sim.service import EmulatedService
@@ -61,20 +69,14 @@ def live_testbed(arrival_rate: float, max_tokens: int = MAX_TOKENS) -> Problem:
     >>> p.num_servers, round(p.servers[0].tau_c_s, 3), p.model.max_tokens
     (9, 1.568, 8192)
     """
-    workload = Workload(arrival_rate, rho_bar=0.7, prompt_tokens=2048, output_tokens=28)
-    arch = catalogue.model_arch("llama-2-7b")
-    spec = arch.spec("fp16", max_tokens=max_tokens)
-    servers: tuple[Server, ...] = ()
-    for name, gpu in (("high", "a100-3g.40gb"), ("low", "a100-2g.20gb")):
-        profile = catalogue.gpu_profile(gpu)
-        tau_p = catalogue.tau_p_s(profile, arch, spec.block_size_gb, workload.prompt_tokens, workload.output_tokens)
-        servers += tuple(
-            Server(
-                f"{name}-{i}", profile.memory_gb, tau_p, (rtt + 2 * NETEM_ONE_WAY_S) * workload.output_tokens, gpu, rtt
-            )
-            for i, rtt in enumerate((r / 1000 for r in TESTBED_RTTS_MS[name]), start=1)
-        )
-    return Problem(servers, spec, workload, "paper-testbed-live")
+    base = presets.paper_testbed(arrival_rate, max_tokens=max_tokens)
+    rtts_s = [r / 1000 for name in ("high", "low") for r in TESTBED_RTTS_MS[name]]
+    l_out = base.workload.output_tokens
+    servers = tuple(
+        replace(s, tau_c_s=(rtt + 2 * NETEM_ONE_WAY_S) * l_out, rtt_s=rtt)
+        for s, rtt in zip(base.servers, rtts_s, strict=True)
+    )
+    return replace(base, servers=servers, name="paper-testbed-live")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +133,6 @@ def _stats_cells(s: Stats) -> str:
     return f"{s.mean_s:.2f} / {s.p95_s:.2f} / {s.p99_s:.2f}"
 
 
-def _err(sim: float, live: float) -> str:
-    return pct(100 * (sim - live) / live) if live > 0 else "–"
-
-
 def results_table(results: list[MethodResult]) -> str:
     header = [
         "method",
@@ -158,9 +156,9 @@ def results_table(results: list[MethodResult]) -> str:
             f"{m.num_completed}/{m.num_requests}",
             _stats_cells(s.response),
             f"{s.waiting.mean_s:.2f} / {s.service.mean_s:.2f}",
-            _err(s.response.mean_s, m.stats("response").mean_s),
+            error_cell(s.response.mean_s, m.stats("response").mean_s),
             "–" if c is None else f"{c.response.mean_s:.2f}",
-            "–" if c is None else _err(c.response.mean_s, m.stats("response").mean_s),
+            "–" if c is None else error_cell(c.response.mean_s, m.stats("response").mean_s),
             "{:.1f} / {:.1f} / {:.1f} / {:.1f} / {:.1f}".format(*PAPER[r.method]),
         ]
         rows.append(row)
@@ -186,8 +184,8 @@ def targets(results: list[MethodResult]) -> list[str]:
         sims = [("model", r.model.response.mean_s)] + (
             [] if r.calibrated is None else [("model + overhead", r.calibrated.response.mean_s)]
         )
-        errs = ", ".join(f"{name} {_err(v, live)}" for name, v in sims)
-        ok = any(abs(v - live) <= 0.15 * live for _, v in sims)
+        errs = ", ".join(f"{name} {error_cell(v, live)}" for name, v in sims)
+        ok = any(within_target(v, live) for _, v in sims)
         lines.append(
             f"* simulator vs live, {r.method}: {errs} (target within ±15 %){' — met' if ok else ' — **not met**'}"
         )

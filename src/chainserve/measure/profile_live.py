@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
 import secrets
 import tempfile
 import time
@@ -32,6 +31,7 @@ from chainserve.experiments.common import progress_bar
 from chainserve.measure.profile import ProfileSettings, Samples, ServerProfile, block_counts, server_profile
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.plan_file import layout_from_dict
+from chainserve.plan.types import jobs_that_fit
 from chainserve.runtime.backends.base import SpanInfo, WireTensor
 from chainserve.runtime.backends.factory import BACKENDS
 from chainserve.runtime.client import BlockClient, ServerFailed, ServerRefused
@@ -76,14 +76,12 @@ def profiling_specs(problem: Problem, max_tokens: int) -> list[ServerSpec]:
     most blocks its memory holds with one job's cache on each (M_j ≥ m·(s_m + s_c)), one session at a
     time, emulated timing as ``serve`` gives it (τ^p_j/l_out per block per step, τ^c_j/(2·l_out) each
     way, :mod:`chainserve.runtime.layout`)."""
-    model, steps = problem.model, problem.workload.output_tokens
+    model = problem.model
     specs = []
     for j, s in enumerate(problem.servers):
-        m = min(model.num_blocks, math.floor(s.memory_gb / (model.block_size_gb + model.cache_size_gb) + 1e-9))
+        m = min(model.num_blocks, jobs_that_fit(s.memory_gb, model.block_size_gb + model.cache_size_gb))
         if m >= 1:
-            specs.append(
-                ServerSpec(j, s.name, SpanInfo(1, m, m, max_tokens), s.tau_p_s / steps, s.tau_c_s / (2 * steps))
-            )
+            specs.append(ServerSpec.of(problem, j, SpanInfo(1, m, m, max_tokens)))
     if not specs:
         raise SpecError("cluster", "no server can hold one block with one job's cache")
     return specs

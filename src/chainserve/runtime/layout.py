@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chainserve.model.spec import Problem
 from chainserve.plan.types import Layout, reserved_block_jobs
 from chainserve.runtime.backends.base import SpanInfo
 
@@ -20,15 +21,19 @@ class ServerSpec:
     step_s_per_block: float
     delay_s: float
 
+    @classmethod
+    def of(cls, problem: Problem, index: int, info: SpanInfo) -> ServerSpec:
+        """Problem server ``index`` hosting ``info``, with its τ read as the emulated backend's timing."""
+        s, steps = problem.servers[index], problem.workload.output_tokens
+        return cls(index, s.name, info, s.tau_p_s / steps, s.tau_c_s / (2 * steps))
+
 
 def server_specs(layout: Layout, max_tokens: int) -> list[ServerSpec]:
     """The block servers of ``layout`` in placement order; ``max_tokens`` positions per block-slot."""
-    problem = layout.problem
-    steps = problem.workload.output_tokens
     slots = reserved_block_jobs(layout)
-    specs = []
-    for span in layout.placement.spans:
-        s = problem.servers[span.server]
-        info = SpanInfo(span.start_block, span.num_blocks, slots[span.server], max_tokens)
-        specs.append(ServerSpec(span.server, s.name, info, s.tau_p_s / steps, s.tau_c_s / (2 * steps)))
-    return specs
+    return [
+        ServerSpec.of(
+            layout.problem, span.server, SpanInfo(span.start_block, span.num_blocks, slots[span.server], max_tokens)
+        )
+        for span in layout.placement.spans
+    ]
