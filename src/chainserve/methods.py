@@ -7,8 +7,8 @@
   (``bprr:R=<n>`` fixes its sessions per block R instead of its rule);
 * ``jffc-only``: whole-model replicas under JFFC.
 
-Layouts are built once per problem; ``make_dispatcher(rng)`` gives a fresh dispatcher (its own state)
-for every run, so Monte-Carlo runs never share queues.
+Layouts are built once per problem; :func:`dispatcher_for` (``MethodSetup.make_dispatcher``) gives a
+fresh dispatcher (its own state) for every run and every plan change, so runs never share queues.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from chainserve.dispatch.base import Dispatcher
-from chainserve.dispatch.jffc import JFFC
 from chainserve.dispatch.petals_route import PetalsRouter
 from chainserve.dispatch.registry import POLICIES
 from chainserve.dispatch.ws_rr import WsRrRouter
@@ -30,17 +29,46 @@ from chainserve.plan.baselines.jffc_only import jffc_only_plan
 from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.best import PLANNERS, plan_with
-from chainserve.plan.types import Plan
+from chainserve.plan.types import Layout, Plan
 
 
 @dataclass(frozen=True, slots=True)
 class MethodSetup:
-    """``plan_or_placement``: a :class:`Plan` (chain methods) or a :class:`PathPlacement` (path routers);
-    ``make_dispatcher(rng)``: a fresh dispatcher over it; ``description``: one line for reports."""
+    """``method``: the method's name; ``plan_or_placement``: a :class:`Plan` (chain methods) or a
+    :class:`PathPlacement` (path routers); ``description``: one line for reports."""
 
+    method: str
     plan_or_placement: Plan | PathPlacement
-    make_dispatcher: Callable[[np.random.Generator], Dispatcher]
     description: str
+
+    def make_dispatcher(self, rng: np.random.Generator) -> Dispatcher:
+        """A fresh dispatcher (its own state) over the layout: :func:`dispatcher_for`."""
+        return dispatcher_for(self.method, self.plan_or_placement, rng)
+
+
+def dispatcher_for(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
+    """The online dispatcher of ``method`` over ``layout`` (§2.4, §3), the one the simulator, the
+    runtime and the experiments all drive: JFFC over a plan's chains (``proposed``, ``jffc-only``),
+    ``proposed:<policy>``'s policy, PETALS' or WS-RR's router over a path placement. ``rng`` feeds the
+    randomised policies. ``SpecError`` (field ``method``) when the method does not serve the layout.
+
+    >>> from chainserve.model.spec import ModelSpec, Server, Workload
+    >>> p = Problem((Server("a", 20, 0.5, 0.1),), ModelSpec("toy", 3, 2.0, 1.0), Workload(0.2))
+    >>> plan = build_method("jffc-only", p, np.random.default_rng(0)).plan_or_placement
+    >>> [dispatcher_for(m, plan, np.random.default_rng(0)).name for m in ("proposed", "proposed:jsq")]
+    ['jffc', 'jsq']
+    """
+    base, policy = check_method_name(method)
+    if isinstance(layout, PathPlacement):
+        routers = {"petals": PetalsRouter, "bprr": WsRrRouter}
+        if base not in routers:
+            raise SpecError(
+                "method", f"the plan is a {layout.method} path placement; serve it with --method {layout.method}"
+            )
+        return routers[base](layout)
+    if base in ("petals", "bprr"):
+        raise SpecError("method", f"{base} needs its own placement; plan it from the cluster file instead")
+    return POLICIES[policy or "jffc"](layout.chains, rng, layout.problem.arrival_rate_per_s)
 
 
 def check_method_name(name: str) -> tuple[str, str | None]:
@@ -84,35 +112,25 @@ def bprr_sessions_option(name: str) -> int | None:
 
 
 def _proposed(problem: Problem, rng: np.random.Generator, policy: str = "jffc", planner: str = "greedy") -> MethodSetup:
-    factory = POLICIES[policy]
     plan = plan_with(planner, problem)
     how = f"GBP-CR + GCA with c* = {plan.c}" if planner == "greedy" else "best planner"
-    return MethodSetup(
-        plan,
-        lambda r: factory(plan.chains, r, problem.arrival_rate_per_s),
-        f"{how} ({len(plan.chains)} chains, {plan.num_job_servers} job servers), {policy}",
-    )
+    name = "proposed" if policy == "jffc" else f"proposed:{policy}"
+    return MethodSetup(name, plan, f"{how} ({len(plan.chains)} chains, {plan.num_job_servers} job servers), {policy}")
 
 
 def _petals(problem: Problem, rng: np.random.Generator) -> MethodSetup:
     layout = petals_placement(problem, rng)
-    return MethodSetup(
-        layout,
-        lambda r: PetalsRouter(layout),
-        f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing",
-    )
+    return MethodSetup("petals", layout, f"PETALS placement ({'; '.join(layout.notes)}), min-latency client routing")
 
 
 def _bprr(problem: Problem, rng: np.random.Generator, sessions: int | None = None) -> MethodSetup:
     layout = bprr_placement(problem, sessions)
-    return MethodSetup(
-        layout, lambda r: WsRrRouter(layout), f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing"
-    )
+    return MethodSetup("bprr", layout, f"BPRR: CG-BP placement ({'; '.join(layout.notes)}), WS-RR routing")
 
 
 def _jffc_only(problem: Problem, rng: np.random.Generator) -> MethodSetup:
     plan = jffc_only_plan(problem)
-    return MethodSetup(plan, lambda r: JFFC(plan.chains), f"whole-model replicas on {len(plan.chains)} servers, JFFC")
+    return MethodSetup("jffc-only", plan, f"whole-model replicas on {len(plan.chains)} servers, JFFC")
 
 
 METHODS: dict[str, Callable[[Problem, np.random.Generator], MethodSetup]] = {

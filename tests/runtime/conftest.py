@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
+
+from chainserve.runtime.serve_process import serve_process
 
 DATA = Path(__file__).parent / "data"
 EMULATED_6 = DATA / "emulated-6.yaml"
@@ -53,58 +52,26 @@ def serving(*args: str, tmp_path: Path, ready_s: float = 180.0, token: str | Non
     token = token or "test-token-" + os.urandom(4).hex()
     (tmp_path / "token").write_text(token)
     log_dir = tmp_path / "logs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if "--planner" not in args and "--plan" not in args:  # the paper's greedy plan: deterministic chains
         args = (*args, "--planner", "greedy")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "chainserve",
-            "serve",
-            *args,
-            "--port",
-            "0",
-            "--token-file",
-            str(tmp_path / "token"),
-            "--log-dir",
-            str(log_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "serve.err", "wb"),
-        text=True,
-        env=env,
-    )
+    args = (*args, "--port", "0", "--token-file", str(tmp_path / "token"), "--log-dir", str(log_dir))
+    children: list[int] = []
+    with serve_process((*args, "--log-level", "warning"), tmp_path / "serve.err", ready_s) as served:
+        children = children_of(served.proc.pid)
+        yield Served(served.url, served.proc, token, log_dir)
+        children = children_of(served.proc.pid)
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"block servers left running: {left}"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
     try:
-        deadline, url = time.monotonic() + ready_s, None
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            match = re.search(r"on (http://\S+)", line)
-            url = match.group(1) if match else None
-        if url is None:
-            proc.kill()
-            pytest.fail("chainserve serve did not start: " + (tmp_path / "serve.err").read_text()[-3000:])
-        yield Served(url, proc, token, log_dir)
-    finally:
-        children = children_of(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("chainserve serve ignored SIGTERM")
-        time.sleep(0.5)
-        left = [
-            pid
-            for pid in children
-            if Path(f"/proc/{pid}").exists()
-            and "Z" not in (Path(f"/proc/{pid}/stat").read_text().split()[2:3] or ["Z"])
-        ]
-        assert not left, f"block servers left running: {left}"
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def server_infos(served: Served) -> list[dict]:

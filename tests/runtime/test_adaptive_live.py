@@ -15,6 +15,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from tests.runtime.conftest import DATA, serving
 
 from chainserve.measure.bench import BenchRequest, RequestResult, run_bench
@@ -49,6 +50,7 @@ def assert_complete(results: list[RequestResult]) -> None:
     assert all(r.output_tokens == OUTPUT_TOKENS and r.finish_reason == "length" for r in results)
 
 
+@pytest.mark.slow
 def test_the_plan_follows_a_rate_step_and_nothing_is_lost(tmp_path) -> None:
     low_s, high_s, back_s = 8.0, 32.0, 10.0
     requests = poisson([(low_s, LOW), (high_s, HIGH), (back_s, LOW)], seed=3)

@@ -42,6 +42,8 @@ def call(srv: BlockServer, op: str, tensor: WireTensor | None = None, token: str
 class LoopbackClient:
     """A client that calls a BlockServer's handler directly (the real protocol, no socket)."""
 
+    endpoint = "loopback"
+
     def __init__(self, srv: BlockServer):
         self.name, self.srv = srv.server_id, srv
 
@@ -66,6 +68,15 @@ class LoopbackClient:
 
     async def info(self, timeout_s=10.0):
         return (await self._request("info")).fields
+
+    async def set_limit(self, num_block_slots: int, timeout_s: float = 10.0) -> dict:
+        return (await self._request("limit", num_block_slots=num_block_slots)).fields
+
+    def fail_pending(self, message: str) -> None:
+        """Nothing waits on a socket here."""
+
+    def close(self) -> None:
+        """No socket to close."""
 
 
 def test_forward_admits_steps_and_closes() -> None:

@@ -57,8 +57,10 @@ class FakeClient:
     """A block server that answers at once, except that a job's first hop waits for its gate (sessions
     are named ``j<job>s<serial>``; the script never aborts a job, so one gate per job)."""
 
-    def __init__(self, name: str, gates: dict[str, asyncio.Event], first_blocks: set[int]):
-        self.name, self.gates, self.first_blocks = name, gates, first_blocks
+    endpoint = "fake"
+
+    def __init__(self, name: str, gates: dict[str, asyncio.Event]):
+        self.name, self.gates = name, gates
 
     async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
         if first_block == 1:
@@ -73,6 +75,15 @@ class FakeClient:
     async def info(self, timeout_s=10.0):
         return {}
 
+    async def set_limit(self, num_block_slots, timeout_s=10.0):
+        return {}
+
+    def fail_pending(self, message):
+        """Nothing is pending on a fake."""
+
+    def close(self):
+        """Nothing to close."""
+
 
 def problem() -> Problem:
     servers = tuple(
@@ -86,7 +97,7 @@ def problem() -> Problem:
 
 async def drive_orchestrator(layout, dispatcher, times, durations) -> dict[int, tuple[float, int | None, tuple]]:
     clock, gates = VirtualClock(), {}
-    clients = {j: FakeClient(s.name, gates, set()) for j, s in enumerate(layout.problem.servers)}
+    clients = {j: FakeClient(s.name, gates) for j, s in enumerate(layout.problem.servers)}
     head = EmulatedHead("toy", layout.problem.model.num_blocks, 64)
     orch = Orchestrator(layout, dispatcher, head, clients, clock=clock)
     params = SamplingParams(max_tokens=1, temperature=0)

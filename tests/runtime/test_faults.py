@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, server_infos, serving
 
 from chainserve.measure.bench import BenchRequest, RequestResult, run_bench
@@ -84,6 +85,7 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rejoins(tmp_path) -> None:
     max_tokens = 40
     with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path) as served:
@@ -120,6 +122,7 @@ def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rej
 
 
 def test_torch_servers_killed_under_load_give_the_fault_free_text(tmp_path) -> None:
+    pytest.importorskip("torch", reason="the torch extra is not installed")
     max_tokens = 24
     args = (
         str(DATA / "tiny-6.yaml"),

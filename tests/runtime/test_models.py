@@ -6,7 +6,8 @@ import threading
 import time
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from safetensors import safe_open
 
 from chainserve.model.catalogue import model_arch

@@ -2,9 +2,10 @@
 block servers (the real request handler and KV arena, no sockets) and a scripted controller.
 
 A re-allocation moves every server's admission limit within its arena; a re-placement restarts the
-servers whose span changes one at a time, each only once its jobs have finished. Every request ends
-with all its tokens, no server ever refuses an admission (the orchestrator waits for room instead),
-and no server holds more KV than the larger of the two plans gives it.
+servers whose span changes, each only once its jobs have finished, in the order of the schedule the
+simulator steps too (:mod:`chainserve.adapt.migration`). Every request ends with all its tokens, no
+server ever refuses an admission (the orchestrator starts a job only where there is room) and no
+server holds more KV than its arena.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from aiotools import VirtualClock
 from tests.runtime.conftest import DATA
 from tests.runtime.test_block_server import TOKEN, LoopbackClient
 
@@ -21,21 +23,16 @@ from chainserve.dispatch.jffc import JFFC
 from chainserve.model.cluster_file import load_cluster
 from chainserve.plan.best import plan_with
 from chainserve.plan.csearch import make_plan
+from chainserve.plan.recovery import arena_block_slots
 from chainserve.plan.types import Layout, Plan, reserved_block_jobs
 from chainserve.runtime.backends.base import SpanInfo
 from chainserve.runtime.backends.emulated import EmulatedHead, EmulatedSpan
 from chainserve.runtime.block_server import BlockServer, ServerKnobs
 from chainserve.runtime.orchestrator import Orchestrator
-from chainserve.runtime.recovery import arena_block_slots
 from chainserve.runtime.requests import Finished, SamplingParams
 
 MAX_TOKENS = 4
 STEP_S = 0.004  # emulated compute per block per step
-
-
-class Client(LoopbackClient):
-    async def set_limit(self, num_block_slots: int, timeout_s: float = 10.0) -> dict:
-        return (await self._request("limit", num_block_slots=num_block_slots)).fields
 
 
 def block_server(layout: Layout, j: int) -> BlockServer:
@@ -48,7 +45,7 @@ def block_server(layout: Layout, j: int) -> BlockServer:
 
 
 class Ops:
-    """The service's side (:class:`~chainserve.runtime.orchestrator.PlanOps`), in process; records
+    """The service's side (:class:`~chainserve.runtime.plan_changes.PlanOps`), in process; records
     each restart and whether the server it replaced still held a session."""
 
     can_reload = True
@@ -63,12 +60,12 @@ class Ops:
     def place(self, placed: Layout, alive: frozenset[int]) -> None:
         return None
 
-    async def reload(self, server: int, layout: Layout) -> Client:
+    async def reload(self, server: int, layout: Layout) -> LoopbackClient:
         old = self.servers.get(server)
         self.restarts.append((server, len(old.sessions) if old is not None else 0))
         await asyncio.sleep(0.05)  # a process start
         self.servers[server] = block_server(layout, server)
-        return Client(self.servers[server])
+        return LoopbackClient(self.servers[server])
 
 
 class Scripted:
@@ -100,7 +97,13 @@ def change_to(old: Plan, new: Plan, reason: str) -> PlanChange:
 
 async def serve(old: Plan, change: PlanChange, num_requests: int) -> tuple[list[Finished], Orchestrator, Ops, dict]:
     """Stream ``num_requests`` requests (one every 15 ms) through ``old``; the change comes at the 8th.
-    Returns the finished events, the orchestrator, the ops and each server's peak KV use."""
+    Returns the finished events, the orchestrator, the ops and each server's peak KV use. Runs on a
+    virtual clock (every sleep returns at once, time jumps to the next timer), so its timing is exact."""
+    with VirtualClock().patch_loop():
+        return await _serve(old, change, num_requests)
+
+
+async def _serve(old: Plan, change: PlanChange, num_requests: int) -> tuple[list[Finished], Orchestrator, Ops, dict]:
     ops = Ops({j: block_server(old, j) for j in old.placement.servers})
     head = EmulatedHead("toy", old.problem.model.num_blocks, 32)
     controller = Scripted(change, after=8)
@@ -108,8 +111,9 @@ async def serve(old: Plan, change: PlanChange, num_requests: int) -> tuple[list[
         old,
         JFFC(old.chains),
         head,
-        {j: Client(s) for j, s in ops.servers.items()},
+        {j: LoopbackClient(s) for j, s in ops.servers.items()},
         plan_ops=ops,
+        clock=asyncio.get_running_loop().time,
         controller=controller,
         adapt_interval_s=0.02,
     )
@@ -133,7 +137,7 @@ async def serve(old: Plan, change: PlanChange, num_requests: int) -> tuple[list[
         jobs.append(asyncio.create_task(consume(orch.generate(head.encode("the chain serves"), params))))
         await asyncio.sleep(0.015)
     finished = await asyncio.wait_for(asyncio.gather(*jobs), 30)
-    while orch._busy:
+    while orch.changer.is_busy:
         await asyncio.sleep(0.01)
     running = False
     await watcher
@@ -166,16 +170,16 @@ def test_a_reallocation_moves_the_limits_and_loses_nothing() -> None:
     assert ops.restarts == []
     assert orch.layout is new and orch.dispatcher.num_in_service == orch.num_waiting == 0
     for j, srv in ops.servers.items():
-        assert srv.arena.limit == new_slots.get(j, 0) == orch.block_slots[j]
-        assert srv.counters.num_refused == 0  # the orchestrator waited for room instead
-        assert peaks[j] <= max(old_slots[j], new_slots.get(j, 0)) <= srv.info.num_block_slots
-    record = orch.plan_changes[-1]
+        assert srv.arena.limit == new_slots.get(j, 0) == orch.servers[j].limit
+        assert srv.counters.num_refused == 0  # the orchestrator started jobs only where there was room
+        assert peaks[j] <= srv.info.num_block_slots
+    record = orch.changer.changes[-1]
     assert (record["reason"], record["kind"], record["old_c"], record["new_c"]) == ("rate_down", "reallocate", 3, 3)
     assert b'chainserve:plan_changes_total{reason="rate_down"} 1.0' in orch.metrics.render()[0]
     assert orch.plan_dict()["changes"][-1]["reason"] == "rate_down"
 
 
-def test_a_replacement_restarts_servers_one_at_a_time_after_their_jobs_finish() -> None:
+def test_a_replacement_loads_idle_servers_first_and_restarts_the_others_once_drained() -> None:
     low = plan_with("greedy", problem())
     high = plan_for_rate(problem(), "greedy", 12.0)
     change = change_to(low, high, "rate_up")
@@ -187,8 +191,8 @@ def test_a_replacement_restarts_servers_one_at_a_time_after_their_jobs_finish() 
     restarted = [j for j, _ in ops.restarts]
     assert sorted(restarted) == sorted(high.placement.servers)  # every span changes or is new
     assert all(sessions == 0 for _, sessions in ops.restarts)  # drained first: nothing was cut
-    hosted_first = [j for j in restarted if j in low.placement.servers]
-    assert hosted_first == [j for j, _ in change.migration if j in low.placement.servers]
+    fresh = [j for j in restarted if j not in low.placement.servers]
+    assert restarted[: len(fresh)] == fresh  # the idle servers load first, while the old chain serves
     assert orch.layout is high and orch.placed is high
     want = reserved_block_jobs(high)
     for j, srv in ops.servers.items():
@@ -196,7 +200,7 @@ def test_a_replacement_restarts_servers_one_at_a_time_after_their_jobs_finish() 
         assert (srv.info.first_block, srv.info.num_blocks) == (span.start_block, span.num_blocks)
         assert srv.arena.limit == want[j] and srv.counters.num_refused == 0
     routes = {tuple(h[0] for h in f.hops) for f in finished}
-    assert len(routes) > 1  # served on the old chain, interim chains and the new ones
-    record = orch.plan_changes[-1]
+    assert len(routes) > 1  # served on the old chain and the new ones
+    record = orch.changer.changes[-1]
     assert (record["reason"], record["kind"], record["old_c"], record["new_c"]) == ("rate_up", "replace", 2, 3)
     assert np.isfinite(record["took_s"])

@@ -8,7 +8,8 @@ import importlib.util
 
 import openai
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from tests.runtime.conftest import DATA, serving
 from transformers import AutoTokenizer, LlamaForCausalLM
 

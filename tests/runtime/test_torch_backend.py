@@ -7,7 +7,8 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from transformers import LlamaForCausalLM
 
 from chainserve.runtime.backends.base import SpanInfo, WireTensor

@@ -65,9 +65,9 @@ def experiment(
             _check_trace_rows(num_jobs)
         options = _live_options(name, spec.options, time_scale, methods)
         check_out_folder("out", out)
-        from chainserve.experiments import common
+        from chainserve import progress
 
-        common.SHOW_PROGRESS = not quiet
+        progress.SHOW_PROGRESS = not quiet
         report = spec.load()(out, num_seeds, num_jobs, **options)
     typer.echo(str(report))
 

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from chainserve.cli.common import (
@@ -30,6 +29,7 @@ from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Plan
+from chainserve.progress import progress_bar, spinner
 
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "default-cluster.yaml"
@@ -150,7 +150,7 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console, pl
     """``best_plan`` (planner ``best``, c searched, objective ``lower``), else ``search_c`` with a progress
     bar (on a terminal), or ``plan_for_c`` for a given c."""
     if planner == "best" and c is None and objective == "lower":
-        with err.status("planning (best) …") if err.is_terminal else nullcontext():
+        with spinner(err, "planning (best) …"):
             return best_plan(problem)
     if c is not None:
         result = plan_for_c(problem, c)
@@ -161,9 +161,8 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console, pl
                 f"servers hold fewer than the model's {problem.model.num_blocks} blocks",
             )
         return result[1]
-    columns = (TextColumn("searching c"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("c", total=searched_reservations(problem))
+    with progress_bar(console=err, elapsed=False) as progress:
+        task = progress.add_task("searching c", total=searched_reservations(problem))
         return search_c(problem, objective, lambda done, total: progress.update(task, completed=done, total=total))
 
 

@@ -111,14 +111,14 @@ def profile(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar on stderr.")] = False,
 ) -> None:
     """Measure each live block server's τ^p (per block) and τ^c (per job) and write a cluster file."""
+    from chainserve import progress
     from chainserve.cli.block_server_cmd import read_secret
     from chainserve.cli.serve_cmd import parse_pairs
-    from chainserve.experiments import common
     from chainserve.measure import profile_live
     from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree
     from chainserve.model.cluster_file import load_cluster
 
-    common.SHOW_PROGRESS = not quiet
+    progress.SHOW_PROGRESS = not quiet
     with user_errors():
         if (cluster is None) == (url is None):
             raise SpecError("cluster", "give a cluster file or --url (one of them)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +42,7 @@ from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
+from chainserve.progress import spinner
 from chainserve.sim.adaptive import Transition
 from chainserve.sim.arrivals import (
     ArrivalProcess,
@@ -138,7 +138,7 @@ def simulate(
             arrivals, arrivals_text = profile, f"Poisson, rate profile {rate_profile}"
         rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
         _check_span(problem, requests, rate_field)
-        with _spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
+        with spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
             try:
                 run = run_method(
                     problem, name, seed, requests, arrivals, service, warmup, planner, AdaptConfig() if adapt else None
@@ -332,11 +332,6 @@ def _check_span(problem: Problem, num_jobs: int, field: str) -> None:
             f"more than 1e9 service times ({shortest_s:.3g} s each): the simulated clock "
             f"would round service times away; use λ ≥ {need:.3g}/s or fewer requests",
         )
-
-
-def _spinner(err: Console, text: str) -> AbstractContextManager[object]:
-    """A spinner on stderr while the method is built and simulated (the engine reports no progress)."""
-    return err.status(text) if err.is_terminal else nullcontext()
 
 
 def _to_json(

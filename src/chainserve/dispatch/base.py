@@ -56,6 +56,10 @@ class Route:
     service_time_s: float
     chain: int | None = None
 
+    @property
+    def servers(self) -> tuple[int, ...]:
+        return tuple(h.server for h in self.hops)
+
     @classmethod
     def of_chain(cls, index: int, chain: Chain) -> Route:
         return cls(chain.hops, chain.service_time_s, index)
@@ -79,9 +83,12 @@ class FailureOutcome:
 
 
 class Dispatcher(Protocol):
-    """Online load balancer; see the module docstring."""
+    """Online load balancer; see the module docstring. ``state``: the occupancy of the plan's chains
+    (busy, capacity, alive per chain), which drivers report; ``None`` for routers that compose a path
+    per request."""
 
     name: str
+    state: ChainState | None
 
     def submit(self, job: Job, now: float) -> list[Start]: ...
 

@@ -116,6 +116,7 @@ class PathRouter:
     """Shared mechanics of the path routers; subclasses give the hop costs (:meth:`path_costs`)."""
 
     name = "path"
+    state = None  # no plan chains: occupancy is per server pool (see the Dispatcher protocol)
 
     def __init__(self, layout: PathPlacement):
         layout.check()

@@ -2,7 +2,8 @@
 
 Every factory takes the same three arguments so drivers need not know which policy uses what:
 ``rng`` (a ``numpy.random.Generator``) feeds the randomised ones, ``arrival_rate`` (λ, jobs per second)
-the threshold choice. The path routers ("petals", "ws-rr") join this dict when they exist.
+the threshold choice. The path routers (PETALS', WS-RR) take a path placement instead of chains, so
+they are not here: :func:`chainserve.methods.dispatcher_for` builds every method's dispatcher.
 
 >>> from chainserve.dispatch.base import Job
 >>> from chainserve.plan.types import Chain, Hop

@@ -20,9 +20,10 @@ from chainserve.adapt.controller import AdaptConfig, AdaptiveController, plan_fo
 from chainserve.adapt.cost import predicted_response_s
 from chainserve.adapt.oracle import OracleController
 from chainserve.dispatch.jffc import JFFC
-from chainserve.experiments.common import markdown_table, pct, progress_bar, reduction_pct, save_figure, write_report
+from chainserve.experiments.common import markdown_table, pct, reduction_pct, save_figure, write_report
 from chainserve.model.cluster_file import load_cluster, problem_from_dict
 from chainserve.model.spec import Problem
+from chainserve.progress import progress_bar
 from chainserve.sim.arrivals import ArrivalProcess, PiecewiseArrivals, TraceArrivals, daily_profile, read_azure_trace
 from chainserve.sim.engine import SimResult, simulate
 

@@ -11,9 +11,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from chainserve.dispatch.jffc import JFFC
-from chainserve.experiments.common import markdown_table, mean_ci, progress_bar, save_figure, write_report
+from chainserve.experiments.common import markdown_table, mean_ci, save_figure, write_report
 from chainserve.model.presets import paper_sim_cluster
 from chainserve.plan.csearch import max_reservation, plan_for_c, search_c
+from chainserve.progress import progress_bar
 from chainserve.sim.engine import simulate
 
 

@@ -1,4 +1,5 @@
-"""Shared plumbing of the experiments: confidence intervals, progress bars and report writing.
+"""Shared plumbing of the experiments: confidence intervals and report writing (progress bars:
+:mod:`chainserve.progress`).
 
 Replications run through :func:`chainserve.sim.runs.run_method` (its module doc gives the seeds);
 replication ``s`` builds its cluster from ``default_rng(s)``.
@@ -9,9 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from chainserve.analysis.records import Interval, replications_ci
 
@@ -31,24 +29,6 @@ def reduction_pct(ours: float, theirs: float) -> float:
 def pct(value: float) -> str:
     """One percent convention for every report: ``12.3 %`` (a reduction is positive when ours is lower)."""
     return "–" if math.isnan(value) else f"{value:.1f} %"
-
-
-#: ``chainserve experiment --quiet`` turns the progress bars off.
-SHOW_PROGRESS = True
-
-
-def progress_bar(console: Console | None = None) -> Progress:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal, or with :data:`SHOW_PROGRESS` off)."""
-    console = console or Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not (SHOW_PROGRESS and console.is_terminal),
-        transient=True,
-    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

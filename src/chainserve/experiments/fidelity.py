@@ -29,12 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from chainserve.analysis.records import Summary
-from chainserve.experiments.common import markdown_table, progress_bar, write_report
+from chainserve.experiments.common import markdown_table, write_report
 from chainserve.experiments.live import (
     Measured,
-    build_layout,
     error_cell,
     measure_layout,
+    method_layout,
     scale_times,
     simulate_layout,
     within_target,
@@ -53,6 +53,7 @@ from chainserve.measure.profile_live import profile_cluster
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import Problem
 from chainserve.plan.types import Layout, Plan
+from chainserve.progress import progress_bar
 from chainserve.sim.service import EmulatedService, ServiceModel, TokenService
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # shipped with the package (examples/ links here)
@@ -103,7 +104,7 @@ def _cluster_rows(
     runs, skipped = [], []
     for method in methods:
         try:
-            layout = build_layout(method, problem, petals_cache_tokens=petals_cache_tokens)
+            layout = method_layout(method, problem, petals_cache_tokens=petals_cache_tokens)
         except ValueError as exc:
             skipped.append(f"{method}: {exc}")
             tick()
@@ -246,7 +247,7 @@ def fidelity(
             "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, lambda _: TokenService(), None
         )
         if "proposed" in methods:  # the control: the same chains with never two jobs in service
-            layout = build_layout("proposed", problem)
+            layout = method_layout("proposed", problem)
             alone = one_at_a_time(layout, SEQUENTIAL_REQUESTS, w.prompt_tokens, w.output_tokens)
             measured = asyncio.run(measure_layout(layout, "proposed", alone, work / "alone", "torch", SMOLLM2_MODEL))
             summary = simulate_layout(layout, "proposed", alone, TokenService())

@@ -10,33 +10,23 @@ its end-to-end time (``e2e_s``) in the ``chainserve`` field of the answer; measu
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from chainserve.analysis.records import Stats
-from chainserve.dispatch.base import Dispatcher
-from chainserve.dispatch.jffc import JFFC
-from chainserve.dispatch.petals_route import PetalsRouter
-from chainserve.dispatch.ws_rr import WsRrRouter
 from chainserve.experiments.common import pct
 from chainserve.measure.bench import BenchRequest, run_bench
-from chainserve.methods import build_method
+from chainserve.methods import build_method, dispatcher_for
 from chainserve.model.spec import Problem
 from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Hop, Layout, Plan
+from chainserve.runtime.serve_process import serve_process
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.engine import simulate
 from chainserve.sim.service import EmulatedService, ServiceModel
@@ -45,7 +35,6 @@ from chainserve.sim.service import EmulatedService, ServiceModel
 READY_TIMEOUT_S = 300.0
 #: Issue 7: the simulator predicts the runtime's mean response time within this fraction.
 FIDELITY_TARGET = 0.15
-_READY = re.compile(r"chainserve: serving \S+ on (http://\S+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +74,7 @@ def scale_times(problem: Problem, factor: float) -> Problem:
     return replace(problem, servers=servers, workload=workload)
 
 
-def build_layout(
+def method_layout(
     method: str, problem: Problem, seed: int = 0, planner: str = "greedy", petals_cache_tokens: int | None = None
 ) -> Layout:
     """The layout ``method`` serves (:func:`chainserve.methods.build_method`); PETALS' cache per block
@@ -94,14 +83,6 @@ def build_layout(
     if method == "petals" and petals_cache_tokens is not None:
         return petals_placement(problem, rng, cache_tokens=petals_cache_tokens)
     return build_method(method, problem, rng, planner).plan_or_placement
-
-
-def dispatcher_for(layout: Layout) -> Dispatcher:
-    """The dispatcher ``chainserve serve --plan`` builds for ``layout`` (the same type, §2.4, §3): JFFC
-    over a plan's chains, PETALS' or WS-RR's router over a path placement."""
-    if isinstance(layout, PathPlacement):
-        return {"petals": PetalsRouter, "bprr": WsRrRouter}[layout.method](layout)
-    return JFFC(layout.chains)
 
 
 def to_arrivals(requests: Sequence[BenchRequest]) -> Arrivals:
@@ -127,51 +108,11 @@ def simulate_layout(
     layout: Layout, method: str, requests: Sequence[BenchRequest], service: ServiceModel, seed: int = 0
 ):
     """The simulator's summary of ``requests`` on ``layout`` with ``method``'s dispatcher."""
-    result = simulate(layout, dispatcher_for(layout), ReplayArrivals(to_arrivals(requests)), service, seed=seed)
+    dispatcher = dispatcher_for(method, layout, np.random.default_rng(seed))
+    result = simulate(layout, dispatcher, ReplayArrivals(to_arrivals(requests)), service, seed=seed)
     if result.summary is None:
         raise RuntimeError(f"{method}: no simulated job finished")
     return result.summary
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    plan_file: Path, method: str, log_dir: Path, backend: str = "emulated", model: str | None = None
-) -> AsyncIterator[str]:
-    """``chainserve serve --plan plan_file`` on a free loopback port; yields its URL, then SIGTERMs it
-    (it stops its block servers) and waits for it to exit."""
-    argv = [sys.executable, "-m", "chainserve", "serve", "--plan", str(plan_file), "--method", method]
-    argv += ["--backend", backend, "--port", "0", "--max-waiting", "1000000", "--request-timeout-s", "3600"]
-    argv += ["--log-dir", str(log_dir), "--log-level", "warning"]
-    if model is not None:
-        argv += ["--model", model]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "serve.log", "w", encoding="utf-8") as log:
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=log, env=env)
-        try:
-            try:
-                url = await asyncio.wait_for(_ready_url(proc), READY_TIMEOUT_S)
-            except (RuntimeError, TimeoutError) as exc:
-                tail = (log_dir / "serve.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"{exc or 'chainserve serve did not start'}: {' | '.join(tail)}") from None
-            yield url
-        finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 60)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-
-
-async def _ready_url(proc: asyncio.subprocess.Process) -> str:
-    assert proc.stdout is not None
-    while line := (await proc.stdout.readline()).decode():
-        match = _READY.search(line)
-        if match:
-            return match.group(1)
-    raise RuntimeError(f"chainserve serve exited with status {await proc.wait()} before it was ready")
 
 
 async def measure_layout(
@@ -187,8 +128,11 @@ async def measure_layout(
     work_dir.mkdir(parents=True, exist_ok=True)
     plan_file = work_dir / "plan.json"
     plan_file.write_text(json.dumps(layout_to_dict(layout)), encoding="utf-8")
-    async with serving(plan_file, method, work_dir / "logs", backend, model) as url:
-        report = await run_bench(url, requests, progress=progress, timeout_s=3600)
+    args = ["--plan", str(plan_file), "--method", method, "--backend", backend, "--port", "0"]
+    args += ["--max-waiting", "1000000", "--request-timeout-s", "3600", "--log-dir", str(work_dir / "logs")]
+    args += ["--log-level", "warning", *(["--model", model] if model is not None else [])]
+    with serve_process(args, work_dir / "logs" / "serve.log", READY_TIMEOUT_S) as served:
+        report = await run_bench(served.url, requests, progress=progress, timeout_s=3600)
     done = [r for r in report.results if r.ok and r.route is not None]
     queued = np.array([float(r.route["queued_s"]) for r in done])
     server_e2e = np.array([float(r.route["e2e_s"]) for r in done])

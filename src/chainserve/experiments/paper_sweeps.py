@@ -20,13 +20,13 @@ from chainserve.experiments.common import (
     markdown_table,
     mean_ci,
     pct,
-    progress_bar,
     reduction_pct,
     save_figure,
     write_report,
 )
 from chainserve.model.presets import paper_sim_cluster
 from chainserve.plan.baselines.bprr import bprr_sessions
+from chainserve.progress import progress_bar
 from chainserve.sim.runs import run_method
 
 METHODS = ("proposed", "petals", "bprr")

@@ -19,7 +19,6 @@ from chainserve.dispatch.thresholds import choose_thresholds
 from chainserve.experiments.common import (
     markdown_table,
     mean_ci,
-    progress_bar,
     reduction_pct,
     save_figure,
     write_report,
@@ -27,6 +26,7 @@ from chainserve.experiments.common import (
 from chainserve.model.presets import paper_sim_cluster
 from chainserve.plan.csearch import search_c
 from chainserve.plan.types import Chain, Hop, Plan
+from chainserve.progress import progress_bar
 from chainserve.sim.arrivals import PoissonArrivals
 from chainserve.sim.engine import simulate
 

@@ -25,7 +25,6 @@ from chainserve.experiments.common import (
     markdown_table,
     mean_ci,
     pct,
-    progress_bar,
     reduction_pct,
     save_figure,
     write_report,
@@ -33,6 +32,7 @@ from chainserve.experiments.common import (
 from chainserve.model.presets import paper_testbed
 from chainserve.plan.csearch import search_c
 from chainserve.plan.types import Plan
+from chainserve.progress import progress_bar
 from chainserve.sim.arrivals import TraceArrivals
 from chainserve.sim.runs import run_method
 

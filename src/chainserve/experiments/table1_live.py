@@ -28,13 +28,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from chainserve.analysis.records import Stats, Summary
-from chainserve.experiments.common import markdown_table, pct, progress_bar, reduction_pct, save_figure, write_report
+from chainserve.experiments.common import markdown_table, pct, reduction_pct, save_figure, write_report
 from chainserve.experiments.live import (
     Measured,
-    build_layout,
     chain_rows,
     error_cell,
     measure_layout,
+    method_layout,
     simulate_layout,
     within_target,
 )
@@ -44,6 +44,7 @@ from chainserve.model import presets
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.csearch import plan_for_c, search_c
 from chainserve.plan.types import Layout, Plan
+from chainserve.progress import progress_bar
 from chainserve.sim.service import EmulatedService
 
 METHODS = ("petals", "bprr", "jffc-only", "proposed")
@@ -101,7 +102,7 @@ def run_live(
     """Every method live and simulated; returns the results and the fitted overhead per hop and step."""
     runs = []
     for method in methods:
-        layout = build_layout(method, problem, planner=planner, petals_cache_tokens=petals_cache_tokens)
+        layout = method_layout(method, problem, planner=planner, petals_cache_tokens=petals_cache_tokens)
         model_summary = simulate_layout(layout, method, requests, EmulatedService())
         measured = asyncio.run(measure_layout(layout, method, requests, work_dir / method))
         runs.append((method, layout, measured, model_summary, os.getloadavg()[0]))

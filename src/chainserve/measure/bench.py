@@ -38,12 +38,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TextColumn
 
 from chainserve.analysis.records import Stats
 from chainserve.measure.queue_metrics import queue_time_stats, scrape_queue_histogram
 from chainserve.model.spec import SpecError
+from chainserve.progress import progress_bar
 from chainserve.sim.arrivals import read_azure_trace
 
 #: Token ids of synthetic prompts: ordinary (non-special) tokens of every vocabulary we target (the
@@ -346,14 +346,4 @@ async def _first_model(http: httpx.AsyncClient) -> str:
 
 
 def _progress(show: bool) -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[red]{task.fields[failed]} failed"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not (show and console.is_terminal),
-        transient=True,
-    )
+    return progress_bar(TextColumn("[red]{task.fields[failed]} failed"), show=show)

@@ -27,11 +27,11 @@ import httpx
 import numpy as np
 import zmq
 
-from chainserve.experiments.common import progress_bar
 from chainserve.measure.profile import ProfileSettings, Samples, ServerProfile, block_counts, server_profile
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.plan_file import layout_from_dict
 from chainserve.plan.types import jobs_that_fit
+from chainserve.progress import progress_bar
 from chainserve.runtime.backends.base import SpanInfo, WireTensor
 from chainserve.runtime.backends.factory import BACKENDS
 from chainserve.runtime.client import BlockClient, ServerFailed, ServerRefused

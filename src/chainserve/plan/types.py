@@ -125,6 +125,20 @@ def reserved_block_jobs(layout: Layout) -> dict[int, int]:
     return {j: jobs_that_fit(gb, s_c) for j, gb in layout.reservation_by_server().items()}
 
 
+def default_max_waiting(layout: Layout) -> int:
+    """4 × C, C the jobs the layout serves at once (Σ c_k; for a path placement, the fewest
+    sessions any block can hold, Σ over the servers covering it of slots_j/m_j): the central queue's
+    bound by default (beyond the paper, whose queue is unbounded)."""
+    if layout.chains:
+        return 4 * sum(ch.capacity for ch in layout.chains)
+    slots = reserved_block_jobs(layout)
+    per_block = [0.0] * (layout.placement.num_blocks + 1)
+    for span in layout.placement.spans:
+        for b in range(span.start_block, span.end_block + 1):
+            per_block[b] += slots[span.server] / span.num_blocks
+    return 4 * max(1, math.floor(min(per_block[1:])))
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Placement + chains (sorted fastest first) + the chosen c, ν and the response-time bounds."""

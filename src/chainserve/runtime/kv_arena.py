@@ -43,10 +43,6 @@ class KVArena:
     def num_used(self) -> int:
         return len(self._used)
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
     def set_limit(self, limit: int) -> None:
         """Admit sessions only while at most ``limit`` block-slots are in use (0..num_block_slots)."""
         if not 0 <= limit <= self.num_block_slots:

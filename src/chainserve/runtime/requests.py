@@ -8,7 +8,7 @@ and ends with one :class:`Finished`. Stopping the iteration early (client gone) 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 
@@ -115,4 +115,3 @@ class RequestTimes:
     arrived_at: float
     started_at: float | None = None
     first_token_at: float | None = None
-    token_times: list[float] = field(default_factory=list)

@@ -6,7 +6,7 @@ processes, Ray actors, or already running at given addresses), one client per se
 and the FastAPI app — and takes them down in reverse order. :func:`serve` runs it under uvicorn until
 SIGINT/SIGTERM. With ``adapt`` (proposed method, local launcher) an adaptive controller re-plans
 for the measured load: each block server's arena then holds its whole cache memory for its span
-(:func:`~.recovery.arena_block_slots`) and the plan in force sets its admission limit within it.
+(:func:`~chainserve.plan.recovery.arena_block_slots`) and the plan in force sets its admission limit within it.
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ import zmq
 
 from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.dispatch.base import Dispatcher
-from chainserve.dispatch.jffc import JFFC
-from chainserve.dispatch.petals_route import PetalsRouter
-from chainserve.dispatch.registry import POLICIES
-from chainserve.dispatch.ws_rr import WsRrRouter
-from chainserve.methods import build_method, check_method_name
+from chainserve.methods import build_method, check_method_name, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import SpecError
-from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import load_layout
-from chainserve.plan.types import Layout, Plan
+from chainserve.plan.recovery import arena_block_slots, replace_survivors
+from chainserve.plan.types import Layout, Plan, default_max_waiting
 from chainserve.runtime.api import create_app
 from chainserve.runtime.backends.factory import BACKENDS, make_head
 from chainserve.runtime.client import BlockClient
@@ -45,8 +41,6 @@ from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.orchestrator import Orchestrator
-from chainserve.runtime.plan_changes import default_max_waiting
-from chainserve.runtime.recovery import arena_block_slots, replace_survivors
 
 log = logging.getLogger("chainserve.service")
 
@@ -112,31 +106,15 @@ class ServeConfig:
                 raise SpecError("adapt", "restarts block servers with new spans: needs the local launcher")
 
 
-def make_dispatcher(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
-    """The method's online dispatcher over a given layout (§2.4, §3)."""
-    base, policy = check_method_name(method)
-    if isinstance(layout, PathPlacement):
-        routers = {"petals": PetalsRouter, "bprr": WsRrRouter}
-        if base not in routers:
-            raise SpecError(
-                "method", f"the plan is a {layout.method} path placement; serve it with --method {layout.method}"
-            )
-        return routers[base](layout)
-    if base in ("petals", "bprr"):
-        raise SpecError("method", f"{base} needs its own placement; plan it from the cluster file instead")
-    if policy is not None:
-        return POLICIES[policy](layout.chains, rng, layout.problem.arrival_rate_per_s)
-    return JFFC(layout.chains)
-
-
-def build_layout(config: ServeConfig) -> tuple[Layout, Dispatcher]:
-    """The layout to serve and a fresh dispatcher over it."""
+def layout_to_serve(config: ServeConfig) -> tuple[Layout, Dispatcher, str]:
+    """The layout to serve, a fresh dispatcher over it and the method serving it."""
     rng = np.random.default_rng(config.seed)
     if config.plan is not None:
         layout = load_layout(config.plan)
-        return layout, make_dispatcher(config.method if config.method != "proposed" else layout.method, layout, rng)
+        method = config.method if config.method != "proposed" else layout.method
+        return layout, dispatcher_for(method, layout, rng), method
     setup = build_method(config.method, load_cluster(config.cluster), rng, config.planner)
-    return setup.plan_or_placement, setup.make_dispatcher(rng)
+    return setup.plan_or_placement, setup.make_dispatcher(rng), config.method
 
 
 class Service:
@@ -144,7 +122,7 @@ class Service:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.layout, self.dispatcher = build_layout(config)
+        self.layout, self.dispatcher, self.method = layout_to_serve(config)
         if config.adapt is not None and not isinstance(self.layout, Plan):
             raise SpecError("adapt", f"adapts the proposed method's chains only, not a {self.layout.method} plan")
         problem = self.layout.problem
@@ -203,7 +181,7 @@ class Service:
         self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
         self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
-        method = config.method if config.plan is None or config.method != "proposed" else self.layout.method
+        method = self.method
         max_waiting = default_max_waiting(self.layout) if config.max_waiting is None else config.max_waiting
         controller = None
         if config.adapt is not None:
@@ -274,7 +252,7 @@ class Service:
         try:
             if self.orchestrator is not None:
                 await self.orchestrator.close()
-                self.clients.update(self.orchestrator.clients)  # servers restarted after a re-placement
+                self.clients.update({r.index: r.client for r in self.orchestrator.servers})  # restarted ones too
             for client in self.clients.values():
                 client.close()
             if self.ctx is not None:
@@ -288,7 +266,7 @@ class Service:
 
 
 class ServicePlanOps:
-    """The service's side of plan changes (:class:`~.orchestrator.PlanOps`): dispatchers of the
+    """The service's side of plan changes (:class:`~.plan_changes.PlanOps`): dispatchers of the
     served method, new placements of live servers (:func:`replace_survivors`), and restarts of the
     servers this service started (local launcher only)."""
 
@@ -302,7 +280,7 @@ class ServicePlanOps:
         return self.service.launcher is not None
 
     def dispatcher(self, layout: Layout) -> Dispatcher:
-        return make_dispatcher(self.method, layout, self.rng)
+        return dispatcher_for(self.method, layout, self.rng)
 
     def place(self, placed: Layout, alive: frozenset[int]) -> Layout | None:
         return replace_survivors(placed, alive) if isinstance(placed, Plan) else None

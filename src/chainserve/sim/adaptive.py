@@ -2,21 +2,13 @@
 paper; :mod:`chainserve.adapt`). :func:`chainserve.sim.engine.simulate` calls it when given a
 controller.
 
-Each plan in force is a *generation* with its own dispatcher. A change decided at t:
-
-* servers of the new placement that no chain in use runs on (idle ones) load their new span at
-  once (``PlanChange.migration`` gives each load time) while the old plan keeps serving;
-* once they are loaded (at once if there are none) the plans switch: the old dispatcher's waiting
-  jobs move, in queue order, to a fresh dispatcher over the new chains, which also takes every later
-  arrival; the jobs in service finish on their old chains (drained, never cut);
-* every other server of the new placement joins the new dispatcher when it can: one whose span
-  changes once the old jobs on it have finished (then it unloads) and its load time has passed; one
-  whose span stays once the old jobs' cache leaves room for its whole new reservation;
-* once every server has joined, ``controller.applied(change, t)`` is called.
-
-The controller sees every arrival (``observe``) and decides after each arrival and at every window
-boundary of its detector. Memory is checked on every start against what each server holds *now*:
-the span loaded (a hop must lie inside it) and ``s_m·m_j + cache of all generations' jobs ≤ M_j``.
+Each plan in force is a *generation* with its own dispatcher. How a change is carried out — which
+servers load when, when the plans switch, when each server joins the new plan — is the pure schedule
+:class:`~chainserve.adapt.migration.Migration`, the one the serving runtime steps too; here its
+loads take their modelled seconds of virtual time. The controller sees every arrival (``observe``)
+and decides after each arrival and at every window boundary of its detector. Memory is checked on
+every start against what each server holds *now*: the span loaded (a hop must lie inside it) and
+``s_m·m_j + cache of all generations' jobs ≤ M_j``.
 """
 
 from __future__ import annotations
@@ -30,14 +22,15 @@ from heapq import heappop, heappush
 import numpy as np
 
 from chainserve.adapt.controller import AdaptiveController, PlanChange
+from chainserve.adapt.migration import Action, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
-from chainserve.plan.types import Layout, Span, jobs_that_fit, reserved_block_jobs
+from chainserve.plan.types import Layout, Span, jobs_that_fit
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.memory import MemoryExceeded
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times.
-_LOADED, _DONE, _SWITCH, _TICK = 0, 1, 2, 3
+_LOADED, _DONE, _TICK = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +106,9 @@ def simulate_adaptive(
     stream: Arrivals,
     duration: Duration,
 ) -> tuple[array, array, array, list[Route | None], list[_Generation], tuple[Transition, ...]]:
-    """Run ``stream`` through the generations of plans ``controller`` decides (module docstring);
-    returns the started/finished/chain columns, the routes, the generations and the transitions."""
+    """Run ``stream`` through the generations of plans ``controller`` decides, each change carried out
+    by a :class:`~chainserve.adapt.migration.Migration` (module docstring); returns the
+    started/finished/chain columns, the routes, the generations and the transitions."""
     n = len(stream)
     times, prompts, outputs = stream.columns()
     times.append(math.inf)
@@ -129,11 +123,8 @@ def simulate_adaptive(
     seq = 0
     transitions: list[Transition] = []
     change: PlanChange | None = None
+    schedule: Migration | None = None
     active = 0  # the generation that takes arrivals
-    joining: set[int] = set()  # servers of the new plan not yet in service
-    to_load: dict[int, float] = {}  # servers still to unload and load, with their load time
-    loading: set[int] = set()  # servers loading now
-    reservation: dict[int, int] = {}
 
     def push(t: float, kind: int, payload: int) -> None:
         nonlocal seq
@@ -154,70 +145,41 @@ def simulate_adaptive(
                 timed = gen.duration_routes.setdefault(route.chain, Route(route.hops, route.service_time_s))
             push(now + duration(timed, i), _DONE, i)
 
-    def old_cache(j: int) -> int:
-        return sum(gen.used[j] for gen in gens[:-1])
+    def old_cache() -> list[int]:
+        return [sum(col) for col in zip(*(gen.used for gen in gens[:-1]), strict=True)]
 
-    def admit_servers(now: float) -> None:
-        """Bring into the new plan every joining server that can join now (module docstring)."""
-        nonlocal change
-        new, g = gens[-1], len(gens) - 1
-        for j in sorted(joining - loading):
-            span = new.layout.placement.span_of(j)
-            if j in to_load:
-                if old_cache(j) == 0:
-                    servers.load(j, span)
-                    loading.add(j)
-                    push(now + to_load.pop(j), _LOADED, j)
-            elif servers.loaded[j] == span and old_cache(j) + reservation[j] <= servers.limit[j]:
-                joining.discard(j)
-                begin(new.dispatcher.restore_server(j, now), now, g)
-        if change is not None and not joining:
-            controller.applied(change, now)
-            transitions.append(Transition(change, now))
-            change = None
-
-    def start_transition(decided: PlanChange, now: float) -> None:
-        nonlocal change
-        change = decided
-        layout = decided.layout
-        new = _Generation(layout, make_dispatcher(layout), [0] * layout.problem.num_servers, {})
-        gens.append(new)
-        reservation.clear()
-        reservation.update(reserved_block_jobs(layout))
-        seconds = dict(decided.migration)
-        to_load.clear()
-        for span in layout.placement.spans:
-            if servers.loaded[span.server] != span:
-                to_load[span.server] = seconds.get(span.server, 0.0)
-        joining.clear()
-        joining.update(span.server for span in layout.placement.spans)
-        for j in joining:
-            new.dispatcher.fail_server(j, now)
-        in_use = {j for gen in gens[:-1] for chain in gen.layout.chains for j in chain.servers}
-        idle = [j for j in to_load if j not in in_use and old_cache(j) == 0]
-        for j in idle:
-            servers.load(j, layout.placement.span_of(j))
-            loading.add(j)
-            push(now + to_load[j], _LOADED, j)
-        wait = max((to_load.pop(j) for j in idle), default=0.0)
-        if wait > 0:
-            push(now + wait, _SWITCH, 0)
-        else:
-            switch(now)
-
-    def switch(now: float) -> None:
-        """The new plan takes the waiting jobs and every later arrival."""
-        nonlocal active
-        waiting = gens[active].dispatcher.drain()
-        active = len(gens) - 1
-        admit_servers(now)
-        for job in waiting:
-            begin(gens[active].dispatcher.submit(job, now), now, active)
+    def carry_out(actions: Sequence[Action], now: float) -> None:
+        nonlocal active, change, schedule
+        new = len(gens) - 1
+        for action in actions:
+            if isinstance(action, Load):
+                servers.load(action.server, action.span)
+                push(now + action.seconds, _LOADED, action.server)
+            elif isinstance(action, Join):
+                begin(gens[new].dispatcher.restore_server(action.server, now), now, new)
+            elif isinstance(action, Switch):
+                waiting = gens[active].dispatcher.drain()
+                active = new
+                for job in waiting:
+                    begin(gens[active].dispatcher.submit(job, now), now, active)
+            else:
+                controller.applied(change, now)
+                transitions.append(Transition(change, now))
+                change, schedule = None, None
 
     def decide(now: float) -> None:
+        nonlocal change, schedule
         decided = controller.decide(now)
-        if decided is not None:
-            start_transition(decided, now)
+        if decided is None:
+            return
+        change, layout = decided, decided.layout
+        loaded, limits = dict(enumerate(servers.loaded)), dict(enumerate(servers.limit))
+        schedule = Migration(layout, dict(decided.migration), loaded, limits)
+        gens.append(_Generation(layout, make_dispatcher(layout), [0] * layout.problem.num_servers, {}))
+        for j in schedule.servers:
+            gens[-1].dispatcher.fail_server(j, now)
+        in_use = {j for gen in gens[:-1] for chain in gen.layout.chains for j in chain.servers}
+        carry_out(schedule.start(dict(enumerate(old_cache())), in_use), now)
 
     window = controller.config.window_s
     t_last = times[n - 1] if n else 0.0
@@ -239,16 +201,11 @@ def simulate_adaptive(
                 starts = gen.dispatcher.complete(i, t)
                 if starts:
                     begin(starts, t, gen_of[i])
-                if change is not None and active == len(gens) - 1 and gen_of[i] < active:
-                    admit_servers(t)
+                if schedule is not None and gen_of[i] < len(gens) - 1:
+                    carry_out(schedule.released(dict(enumerate(old_cache()))), t)
             elif kind == _LOADED:
-                loading.discard(payload)
-                joining.discard(payload)
-                begin(gens[-1].dispatcher.restore_server(payload, t), t, len(gens) - 1)
-                if active == len(gens) - 1:
-                    admit_servers(t)
-            elif kind == _SWITCH:
-                switch(t)
+                j = payload
+                carry_out(schedule.loaded(j, servers.limit[j], dict(enumerate(old_cache()))), t)
             else:
                 decide(t)
                 if t + window <= t_last:

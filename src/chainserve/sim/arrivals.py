@@ -223,10 +223,6 @@ class PiecewiseArrivals:
         if self.duration_s is not None and not (math.isfinite(self.duration_s) and self.duration_s > 0):
             raise ValueError(f"duration_s: must be a positive number, got {self.duration_s!r}")
 
-    def rate_at(self, t: float) -> float:
-        """λ(t)."""
-        return self.rates_per_s[int(np.searchsorted(self.starts_s, t, side="right")) - 1]
-
     @property
     def mean_rate_per_s(self) -> float:
         """Λ(duration)/duration (needs ``duration_s``)."""

@@ -22,21 +22,18 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from heapq import heappop, heappush
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from chainserve.adapt.controller import AdaptiveController
 from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
-from chainserve.dispatch.jffc import JFFC
+from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
+from chainserve.sim.adaptive import Transition, simulate_adaptive
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.memory import MemoryLedger
 from chainserve.sim.service import Duration, ServiceModel, service_model
-
-if TYPE_CHECKING:
-    from chainserve.adapt.controller import AdaptiveController
-    from chainserve.sim.adaptive import Transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,27 +97,27 @@ def simulate(
     make_dispatcher: Callable[[Layout], Dispatcher] | None = None,
 ) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
-        ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
-        ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
-        ``service`` times, until no event is left. ``failures``: (time, server) events passed to
-        ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
-        starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
+    ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
+    ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
+    ``service`` times, until no event is left. ``failures``: (time, server) events passed to
+    ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
+    starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
     executed as events (:mod:`chainserve.sim.adaptive`; each new plan gets ``make_dispatcher(plan)``,
-    default JFFC over its chains); without one the plan stays (and the loop below runs unchanged).
+    default the proposed method's, JFFC); without one the plan stays (and the loop below runs unchanged).
 
-        O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
-        the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
+    O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
+    the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
 
-        >>> from chainserve.dispatch.jffc import JFFC
-        >>> from chainserve.plan.csearch import make_plan
-        >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
-        >>> from chainserve.plan.types import Chain, Hop, Placement, Span
-        >>> p = Problem((Server("a", 10, 0.25, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0))
-        >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.5, 4),), 1)
-        >>> r = simulate(plan, JFFC(plan.chains), seed=1, num_jobs=10_000)
-        >>> r.num_finished, round(r.summary.response.mean_s, 1)  # M/M/4, μ = 2, λ = 1: E[T] ≈ 0.5
-        (10000, 0.5)
+    >>> from chainserve.dispatch.jffc import JFFC
+    >>> from chainserve.plan.csearch import make_plan
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.plan.types import Chain, Hop, Placement, Span
+    >>> p = Problem((Server("a", 10, 0.25, 0.0),), ModelSpec("m", 2, 1.0, 1.0), Workload(1.0))
+    >>> plan = make_plan(p, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.5, 4),), 1)
+    >>> r = simulate(plan, JFFC(plan.chains), seed=1, num_jobs=10_000)
+    >>> r.num_finished, round(r.summary.response.mean_s, 1)  # M/M/4, μ = 2, λ = 1: E[T] ≈ 0.5
+    (10000, 0.5)
     """
     if isinstance(seed, np.random.Generator):
         arrival_rng, service_rng = seed.spawn(2)
@@ -227,15 +224,18 @@ def _simulate_adaptive(
     failures: Sequence[tuple[float, int]],
 ) -> SimResult:
     """:func:`simulate` with a controller: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
-    from chainserve.sim.adaptive import simulate_adaptive  # it imports this module's results
-
     if failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
     started, finished, chain_of, route_of, _, transitions = simulate_adaptive(
-        plan, dispatcher, controller, make_dispatcher or (lambda layout: JFFC(layout.chains)), stream, duration
+        plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, duration
     )
     result = _result(plan, None, stream, warmup, started, finished, chain_of, route_of, 0)
     return replace(result, transitions=transitions)
+
+
+def _proposed_dispatcher(layout: Layout) -> Dispatcher:
+    """The proposed method's dispatcher over a new plan (JFFC draws no random numbers)."""
+    return dispatcher_for("proposed", layout, np.random.default_rng(0))
 
 
 def _result(

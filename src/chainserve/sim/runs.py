@@ -15,8 +15,7 @@ import numpy as np
 
 from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.analysis.records import Summary
-from chainserve.dispatch.registry import POLICIES
-from chainserve.methods import MethodSetup, build_method, check_method_name
+from chainserve.methods import MethodSetup, build_method, check_method_name, dispatcher_for
 from chainserve.model.spec import Problem
 from chainserve.plan.types import Plan
 from chainserve.sim.adaptive import Transition
@@ -55,14 +54,13 @@ def run_method(
     :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc.
     ``adapt``: re-plan online with an :class:`AdaptiveController` (proposed methods only); every new
     plan gets a fresh dispatcher of the method's policy, with the same coins' stream."""
-    base, policy = check_method_name(method)
+    base, _ = check_method_name(method)
     if adapt is not None and base != "proposed":
         raise ValueError(f"adapt: only the proposed method re-plans online, got {method!r}")
     setup = build_method(method, problem, np.random.default_rng(np.random.SeedSequence([seed, 1])), planner)
     coins = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     dispatcher = setup.make_dispatcher(coins)
     controller = None if adapt is None else AdaptiveController(problem, setup.plan_or_placement, adapt)
-    factory = POLICIES[policy or "jffc"]
     result = simulate(
         setup.plan_or_placement,
         dispatcher,
@@ -72,7 +70,7 @@ def run_method(
         num_jobs=num_jobs,
         warmup=warmup,
         controller=controller,
-        make_dispatcher=lambda layout: factory(layout.chains, coins, layout.problem.arrival_rate_per_s),
+        make_dispatcher=lambda layout: dispatcher_for(setup.method, layout, coins),
     )
     if result.summary is None:
         raise RuntimeError(f"{method}: no job finished in replication {seed}")

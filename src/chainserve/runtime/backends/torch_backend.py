@@ -99,11 +99,6 @@ class TorchSpan:
         layers.load_state_dict(load_tensors(model_dir, rename, self.dtype), strict=True, assign=True)
         return layers.eval()
 
-    @property
-    def kv_bytes_per_slot(self) -> int:
-        """s_c of this span in bytes: one block's K and V for ``max_tokens`` positions."""
-        return self.arena[0].numel() * self.arena.element_size()
-
     async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
         """See :meth:`~.base.SpanBackend.forward`. Runs inline: the server computes one step at a time."""
         x = wire_to_torch(hidden, self.hidden_size)

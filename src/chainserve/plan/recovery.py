@@ -1,5 +1,5 @@
-"""Chains after a server fails or comes back, or while a plan change migrates servers one at a time
-(beyond the paper, §4.3: static plans; issues: reliability, adapting to load).
+"""Chains after a server fails or comes back, and a new placement when the survivors no longer cover
+the model (beyond the paper, §4.3: static plans; issues: reliability, adapting to load).
 
 Servers keep their spans and their KV arenas (block servers cannot grow memory they never
 allocated), so a new cache allocation must fit the arenas: GCA (§2.2) runs on the placement in force

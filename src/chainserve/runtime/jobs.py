@@ -1,0 +1,110 @@
+"""One request as the orchestrator runs it (paper §4.2, the client side of a chain, as PETALS' client is
+and as τ^c models it): :class:`JobRun` is its state across attempts; :func:`run_route` serves one
+attempt on one route — embed the prompt, send the hidden states through the route's block servers
+hop by hop (prefill, then one decode step per token), apply the LM head, sample, stream tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from chainserve.dispatch.base import Job, Route, Start
+from chainserve.runtime.backends.base import ModelHead
+from chainserve.runtime.generations import Generation
+from chainserve.runtime.requests import Finished, RequestTimes, SamplingParams, TokenEvent
+from chainserve.runtime.sampling import Sampler, TextStream
+from chainserve.runtime.servers import ServerClient
+
+
+@dataclass(slots=True, eq=False)
+class JobRun:
+    """A request in the system: its job, prompt, decoding state (kept across attempts, so a resumed
+    job continues its stream), event queue, the generation holding it, the start it runs and the
+    block-slots that start holds (``ServerTable.hold``)."""
+
+    job: Job
+    prompt: list[int]
+    params: SamplingParams
+    times: RequestTimes
+    sampler: Sampler
+    stream: TextStream
+    gen: Generation
+    generated: list[int] = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    task: asyncio.Task | None = None
+    start: Start | None = None
+    held: tuple[tuple[int, int], ...] = ()
+    num_refusals: int = 0
+    num_resumes: int = 0
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartRecord:
+    """One start the dispatcher decided: time, job, attempt, chain (``None`` for a path) and servers."""
+
+    at: float
+    job_id: int
+    attempt: int
+    chain: int | None
+    servers: tuple[int, ...]
+
+
+async def run_route(
+    run: JobRun,
+    route: Route,
+    session: str,
+    head: ModelHead,
+    clients: Mapping[int, ServerClient],
+    names: Mapping[int, str],
+    opened: list[ServerClient],
+    clock: Callable[[], float],
+) -> Finished:
+    """Prefill (the prompt, plus what was generated before a failure), then decode token by token
+    through ``route``'s hops; push a :class:`TokenEvent` per new token. ``opened`` collects the
+    clients whose session is open (the caller closes them if this attempt ends early)."""
+    params = run.params
+    hops: Sequence[tuple[int, ServerClient]] = [(hop.start_block, clients[hop.server]) for hop in route.hops]
+    hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
+    for n in range(len(run.generated) + 1, params.max_tokens + 1):
+        last = n == params.max_tokens
+        for first_block, client in hops:
+            is_open = position == 0
+            hidden = await client.forward(session, first_block, position, hidden, open=is_open, close=last)
+            if is_open:
+                opened.append(client)
+        if last:
+            opened.clear()  # the servers closed the session after this step
+        position += hidden.shape[1]
+        token = run.sampler(head.logits(hidden))
+        run.generated.append(token)
+        if run.times.first_token_at is None:
+            run.times.first_token_at = clock()
+        if token in head.eos_token_ids and not params.ignore_eos:
+            run.events.put_nowait(TokenEvent(token, run.stream.finish()))
+            reason = "stop"
+            break
+        text = run.stream.push(token)
+        if run.stream.stopped:
+            run.events.put_nowait(TokenEvent(token, text))
+            reason = "stop"
+            break
+        run.events.put_nowait(TokenEvent(token, text + (run.stream.finish() if last else "")))
+        if not last:
+            hidden = head.embed([token])
+    times, now = run.times, clock()
+    return Finished(
+        reason,
+        len(run.prompt),
+        len(run.generated),
+        run.stream.text,
+        route.chain,
+        tuple((names[h.server], h.start_block, h.end_block) for h in route.hops),
+        times.started_at - times.arrived_at,
+        times.first_token_at - times.arrived_at,
+        now - times.arrived_at,
+        run.num_refusals + run.num_resumes + 1,
+        tuple(run.generated),
+    )
