@@ -57,7 +57,7 @@ async def measure(num_servers: int, blocks_each: int, delay_ms: float, tokens: i
         position = len(prompt)
         before = [await c.info() for c in clients]
         latencies = []
-        next_token = int(head.logits(hidden).argmax())
+        next_token = int(head.logits([hidden])[0].argmax())
         for _ in range(tokens):
             step_in = head.embed([next_token])
             began = time.perf_counter()
@@ -66,7 +66,7 @@ async def measure(num_servers: int, blocks_each: int, delay_ms: float, tokens: i
                 out = await client.forward("bench", spec.info.first_block, position, out)
             latencies.append(time.perf_counter() - began)
             position += 1
-            next_token = int(head.logits(out).argmax())
+            next_token = int(head.logits([out])[0].argmax())
         after = [await c.info() for c in clients]
     finally:
         for client in clients:

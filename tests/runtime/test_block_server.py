@@ -35,8 +35,25 @@ def ids(*tokens: int) -> WireTensor:
     return WireTensor("int32", (1, len(tokens), 1), np.asarray(tokens, dtype=np.int32).tobytes())
 
 
-def call(srv: BlockServer, op: str, tensor: WireTensor | None = None, token: str = TOKEN, **fields) -> protocol.Reply:
-    return protocol.decode_reply(asyncio.run(srv.handle(protocol.encode_request(op, 1, token, tensor, **fields))))
+def call(srv: BlockServer, op: str, token: str = TOKEN, **fields) -> protocol.Reply:
+    """One info, close or limit request through the handler."""
+    return protocol.decode_reply(asyncio.run(srv.handle(protocol.encode_request(op, 1, token, **fields))))
+
+
+def step(srv: BlockServer, tensor: WireTensor, **fields) -> WireTensor | tuple[str, str]:
+    """One session's step through the handler: its output, or its (error code, message)."""
+    reply = protocol.decode_reply(
+        asyncio.run(srv.handle(protocol.encode_forward(1, TOKEN, [protocol.Step(tensor=tensor, **fields)])))
+    )
+    assert reply.ok, reply.message
+    return reply.results[0]
+
+
+def error_of(reply: protocol.Reply) -> str | None:
+    """The message's error code, else its first step's, else ``None``."""
+    if not reply.ok:
+        return reply.error
+    return next((r[0] for r in reply.results if isinstance(r, tuple)), None)
 
 
 class LoopbackClient:
@@ -47,21 +64,24 @@ class LoopbackClient:
     def __init__(self, srv: BlockServer):
         self.name, self.srv = srv.server_id, srv
 
-    async def _request(self, op, tensor=None, **fields) -> protocol.Reply:
-        reply = protocol.decode_reply(await self.srv.handle(protocol.encode_request(op, 1, TOKEN, tensor, **fields)))
+    def _raise(self, code: str, message: str):
+        raise ServerRefused(message) if code == "no_free_slot" else ServerFailed(self.name, message, code)
+
+    async def _request(self, op, **fields) -> protocol.Reply:
+        reply = protocol.decode_reply(await self.srv.handle(protocol.encode_request(op, 1, TOKEN, **fields)))
         if not reply.ok:
-            raise (
-                ServerRefused(reply.message)
-                if reply.error == "no_free_slot"
-                else ServerFailed(self.name, reply.message, reply.error)
-            )
+            self._raise(reply.error, reply.message)
         return reply
 
     async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
-        reply = await self._request(
-            "forward", hidden, session=session, first_block=first_block, position=position, open=open, close=close
-        )
-        return reply.tensor
+        frames = protocol.encode_forward(1, TOKEN, [protocol.Step(session, first_block, position, hidden, open, close)])
+        reply = protocol.decode_reply(await self.srv.handle(frames))
+        if not reply.ok:
+            self._raise(reply.error, reply.message)
+        (result,) = reply.results
+        if isinstance(result, tuple):
+            self._raise(*result)
+        return result
 
     def close_session(self, session):
         return asyncio.ensure_future(self._request("close", session=session))
@@ -81,27 +101,52 @@ class LoopbackClient:
 
 def test_forward_admits_steps_and_closes() -> None:
     srv = server()
-    assert call(srv, "forward", ids(5, 6), session="a", first_block=1, position=0, open=True).tensor == ids(5, 6)
+    assert step(srv, ids(5, 6), session="a", first_block=1, position=0, open=True) == ids(5, 6)
     assert srv.arena.num_used == 2
-    assert call(srv, "forward", ids(7), session="a", first_block=1, position=2, close=True).ok
+    assert step(srv, ids(7), session="a", first_block=1, position=2, close=True) == ids(7)
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 2 and srv.counters.peak_block_slots == 2
 
 
 def test_a_full_arena_refuses_and_never_over_allocates() -> None:
     srv = server(num=2, slots=3)
-    assert call(srv, "forward", ids(1), session="a", first_block=1, position=0, open=True).ok
-    refused = call(srv, "forward", ids(1), session="b", first_block=1, position=0, open=True)
-    assert (refused.ok, refused.error) == (False, "no_free_slot")
-    assert call(srv, "forward", ids(1), session="c", first_block=2, position=0, open=True).ok  # one block fits
+    assert step(srv, ids(1), session="a", first_block=1, position=0, open=True) == ids(1)
+    assert step(srv, ids(1), session="b", first_block=1, position=0, open=True)[0] == "no_free_slot"
+    assert step(srv, ids(1), session="c", first_block=2, position=0, open=True) == ids(1)  # one block fits
     assert srv.arena.num_used == 3 and srv.counters.num_refused == 1
 
 
+def test_one_message_carries_many_sessions_and_an_error_fails_only_its_own() -> None:
+    srv = server(num=2, slots=4)
+    steps = [
+        protocol.Step("a", 1, 0, ids(1, 2), open=True),
+        protocol.Step("ghost", 1, 3, ids(3)),  # never opened
+        protocol.Step("b", 2, 0, ids(4), open=True),
+        protocol.Step("c", 1, 0, ids(5), open=True),  # the arena is full by now
+    ]
+    reply = protocol.decode_reply(asyncio.run(srv.handle(protocol.encode_forward(7, TOKEN, steps))))
+    assert reply.ok and reply.rid == 7
+    assert reply.results[0] == ids(1, 2) and reply.results[2] == ids(4)
+    assert [r[0] for r in (reply.results[1], reply.results[3])] == ["unknown_session", "no_free_slot"]
+    assert srv.arena.num_used == 3 and set(srv.sessions) == {"a", "b"}
+
+
 def forward_frames(data: bytes = b"\0" * 4, **changes) -> list[bytes]:
-    """A forward request opening session ``a`` at block 1 with one int32 token, fields changed
-    (``None`` drops one)."""
-    header = {"v": 1, "op": "forward", "rid": 1, "token": TOKEN, "session": "a", "first_block": 1, "position": 0,
-              "open": True, "tensor": {"dtype": "int32", "shape": [1, 1, 1]}} | changes  # fmt: skip
-    return [json.dumps({k: v for k, v in header.items() if v is not None}).encode(), data]
+    """A forward message opening session ``a`` at block 1 with one int32 token, the step's fields
+    changed (``None`` drops one)."""
+    item = {"session": "a", "first_block": 1, "position": 0, "open": True,
+            "tensor": {"dtype": "int32", "shape": [1, 1, 1]}} | changes  # fmt: skip
+    header = {
+        "v": 2,
+        "op": "forward",
+        "rid": 1,
+        "token": TOKEN,
+        "items": [{k: v for k, v in item.items() if v is not None}],
+    }
+    return [json.dumps(header).encode(), data]
+
+
+def header(**fields) -> list[bytes]:
+    return [json.dumps({"v": 2, "rid": 1, **fields}).encode()]
 
 
 @pytest.mark.parametrize(
@@ -109,30 +154,38 @@ def forward_frames(data: bytes = b"\0" * 4, **changes) -> list[bytes]:
     [
         ([b"not json"], "bad_request"),
         ([b"{}", b"", b""], "bad_request"),
-        ([json.dumps({"v": 1, "op": "launch", "rid": 1, "token": TOKEN}).encode()], "bad_request"),
-        ([json.dumps({"v": 1, "op": "info", "rid": 1, "token": "wrong"}).encode()], "unauthorized"),
-        ([json.dumps({"v": 1, "op": "info", "rid": 1}).encode()], "unauthorized"),
+        (header(op="launch", token=TOKEN), "bad_request"),
+        (header(op="info", token="wrong"), "unauthorized"),
+        (header(op="info"), "unauthorized"),
+        (header(op="info", token=TOKEN) + [b"x"], "bad_request"),  # a tensor frame where none belongs
         (forward_frames(tensor={"dtype": "int32", "shape": [1, 2, 1]}), "bad_request"),  # 4 bytes for 8
         (forward_frames(b"\0" * 8, tensor={"dtype": "float64", "shape": [1, 1, 1]}), "bad_request"),
+        (forward_frames()[:1], "bad_request"),  # a step without its tensor frame
+        (forward_frames() + [b"\0" * 4], "bad_request"),  # a frame too many
         (forward_frames(position=40), "bad_request"),  # past the 32 positions of the cache
         (forward_frames(first_block=9), "bad_request"),  # outside the span
         (forward_frames(open=None), "unknown_session"),
-        (
-            [json.dumps({"v": 1, "op": "close", "rid": 1, "token": TOKEN, "session": "nobody"}).encode()],
-            "unknown_session",
-        ),  # fmt: skip
+        (header(op="close", token=TOKEN, session="nobody"), "unknown_session"),
     ],
 )
 def test_malformed_or_unauthorised_messages_are_refused_before_any_tensor_work(frames, code) -> None:
     srv = server()
     reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
-    assert (reply.ok, reply.error) == (False, code)
+    assert error_of(reply) == code
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 0
+
+
+def test_a_session_twice_in_one_message_is_refused() -> None:
+    frames = forward_frames()
+    doubled = json.loads(frames[0])
+    doubled["items"] *= 2
+    reply = protocol.decode_reply(asyncio.run(server().handle([json.dumps(doubled).encode(), frames[1], frames[1]])))
+    assert error_of(reply) == "bad_request" and "twice" in reply.message
 
 
 def test_idle_sessions_expire() -> None:
     srv = server(idle_s=5.0)
-    call(srv, "forward", ids(1), session="a", first_block=1, position=0, open=True)
+    step(srv, ids(1), session="a", first_block=1, position=0, open=True)
     srv.expire_idle(srv.sessions["a"].last_used_at + 6.0)
     assert srv.arena.num_used == 0 and srv.counters.num_expired == 1
 
@@ -146,11 +199,10 @@ def test_the_arena_is_never_exceeded(ops) -> None:
     for op, session, first in ops:
         name = f"s{session}"
         if op == "open":
-            call(srv, "forward", ids(1), session=name, first_block=first, position=0, open=True)
+            step(srv, ids(1), session=name, first_block=first, position=0, open=True)
         elif op == "step" and name in srv.sessions:
-            call(
+            step(
                 srv,
-                "forward",
                 ids(1),
                 session=name,
                 first_block=srv.sessions[name].first_block,
@@ -210,9 +262,9 @@ def test_oversized_tensors_are_refused(monkeypatch) -> None:
     srv = server()
     declared = forward_frames(b"\0" * 16, tensor={"dtype": "float32", "shape": [1, 2**20, 2**12]})  # 16 GiB
     reply = protocol.decode_reply(asyncio.run(srv.handle(declared)))
-    assert (reply.ok, reply.error) == (False, "bad_request")
+    assert error_of(reply) == "bad_request"
     monkeypatch.setattr(protocol, "MAX_TENSOR_BYTES", 1024)  # a frame past the limit is refused unread
     frames = forward_frames(b"\0" * 2048, tensor={"dtype": "int32", "shape": [1, 512, 1]})
     reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
-    assert (reply.ok, reply.error) == (False, "bad_request") and "limit" in reply.message
+    assert error_of(reply) == "bad_request" and "limit" in reply.message
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 0

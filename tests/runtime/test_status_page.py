@@ -252,6 +252,7 @@ def test_the_grafana_dashboard_queries_only_metrics_chainserve_exposes(served: S
     m.observe_plan_change("server_failed")
     m.set_server_up("s0", True)
     m.observe_resume()
+    m.set_server_batches("s0", {"batch_sizes": [[1, 2]], "num_batch_tokens": 2})
     labelled = exposed(m.render()[0].decode())
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -1,6 +1,7 @@
 """Torch span and head backends (spec §4.2): spans chained through the wire format reproduce the full
 model's greedy tokens and logits; sessions in different block-slots are independent; replays and
-chunked prefills see the cache; a span can be entered mid-way; bad input is refused."""
+chunked prefills see the cache; a span can be entered mid-way; bad input is refused; a batch of
+sessions at different positions computes what each computes alone (issue 17)."""
 
 import asyncio
 import importlib.util
@@ -11,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from transformers import LlamaForCausalLM
 
-from chainserve.runtime.backends.base import SpanInfo, WireTensor
+from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.backends.torch_backend import TorchHead, TorchSpan
 from chainserve.runtime.backends.torch_common import torch_to_wire, wire_to_torch
 from chainserve.runtime.models import resolve_model
@@ -27,16 +28,21 @@ def tiny(tmp_path_factory):
     return d, TorchHead(d), spans, LlamaForCausalLM.from_pretrained(d).eval()
 
 
+def fwd(span, hidden, first_block, slots, position):
+    """One session's step through ``span`` (its output; its error is raised)."""
+    (out,) = asyncio.run(span.forward([SpanStep(hidden, first_block, tuple(slots), position)]))
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
 def run_chain(head, spans, ids, position, slots, entries=None):
     """Logits after the chain; ``slots[k]`` are span k's block-slots, ``entries[k]`` its entry block."""
 
-    async def go():
-        h = head.embed(ids)
-        for k, span in enumerate(spans):
-            h = await span.forward(h, (entries or {}).get(k, span.info.first_block), slots[k], position)
-        return head.logits(h)
-
-    return asyncio.run(go())
+    h = head.embed(ids)
+    for k, span in enumerate(spans):
+        h = fwd(span, h, (entries or {}).get(k, span.info.first_block), slots[k], position)
+    return head.logits([h])[0]
 
 
 def greedy(head, spans, prompt, n, slots, entries=None):
@@ -117,9 +123,9 @@ def test_bad_input_is_refused(tiny):
         (good, 1, [1, 1], 0),  # the same block-slot twice
         (good, 1, [0, 1], 63),  # positions 63, 64 exceed max_tokens 64
     ]
-    for args in bad_calls:
+    for hidden, first, slots, position in bad_calls:
         with pytest.raises(ValueError):
-            asyncio.run(span.forward(*args))
+            fwd(span, hidden, first, slots, position)
     with pytest.raises(ValueError, match="info"):
         TorchSpan(d, SpanInfo(6, 2, 1, 8))
     with pytest.raises(ValueError, match="token_ids"):
@@ -132,12 +138,38 @@ def test_bf16_wire_and_span(tiny):
     wire = torch_to_wire(x)
     assert wire.dtype == "bfloat16" and torch.equal(wire_to_torch(wire, 64), x)
     span = TorchSpan(d, SpanInfo(1, 6, 2, 32), dtype=torch.bfloat16)
-    out = asyncio.run(span.forward(wire, 5, [0, 1], 0))
+    out = fwd(span, wire, 5, [0, 1], 0)
     assert (out.dtype, out.shape) == ("bfloat16", (1, 3, 64))
     assert head.max_tokens == 512 and head.model_id == "tiny-random" and head.eos_token_ids[0] == 2
     span.close()
     with pytest.raises(RuntimeError, match="closed"):
-        asyncio.run(span.forward(wire, 5, [0, 1], 0))
+        fwd(span, wire, 5, [0, 1], 0)
+
+
+def test_a_batch_of_sessions_at_different_positions_computes_what_each_computes_alone(tiny):
+    """Four sessions with prompts of different lengths decode in one iteration (two of them entering
+    the span at block 3), beside a new prompt's prefill and a bad step: each output equals that
+    session's step computed alone in a fresh span, and the bad step fails alone."""
+    d, head, _, _ = tiny
+    span = TorchSpan(d, SpanInfo(1, 4, 24, 64))
+    prompts = [head.encode(t) for t in ("The quick brown fox", "Hi", "What is the capital of France?", "a b c")]
+    entries = [1, 1, 3, 3]
+    slots = [tuple(range(4 * k, 4 * k + 5 - e)) for k, e in enumerate(entries)]
+    for k, p in enumerate(prompts):
+        fwd(span, head.embed(p), entries[k], slots[k], 0)
+    decodes = [SpanStep(head.embed([7 + k]), entries[k], slots[k], len(p)) for k, p in enumerate(prompts)]
+    prefill = SpanStep(head.embed(head.encode("a new prompt joins")), 1, (20, 21, 22, 23), 0)
+    bad = SpanStep(head.embed([9]), 1, (16, 17, 18), 0)  # one block-slot short
+    out = asyncio.run(span.forward([decodes[0], bad, prefill, *decodes[1:]]))
+    assert isinstance(out[1], ValueError)
+    for k, (p, step) in enumerate(zip(prompts, decodes, strict=True)):
+        fresh = TorchSpan(d, SpanInfo(1, 4, 24, 64))
+        fwd(fresh, head.embed(p), entries[k], slots[k], 0)
+        alone = fwd(fresh, step.hidden, entries[k], slots[k], len(p))
+        got = out[0] if k == 0 else out[k + 2]
+        np.testing.assert_allclose(wire_to_torch(got, 64), wire_to_torch(alone, 64), rtol=1e-5, atol=1e-4)
+    alone = fwd(TorchSpan(d, SpanInfo(1, 4, 24, 64)), prefill.hidden, 1, prefill.slots, 0)
+    np.testing.assert_allclose(wire_to_torch(out[2], 64), wire_to_torch(alone, 64), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow

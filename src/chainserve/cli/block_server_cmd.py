@@ -15,6 +15,7 @@ import typer
 
 from chainserve.cli.common import user_errors
 from chainserve.model.spec import SpecError
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
 def read_secret(path: Path | None, variable: str) -> str | None:
@@ -50,6 +51,15 @@ def block_server(
     step_ms_per_block: Annotated[
         float | None, typer.Option(help="emulated: compute per block per step in ms (default from --plan: τ^p/l_out).")
     ] = None,
+    device: Annotated[
+        str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="torch backend: where to compute (auto: CUDA if any).")
+    ] = "auto",
+    max_batch_tokens: Annotated[
+        int,
+        typer.Option(
+            help="torch backend: tokens one batched iteration computes at most; prompts go in chunks of half."
+        ),
+    ] = DEFAULT_MAX_BATCH_TOKENS,
     slowdown: Annotated[float, typer.Option(help="Stretch compute X-fold.")] = 1.0,
     delay_ms: Annotated[
         float | None,
@@ -90,7 +100,8 @@ def block_server(
             if None in (first_block, num_blocks, block_slots):
                 raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
             info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
-        knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, read_secret(token_file, "CHAINSERVE_TOKEN") or "")
-        span, model_id = make_span(backend, info, model, step_s)
+        secret = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
+        knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
+        span, model_id = make_span(backend, info, model, step_s, device)
     server = BlockServer(server_id, span, knobs, backend, model_id)
     asyncio.run(serve_forever(server, host, port, exit_with_parent))

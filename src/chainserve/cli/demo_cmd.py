@@ -18,6 +18,9 @@ def demo(
         str, typer.Option(metavar="torch|emulated", help="torch: the real SmolLM2 weights; emulated: no weights.")
     ] = "torch",
     model: Annotated[str, typer.Option(metavar="NAME|PATH", help="The model (torch backend).")] = "smollm2-135m",
+    device: Annotated[
+        str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="torch backend: where the head and servers compute.")
+    ] = "auto",
 ) -> None:
     """Start 5 unequal block servers with SmolLM2-135M-Instruct, answer a few chat prompts, shut down."""
     from chainserve.runtime.demo import run_demo
@@ -34,6 +37,7 @@ def demo(
                 max_tokens=max_tokens,
                 model=model,
                 backend=backend,
+                device=device,
                 report=lambda line: err.print(line, markup=False, highlight=False),
             )
         )

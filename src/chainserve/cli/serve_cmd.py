@@ -12,6 +12,7 @@ from chainserve.cli.block_server_cmd import read_secret, setup_logging
 from chainserve.cli.common import PlannerOption, fail, user_errors
 from chainserve.methods import METHODS
 from chainserve.model.spec import SpecError
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
 def parse_pairs(values: list[str] | None, option: str, number: bool = True) -> dict:
@@ -84,6 +85,18 @@ def serve(
             metavar="NAME=MS", help="Extra one-way network delay of a server, in ms (default: 0 for every server)."
         ),
     ] = None,
+    device: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DEVICE|NAME=DEVICE",
+            help="torch backend: auto, cpu, cuda or cuda:N for the head and every block server (auto: a GPU each "
+            "while there are several, else CUDA if any, else CPU); NAME=DEVICE for one server (default: auto).",
+        ),
+    ] = None,
+    max_batch_tokens: Annotated[
+        int,
+        typer.Option(help="torch backend: tokens a block server's batched iteration computes at most."),
+    ] = DEFAULT_MAX_BATCH_TOKENS,
     max_waiting: Annotated[
         int | None,
         typer.Option(help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold)."),
@@ -167,6 +180,9 @@ def serve(
             heartbeat_deadline_s,
             planner=planner,
             adapt=adapt_config,
+            device=next((d for d in device or [] if "=" not in d), "auto"),
+            devices=parse_pairs([d for d in device or [] if "=" in d], "device", number=False),
+            max_batch_tokens=max_batch_tokens,
         )
 
     def ready(url: str, service) -> None:

@@ -2,15 +2,23 @@
 
 It answers the orchestrator over a ZeroMQ ROUTER socket (:mod:`.protocol`). A session is admitted
 only when the arena has a block-slot for each block it runs within the admission limit the plan in
-force sets (``limit`` op; else a ``no_free_slot`` refusal), runs
-prefill and decode steps on the hidden states it receives, and is freed when closed or idle past
-``idle_timeout_s``. Heterogeneity on one host: ``slowdown`` stretches every step's compute by that
-factor and ``delay_s`` is an injected one-way network delay. A reply leaves after the compute plus
-one sleep of the slowdown's extra time and both ways' delay (one timer, so its overshoot counts once);
-the client sees the same latency as with a delay on each way, but a step computes on arrival.
-Admission and frees happen when a message arrives, so a close always lands before a later open
-sent on the same connection. Prints one JSON ``ready`` line on stdout once bound;
-logs go to stderr.
+force sets (``limit`` op; else a ``no_free_slot`` refusal), runs prefill and decode steps on the
+hidden states it receives, and is freed when closed or idle past ``idle_timeout_s``.
+
+Continuous batching (issue 17; iteration-level, as vLLM and Orca schedule): with a backend that
+``batches`` (torch), steps that arrive while an iteration computes wait, and the next iteration takes
+every waiting step — decodes of any sessions at any positions in one forward, prefill chunks of at most
+``max_batch_tokens // 2`` tokens beside them within ``max_batch_tokens`` per iteration, so a prompt
+never holds decodes up by more than one chunk. An idle server computes a lone step at once. The
+emulated backend does not batch: each step sleeps its own time as it arrives (the paper's model, every
+session at full rate). A step's error (unknown session, gap, refused admission) fails that session
+only.
+
+Heterogeneity on one host: ``slowdown`` stretches compute by that factor (a batched iteration lasts
+that much longer) and ``delay_s`` is an injected one-way network delay (both ways slept before a reply
+leaves). Admission and frees happen when a message arrives, so a close always lands before a later
+open sent on the same connection. Prints one JSON ``ready`` line on stdout once bound; logs go to
+stderr.
 """
 
 from __future__ import annotations
@@ -22,12 +30,15 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zmq
 
 from chainserve.runtime import protocol
-from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend
+from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend, SpanStep, WireTensor
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher
 from chainserve.runtime.kv_arena import KVArena
 from chainserve.runtime.timing import SteadySleep
 from chainserve.runtime.zmq_io import LoopSocket
@@ -38,37 +49,56 @@ log = logging.getLogger("chainserve.block_server")
 @dataclass(frozen=True, slots=True)
 class ServerKnobs:
     """``slowdown`` ≥ 1 multiplies compute; ``delay_s`` one-way injected delay; ``idle_timeout_s``
-    frees a session nobody used for that long; ``token`` must match every request's (empty: none)."""
+    frees a session nobody used for that long; ``token`` must match every request's (empty: none);
+    ``max_batch_tokens`` bounds an iteration of a batching backend."""
 
     slowdown: float = 1.0
     delay_s: float = 0.0
     idle_timeout_s: float = 300.0
     token: str = field(default="", repr=False)
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         if not self.slowdown >= 1 or not self.delay_s >= 0 or not self.idle_timeout_s > 0:
             raise ValueError("knobs: need slowdown ≥ 1, delay_s ≥ 0, idle_timeout_s > 0")
+        if not self.max_batch_tokens >= 2:
+            raise ValueError(f"max_batch_tokens: must be at least 2, got {self.max_batch_tokens}")
 
 
 @dataclass(slots=True)
 class Session:
-    slots: list[int]
+    """An admitted session; a closed one with a step still computing keeps its block-slots until
+    that step is done (``in_flight``, ``closed``), so they never pass to another session mid-write."""
+
+    slots: tuple[int, ...]
     first_block: int
     next_position: int
     last_used_at: float
+    in_flight: int = 0
+    closed: bool = False
 
 
 @dataclass(slots=True)
 class Counters:
-    """The server's own counters (reported by ``info``)."""
+    """The server's own counters (reported by ``info``): steps computed, iterations run with the
+    tokens they carried and how many had each batch size, admissions, refusals, expiries."""
 
     num_steps: int = 0
+    num_batches: int = 0
+    num_batch_tokens: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
     num_admitted: int = 0
     num_refused: int = 0
     num_expired: int = 0
     peak_block_slots: int = 0
     peak_sessions: int = 0
     compute_s: float = 0.0  # time spent in the backend's forward, slowdown included
+
+    def count_batch(self, steps: Sequence[SpanStep]) -> None:
+        self.num_steps += len(steps)
+        self.num_batches += 1
+        self.num_batch_tokens += sum(s.num_tokens for s in steps)
+        self.batch_sizes[len(steps)] += 1
 
 
 class BlockServer:
@@ -87,6 +117,12 @@ class BlockServer:
         self.backend_name = backend_name
         self.model_id = model_id
         self.sleep = SteadySleep()
+        self.chunk_tokens = knobs.max_batch_tokens // 2
+        self.batcher: Batcher[SpanStep, WireTensor] | None = None
+        if backend.batches:
+            self.batcher = Batcher(
+                self._iteration, lambda s: s.num_tokens, knobs.max_batch_tokens, self.counters.count_batch
+            )
 
     def describe(self) -> dict:
         info, c = self.info, self.counters
@@ -94,16 +130,21 @@ class BlockServer:
             "server_id": self.server_id,
             "backend": self.backend_name,
             "model_id": self.model_id,
+            "device": str(getattr(self.backend, "device", "cpu")),
             "first_block": info.first_block,
             "num_blocks": info.num_blocks,
             "num_block_slots": info.num_block_slots,
             "slot_limit": self.arena.limit,
             "max_tokens": info.max_tokens,
+            "max_batch_tokens": self.knobs.max_batch_tokens,
             "used_block_slots": self.arena.num_used,
             "num_sessions": len(self.sessions),
             "slowdown": self.knobs.slowdown,
             "delay_s": self.knobs.delay_s,
             "num_steps": c.num_steps,
+            "num_batches": c.num_batches,
+            "num_batch_tokens": c.num_batch_tokens,
+            "batch_sizes": sorted(c.batch_sizes.items()),
             "num_admitted": c.num_admitted,
             "num_refused": c.num_refused,
             "num_expired": c.num_expired,
@@ -130,24 +171,15 @@ class BlockServer:
                 await self._delay()
                 return protocol.encode_reply(rid)
             return await self._forward(request)
-        except protocol.ProtocolError as exc:  # a lost session is routine after a restart; the rest is not
-            log.log(
-                logging.INFO if exc.code == "unknown_session" else logging.WARNING,
-                "%s: refused request %d: %s",
-                self.server_id,
-                rid,
-                exc,
-            )
+        except protocol.ProtocolError as exc:
+            log.warning("%s: refused request %d: %s", self.server_id, rid, exc)
             return protocol.encode_error(rid, exc.code, str(exc))
-        except NoFreeSlot as exc:
-            await self._delay()
-            return protocol.encode_error(rid, "no_free_slot", str(exc))
-        except Exception as exc:  # a backend failure must not kill the server
+        except Exception as exc:  # a failure must not kill the server
             log.exception("%s: request %d failed", self.server_id, rid)
             return protocol.encode_error(rid, "internal", f"{type(exc).__name__}: {exc}")
 
     async def _delay(self) -> None:
-        """A round trip's injected delay (both ways), for replies without compute."""
+        """A round trip's injected delay (both ways)."""
         await self.sleep(2 * self.knobs.delay_s)
 
     def _admit(self, name: str, first_block: int) -> Session:
@@ -161,7 +193,7 @@ class BlockServer:
             return session
         try:
             slots = self.arena.allocate(info.last_block - first_block + 1)
-        except NoFreeSlot:
+        except NoFreeSlot as exc:
             self.counters.num_refused += 1
             log.info(
                 "%s: refused session %s (%d of %d block-slots used)",
@@ -170,8 +202,8 @@ class BlockServer:
                 self.arena.num_used,
                 self.arena.limit,
             )
-            raise
-        session = self.sessions[name] = Session(slots, first_block, 0, time.monotonic())
+            raise protocol.ProtocolError(str(exc), "no_free_slot") from None
+        session = self.sessions[name] = Session(tuple(slots), first_block, 0, time.monotonic())
         c = self.counters
         c.num_admitted += 1
         c.peak_block_slots = max(c.peak_block_slots, self.arena.num_used)
@@ -190,43 +222,93 @@ class BlockServer:
         session = self.sessions.pop(name, None)
         if session is None:
             raise protocol.ProtocolError(f"session: {name!r} is not open here", "unknown_session")
-        self.arena.free(session.slots)
+        session.closed = True
+        if not session.in_flight:
+            self.arena.free(list(session.slots))
 
     async def _forward(self, request: protocol.Request) -> list[bytes]:
-        name, tensor = request.session, request.tensor
-        num_new = tensor.shape[1] if len(tensor.shape) >= 2 else 0
-        if num_new < 1 or request.position + num_new > self.info.max_tokens:
-            raise protocol.ProtocolError(
-                f"position: {num_new} tokens at {request.position} do not fit the "
-                f"{self.info.max_tokens} positions the cache holds"
-            )
-        if request.open:
-            session = self._admit(name, request.first_block)
+        """Each step is checked and admitted now, in message order; then all compute (batched by the
+        backend or not) and one reply carries every session's output or error."""
+        ready = [self._prepare(step) for step in request.steps]
+        if len(ready) == 1:
+            results = [await self._run(*ready[0])]
         else:
-            session = self.sessions.get(name)
-            if session is None:
-                raise protocol.ProtocolError(f"session: {name!r} is not open here", "unknown_session")
-        if request.first_block != session.first_block:
-            raise protocol.ProtocolError(f"first_block: session {name!r} entered at {session.first_block}")
-        if request.position > session.next_position:
-            raise protocol.ProtocolError(
-                f"position: {request.position} leaves a gap, the session holds {session.next_position}"
-            )
-        session.next_position = request.position + num_new
-        began = time.perf_counter()
+            results = await asyncio.gather(*(self._run(*r) for r in ready))
+        await self._delay()
+        return protocol.encode_forward_reply(request.rid, results)
+
+    def _prepare(self, step: protocol.Step) -> tuple[protocol.Step, Session | protocol.ProtocolError]:
         try:
-            out = await self.backend.forward(tensor, session.first_block, session.slots, request.position)
+            num_new = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 0
+            if num_new < 1 or step.position + num_new > self.info.max_tokens:
+                raise protocol.ProtocolError(
+                    f"position: {num_new} tokens at {step.position} do not fit the "
+                    f"{self.info.max_tokens} positions the cache holds"
+                )
+            if step.open:
+                session = self._admit(step.session, step.first_block)
+            else:
+                session = self.sessions.get(step.session)
+                if session is None:
+                    raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
+            if step.first_block != session.first_block:
+                raise protocol.ProtocolError(f"first_block: session {step.session!r} entered at {session.first_block}")
+            if step.position > session.next_position:
+                raise protocol.ProtocolError(
+                    f"position: {step.position} leaves a gap, the session holds {session.next_position}"
+                )
+        except protocol.ProtocolError as exc:
+            if exc.code != "unknown_session":  # a lost session is routine after a restart; the rest is not
+                log.log(logging.INFO if exc.code == "no_free_slot" else logging.WARNING, "%s: %s", self.server_id, exc)
+            return step, exc
+        session.next_position = step.position + num_new
+        return step, session
+
+    async def _run(
+        self, step: protocol.Step, session: Session | protocol.ProtocolError
+    ) -> WireTensor | protocol.ProtocolError:
+        if isinstance(session, protocol.ProtocolError):
+            return session
+        session.in_flight += 1
+        try:
+            out = await self._compute(SpanStep(step.tensor, session.first_block, session.slots, step.position))
         except ValueError as exc:
-            raise protocol.ProtocolError(str(exc)) from None
+            return protocol.ProtocolError(str(exc))
+        except Exception as exc:
+            log.exception("%s: step of session %s failed", self.server_id, step.session)
+            return protocol.ProtocolError(f"{type(exc).__name__}: {exc}", "internal")
+        finally:
+            session.in_flight -= 1
+            if session.closed and not session.in_flight:
+                self.arena.free(list(session.slots))
+        session.last_used_at = time.monotonic()
+        if step.close and step.session in self.sessions:
+            self._close(step.session)
+        return out
+
+    async def _compute(self, step: SpanStep) -> WireTensor:
+        """One step's output: through the batcher in chunks (a batching backend), else on its own."""
+        if self.batcher is None:
+            began = time.perf_counter()
+            (out,) = await self.backend.forward([step])
+            compute_s = time.perf_counter() - began
+            self.counters.count_batch([step])
+            self.counters.compute_s += compute_s * self.knobs.slowdown
+            await self.sleep((self.knobs.slowdown - 1) * compute_s)
+            if isinstance(out, Exception):
+                raise out
+            return out
+        outs = [await self.batcher.submit(chunk) for chunk in step.chunks(self.chunk_tokens)]
+        return outs[0] if len(outs) == 1 else WireTensor.concat(outs)
+
+    async def _iteration(self, steps: list[SpanStep]) -> Sequence[WireTensor | Exception]:
+        """One batched forward; a slower device (``slowdown``) holds the iteration that much longer."""
+        began = time.perf_counter()
+        results = await self.backend.forward(steps)
         compute_s = time.perf_counter() - began
         self.counters.compute_s += compute_s * self.knobs.slowdown
-        self.counters.num_steps += 1
-        session.last_used_at = time.monotonic()
-        if request.close and name in self.sessions:
-            self._close(name)
-        # slowdown and both ways of the network delay in one sleep (one timer's overshoot, not three)
-        await self.sleep((self.knobs.slowdown - 1) * compute_s + 2 * self.knobs.delay_s)
-        return protocol.encode_reply(request.rid, out)
+        await self.sleep((self.knobs.slowdown - 1) * compute_s)
+        return results
 
     def expire_idle(self, now: float) -> None:
         """Free the sessions idle for longer than ``idle_timeout_s``."""

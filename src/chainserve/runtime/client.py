@@ -1,8 +1,11 @@
 """The orchestrator's side of the block-server transport: one ZeroMQ DEALER per server (§4.2).
 
 Requests carry an id; replies resolve the waiting futures as they arrive (:mod:`.zmq_io`), so many
-jobs share a connection with any number of requests in flight. ZeroMQ keeps per-connection order: a
-``close`` sent before a later ``forward(open=True)`` reaches the server first.
+jobs share a connection with any number of requests in flight. Forward steps are coalesced (issue 17):
+every step queued for a server during one turn of the event loop leaves in one message at the end of
+that turn, so a server gets one message per iteration, not one per job. ZeroMQ keeps per-connection
+order, and a ``close`` first sends the steps queued before it: a close sent before a later
+``forward(open=True)`` reaches the server first, and never overtakes its session's last step.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import WireTensor
+from chainserve.runtime.batching import resolve
 from chainserve.runtime.zmq_io import LoopSocket
 
 log = logging.getLogger("chainserve.client")
@@ -46,7 +51,8 @@ class BlockClient:
         self.timeout_s = timeout_s
         self.ctx = ctx or zmq.Context.instance()
         self._rids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[protocol.Reply]] = {}
+        self._pending: dict[int, list[asyncio.Future]] = {}  # rid → the futures its reply resolves
+        self._outbox: list[tuple[protocol.Step, asyncio.Future[WireTensor]]] = []
         self._io: LoopSocket | None = None
 
     def _socket(self) -> LoopSocket:
@@ -64,47 +70,54 @@ class BlockClient:
         except protocol.ProtocolError as exc:
             log.error("%s: malformed reply dropped: %s", self.name, exc)
             return
-        future = self._pending.pop(reply.rid, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        futures = self._pending.pop(reply.rid, None)
+        if futures is None:
+            return
+        if not reply.ok:  # the whole message failed
+            results: list = [self._error(reply.error, reply.message)] * len(futures)
+        elif not reply.results:  # info, limit, close
+            results = [reply] * len(futures)
+        elif len(reply.results) != len(futures):
+            results = [ServerFailed(self.name, f"{len(reply.results)} results for {len(futures)} steps")] * len(futures)
+        else:
+            results = [r if isinstance(r, WireTensor) else self._error(*r) for r in reply.results]
+        for future, result in zip(futures, results, strict=True):
+            resolve(future, result)
 
-    def send(self, op: str, tensor: WireTensor | None = None, **fields: Any) -> asyncio.Future[protocol.Reply]:
-        """Queue one request on the socket now (so requests leave in call order); the future gets
-        its reply."""
-        return self._send(op, tensor, fields)[1]
+    def _error(self, code: str, message: str) -> Exception:
+        if code == "no_free_slot":
+            return ServerRefused(f"{self.name}: {message}")
+        return ServerFailed(self.name, message, code)
 
-    def _send(
-        self, op: str, tensor: WireTensor | None, fields: dict[str, Any]
-    ) -> tuple[int, asyncio.Future[protocol.Reply]]:
+    def _send(self, frames_of: Callable[[int], list[bytes]], futures: list[asyncio.Future]) -> int:
         io = self._socket()
         rid = next(self._rids)
-        future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
+        self._pending[rid] = futures
         try:
-            io.send(protocol.encode_request(op, rid, self.token, tensor, **fields))
+            io.send(frames_of(rid))
         except zmq.ZMQError as exc:
             del self._pending[rid]
-            raise ServerFailed(self.name, f"cannot send {op}: {exc}", "transport") from None
-        return rid, future
+            raise ServerFailed(self.name, f"cannot send: {exc}", "transport") from None
+        return rid
 
-    async def request(
-        self, op: str, tensor: WireTensor | None = None, timeout_s: float | None = None, **fields: Any
-    ) -> protocol.Reply:
+    def send(self, op: str, **fields: Any) -> asyncio.Future[protocol.Reply]:
+        """Queue one ``info``/``close``/``limit`` request now (after any steps queued before it); the
+        future gets its reply (or the error)."""
+        self._flush()
+        future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+        self._send(lambda rid: protocol.encode_request(op, rid, self.token, **fields), [future])
+        return future
+
+    async def request(self, op: str, timeout_s: float | None = None, **fields: Any) -> protocol.Reply:
         """Send one request and wait for its reply; raise :class:`ServerRefused` / :class:`ServerFailed`."""
-        rid, future = self._send(op, tensor, fields)
+        future = self.send(op, **fields)
         try:
             reply = await asyncio.wait_for(future, timeout_s or self.timeout_s)
         except TimeoutError:
             raise ServerFailed(
                 self.name, f"no reply to {op} within {timeout_s or self.timeout_s:g} s", "timeout"
             ) from None
-        finally:
-            self._pending.pop(rid, None)
-        if reply.ok:
-            return reply
-        if reply.error == "no_free_slot":
-            raise ServerRefused(f"{self.name}: {reply.message}")
-        raise ServerFailed(self.name, reply.message, reply.error)
+        return reply
 
     async def info(self, timeout_s: float = 10.0) -> dict[str, Any]:
         return (await self.request("info", timeout_s=timeout_s)).fields
@@ -123,12 +136,32 @@ class BlockClient:
         open: bool = False,
         close: bool = False,
     ) -> WireTensor:
-        reply = await self.request(
-            "forward", hidden, session=session, first_block=first_block, position=position, open=open, close=close
-        )
-        if reply.tensor is None:
-            raise ServerFailed(self.name, "forward reply without a tensor")
-        return reply.tensor
+        """One step of ``session``; it leaves with every other step queued in this turn of the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[WireTensor] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((protocol.Step(session, first_block, position, hidden, open, close), future))
+        timer = loop.call_later(self.timeout_s, resolve, future, ServerFailed(
+            self.name, f"no reply to forward within {self.timeout_s:g} s", "timeout"
+        ))  # fmt: skip
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _flush(self) -> None:
+        """Send the queued steps as one forward message (its reply resolves each step's future)."""
+        outbox, self._outbox = self._outbox, []
+        outbox = [(step, f) for step, f in outbox if not f.done()]
+        for i in range(0, len(outbox), protocol.MAX_ITEMS):
+            part = outbox[i : i + protocol.MAX_ITEMS]
+            steps, futures = [s for s, _ in part], [f for _, f in part]
+            try:
+                self._send(lambda rid, steps=steps: protocol.encode_forward(rid, self.token, steps), futures)
+            except ServerFailed as exc:
+                for future in futures:
+                    resolve(future, exc)
 
     def close_session(self, session: str) -> asyncio.Future[protocol.Reply]:
         """Send a close now; the reply (ignored by callers that need not wait) arrives in the future."""
@@ -137,12 +170,13 @@ class BlockClient:
     def fail_pending(self, message: str) -> None:
         """The server is gone: every request still waiting for it fails now (not at its timeout)."""
         pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ServerFailed(self.name, message, "transport"))
+        outbox, self._outbox = self._outbox, []
+        error = ServerFailed(self.name, message, "transport")
+        for future in [f for fs in pending.values() for f in fs] + [f for _, f in outbox]:
+            resolve(future, error)
 
     def close(self) -> None:
-        for future in self._pending.values():
+        for future in [f for fs in self._pending.values() for f in fs] + [f for _, f in self._outbox]:
             if not future.done():
                 future.cancel()
         if self._io is not None:

@@ -38,6 +38,7 @@ async def run_demo(
     cluster: Path = DEMO_CLUSTER,
     backend: str = "torch",
     report: Callable[[str], None] = print,
+    device: str = "auto",
 ) -> list[dict]:
     """Serve the demo cluster, send ``prompts`` at once, return one record per answer."""
     config = ServeConfig(
@@ -47,6 +48,7 @@ async def run_demo(
         port=0,
         slowdown=DEMO_SLOWDOWN,
         delay_ms=DEMO_DELAY_MS,
+        device=device,
     )
     async with Service(config) as service:
         server, task, url = await start_http(service, "127.0.0.1", 0)

@@ -1,17 +1,24 @@
 """One request as the orchestrator runs it (paper §4.2, the client side of a chain, as PETALS' client is
 and as τ^c models it): :class:`JobRun` is its state across attempts; :func:`run_route` serves one
 attempt on one route — embed the prompt, send the hidden states through the route's block servers
-hop by hop (prefill, then one decode step per token), apply the LM head, sample, stream tokens.
+hop by hop (prefill, then one decode step per token), apply the LM head, sample, stream tokens. Each
+job is its own coroutine; the batching is underneath (issue 17): its steps leave with every other
+job's in one message per server (:class:`~.client.BlockClient`), and its LM head runs in one batch with
+every job whose hidden state came back at the same moment (:class:`BatchedHead`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from chainserve.dispatch.base import Job, Route, Start
-from chainserve.runtime.backends.base import ModelHead
+from chainserve.runtime.backends.base import ModelHead, WireTensor
+from chainserve.runtime.batching import Batcher
 from chainserve.runtime.generations import Generation
 from chainserve.runtime.requests import Finished, RequestTimes, SamplingParams, TokenEvent
 from chainserve.runtime.sampling import Sampler, TextStream
@@ -41,6 +48,31 @@ class JobRun:
     done: bool = False
 
 
+class BatchedHead:
+    """``head`` as jobs use it: its LM head runs over every job whose last hidden state is ready in the
+    same turn of the loop, one ``head.logits`` call (one matmul) per batch — in a worker thread when the
+    head says it is long (``head.in_thread``: torch, which releases the GIL), so HTTP, heartbeats and
+    dispatch keep answering while it computes."""
+
+    def __init__(self, head: ModelHead):
+        self.head, self.embed, self.eos_token_ids = head, head.embed, head.eos_token_ids
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="head") if head.in_thread else None
+        self._batcher: Batcher[WireTensor, np.ndarray] = Batcher(self._run)
+
+    async def _run(self, hiddens: list[WireTensor]) -> list[np.ndarray]:
+        if self._worker is None:
+            return list(self.head.logits(hiddens))
+        return list(await asyncio.get_running_loop().run_in_executor(self._worker, self.head.logits, hiddens))
+
+    def logits(self, hidden: WireTensor) -> asyncio.Future[np.ndarray]:
+        """Next-token logits of ``hidden``'s last position (float32 [vocab])."""
+        return self._batcher.submit(hidden)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass(frozen=True, slots=True)
 class StartRecord:
     """One start the dispatcher decided: time, job, attempt, chain (``None`` for a path) and servers."""
@@ -56,15 +88,16 @@ async def run_route(
     run: JobRun,
     route: Route,
     session: str,
-    head: ModelHead,
+    head: BatchedHead,
     clients: Mapping[int, ServerClient],
     names: Mapping[int, str],
     opened: list[ServerClient],
     clock: Callable[[], float],
 ) -> Finished:
     """Prefill (the prompt, plus what was generated before a failure), then decode token by token
-    through ``route``'s hops; push a :class:`TokenEvent` per new token. ``opened`` collects the
-    clients whose session is open (the caller closes them if this attempt ends early)."""
+    through ``route``'s hops, the LM head after the last; push a :class:`TokenEvent` per new token.
+    ``opened`` collects the clients whose session is open (the caller closes them if this attempt ends
+    early)."""
     params = run.params
     hops: Sequence[tuple[int, ServerClient]] = [(hop.start_block, clients[hop.server]) for hop in route.hops]
     hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
@@ -78,7 +111,7 @@ async def run_route(
         if last:
             opened.clear()  # the servers closed the session after this step
         position += hidden.shape[1]
-        token = run.sampler(head.logits(hidden))
+        token = run.sampler(await head.logits(hidden))
         run.generated.append(token)
         if run.times.first_token_at is None:
             run.times.first_token_at = clock()

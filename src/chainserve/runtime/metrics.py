@@ -25,7 +25,13 @@ name                                             type       meaning
                                                             ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
 ``chainserve:requests_resumed_total``            counter    jobs replayed on another chain after a failure
+``chainserve:server_batch_size{server}``         histogram  sessions per batched iteration of a block server
+``chainserve:server_batch_tokens_total{server}`` counter    tokens its iterations computed (a decode is one)
 ===============================================  =========  =================================================
+
+The two ``server_batch`` metrics are the block servers' own counts (issue 17), as their last heartbeat
+reported them (``info``'s ``batch_sizes`` and ``num_batch_tokens``; a restarted server starts again from
+zero, which Prometheus reads as a counter reset).
 
 Histograms share :data:`LATENCY_BUCKETS_S`, 1 ms .. 10 min. Counters also expose prometheus-client's
 ``*_created`` samples. Beside the histograms (cumulative since start), :class:`RecentLatencies` keeps the
@@ -48,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from chainserve.analysis.records import Stats
@@ -59,6 +66,8 @@ LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+#: Buckets of ``chainserve:server_batch_size`` (sessions per iteration).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: The sliding window of :class:`RecentLatencies` (seconds) and the most requests it keeps.
 RECENT_WINDOW_S = 60.0
 RECENT_MAX_REQUESTS = 10_000
@@ -108,6 +117,38 @@ class RecentLatencies:
         return out
 
 
+class ServerBatches:
+    """A collector of the block servers' batch counts, from the ``info`` of their heartbeats.
+
+    >>> b = ServerBatches()
+    >>> b.update("s0", {"batch_sizes": [[1, 3], [8, 2]], "num_batch_tokens": 19})
+    >>> hist, tokens = b.collect()
+    >>> [(s.labels["le"], s.value) for s in hist.samples if s.labels.get("le") in ("1", "4", "8", "+Inf")]
+    [('1', 3), ('4', 3), ('8', 5), ('+Inf', 5)]
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[list[tuple[int, int]], int]] = {}
+
+    def update(self, server: str, info: dict[str, Any]) -> None:
+        sizes = [(int(n), int(count)) for n, count in info.get("batch_sizes", [])]
+        self.latest[server] = (sizes, int(info.get("num_batch_tokens", 0)))
+
+    def collect(self):
+        hist = HistogramMetricFamily(
+            "chainserve:server_batch_size", "Sessions per batched iteration of a block server.", labels=["server"]
+        )
+        tokens = CounterMetricFamily(
+            "chainserve:server_batch_tokens", "Tokens a block server's iterations computed.", labels=["server"]
+        )
+        for server, (sizes, num_tokens) in sorted(self.latest.items()):
+            buckets = [(str(edge), sum(c for n, c in sizes if n <= edge)) for edge in BATCH_SIZE_BUCKETS]
+            buckets.append(("+Inf", sum(c for _, c in sizes)))
+            hist.add_metric([server], buckets, sum_value=sum(n * c for n, c in sizes))
+            tokens.add_metric([server], num_tokens)
+        return [hist, tokens]
+
+
 class RuntimeMetrics:
     """The runtime's metrics in one registry (``registry``: a fresh one unless given); ``recent`` holds
     the last minute's request times (``clock``: its time source)."""
@@ -153,6 +194,8 @@ class RuntimeMetrics:
         self.requests_resumed = Counter(
             "chainserve:requests_resumed_total", "Jobs resumed on another chain after a failure.", registry=r
         )
+        self.server_batches = ServerBatches()
+        r.register(self.server_batches)
 
     def _histogram(self, name: str, doc: str) -> Histogram:
         return Histogram(f"chainserve:{name}", doc, buckets=LATENCY_BUCKETS_S, registry=self.registry)
@@ -198,6 +241,10 @@ class RuntimeMetrics:
 
     def set_server_up(self, server: str, up: bool) -> None:
         self.server_up.labels(server=server).set(1 if up else 0)
+
+    def set_server_batches(self, server: str, info: dict[str, Any]) -> None:
+        """A block server's batch counts, from its latest ``info``."""
+        self.server_batches.update(server, info)
 
     def observe_resume(self) -> None:
         """A job restarts on another chain, replaying its prompt and the tokens generated so far."""

@@ -40,7 +40,7 @@ from chainserve.plan.types import Layout, default_max_waiting, reserved_block_jo
 from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.generations import Generation, Generations
-from chainserve.runtime.jobs import JobRun, StartRecord, run_route
+from chainserve.runtime.jobs import BatchedHead, JobRun, StartRecord, run_route
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps
 from chainserve.runtime.requests import Finished, Overloaded, RequestFailed, RequestTimes, SamplingParams, TokenEvent
@@ -83,6 +83,7 @@ class Orchestrator:
         self.retry_backoff_s, self.request_timeout_s = retry_backoff_s, request_timeout_s
         self.controller, self.adapt_interval_s, self.heartbeat_s = controller, adapt_interval_s, heartbeat_s
         self.model_id, self.max_tokens = head.model_id, head.max_tokens
+        self.batched_head = BatchedHead(head)
         limits = reserved_block_jobs(layout)
         spans = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
         names = [s.name for s in layout.problem.servers]
@@ -236,9 +237,6 @@ class Orchestrator:
         self._release(run)
         self.runs.pop(run.job.job_id, None)
 
-    def _retire_idle(self) -> None:
-        self.move(self.generations.retire_idle())
-
     async def _serve(self, run: JobRun, start: Start) -> None:
         job_id, route, attempt = start.job.job_id, start.route, start.attempt
         session = f"j{job_id}s{next(self._serials)}"
@@ -257,7 +255,7 @@ class Orchestrator:
                 log.info("job %d resumes on chain %s after %d tokens", job_id, route.chain, len(run.generated))
             clients = {j: self.servers[j].client for j in route.servers}
             names = {j: self.servers[j].name for j in route.servers}
-            finished = await run_route(run, route, session, self.head, clients, names, opened, self.clock)
+            finished = await run_route(run, route, session, self.batched_head, clients, names, opened, self.clock)
         except ServerRefused as exc:
             self._close_sessions(opened, session)
             if run.start is start:
@@ -299,7 +297,7 @@ class Orchestrator:
         )
         self.metrics.observe_finished(finished, tpot)
         self.apply(gen.dispatcher.complete(job_id, self.clock(), attempt), gen)
-        self._retire_idle()
+        self.move(self.generations.retire_idle())
         run.events.put_nowait(finished)
 
     def _requeue(self, run: JobRun) -> None:
@@ -313,7 +311,7 @@ class Orchestrator:
             return
         self.apply(gen.dispatcher.cancel(run.job.job_id, self.clock()), gen)
         self.move([run.job])
-        self._retire_idle()
+        self.move(self.generations.retire_idle())
 
     def _fail_request(self, run: JobRun, message: str) -> None:
         log.error("job %d failed: %s", run.job.job_id, message)
@@ -443,6 +441,7 @@ class Orchestrator:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.servers.close()
+        self.batched_head.close()
 
 
 def _ignore_result(future: asyncio.Future) -> None:

@@ -1,13 +1,17 @@
 """Wire format between the orchestrator and the block servers (ZeroMQ multipart messages, §4.2).
 
-A message is one UTF-8 JSON header frame, optionally followed by one frame of raw tensor bytes:
+A message is one UTF-8 JSON header frame, followed by one frame of raw tensor bytes per tensor:
 
-* request  ``{"v": 1, "op": ..., "rid": int, "token": str, ...}`` [+ tensor bytes]
-* reply    ``{"v": 1, "rid": int, "ok": true, ...}`` [+ tensor bytes], or
-           ``{"v": 1, "rid": int, "ok": false, "error": code, "message": str}``
+* request  ``{"v": 2, "op": ..., "rid": int, "token": str, ...}`` [+ tensor frames]
+* reply    ``{"v": 2, "rid": int, "ok": true, ...}`` [+ tensor frames], or
+           ``{"v": 2, "rid": int, "ok": false, "error": code, "message": str}``
 
-Ops: ``info``; ``forward`` (``session``, ``first_block``, ``position``, ``tensor`` {dtype, shape},
-optional ``open`` to admit the session first and ``close`` to free it after this step); ``close``
+Ops: ``info``; ``forward``, whose ``items`` are one step of each of up to :data:`MAX_ITEMS` sessions
+(issue 17: a client sends every step it has for a server at that moment as one message) — each
+``{session, first_block, position, tensor: {dtype, shape}, open?, close?}`` (``open`` admits the
+session first, ``close`` frees it after this step), item i's bytes in frame i + 1; its reply has
+``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes in the next frame) or
+``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
 (``session``); ``limit`` (``num_block_slots``: the admission limit within the arena, which a plan
 change moves; the reply is ``info``'s). Error codes: :data:`ERROR_CODES`. Every field is checked
 (type, range, byte length) before any tensor is touched; nothing is ever unpickled.
@@ -21,11 +25,13 @@ from typing import Any
 
 from chainserve.runtime.backends.base import WIRE_DTYPES, WireTensor
 
-VERSION = 1
+VERSION = 2
 #: Largest header frame accepted (bytes).
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 256 * 1024
 #: Largest tensor frame accepted (bytes): 256 MiB.
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
+#: Most sessions' steps in one forward message.
+MAX_ITEMS = 1024
 OPS = ("info", "forward", "close", "limit")
 #: ``no_free_slot``: admission refused (the job may retry); ``bad_request``: a malformed message;
 #: ``unknown_session``: forward/close of a session the server does not hold (expired, or never
@@ -42,18 +48,37 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """One session's forward step in a message: ``tensor`` holds its new tokens' hidden states at
+    positions ``position..``; ``open``/``close`` admit / free the session around it."""
+
+    session: str
+    first_block: int
+    position: int
+    tensor: WireTensor
+    open: bool = False
+    close: bool = False
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "first_block": self.first_block,
+            "position": self.position,
+            "open": self.open,
+            "close": self.close,
+            "tensor": {"dtype": self.tensor.dtype, "shape": list(self.tensor.shape)},
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
-    """A validated request: its op, request id, session and forward fields (``None`` when unused)."""
+    """A validated request: its op, request id, and the fields of that op (``None`` / empty when unused)."""
 
     op: str
     rid: int
     token: str
     session: str | None = None
-    first_block: int | None = None
-    position: int | None = None
-    tensor: WireTensor | None = None
-    open: bool = False
-    close: bool = False
+    steps: tuple[Step, ...] = ()
     num_block_slots: int | None = None
 
 
@@ -64,9 +89,16 @@ def _int_field(header: dict[str, Any], name: str, low: int, high: int) -> int:
     return value
 
 
-def _tensor(meta: Any, frames: list[bytes]) -> WireTensor:
-    if not isinstance(meta, dict) or len(frames) != 2:
-        raise ProtocolError("tensor: a forward needs a {dtype, shape} header and one data frame")
+def _session(header: dict[str, Any]) -> str:
+    session = header.get("session")
+    if not isinstance(session, str) or not 1 <= len(session) <= 128:
+        raise ProtocolError("session: must be a string of 1 to 128 characters")
+    return session
+
+
+def _tensor(meta: Any, data: bytes) -> WireTensor:
+    if not isinstance(meta, dict):
+        raise ProtocolError("tensor: must be a {dtype, shape} object")
     dtype, shape = meta.get("dtype"), meta.get("shape")
     if dtype not in WIRE_DTYPES:
         raise ProtocolError(f"tensor.dtype: {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
@@ -76,88 +108,116 @@ def _tensor(meta: Any, frames: list[bytes]) -> WireTensor:
         or any(not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_TENSOR_BYTES for d in shape)
     ):
         raise ProtocolError(f"tensor.shape: must be 1 to 4 non-negative integers, got {shape!r}")
-    if len(frames[1]) > MAX_TENSOR_BYTES:
-        raise ProtocolError(f"tensor: {len(frames[1])} bytes exceed the limit of {MAX_TENSOR_BYTES}")
+    if len(data) > MAX_TENSOR_BYTES:
+        raise ProtocolError(f"tensor: {len(data)} bytes exceed the limit of {MAX_TENSOR_BYTES}")
     try:
-        return WireTensor(dtype, tuple(shape), frames[1])
+        return WireTensor(dtype, tuple(shape), data)
     except ValueError as exc:
         raise ProtocolError(f"tensor.{exc}") from None
 
 
-def decode_request(frames: list[bytes]) -> Request:
-    """Parse and validate one request (raises :class:`ProtocolError`)."""
-    if not 1 <= len(frames) <= 2:
-        raise ProtocolError(f"message: expected 1 or 2 frames, got {len(frames)}")
-    if len(frames[0]) > MAX_HEADER_BYTES:
-        raise ProtocolError("header: too large")
+def _steps(items: Any, frames: list[bytes]) -> tuple[Step, ...]:
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
+        raise ProtocolError(f"items: must be a list of 1 to {MAX_ITEMS} steps")
+    if len(frames) != len(items) + 1:
+        raise ProtocolError(f"items: {len(items)} steps need {len(items)} tensor frames, got {len(frames) - 1}")
+    steps, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ProtocolError(f"items[{i}]: must be an object")
+        try:
+            session = _session(item)
+            if session in seen:
+                raise ProtocolError(f"session: {session!r} appears twice in one message")
+            seen.add(session)
+            is_open, is_close = item.get("open", False), item.get("close", False)
+            if not isinstance(is_open, bool) or not isinstance(is_close, bool):
+                raise ProtocolError("open/close: must be booleans")
+            first_block = _int_field(item, "first_block", 1, 1_000_000)
+            position = _int_field(item, "position", 0, 10_000_000)
+            tensor = _tensor(item.get("tensor"), frames[i + 1])
+        except ProtocolError as exc:
+            raise ProtocolError(f"items[{i}].{exc}") from None
+        steps.append(Step(session, first_block, position, tensor, is_open, is_close))
+    return tuple(steps)
+
+
+def _header(frames: list[bytes], what: str) -> dict[str, Any]:
+    if not frames or len(frames[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"{what}: missing or too large a header")
     try:
         header = json.loads(frames[0])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("header: not UTF-8 JSON") from None
+        raise ProtocolError(f"{what}: header is not UTF-8 JSON") from None
     if not isinstance(header, dict) or header.get("v") != VERSION:
-        raise ProtocolError(f"header: must be an object with v = {VERSION}")
+        raise ProtocolError(f"{what}: header must be an object with v = {VERSION}")
+    return header
+
+
+def decode_request(frames: list[bytes]) -> Request:
+    """Parse and validate one request (raises :class:`ProtocolError`)."""
+    if not 1 <= len(frames) <= MAX_ITEMS + 1:
+        raise ProtocolError(f"message: expected 1 to {MAX_ITEMS + 1} frames, got {len(frames)}")
+    header = _header(frames, "request")
     op, token = header.get("op"), header.get("token", "")
     rid = _int_field(header, "rid", 0, 2**62)
     if op not in OPS:
         raise ProtocolError(f"op: {op!r} is not one of {', '.join(OPS)}")
     if not isinstance(token, str):
         raise ProtocolError("token: must be a string")
+    if op != "forward" and len(frames) != 1:
+        raise ProtocolError(f"message: {op} takes no tensor frames")
     if op == "info":
         return Request(op, rid, token)
     if op == "limit":
         return Request(op, rid, token, num_block_slots=_int_field(header, "num_block_slots", 0, 1_000_000_000))
-    session = header.get("session")
-    if not isinstance(session, str) or not 1 <= len(session) <= 128:
-        raise ProtocolError("session: must be a string of 1 to 128 characters")
     if op == "close":
-        return Request(op, rid, token, session)
-    is_open, is_close = header.get("open", False), header.get("close", False)
-    if not isinstance(is_open, bool) or not isinstance(is_close, bool):
-        raise ProtocolError("open/close: must be booleans")
-    return Request(
-        op,
-        rid,
-        token,
-        session,
-        _int_field(header, "first_block", 1, 1_000_000),
-        _int_field(header, "position", 0, 10_000_000),
-        _tensor(header.get("tensor"), frames),
-        is_open,
-        is_close,
-    )
+        return Request(op, rid, token, _session(header))
+    return Request(op, rid, token, steps=_steps(header.get("items"), frames))
 
 
-def encode_request(op: str, rid: int, token: str, tensor: WireTensor | None = None, **fields: Any) -> list[bytes]:
-    """Frames of one request (``fields``: session, first_block, position, open, close, num_block_slots)."""
-    header: dict[str, Any] = {"v": VERSION, "op": op, "rid": rid, "token": token, **fields}
-    if tensor is None:
-        return [json.dumps(header).encode()]
-    header["tensor"] = {"dtype": tensor.dtype, "shape": list(tensor.shape)}
-    return [json.dumps(header).encode(), bytes(tensor.data)]
+def encode_request(op: str, rid: int, token: str, **fields: Any) -> list[bytes]:
+    """Frames of an ``info``, ``close`` or ``limit`` request (``fields``: session, num_block_slots)."""
+    return [json.dumps({"v": VERSION, "op": op, "rid": rid, "token": token, **fields}).encode()]
 
 
-def encode_reply(rid: int, tensor: WireTensor | None = None, **fields: Any) -> list[bytes]:
-    """Frames of a successful reply."""
-    header: dict[str, Any] = {"v": VERSION, "rid": rid, "ok": True, **fields}
-    if tensor is None:
-        return [json.dumps(header).encode()]
-    header["tensor"] = {"dtype": tensor.dtype, "shape": list(tensor.shape)}
-    return [json.dumps(header).encode(), bytes(tensor.data)]
+def encode_forward(rid: int, token: str, steps: list[Step]) -> list[bytes]:
+    """Frames of one forward message carrying ``steps`` (distinct sessions)."""
+    header = {"v": VERSION, "op": "forward", "rid": rid, "token": token, "items": [s.header() for s in steps]}
+    return [json.dumps(header).encode(), *(bytes(s.tensor.data) for s in steps)]
+
+
+def encode_reply(rid: int, **fields: Any) -> list[bytes]:
+    """Frames of a successful reply without tensors."""
+    return [json.dumps({"v": VERSION, "rid": rid, "ok": True, **fields}).encode()]
+
+
+def encode_forward_reply(rid: int, results: list[WireTensor | ProtocolError]) -> list[bytes]:
+    """Frames of a forward's reply: each step's output, or the error that failed it alone."""
+    items, data = [], []
+    for result in results:
+        if isinstance(result, WireTensor):
+            items.append({"ok": True, "tensor": {"dtype": result.dtype, "shape": list(result.shape)}})
+            data.append(bytes(result.data))
+        else:
+            items.append({"ok": False, "error": result.code, "message": str(result)})
+    return [json.dumps({"v": VERSION, "rid": rid, "ok": True, "items": items}).encode(), *data]
 
 
 def encode_error(rid: int, code: str, message: str) -> list[bytes]:
-    """Frames of an error reply."""
+    """Frames of an error reply (the whole message failed)."""
     return [json.dumps({"v": VERSION, "rid": rid, "ok": False, "error": code, "message": message}).encode()]
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A parsed reply: ``ok``, fields, optional tensor; ``error``/``message`` when not ok."""
+    """A parsed reply: ``ok``, fields; ``error``/``message`` when not ok; a forward's ``results``
+    (each step's output tensor, or ``(code, message)``)."""
 
     rid: int
     ok: bool
     fields: dict[str, Any]
-    tensor: WireTensor | None = None
+    results: tuple[WireTensor | tuple[str, str], ...] = ()
 
     @property
     def error(self) -> str:
@@ -170,11 +230,24 @@ class Reply:
 
 def decode_reply(frames: list[bytes]) -> Reply:
     """Parse a reply (raises :class:`ProtocolError` on a malformed one)."""
-    try:
-        header = json.loads(frames[0])
-    except (UnicodeDecodeError, json.JSONDecodeError, IndexError):
-        raise ProtocolError("reply: not UTF-8 JSON") from None
-    if not isinstance(header, dict) or header.get("v") != VERSION or not isinstance(header.get("rid"), int):
+    header = _header(frames, "reply")
+    if not isinstance(header.get("rid"), int):
         raise ProtocolError("reply: bad header")
-    tensor = _tensor(header["tensor"], frames) if "tensor" in header else None
-    return Reply(header["rid"], bool(header.get("ok")), header, tensor)
+    items = header.get("items", [])
+    if not isinstance(items, list):
+        raise ProtocolError("reply: items must be a list")
+    results: list[WireTensor | tuple[str, str]] = []
+    data = iter(frames[1:])
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError("reply: each item must be an object")
+        if item.get("ok"):
+            frame = next(data, None)
+            if frame is None:
+                raise ProtocolError("reply: an item's tensor frame is missing")
+            results.append(_tensor(item.get("tensor"), frame))
+        else:
+            results.append((str(item.get("error", "internal")), str(item.get("message", ""))))
+    if next(data, None) is not None:
+        raise ProtocolError("reply: more tensor frames than items")
+    return Reply(header["rid"], bool(header.get("ok")), header, tuple(results))

@@ -236,6 +236,8 @@ class ServerTable:
             for (r, client), info in zip(polled, answers, strict=True):
                 if r.is_out or r.client is not client:  # restarted meanwhile
                     continue
+                if info is not None:
+                    self.metrics.set_server_batches(r.name, info)
                 if info is None and r.is_alive:
                     on_dead(r.index, f"no heartbeat within {self.deadline_s:g} s")
                 elif info is not None and not r.is_alive and not was_alive[r.index]:

@@ -35,7 +35,9 @@ from chainserve.plan.plan_file import load_layout
 from chainserve.plan.recovery import arena_block_slots, replace_survivors
 from chainserve.plan.types import Layout, Plan, default_max_waiting
 from chainserve.runtime.api import create_app
+from chainserve.runtime.backends.devices import check_device, spread
 from chainserve.runtime.backends.factory import BACKENDS, make_head
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
@@ -77,6 +79,9 @@ class ServeConfig:
     planner: str = "best"  # proposed chains: "best" (chainserve.plan.best) or "greedy" (the paper's)
     adapt: AdaptConfig | None = None  # re-plan for the measured load (proposed method, local launcher)
     adapt_interval_s: float = 0.5  # how often the controller is asked besides after each arrival
+    device: str = "auto"  # torch: the orchestrator's head and every block server without its own
+    devices: dict[str, str] = field(default_factory=dict)  # torch: a block server's own device
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -89,6 +94,14 @@ class ServeConfig:
         for name, value in self.slowdown.items():
             if not value >= 1:
                 raise SpecError("slowdown", f"{name}: must be ≥ 1, got {value}")
+        try:
+            object.__setattr__(self, "device", check_device(self.device))
+            devices = {name: check_device(value, f"device {name}") for name, value in self.devices.items()}
+            object.__setattr__(self, "devices", devices)
+        except ValueError as exc:
+            raise SpecError("device", str(exc)) from None
+        if self.max_batch_tokens < 2:
+            raise SpecError("max_batch_tokens", f"must be at least 2, got {self.max_batch_tokens}")
         for name, value in self.delay_ms.items():
             if not value >= 0:
                 raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
@@ -134,6 +147,7 @@ class Service:
             ("slowdown", config.slowdown),
             ("delay_ms", config.delay_ms),
             ("servers", config.servers),
+            ("device", config.devices),
         ):
             unknown = sorted(set(values) - names)
             if unknown:
@@ -173,7 +187,7 @@ class Service:
 
     async def start(self) -> None:
         config, model = self.config, self.layout.problem.model
-        head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens)
+        head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens, config.device)
         if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
@@ -229,7 +243,18 @@ class Service:
                 index[name]: address if "://" in address else f"tcp://{address}"
                 for name, address in config.servers.items()
             }
-        common = BackendArgs(config.backend, config.model)
+        devices = config.devices
+        if config.backend == "torch" and config.launcher == "local":  # one GPU per block server here
+            import torch
+
+            devices = spread([s.name for s in self.specs], config.device, devices, torch.cuda.device_count())
+        common = BackendArgs(
+            config.backend,
+            config.model,
+            device=config.device,
+            devices=devices,
+            max_batch_tokens=config.max_batch_tokens,
+        )
         delays = {name: ms / 1000 for name, ms in config.delay_ms.items()}
         if config.launcher == "ray":
             from chainserve.runtime.launch.ray_launcher import RayLauncher

@@ -1,11 +1,12 @@
 """The two halves of a served model, as the runtime sees them (paper §4.2).
 
-* A :class:`SpanBackend` lives in a block server: it runs the server's span of blocks for one session
-  at a time and owns the KV memory, an arena of ``num_block_slots`` *block-slots* (one block-slot
-  holds one block's K and V of one session for ``max_tokens`` positions, i.e. s_c). A session that
-  enters the span at block b holds one block-slot for each of the blocks b..end, so a server's cache
-  is exactly the plan's reservation Σ_k c_k·m_ij(k) (chains) or its cache pool (PETALS, BPRR).
-  Admission (which block-slots a session gets) is the block server's job (:mod:`..kv_arena`).
+* A :class:`SpanBackend` lives in a block server: it runs the server's span of blocks on a batch of
+  sessions' steps (:class:`SpanStep`) and owns the KV memory, an arena of ``num_block_slots``
+  *block-slots* (one block-slot holds one block's K and V of one session for ``max_tokens``
+  positions, i.e. s_c). A session that enters the span at block b holds one block-slot for each of
+  the blocks b..end, so a server's cache is exactly the plan's reservation Σ_k c_k·m_ij(k) (chains)
+  or its cache pool (PETALS, BPRR). Admission (which block-slots a session gets) is the block
+  server's job (:mod:`..kv_arena`).
 * A :class:`ModelHead` lives in the orchestrator, the client of every chain (as PETALS' client is):
   tokenizer, chat template, embeddings, final norm + LM head.
 
@@ -52,6 +53,25 @@ class WireTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * WIRE_DTYPES[self.dtype]
 
+    def tokens(self, start: int, stop: int) -> WireTensor:
+        """Tokens ``start..stop−1`` of a [1, q, …] tensor (a slice of its bytes)."""
+        per_token = self.nbytes // self.shape[1]
+        return WireTensor(
+            self.dtype, (1, stop - start, *self.shape[2:]), self.data[start * per_token : stop * per_token]
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[WireTensor]) -> WireTensor:
+        """[1, q₁ + q₂ + …, …] from [1, qᵢ, …] parts of one dtype (the inverse of :meth:`tokens`).
+
+        >>> t = WireTensor("int32", (1, 3, 1), np.arange(3, dtype=np.int32).tobytes())
+        >>> WireTensor.concat([t.tokens(0, 2), t.tokens(2, 3)]) == t
+        True
+        """
+        first = parts[0]
+        shape = (1, sum(p.shape[1] for p in parts), *first.shape[2:])
+        return WireTensor(first.dtype, shape, b"".join(bytes(p.data) for p in parts))
+
 
 @dataclass(frozen=True, slots=True)
 class SpanInfo:
@@ -68,17 +88,45 @@ class SpanInfo:
         return self.first_block + self.num_blocks - 1
 
 
+@dataclass(frozen=True, slots=True)
+class SpanStep:
+    """One session's step through the span: ``hidden`` ([1, q, hidden_size]: q new tokens at
+    absolute positions ``position..position+q−1``) enters at ``first_block``; block ``first_block + i``
+    reads and writes the KV of block-slot ``slots[i]`` (positions ``< position`` were written by
+    earlier steps of the same session; later ones are overwritten)."""
+
+    hidden: WireTensor
+    first_block: int
+    slots: tuple[int, ...]
+    position: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1] if len(self.hidden.shape) >= 2 else 0
+
+    def chunks(self, size: int) -> list[SpanStep]:
+        """This step cut into steps of at most ``size`` tokens, in order (chunked prefill)."""
+        q = self.num_tokens
+        if q <= size:
+            return [self]
+        return [
+            SpanStep(self.hidden.tokens(a, min(a + size, q)), self.first_block, self.slots, self.position + a)
+            for a in range(0, q, size)
+        ]
+
+
 class SpanBackend(Protocol):
-    """Runs blocks of one server's span (see module docstring)."""
+    """Runs blocks of one server's span (see module docstring). ``batches``: the block server runs
+    one :meth:`forward` at a time over every step waiting (torch); otherwise each step is its own call
+    as it arrives (emulated: every session at its own full rate)."""
 
     info: SpanInfo
+    batches: bool
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
-        """Run blocks ``first_block..info.last_block`` on ``hidden`` ([1, q, hidden_size]: q new
-        tokens at absolute positions ``position..position+q−1``); block ``first_block + i`` reads and
-        writes the KV of block-slot ``slots[i]`` (positions ``< position`` were written by earlier
-        calls of the same session; later ones are overwritten). Returns the hidden states after the
-        last block, same dtype and shape. The caller guarantees ``position + q ≤ info.max_tokens``."""
+    async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | Exception]:
+        """Run each step (distinct sessions) through blocks ``step.first_block..info.last_block``:
+        the hidden states after the last block, same dtype and shape, or the exception that failed
+        that step alone. The caller guarantees ``position + q ≤ info.max_tokens``."""
         ...
 
     def close(self) -> None:
@@ -87,8 +135,10 @@ class SpanBackend(Protocol):
 
 
 class ModelHead(Protocol):
-    """Tokenizer, embeddings and LM head of the served model (orchestrator side)."""
+    """Tokenizer, embeddings and LM head of the served model (orchestrator side); ``in_thread``: its
+    :meth:`logits` is long enough to run in a worker thread."""
 
+    in_thread: bool
     model_id: str
     num_blocks: int
     max_tokens: int
@@ -107,6 +157,7 @@ class ModelHead(Protocol):
         """Hidden states entering block 1 for these tokens: [1, len(token_ids), hidden_size]."""
         ...
 
-    def logits(self, hidden: WireTensor) -> np.ndarray:
-        """Next-token logits (float32, [vocab]) from the last position of the last block's output."""
+    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
+        """Next-token logits (float32, [len(hiddens), vocab]) from the last position of each of the
+        last block's outputs, in one batch (the orchestrator calls it from a worker thread)."""
         ...

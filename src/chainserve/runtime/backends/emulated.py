@@ -15,12 +15,13 @@ deterministic. It never emits EOS, so a request runs to ``max_tokens`` (as l_out
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from chainserve.runtime.backends.base import SpanInfo, WireTensor
+from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.timing import SteadySleep
 
 WORDS = tuple(
@@ -41,15 +42,18 @@ VOCAB = (EOS_TOKEN, "<unk>", *CHAT_TOKENS, *WORDS)
 
 
 class EmulatedSpan:
-    """A span whose forward sleeps ``num_blocks × step_s_per_block`` and returns its input (the block
-    server applies slowdown and injected delays, the same for every backend).
+    """A span whose step sleeps ``num_blocks × step_s_per_block`` and returns its input (the block
+    server applies slowdown and injected delays, the same for every backend). It does not batch: each
+    step sleeps on its own, so every session runs at the full rate the plan assumes.
 
     >>> import asyncio
     >>> span = EmulatedSpan(SpanInfo(1, 4, 8, 64), step_s_per_block=0.0)
     >>> x = WireTensor("int32", (1, 2, 1), np.array([5, 6], dtype=np.int32).tobytes())
-    >>> asyncio.run(span.forward(x, 2, [0, 1, 2], 0)) == x
+    >>> asyncio.run(span.forward([SpanStep(x, 2, (0, 1, 2), 0)])) == [x]
     True
     """
+
+    batches = False
 
     def __init__(self, info: SpanInfo, step_s_per_block: float):
         if not step_s_per_block >= 0:
@@ -58,12 +62,17 @@ class EmulatedSpan:
         self.step_s_per_block = step_s_per_block
         self.sleep = SteadySleep()
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
-        num_blocks = self.info.last_block - first_block + 1
+    async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | Exception]:
+        if len(steps) == 1:
+            return [await self._step(steps[0])]
+        return list(await asyncio.gather(*(self._step(s) for s in steps), return_exceptions=True))
+
+    async def _step(self, step: SpanStep) -> WireTensor | ValueError:
+        hidden, num_blocks = step.hidden, self.info.last_block - step.first_block + 1
         if hidden.dtype != "int32" or len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != 1:
-            raise ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
-        if len(slots) != num_blocks:
-            raise ValueError(f"slots: {len(slots)} for {num_blocks} blocks")
+            return ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
+        if len(step.slots) != num_blocks:
+            return ValueError(f"slots: {len(step.slots)} for {num_blocks} blocks")
         await self.sleep(num_blocks * self.step_s_per_block)
         return hidden
 
@@ -79,6 +88,8 @@ class EmulatedHead:
     >>> head.decode(ids), head.model_id
     ('the chain <unk> <unk> job', 'emulated/llama-2-7b')
     """
+
+    in_thread = False  # a table lookup: cheaper than a thread hop
 
     def __init__(self, model_name: str, num_blocks: int, max_tokens: int):
         self.model_id = f"emulated/{model_name}"
@@ -112,8 +123,8 @@ class EmulatedHead:
             out.append(int(np.argmax(self.table[(ids + out)[-1]])))
         return self.decode(out)
 
-    def logits(self, hidden: WireTensor) -> np.ndarray:
-        last = int(np.frombuffer(hidden.data, dtype=np.int32)[-1])
-        if not 0 <= last < len(VOCAB):
-            raise ValueError(f"hidden: token id {last} outside the emulated vocabulary")
-        return self.table[last].copy()
+    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
+        last = np.array([np.frombuffer(h.data, dtype=np.int32)[-1] for h in hiddens])
+        if not np.all((0 <= last) & (last < len(VOCAB))):
+            raise ValueError(f"hidden: a token id of {last.tolist()} is outside the emulated vocabulary")
+        return self.table[last]

@@ -7,8 +7,11 @@ from chainserve.runtime.backends.base import ModelHead, SpanBackend, SpanInfo
 BACKENDS = ("torch", "emulated")
 
 
-def make_span(backend: str, info: SpanInfo, model: str | None, step_s_per_block: float) -> tuple[SpanBackend, str]:
-    """The span backend of a block server and the served model's id."""
+def make_span(
+    backend: str, info: SpanInfo, model: str | None, step_s_per_block: float, device: str = "auto"
+) -> tuple[SpanBackend, str]:
+    """The span backend of a block server and the served model's id; ``device``: where torch computes
+    (:mod:`.devices`; the emulated backend has none)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedSpan
 
@@ -16,19 +19,22 @@ def make_span(backend: str, info: SpanInfo, model: str | None, step_s_per_block:
     if backend == "torch":
         import torch
 
+        from chainserve.runtime.backends.devices import default_dtype, resolve_device
         from chainserve.runtime.backends.torch_backend import TorchSpan
         from chainserve.runtime.models import resolve_model
 
         torch.set_num_threads(1)  # several server processes share the machine's cores
         if model is None:
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
-        path = resolve_model(model)
-        return TorchSpan(path, info), path.name
+        path, where = resolve_model(model), resolve_device(device)
+        return TorchSpan(path, info, default_dtype(where), where), path.name
     raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
 
-def make_head(backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int) -> ModelHead:
-    """The orchestrator's tokenizer and LM head for ``backend``."""
+def make_head(
+    backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int, device: str = "auto"
+) -> ModelHead:
+    """The orchestrator's tokenizer and LM head for ``backend`` (torch: on ``device``)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedHead
 
@@ -36,13 +42,15 @@ def make_head(backend: str, model: str | None, model_name: str, num_blocks: int,
     if backend == "torch":
         import torch
 
+        from chainserve.runtime.backends.devices import default_dtype, resolve_device
         from chainserve.runtime.backends.torch_backend import TorchHead
         from chainserve.runtime.models import resolve_model
 
         torch.set_num_threads(1)
         if model is None:
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
-        head = TorchHead(resolve_model(model), max_tokens=max_tokens)
+        where = resolve_device(device)
+        head = TorchHead(resolve_model(model), default_dtype(where), max_tokens, where)
         if head.num_blocks != num_blocks:
             raise ValueError(f"model: {model} has {head.num_blocks} blocks but the cluster's model has {num_blocks}")
         return head

