@@ -380,10 +380,14 @@ class Orchestrator:
         return data
 
     def status(self) -> dict[str, Any]:
+        """``healthy``: every block server answers; ``serving``: a complete chain (a covering path,
+        for PETALS / WS-RR) of live servers can take a job now — what ``/health`` reports."""
         names = {r.index: r.name for r in self.servers}
-        changes = self.changer.changes
+        changes, state = self.changer.changes, self.dispatcher.state
         return {
             "healthy": all(r.is_alive for r in self.servers),
+            "serving": any(state.alive) if state else self.servers.cover(self.layout.problem.model.num_blocks),
+            "dead": [r.name for r in self.servers if not r.is_alive],
             "model": self.model_id,
             "method": self.method,
             "num_running": self.num_running,

@@ -42,6 +42,7 @@ from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
+from chainserve.runtime.models import torch_model_for
 from chainserve.runtime.orchestrator import Orchestrator
 
 log = logging.getLogger("chainserve.service")
@@ -141,6 +142,7 @@ class Service:
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
+        self.model = torch_model_for(model.name, config.model) if config.backend == "torch" else config.model
         self.specs = self._specs(self.layout)
         names = {spec.name for spec in self.specs}
         for option, values in (
@@ -187,7 +189,7 @@ class Service:
 
     async def start(self) -> None:
         config, model = self.config, self.layout.problem.model
-        head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens, config.device)
+        head = make_head(config.backend, self.model, model.name, model.num_blocks, self.max_tokens, config.device)
         if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
@@ -250,7 +252,7 @@ class Service:
             devices = spread([s.name for s in self.specs], config.device, devices, torch.cuda.device_count())
         common = BackendArgs(
             config.backend,
-            config.model,
+            self.model,
             device=config.device,
             devices=devices,
             max_batch_tokens=config.max_batch_tokens,
