@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, server_infos, serving
+from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, by_hand_cluster, server_infos, serving
 
 from chainserve.measure.bench import BenchRequest, RequestResult, run_bench
 from chainserve.runtime.backends.emulated import EmulatedHead
@@ -222,23 +222,10 @@ def test_health_is_degraded_while_a_chain_serves_and_unavailable_once_block_1_is
     """Servers started by hand (nothing restarts them): with s0 killed the chains through s3 still
     serve, so ``/health`` is 200 ``degraded`` while requests complete; with s3 killed too no live
     server holds block 1, nothing can be placed anew, and ``/health`` is 503."""
-    import subprocess
-    import sys
-
-    plan_file = tmp_path / "plan.json"
-    plan = subprocess.run(
-        [sys.executable, "-m", "chainserve", "plan", str(EMULATED_6), "--planner", "greedy", "--json"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    plan_file.write_text(plan)
-    first = {s["name"] for s in json.loads(plan)["servers"] if s.get("start_block") == 1}
+    plan_file, procs, endpoints = by_hand_cluster(tmp_path, "health-token")
+    first = {s["name"] for s in json.loads(Path(plan_file).read_text())["servers"] if s.get("start_block") == 1}
     assert first == {"s0", "s3"}
-    (tmp_path / "token").write_text("health-token")
-    procs, endpoints = {}, {}
     try:
-        for s in json.loads(plan)["servers"]:
-            if s.get("start_block") is not None:  # placed
-                procs[s["name"]], endpoints[s["name"]] = block_server_by_hand(plan_file, s["name"], tmp_path / "token")
         by_hand = ("--plan", str(plan_file), "--servers", ",".join(f"{n}={e}" for n, e in endpoints.items()))
         with serving(*by_hand, "--heartbeat-deadline-s", "1", tmp_path=tmp_path, token="health-token") as served:
             assert httpx.get(served.url + "/health").json() == {"status": "ok"}

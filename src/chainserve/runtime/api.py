@@ -390,7 +390,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestFailed)
     async def request_failed(_: Request, e: RequestFailed) -> JSONResponse:
         code = "timeout" if e.status == 504 else "unavailable"
-        return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None  # clients retry (the openai client does)
+        return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
