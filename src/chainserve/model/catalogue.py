@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chainserve.model.spec import ModelSpec, SpecError
+from chainserve.model.step_cost import StepCost
 
 GB = 1e9
 
@@ -152,3 +153,16 @@ def tau_p_s(gpu: GpuProfile, arch: ModelArch, block_size_gb: float, prompt_token
 def tau_c_s(rtt_s: float, round_trips: int, overhead_s: float = HOP_OVERHEAD_S) -> float:
     """τ^c_j = (RTT + per-hop overhead) × round trips of one job (one per generated token)."""
     return (rtt_s + overhead_s) * round_trips
+
+
+def roofline_step_cost(gpu: GpuProfile, block_size_gb: float, flops_per_token_per_block: float) -> StepCost:
+    """The roofline step cost of a block on ``gpu`` (issue 18): every weight read once per iteration
+    (α = α' = t_o + s_m / memory bandwidth), each token computed at peak (β = β' = F / peak FLOP/s).
+
+    >>> cost = roofline_step_cost(gpu_profile("a100-80gb"), 0.4, 0.8e9)
+    >>> round(cost.alpha_s * 1e3, 3), round(cost.beta_s * 1e6, 3)   # ms, µs
+    (1.196, 2.564)
+    """
+    alpha = BLOCK_OVERHEAD_S + block_size_gb / gpu.bandwidth_gb_per_s
+    beta = flops_per_token_per_block / (gpu.peak_tflops * 1e12)
+    return StepCost(alpha, beta, alpha, beta)

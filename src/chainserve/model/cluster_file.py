@@ -29,7 +29,15 @@ not hold ÷ this bandwidth (:mod:`chainserve.adapt.cost`).
 - ``tau_p_s`` or ``tau_p_ms`` τ^p_j: default :func:`catalogue.tau_p_s` for the gpu and model with
   the workload's token lengths;
 - ``tau_c_s`` or ``tau_c_ms`` τ^c_j: default ``(RTT + 18 ms) × output_tokens`` from
-  ``rtt_ms`` / ``rtt_s`` (one number, or a list with one RTT per server of the entry).
+  ``rtt_ms`` / ``rtt_s`` (one number, or a list with one RTT per server of the entry);
+- ``step_cost`` (optional, issue 18): what a batched iteration costs per block
+  (:mod:`chainserve.model.step_cost`): ``{alpha_ms, beta_ms, prefill_alpha_ms, prefill_beta_ms, r2}``
+  (``_s`` or ``_ms``; prefill ones default to the decode ones; ``r2`` a fit's, informational), or
+  ``roofline`` for a gpu and a catalogue model. Without ``tau_p``, τ^p_j is then one job's time at
+  batch 1. Absent: the paper's model, every session at speed τ^p_j however many run.
+
+``head_cost`` (optional, top level): the orchestrator's batched iteration (embedding, LM head,
+sampling) per job stepped together, ``{alpha_ms, beta_ms}``; absent: free.
 
 **Raw format** (seconds and GB, as solvers exchange instances)::
 
@@ -60,9 +68,24 @@ import yaml
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
 from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
+from chainserve.model.step_cost import StepCost
 
 WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
-SERVER_KEYS = ("name", "gpu", "count", "memory_gb", "tau_p_s", "tau_p_ms", "tau_c_s", "tau_c_ms", "rtt_ms", "rtt_s")
+SERVER_KEYS = (
+    "name",
+    "gpu",
+    "count",
+    "memory_gb",
+    "tau_p_s",
+    "tau_p_ms",
+    "tau_c_s",
+    "tau_c_ms",
+    "rtt_ms",
+    "rtt_s",
+    "step_cost",
+)
+STEP_COST_STEMS = ("alpha", "beta", "prefill_alpha", "prefill_beta")
+HEAD_COST_STEMS = ("alpha", "beta")
 RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb", "max_tokens")
 RAW_KEYS = (
     "name",
@@ -130,7 +153,17 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
     _check_keys(
         data,
         "",
-        ("name", "model", "dtype", "max_tokens", "workload", "servers", "bprr_sessions", "load_bandwidth_gb_per_s"),
+        (
+            "name",
+            "model",
+            "dtype",
+            "max_tokens",
+            "workload",
+            "servers",
+            "bprr_sessions",
+            "load_bandwidth_gb_per_s",
+            "head_cost",
+        ),
         required=("model", "workload", "servers"),
     )
     workload = _workload(_mapping(data["workload"], "workload"), "workload")
@@ -151,6 +184,7 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
         _string(data.get("name", default_name), "name"),
         bprr_sessions=_bprr_sessions(data),
         load_bandwidth_gb_per_s=_load_bandwidth(data),
+        head_cost=_step_cost(data["head_cost"], "head_cost", HEAD_COST_STEMS) if "head_cost" in data else None,
     )
 
 
@@ -164,6 +198,7 @@ def replica_servers(
     rtts_s: Sequence[float] | None = None,
     tau_c_s: float | None = None,
     gpu: str | None = None,
+    step: StepCost | None = None,
 ) -> tuple[Server, ...]:
     """``count`` identical servers ``name-1 … name-count`` (``name`` alone when count is 1).
 
@@ -187,6 +222,7 @@ def replica_servers(
             catalogue.tau_c_s(rtt, round_trips) if tau_c_s is None else tau_c_s,
             gpu=gpu,
             rtt_s=rtt,
+            step=step,
         )
         for n, rtt in zip(names, rtts, strict=True)
     )
@@ -279,7 +315,14 @@ def _entry_servers(
         memory_gb = profile.memory_gb
     else:
         raise SpecError(f"{path}.memory_gb", "required when no gpu is given")
+    step = None
+    if "step_cost" in entry:
+        step = _server_step_cost(entry["step_cost"], f"{path}.step_cost", profile, model)
     tau_p = _seconds(entry, "tau_p", path)
+    if tau_p is None and step is not None and (profile is None or arch is None):
+        tau_p = step.job_s(workload.prompt_tokens, workload.output_tokens)
+        with _at(field=f"{path}.tau_p_s"):
+            limits.check_range("tau_p_s", tau_p, limits.TIME_S, "s (one job at batch 1 from step_cost)")
     if tau_p is None:
         if profile is None or arch is None:
             raise SpecError(f"{path}.tau_p_s", "required unless both a gpu and a catalogue model are given")
@@ -308,7 +351,35 @@ def _entry_servers(
         tau_c_s=tau_c,
         round_trips=workload.output_tokens,
         gpu=profile.name if profile else None,
+        step=step,
     )
+
+
+def _server_step_cost(raw: Any, path: str, profile: GpuProfile | None, model: ModelSpec) -> StepCost:
+    """A server's ``step_cost``: ``roofline`` (gpu and catalogue model) or the coefficients."""
+    if raw != "roofline":
+        return _step_cost(raw, path, STEP_COST_STEMS)
+    if profile is None or model.flops_per_token_per_block is None:
+        raise SpecError(path, "roofline needs a gpu and a catalogue model (its FLOPs per token)")
+    return catalogue.roofline_step_cost(profile, model.block_size_gb, model.flops_per_token_per_block)
+
+
+def _step_cost(raw: Any, path: str, stems: Sequence[str]) -> StepCost:
+    """Coefficients ``<stem>_s`` / ``<stem>_ms`` (prefill ones default to the decode ones) and ``r2``."""
+    if isinstance(raw, str):
+        raise SpecError(path, f"expected a mapping of {', '.join(f'{s}_ms' for s in stems)} or 'roofline', got {raw!r}")
+    entry = _mapping(raw, path)
+    _check_keys(entry, path, [f"{stem}{unit}" for stem in stems for unit in ("_s", "_ms")] + ["r2"])
+    alpha, beta = (_seconds(entry, stem, path, allow_zero=True) for stem in ("alpha", "beta"))
+    if alpha is None or beta is None:
+        raise SpecError(f"{path}.alpha_ms", "alpha and beta are required (alpha_ms, beta_ms or their _s)")
+    prefill = [_seconds(entry, stem, path, allow_zero=True) for stem in ("prefill_alpha", "prefill_beta")]
+    r2 = _number(entry, "r2", path, ((1e-9, 1.0), ""), allow_zero=True) if "r2" in entry else None
+    try:
+        return StepCost(alpha, beta, alpha if prefill[0] is None else prefill[0],
+                        beta if prefill[1] is None else prefill[1], r2)  # fmt: skip
+    except ValueError as exc:
+        raise SpecError(path, str(exc)) from None
 
 
 def _rtts(entry: Mapping[str, Any], path: str, count: int) -> list[float] | None:

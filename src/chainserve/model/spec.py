@@ -6,8 +6,11 @@ Sizes are in GB (10^9 bytes), times in seconds. Constructors only validate; they
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from chainserve.model.step_cost import StepCost
 
 #: Default weight-loading bandwidth (GB/s): a local NVMe SSD read into GPU memory.
 DEFAULT_LOAD_BANDWIDTH_GB_PER_S = 2.0
@@ -40,6 +43,8 @@ class Server:
     ``tau_c_s``: τ^c_j, mean communication time of one job to and from this server.
     ``gpu``: catalogue profile name when the server was described by one (else ``None``).
     ``rtt_s``: network round-trip time to the server when known (used by PETALS-style routing).
+    ``step``: what a batched iteration costs here (:mod:`.step_cost`, issue 18); ``None``: the
+    paper's model, every session at the speed τ^p_j however many run.
     """
 
     name: str
@@ -48,6 +53,7 @@ class Server:
     tau_c_s: float
     gpu: str | None = None
     rtt_s: float | None = None
+    step: StepCost | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -114,6 +120,8 @@ class Problem:
     ``bprr_sessions``: R for the BPRR baseline when fixed by the cluster file (``None``: its rule).
     ``load_bandwidth_gb_per_s``: how fast a server loads block weights when a re-placement changes
     its span (GB/s; :mod:`chainserve.adapt.cost`).
+    ``head_cost``: the orchestrator's batched iteration (embedding, LM head, sampling) for every job
+    whose step came back together, as a one-block :class:`StepCost` (``None``: free; issue 18).
     """
 
     servers: tuple[Server, ...]
@@ -123,6 +131,7 @@ class Problem:
     notes: tuple[str, ...] = field(default=())
     bprr_sessions: int | None = None
     load_bandwidth_gb_per_s: float = DEFAULT_LOAD_BANDWIDTH_GB_PER_S
+    head_cost: StepCost | None = None
 
     def __post_init__(self) -> None:
         _positive("load_bandwidth_gb_per_s", self.load_bandwidth_gb_per_s)
@@ -136,6 +145,11 @@ class Problem:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise SpecError("servers", f"server names must be unique, {dup!r} repeats")
+
+    @property
+    def batch_aware(self) -> bool:
+        """Whether any server carries a step cost (issue 18's load-dependent service)."""
+        return any(s.step is not None for s in self.servers)
 
     @property
     def num_servers(self) -> int:
@@ -155,12 +169,4 @@ class Problem:
             "output_tokens": w.output_tokens,
         }
         fields.update(changes)
-        return Problem(
-            self.servers,
-            self.model,
-            Workload(**fields),
-            self.name,
-            self.notes,
-            self.bprr_sessions,
-            self.load_bandwidth_gb_per_s,
-        )
+        return dataclasses.replace(self, workload=Workload(**fields))

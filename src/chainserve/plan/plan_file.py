@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
+from chainserve.model.step_cost import StepCost
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.export import plan_to_dict
@@ -58,8 +59,14 @@ def layout_to_dict(layout: Layout) -> dict[str, Any]:
         "servers": [dataclasses.asdict(s) for s in problem.servers],
         "model": dataclasses.asdict(problem.model),
         "workload": dataclasses.asdict(problem.workload),
+        "head_cost": None if problem.head_cost is None else dataclasses.asdict(problem.head_cost),
     }
     return data
+
+
+def _server(raw: dict[str, Any]) -> Server:
+    step = raw.get("step")
+    return Server(**{**raw, "step": None if step is None else StepCost(**step)})
 
 
 def layout_from_dict(data: Any) -> Plan | PathPlacement:
@@ -67,11 +74,12 @@ def layout_from_dict(data: Any) -> Plan | PathPlacement:
     try:
         raw = data["problem"]
         problem = Problem(
-            tuple(Server(**s) for s in raw["servers"]),
+            tuple(_server(s) for s in raw["servers"]),
             ModelSpec(**raw["model"]),
             Workload(**raw["workload"]),
             raw.get("name", "cluster"),
             tuple(raw.get("notes", ())),
+            head_cost=None if raw.get("head_cost") is None else StepCost(**raw["head_cost"]),
         )
         index = {s.name: j for j, s in enumerate(problem.servers)}
         spans = tuple(Span(index[s["name"]], int(s["start_block"]), int(s["num_blocks"])) for s in data["servers"])

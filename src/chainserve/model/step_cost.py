@@ -1,0 +1,97 @@
+"""What one batched iteration costs on a server (issue 18, beyond the paper's fixed τ^p of §1).
+
+Once a block server batches its sessions (iteration-level batching), a step's time depends on what
+runs beside it. Per block the server passes, a decode iteration of ``b`` sessions costs
+``alpha_s + beta_s·b`` and a prefill chunk of ``q`` tokens ``prefill_alpha_s + prefill_beta_s·q``; an
+iteration that mixes them pays the larger fixed part once and every item's variable part:
+
+    iteration(m; b decodes, q prefill tokens) = m · (max(α·[b>0], α'·[q>0]) + β·b + β'·q)
+
+A lone prompt of one token counts as a decode. For a catalogue GPU the roofline default
+(:func:`chainserve.model.catalogue.roofline_step_cost`) reads every weight once per iteration and
+computes each token at peak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """Per-block iteration cost coefficients of one server, in seconds (module docstring);
+    ``r2``: the fit's coefficient of determination when measured (``None``: given or derived)."""
+
+    alpha_s: float
+    beta_s: float
+    prefill_alpha_s: float
+    prefill_beta_s: float
+    r2: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_s", "beta_s", "prefill_alpha_s", "prefill_beta_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
+        if self.alpha_s + self.beta_s <= 0:
+            raise ValueError("alpha_s + beta_s: a decode step must cost some time")
+
+    def iteration_s(self, items: Iterable[tuple[int, int]]) -> float:
+        """One iteration of ``items`` = (blocks m_i, tokens q_i) pairs (q_i = 1: a decode): the
+        blocks any item passes pay the fixed part, each item its own variable part.
+
+        >>> cost = StepCost(0.010, 0.002, 0.012, 0.0005)
+        >>> round(cost.iteration_s([(2, 1), (2, 1)]), 6)          # 2·(10 + 2·2) ms
+        0.028
+        >>> round(cost.iteration_s([(2, 1), (1, 100)]), 6)        # 2·12 + 2·2 + 1·50 ms
+        0.078
+        """
+        blocks = decode = prefill = 0.0
+        has_decode = has_prefill = False
+        for m, q in items:
+            blocks = max(blocks, m)
+            if q <= 1:
+                has_decode, decode = True, decode + m * self.beta_s
+            else:
+                has_prefill, prefill = True, prefill + m * q * self.prefill_beta_s
+        fixed = max(self.alpha_s if has_decode else 0.0, self.prefill_alpha_s if has_prefill else 0.0)
+        return blocks * fixed + decode + prefill
+
+    def decode_s(self, batch: int) -> float:
+        """One block's decode iteration of ``batch`` sessions."""
+        return self.alpha_s + self.beta_s * batch
+
+    def prefill_s(self, tokens: int) -> float:
+        """One block's prefill of ``tokens`` prompt tokens alone."""
+        return self.prefill_alpha_s + self.prefill_beta_s * tokens if tokens > 1 else self.decode_s(1)
+
+    def job_s(self, prompt_tokens: float, output_tokens: float, batch: float = 1.0) -> float:
+        """One job's time through one block when ``batch`` sessions share every iteration: its
+        prefill, l_out − 1 decode iterations of the whole batch, and the prefills of the batch − 1
+        others that land beside it (each session is replaced once per job time, so a job overlaps
+        about batch − 1 of them). At batch 1 this is τ^p_j of the paper's model.
+
+        >>> StepCost(0.010, 0.002, 0.010, 0.001).job_s(100, 5)       # 110 + 4·12 ms
+        0.158
+        >>> round(StepCost(0.010, 0.002, 0.010, 0.001).job_s(100, 5, batch=3), 6)  # + 4·4 + 2·100 ms
+        0.374
+        """
+        decodes = max(output_tokens - 1, 0.0)
+        return (
+            self.prefill_s(round(prompt_tokens))
+            + decodes * self.decode_s(batch)
+            + (batch - 1) * self.prefill_beta_s * prompt_tokens
+        )
+
+    def scaled(self, factor: float) -> StepCost:
+        """Every coefficient × ``factor`` (a time scale for experiments)."""
+        return StepCost(
+            self.alpha_s * factor,
+            self.beta_s * factor,
+            self.prefill_alpha_s * factor,
+            self.prefill_beta_s * factor,
+            self.r2,
+        )
+
