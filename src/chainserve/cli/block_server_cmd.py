@@ -15,6 +15,7 @@ import typer
 
 from chainserve.cli.common import user_errors
 from chainserve.model.spec import SpecError
+from chainserve.model.step_cost import StepCost
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
@@ -51,6 +52,14 @@ def block_server(
     step_ms_per_block: Annotated[
         float | None, typer.Option(help="emulated: compute per block per step in ms (default from --plan: τ^p/l_out).")
     ] = None,
+    step_cost_ms: Annotated[
+        str | None,
+        typer.Option(
+            metavar="A,B,PA,PB",
+            help="emulated: batch the sessions and sleep an iteration's cost per block, α + β·b for b decodes "
+            "and α' + β'·q per prefill chunk of q tokens, in ms (default from --plan: the server's step_cost).",
+        ),
+    ] = None,
     device: Annotated[
         str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="torch backend: where to compute (auto: CUDA if any).")
     ] = "auto",
@@ -84,6 +93,7 @@ def block_server(
     setup_logging(log_level)
     with user_errors():
         step_s, delay_s = (step_ms_per_block or 0.0) / 1000, (delay_ms or 0.0) / 1000
+        step_cost = None if step_cost_ms is None else _step_cost(step_cost_ms)
         if plan is not None:
             from chainserve.plan.plan_file import load_layout
             from chainserve.runtime.layout import server_specs
@@ -96,12 +106,20 @@ def block_server(
             if backend == "emulated":
                 step_s = spec.step_s_per_block if step_ms_per_block is None else step_s
                 delay_s = spec.delay_s if delay_ms is None else delay_s
+                step_cost = spec.step_cost if step_cost_ms is None else step_cost
         else:
             if None in (first_block, num_blocks, block_slots):
                 raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
             info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
         secret = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
         knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
-        span, model_id = make_span(backend, info, model, step_s, device)
+        span, model_id = make_span(backend, info, model, step_s, device, step_cost)
     server = BlockServer(server_id, span, knobs, backend, model_id)
     asyncio.run(serve_forever(server, host, port, exit_with_parent))
+
+
+def _step_cost(text: str) -> StepCost:
+    try:
+        return StepCost.from_ms_text(text)
+    except ValueError as exc:
+        raise SpecError("step-cost-ms", str(exc)) from None

@@ -29,6 +29,7 @@ from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.best import best_plan
 from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
+from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Plan, SearchReport
 from chainserve.progress import progress_bar, spinner
@@ -196,14 +197,20 @@ def _print_plan(result: Plan, out: Console) -> None:
             str(jobs[span.server]),
         )
     chains = Table(title=f"Chains (fastest first, {len(result.chains)})", title_justify="left")
-    for header in ("k", "servers", "blocks per hop", "T_k s", "μ_k /s", "c_k"):
+    loaded = result.estimate_s is not None  # step costs: T_k at batch 1 and at full load (issue 18)
+    headers = ("k", "servers", "blocks per hop", "T_k s", *(("T_k s, batch 1", "T_k s, full load") if loaded else ()))
+    for header in (*headers, "μ_k /s", "c_k"):
         chains.add_column(header, justify="left" if header in ("servers", "blocks per hop") else "right")
+    one, full = (
+        (batch_one_times_s(problem, result.chains), full_load_times_s(problem, result.chains)) if loaded else ((), ())
+    )
     for k, ch in enumerate(result.chains, start=1):
         chains.add_row(
             str(k),
             " → ".join(names[h.server] for h in ch.hops),
             " + ".join(str(h.num_blocks) for h in ch.hops),
             fmt_s(ch.service_time_s),
+            *((fmt_s(one[k - 1]), fmt_s(full[k - 1])) if loaded else ()),
             f"{ch.rate_per_s:.4f}",
             str(ch.capacity),
         )
@@ -219,9 +226,12 @@ def _print_plan(result: Plan, out: Console) -> None:
 LEGEND = """\
 Key: m_j = blocks server j hosts; cache GB = KV cache reserved on it for the jobs of its chains; jobs = Σ c_k over
 the chains through it. T_k = mean service time of chain k (its servers' τ^c + τ^p × blocks); μ_k = 1/T_k; c_k = jobs
-chain k runs at once. c is GBP-CR's reservation while placing (cache for c jobs on every block); GCA then gives
-each chain all the capacity the remaining memory allows, so c_k can exceed c. ν = Σ c_k μ_k is the total service
-rate, ρ = λ/ν the load, ρ̄ the design load. E[T] bounds: Sun, He, Hou (2026), Theorem 4, under JFFC dispatch."""
+chain k runs at once. With step costs (issue 18), T_k at batch 1 adds the head's time to one job alone and T_k at
+full load has every c_k of the plan in service (batched iterations, others' prefills beside each step); the
+bounds then use batch-1 speeds (lower) and full-load speeds (upper). c is GBP-CR's reservation while placing (cache
+for c jobs on every block); GCA then gives each chain all the capacity the remaining memory allows, so c_k can
+exceed c. ν = Σ c_k μ_k is the total service rate, ρ = λ/ν the load, ρ̄ the design load. E[T] bounds: Sun, He,
+Hou (2026), Theorem 4, under JFFC dispatch."""
 
 
 def _idle_servers(result: Plan, unplaced: list[int]) -> str:
@@ -297,9 +307,12 @@ def _summary(result: Plan) -> Table:
             (
                 "mean response",
                 f"{fmt_s(result.bounds.lower_s)} s ≤ E[T] ≤ {fmt_s(result.bounds.upper_s)} s "
-                "(JFFC, Poisson arrivals; Theorem-4 bounds)",
+                "(JFFC, Poisson arrivals; Theorem-4 bounds"
+                + (", batch-1 / full-load speeds)" if result.estimate_s is not None else ")"),
             )
         )
+        if result.estimate_s is not None:
+            rows.append(("batch-aware", f"E[T] ≈ {fmt_s(result.estimate_s)} s at the load's concurrency (the score)"))
     else:
         rows.append(("mean response", "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"))
     if result.search is not None:

@@ -319,7 +319,7 @@ def _entry_servers(
     if "step_cost" in entry:
         step = _server_step_cost(entry["step_cost"], f"{path}.step_cost", profile, model)
     tau_p = _seconds(entry, "tau_p", path)
-    if tau_p is None and step is not None and (profile is None or arch is None):
+    if tau_p is None and step is not None:
         tau_p = step.job_s(workload.prompt_tokens, workload.output_tokens)
         with _at(field=f"{path}.tau_p_s"):
             limits.check_range("tau_p_s", tau_p, limits.TIME_S, "s (one job at batch 1 from step_cost)")

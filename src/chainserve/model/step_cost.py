@@ -18,6 +18,10 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+#: Tokens one block-server iteration computes at most (a decode counts one); prompts go in chunks of
+#: half (the runtime's continuous batching, issue 17, and the batched simulator's).
+MAX_BATCH_TOKENS = 512
+
 
 @dataclass(frozen=True, slots=True)
 class StepCost:
@@ -85,6 +89,25 @@ class StepCost:
             + (batch - 1) * self.prefill_beta_s * prompt_tokens
         )
 
+    def ms_text(self) -> str:
+        """``α,β,α',β'`` in milliseconds (the block server's ``--step-cost-ms``)."""
+        return ",".join(repr(x * 1000) for x in (self.alpha_s, self.beta_s, self.prefill_alpha_s, self.prefill_beta_s))
+
+    @classmethod
+    def from_ms_text(cls, text: str) -> StepCost:
+        """The inverse of :meth:`ms_text`.
+
+        >>> StepCost.from_ms_text(StepCost(0.01, 0.002, 0.012, 0.0005).ms_text())
+        StepCost(alpha_s=0.01, beta_s=0.002, prefill_alpha_s=0.012, prefill_beta_s=0.0005, r2=None)
+        """
+        try:
+            values = [float(x) / 1000 for x in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise ValueError(f"step cost: expected 4 comma-separated numbers in ms (α,β,α',β'), got {text!r}")
+        return cls(*values)
+
     def scaled(self, factor: float) -> StepCost:
         """Every coefficient × ``factor`` (a time scale for experiments)."""
         return StepCost(
@@ -94,4 +117,3 @@ class StepCost:
             self.prefill_beta_s * factor,
             self.r2,
         )
-

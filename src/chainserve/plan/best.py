@@ -83,7 +83,7 @@ def best_plan(
         return evaluated[placement]
 
     searched = candidate_plans(problem, stop=budget.expired)
-    by_c = sorted((plan for _, plan in searched), key=lambda p: (p.bounds.lower_s, p.c))
+    by_c = sorted((plan for _, plan in searched), key=lambda p: (p.score_s, p.c))
     greedy = by_c[0] if by_c else None  # = search_c(problem): least lower bound, then least c
     best = greedy
     pool: list[Plan] = list(by_c)

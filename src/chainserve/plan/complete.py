@@ -29,8 +29,9 @@ Path = tuple[Hop, ...]
 
 
 def score(plan: Plan) -> tuple[float, float]:
-    """(lower, upper) Theorem-4 bounds: the best planner's objective, ties broken by the upper bound."""
-    return plan.bounds.lower_s, plan.bounds.upper_s
+    """(score, upper): the lower bound (the batch-aware estimate with step costs, :attr:`Plan.score_s`),
+    the best planner's objective, ties broken by the upper bound."""
+    return plan.score_s, plan.bounds.upper_s
 
 
 def is_better(candidate: Plan, incumbent: Plan | None) -> bool:

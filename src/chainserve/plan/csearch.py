@@ -10,6 +10,7 @@ from chainserve.analysis.bounds import response_time_bounds
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.gbp_cr import GbpCrResult, blocks_with_reservation, gbp_cr
 from chainserve.plan.gca import gca
+from chainserve.plan.loaded import estimated_response_s, loaded_bounds
 from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_that_fit
 
 Objective = Literal["lower", "surrogate"]
@@ -18,12 +19,30 @@ Objective = Literal["lower", "surrogate"]
 def make_plan(
     problem: Problem, placement: Placement, chains: tuple[Chain, ...], c: int | None, method: str = "proposed"
 ) -> Plan:
-    """A plan with chains sorted fastest first and its §2.5 bounds."""
+    """A plan with chains sorted fastest first and its §2.5 bounds (batch-aware ones and the
+    load-dependent estimate when the problem has step costs: :mod:`.loaded`)."""
     chains = tuple(sorted(chains, key=lambda ch: ch.service_time_s))
+    if problem.batch_aware or problem.head_cost is not None:
+        bounds, estimate = loaded_bounds(problem, chains), estimated_response_s(problem, chains)
+        return Plan(problem, placement, chains, c, bounds, method, estimate_s=estimate)
     bounds = response_time_bounds(
         problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains], [ch.capacity for ch in chains]
     )
     return Plan(problem, placement, chains, c, bounds, method)
+
+
+def capped_plans(plan: Plan) -> Iterator[Plan]:
+    """With step costs (issue 18): the plan with every chain's capacity capped at 1, 2, 4, … below
+    its largest. A batching server slows every job it holds, and JFFC fills the fastest chain first,
+    so running fewer jobs per chain can beat filling memory; the stable ones are yielded."""
+    most = max((ch.capacity for ch in plan.chains), default=0)
+    cap = 1
+    while cap < most:
+        chains = tuple(replace(ch, capacity=min(ch.capacity, cap)) for ch in plan.chains)
+        capped = make_plan(plan.problem, plan.placement, chains, plan.c, plan.method)
+        if capped.is_stable:
+            yield capped
+        cap *= 2
 
 
 def max_reservation(problem: Problem) -> int:
@@ -97,6 +116,9 @@ def candidate_plans(
         if plan.is_stable:
             found = True
             yield placed, plan
+        if plan.estimate_s is not None:
+            for capped in capped_plans(plan):
+                yield placed, capped
 
 
 def check_model_fits(problem: Problem) -> None:
@@ -115,7 +137,8 @@ def search_c(
     problem: Problem, objective: Objective = "lower", progress: Callable[[int, int], None] | None = None
 ) -> Plan:
     """The best stable plan over c. ``lower``: least lower bound on mean response time (the paper's
-    choice); ``surrogate``: most job servers c·K(c) promised by GBP-CR (our reading of the §2.3
+    choice; with step costs, the least load-dependent estimate, :mod:`.loaded`); ``surrogate``: most
+    job servers c·K(c) promised by GBP-CR (our reading of the §2.3
     surrogate: more parallel job servers, less queueing), ties by the lower bound, then smaller c.
 
     Raises ``ValueError`` when no c gives a stable plan.
@@ -124,8 +147,8 @@ def search_c(
     def score(item: tuple[GbpCrResult, Plan]) -> tuple[float, ...]:
         placed, plan = item
         if objective == "lower":
-            return (plan.bounds.lower_s, placed.c)
-        return (-placed.num_job_servers, plan.bounds.lower_s, placed.c)
+            return (plan.score_s, placed.c)
+        return (-placed.num_job_servers, plan.score_s, placed.c)
 
     if objective not in ("lower", "surrogate"):
         raise ValueError(f"objective must be 'lower' or 'surrogate', got {objective!r}")

@@ -11,6 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 from chainserve.model.spec import ModelSpec, SpecError
+from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.types import Plan, reserved_block_jobs
 
 #: Hugging Face repositories PETALS loads for the catalogue models.
@@ -45,7 +46,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     ``cache_gb``, ``free_gb`` left, ``num_jobs`` = Σ c_k over chains through it). ``chains`` (fastest
     first): server names, ``blocks`` = [first, last] 1-based per hop, ``service_time`` T_k (s),
     ``capacity`` c_k, ``rate`` μ_k (1/s). ``nu`` ν, ``load`` ρ = λ/ν, ``bounds`` on the mean response
-    time (s); infinite values become ``null``. ``search`` (best planner only): its
+    time (s); infinite values become ``null``. With step costs (issue 18) each chain also has
+    ``service_time_batch1`` and ``service_time_full_load`` and the plan an ``estimate`` of the mean
+    response time at the load's concurrency (:mod:`chainserve.plan.loaded`). ``search`` (best planner only): its
     :class:`~chainserve.plan.types.SearchReport`, ``cut_short`` true when the time limit, not the work
     limits, ended it.
     """
@@ -89,6 +92,12 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "stable": plan.is_stable,
         "bounds": {"lower": _finite(plan.bounds.lower_s), "upper": _finite(plan.bounds.upper_s)},
     }
+    if plan.estimate_s is not None:
+        for entry, one, full in zip(
+            chains, batch_one_times_s(problem, plan.chains), full_load_times_s(problem, plan.chains), strict=True
+        ):
+            entry["service_time_batch1"], entry["service_time_full_load"] = one, full
+        data["estimate"] = _finite(plan.estimate_s)
     if plan.search is not None:
         data["search"] = dataclasses.asdict(plan.search)
     return data

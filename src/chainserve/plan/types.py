@@ -154,7 +154,11 @@ class SearchReport:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Placement + chains (sorted fastest first) + the chosen c, ν and the response-time bounds."""
+    """Placement + chains (sorted fastest first) + the chosen c, ν and the response-time bounds.
+
+    On a problem with step costs (issue 18, :mod:`chainserve.plan.loaded`) the bounds use batch-1
+    speeds for the lower and full-load speeds for the upper one, and ``estimate_s`` is the mean
+    response time at the concurrency the load brings (the planner's score); else ``None``."""
 
     problem: Problem
     placement: Placement
@@ -164,6 +168,12 @@ class Plan:
     method: str = "proposed"
     notes: tuple[str, ...] = field(default=())
     search: SearchReport | None = field(default=None, compare=False)  # the best planner's, else None
+    estimate_s: float | None = None
+
+    @property
+    def score_s(self) -> float:
+        """What the planners minimise: the batch-aware estimate when there is one, else the lower bound."""
+        return self.bounds.lower_s if self.estimate_s is None else self.estimate_s
 
     @property
     def total_rate_per_s(self) -> float:

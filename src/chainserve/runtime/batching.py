@@ -15,9 +15,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-#: Tokens one block-server iteration computes at most (a decode counts one); prompts go in chunks of half.
-DEFAULT_MAX_BATCH_TOKENS = 512
-
 T = TypeVar("T")
 R = TypeVar("R")
 

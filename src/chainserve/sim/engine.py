@@ -32,6 +32,7 @@ from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
 from chainserve.sim.adaptive import Transition, simulate_adaptive
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
+from chainserve.sim.batched import BatchedService, run_batched
 from chainserve.sim.memory import MemoryLedger
 from chainserve.sim.service import Duration, ServiceModel, service_model
 
@@ -128,7 +129,14 @@ def simulate(
     n = len(stream)
     if not 0 <= warmup < n:
         raise ValueError(f"warmup: must lie in 0..{n - 1}, got {warmup}")
-    duration = service_model(service).sampler(plan.problem, stream, service_rng)
+    model = service_model(service)
+    if isinstance(model, BatchedService):
+        if controller is not None or failures:
+            raise ValueError("service: the batched model simulates neither failures nor an adaptive controller")
+        started, finished, chain_of, route_of = run_batched(plan, dispatcher, stream, model)
+        num_held = dispatcher.num_waiting + dispatcher.num_in_service
+        return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0)
+    duration = model.sampler(plan.problem, stream, service_rng)
     if controller is not None:
         return _simulate_adaptive(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, failures)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn

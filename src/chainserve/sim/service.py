@@ -36,6 +36,7 @@ from chainserve.model.catalogue import BLOCK_OVERHEAD_S, gpu_profile
 from chainserve.model.spec import Problem
 from chainserve.plan.types import Hop
 from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.batched import BatchedService
 
 #: duration(route, job_index) -> service time in seconds.
 Duration = Callable[[Route, int], float]
@@ -150,13 +151,14 @@ class TokenService:
 class EmulatedService:
     """The emulated backend's per-step sleeps (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step.
 
-    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
-    >>> from chainserve.sim.arrivals import Arrivals
-    >>> p = Problem((Server("a", 10, 0.1, 0.2),), ModelSpec("m", 2, 1.0, 0.1), Workload(1.0, output_tokens=4))
-    >>> jobs = Arrivals(np.zeros(2), np.array([5, 500]), np.array([4, 8]))
-    >>> duration = EmulatedService(0.001).sampler(p, jobs, np.random.default_rng(0))
-    >>> [round(duration(Route((Hop(0, 1, 2),), 0.4), job), 3) for job in (0, 1)]  # (2·0.1 + 0.2)/4 + 0.001 per step
-    [0.404, 0.808]
+        >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+        >>> from chainserve.sim.arrivals import Arrivals
+    from chainserve.sim.batched import BatchedService
+        >>> p = Problem((Server("a", 10, 0.1, 0.2),), ModelSpec("m", 2, 1.0, 0.1), Workload(1.0, output_tokens=4))
+        >>> jobs = Arrivals(np.zeros(2), np.array([5, 500]), np.array([4, 8]))
+        >>> duration = EmulatedService(0.001).sampler(p, jobs, np.random.default_rng(0))
+        >>> [round(duration(Route((Hop(0, 1, 2),), 0.4), job), 3) for job in (0, 1)]  # (2·0.1 + 0.2)/4 + 0.001 per step
+        [0.404, 0.808]
     """
 
     hop_overhead_s: float = 0.0
@@ -185,14 +187,15 @@ class EmulatedService:
         return duration
 
 
-SERVICE_MODELS: dict[str, type[ExponentialService] | type[TokenService] | type[EmulatedService]] = {
+SERVICE_MODELS: dict[str, type] = {
     "exponential": ExponentialService,
     "token": TokenService,
     "emulated": EmulatedService,
+    "batched": BatchedService,  # iteration-level, issue 18 (chainserve.sim.batched)
 }
 
 
-def service_model(name_or_model: str | ServiceModel) -> ServiceModel:
+def service_model(name_or_model: str | ServiceModel | BatchedService) -> ServiceModel | BatchedService:
     """A model from its registry name, or the model itself."""
     if not isinstance(name_or_model, str):
         return name_or_model

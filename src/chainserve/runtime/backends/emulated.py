@@ -8,6 +8,11 @@ in total over its ``steps`` = l_out forward steps (one prefill, l_out − 1 deco
 by the block server as its injected delay). A job with the workload's mean l_out thus takes exactly
 T_k = Σ (τ^c_j + τ^p_j·m_ij), the plan's service time, plus the real overhead of the system.
 
+A server with a step cost (issue 18, :mod:`chainserve.model.step_cost`) batches instead, as the GPU
+it stands for does: the block server hands it every step that waited (continuous batching, chunked
+prefill) and it sleeps the iteration's cost once for all of them, ``m·(α + β·b)`` for b decodes plus
+``m·β'·q`` per prefill chunk of q tokens.
+
 The emulated model speaks a small built-in vocabulary: the hidden state is the token ids themselves
 and the next token is a fixed pseudo-random function of the last one, so greedy output is
 deterministic. It never emits EOS, so a request runs to ``max_tokens`` (as l_out does in the model).
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.timing import SteadySleep
 
@@ -43,8 +49,9 @@ VOCAB = (EOS_TOKEN, "<unk>", *CHAT_TOKENS, *WORDS)
 
 class EmulatedSpan:
     """A span whose step sleeps ``num_blocks × step_s_per_block`` and returns its input (the block
-    server applies slowdown and injected delays, the same for every backend). It does not batch: each
-    step sleeps on its own, so every session runs at the full rate the plan assumes.
+    server applies slowdown and injected delays, the same for every backend). Without a ``step_cost``
+    it does not batch: each step sleeps on its own, so every session runs at the full rate the plan
+    assumes; with one, an iteration of steps sleeps their batch cost once (module docstring).
 
     >>> import asyncio
     >>> span = EmulatedSpan(SpanInfo(1, 4, 8, 64), step_s_per_block=0.0)
@@ -53,28 +60,47 @@ class EmulatedSpan:
     True
     """
 
-    batches = False
-
-    def __init__(self, info: SpanInfo, step_s_per_block: float):
+    def __init__(self, info: SpanInfo, step_s_per_block: float, step_cost: StepCost | None = None):
         if not step_s_per_block >= 0:
             raise ValueError(f"step_s_per_block: must be ≥ 0, got {step_s_per_block}")
         self.info = info
         self.step_s_per_block = step_s_per_block
+        self.step_cost = step_cost
+        self.batches = step_cost is not None
         self.sleep = SteadySleep()
 
     async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | Exception]:
+        if self.step_cost is not None:
+            return await self._iteration(steps, self.step_cost)
         if len(steps) == 1:
             return [await self._step(steps[0])]
         return list(await asyncio.gather(*(self._step(s) for s in steps), return_exceptions=True))
 
+    async def _iteration(self, steps: Sequence[SpanStep], cost: StepCost) -> list[WireTensor | Exception]:
+        """Every valid step of the batch in one sleep of the iteration's cost."""
+        results = [self._check(step) for step in steps]
+        items = [(self._num_blocks(s), s.num_tokens) for s, r in zip(steps, results, strict=True) if r is None]
+        if items:
+            await self.sleep(cost.iteration_s(items))
+        return [s.hidden if r is None else r for s, r in zip(steps, results, strict=True)]
+
     async def _step(self, step: SpanStep) -> WireTensor | ValueError:
-        hidden, num_blocks = step.hidden, self.info.last_block - step.first_block + 1
+        error = self._check(step)
+        if error is not None:
+            return error
+        await self.sleep(self._num_blocks(step) * self.step_s_per_block)
+        return step.hidden
+
+    def _num_blocks(self, step: SpanStep) -> int:
+        return self.info.last_block - step.first_block + 1
+
+    def _check(self, step: SpanStep) -> ValueError | None:
+        hidden = step.hidden
         if hidden.dtype != "int32" or len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != 1:
             return ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
-        if len(step.slots) != num_blocks:
-            return ValueError(f"slots: {len(step.slots)} for {num_blocks} blocks")
-        await self.sleep(num_blocks * self.step_s_per_block)
-        return hidden
+        if len(step.slots) != self._num_blocks(step):
+            return ValueError(f"slots: {len(step.slots)} for {self._num_blocks(step)} blocks")
+        return None
 
     def close(self) -> None:
         """Nothing to release."""

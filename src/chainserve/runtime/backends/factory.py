@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import ModelHead, SpanBackend, SpanInfo
 
 BACKENDS = ("torch", "emulated")
 
 
 def make_span(
-    backend: str, info: SpanInfo, model: str | None, step_s_per_block: float, device: str = "auto"
+    backend: str,
+    info: SpanInfo,
+    model: str | None,
+    step_s_per_block: float,
+    device: str = "auto",
+    step_cost: StepCost | None = None,
 ) -> tuple[SpanBackend, str]:
     """The span backend of a block server and the served model's id; ``device``: where torch computes
-    (:mod:`.devices`; the emulated backend has none)."""
+    (:mod:`.devices`; the emulated backend has none); ``step_cost``: the emulated backend batches and
+    sleeps it (issue 18)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedSpan
 
-        return EmulatedSpan(info, step_s_per_block), "emulated"
+        return EmulatedSpan(info, step_s_per_block, step_cost), "emulated"
     if backend == "torch":
         import torch
 

@@ -80,6 +80,8 @@ def block_server_argv(
     ]
     if emulated:
         argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
+    if emulated and spec.step_cost is not None:
+        argv += ["--step-cost-ms", spec.step_cost.ms_text()]
     if common.model is not None:
         argv += ["--model", common.model]
     if not emulated:

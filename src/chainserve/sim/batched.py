@@ -1,0 +1,208 @@
+"""Iteration-level simulation of batched serving (issue 18): ``simulate(..., service="batched")``.
+
+The job-level models of :mod:`.service` give a job one duration when it starts. Here a job is its
+l_out forward steps (one prefill, l_out − 1 decodes), and each step walks its route hop by hop the way
+the runtime moves it (:mod:`chainserve.runtime.jobs`): the orchestrator sends the step to the hop's
+block server, the server computes it in an iteration, the reply comes back after the hop's
+communication time, the next hop follows; after the last hop the orchestrator's LM head samples the
+token and the next step begins.
+
+A server with a step cost (:mod:`chainserve.model.step_cost`) batches as the block server's
+:class:`~chainserve.runtime.batching.Batcher` does: steps that arrive while an iteration runs wait;
+the next iteration takes the oldest waiting step and every later one within ``max_batch_tokens``
+(a decode counts one token); prompts go in chunks of ``max_batch_tokens // 2`` tokens, one chunk per
+iteration, and the step moves on after its last chunk. The iteration costs
+``m·(max(α, α') + β·b + β'·q)`` (:meth:`StepCost.iteration_s`). A server without one serves every
+step at once in ``m_ij·τ^p_j / l̄_out`` (the emulated backend's model, no batching). The orchestrator's
+head batches likewise with ``Problem.head_cost`` (free without it). Communication per hop and step is
+``τ^c_j / l̄_out`` plus ``hop_overhead_s``, and does not hold the server.
+
+Dispatch is the same object the job-level engine and the runtime drive: a job's route comes from
+``submit``/``complete``; it holds its chain's KV cache (checked by :class:`.memory.MemoryLedger`) from
+start to its last token. Cost: O(l_out · hops) events per job.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+from dataclasses import dataclass
+from heapq import heappop, heappush
+from typing import ClassVar
+
+from chainserve.dispatch.base import Dispatcher, Job, Route, Start
+from chainserve.model.spec import Problem
+from chainserve.model.step_cost import MAX_BATCH_TOKENS, StepCost
+from chainserve.plan.types import Layout
+from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.memory import MemoryLedger
+
+# event kinds, in the order they run at equal times: an iteration starts after everything else of
+# its instant, so steps that reach a server together share it
+_DONE, _ARRIVE, _START = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class BatchedService:
+    """The iteration-level model (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step."""
+
+    hop_overhead_s: float = 0.0
+    max_batch_tokens: int = MAX_BATCH_TOKENS
+    name: ClassVar[str] = "batched"
+
+    def __post_init__(self) -> None:
+        if not self.hop_overhead_s >= 0:
+            raise ValueError(f"hop_overhead_s: must be ≥ 0, got {self.hop_overhead_s}")
+        if self.max_batch_tokens < 2:
+            raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
+
+
+class _Station:
+    """A batching server (or the head): its queue of (job, tokens, blocks) and whether it computes."""
+
+    __slots__ = ("cost", "queue", "busy")
+
+    def __init__(self, cost: StepCost | None):
+        self.cost = cost
+        self.queue: deque[tuple[int, int, int]] = deque()
+        self.busy = False
+
+    def take(self, budget: int) -> list[tuple[int, int, int]]:
+        """The oldest item, then each later one that still fits the token budget."""
+        batch, used, rest = [], 0, deque()
+        for item in self.queue:
+            if not batch or used + item[1] <= budget:
+                batch.append(item)
+                used += item[1]
+            else:
+                rest.append(item)
+        self.queue = rest
+        return batch
+
+
+def run_batched(
+    plan: Layout, dispatcher: Dispatcher, stream: Arrivals, model: BatchedService
+) -> tuple[array, array, array, list[Route | None]]:
+    """Simulate every arrival of ``stream`` to completion; returns per-job start and finish times,
+    plan chain index (−1: none) and route, as :func:`chainserve.sim.engine.simulate` does."""
+    problem: Problem = plan.problem
+    servers, steps_mean = problem.servers, problem.workload.output_tokens
+    chunk, budget = model.max_batch_tokens // 2, model.max_batch_tokens
+    comm = [s.tau_c_s / steps_mean + model.hop_overhead_s for s in servers]
+    lone = [s.tau_p_s / steps_mean for s in servers]  # per block and step, no step cost
+    stations = [_Station(s.step) for s in servers]
+    head = _Station(problem.head_cost)
+    head_id = len(servers)
+
+    times, prompts, outputs = stream.columns()
+    n = len(times)
+    nan = math.nan
+    started, finished = array("d", [nan]) * n, array("d", [nan]) * n
+    chain_of = array("q", [-1]) * n
+    route_of: list[Route | None] = [None] * n
+    hop_at = [0] * n  # the hop the job's current step is at
+    steps_left = [0] * n  # forward steps still to come, the current one included
+    tokens_left = [0] * n  # prompt tokens of the current step still to compute on this hop
+    ledger = MemoryLedger(plan)
+    events: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, station or job, payload)
+    seq = 0
+
+    def push(t: float, kind: int, who: int, payload: int = 0) -> None:
+        nonlocal seq
+        seq += 1
+        heappush(events, (t, kind, seq, who, payload))
+
+    def enqueue(j: int, item: tuple[int, int, int], now: float) -> None:
+        station = head if j == head_id else stations[j]
+        station.queue.append(item)
+        if not station.busy:
+            station.busy = True
+            push(now, _START, j)  # runs after every event of this instant: same-turn items batch
+
+    def send(i: int, now: float) -> None:
+        """Job ``i``'s current step to its current hop (or to the head after the last one)."""
+        route = route_of[i]
+        h = hop_at[i]
+        if h == len(route.hops):
+            enqueue(head_id, (i, 1, 1), now)
+            return
+        hop = route.hops[h]
+        q = tokens_left[i]
+        if stations[hop.server].cost is None:
+            push(now + hop.num_blocks * lone[hop.server] + comm[hop.server], _ARRIVE, i)
+            tokens_left[i] = 0
+        else:
+            enqueue(hop.server, (i, min(q, chunk), hop.num_blocks), now)
+
+    def next_step(i: int, now: float) -> None:
+        hop_at[i] = 0
+        tokens_left[i] = 1
+        send(i, now)
+
+    def begin(starts: list[Start], now: float) -> None:
+        for start in starts:
+            i, route = start.job.job_id, start.route
+            if route_of[i] is not None:
+                raise RuntimeError(f"job {i} started twice")
+            ledger.admit(i, route, now)
+            route_of[i], started[i] = route, now
+            chain_of[i] = -1 if route.chain is None else route.chain
+            steps_left[i], hop_at[i], tokens_left[i] = int(outputs[i]), 0, int(prompts[i])
+            send(i, now)
+
+    def iterate(j: int, now: float) -> None:
+        station = head if j == head_id else stations[j]
+        batch = station.take(budget)
+        if not batch:
+            station.busy = False
+            return
+        cost = 0.0 if station.cost is None else station.cost.iteration_s([(m, q) for _, q, m in batch])
+        for i, q, _ in batch:
+            push(now + cost, _DONE, j, i * budget + q)  # payload: the job and its tokens
+        push(now + cost, _START, j)
+
+    def done(j: int, i: int, q: int, now: float) -> None:
+        if j == head_id:
+            steps_left[i] -= 1
+            if steps_left[i] == 0:
+                finish(i, now)
+            else:
+                next_step(i, now)
+            return
+        tokens_left[i] -= q
+        if tokens_left[i] > 0:  # the prompt's next chunk on the same server
+            enqueue(j, (i, min(tokens_left[i], chunk), route_of[i].hops[hop_at[i]].num_blocks), now)
+        else:
+            push(now + comm[j], _ARRIVE, i)
+
+    def finish(i: int, now: float) -> None:
+        finished[i] = now
+        ledger.release(route_of[i])
+        starts = dispatcher.complete(i, now)
+        if starts:
+            begin(starts, now)
+
+    next_job, t_arrival = 0, times[0] if n else math.inf
+    while True:
+        t_event = events[0][0] if events else math.inf
+        if t_arrival < t_event or (t_arrival == t_event < math.inf and events[0][1] == _START):
+            i = next_job
+            starts = dispatcher.submit(Job(i, t_arrival, prompts[i], outputs[i]), t_arrival)
+            if starts:
+                begin(starts, t_arrival)
+            next_job += 1
+            t_arrival = times[next_job] if next_job < n else math.inf
+            continue
+        if t_event == math.inf:
+            break
+        now, kind, _, who, payload = heappop(events)
+        if kind == _START:
+            iterate(who, now)
+        elif kind == _DONE:
+            done(who, payload // budget, payload % budget, now)
+        else:  # the step's reply reached the orchestrator: on to the next hop
+            hop_at[who] += 1
+            tokens_left[who] = 1 if steps_left[who] < int(outputs[who]) else int(prompts[who])
+            send(who, now)
+    return started, finished, chain_of, route_of
