@@ -2,9 +2,11 @@
 
 The plan is the paper's pipeline (GBP-CR for one c, then GCA) on a synthetic BLOOM-176B cluster of
 MIG slices (30 % 3g.40gb, 70 % 2g.20gb, RTTs uniform in 10–80 ms), like §4.1 but larger; the
-arrival rate is set to ``load × ν``. Exponential service, Poisson arrivals.
+arrival rate is set to ``load × ν``. Exponential service, Poisson arrivals. Then the same plan with
+roofline step costs on every server under the iteration-level ``batched`` model (issue 18), whose
+events are per token and hop, beside the job-level model on the same jobs.
 
-    python benchmarks/sim_throughput.py                 # 10^6 jobs, load 0.8
+    python benchmarks/sim_throughput.py                 # 10^6 jobs, load 0.8; 20 000 batched
     python benchmarks/sim_throughput.py --profile       # plus a cProfile of the run
 """
 
@@ -14,11 +16,12 @@ import argparse
 import cProfile
 import pstats
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from chainserve.dispatch.jffc import JFFC
-from chainserve.model.catalogue import gpu_profile, model_arch, tau_c_s, tau_p_s
+from chainserve.model.catalogue import gpu_profile, model_arch, roofline_step_cost, tau_c_s, tau_p_s
 from chainserve.model.spec import Problem, Server, Workload
 from chainserve.plan.csearch import make_plan, plan_for_c
 from chainserve.plan.types import Plan
@@ -55,6 +58,24 @@ def synthetic_plan(num_servers: int, c: int, load: float, seed: int) -> Plan:
     return make_plan(busy, plan.placement, plan.chains, c)
 
 
+def batched_comparison(plan: Plan, num_jobs: int, seed: int) -> None:
+    """Jobs/s of the job-level models and of the iteration-level one on the plan with roofline step costs."""
+    problem, spec = plan.problem, plan.problem.model
+    servers = tuple(
+        replace(s, step=roofline_step_cost(gpu_profile(s.gpu), spec.block_size_gb, spec.flops_per_token_per_block))
+        for s in problem.servers
+    )
+    costed = replace(plan, problem=replace(problem, servers=servers))
+    for name in ("exponential", "emulated", "batched"):
+        wall = time.perf_counter()
+        result = simulate(costed, JFFC(costed.chains), PoissonArrivals(), name, seed=seed, num_jobs=num_jobs)
+        wall = time.perf_counter() - wall
+        print(
+            f"{name:>11} service: {num_jobs} jobs in {wall:.2f} s, {num_jobs / wall:,.0f} jobs/s; "
+            f"mean response {result.summary.response.mean_s:.3f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", type=int, default=274, help="servers in the synthetic cluster (274: 104 chains)")
@@ -68,6 +89,7 @@ def main() -> None:
         default=5,
         help="timed runs; the best is reported (this shared VM is noisy: ±30 %% between runs)",
     )
+    parser.add_argument("--batched-jobs", type=int, default=20_000, help="jobs for the batched-model comparison")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
     args = parser.parse_args()
 
@@ -95,6 +117,7 @@ def main() -> None:
         f"{args.jobs} jobs in {best_wall:.2f} s wall, {best_cpu:.2f} s CPU: "
         f"{args.jobs / best_wall:,.0f} jobs/s wall, {args.jobs / best_cpu:,.0f} jobs/s CPU"
     )
+    batched_comparison(plan, args.batched_jobs, args.seed)
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.model.step_cost import StepCost
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Span
 from chainserve.runtime import protocol
@@ -268,3 +270,27 @@ def test_oversized_tensors_are_refused(monkeypatch) -> None:
     reply = protocol.decode_reply(asyncio.run(srv.handle(frames)))
     assert error_of(reply) == "bad_request" and "limit" in reply.message
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 0
+
+
+def test_emulated_step_cost_batches_and_sleeps_the_iteration_once():
+    """Issue 18: an emulated server with a step cost batches what arrives together (one message with
+    four sessions' prefills, then their decodes) and sleeps each iteration's cost once."""
+    cost = StepCost(0.030, 0.010, 0.030, 0.001)
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 8, 32), 0.0, cost), ServerKnobs(token=TOKEN))
+
+    async def run() -> tuple[float, float]:
+        began = time.perf_counter()
+        prompts = [protocol.Step(f"j{i}", 1, 0, ids(5, 6, 7, 8), open=True) for i in range(4)]
+        reply = protocol.decode_reply(await srv.handle(protocol.encode_forward(1, TOKEN, prompts)))
+        assert reply.ok and all(isinstance(r, WireTensor) for r in reply.results)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        decodes = [protocol.Step(f"j{i}", 1, 4, ids(9)) for i in range(4)]
+        reply = protocol.decode_reply(await srv.handle(protocol.encode_forward(1, TOKEN, decodes)))
+        assert reply.ok
+        return prefill, time.perf_counter() - began
+
+    prefill, decode = asyncio.run(run())
+    assert cost.iteration_s([(2, 4)] * 4) <= prefill < 2 * cost.iteration_s([(2, 4)] * 4)  # 2·(30 + 4·4·1) ms
+    assert cost.iteration_s([(2, 1)] * 4) <= decode < 2 * cost.iteration_s([(2, 1)] * 4)  # 2·(30 + 4·10) ms
+    assert srv.counters.num_batches == 2

@@ -126,6 +126,8 @@ def simulate(
             raise SpecError("planner", f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
         _check_counts(requests, warmup, seed)
         service_model(service)
+        if adapt and service == "batched":
+            raise SpecError("service", "the batched model does not simulate --adapt; use another service model")
         if adapt and not name.startswith("proposed"):
             raise SpecError("adapt", f"only the proposed method re-plans online, got --method {method}")
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)

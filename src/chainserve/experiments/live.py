@@ -28,6 +28,7 @@ from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Hop, Layout, Plan
 from chainserve.runtime.serve_process import serve_process
 from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
 from chainserve.sim.service import EmulatedService, ServiceModel
 
@@ -59,19 +60,21 @@ class Measured:
 
 
 def scale_times(problem: Problem, factor: float) -> Problem:
-    """``problem`` with every time (τ^p, τ^c, RTT) multiplied by ``factor`` and λ divided by it: the
-    same queueing system on a faster (``factor`` < 1) clock, so a run takes ``factor`` as long."""
+    """``problem`` with every time (τ^p, τ^c, RTT, step costs) multiplied by ``factor`` and λ divided
+    by it: the same queueing system on a faster (``factor`` < 1) clock, so a run takes ``factor`` as long."""
     servers = tuple(
         replace(
             s,
             tau_p_s=s.tau_p_s * factor,
             tau_c_s=s.tau_c_s * factor,
             rtt_s=None if s.rtt_s is None else s.rtt_s * factor,
+            step=None if s.step is None else s.step.scaled(factor),
         )
         for s in problem.servers
     )
     workload = replace(problem.workload, arrival_rate_per_s=problem.workload.arrival_rate_per_s / factor)
-    return replace(problem, servers=servers, workload=workload)
+    head = None if problem.head_cost is None else problem.head_cost.scaled(factor)
+    return replace(problem, servers=servers, workload=workload, head_cost=head)
 
 
 def method_layout(
@@ -192,3 +195,19 @@ def error_cell(sim: float, live: float) -> str:
 def within_target(sim: float, live: float) -> bool:
     """Whether a simulated mean lies within :data:`FIDELITY_TARGET` of the measured one."""
     return abs(sim - live) <= FIDELITY_TARGET * live
+
+
+def calibrated_batched(
+    runs: Sequence[tuple[Layout, str, Measured]], requests: Sequence[BenchRequest]
+) -> BatchedService:
+    """The batched model (issue 18) with the runtime's own time per hop and step fitted on a
+    cluster's live ``runs`` (layout, method, measurement): Σ(measured − simulated service) over
+    Σ(hops × output tokens) of the completed requests, simulated first without it (0 when negative).
+    One constant per cluster, as :func:`chainserve.experiments.table1_live.hop_overhead_s` for the
+    emulated model."""
+    extra = steps = 0.0
+    for layout, method, measured in runs:
+        simulated = simulate_layout(layout, method, requests, BatchedService())
+        extra += float(np.sum(measured.service_s)) - simulated.service.mean_s * simulated.num_requests
+        steps += float(np.sum(measured.hop_steps))
+    return BatchedService(max(extra / steps, 0.0) if steps > 0 else 0.0)

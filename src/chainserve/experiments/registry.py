@@ -58,6 +58,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         "simulated vs measured response time on 3 live clusters (emulated and torch), with the Theorem-4 bounds",
         frozenset({"time_scale", "methods"}),
     ),
+    "batch-plans": Experiment(
+        "chainserve.experiments.batch_plans:batch_plans",
+        1,
+        150,
+        "issue 18: batch-blind vs batch-aware plans on a memory-loose, CPU-like cluster, live and simulated",
+        frozenset({"time_scale"}),
+    ),
     "adaptive": Experiment(
         "chainserve.experiments.adaptive:adaptive_experiment",
         10,

@@ -6,9 +6,10 @@ fp16/bf16 tensor FLOP/s and memory bandwidth (MIG slices get their share of SMs 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from chainserve.model.spec import ModelSpec, SpecError
+from chainserve.model.spec import ModelSpec, Problem, SpecError
 from chainserve.model.step_cost import StepCost
 
 GB = 1e9
@@ -166,3 +167,22 @@ def roofline_step_cost(gpu: GpuProfile, block_size_gb: float, flops_per_token_pe
     alpha = BLOCK_OVERHEAD_S + block_size_gb / gpu.bandwidth_gb_per_s
     beta = flops_per_token_per_block / (gpu.peak_tflops * 1e12)
     return StepCost(alpha, beta, alpha, beta)
+
+
+def with_roofline_step_costs(problem: Problem) -> Problem:
+    """``problem`` with a roofline-shaped step cost on every server that names a gpu, scaled so that
+    one job alone still takes τ^p_j per block at the workload's mean lengths: the cluster keeps its
+    meaning at batch 1 and gains what batching costs on that GPU (issue 18's emulated clusters)."""
+    model, w = problem.model, problem.workload
+    if model.flops_per_token_per_block is None:
+        raise SpecError("model", f"{model.name}: the roofline needs a catalogue model (its FLOPs per token)")
+    servers = []
+    for s in problem.servers:
+        if s.gpu is None:
+            servers.append(s)
+            continue
+        roof = roofline_step_cost(gpu_profile(s.gpu), model.block_size_gb, model.flops_per_token_per_block)
+        servers.append(
+            dataclasses.replace(s, step=roof.scaled(s.tau_p_s / roof.job_s(w.prompt_tokens, w.output_tokens)))
+        )
+    return dataclasses.replace(problem, servers=tuple(servers))

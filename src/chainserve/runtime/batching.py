@@ -15,6 +15,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from chainserve.model.step_cost import MAX_BATCH_TOKENS
+
+#: Tokens one block-server iteration computes at most (the batched simulator uses the same budget).
+DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
+
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -20,6 +20,9 @@ the service random stream, and returns ``duration(route, job_index) -> seconds``
   ``(m_ij·τ^p_j + τ^c_j) / l̄_out`` plus ``hop_overhead_s``, the orchestrator's and transport's own time
   per hop and step (measured, ~1 ms here): duration = ``l_out · Σ_hops ((m_ij·τ^p_j + τ^c_j)/l̄_out +
   hop_overhead_s)``. Unlike ``"token"``, a long prompt costs no more than a short one.
+* ``"batched"`` (issue 18): not a duration per job but an iteration-level simulation of every server's
+  batches, prefill chunks and hops with the servers' step costs (:mod:`chainserve.sim.batched`);
+  without step costs it gives the ``"emulated"`` times.
 """
 
 from __future__ import annotations
@@ -151,14 +154,13 @@ class TokenService:
 class EmulatedService:
     """The emulated backend's per-step sleeps (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step.
 
-        >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
-        >>> from chainserve.sim.arrivals import Arrivals
-    from chainserve.sim.batched import BatchedService
-        >>> p = Problem((Server("a", 10, 0.1, 0.2),), ModelSpec("m", 2, 1.0, 0.1), Workload(1.0, output_tokens=4))
-        >>> jobs = Arrivals(np.zeros(2), np.array([5, 500]), np.array([4, 8]))
-        >>> duration = EmulatedService(0.001).sampler(p, jobs, np.random.default_rng(0))
-        >>> [round(duration(Route((Hop(0, 1, 2),), 0.4), job), 3) for job in (0, 1)]  # (2·0.1 + 0.2)/4 + 0.001 per step
-        [0.404, 0.808]
+    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+    >>> from chainserve.sim.arrivals import Arrivals
+    >>> p = Problem((Server("a", 10, 0.1, 0.2),), ModelSpec("m", 2, 1.0, 0.1), Workload(1.0, output_tokens=4))
+    >>> jobs = Arrivals(np.zeros(2), np.array([5, 500]), np.array([4, 8]))
+    >>> duration = EmulatedService(0.001).sampler(p, jobs, np.random.default_rng(0))
+    >>> [round(duration(Route((Hop(0, 1, 2),), 0.4), job), 3) for job in (0, 1)]  # (2·0.1 + 0.2)/4 + 0.001 per step
+    [0.404, 0.808]
     """
 
     hop_overhead_s: float = 0.0
