@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import yaml
@@ -287,6 +287,20 @@ def cluster_yaml(
         default_flow_style=None,
     )
     return "\n".join(header) + "\n" + body
+
+
+def profiled_problem(
+    problem: Problem, profiles: Mapping[str, ServerProfile], head_cost: StepCost | None = None
+) -> Problem:
+    """``problem`` as measured, what :func:`cluster_dict` writes without the rounding: each profiled
+    server's τ^p_j, τ^c_j and (issue 18) ``step``, and ``head_cost`` when given."""
+    servers = tuple(
+        s
+        if (p := profiles.get(s.name)) is None
+        else replace(s, tau_p_s=p.tau_p_s, tau_c_s=p.tau_c_s, step=p.step if p.step is not None else s.step)
+        for s in problem.servers
+    )
+    return replace(problem, servers=servers, head_cost=head_cost if head_cost is not None else problem.head_cost)
 
 
 def relative_error(measured: float, configured: float) -> float:

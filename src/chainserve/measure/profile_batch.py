@@ -15,6 +15,7 @@ transport term alone), as the τ profile does.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chainserve.measure.step_fit import StepFit, batch_sizes, fit_head, fit_step_cost, prefill_lengths
+from chainserve.model.spec import SpecError
 from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import WireTensor
 from chainserve.runtime.client import BlockClient
@@ -124,6 +126,26 @@ async def sample_batches(
     return BatchSamples(tuple(decode), tuple(prefill), tuple(closes))
 
 
+def model_config(model: str | None, num_blocks: int | None = None) -> dict[str, Any]:
+    """The torch model's ``config.json``: ``model`` is a name, a path, or the id block servers report
+    (a directory of the model cache); ``num_blocks``: the layers it must have."""
+    from chainserve.runtime.models import default_cache_dir, resolve_model
+
+    if model is None:
+        raise SpecError("model", "the torch backend needs --model (a name such as tiny-random, or a path)")
+    cached = default_cache_dir() / model
+    try:
+        folder = cached if (cached / "config.json").is_file() else resolve_model(model)
+    except ValueError as exc:
+        raise SpecError("model", f"{exc}; give --model, the NAME|PATH the servers were started with") from None
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if num_blocks is not None and config.get("num_hidden_layers") != num_blocks:
+        raise SpecError(
+            "model", f"{model} has {config.get('num_hidden_layers')} blocks but the cluster's model has {num_blocks}"
+        )
+    return config
+
+
 HEAD_JOBS = (1, 2, 4, 8, 16)
 
 
@@ -138,7 +160,6 @@ def measure_head(
         return None
     import numpy as np
 
-    from chainserve.measure.profile_live import model_config
     from chainserve.runtime.backends.factory import make_head
     from chainserve.runtime.models import default_cache_dir
 

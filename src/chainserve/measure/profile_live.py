@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
+import logging
 import secrets
 import tempfile
 import time
@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from chainserve.measure.profile import ProfileSettings, Samples, ServerProfile, block_counts, server_profile
-from chainserve.measure.profile_batch import BatchPlan, batch_plan, plan_size, sample_batches
+from chainserve.measure.profile_batch import BatchPlan, batch_plan, model_config, plan_size, sample_batches
 from chainserve.measure.step_fit import PREFILL_TOKENS
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.plan_file import layout_from_dict
@@ -43,6 +43,8 @@ from chainserve.runtime.backends.factory import BACKENDS
 from chainserve.runtime.client import BlockClient, ServerFailed, ServerRefused
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec
+
+log = logging.getLogger("chainserve.profile")
 
 #: Seconds to wait for one reply before calling a server unresponsive.
 REPLY_TIMEOUT_S = 120.0
@@ -97,26 +99,6 @@ def profiling_specs(problem: Problem, max_tokens: int, max_batch: int = 0) -> li
     if not specs:
         raise SpecError("cluster", "no server can hold one block with one job's cache")
     return specs
-
-
-def model_config(model: str | None, num_blocks: int | None = None) -> dict[str, Any]:
-    """The torch model's ``config.json``: ``model`` is a name, a path, or the id block servers report
-    (a directory of the model cache); ``num_blocks``: the layers it must have."""
-    from chainserve.runtime.models import default_cache_dir, resolve_model
-
-    if model is None:
-        raise SpecError("model", "the torch backend needs --model (a name such as tiny-random, or a path)")
-    cached = default_cache_dir() / model
-    try:
-        folder = cached if (cached / "config.json").is_file() else resolve_model(model)
-    except ValueError as exc:
-        raise SpecError("model", f"{exc}; give --model, the NAME|PATH the servers were started with") from None
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if num_blocks is not None and config.get("num_hidden_layers") != num_blocks:
-        raise SpecError(
-            "model", f"{model} has {config.get('num_hidden_layers')} blocks but the cluster's model has {num_blocks}"
-        )
-    return config
 
 
 def wire_maker(backend: str, model: str | None) -> Callable[[int], WireTensor]:
@@ -185,7 +167,8 @@ def _prepare(
     if settings.max_batch:
         batch = batch_plan(info, prompt_len, settings.decode_steps, settings.max_batch)
         if max(b for _, b in batch.decode) < 2:
-            raise SpecError(client.name, "no free block-slots for two sessions: no step cost (give --max-batch 0)")
+            log.warning("%s: no free block-slots for two sessions at once: no step cost", client.name)
+            batch = None
     return _Run(client.name, client, first, num, counts, make_wire(prompt_len), make_wire(1), make_wire, batch)
 
 

@@ -146,4 +146,4 @@ def cost_entry(cost: StepCost, head: bool = False) -> dict:
     if head:
         return entry
     entry |= {"prefill_alpha_ms": _ms(cost.prefill_alpha_s), "prefill_beta_ms": _ms(cost.prefill_beta_s)}
-    return entry | ({"r2": float(f"{cost.r2:.4g}")} if cost.r2 else {})
+    return entry | ({"r2": round(float(cost.r2), 4)} if cost.r2 is not None else {})  # 1e-16 reads as 0
