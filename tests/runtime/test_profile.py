@@ -69,6 +69,7 @@ def test_profile_a_running_serve(tmp_path: Path) -> None:
         assert done.exit_code == 0, done.stderr
         assert served.get("/status")["num_running"] == 0
     assert "served values kept" not in out.read_text()  # every server was placed and measured
+    assert all(s.step is not None for s in load_cluster(out).servers)  # and its step cost (issue 18)
     check_profiled(cluster, out, done.stdout)
 
 

@@ -1,4 +1,5 @@
-"""``chainserve profile``: measure live block servers' τ^p and τ^c and write a cluster file (paper §4.2)."""
+"""``chainserve profile``: measure live block servers' τ^p and τ^c (paper §4.2) and their batched step
+cost (issue 18: ``step_cost`` per server, ``head_cost`` of the torch LM head) and write a cluster file."""
 
 from __future__ import annotations
 
@@ -60,6 +61,35 @@ def _table(problem: Problem, profiles: dict) -> Table:
     return table
 
 
+def _step_table(profiles: dict, head_cost) -> Table:
+    """The step-cost fits (issue 18): per block, decode α + β·b, prefill α' + β'·q, and their R²."""
+    table = Table(
+        title="Step cost per block (least squares): decode α + β·b sessions, prefill α' + β'·q tokens",
+        caption="c0: transport per message (not in the cost); R²: the worse of the two fits"
+        + (
+            f"; head: {head_cost.alpha_s * 1000:.3g} + {head_cost.beta_s * 1000:.3g}·n ms"
+            if head_cost is not None
+            else ""
+        ),
+    )
+    for header in ("server", "α ms", "β ms", "α' ms", "β' µs/tok", "c0 ms", "R²"):
+        table.add_column(header, justify="left" if header == "server" else "right")
+    for name, p in profiles.items():
+        if p.step_fit is None:
+            continue
+        cost, fit = p.step, p.step_fit
+        table.add_row(
+            name,
+            f"{cost.alpha_s * 1000:.3g}",
+            f"{cost.beta_s * 1000:.3g}",
+            f"{cost.prefill_alpha_s * 1000:.3g}",
+            f"{cost.prefill_beta_s * 1e6:.3g}",
+            f"{fit.decode.overhead_s * 1000:.3g}",
+            f"{cost.r2:.3f}",
+        )
+    return table
+
+
 def profile(
     cluster: Annotated[
         Path | None,
@@ -107,6 +137,9 @@ def profile(
         list[str] | None,
         typer.Option(metavar="NAME=MS", help="With CLUSTER: extra one-way delay of a server in ms (default: none)."),
     ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="Largest decode batch of the step-cost profile (issue 18); 0: τ only.")
+    ] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the sessions' order.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar on stderr.")] = False,
 ) -> None:
@@ -116,6 +149,7 @@ def profile(
     from chainserve.cli.serve_cmd import parse_pairs
     from chainserve.measure import profile_live
     from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree
+    from chainserve.measure.profile_batch import measure_head, served_backend
     from chainserve.model.cluster_file import load_cluster
     from chainserve.runtime.models import torch_model_for
 
@@ -142,6 +176,7 @@ def profile(
             counts,
             parallel,
             seed,
+            max_batch,
         )
         if served is not None:
             token = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
@@ -149,6 +184,7 @@ def profile(
                 stderr_console().print(f"warning: {served.num_running} requests running: the profile will be noisy")
             profiles = asyncio.run(profile_live.measure_servers(served.endpoints, token, settings, model))
             source = url
+            backend, model = asyncio.run(served_backend(served.endpoints, token, model))
         else:
             delays = {name: ms / 1000 for name, ms in parse_pairs(delay_ms, "delay-ms").items()}
             profiles = asyncio.run(
@@ -157,9 +193,12 @@ def profile(
                 )
             )
             source = f"{cluster}, {backend} backend"
-        out.write_text(cluster_yaml(problem, profiles, settings, source), encoding="utf-8")
+        head_cost = measure_head(backend, model) if max_batch else None
+        out.write_text(cluster_yaml(problem, profiles, settings, source, head_cost), encoding="utf-8")
     console = stdout_console()
     console.print(_table(problem, profiles))
+    if any(p.step_fit is not None for p in profiles.values()):
+        console.print(_step_table(profiles, head_cost))
     configured = {s.name: s.tau_p_s for s in problem.servers}
     agree = ranks_agree({n: p.tau_p_s for n, p in profiles.items()}, configured)
     console.print(f"ranking by τ^p: {'the same as' if agree else 'differs from'} the cluster file's")

@@ -16,6 +16,11 @@ at the longest that fits and scaled linearly (prefill compute grows with prompt 
 the emulated backend, which sleeps τ^p_j/l_out per block and τ^c_j/l_out per round trip each step,
 these formulas give back the configured τ^p_j and τ^c_j plus the runtime's own per-step overhead.
 
+Batched step cost (issue 18): besides τ, each server gets a :class:`~chainserve.model.step_cost.StepCost`
+fitted from decode iterations of b sessions stepped together and prefills of q tokens
+(:mod:`.profile_batch`, :mod:`.step_fit`), written as its ``step_cost``; the orchestrator's LM head,
+timed locally with the torch backend, gives the file's ``head_cost``.
+
 Deliberate choices: the τ^c measured here already holds the runtime's per-hop overhead, so the cluster
 file gets it raw (``tau_c_s``), not as an RTT to which the catalogue's 18 ms PETALS overhead would be
 added; a server whose span (or free cache) allows only one block count adds its ``close`` round trips
@@ -26,14 +31,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import yaml
 from scipy.stats import theilslopes
 
+from chainserve.measure.step_fit import DEFAULT_MAX_BATCH, StepFit, cost_entry
 from chainserve.model import catalogue
 from chainserve.model.spec import ModelSpec, Problem, SpecError
+from chainserve.model.step_cost import StepCost
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +48,8 @@ class ProfileSettings:
     """What to measure: the stated ``prompt_tokens`` l_in and ``output_tokens`` l_out the τ are for;
     per server ``warmup`` discarded sessions, then ``repeats`` sessions at each of at most
     ``num_counts`` block counts, each a prefill, ``decode_steps`` decodes and a close; ``parallel``
-    profiles all servers at once (only when they do not share CPUs); ``seed`` orders the sessions."""
+    profiles all servers at once (only when they do not share CPUs); ``seed`` orders the sessions;
+    ``max_batch``: the largest decode batch of the step-cost profile (issue 18; 0: no step cost)."""
 
     prompt_tokens: int
     output_tokens: int
@@ -51,6 +59,7 @@ class ProfileSettings:
     num_counts: int = 6
     parallel: bool = False
     seed: int = 0
+    max_batch: int = DEFAULT_MAX_BATCH
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -60,10 +69,13 @@ class ProfileSettings:
             ("repeats", 1, 1000),
             ("warmup", 0, 1000),
             ("num_counts", 2, 1000),
+            ("max_batch", 0, 256),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise SpecError(name.replace("_", "-"), f"must be an integer in {low}..{high}, got {value!r}")
+        if self.max_batch == 1:
+            raise SpecError("max-batch", "must be 0 (no step cost) or at least 2: β needs two batch sizes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +135,8 @@ class Samples:
 class ServerProfile:
     """One server's fits and the τ they give for the settings' l_in, l_out (module docstring):
     ``tau_p_s`` τ^p_j (s per block per job), ``tau_c_s`` τ^c_j (s per job), ``ping_s`` the median
-    ``info`` round trip from the orchestrator, ``counts`` the block counts run."""
+    ``info`` round trip from the orchestrator, ``counts`` the block counts run; ``step_fit`` the
+    batched step-cost fit (issue 18; ``None`` when not profiled) and ``step`` its :class:`StepCost`."""
 
     name: str
     first_block: int
@@ -135,6 +148,11 @@ class ServerProfile:
     ping_s: float
     tau_p_s: float
     tau_c_s: float
+    step_fit: StepFit | None = None
+
+    @property
+    def step(self) -> StepCost | None:
+        return None if self.step_fit is None else self.step_fit.cost
 
 
 def server_profile(
@@ -201,10 +219,15 @@ def _model_entry(model: ModelSpec) -> dict:
     return entry if model.max_tokens is None else {**entry, "max_tokens": model.max_tokens}
 
 
-def cluster_dict(problem: Problem, profiles: Mapping[str, ServerProfile], settings: ProfileSettings) -> dict:
+def cluster_dict(
+    problem: Problem,
+    profiles: Mapping[str, ServerProfile],
+    settings: ProfileSettings,
+    head_cost: StepCost | None = None,
+) -> dict:
     """The profiled cluster in the cluster-file format (:mod:`chainserve.model.cluster_file`): the
-    served model and workload at the stated token lengths, every server with its measured τ (servers
-    not in ``profiles`` keep the served values)."""
+    served model and workload at the stated token lengths, every server with its measured τ and
+    ``step_cost`` (servers not in ``profiles`` keep the served values), ``head_cost`` when measured."""
     w = problem.workload
     servers = []
     for s in problem.servers:
@@ -212,6 +235,7 @@ def cluster_dict(problem: Problem, profiles: Mapping[str, ServerProfile], settin
         p = profiles.get(s.name)
         if p is not None:
             entry |= {"tau_p_s": _sig(p.tau_p_s), "tau_c_s": _sig(p.tau_c_s)}
+            entry |= {"step_cost": cost_entry(p.step)} if p.step is not None else {}
         else:
             entry |= {"tau_p_s": s.tau_p_s, "tau_c_s": s.tau_c_s}
             entry |= {"rtt_s": s.rtt_s} if s.rtt_s is not None else {}
@@ -227,11 +251,16 @@ def cluster_dict(problem: Problem, profiles: Mapping[str, ServerProfile], settin
         },
         "servers": servers,
     }
+    data |= {"head_cost": cost_entry(head_cost, head=True)} if head_cost is not None else {}
     return data | ({"bprr_sessions": problem.bprr_sessions} if problem.bprr_sessions is not None else {})
 
 
 def cluster_yaml(
-    problem: Problem, profiles: Mapping[str, ServerProfile], settings: ProfileSettings, source: str
+    problem: Problem,
+    profiles: Mapping[str, ServerProfile],
+    settings: ProfileSettings,
+    source: str,
+    head_cost: StepCost | None = None,
 ) -> str:
     """:func:`cluster_dict` as YAML, with a header saying what was measured, how and where."""
     kept = [s.name for s in problem.servers if s.name not in profiles]
@@ -241,16 +270,37 @@ def cluster_yaml(
         "step time on blocks run",
         f"# ({settings.repeats} repeats per block count, {settings.warmup} warm-up sessions per server).",
     ]
+    if any(p.step is not None for p in profiles.values()):
+        header.append(
+            f"# step_cost (issue 18): least-squares fits of decode iterations at b = 1..{settings.max_batch} sessions"
+            " and prefills of q tokens, t = c0 + m·(alpha + beta·x); r2: the worse fit's."
+        )
+    if head_cost is not None:
+        header.append("# head_cost: the orchestrator's LM head over n jobs, timed on this machine.")
     if kept:
         header.append(f"# Not measured (served values kept): {', '.join(kept)}.")
     body = yaml.safe_dump(
-        cluster_dict(problem, profiles, settings),
+        cluster_dict(problem, profiles, settings, head_cost),
         sort_keys=False,
         allow_unicode=True,
         width=120,
         default_flow_style=None,
     )
     return "\n".join(header) + "\n" + body
+
+
+def profiled_problem(
+    problem: Problem, profiles: Mapping[str, ServerProfile], head_cost: StepCost | None = None
+) -> Problem:
+    """``problem`` as measured, what :func:`cluster_dict` writes without the rounding: each profiled
+    server's τ^p_j, τ^c_j and (issue 18) ``step``, and ``head_cost`` when given."""
+    servers = tuple(
+        s
+        if (p := profiles.get(s.name)) is None
+        else replace(s, tau_p_s=p.tau_p_s, tau_c_s=p.tau_c_s, step=p.step if p.step is not None else s.step)
+        for s in problem.servers
+    )
+    return replace(problem, servers=servers, head_cost=head_cost if head_cost is not None else problem.head_cost)
 
 
 def relative_error(measured: float, configured: float) -> float:

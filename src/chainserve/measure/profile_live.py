@@ -7,19 +7,23 @@ count in shuffled order, each an admitted prefill, decode steps and a timed ``cl
 ping after each. Sessions go through the block server's ordinary protocol (:mod:`..runtime.client`),
 so they are admitted into the KV arena like a job's: profile an idle cluster. The orchestrator side
 needs no torch: hidden states for the torch backend are random vectors of the model's width.
+
+Then, unless ``max_batch`` is 0, each server's batched step cost (issue 18): decode iterations of b
+sessions stepped together and prefills of q tokens (:mod:`.profile_batch`), fitted per server into
+``ServerProfile.step`` (:mod:`.step_fit`). The head's cost is :func:`.profile_batch.measure_head`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
+import logging
 import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ import numpy as np
 import zmq
 
 from chainserve.measure.profile import ProfileSettings, Samples, ServerProfile, block_counts, server_profile
+from chainserve.measure.profile_batch import BatchPlan, batch_plan, model_config, plan_size, sample_batches
+from chainserve.measure.step_fit import PREFILL_TOKENS
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.plan_file import layout_from_dict
 from chainserve.plan.types import jobs_that_fit
@@ -37,6 +43,8 @@ from chainserve.runtime.backends.factory import BACKENDS
 from chainserve.runtime.client import BlockClient, ServerFailed, ServerRefused
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec
+
+log = logging.getLogger("chainserve.profile")
 
 #: Seconds to wait for one reply before calling a server unresponsive.
 REPLY_TIMEOUT_S = 120.0
@@ -71,40 +79,26 @@ def served_cluster(url: str) -> Served:
     return Served(layout.problem, endpoints, int(status.get("num_running", 0)))
 
 
-def profiling_specs(problem: Problem, max_tokens: int) -> list[ServerSpec]:
+def profiling_specs(problem: Problem, max_tokens: int, max_batch: int = 0) -> list[ServerSpec]:
     """One block server per server of ``problem`` that can hold a block: blocks 1..m_j with m_j the
     most blocks its memory holds with one job's cache on each (M_j ≥ m·(s_m + s_c)), one session at a
     time, emulated timing as ``serve`` gives it (τ^p_j/l_out per block per step, τ^c_j/(2·l_out) each
-    way, :mod:`chainserve.runtime.layout`)."""
+    way, :mod:`chainserve.runtime.layout`). With ``max_batch`` (the step-cost profile, issue 18) its
+    arena holds the block-slots the rest of its memory holds (⌊(M_j − m_j·s_m)/s_c⌋, at most
+    ``max_batch``·m_j, at least 2), so batches of sessions fit as they would when served."""
     model = problem.model
     specs = []
     for j, s in enumerate(problem.servers):
         m = min(model.num_blocks, jobs_that_fit(s.memory_gb, model.block_size_gb + model.cache_size_gb))
         if m >= 1:
-            specs.append(ServerSpec.of(problem, j, SpanInfo(1, m, m, max_tokens)))
+            slots = m
+            if max_batch:
+                held = jobs_that_fit(s.memory_gb - m * model.block_size_gb, model.cache_size_gb)
+                slots = max(2, m, min(held, max_batch * m))
+            specs.append(ServerSpec.of(problem, j, SpanInfo(1, m, slots, max_tokens)))
     if not specs:
         raise SpecError("cluster", "no server can hold one block with one job's cache")
     return specs
-
-
-def model_config(model: str | None, num_blocks: int | None = None) -> dict[str, Any]:
-    """The torch model's ``config.json``: ``model`` is a name, a path, or the id block servers report
-    (a directory of the model cache); ``num_blocks``: the layers it must have."""
-    from chainserve.runtime.models import default_cache_dir, resolve_model
-
-    if model is None:
-        raise SpecError("model", "the torch backend needs --model (a name such as tiny-random, or a path)")
-    cached = default_cache_dir() / model
-    try:
-        folder = cached if (cached / "config.json").is_file() else resolve_model(model)
-    except ValueError as exc:
-        raise SpecError("model", f"{exc}; give --model, the NAME|PATH the servers were started with") from None
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if num_blocks is not None and config.get("num_hidden_layers") != num_blocks:
-        raise SpecError(
-            "model", f"{model} has {config.get('num_hidden_layers')} blocks but the cluster's model has {num_blocks}"
-        )
-    return config
 
 
 def wire_maker(backend: str, model: str | None) -> Callable[[int], WireTensor]:
@@ -151,6 +145,8 @@ class _Run:
     counts: tuple[int, ...]
     prompt: WireTensor
     token: WireTensor
+    make_wire: Callable[[int], WireTensor]
+    batch: BatchPlan | None
 
 
 def _prepare(
@@ -167,7 +163,13 @@ def _prepare(
             "decode-steps", f"{client.name} caches {info['max_tokens']} positions: too few for {settings.decode_steps}"
         )
     first, num = int(info["first_block"]), int(info["num_blocks"])
-    return _Run(client.name, client, first, num, counts, make_wire(prompt_len), make_wire(1))
+    batch = None
+    if settings.max_batch:
+        batch = batch_plan(info, prompt_len, settings.decode_steps, settings.max_batch)
+        if max(b for _, b in batch.decode) < 2:
+            log.warning("%s: no free block-slots for two sessions at once: no step cost", client.name)
+            batch = None
+    return _Run(client.name, client, first, num, counts, make_wire(prompt_len), make_wire(1), make_wire, batch)
 
 
 async def _session(run: _Run, m: int, decode_steps: int) -> tuple[float, list[float], float]:
@@ -186,7 +188,21 @@ async def _session(run: _Run, m: int, decode_steps: int) -> tuple[float, list[fl
 async def _measure(run: _Run, settings: ProfileSettings, advance: Callable[[], None]) -> ServerProfile:
     with _server_errors(run.name):
         samples = await _sample(run, settings, advance)
-    return server_profile(run.name, run.first_block, run.num_blocks, run.counts, samples, settings)
+    profile = server_profile(run.name, run.first_block, run.num_blocks, run.counts, samples, settings)
+    if run.batch is None:
+        return profile
+    with _server_errors(run.name):
+        batches = await sample_batches(
+            run.client,
+            run.first_block,
+            run.num_blocks,
+            run.batch,
+            run.make_wire,
+            settings.decode_steps,
+            settings.repeats,
+            advance,
+        )
+    return replace(profile, step_fit=batches.fit(run.name))
 
 
 async def _sample(run: _Run, settings: ProfileSettings, advance: Callable[[], None]) -> Samples:
@@ -231,7 +247,12 @@ async def measure_servers(
         first = infos[clients[0].name]  # every server of a cluster runs the same backend and model
         make_wire = functools.cache(wire_maker(str(first["backend"]), model or str(first["model_id"])))
         runs = [_prepare(client, infos[client.name], settings, make_wire) for client in clients]
-        total = sum(settings.warmup + len(run.counts) * settings.repeats for run in runs)
+        total = sum(
+            settings.warmup
+            + len(run.counts) * settings.repeats
+            + (plan_size(run.batch, settings.repeats) if run.batch else 0)
+            for run in runs
+        )
         with progress_bar() as bar:
             task = bar.add_task("profiling", total=total)
 
@@ -258,13 +279,16 @@ async def profile_cluster(
     delay_s: Mapping[str, float],
 ) -> dict[str, ServerProfile]:
     """Start a block server for every server of ``problem`` (:func:`profiling_specs`) as child
-    processes, profile them, and stop them whatever happens."""
+    processes, profile them (τ, and with ``settings.max_batch`` the batched ``step`` of issue 18),
+    and stop them whatever happens."""
     max_tokens = settings.prompt_tokens + settings.decode_steps
+    if settings.max_batch:  # the step-cost profile's prefills (issue 18)
+        max_tokens = max(max_tokens, max(PREFILL_TOKENS))
     wire_maker(backend, model)  # checks the backend and, for torch, the model, before anything starts
     if backend == "torch":
         config = model_config(model, problem.model.num_blocks)
         max_tokens = min(max_tokens, int(config.get("max_position_embeddings", max_tokens)))
-    specs = profiling_specs(problem, max_tokens)
+    specs = profiling_specs(problem, max_tokens, settings.max_batch)
     names = {spec.name for spec in specs}
     for option, values in (("slowdown", slowdown), ("delay-ms", delay_s)):
         unknown = sorted(set(values) - names)
