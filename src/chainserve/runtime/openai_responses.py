@@ -63,9 +63,11 @@ def completion_logprobs(
         text = decode([token_id])
         out["tokens"].append(text)
         out["token_logprobs"].append(None if lp is None else lp.logprob)
-        top = None if lp is None else {decode([t]): v for t, v in lp.top}
-        if top is not None:
-            top.setdefault(text, lp.logprob)
+        top: dict[str, float] | None = None
+        if lp is not None:  # tokens that read the same keep the likelier one's value
+            top = {}
+            for t, v in (*lp.top, (token_id, lp.logprob)):
+                top.setdefault(decode([t]), v)
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
