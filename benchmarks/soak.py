@@ -1,14 +1,19 @@
-"""Soak: mixed load on a live emulated cluster while block servers are killed and restarted and
-malformed requests arrive; nothing may be lost (the reliability issue's soak, ≤ 10 minutes).
+"""Soak: mixed load on a live emulated cluster while block servers and orchestrators are killed and
+malformed requests arrive; nothing may be lost (the reliability issues' soak, ≤ 10 minutes).
 
-Starts ``chainserve serve`` on the 6-server emulated test cluster (as a user would), then for
-``--minutes``: streamed completions of random lengths from several clients, some of which hang up
-early (cancellations); a malformed request every second (each must get a 4xx); every ``--fault-every``
-seconds a random block server gets SIGKILL and is restarted by hand (same id and port, from the saved
-plan) a few seconds later. Every completed answer is checked against the emulated model's greedy text.
+Starts ``chainserve serve --detach-servers`` on the 6-server emulated test cluster (as a user would)
+and a standby orchestrator for it (``serve --standby-of``), both behind a health-checked balancer
+(:mod:`chainserve.measure.balancer`), then for ``--minutes``: completions of random lengths from
+several clients with the official ``openai`` client (non-streamed, its default retries), some of which
+hang up early (cancellations); a malformed request every second (each must get a 4xx); every
+``--fault-every`` seconds a random block server gets SIGKILL and is restarted by hand (same id and
+port, from the saved plan) a few seconds later; every ``--orchestrator-every`` seconds the active
+orchestrator gets SIGKILL, the standby takes over and a new standby is started for it. Every
+completed answer is checked against the emulated model's greedy text; lost counts what a client saw
+fail.
 
     python benchmarks/soak.py                 # 3 minutes
-    python benchmarks/soak.py --minutes 9
+    python benchmarks/soak.py --minutes 9 --orchestrator-every 45
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
-from chainserve.measure.bench import BenchRequest, completion_body, stream_request
+from chainserve.measure.balancer import Balancer
 from chainserve.runtime.backends.emulated import EmulatedHead
+from chainserve.runtime.client import BlockClient, stop_servers
 
 CLUSTER = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data" / "emulated-6.yaml"
 PROMPTS = [
@@ -51,44 +58,29 @@ BAD_BODIES = [
 ]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
-    (workdir / "token").write_text(os.urandom(8).hex())
+def start_serve(workdir: Path, name: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """``chainserve serve ARGS`` (an active orchestrator or a standby) and its URL once ready."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "chainserve",
-            "serve",
-            str(CLUSTER),
-            "--backend",
-            "emulated",
-            "--planner",
-            "greedy",
-            "--port",
-            "0",
-            "--token-file",
-            str(workdir / "token"),
-            "--log-dir",
-            str(workdir / "logs"),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=open(workdir / "serve.err", "wb"),
-        text=True,
-    )
+        [sys.executable, "-m", "chainserve", "serve", *args, "--port", "0", "--token-file", str(workdir / "token"),
+         "--log-dir", str(workdir / name), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=open(workdir / f"{name}.err", "wb"), text=True,
+    )  # fmt: skip
     for line in proc.stdout:
         match = re.search(r"on (http://\S+)", line)
         if match:
             return proc, match.group(1)
-    raise SystemExit("chainserve serve did not start: " + (workdir / "serve.err").read_text()[-2000:])
+    raise SystemExit(f"chainserve serve ({name}) did not start: " + (workdir / f"{name}.err").read_text()[-2000:])
 
 
-async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) -> dict:
+async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float, clients: int, seed: int) -> dict:
     rng = random.Random(seed)
     head = EmulatedHead("toy", 8, 4096)
     workdir = Path(tempfile.mkdtemp(prefix="chainserve-soak-"))
-    proc, url = start_server(workdir)
+    (workdir / "token").write_text(os.urandom(8).hex())
+    orchestrators = [start_serve(workdir, "o0", str(CLUSTER), "--planner", "greedy", "--detach-servers")]
+    orchestrators.append(start_serve(workdir, "o1", "--standby-of", orchestrators[0][1]))
+    balancer = Balancer([url for _, url in orchestrators])
+    url = balancer.url
     counts = {
         "sent": 0,
         "completed": 0,
@@ -100,14 +92,19 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
         "bad_inputs_rejected": 0,
         "kills": 0,
         "restarts": 0,
+        "orchestrator_kills": 0,
     }
     deadline = time.monotonic() + minutes * 60
+    endpoints: dict[str, str] = {}
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        async with httpx.AsyncClient(base_url=orchestrators[0][1], timeout=300) as http:
             plan = (await http.get("/plan")).json()
             (workdir / "plan.json").write_text(json.dumps(plan))
             status = (await http.get("/status")).json()
-            ports = {s["name"]: s["endpoint"].rsplit(":", 1)[1] for s in status["servers"]}
+        endpoints = {s["name"]: s["endpoint"] for s in status["servers"]}
+        ports = {name: endpoint.rsplit(":", 1)[1] for name, endpoint in endpoints.items()}
+        oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=300)
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
 
             async def client() -> None:
                 while time.monotonic() < deadline:
@@ -115,31 +112,37 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
                     counts["sent"] += 1
                     patience = 0.2 if rng.random() < 0.1 else None  # some clients hang up after a moment
                     try:
-                        body = completion_body(0, BenchRequest(0.0, 0, max_tokens, prompt=prompt), None)
-                        result = await asyncio.wait_for(stream_request(http, body), patience)
+                        answer = await asyncio.wait_for(
+                            oai.completions.create(
+                                model="emulated/toy", prompt=prompt, max_tokens=max_tokens, temperature=0
+                            ),
+                            patience,
+                        )
                     except TimeoutError:
                         counts["cancelled_by_client"] += 1
                         continue
-                    if not result.ok:
+                    except openai.OpenAIError:
                         counts["lost"] += 1
-                    elif result.text != head.greedy_text(prompt, max_tokens):
+                        continue
+                    if answer.choices[0].text != head.greedy_text(prompt, max_tokens):
                         counts["wrong_text"] += 1
                         counts["lost"] += 1
                     else:
                         counts["completed"] += 1
-                        counts["resumed"] += result.num_attempts > 1
+                        counts["resumed"] += answer.model_extra["chainserve"]["num_attempts"] > 1
 
             async def bad_inputs() -> None:
                 while time.monotonic() < deadline:
                     body = rng.choice(BAD_BODIES)
-                    counts["bad_inputs_sent"] += 1
                     kwargs = (
                         {"content": body, "headers": {"content-type": "application/json"}}
                         if isinstance(body, str)
                         else {"json": body}
                     )
                     response = await http.post("/v1/completions", **kwargs)
-                    counts["bad_inputs_rejected"] += 400 <= response.status_code < 500
+                    if response.status_code != 503:  # no orchestrator for a moment: not an answer
+                        counts["bad_inputs_sent"] += 1
+                        counts["bad_inputs_rejected"] += 400 <= response.status_code < 500
                     await asyncio.sleep(1.0)
 
             async def faults() -> None:
@@ -147,33 +150,47 @@ async def soak(minutes: float, fault_every_s: float, clients: int, seed: int) ->
                     await asyncio.sleep(fault_every_s)
                     infos = (await http.get("/status")).json()["servers"]
                     victim = rng.choice([s["name"] for s in infos if s["alive"]])
-                    pid = await server_pid(workdir, plan, victim, status)
+                    pid = await server_pid(workdir, victim, endpoints[victim])
                     os.kill(pid, signal.SIGKILL)
                     counts["kills"] += 1
-                    print(f"  killed {victim}", flush=True)
+                    print(f"  killed block server {victim}", flush=True)
                     await asyncio.sleep(rng.uniform(2, 6))
                     restart(workdir, victim, ports[victim])
                     counts["restarts"] += 1
                     print(f"  restarted {victim}", flush=True)
 
-            await asyncio.gather(faults(), bad_inputs(), *(client() for _ in range(clients)))
+            async def orchestrator_faults() -> None:
+                while orchestrator_every_s > 0 and time.monotonic() + orchestrator_every_s < deadline:
+                    await asyncio.sleep(orchestrator_every_s)
+                    (active, _), (_, standby_url) = orchestrators[-2], orchestrators[-1]
+                    active.send_signal(signal.SIGKILL)
+                    active.wait()
+                    counts["orchestrator_kills"] += 1
+                    print("  killed the active orchestrator", flush=True)
+                    while (await http.get("/health")).status_code != 200:  # the balancer finds the standby
+                        await asyncio.sleep(0.1)
+                    name = f"o{len(orchestrators)}"
+                    orchestrators.append(
+                        await asyncio.to_thread(start_serve, workdir, name, "--standby-of", standby_url)
+                    )
+                    balancer.backends = [standby_url, orchestrators[-1][1]]
+                    print(f"  the standby took over; {name} stands by for it", flush=True)
+
+            await asyncio.gather(faults(), orchestrator_faults(), bad_inputs(), *(client() for _ in range(clients)))
             final = (await http.get("/status")).json()
             counts["servers_alive_at_end"] = sum(s["alive"] for s in final["servers"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        for extra in workdir.glob("restarted-*.pid"):
-            try:
-                os.kill(int(extra.read_text()), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        balancer.close()
+        for proc, _ in orchestrators:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+        if endpoints:  # the detached block servers, restarted ones included
+            await stop_servers(endpoints, (workdir / "token").read_text(), timeout_s=2)
     return counts
 
 
-async def server_pid(workdir: Path, plan: dict, name: str, status: dict) -> int:
-    from chainserve.runtime.client import BlockClient
-
-    endpoint = next(s["endpoint"] for s in status["servers"] if s["name"] == name)
+async def server_pid(workdir: Path, name: str, endpoint: str) -> int:
     client = BlockClient(name, endpoint, (workdir / "token").read_text())
     try:
         return int((await client.info())["pid"])
@@ -203,24 +220,28 @@ def restart(workdir: Path, name: str, port: str) -> None:
         text=True,
     )
     proc.stdout.readline()
-    (workdir / f"restarted-{name}-{proc.pid}.pid").write_text(str(proc.pid))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="how long to run (at most 10)")
     parser.add_argument("--fault-every", type=float, default=15.0, help="seconds between server kills")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
+    parser.add_argument("--orchestrator-every", type=float, default=40.0,
+                        help="seconds between kills of the active orchestrator (0: none)")  # fmt: skip
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0 < args.minutes <= 10:
         raise SystemExit("error: minutes: must lie in (0, 10]")
-    counts = asyncio.run(soak(args.minutes, args.fault_every, args.clients, args.seed))
+    counts = asyncio.run(soak(args.minutes, args.fault_every, args.orchestrator_every, args.clients, args.seed))
     print(
         f"requests served        {counts['completed']} of {counts['sent']} sent "
         f"({counts['resumed']} resumed after a failure, {counts['cancelled_by_client']} hung up by their client)"
     )
-    print(f"faults injected        {counts['kills']} kills (SIGKILL), {counts['restarts']} restarts by hand")
+    print(
+        f"faults injected        {counts['kills']} block-server kills (SIGKILL), {counts['restarts']} restarts "
+        f"by hand, {counts['orchestrator_kills']} orchestrator kills (SIGKILL; a standby took over)"
+    )
     print(f"bad inputs rejected    {counts['bad_inputs_rejected']} of {counts['bad_inputs_sent']} (4xx)")
     print(f"lost                   {counts['lost']} (wrong text: {counts['wrong_text']})")
     print(f"servers alive at end   {counts['servers_alive_at_end']}")

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from chainserve.methods import build_method
 from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
 from chainserve.plan.best import best_plan, plan_with
+from chainserve.plan.budget import Budget, WorkLimits
 from chainserve.plan.candidates import variant_placements, walk
 from chainserve.plan.complete import complete, fastest_paths, tighten
 from chainserve.plan.csearch import search_c
@@ -97,7 +98,7 @@ def test_local_search_never_returns_worse():
     problem = toy()
     start = search_c(problem)
     found, used = local_search(
-        problem, start, lambda pl: complete(problem, pl, exact=False), np.random.default_rng(0), 50, float("inf")
+        problem, start, lambda pl: complete(problem, pl, exact=False), np.random.default_rng(0), 50, lambda: False
     )
     check_plan(found)
     assert used <= 50 and found.bounds.lower_s <= start.bounds.lower_s
@@ -106,7 +107,7 @@ def test_local_search_never_returns_worse():
 def test_milp_placements_are_valid():
     problem = toy()
     greedy = search_c(problem)
-    for placement in milp_placements(problem, [greedy], float("inf")):
+    for placement in milp_placements(problem, [greedy], Budget(WorkLimits(), 60.0)):
         check_placement(problem, placement)
         complete(problem, placement).check()
 

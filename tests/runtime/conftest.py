@@ -112,3 +112,19 @@ def block_server_by_hand(plan_file: Path, name: str, token_file: Path, port: str
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     return proc, json.loads(proc.stdout.readline())["endpoint"].removeprefix("tcp://")
+
+
+def by_hand_cluster(tmp_path: Path, token: str) -> tuple[str, dict[str, subprocess.Popen], dict[str, str]]:
+    """The greedy plan of emulated-6 saved in ``tmp_path`` and a block server started by hand (secret
+    ``token``) for each placed server: the plan file, their processes and ``host:port`` by name."""
+    plan_file = tmp_path / "plan.json"
+    plan = subprocess.run(
+        [sys.executable, "-m", "chainserve", "plan", str(EMULATED_6), "--planner", "greedy", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    plan_file.write_text(plan)
+    (tmp_path / "token").write_text(token)
+    procs, endpoints = {}, {}
+    for s in json.loads(plan)["servers"]:
+        procs[s["name"]], endpoints[s["name"]] = block_server_by_hand(plan_file, s["name"], tmp_path / "token")
+    return str(plan_file), procs, endpoints

@@ -51,7 +51,8 @@ class FakeEngine:
         self.delay_s = 0.0  # between tokens
         self.queue_s = 0.0  # before the first token
         self.fail_after: int | None = None  # raise RuntimeError after this many tokens
-        self.healthy = True
+        self.dead: list[str] = []
+        self.serving = True
         self.closed: list[bool] = []
         self.params: list[SamplingParams] = []
 
@@ -113,7 +114,13 @@ class FakeEngine:
         return {"c": 2, "chains": [{"servers": ["s0", "s1"], "capacity": 2}]}
 
     def status(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "num_running": 0, "num_waiting": 0}
+        return {
+            "healthy": not self.dead,
+            "serving": self.serving,
+            "dead": self.dead,
+            "num_running": 0,
+            "num_waiting": 0,
+        }
 
 
 @pytest.fixture
@@ -412,8 +419,12 @@ def test_engine_failure(engine, metrics):
 
 def test_health_plan_status(http, engine):
     assert http.get("/health").json() == {"status": "ok"}
-    engine.healthy = False
-    assert http.get("/health").status_code == 503
+    engine.dead = ["s1"]  # a server is gone, another chain still serves
+    r = http.get("/health")
+    assert (r.status_code, r.json()) == (200, {"status": "degraded", "dead": ["s1"]})
+    engine.serving = False  # no chain left
+    r = http.get("/health")
+    assert (r.status_code, r.json()["status"]) == (503, "unavailable")
     assert http.get("/plan").json()["c"] == 2
     assert http.get("/status").json()["healthy"] is False
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, server_infos, serving
+from tests.runtime.conftest import DATA, EMULATED_6, block_server_by_hand, by_hand_cluster, server_infos, serving
 
 from chainserve.measure.bench import BenchRequest, RequestResult, run_bench
 from chainserve.runtime.backends.emulated import EmulatedHead
@@ -216,3 +216,30 @@ def test_losing_every_server_of_a_block_places_the_model_anew_on_the_survivors(t
         assert "replaced" in [c["reason"] for c in plan["changes"]]
         assert not {s["name"] for s in plan["servers"]} & set(first)
         assert min(s["start_block"] for s in plan["servers"]) == 1 and plan["chains"]
+
+
+def test_health_is_degraded_while_a_chain_serves_and_unavailable_once_block_1_is_gone(tmp_path) -> None:
+    """Servers started by hand (nothing restarts them): with s0 killed the chains through s3 still
+    serve, so ``/health`` is 200 ``degraded`` while requests complete; with s3 killed too no live
+    server holds block 1, nothing can be placed anew, and ``/health`` is 503."""
+    plan_file, procs, endpoints = by_hand_cluster(tmp_path, "health-token")
+    first = {s["name"] for s in json.loads(Path(plan_file).read_text())["servers"] if s.get("start_block") == 1}
+    assert first == {"s0", "s3"}
+    try:
+        by_hand = ("--plan", str(plan_file), "--servers", ",".join(f"{n}={e}" for n, e in endpoints.items()))
+        with serving(*by_hand, "--heartbeat-deadline-s", "1", tmp_path=tmp_path, token="health-token") as served:
+            assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+            procs["s0"].kill()
+            wait_for(lambda: httpx.get(served.url + "/health").json()["status"] == "degraded")
+            health = httpx.get(served.url + "/health")
+            assert (health.status_code, health.json()["dead"]) == (200, ["s0"])
+            results = run_load(served.url, PROMPTS, 6, concurrency=4)
+            assert all(r.ok for r in results)
+            assert httpx.get(served.url + "/health").status_code == 200
+            procs["s3"].kill()
+            wait_for(lambda: httpx.get(served.url + "/health").status_code == 503)
+            assert httpx.get(served.url + "/health").json() == {"status": "unavailable", "dead": ["s0", "s3"]}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(10)

@@ -93,7 +93,7 @@ def test_profile_a_cluster_file(tmp_path: Path) -> None:
         (("--url", "http://127.0.0.1:9"), "url"),
         (("MISSING.yaml",), "MISSING.yaml"),
         ((str(DATA / "tiny-3.yaml"), "--repeats", "0"), "repeats"),
-        ((str(DATA / "tiny-3.yaml"), "--backend", "torch"), "model"),
+        ((str(DATA / "emulated-6.yaml"), "--backend", "torch"), "model"),  # its model is no torch model
         ((str(DATA / "tiny-3.yaml"), "--slowdown", "nobody=2"), "slowdown"),
     ],
 )

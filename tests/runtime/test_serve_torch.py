@@ -5,6 +5,8 @@ and non-streaming agree (paper §4.2; issue: serving runtime)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -52,10 +54,18 @@ def check_served_equals_reference(url: str, model_id: str, model: str, max_token
 
 
 def test_tiny_model_through_three_block_servers_equals_generate(tmp_path) -> None:
-    cluster = str(DATA / "tiny-3.yaml")
-    with serving(cluster, "--backend", "torch", "--model", "tiny-random", tmp_path=tmp_path) as served:
+    cluster = str(DATA / "tiny-3.yaml")  # its model is tiny-random: no --model needed
+    with serving(cluster, "--backend", "torch", tmp_path=tmp_path) as served:
         assert served.get("/v1/models")["data"][0]["id"] == "tiny-random"
         check_served_equals_reference(served.url, "tiny-random", "tiny-random", 12)
+
+
+def test_a_cluster_model_the_torch_backend_cannot_run_is_a_clear_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "chainserve", "serve", str(DATA / "emulated-6.yaml"), "--backend", "torch"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0 and "'toy'" in out.stderr and "smollm2-135m" in out.stderr, out.stderr
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ COMMANDS = {
     "profile": ("profile_cmd", "profile"),
     "bench": ("bench_cmd", "bench"),
     "block-server": ("block_server_cmd", "block_server"),
+    "stop": ("stop_cmd", "stop"),
     "demo": ("demo_cmd", "demo"),
 }
 

@@ -54,6 +54,48 @@ def user_errors() -> Iterator[None]:
         raise fail(f"{exc.filename or 'file'}: {exc.strerror or exc}") from None
 
 
+@contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code prints on file descriptor 1 to stderr meanwhile: HiGHS (under
+    ``scipy.optimize.milp``) prints stray debug lines there, which would corrupt ``--json`` output.
+    C's stdio buffers are flushed on both sides so nothing printed inside lands on stdout later."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (AttributeError, OSError):  # stdout closed: nothing to protect
+        yield
+        return
+    libc.fflush(None)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextmanager
+def stdout_errors() -> Iterator[None]:
+    """A closed, full or broken stdout is an error (``error: stdout: …``, exit 2), never a silent exit 0
+    with nothing written: checked before and around the writes, and flushed at the end."""
+    if sys.stdout is None:
+        raise fail("stdout: closed; nothing can be written")
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        try:  # keep the interpreter's own flush at exit from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        reason = "broken pipe (the reader went away)" if isinstance(exc, BrokenPipeError) else exc.strerror or exc
+        raise fail(f"stdout: {reason}; the output is incomplete") from None
+
+
 def usage_error_line(exc: click_errors.ClickException) -> str:
     """``<field>: <message>`` for a usage error of the command-line library.
 

@@ -16,9 +16,11 @@ from chainserve.cli.common import (
     ClusterArgument,
     check_image_path,
     fmt_s,
+    native_stdout_to_stderr,
     renamed,
     stderr_console,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
 from chainserve.model import limits
@@ -28,7 +30,7 @@ from chainserve.plan.best import best_plan
 from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
 from chainserve.plan.plan_file import layout_to_dict
-from chainserve.plan.types import Plan
+from chainserve.plan.types import Plan, SearchReport
 from chainserve.progress import progress_bar, spinner
 
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
@@ -111,22 +113,28 @@ def plan(
         if plot is not None:
             check_image_path("plot", plot)
         problem = _with_overrides(load_cluster(cluster or DEFAULT_CLUSTER), rate, rho_bar)
-        with renamed("arrival_rate", "rate") if rate is not None else nullcontext():
+        with renamed("arrival_rate", "rate") if rate is not None else nullcontext(), native_stdout_to_stderr():
             result = _make_plan(problem, c_value, objective.value, err, planner.value)
         commands = petals_commands(result) if export is Export.petals else None
         if plot is not None:
             from chainserve.plan.plot import plot_plan  # matplotlib only when asked for
 
             plot_plan(result, plot)
-    if as_json:
-        data = layout_to_dict(result)  # a plan file: chainserve serve --plan / block-server --plan
-        if commands is not None:
-            data["export"] = {"petals": commands}
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        _print_plan(result, stdout_console())
-        if commands is not None:
-            typer.echo("\n".join(commands))
+    with stdout_errors():
+        if as_json:
+            data = layout_to_dict(result)  # a plan file: chainserve serve --plan / block-server --plan
+            if commands is not None:
+                data["export"] = {"petals": commands}
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            _print_plan(result, stdout_console())
+            if commands is not None:
+                typer.echo("\n".join(commands))
+    if result.search is not None and result.search.cut_short:
+        err.print(
+            f"[bold yellow]warning:[/] the best planner's {result.search.time_limit_s:g} s time limit cut its "
+            "search short: this is the best plan found so far, and another machine may find another"
+        )
     if not result.is_stable:
         err.print(
             f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "
@@ -246,6 +254,17 @@ def _idle_servers(result: Plan, unplaced: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _search_line(search: SearchReport) -> str:
+    """The best planner's work and time, and whether its safety net cut it short."""
+    line = (
+        f"best planner: {search.num_evaluations} placements completed, {search.num_milp_nodes} MILP nodes, "
+        f"{search.elapsed_s:.1f} s of {search.time_limit_s:g} s, seed {search.seed}"
+    )
+    if search.cut_short:
+        return f"{line}; [bold yellow]cut short by the time limit: best plan found so far[/]"
+    return f"{line}; ended by its work limits (the same plan on any machine)"
+
+
 def _summary(result: Plan) -> Table:
     problem = result.problem
     w = problem.workload
@@ -283,6 +302,8 @@ def _summary(result: Plan) -> Table:
         )
     else:
         rows.append(("mean response", "[bold red]UNSTABLE: λ ≥ ν, unbounded[/]"))
+    if result.search is not None:
+        rows.append(("search", _search_line(result.search)))
     for key, value in rows:
         table.add_row(key, value)
     return table

@@ -117,6 +117,7 @@ def profile(
     from chainserve.measure import profile_live
     from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree
     from chainserve.model.cluster_file import load_cluster
+    from chainserve.runtime.models import torch_model_for
 
     progress.SHOW_PROGRESS = not quiet
     with user_errors():
@@ -129,6 +130,8 @@ def profile(
         _check_out(out)
         served = profile_live.served_cluster(url) if url is not None else None
         problem = served.problem if served is not None else load_cluster(cluster)
+        if backend == "torch" and served is None:  # the cluster's own model when --model is absent
+            model = torch_model_for(problem.model.name, model)
         w = problem.workload
         settings = ProfileSettings(
             prompt_tokens or w.prompt_tokens,

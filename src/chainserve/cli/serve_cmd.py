@@ -140,6 +140,25 @@ def serve(
     adapt_horizon_s: Annotated[
         float, typer.Option(help="With --adapt: seconds a new plan is expected to stay (weighs gain vs cost).")
     ] = 1800.0,
+    detach_servers: Annotated[
+        bool,
+        typer.Option(
+            "--detach-servers",
+            help="Local launcher: block servers outlive this process (a new orchestrator attaches to them; "
+            "chainserve stop ends them).",
+        ),
+    ] = False,
+    standby_of: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="Stand by for the orchestrator at URL (503 meanwhile) and take its block servers over when it "
+            "stops answering (no CLUSTER, --plan or --servers) (default: none).",
+        ),
+    ] = None,
+    standby_deadline_s: Annotated[
+        float, typer.Option(help="With --standby-of: take over after this many seconds without an answer.")
+    ] = 1.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Plan a cluster, start its block servers and serve an OpenAI-compatible API."""
@@ -183,9 +202,15 @@ def serve(
             device=next((d for d in device or [] if "=" not in d), "auto"),
             devices=parse_pairs([d for d in device or [] if "=" in d], "device", number=False),
             max_batch_tokens=max_batch_tokens,
+            detach_servers=detach_servers,
+            standby_of=standby_of.rstrip("/") if standby_of else None,
+            standby_deadline_s=standby_deadline_s,
         )
 
     def ready(url: str, service) -> None:
+        if service is None:
+            typer.echo(f"chainserve: standing by for {standby_of} on {url}")
+            return
         typer.echo(
             f"chainserve: serving {service.orchestrator.model_id} on {url} "
             f"(method {service.orchestrator.method}, {len(service.specs)} block servers, "

@@ -29,9 +29,11 @@ from chainserve.cli.common import (
     ClusterArgument,
     PlannerOption,
     fmt_s,
+    native_stdout_to_stderr,
     renamed,
     stderr_console,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
 from chainserve.cli.plan_cmd import DEFAULT_CLUSTER
@@ -138,7 +140,11 @@ def simulate(
             arrivals, arrivals_text = profile, f"Poisson, rate profile {rate_profile}"
         rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
         _check_span(problem, requests, rate_field)
-        with spinner(err, f"simulating {requests} requests of {name} …"), renamed("arrival_rate", rate_field):
+        with (
+            spinner(err, f"simulating {requests} requests of {name} …"),
+            renamed("arrival_rate", rate_field),
+            native_stdout_to_stderr(),
+        ):
             try:
                 run = run_method(
                     problem, name, seed, requests, arrivals, service, warmup, planner, AdaptConfig() if adapt else None
@@ -153,16 +159,17 @@ def simulate(
                     "examples/paper-testbed-llama2-7b.yaml)",
                 ) from None
     plan = run.setup.plan_or_placement
-    if as_json:
-        data = _to_json(run, name, problem, arrivals_text, service, warmup)
-        if adapt or profile is not None:
-            data["plan_changes"] = len(run.transitions)
-            data["changes"] = [_change_json(t) for t in run.transitions]
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        _print_run(run, name, problem, arrivals_text, service, warmup, stdout_console())
-        if adapt:
-            _print_changes(run, stdout_console())
+    with stdout_errors():
+        if as_json:
+            data = _to_json(run, name, problem, arrivals_text, service, warmup)
+            if adapt or profile is not None:
+                data["plan_changes"] = len(run.transitions)
+                data["changes"] = [_change_json(t) for t in run.transitions]
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            _print_run(run, name, problem, arrivals_text, service, warmup, stdout_console())
+            if adapt:
+                _print_changes(run, stdout_console())
     if isinstance(plan, Plan) and not plan.is_stable:
         err.print(
             f"[bold red]warning:[/] unstable plan: λ = {problem.arrival_rate_per_s:g}/s ≥ "

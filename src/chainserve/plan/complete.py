@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from chainserve.model.spec import Problem
+from chainserve.plan.budget import Budget
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.exact import best_maximal_allocation, job_block_room, optimal_allocation
 from chainserve.plan.gca import gca
@@ -64,10 +65,13 @@ def fastest_paths(problem: Problem, spans: Sequence[Span], room: Callable[[Span]
     return [path for _, path in best.get(L, [])]
 
 
-def complete(problem: Problem, placement: Placement, exact: bool = True, c: int | None = None) -> Plan:
+def complete(
+    problem: Problem, placement: Placement, exact: bool = True, c: int | None = None, budget: Budget | None = None
+) -> Plan:
     """GCA's plan for ``placement`` and, with ``exact``, the optimal allocation over GCA's chains and
     the fastest routing paths when that is at most :data:`MAX_ALLOCATION_PATHS` columns; the better
-    by :func:`score`. Cost: one GCA (O(rounds·J·L)) plus one small MILP.
+    by :func:`score`. Cost: one GCA (O(rounds·J·L)) plus one small MILP, limited by ``budget`` (the
+    allocation is then the best found within its nodes; none once the budget has no MILP work left).
     """
     chains = gca(problem, placement)
     plan = make_plan(problem, placement, chains, c)
@@ -81,11 +85,12 @@ def complete(problem: Problem, placement: Placement, exact: bool = True, c: int 
         )
         columns.update((p, None) for p in paths)
     try:
-        alternative = optimal_allocation(problem, placement, tuple(columns))
+        alternative = make_plan(
+            problem, placement, optimal_allocation(problem, placement, tuple(columns), budget=budget).chains, c
+        )
+        plan = alternative if is_better(alternative, plan) else plan
     except ValueError:
-        return plan
-    alternative = make_plan(problem, placement, alternative.chains, c)
-    plan = alternative if is_better(alternative, plan) else plan
+        pass  # no allocation found (or no MILP work left): GCA's stands
     exact_plan = bound_optimal_allocation(problem, placement, tuple(columns), plan, c)
     return exact_plan if exact_plan is not None else plan
 

@@ -68,16 +68,20 @@ def searched_reservations(problem: Problem) -> int:
 
 
 def candidate_plans(
-    problem: Problem, progress: Callable[[int, int], None] | None = None
+    problem: Problem, progress: Callable[[int, int], None] | None = None, stop: Callable[[], bool] | None = None
 ) -> Iterator[tuple[GbpCrResult, Plan]]:
-    """Stable plans for c = 1..min(c_max, C_SEARCH_LIMIT) (unstable ones, λ ≥ ν, are skipped). GCA
+    """Stable plans for c = 1..min(c_max, C_SEARCH_LIMIT) (unstable ones, λ ≥ ν, are skipped), ending
+    early once one has been found and ``stop()`` says so (the best planner's safety net). GCA
     depends on the placement alone, so a placement GBP-CR repeats for another c (m_j(c) takes few
     distinct values) reuses its chains, and chains already scored reuse their bounds: same plans as
     :func:`plan_for_c`, computed once."""
     c_max = searched_reservations(problem)
     chains_of: dict[Placement, tuple[Chain, ...]] = {}
     plan_of: dict[tuple[Placement, tuple[Chain, ...]], Plan] = {}
+    found = False
     for c in range(1, c_max + 1):
+        if found and stop is not None and stop():
+            return
         if progress is not None:
             progress(c, c_max)
         placed = gbp_cr(problem, c)
@@ -91,6 +95,7 @@ def candidate_plans(
             plan_of[key] = make_plan(problem, placed.placement, chains, c)
         plan = replace(plan_of[key], c=c)
         if plan.is_stable:
+            found = True
             yield placed, plan
 
 

@@ -20,6 +20,7 @@ from scipy.optimize import LinearConstraint, milp
 
 from chainserve.analysis.bounds import mean_jobs_birth_death, slot_rates
 from chainserve.model.spec import Problem
+from chainserve.plan.budget import Budget
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Plan, Span, chain_time_s, jobs_that_fit
 
@@ -71,9 +72,12 @@ def optimal_allocation(
     placement: Placement,
     chains: Sequence[Path] | None = None,
     objective: AllocationObjective = "rate",
+    budget: Budget | None = None,
 ) -> Plan:
     """Optimal integer capacities c_k for given chains (default: all :func:`routing_paths`), by
-    ``scipy.optimize.milp`` (HiGHS, gap 0). ``rate``: maximise ν = Σ c_k μ_k; ``job_servers``: minimise
+    ``scipy.optimize.milp`` (HiGHS, gap 0). With a ``budget`` (the best planner's), the solve stops at
+    its node and time limits with the best allocation found (``ValueError`` if none, or if the budget
+    has no MILP work left). ``rate``: maximise ν = Σ c_k μ_k; ``job_servers``: minimise
     C = Σ c_k subject to ν ≥ λ/ρ̄ (up to HiGHS' feasibility tolerance, 1e-7 relative; ``ValueError``
     if no allocation reaches it). Both subject to Σ_k s_c·m_ij(k)·c_k ≤ M_j − s_m·m_j on every placed
     server. Chains left at 0 are dropped. A multidimensional knapsack: NP-hard, fine for hundreds of
@@ -112,14 +116,19 @@ def optimal_allocation(
         if objective == "job_servers":
             raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
         return make_plan(problem, placement, (), None, method)
+    options = {"mip_rel_gap": 0.0} if budget is None else budget.allocation_options()
+    if options is None:
+        raise ValueError("budget: no MILP work left")
     result = milp(
         cost,
         constraints=constraints,
         integrality=np.ones(len(paths)),
         bounds=VariableBounds(0, most),
-        options={"mip_rel_gap": 0.0},
+        options=options,
     )
-    if result.status != 0:
+    if budget is not None:
+        budget.charge(result)
+    if result.status != 0 and (budget is None or result.x is None):
         raise ValueError(f"arrival_rate: no allocation reaches ν ≥ λ/ρ̄ ({result.message})")
     chosen = tuple(
         Chain(path, chain_time_s(problem, path), int(c))

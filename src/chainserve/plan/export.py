@@ -5,6 +5,7 @@ Blocks are 1-based in the dict (as in the paper) and 0-based half-open in PETALS
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 from typing import Any
@@ -44,7 +45,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     ``cache_gb``, ``free_gb`` left, ``num_jobs`` = Σ c_k over chains through it). ``chains`` (fastest
     first): server names, ``blocks`` = [first, last] 1-based per hop, ``service_time`` T_k (s),
     ``capacity`` c_k, ``rate`` μ_k (1/s). ``nu`` ν, ``load`` ρ = λ/ν, ``bounds`` on the mean response
-    time (s); infinite values become ``null``.
+    time (s); infinite values become ``null``. ``search`` (best planner only): its
+    :class:`~chainserve.plan.types.SearchReport`, ``cut_short`` true when the time limit, not the work
+    limits, ended it.
     """
     problem = plan.problem
     cache, free = plan.reservation_by_server(), plan.free_memory_gb()
@@ -72,7 +75,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         }
         for ch in plan.chains
     ]
-    return {
+    data: dict[str, Any] = {
         "cluster": problem.name,
         "model": problem.model.name,
         "method": plan.method,
@@ -86,6 +89,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "stable": plan.is_stable,
         "bounds": {"lower": _finite(plan.bounds.lower_s), "upper": _finite(plan.bounds.upper_s)},
     }
+    if plan.search is not None:
+        data["search"] = dataclasses.asdict(plan.search)
+    return data
 
 
 def jobs_per_server(plan: Plan) -> dict[int, int]:

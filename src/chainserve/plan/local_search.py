@@ -11,12 +11,11 @@ A placement is a map server → span (a_j, m_j). Moves, for every server j:
 * swap the spans of two servers (when each fits the other's).
 
 First improvement over the moves in a seeded random order, restarted after every improvement; stops at
-a local optimum, after ``max_evaluations`` completions, or at ``deadline`` (``time.monotonic()``).
+a local optimum, after ``max_evaluations`` completions, or once ``expired()`` (the wall-clock safety net).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -94,7 +93,12 @@ def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_add
 
 
 def local_search(
-    problem: Problem, start: Plan, evaluate: Evaluate, rng: np.random.Generator, max_evaluations: int, deadline: float
+    problem: Problem,
+    start: Plan,
+    evaluate: Evaluate,
+    rng: np.random.Generator,
+    max_evaluations: int,
+    expired: Callable[[], bool],
 ) -> tuple[Plan, int]:
     """Improve ``start`` by the moves of the module doc; returns (best plan, completions used).
     Never returns a plan worse than ``start`` by :func:`chainserve.plan.complete.score`.
@@ -104,7 +108,7 @@ def local_search(
     seen = {tuple(sorted(spans.items()))}
     used = 0
     improved = True
-    while improved and used < max_evaluations and time.monotonic() < deadline:
+    while improved and used < max_evaluations and not expired():
         improved = False
         for candidate in neighbours(problem, spans, rng):
             key = tuple(sorted(candidate.items()))
@@ -116,6 +120,6 @@ def local_search(
             if is_better(plan, best):
                 best, spans, improved = plan, candidate, True
                 break
-            if used >= max_evaluations or time.monotonic() >= deadline:
+            if used >= max_evaluations or expired():
                 break
     return best, used

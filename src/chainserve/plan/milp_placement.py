@@ -1,4 +1,4 @@
-"""Joint placement + cache allocation as a time-limited MILP (HiGHS through ``scipy.optimize.milp``), over a
+"""Joint placement + cache allocation as a node-limited MILP (HiGHS through ``scipy.optimize.milp``), over a
 pool of candidate spans and chains: the best planner's last step for clusters of a few dozen servers.
 
 Spec §1: server j hosts one span; chain k may run hop (j, b+1..e) only if j's span ends at e and starts
@@ -19,7 +19,6 @@ between the incumbent's span boundaries.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -28,6 +27,7 @@ from scipy.optimize import LinearConstraint, milp
 
 from chainserve.analysis.bounds import response_time_bounds
 from chainserve.model.spec import Problem
+from chainserve.plan.budget import Budget
 from chainserve.plan.complete import Path, fastest_paths
 from chainserve.plan.local_search import most_blocks
 from chainserve.plan.types import Placement, Plan, Span, chain_time_s, jobs_that_fit
@@ -36,10 +36,12 @@ from chainserve.plan.types import Placement, Plan, Span, chain_time_s, jobs_that
 MAX_MILP_SERVERS = 36
 
 
-def span_pool(problem: Problem, plans: Sequence[Plan], max_per_server: int = 40) -> list[Span]:
+def span_pool(problem: Problem, plans: Sequence[Plan], max_spans: int = 240) -> list[Span]:
     """The spans of ``plans`` plus, per server, spans from just after a boundary of the first plan to
-    one of its boundaries (b, e ∈ {0, span ends, L}), longest first, at most ``max_per_server``, each
-    able to hold one job on all its blocks."""
+    one of its boundaries (b, e ∈ {0, span ends, L}), longest first, at most max(2, ``max_spans``/J)
+    (a MILP's root work grows with its size, and no limit bounds it), each able to hold one job on all
+    its blocks."""
+    max_per_server = max(2, max_spans // problem.num_servers)
     L = problem.model.num_blocks
     pool = {s for plan in plans for s in plan.placement.spans}
     ends = sorted({s.end_block for s in plans[0].placement.spans} | {L})
@@ -55,11 +57,15 @@ def solve(
     problem: Problem,
     pool: Sequence[Span],
     paths: Sequence[Path],
-    time_limit_s: float,
+    budget: Budget,
     weights: np.ndarray | None = None,
 ) -> Placement | None:
     """One MILP of the module doc over ``pool`` and ``paths``, maximising Σ_k w_k·c_k (``weights``;
-    default w_k = μ_k, i.e. ν): the chosen spans, or ``None`` if HiGHS found no solution in time."""
+    default w_k = μ_k, i.e. ν), within :attr:`WorkLimits.placement_nodes` nodes and what ``budget``
+    has left: the chosen spans, or ``None`` if HiGHS found no solution (or no MILP may run)."""
+    options = budget.milp_options(budget.limits.placement_nodes, 1e-3)
+    if options is None:
+        return None
     s_m, s_c = problem.model.block_size_gb, problem.model.cache_size_gb
     num_spans, num_paths = len(pool), len(paths)
     serving: dict[tuple[int, int], list[int]] = {}  # (server, end block) → pool spans ending there
@@ -99,8 +105,9 @@ def solve(
         constraints=[LinearConstraint(np.array(rows), lower, upper)],
         integrality=np.ones(num_spans + num_paths),
         bounds=VariableBounds(0, np.concatenate((np.ones(num_spans), most))),
-        options={"time_limit": max(time_limit_s, 0.01), "mip_rel_gap": 1e-3},
+        options=options,
     )
+    budget.charge(result)
     if result.x is None:
         return None
     chosen = [pool[x] for x in range(num_spans) if result.x[x] > 0.5]
@@ -121,12 +128,12 @@ def marginal_gains(problem: Problem, plan: Plan, times_s: np.ndarray) -> np.ndar
 
 
 def milp_placements(
-    problem: Problem, plans: Sequence[Plan], deadline: float, max_paths: int = 300, num_thresholds: int = 3
+    problem: Problem, plans: Sequence[Plan], budget: Budget, max_paths: int = 60, num_thresholds: int = 1
 ) -> Iterator[Placement]:
-    """Placements from :func:`solve`: the largest ν over every path and over the fastest paths only
-    (thresholds at quantiles of the pool's chain times), then the objective linearised around the best
-    plan (:func:`marginal_gains`), while time is left before ``deadline`` (``time.monotonic()``).
-    ``plans``: the heuristic plans, best first. Each solve is NP-hard; the time limit bounds it."""
+    """Placements from :func:`solve`: the objective linearised around the best plan
+    (:func:`marginal_gains`), the largest ν over every path and over the fastest paths only (thresholds
+    at quantiles of the pool's chain times), while ``budget`` allows. ``plans``: the heuristic plans,
+    best first. Each solve is NP-hard; its node limit bounds it."""
     pool = span_pool(problem, plans)
     room = {
         s: jobs_that_fit(
@@ -148,9 +155,8 @@ def milp_placements(
     for threshold in np.quantile(times, np.linspace(0.5, 0.0, num_thresholds + 1)[:num_thresholds]):
         runs.append(([p for p, t in zip(paths, times, strict=True) if t <= threshold], None))
     for chosen, weights in runs:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if budget.expired():
             return
-        placement = solve(problem, pool, chosen, min(left / 2, 0.2 + 0.03 * problem.num_servers), weights)
+        placement = solve(problem, pool, chosen, budget, weights)
         if placement is not None:
             yield placement

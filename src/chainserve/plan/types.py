@@ -140,6 +140,19 @@ def default_max_waiting(layout: Layout) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchReport:
+    """How the best planner's search ended (issue 19): its work, its time and whether the wall-clock
+    safety net cut it short (then the plan is the best found so far and may differ between machines)."""
+
+    elapsed_s: float
+    time_limit_s: float
+    cut_short: bool
+    num_evaluations: int  # placements completed
+    num_milp_nodes: int  # branch-and-bound nodes over every MILP
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Placement + chains (sorted fastest first) + the chosen c, ν and the response-time bounds."""
 
@@ -150,6 +163,7 @@ class Plan:
     bounds: Bounds
     method: str = "proposed"
     notes: tuple[str, ...] = field(default=())
+    search: SearchReport | None = field(default=None, compare=False)  # the best planner's, else None
 
     @property
     def total_rate_per_s(self) -> float:

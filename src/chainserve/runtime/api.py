@@ -126,11 +126,18 @@ def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """200 ``ok`` (every block server answers) or ``degraded`` (some are dead, but a complete chain
+        of live ones still serves; ``dead`` names them), 503 ``unavailable`` when no chain can serve.
+        A liveness or readiness probe takes a degraded service as up: it is answering requests."""
         try:
-            healthy = bool(engine.status().get("healthy"))
+            status = engine.status()
         except Exception:  # a health probe must answer, not fail
-            healthy = False
-        return JSONResponse({"status": "ok" if healthy else "unhealthy"}, status_code=200 if healthy else 503)
+            status = {"serving": False, "dead": []}
+        if not status.get("serving"):
+            return JSONResponse({"status": "unavailable", "dead": status.get("dead", [])}, status_code=503)
+        if status.get("dead"):
+            return JSONResponse({"status": "degraded", "dead": status["dead"]})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/plan")
     async def plan() -> dict[str, Any]:
@@ -259,7 +266,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestFailed)
     async def request_failed(_: Request, e: RequestFailed) -> JSONResponse:
         code = "timeout" if e.status == 504 else "unavailable"
-        return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None  # clients retry (the openai client does)
+        return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:

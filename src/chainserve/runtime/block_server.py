@@ -17,8 +17,9 @@ only.
 Heterogeneity on one host: ``slowdown`` stretches compute by that factor (a batched iteration lasts
 that much longer) and ``delay_s`` is an injected one-way network delay (both ways slept before a reply
 leaves). Admission and frees happen when a message arrives, so a close always lands before a later
-open sent on the same connection. Prints one JSON ``ready`` line on stdout once bound; logs go to
-stderr.
+open sent on the same connection. Epochs (:mod:`.protocol`): a newer orchestrator's first message
+frees every session of older ones; their later messages are refused. Prints one JSON ``ready``
+line on stdout once bound; logs go to stderr.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -74,6 +75,7 @@ class Session:
     first_block: int
     next_position: int
     last_used_at: float
+    epoch: int | None = None
     in_flight: int = 0
     closed: bool = False
 
@@ -90,6 +92,7 @@ class Counters:
     num_admitted: int = 0
     num_refused: int = 0
     num_expired: int = 0
+    num_superseded: int = 0  # sessions freed because a newer orchestrator attached
     peak_block_slots: int = 0
     peak_sessions: int = 0
     compute_s: float = 0.0  # time spent in the backend's forward, slowdown included
@@ -117,6 +120,8 @@ class BlockServer:
         self.backend_name = backend_name
         self.model_id = model_id
         self.sleep = SteadySleep()
+        self.epoch = 0
+        self.on_shutdown: Callable[[], None] | None = None  # set by serve_forever
         self.chunk_tokens = knobs.max_batch_tokens // 2
         self.batcher: Batcher[SpanStep, WireTensor] | None = None
         if backend.batches:
@@ -148,6 +153,8 @@ class BlockServer:
             "num_admitted": c.num_admitted,
             "num_refused": c.num_refused,
             "num_expired": c.num_expired,
+            "num_superseded": c.num_superseded,
+            "epoch": self.epoch,
             "peak_block_slots": c.peak_block_slots,
             "peak_sessions": c.peak_sessions,
             "compute_s": c.compute_s,
@@ -161,6 +168,13 @@ class BlockServer:
             rid = request.rid
             if self.knobs.token and not hmac.compare_digest(request.token.encode(), self.knobs.token.encode()):
                 raise protocol.ProtocolError("token: missing or wrong", "unauthorized")
+            if request.epoch is not None:
+                self._check_epoch(request.epoch)
+            if request.op == "shutdown":
+                log.warning("%s: shutdown asked for", self.server_id)
+                if self.on_shutdown is not None:
+                    asyncio.get_running_loop().call_later(0.05, self.on_shutdown)
+                return protocol.encode_reply(rid)
             if request.op == "info":
                 return protocol.encode_reply(rid, **self.describe())
             if request.op == "limit":
@@ -178,11 +192,26 @@ class BlockServer:
             log.exception("%s: request %d failed", self.server_id, rid)
             return protocol.encode_error(rid, "internal", f"{type(exc).__name__}: {exc}")
 
+    def _check_epoch(self, epoch: int) -> None:
+        """Refuse an older orchestrator; on a newer one's first message free the older ones' sessions."""
+        if epoch < self.epoch:
+            raise protocol.ProtocolError(f"epoch: {epoch} is older than this server's {self.epoch}", "stale_epoch")
+        if epoch > self.epoch:
+            old = [name for name, s in self.sessions.items() if s.epoch is not None and s.epoch < epoch]
+            for name in old:
+                self._close(name)
+            self.counters.num_superseded += len(old)
+            log.warning(
+                "%s: orchestrator epoch %d attached (was %d); freed %d sessions of older epochs",
+                self.server_id, epoch, self.epoch, len(old),
+            )  # fmt: skip
+            self.epoch = epoch
+
     async def _delay(self) -> None:
         """A round trip's injected delay (both ways)."""
         await self.sleep(2 * self.knobs.delay_s)
 
-    def _admit(self, name: str, first_block: int) -> Session:
+    def _admit(self, name: str, first_block: int, epoch: int | None = None) -> Session:
         info = self.info
         if not info.first_block <= first_block <= info.last_block:
             raise protocol.ProtocolError(
@@ -203,7 +232,7 @@ class BlockServer:
                 self.arena.limit,
             )
             raise protocol.ProtocolError(str(exc), "no_free_slot") from None
-        session = self.sessions[name] = Session(tuple(slots), first_block, 0, time.monotonic())
+        session = self.sessions[name] = Session(tuple(slots), first_block, 0, time.monotonic(), epoch)
         c = self.counters
         c.num_admitted += 1
         c.peak_block_slots = max(c.peak_block_slots, self.arena.num_used)
@@ -229,7 +258,7 @@ class BlockServer:
     async def _forward(self, request: protocol.Request) -> list[bytes]:
         """Each step is checked and admitted now, in message order; then all compute (batched by the
         backend or not) and one reply carries every session's output or error."""
-        ready = [self._prepare(step) for step in request.steps]
+        ready = [self._prepare(step, request.epoch) for step in request.steps]
         if len(ready) == 1:
             results = [await self._run(*ready[0])]
         else:
@@ -237,7 +266,9 @@ class BlockServer:
         await self._delay()
         return protocol.encode_forward_reply(request.rid, results)
 
-    def _prepare(self, step: protocol.Step) -> tuple[protocol.Step, Session | protocol.ProtocolError]:
+    def _prepare(
+        self, step: protocol.Step, epoch: int | None
+    ) -> tuple[protocol.Step, Session | protocol.ProtocolError]:
         try:
             num_new = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 0
             if num_new < 1 or step.position + num_new > self.info.max_tokens:
@@ -246,7 +277,7 @@ class BlockServer:
                     f"{self.info.max_tokens} positions the cache holds"
                 )
             if step.open:
-                session = self._admit(step.session, step.first_block)
+                session = self._admit(step.session, step.first_block, epoch)
             else:
                 session = self.sessions.get(step.session)
                 if session is None:
@@ -347,6 +378,7 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
         task.add_done_callback(tasks.discard)
 
     io = LoopSocket(sock, receive)
+    server.on_shutdown = stop.set
     endpoint = f"tcp://{host}:{port}"
     print(
         json.dumps({"event": "ready", "server_id": server.server_id, "endpoint": endpoint, "pid": os.getpid()}),

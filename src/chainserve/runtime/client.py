@@ -40,12 +40,19 @@ class ServerFailed(RuntimeError):
 
 
 class BlockClient:
-    """Async requests to one block server at ``endpoint`` (``tcp://host:port``)."""
+    """Async requests to one block server at ``endpoint`` (``tcp://host:port``), stamped with the
+    orchestrator's ``epoch`` (``None``: an operator's tool, outside epochs; :mod:`.protocol`)."""
 
     def __init__(
-        self, name: str, endpoint: str, token: str = "", ctx: zmq.Context | None = None, timeout_s: float = 600.0
+        self,
+        name: str,
+        endpoint: str,
+        token: str = "",
+        ctx: zmq.Context | None = None,
+        timeout_s: float = 600.0,
+        epoch: int | None = None,
     ):
-        self.name = name
+        self.name, self.epoch = name, epoch
         self.endpoint = endpoint
         self.token = token
         self.timeout_s = timeout_s
@@ -105,7 +112,7 @@ class BlockClient:
         future gets its reply (or the error)."""
         self._flush()
         future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
-        self._send(lambda rid: protocol.encode_request(op, rid, self.token, **fields), [future])
+        self._send(lambda rid: protocol.encode_request(op, rid, self.token, self.epoch, **fields), [future])
         return future
 
     async def request(self, op: str, timeout_s: float | None = None, **fields: Any) -> protocol.Reply:
@@ -158,7 +165,9 @@ class BlockClient:
             part = outbox[i : i + protocol.MAX_ITEMS]
             steps, futures = [s for s, _ in part], [f for _, f in part]
             try:
-                self._send(lambda rid, steps=steps: protocol.encode_forward(rid, self.token, steps), futures)
+                self._send(
+                    lambda rid, steps=steps: protocol.encode_forward(rid, self.token, steps, self.epoch), futures
+                )
             except ServerFailed as exc:
                 for future in futures:
                     resolve(future, exc)
@@ -181,3 +190,19 @@ class BlockClient:
                 future.cancel()
         if self._io is not None:
             self._io.close()
+
+
+async def stop_servers(endpoints: dict[str, str], token: str, timeout_s: float = 5.0) -> dict[str, str]:
+    """Send ``shutdown`` to each block server (``name → host:port`` or ``tcp://…``); returns the ones
+    that did not confirm, with why."""
+    ctx, failed = zmq.Context(), {}
+    clients = {n: BlockClient(n, e if "://" in e else f"tcp://{e}", token, ctx) for n, e in endpoints.items()}
+    answers = await asyncio.gather(
+        *(c.request("shutdown", timeout_s=timeout_s) for c in clients.values()), return_exceptions=True
+    )
+    for (name, client), answer in zip(clients.items(), answers, strict=True):
+        if isinstance(answer, Exception):
+            failed[name] = str(answer)
+        client.close()
+    ctx.term()
+    return failed

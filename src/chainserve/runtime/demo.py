@@ -51,7 +51,7 @@ async def run_demo(
         device=device,
     )
     async with Service(config) as service:
-        server, task, url = await start_http(service, "127.0.0.1", 0)
+        server, task, url = await start_http(service.app(), "127.0.0.1", 0)
         try:
             report(f"serving {service.orchestrator.model_id} at {url} with {len(service.specs)} block servers")
             async with httpx.AsyncClient(base_url=url, timeout=600) as client:

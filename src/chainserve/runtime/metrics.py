@@ -25,6 +25,8 @@ name                                             type       meaning
                                                             ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
 ``chainserve:requests_resumed_total``            counter    jobs replayed on another chain after a failure
+``chainserve:takeovers_total``                   counter    1 once a standby took over (``serve --standby-of``)
+``chainserve:orchestrator_epoch``                gauge      the epoch this orchestrator stamps its messages with
 ``chainserve:server_batch_size{server}``         histogram  sessions per batched iteration of a block server
 ``chainserve:server_batch_tokens_total{server}`` counter    tokens its iterations computed (a decode is one)
 ===============================================  =========  =================================================
@@ -194,6 +196,8 @@ class RuntimeMetrics:
         self.requests_resumed = Counter(
             "chainserve:requests_resumed_total", "Jobs resumed on another chain after a failure.", registry=r
         )
+        self.takeovers = Counter("chainserve:takeovers_total", "Takeovers by this standby orchestrator.", registry=r)
+        self.epoch = Gauge("chainserve:orchestrator_epoch", "Epoch of this orchestrator's messages.", registry=r)
         self.server_batches = ServerBatches()
         r.register(self.server_batches)
 
@@ -241,6 +245,10 @@ class RuntimeMetrics:
 
     def set_server_up(self, server: str, up: bool) -> None:
         self.server_up.labels(server=server).set(1 if up else 0)
+
+    def observe_takeover(self) -> None:
+        """This standby took the block servers over from a silent active orchestrator."""
+        self.takeovers.inc()
 
     def set_server_batches(self, server: str, info: dict[str, Any]) -> None:
         """A block server's batch counts, from its latest ``info``."""

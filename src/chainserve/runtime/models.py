@@ -66,6 +66,23 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     return path.resolve()
 
 
+def torch_model_for(cluster_model: str, given: str | None) -> str:
+    """The weights the torch backend serves: ``given`` (``--model``), else the cluster's model when it
+    is a name this module builds; ``ValueError`` listing what it runs otherwise.
+
+    >>> torch_model_for("smollm2-135m", None), torch_model_for("llama-2-7b", "/models/x")
+    ('smollm2-135m', '/models/x')
+    """
+    if given is not None:
+        return given
+    if cluster_model.lower() in BUILDERS:
+        return cluster_model.lower()
+    raise ValueError(
+        f"model: the torch backend needs --model: the cluster's model {cluster_model!r} is not one it runs "
+        f"by name ({', '.join(BUILDERS)}); give one of those or a local Hugging Face directory"
+    )
+
+
 def model_name(model_dir: Path) -> str:
     """The registered name of a built directory (its marker), else the directory's name."""
     marker = Path(model_dir) / MARKER

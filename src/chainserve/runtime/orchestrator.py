@@ -56,7 +56,8 @@ class Orchestrator:
     ``max_waiting`` bounds the central queue (``None``: unbounded; with ``max_waiting_follows_plan``
     4 × C of the plan in force); ``request_timeout_s`` ends a request that has not finished in that
     time; ``plan_ops`` lets failures recompose chains and place the model anew; ``controller`` adapts
-    the plan to load, asked every ``adapt_interval_s`` and after each arrival."""
+    the plan to load, asked every ``adapt_interval_s`` and after each arrival; ``epoch`` (shown at
+    ``/plan``) is what its block-server clients stamp their messages with (:mod:`.protocol`)."""
 
     def __init__(
         self,
@@ -77,8 +78,9 @@ class Orchestrator:
         controller: Controller | None = None,
         adapt_interval_s: float = 0.5,
         max_waiting_follows_plan: bool = False,
+        epoch: int | None = None,
     ):
-        self.head, self.clock, self.method = head, clock, method
+        self.head, self.clock, self.method, self.epoch = head, clock, method, epoch
         self.metrics = metrics or RuntimeMetrics()
         self.max_waiting, self.max_waiting_follows_plan = max_waiting, max_waiting_follows_plan
         self.retry_backoff_s, self.request_timeout_s = retry_backoff_s, request_timeout_s
@@ -361,16 +363,20 @@ class Orchestrator:
     # ---- state for /plan, /status, /metrics ---------------------------------------------------
     def plan_dict(self) -> dict[str, Any]:
         data = layout_to_dict(self.layout)
-        data["method"] = self.method
+        data["method"], data["epoch"] = self.method, self.epoch
         data["alive"] = {r.name: r.is_alive for r in self.servers}
         data["changes"] = list(self.changer.changes)
         return data
 
     def status(self) -> dict[str, Any]:
+        """``healthy``: every block server answers; ``serving``: a complete chain (a covering path,
+        for PETALS / WS-RR) of live servers can take a job now — what ``/health`` reports."""
         names = {r.index: r.name for r in self.servers}
-        changes = self.changer.changes
+        changes, state = self.changer.changes, self.dispatcher.state
         return {
             "healthy": all(r.is_alive for r in self.servers),
+            "serving": any(state.alive) if state else self.servers.cover(self.layout.problem.model.num_blocks),
+            "dead": [r.name for r in self.servers if not r.is_alive],
             "model": self.model_id,
             "method": self.method,
             "num_running": self.num_running,
@@ -384,17 +390,12 @@ class Orchestrator:
                     "alive": r.is_alive,
                     "used_block_slots": self.generations.used_on(r.index),
                     "block_slots": r.limit,
-                    "kv_cache_usage": self._kv_usage(r),
+                    "kv_cache_usage": min(self.generations.used_on(r.index), r.limit) / max(r.limit, 1),
                 }
                 for r in self.servers
             ],
             "latency": self.metrics.recent.summary(),
         }
-
-    def _kv_usage(self, r: ServerRecord) -> float:
-        """Server r's used / total block-slots, 0..1, as ``chainserve:kv_cache_usage_perc`` reports it."""
-        used = self.generations.used_on(r.index)
-        return min(used, r.limit) / r.limit if r.limit > 0 else 0.0
 
     def _update_gauges(self) -> None:
         m = self.metrics

@@ -2,7 +2,7 @@
 
 A message is one UTF-8 JSON header frame, followed by one frame of raw tensor bytes per tensor:
 
-* request  ``{"v": 2, "op": ..., "rid": int, "token": str, ...}`` [+ tensor frames]
+* request  ``{"v": 2, "op": ..., "rid": int, "token": str, "epoch"?: int, ...}`` [+ tensor frames]
 * reply    ``{"v": 2, "rid": int, "ok": true, ...}`` [+ tensor frames], or
            ``{"v": 2, "rid": int, "ok": false, "error": code, "message": str}``
 
@@ -13,8 +13,16 @@ session first, ``close`` frees it after this step), item i's bytes in frame i + 
 ``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes in the next frame) or
 ``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
 (``session``); ``limit`` (``num_block_slots``: the admission limit within the arena, which a plan
-change moves; the reply is ``info``'s). Error codes: :data:`ERROR_CODES`. Every field is checked
-(type, range, byte length) before any tensor is touched; nothing is ever unpickled.
+change moves; the reply is ``info``'s); ``shutdown`` (the server exits, as on SIGTERM: ``chainserve
+stop``). Error codes: :data:`ERROR_CODES`. Every field is checked (type, range, byte length) before any
+tensor is touched; nothing is ever unpickled.
+
+Epochs (issue 21): an orchestrator stamps every request with its ``epoch`` (a number that grows with
+each orchestrator that attaches: the time it started, in µs). A block server that sees a newer epoch
+frees at once every session opened under an older one and from then on refuses older epochs'
+messages (``stale_epoch``), so a takeover leaks no block-slot and a dead orchestrator's late step
+cannot reach the new one's KV. A request without ``epoch`` (an operator's tool) neither moves it nor
+is refused.
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 #: Most sessions' steps in one forward message.
 MAX_ITEMS = 1024
-OPS = ("info", "forward", "close", "limit")
+OPS = ("info", "forward", "close", "limit", "shutdown")
 #: ``no_free_slot``: admission refused (the job may retry); ``bad_request``: a malformed message;
 #: ``unknown_session``: forward/close of a session the server does not hold (expired, or never
-#: opened); ``unauthorized``: wrong token; ``internal``: the backend failed.
-ERROR_CODES = ("no_free_slot", "bad_request", "unknown_session", "unauthorized", "internal")
+#: opened); ``unauthorized``: wrong token; ``stale_epoch``: from an orchestrator that a newer one
+#: replaced; ``internal``: the backend failed.
+ERROR_CODES = ("no_free_slot", "bad_request", "unknown_session", "unauthorized", "stale_epoch", "internal")
 
 
 class ProtocolError(ValueError):
@@ -80,6 +89,7 @@ class Request:
     session: str | None = None
     steps: tuple[Step, ...] = ()
     num_block_slots: int | None = None
+    epoch: int | None = None
 
 
 def _int_field(header: dict[str, Any], name: str, low: int, high: int) -> int:
@@ -167,23 +177,29 @@ def decode_request(frames: list[bytes]) -> Request:
         raise ProtocolError("token: must be a string")
     if op != "forward" and len(frames) != 1:
         raise ProtocolError(f"message: {op} takes no tensor frames")
-    if op == "info":
-        return Request(op, rid, token)
+    epoch = _int_field(header, "epoch", 0, 2**62) if "epoch" in header else None
+    if op in ("info", "shutdown"):
+        return Request(op, rid, token, epoch=epoch)
     if op == "limit":
-        return Request(op, rid, token, num_block_slots=_int_field(header, "num_block_slots", 0, 1_000_000_000))
+        slots = _int_field(header, "num_block_slots", 0, 1_000_000_000)
+        return Request(op, rid, token, num_block_slots=slots, epoch=epoch)
     if op == "close":
-        return Request(op, rid, token, _session(header))
-    return Request(op, rid, token, steps=_steps(header.get("items"), frames))
+        return Request(op, rid, token, _session(header), epoch=epoch)
+    return Request(op, rid, token, steps=_steps(header.get("items"), frames), epoch=epoch)
 
 
-def encode_request(op: str, rid: int, token: str, **fields: Any) -> list[bytes]:
-    """Frames of an ``info``, ``close`` or ``limit`` request (``fields``: session, num_block_slots)."""
-    return [json.dumps({"v": VERSION, "op": op, "rid": rid, "token": token, **fields}).encode()]
+def encode_request(op: str, rid: int, token: str, epoch: int | None = None, **fields: Any) -> list[bytes]:
+    """Frames of an ``info``, ``close``, ``limit`` or ``shutdown`` request (``fields``: session,
+    num_block_slots)."""
+    header = {"v": VERSION, "op": op, "rid": rid, "token": token, **fields}
+    return [json.dumps(header | ({"epoch": epoch} if epoch is not None else {})).encode()]
 
 
-def encode_forward(rid: int, token: str, steps: list[Step]) -> list[bytes]:
+def encode_forward(rid: int, token: str, steps: list[Step], epoch: int | None = None) -> list[bytes]:
     """Frames of one forward message carrying ``steps`` (distinct sessions)."""
     header = {"v": VERSION, "op": "forward", "rid": rid, "token": token, "items": [s.header() for s in steps]}
+    if epoch is not None:
+        header["epoch"] = epoch
     return [json.dumps(header).encode(), *(bytes(s.tensor.data) for s in steps)]
 
 

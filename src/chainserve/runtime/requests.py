@@ -152,8 +152,9 @@ class Engine(Protocol):
         ...
 
     def status(self) -> dict[str, Any]:
-        """Live state: ``healthy``, ``num_running``, ``num_waiting``, ``chains`` (busy, capacity),
-        ``servers`` (name, used and total block-slots)."""
+        """Live state: ``healthy``, ``serving`` (a complete chain can serve), ``dead`` (server names),
+        ``num_running``, ``num_waiting``, ``chains`` (busy, capacity), ``servers`` (name, used and total
+        block-slots)."""
         ...
 
 

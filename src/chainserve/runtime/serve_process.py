@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: The line ``chainserve serve`` prints on stdout once its API listens.
-READY = re.compile(r"chainserve: serving \S+ on (http://\S+)")
+READY = re.compile(r"chainserve: (?:serving \S+|standing by for \S+) on (http://\S+)")
 
 
 class ServeFailed(RuntimeError):

@@ -98,6 +98,11 @@ class ServerTable:
     def live(self) -> frozenset[int]:
         return frozenset(j for j, r in self.records.items() if r.is_live)
 
+    def cover(self, num_blocks: int) -> bool:
+        """The live servers' spans together hold blocks 1..``num_blocks`` (a path can be composed)."""
+        held = {b for r in self.records.values() if r.is_live and r.span for b in range(r.span[0], sum(r.span))}
+        return held >= set(range(1, num_blocks + 1))
+
     # ---- hold / release / wake ----------------------------------------------------------------
     async def hold(self, route: Route, may_wait: Callable[[], bool]) -> tuple[tuple[int, int], ...] | None:
         """Wait until every hop's server has room under its limit, then hold the block-slots and

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from chainserve.dispatch.base import Dispatcher
 from chainserve.methods import build_method, check_method_name, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import SpecError
-from chainserve.plan.plan_file import load_layout
+from chainserve.plan.plan_file import layout_to_dict, load_layout
 from chainserve.plan.recovery import arena_block_slots, replace_survivors
 from chainserve.plan.types import Layout, Plan, default_max_waiting
 from chainserve.runtime.api import create_app
@@ -42,7 +44,9 @@ from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
+from chainserve.runtime.models import torch_model_for
 from chainserve.runtime.orchestrator import Orchestrator
+from chainserve.runtime.standby import Switch, standing_by, watch_active
 
 log = logging.getLogger("chainserve.service")
 
@@ -82,13 +86,21 @@ class ServeConfig:
     device: str = "auto"  # torch: the orchestrator's head and every block server without its own
     devices: dict[str, str] = field(default_factory=dict)  # torch: a block server's own device
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    detach_servers: bool = False  # local launcher: block servers outlive this process (chainserve stop)
+    standby_of: str | None = None  # stand by for the orchestrator at this URL, take over when it is silent
+    standby_interval_s: float = 0.25
+    standby_deadline_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise SpecError("backend", f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.launcher not in LAUNCHERS:
             raise SpecError("launcher", f"unknown launcher {self.launcher!r}; known: {', '.join(LAUNCHERS)}")
-        if (self.cluster is None) == (self.plan is None):
+        if self.standby_of is not None:
+            if self.cluster is not None or self.plan is not None or self.servers:
+                raise SpecError("standby_of", "takes the active orchestrator's plan and servers: no cluster file, "
+                                "--plan or --servers")  # fmt: skip
+        elif (self.cluster is None) == (self.plan is None):
             raise SpecError("cluster", "give a cluster file or --plan (one of them)")
         check_method_name(self.method)
         for name, value in self.slowdown.items():
@@ -109,7 +121,10 @@ class ServeConfig:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
-        for name in ("request_timeout_s", "heartbeat_s", "heartbeat_deadline_s", "adapt_interval_s"):
+        for name in (
+            "request_timeout_s", "heartbeat_s", "heartbeat_deadline_s", "adapt_interval_s", "standby_interval_s",
+            "standby_deadline_s",
+        ):  # fmt: skip
             if not 0 < getattr(self, name) <= 86_400:
                 raise SpecError(name, f"must lie in (0, 86400] seconds, got {getattr(self, name)}")
         if self.adapt is not None:
@@ -141,6 +156,7 @@ class Service:
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
+        self.model = torch_model_for(model.name, config.model) if config.backend == "torch" else config.model
         self.specs = self._specs(self.layout)
         names = {spec.name for spec in self.specs}
         for option, values in (
@@ -187,14 +203,19 @@ class Service:
 
     async def start(self) -> None:
         config, model = self.config, self.layout.problem.model
-        head = make_head(config.backend, config.model, model.name, model.num_blocks, self.max_tokens, config.device)
+        head = make_head(config.backend, self.model, model.name, model.num_blocks, self.max_tokens, config.device)
         if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
         endpoints = await self._start_servers()
         self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
-        self.clients = {j: BlockClient(names[j], endpoint, self.token, self.ctx) for j, endpoint in endpoints.items()}
+        self.epoch = time.time_ns() // 1000  # newer than any orchestrator before this one (protocol: epochs)
+        self.metrics.epoch.set(self.epoch)
+        self.clients = {
+            j: BlockClient(names[j], endpoint, self.token, self.ctx, epoch=self.epoch)
+            for j, endpoint in endpoints.items()
+        }
         method = self.method
         max_waiting = default_max_waiting(self.layout) if config.max_waiting is None else config.max_waiting
         controller = None
@@ -215,6 +236,7 @@ class Service:
             controller=controller,
             adapt_interval_s=config.adapt_interval_s,
             max_waiting_follows_plan=config.max_waiting is None,
+            epoch=self.epoch,
         )
         await self.orchestrator.connect()
 
@@ -250,7 +272,7 @@ class Service:
             devices = spread([s.name for s in self.specs], config.device, devices, torch.cuda.device_count())
         common = BackendArgs(
             config.backend,
-            config.model,
+            self.model,
             device=config.device,
             devices=devices,
             max_batch_tokens=config.max_batch_tokens,
@@ -261,9 +283,20 @@ class Service:
 
             self.ray = RayLauncher(config.ray_address, self.token)
             return await self.ray.start(self.specs, common, config.slowdown, delays)
-        self.launcher = LocalLauncher(self.log_dir, self.token, on_exit=self._server_exited)
+        self.launcher = LocalLauncher(
+            self.log_dir, self.token, on_exit=self._server_exited, detach=config.detach_servers
+        )
         log.info("block server logs: %s", self.log_dir)
-        return await self.launcher.start(self.specs, common, config.slowdown, delays)
+        endpoints = await self.launcher.start(self.specs, common, config.slowdown, delays)
+        if config.detach_servers:
+            plan_file = self.log_dir / "plan.json"
+            plan_file.write_text(json.dumps(layout_to_dict(self.layout), indent=2), encoding="utf-8")
+            servers = ",".join(f"{spec.name}={endpoints[spec.index].removeprefix('tcp://')}" for spec in self.specs)
+            log.warning(
+                "block servers detached: they outlive this process. Attach again with `chainserve serve --plan "
+                "%s --servers %s`; stop them with `chainserve stop --servers %s`", plan_file, servers, servers,
+            )  # fmt: skip
+        return endpoints
 
     def _server_exited(self, name: str, reason: str) -> None:
         if self.orchestrator is not None:
@@ -316,7 +349,7 @@ class ServicePlanOps:
         spec = next(spec for spec in service._specs(layout) if spec.index == server)
         endpoint = await service.launcher.restart(spec)
         service.specs = [s for s in service.specs if s.index != server] + [spec]
-        return BlockClient(spec.name, endpoint, service.token, service.ctx)
+        return BlockClient(spec.name, endpoint, service.token, service.ctx, epoch=service.epoch)
 
 
 class _Server(uvicorn.Server):
@@ -328,9 +361,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def start_http(service: Service, host: str, port: int) -> tuple[_Server, asyncio.Task, str]:
-    """Start the API of a started service under uvicorn; returns the server, its task and its URL."""
-    server = _Server(uvicorn.Config(service.app(), host=host, port=port, log_level="warning", lifespan="off"))
+async def start_http(app, host: str, port: int) -> tuple[_Server, asyncio.Task, str]:
+    """Start an ASGI ``app`` (a started service's :meth:`Service.app`) under uvicorn; returns the
+    server, its task and its URL."""
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -341,17 +375,61 @@ async def start_http(service: Service, host: str, port: int) -> tuple[_Server, a
 
 
 async def serve(config: ServeConfig, on_ready=None) -> None:
-    """Run the service and its HTTP API until SIGINT/SIGTERM; ``on_ready(url, service)`` once listening.
-    On a signal: stop accepting, cancel what runs, stop the block servers, exit."""
+    """Run the service and its HTTP API until SIGINT/SIGTERM; ``on_ready(url, service)`` once listening
+    (a standby: ``service`` is ``None`` until it takes over). On a signal: stop accepting, cancel what
+    runs, stop the block servers it started, exit."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    if config.standby_of is not None:
+        await _stand_by(config, stopped, on_ready)
+        return
     async with Service(config) as service:
-        server, task, url = await start_http(service, config.host, config.port)
+        server, task, url = await start_http(service.app(), config.host, config.port)
         if on_ready is not None:
             on_ready(url, service)
-        await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down")
         server.should_exit = True
         await task
+
+
+async def _stand_by(config: ServeConfig, stopped: asyncio.Task, on_ready) -> None:
+    """Answer 503 while the active orchestrator answers; then serve its plan on its servers
+    (:mod:`.standby`)."""
+    switch = Switch(standing_by(config.standby_of))
+    server, task, url = await start_http(switch, config.host, config.port)
+    if on_ready is not None:
+        on_ready(url, None)
+    watcher = asyncio.create_task(watch_active(config.standby_of, config.standby_interval_s, config.standby_deadline_s))
+    service = None
+    try:
+        await asyncio.wait([task, stopped, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done() and not stopped.done():
+            active, silent_s = watcher.result()
+            log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "plan.json").write_text(json.dumps(active.plan), encoding="utf-8")
+            taken = dataclasses.replace(
+                config, plan=log_dir / "plan.json", servers=active.endpoints, standby_of=None, log_dir=log_dir,
+                method=active.plan["method"],
+            )  # fmt: skip
+            service = Service(taken)
+            await service.__aenter__()
+            service.metrics.observe_takeover()
+            switch.app = service.app()
+            log.warning(
+                "takeover: the active orchestrator at %s has not answered for %.1f s; serving its plan on its "
+                "%d block servers as epoch %d", config.standby_of, silent_s, len(active.endpoints), service.epoch,
+            )  # fmt: skip
+            if on_ready is not None:
+                on_ready(url, service)
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        server.should_exit = True
+        await task
+        if service is not None:
+            await service.__aexit__(None, None, None)

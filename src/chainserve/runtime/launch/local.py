@@ -3,7 +3,10 @@
 Each child gets its own command line (naming its id), the shared secret in its environment (never on
 the command line), ``--exit-with-parent`` so it never outlives the orchestrator, and a log file. It
 binds a free loopback port and reports it on its first stdout line. :meth:`LocalLauncher.stop` sends
-SIGTERM, waits, then SIGKILLs what is left: no orphans, ports freed.
+SIGTERM, waits, then SIGKILLs what is left: no orphans, ports freed. Detached (``serve
+--detach-servers``, issue 21) the children run in their own session without ``--exit-with-parent``
+and ``stop`` leaves them running: an orchestrator that dies costs no loaded weights, a new one
+attaches to them, ``chainserve stop`` ends them.
 """
 
 from __future__ import annotations
@@ -95,11 +98,13 @@ class LocalLauncher:
         token: str,
         ready_timeout_s: float = 300.0,
         on_exit: Callable[[str, str], None] | None = None,
+        detach: bool = False,
     ):
         self.log_dir = log_dir
         self.token = token
         self.ready_timeout_s = ready_timeout_s
         self.on_exit = on_exit  # on_exit(server name, reason) when a server's process ends unasked
+        self.detach = detach
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.watchers: list[asyncio.Task] = []
         self.stopping = False
@@ -125,12 +130,17 @@ class LocalLauncher:
     async def _spawn(self, spec: ServerSpec) -> None:
         env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         argv = block_server_argv(
-            spec, self.common, self.slowdown.get(spec.name, 1.0), self.extra_delay_s.get(spec.name, 0.0), os.getpid()
+            spec,
+            self.common,
+            self.slowdown.get(spec.name, 1.0),
+            self.extra_delay_s.get(spec.name, 0.0),
+            None if self.detach else os.getpid(),
         )
         with open(self.log_dir / f"{spec.name}.log", "ab") as log_file:
             self.procs[spec.name] = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env
-            )
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL, env=env,
+                start_new_session=self.detach,
+            )  # fmt: skip
         log.info("started block server %s (pid %d)", spec.name, self.procs[spec.name].pid)
 
     async def restart(self, spec: ServerSpec, grace_s: float = 5.0) -> str:
@@ -170,10 +180,14 @@ class LocalLauncher:
             ) from None
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM every child, wait ``grace_s``, SIGKILL the rest, reap all."""
+        """SIGTERM every child, wait ``grace_s``, SIGKILL the rest, reap all (detached: leave them)."""
         self.stopping = True
         for task in self.watchers:
             task.cancel()
+        if self.detach:
+            log.warning("left %d detached block servers running", len(self.procs))
+            self.procs.clear()
+            return
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.terminate()
