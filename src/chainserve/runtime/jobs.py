@@ -1,12 +1,13 @@
 """One request as the orchestrator runs it (paper §4.2, the client side of a chain, as PETALS' client is
 and as τ^c models it): :class:`JobRun` is its state across attempts; :func:`run_route` serves one
 attempt on one route — embed the prompt, send the hidden states through the route's block servers
-hop by hop (prefill, then one decode step per token), apply the LM head, sample, stream tokens. Each
-job is its own coroutine; the batching is underneath (issue 17): its steps leave with every other
-job's in one message per server (:class:`~.client.BlockClient`), and its LM head runs in one batch with
-every job whose hidden state came back at the same moment (:class:`BatchedHead`). With echo and
-logprobs (issue 20) the head also runs over every prompt position of the prefill's output, in the same
-batch, and each token's log-probability comes from the very logits its sampler was given.
+hop by hop (prefill, then one decode step per token), apply the LM head, sample, stream tokens, which
+the API reads from its :class:`JobStream`. Each job is its own coroutine; the batching is underneath
+(issue 17): its steps leave with every other job's in one message per server
+(:class:`~.client.BlockClient`), and its LM head runs in one batch with every job whose hidden state
+came back at the same moment (:class:`BatchedHead`). With echo and logprobs (issue 20) the head also
+runs over every prompt position of the prefill's output, in the same batch, and each token's
+log-probability comes from the very logits its sampler was given.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.batching import Batcher
 from chainserve.runtime.generations import Generation
 from chainserve.runtime.logprobs import prompt_logprobs, token_logprob
-from chainserve.runtime.requests import Finished, RequestTimes, SamplingParams, TokenEvent, TokenLogprob
+from chainserve.runtime.requests import (
+    Finished,
+    RequestFailed,
+    RequestTimes,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from chainserve.runtime.sampling import Sampler, TextStream
 from chainserve.runtime.servers import ServerClient
 
@@ -51,6 +59,44 @@ class JobRun:
     num_refusals: int = 0
     num_resumes: int = 0
     done: bool = False
+
+
+class JobStream:
+    """The events of one job (:meth:`~.orchestrator.Orchestrator.generate`): a :class:`RequestFailed`
+    (504) once ``timeout_s`` has passed since arrival; closing it, or cancelling its reader, before the
+    end cancels the job (``cancel(job_id, reason)``; an iterator object, not a generator: a stream
+    closed before its first read still cancels, which a request of n jobs refused at the k-th needs)."""
+
+    def __init__(self, run: JobRun, cancel: Callable[[int, str], None], clock: Callable[[], float], timeout_s: float):
+        self.run, self.cancel, self.clock, self.timeout_s, self.ended = run, cancel, clock, timeout_s, False
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent | Finished:
+        if self.ended:
+            raise StopAsyncIteration
+        run = self.run
+        deadline = run.times.arrived_at + self.timeout_s
+        try:
+            event = await asyncio.wait_for(run.events.get(), max(deadline - self.clock(), 0.0))
+        except TimeoutError:
+            self.ended = True
+            self.cancel(run.job.job_id, "timeout")
+            raise RequestFailed(f"the request did not finish within {self.timeout_s:g} s", 504) from None
+        except asyncio.CancelledError:  # the reader was cancelled (client gone): so is the job
+            await self.aclose()
+            raise
+        if isinstance(event, Exception):
+            self.ended = True
+            raise event
+        self.ended = isinstance(event, Finished)
+        return event
+
+    async def aclose(self) -> None:
+        self.ended = True
+        if not self.run.done:
+            self.cancel(self.run.job.job_id, "cancelled")
 
 
 class BatchedHead:

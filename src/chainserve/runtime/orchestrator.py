@@ -41,7 +41,7 @@ from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.constraints import Grammars
 from chainserve.runtime.generations import Generation, Generations
-from chainserve.runtime.jobs import BatchedHead, JobRun, StartRecord, run_route
+from chainserve.runtime.jobs import BatchedHead, JobRun, JobStream, StartRecord, run_route
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps
 from chainserve.runtime.requests import Finished, Overloaded, RequestFailed, RequestTimes, SamplingParams, TokenEvent
@@ -156,7 +156,7 @@ class Orchestrator:
         if self.controller is not None:
             self.controller.observe(now - self._t0, len(prompt_ids), params.max_tokens)
             self._maybe_adapt()
-        return JobStream(self, run)
+        return JobStream(run, self.cancel, self.clock, self.request_timeout_s)
 
     @property
     def num_waiting(self) -> int:
@@ -430,44 +430,6 @@ class Orchestrator:
                 await asyncio.gather(task, return_exceptions=True)
         await self.servers.close()
         self.batched_head.close()
-
-
-class JobStream:
-    """The events of one job (:meth:`Orchestrator.generate`): a :class:`RequestFailed` (504) once
-    ``request_timeout_s`` has passed since arrival; closing it, or cancelling its reader, before the
-    end cancels the job (an iterator object, not a generator: a stream closed before its first read
-    still cancels, which a request of n jobs refused at the k-th needs)."""
-
-    def __init__(self, orch: Orchestrator, run: JobRun):
-        self.orch, self.run, self.ended = orch, run, False
-
-    def __aiter__(self) -> JobStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent | Finished:
-        if self.ended:
-            raise StopAsyncIteration
-        orch, run = self.orch, self.run
-        deadline = run.times.arrived_at + orch.request_timeout_s
-        try:
-            event = await asyncio.wait_for(run.events.get(), max(deadline - orch.clock(), 0.0))
-        except TimeoutError:
-            self.ended = True
-            orch.cancel(run.job.job_id, "timeout")
-            raise RequestFailed(f"the request did not finish within {orch.request_timeout_s:g} s", 504) from None
-        except asyncio.CancelledError:  # the reader was cancelled (client gone): so is the job
-            await self.aclose()
-            raise
-        if isinstance(event, Exception):
-            self.ended = True
-            raise event
-        self.ended = isinstance(event, Finished)
-        return event
-
-    async def aclose(self) -> None:
-        self.ended = True
-        if not self.run.done:
-            self.orch.cancel(self.run.job.job_id)
 
 
 def _ignore_result(future: asyncio.Future) -> None:
