@@ -118,6 +118,7 @@ def test_chat_logprobs_equal_a_single_process_forward(client, reference):
     out = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=8, temperature=0, logprobs=True,
                                          top_logprobs=3, extra_body={"ignore_eos": True})  # fmt: skip
     tokens = out.model_extra["chainserve"]["token_ids"]
+    assert len(out.model_extra["chainserve"]["hops"]) == 3  # through three block servers
     content = out.choices[0].logprobs.content
     assert len(content) == len(tokens) == 8
     prompt = chat_ids(tokenizer, MSG)
@@ -284,11 +285,14 @@ def test_every_row_on_smollm2(tmp_path):
         client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.token, max_retries=0)
         out = client.chat.completions.create(model=name, messages=MSG, n=3, max_tokens=8, seed=1)  # n
         assert [c.index for c in out.choices] == [0, 1, 2]
+        comp = client.completions.create(model=name, prompt="The sky is", n=3, max_tokens=4, seed=1)
+        assert [c.index for c in comp.choices] == [0, 1, 2]
         chat = client.chat.completions.create(model=name, messages=MSG, max_tokens=6, temperature=0, logprobs=True,
-                                              top_logprobs=2)  # fmt: skip
+                                              top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+        assert len(chat.model_extra["chainserve"]["hops"]) >= 3
         prompt, tokens = chat_ids(tokenizer, MSG), chat.model_extra["chainserve"]["token_ids"]
-        ref = ref_logprobs(model, prompt + tokens)[len(prompt) - 1 :]
-        for row, token, entry in zip(ref, tokens, chat.choices[0].logprobs.content, strict=False):
+        ref = ref_logprobs(model, prompt + tokens)[len(prompt) - 1 : -1]
+        for row, token, entry in zip(ref, tokens, chat.choices[0].logprobs.content, strict=True):
             assert abs(entry.logprob - row[token]) < TOL and len(entry.top_logprobs) == 2
         ids = tokenizer("Question: What is the capital of France?\nAnswer: Paris")["input_ids"]
         echo = client.completions.create(model=name, prompt=[ids, ids[:-1]], echo=True, logprobs=1, max_tokens=0)
@@ -298,9 +302,15 @@ def test_every_row_on_smollm2(tmp_path):
             assert abs(echo.choices[0].logprobs.token_logprobs[i] - ref[i - 1, ids[i]]) < TOL
         comp = client.completions.create(model=name, prompt="The sky is", max_tokens=4, logprobs=3, seed=2)
         assert all(len(top) >= 3 for top in comp.choices[0].logprobs.top_logprobs)
-        kw = dict(model=name, messages=MSG, max_tokens=8, temperature=0, presence_penalty=1.0, frequency_penalty=1.0)
-        pen = client.chat.completions.create(**kw, extra_body={"repetition_penalty": 1.2, "min_tokens": 4})
-        assert pen.usage.completion_tokens >= 4
+        sky = tokenizer("The sky is")["input_ids"]
+        kw = dict(model=name, prompt="The sky is", max_tokens=8, temperature=0)
+        pen = client.completions.create(**kw, presence_penalty=1.0, frequency_penalty=1.0,
+                                        extra_body={"ignore_eos": True})  # fmt: skip
+        assert pen.choices[0].model_extra["chainserve"]["token_ids"] == greedy_with_penalties(model, sky, 8, 1.0, 1.0)
+        rep = client.completions.create(**kw, extra_body={"repetition_penalty": 1.2, "min_tokens": 8})
+        ref = model.generate(torch.tensor([sky]), max_new_tokens=8, do_sample=False, repetition_penalty=1.2,
+                             min_new_tokens=8)  # fmt: skip
+        assert rep.choices[0].model_extra["chainserve"]["token_ids"] == ref[0, len(sky) :].tolist()
         fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
         for seed in range(3):
             out = client.chat.completions.create(
