@@ -59,6 +59,9 @@ class FakeEngine:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         if any(m["content"] == "boom" for m in messages):
             raise ValueError("messages: the chat template refuses 'boom'")
@@ -281,23 +284,45 @@ BAD = [  # (path, body, status, param)
     (COMP, {"prompt": ""}, 400, "prompt"),
     (COMP, {"prompt": []}, 400, "prompt"),
     (COMP, {"prompt": [""]}, 400, "prompt"),
-    (COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
+    (COMP, {"prompt": ["a", [1]]}, 400, "prompt"),
+    (COMP, {"prompt": [[1], "b"]}, 400, "prompt"),
+    (COMP, {"prompt": ["a", ""]}, 400, "prompt"),
     (COMP, {"prompt": [1, -2]}, 400, "prompt"),
     (COMP, {"prompt": [1, 300]}, 400, "prompt"),  # beyond vocab_size
     (COMP, {"prompt": [1, True]}, 400, "prompt"),
     (COMP, {"prompt": "x" * 64}, 400, "prompt"),  # fills the context
     (COMP, {"prompt": 5}, 400, "prompt"),
     (COMP, {}, 400, "prompt"),
-    (COMP, {"prompt": "hi", "n": 2}, 400, "n"),
+    (COMP, {"prompt": "hi", "n": 0}, 400, "n"),
+    (COMP, {"prompt": "hi", "n": 129}, 400, "n"),
+    (COMP, {"prompt": ["hi"] * 65, "n": 2}, 400, "n"),  # 130 choices
     (COMP, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    (COMP, {"prompt": "hi", "echo": True}, 400, "echo"),
-    (COMP, {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    (COMP, {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    (COMP, {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    (COMP, {"prompt": "x" * 65, "echo": True, "max_tokens": 0}, 400, "prompt"),  # over the context
+    (COMP, {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    (COMP, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (COMP, {"prompt": "hi", "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    (COMP, {"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
     (COMP, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (COMP, {"prompt": "hi", "stream": "yes"}, 400, "stream"),
-    (CHAT, {"messages": MSG, "presence_penalty": 0.5}, 400, "presence_penalty"),
-    (CHAT, {"messages": MSG, "logprobs": True}, 400, "logprobs"),
+    (CHAT, {"messages": MSG, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),  # without logprobs: true
+    (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
-    (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (
+        CHAT,
+        {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        400,
+        "response_format",
+    ),
+    (
+        CHAT,
+        {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}},
+        400,
+        "response_format",
+    ),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {}, 400, "messages"),
     (CHAT, {"messages": "hi"}, 400, "messages"),

@@ -11,47 +11,47 @@ Validation (every failure is a 4xx in OpenAI's ``{"error": {message, type, param
 request shapes and unsupported parameters in :mod:`.openai_schema`):
 
 * 400: malformed JSON, a body that is not an object, wrong types (strict: ``"5"`` is not an int),
-  ``max_tokens`` / ``max_completion_tokens`` < 1 or prompt + max_tokens > ``engine.max_tokens``
-  (param ``max_tokens``), temperature outside [0, 2], top_p outside (0, 1], more than 4 stop strings,
-  an empty prompt or ``messages`` list, a prompt alone filling the context (param ``prompt`` /
-  ``messages``), token ids outside the engine's ``vocab_size`` when it has one, ``ValueError`` from the
-  engine (``encode``, ``chat_prompt``, :class:`.SamplingParams`, ``generate``).
+  ``max_tokens`` / ``max_completion_tokens`` < 1 (0 allowed with echo) or prompt + max_tokens >
+  ``engine.max_tokens``, the cache one job holds (param ``max_tokens``), temperature outside [0, 2],
+  top_p outside (0, 1], more than 4 stop strings, an empty prompt or ``messages`` list, a prompt alone
+  filling the context (param ``prompt`` / ``messages``), token ids outside the engine's ``vocab_size``
+  when it has one, more than 128 choices (n × prompts; param ``n``), a ``response_format`` that is not
+  a valid JSON schema, ``ValueError`` from the engine (``encode``, ``chat_prompt``,
+  :class:`.SamplingParams`, ``generate``: e.g. structured output on a backend without a tokenizer).
 * 401: ``api_key`` set and ``Authorization: Bearer <key>`` wrong or missing (``/v1/*`` only).
 * 404: ``model`` given and not ``engine.model_id`` (a missing ``model`` is accepted); unknown routes.
 * 429 with ``Retry-After`` (whole seconds) and ``retry-after-ms``: ``engine.generate`` raised
   :class:`.Overloaded`, at the call or at its first event.
 
 Defaults: completions ``max_tokens`` 16, chat the rest of the context (as vLLM); both are cut to the
-context left after the prompt. The first engine event is awaited before the response starts, so an
-``Overloaded`` is a real 429 even for streams. A client that disconnects closes the engine's iterator
-(the engine then cancels the job): while queued, while streaming, and while a non-streamed request runs.
-Recording request outcomes in :class:`.RuntimeMetrics` is the orchestrator's job; the API only serves it.
+context left after the prompt. Each choice (n per prompt) is one engine job (:mod:`.openai_serving`);
+with a ``seed``, choice j samples with ``seed + j`` (as vLLM), so choices differ and each is
+reproducible. A client that disconnects closes the engine's iterators (the engine then cancels the
+jobs): while queued, while streaming, and while a non-streamed request runs. Recording request
+outcomes in :class:`.RuntimeMetrics` is the orchestrator's job; the API only serves it.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import math
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
 
 from . import openai_schema as oa
+from .constraints import grammar_for
 from .metrics import RuntimeMetrics
-from .requests import Engine, Finished, Overloaded, RequestFailed, SamplingParams, TokenEvent
+from .openai_responses import Echo
+from .openai_serving import ChoiceJob, serve
+from .requests import Engine, RequestFailed, SamplingParams
 
-T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 #: The status page's headers: inline script and style only, fetches to this origin only, never cached.
@@ -60,10 +60,6 @@ STATUS_PAGE_HEADERS = {
     "connect-src 'self'; img-src 'self' data:",
     "Cache-Control": "no-cache",
 }
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
 
 
 def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = None) -> FastAPI:
@@ -104,21 +100,27 @@ def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = No
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         req = _parse(oa.CompletionRequest, await request.body())
-        _check_request(engine, req)
-        prompt_ids = _prompt_ids(engine, req.prompt)
-        params = _sampling(engine, req, len(prompt_ids), "prompt", "max_tokens", req.max_tokens)
-        return await _serve(engine, request, prompt_ids, params, req, chat=False)
+        _check_request(engine, req, len(req.prompt))
+        jobs, num_prompt_tokens = [], 0
+        for prompt in req.prompt:
+            ids = _prompt_ids(engine, prompt)
+            params = _sampling(engine, req, len(ids), "prompt", "max_tokens", req.max_tokens)
+            echo = Echo(engine.decode(ids) if isinstance(prompt, list) else prompt, tuple(ids)) if req.echo else None
+            jobs += [ChoiceJob(tuple(ids), p, echo) for p in _choices(params, req.n)]
+            num_prompt_tokens += len(ids)
+        return await serve(engine, request, jobs, num_prompt_tokens, False, bool(req.stream), req.include_usage)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = _parse(oa.ChatRequest, await request.body())
-        _check_request(engine, req)
+        _check_request(engine, req, 1)
         prompt_ids = _engine_call(engine.chat_prompt, [m.as_dict() for m in req.messages])
         if not prompt_ids:
             raise oa.ApiError(400, "messages: the chat prompt is empty", param="messages")
         name, max_tokens = req.max_tokens_param
         params = _sampling(engine, req, len(prompt_ids), "messages", name, max_tokens)
-        return await _serve(engine, request, prompt_ids, params, req, chat=True)
+        jobs = [ChoiceJob(tuple(prompt_ids), p) for p in _choices(params, req.n)]
+        return await serve(engine, request, jobs, len(prompt_ids), True, bool(req.stream), req.include_usage)
 
     app.include_router(v1)
 
@@ -174,11 +176,15 @@ def _check_model(engine: Engine, model: str | None) -> None:
         raise oa.ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def _check_request(engine: Engine, req: oa.CompletionRequest | oa.ChatRequest) -> None:
+def _check_request(engine: Engine, req: oa.CompletionRequest | oa.ChatRequest, num_prompts: int) -> None:
     _check_model(engine, req.model)
     bad = req.unsupported()
     if bad is not None:
         raise oa.ApiError(400, bad[1], param=bad[0])
+    if num_prompts * (req.n or 1) > oa.MAX_CHOICES:
+        raise oa.ApiError(
+            400, f"n: {num_prompts} prompts × n={req.n or 1} is more than {oa.MAX_CHOICES} choices", param="n"
+        )
 
 
 def _engine_call(fn: Any, arg: Any) -> list[int]:
@@ -206,9 +212,9 @@ def _sampling(
     engine: Engine, req: oa.CompletionRequest | oa.ChatRequest, num_prompt: int, prompt_param: str,
     max_param: str, max_tokens: int | None,
 ) -> SamplingParams:  # fmt: skip
-    """Sampling parameters; prompt + max_tokens must fit in the engine's context."""
+    """Sampling parameters; prompt + max_tokens must fit in the engine's context (the cache a job holds)."""
     room = engine.max_tokens - num_prompt
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise oa.ApiError(
             400, f"{prompt_param}: {num_prompt} prompt tokens leave no room in the model's context of "
             f"{engine.max_tokens} tokens", param=prompt_param,
@@ -220,6 +226,11 @@ def _sampling(
             400, f"{max_param}: the model's context is {engine.max_tokens} tokens; the prompt has {num_prompt} "
             f"and {max_param} is {max_tokens} (at most {room} allowed)", param=max_param,
         )  # fmt: skip
+    chat = isinstance(req, oa.ChatRequest)
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -228,158 +239,23 @@ def _sampling(
             seed=req.seed,
             stop=tuple(req.stop),
             ignore_eos=bool(req.ignore_eos),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            min_tokens=min(req.min_tokens or 0, max_tokens),
+            logprobs=logprobs,
+            prompt_logprobs=not chat and bool(req.echo) and logprobs is not None,
+            grammar=grammar_for(req.response_format),
         )
     except ValueError as e:
         raise oa.ApiError(400, str(e), param=str(e).partition(":")[0] or None) from None
 
 
-# --- serving -------------------------------------------------------------------------------------------
-
-
-async def _serve(
-    engine: Engine, request: Request, prompt_ids: Sequence[int], params: SamplingParams,
-    req: oa.CompletionRequest | oa.ChatRequest, chat: bool,
-) -> Response:  # fmt: skip
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created, model = int(time.time()), engine.model_id
-    it = _generate(engine, prompt_ids, params)
-    try:
-        first = await _unless_disconnected(request, _first_event(it))
-        if not req.stream:
-            finished = first if isinstance(first, Finished) else await _unless_disconnected(request, _finish(it))
-            await _aclose(it)
-            return JSONResponse(oa.completion_response(rid, created, model, finished, chat))
-    except BaseException as e:
-        await _aclose(it)
-        if isinstance(e, ClientGone):
-            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-        raise
-    events = _sse(it, first, rid, created, model, chat, req.include_usage)
-    return _SSEResponse(events, it)
-
-
-def _generate(engine: Engine, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[Any]:
-    try:
-        return engine.generate(prompt_ids, params)
-    except Overloaded as e:
-        raise _too_many(e) from None
-    except ValueError as e:
-        raise oa.ApiError(400, str(e)) from None
-
-
-async def _first_event(it: AsyncIterator[Any]) -> TokenEvent | Finished:
-    try:
-        return await anext(it)
-    except Overloaded as e:
-        raise _too_many(e) from None
-    except ValueError as e:
-        raise oa.ApiError(400, str(e)) from None
-    except StopAsyncIteration:
-        raise oa.ApiError(500, "the engine ended without an answer", type_="server_error") from None
-
-
-async def _finish(it: AsyncIterator[Any]) -> Finished:
-    async for event in it:
-        if isinstance(event, Finished):
-            return event
-    raise oa.ApiError(500, "the engine ended without an answer", type_="server_error")
-
-
-def _too_many(e: Overloaded) -> oa.ApiError:
-    retry_s = max(float(e.retry_after_s), 0.0) if math.isfinite(e.retry_after_s) else 1.0
-    headers = {"Retry-After": str(max(1, math.ceil(retry_s))), "retry-after-ms": str(int(retry_s * 1000))}
-    return oa.ApiError(429, str(e) or "server overloaded", code="rate_limit_exceeded", type_="rate_limit_error",
-                       headers=headers)  # fmt: skip
-
-
-async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` unless the client disconnects first (then cancel it, raise :class:`ClientGone`)."""
-    result: list[T] = []
-    error: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            result.append(await awaitable)
-        except Exception as e:  # re-raised outside the task group, unwrapped
-            error.append(e)
-        tg.cancel_scope.cancel()
-    if error:
-        raise error[0]
-    if not result:
-        raise ClientGone
-    return result[0]
-
-
-async def _aclose(it: AsyncIterator[Any]) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        with anyio.CancelScope(shield=True):
-            await close()
-
-
-def _sse_line(obj: Any) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-
-
-async def _sse(
-    it: AsyncIterator[Any], first: TokenEvent | Finished, rid: str, created: int, model: str, chat: bool,
-    include_usage: bool,
-) -> AsyncIterator[bytes]:  # fmt: skip
-    """OpenAI's chunk stream: (chat) a role delta, one chunk per non-empty token text, a chunk with the
-    finish reason (and the ``chainserve`` route), (``include_usage``) a usage chunk, ``[DONE]``."""
-    base = (rid, created, model, chat)
-    if chat:
-        yield _sse_line(oa.chunk(*base, role=True, include_usage=include_usage))
-    event: Any = first
-    try:
-        while not isinstance(event, Finished):
-            if isinstance(event, TokenEvent) and event.text:
-                yield _sse_line(oa.chunk(*base, text=event.text, include_usage=include_usage))
-            event = await anext(it)
-    except StopAsyncIteration:
-        yield _sse_line(oa.error_body("the engine ended without an answer", "server_error"))
-    except Exception as e:  # the 200 is already sent: report in-band, as vLLM does
-        yield _sse_line(oa.error_body(f"generation failed: {e}", "server_error"))
-    else:
-        done = oa.chunk(*base, finish_reason=event.finish_reason, include_usage=include_usage)
-        yield _sse_line(done | {"chainserve": oa.route(event)})
-        if include_usage:
-            yield _sse_line({**oa.chunk(*base, include_usage=True), "choices": [], "usage": oa.usage(event)})
-    yield _sse_line(b"[DONE]")
-
-
-class _SSEResponse(StreamingResponse):
-    """A stream that stops when the client disconnects, whatever the server's ASGI version, and then
-    closes the engine's iterator (so the engine cancels the job)."""
-
-    def __init__(self, content: AsyncIterator[bytes], engine_it: AsyncIterator[Any]) -> None:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self.engine_it = engine_it
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # ASGI ≥ 2.4 servers report a gone client this way
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            await _aclose(self.body_iterator)  # type: ignore[arg-type]
-            await _aclose(self.engine_it)
+def _choices(params: SamplingParams, n: int | None) -> list[SamplingParams]:
+    """The n choices' parameters: with a seed, choice j samples with ``seed + j`` (as vLLM)."""
+    if params.seed is None:
+        return [params] * (n or 1)
+    return [replace(params, seed=params.seed + j) for j in range(n or 1)]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -1,14 +1,17 @@
-"""OpenAI request bodies and response objects of the runtime's API (paper §4.2's client side).
+"""OpenAI request bodies of the runtime's API (paper §4.2's client side; responses: :mod:`.openai_responses`).
 
 Requests are pydantic models in strict mode (no ``"5"`` → 5, no ``true`` → 1); an unknown top-level
 field is a 400 ("unrecognized request argument", as OpenAI answers), except the OpenAI parameters in
-:data:`IGNORED_FIELDS`, which clients send and which change nothing here. Responses are plain dicts
-in OpenAI's shapes. Parameters that would change the output but are not implemented are rejected
-(:meth:`CompletionRequest.unsupported`), never silently ignored:
+:data:`IGNORED_FIELDS`, which clients send and which change nothing here. Parameters that would change
+the output but are not implemented are rejected (:meth:`CompletionRequest.unsupported`), never
+silently ignored:
 
-* ``n`` / ``best_of`` other than 1, ``echo: true``, ``logprobs`` / ``top_logprobs``, non-empty
-  ``suffix`` or ``logit_bias``, non-zero ``presence_penalty`` / ``frequency_penalty``, ``tools``,
-  a ``response_format`` other than ``text``; ``stream_options`` without ``stream: true``.
+* ``best_of`` other than 1, non-empty ``suffix`` or ``logit_bias``, ``tools``; ``stream_options``
+  without ``stream: true``; ``top_logprobs`` without ``logprobs: true``; ``max_tokens: 0`` without echo.
+* Implemented (issue 20): ``n`` (1..128, OpenAI's bound, over all prompts of a request), a list of
+  prompts, ``echo``, ``logprobs`` / ``top_logprobs`` (≤ 20), ``presence_penalty`` /
+  ``frequency_penalty`` ([−2, 2]), vLLM's ``repetition_penalty`` ((0, 2]) and ``min_tokens``,
+  ``response_format`` ``text`` / ``json_object`` / ``json_schema`` (both endpoints, as vLLM).
 * Ignored (no effect on the output): :data:`IGNORED_FIELDS`. ``ignore_eos`` is a (vLLM-style) extension.
 """
 
@@ -18,9 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .requests import Finished
+from .requests import MAX_LOGPROBS
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_CHOICES = 128  # OpenAI's bound on n; here on n × the number of prompts of one request
 INT64_MIN, UINT64_END = -(2**63), 2**64
 
 
@@ -98,18 +102,21 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=INT64_MIN, lt=UINT64_END)
     stop: list[str] = []
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     ignore_eos: bool | None = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_tokens: int | None = Field(None, ge=0)
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -139,11 +146,6 @@ class _Request(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """The first parameter set to something not implemented: ``(param, message)``."""
-        if self.n not in (None, 1):
-            return "n", "n: only n=1 is supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name, f"{name}: not supported (must be 0)"
         if self.logit_bias:
             return "logit_bias", "logit_bias: not supported"
         if self.stream_options is not None and not self.stream:
@@ -152,36 +154,31 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """``POST /v1/completions``; ``prompt`` is a string, a list of one string, or token ids (a list of
-    ints, or a list of one such list)."""
+    """``POST /v1/completions``; ``prompt`` is a string, token ids (a list of ints), or a list of
+    either (one choice per prompt, in order); kept as that list."""
 
-    prompt: str | list[int]
+    prompt: list[str | list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="plain")
     @classmethod
-    def _prompt(cls, v: Any) -> str | list[int]:
-        if isinstance(v, str):
+    def _prompt(cls, v: Any) -> list[str | list[int]]:
+        if isinstance(v, str) or _token_ids(v) is not None:
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
             return v
-        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str | list):
-            if isinstance(v[0], str):
-                return v[0]
-            v = v[0]
-        ids = _token_ids(v)
-        if ids is None:
-            raise ValueError("must be a string, a list of one string, or a list of token ids")
-        return ids
+        if isinstance(v, list) and v and all(_token_ids(p) is not None for p in v):
+            return v
+        raise ValueError("must be a string, a list of token ids, or a non-empty list of either")
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of not in (None, 1):
             return "best_of", "best_of: only best_of=1 is supported"
-        if self.echo:
-            return "echo", "echo: not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs: not supported"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens: must be at least 1 (0 only with echo)"
         if self.suffix:
             return "suffix", "suffix: not supported"
         return super().unsupported()
@@ -217,17 +214,16 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs: not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs: only allowed when logprobs is true"
+        if self.max_tokens == 0:
+            return "max_tokens", "max_tokens: must be at least 1"
         if self.tools:
             return "tools", "tools: not supported"
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format", "response_format: only {'type': 'text'} is supported"
         return super().unsupported()
 
     @property
@@ -235,76 +231,3 @@ class ChatRequest(_Request):
         if self.max_completion_tokens is not None:
             return "max_completion_tokens", self.max_completion_tokens
         return "max_tokens", self.max_tokens
-
-
-# --- responses ---------------------------------------------------------------------------------------
-
-
-def usage(f: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-    }
-
-
-def route(f: Finished) -> dict[str, Any]:
-    """The non-standard ``chainserve`` field: where and how long the request ran, and the generated
-    token ids (EOS included when it ended the answer)."""
-    return {
-        "chain": f.chain,
-        "hops": [{"server": s, "first_block": a, "last_block": b} for s, a, b in f.hops],
-        "queued_s": f.queued_s,
-        "ttft_s": f.ttft_s,
-        "e2e_s": f.e2e_s,
-        "num_attempts": f.num_attempts,
-        "token_ids": list(f.token_ids),
-    }
-
-
-def completion_response(rid: str, created: int, model: str, f: Finished, chat: bool) -> dict[str, Any]:
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": f.text}, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": f.text, "logprobs": None}
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice | {"finish_reason": f.finish_reason}],
-        "usage": usage(f),
-        "chainserve": route(f),
-    }
-
-
-def chunk(
-    rid: str,
-    created: int,
-    model: str,
-    chat: bool,
-    *,
-    text: str | None = None,
-    role: bool = False,
-    finish_reason: str | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    """One streamed chunk: ``text_completion`` or ``chat.completion.chunk`` (``role``: the first chat
-    delta ``{"role": "assistant"}``; ``usage`` is ``null`` on every chunk when usage is requested)."""
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    body = {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    if include_usage:
-        body["usage"] = None
-    return body

@@ -39,8 +39,9 @@ from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Layout, default_max_waiting, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
+from chainserve.runtime.constraints import Grammars
 from chainserve.runtime.generations import Generation, Generations
-from chainserve.runtime.jobs import BatchedHead, JobRun, StartRecord, run_route
+from chainserve.runtime.jobs import BatchedHead, JobRun, JobStream, StartRecord, run_route
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps
 from chainserve.runtime.requests import Finished, Overloaded, RequestFailed, RequestTimes, SamplingParams, TokenEvent
@@ -86,6 +87,7 @@ class Orchestrator:
         self.controller, self.adapt_interval_s, self.heartbeat_s = controller, adapt_interval_s, heartbeat_s
         self.model_id, self.max_tokens = head.model_id, head.max_tokens
         self.batched_head = BatchedHead(head)
+        self.grammars = Grammars(head.tokenizer, head.eos_token_ids)
         limits = reserved_block_jobs(layout)
         spans = {s.server: (s.start_block, s.num_blocks) for s in layout.placement.spans}
         names = [s.name for s in layout.problem.servers]
@@ -120,12 +122,15 @@ class Orchestrator:
     def encode(self, text: str) -> list[int]:
         return self.head.encode(text)
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.head.decode(token_ids)
+
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self.head.chat_prompt(messages)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         """Queue the request now (raises :class:`Overloaded` when the queue is full) and return the
-        stream of its events; closing the stream early cancels the job."""
+        stream of its events; closing the stream early (even before its first event) cancels the job."""
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
         if len(prompt_ids) + params.max_tokens > self.max_tokens:
@@ -133,6 +138,7 @@ class Orchestrator:
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
                 f"the {self.max_tokens} tokens a job's cache holds"
             )
+        constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         waiting = self.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             self.metrics.observe_failure("rejected")
@@ -140,16 +146,17 @@ class Orchestrator:
                 f"{waiting} requests are waiting (the bound is {self.max_waiting})", self._retry_after_s(waiting)
             )
         now = self.clock()
-        job = Job(next(self._ids), now, len(prompt_ids), params.max_tokens)
+        job = Job(next(self._ids), now, len(prompt_ids), max(params.max_tokens, 1))
         gen = self.generations.current
         stream = TextStream(self.head.decode, params.stop)
-        run = JobRun(job, list(prompt_ids), params, RequestTimes(now), Sampler(params), stream, gen)
+        sampler = Sampler(params, prompt_ids, self.head.eos_token_ids, constraint)
+        run = JobRun(job, list(prompt_ids), params, RequestTimes(now), sampler, stream, gen)
         self.runs[job.job_id] = run
         self.apply(gen.dispatcher.submit(job, now), gen)
         if self.controller is not None:
             self.controller.observe(now - self._t0, len(prompt_ids), params.max_tokens)
             self._maybe_adapt()
-        return self._stream(run)
+        return JobStream(run, self.cancel, self.clock, self.request_timeout_s)
 
     @property
     def num_waiting(self) -> int:
@@ -163,26 +170,6 @@ class Orchestrator:
         """About how long the queue ahead takes to clear at the plan's rate ν (1 s when unknown)."""
         rate = sum(ch.capacity * ch.rate_per_s for ch in self.layout.chains)
         return max(1.0, waiting / rate) if rate > 0 else 1.0
-
-    async def _stream(self, run: JobRun) -> AsyncIterator[TokenEvent | Finished]:
-        deadline = run.times.arrived_at + self.request_timeout_s
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(run.events.get(), max(deadline - self.clock(), 0.0))
-                except TimeoutError:
-                    self.cancel(run.job.job_id, "timeout")
-                    raise RequestFailed(
-                        f"the request did not finish within {self.request_timeout_s:g} s", 504
-                    ) from None
-                if isinstance(event, Exception):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            if not run.done:
-                self.cancel(run.job.job_id)
 
     def cancel(self, job_id: int, reason: str = "cancelled") -> None:
         """The client left (or its time ran out): stop the job wherever it is and free its place."""

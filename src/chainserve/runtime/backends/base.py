@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -136,9 +136,11 @@ class SpanBackend(Protocol):
 
 class ModelHead(Protocol):
     """Tokenizer, embeddings and LM head of the served model (orchestrator side); ``in_thread``: its
-    :meth:`logits` is long enough to run in a worker thread."""
+    :meth:`logits` is long enough to run in a worker thread; ``tokenizer``: the Hugging Face fast
+    tokenizer, which structured output needs (``None``: there is none)."""
 
     in_thread: bool
+    tokenizer: Any
     model_id: str
     num_blocks: int
     max_tokens: int
@@ -157,7 +159,9 @@ class ModelHead(Protocol):
         """Hidden states entering block 1 for these tokens: [1, len(token_ids), hidden_size]."""
         ...
 
-    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
-        """Next-token logits (float32, [len(hiddens), vocab]) from the last position of each of the
-        last block's outputs, in one batch (the orchestrator calls it from a worker thread)."""
+    def logits(self, hiddens: Sequence[WireTensor], num_positions: Sequence[int] | None = None) -> np.ndarray:
+        """Next-token logits (float32, [Σ num_positions, vocab]) after the last ``num_positions[i]``
+        positions of each of the last block's outputs (``None``: the last position of each; a prefill's
+        output has every prompt position, which echo's prompt log-probabilities need), rows in order,
+        in one batch (the orchestrator calls it from a worker thread)."""
         ...

@@ -116,6 +116,7 @@ class EmulatedHead:
     """
 
     in_thread = False  # a table lookup: cheaper than a thread hop
+    tokenizer = None  # a toy vocabulary: no structured output
 
     def __init__(self, model_name: str, num_blocks: int, max_tokens: int):
         self.model_id = f"emulated/{model_name}"
@@ -149,8 +150,10 @@ class EmulatedHead:
             out.append(int(np.argmax(self.table[(ids + out)[-1]])))
         return self.decode(out)
 
-    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
-        last = np.array([np.frombuffer(h.data, dtype=np.int32)[-1] for h in hiddens])
+    def logits(self, hiddens: Sequence[WireTensor], num_positions: Sequence[int] | None = None) -> np.ndarray:
+        counts = num_positions or [1] * len(hiddens)
+        ids = [np.frombuffer(h.data, dtype=np.int32)[-n:] for h, n in zip(hiddens, counts, strict=True)]
+        last = np.concatenate(ids)
         if not np.all((0 <= last) & (last < len(VOCAB))):
             raise ValueError(f"hidden: a token id of {last.tolist()} is outside the emulated vocabulary")
         return self.table[last]

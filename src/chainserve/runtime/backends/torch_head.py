@@ -70,11 +70,13 @@ class TorchHead:
         with torch.inference_mode():
             return torch_to_wire(self.embed_weight[torch.tensor(ids, device=self.device)].unsqueeze(0))
 
-    def logits(self, hiddens: Sequence[WireTensor]) -> np.ndarray:
-        """float32 [len(hiddens), vocab] logits of each one's last position, in one matmul."""
+    def logits(self, hiddens: Sequence[WireTensor], num_positions: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [Σ num_positions, vocab] logits of each one's last ``num_positions[i]`` positions
+        (default: 1), in one matmul."""
+        counts = num_positions or [1] * len(hiddens)
         with torch.inference_mode():
-            last = torch.cat([wire_to_torch(h, self.hidden_size)[:, -1] for h in hiddens])
-            out = self.norm(last.to(self.device, self.dtype)) @ self.lm_head_weight.T
+            rows = [wire_to_torch(h, self.hidden_size)[0, -n:] for h, n in zip(hiddens, counts, strict=True)]
+            out = self.norm(torch.cat(rows).to(self.device, self.dtype)) @ self.lm_head_weight.T
             return out.float().cpu().numpy()
 
 
