@@ -29,7 +29,7 @@ import asyncio
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from chainserve.analysis.records import Summary
@@ -52,7 +52,8 @@ from chainserve.experiments.table1_live import (
     live_testbed,
 )
 from chainserve.measure.bench import BenchRequest, rate_requests, trace_requests
-from chainserve.measure.profile import ProfileSettings
+from chainserve.measure.profile import ProfileSettings, profiled_problem
+from chainserve.measure.profile_batch import measure_head
 from chainserve.measure.profile_live import profile_cluster
 from chainserve.model.catalogue import with_roofline_step_costs
 from chainserve.model.cluster_file import load_cluster
@@ -142,13 +143,11 @@ def _bloom(num_jobs: int) -> tuple[Problem, list[BenchRequest]]:
 
 
 def profiled_smollm2(settings: ProfileSettings) -> Problem:
-    """``examples/fidelity-smollm2-3.yaml`` with every server's τ^p, τ^c measured live (torch backend)."""
+    """``examples/fidelity-smollm2-3.yaml`` as measured live (torch backend): every server's τ^p, τ^c
+    and batched step cost, and the orchestrator's head cost (issue 18)."""
     problem = load_cluster(EXAMPLES / "fidelity-smollm2-3.yaml")
     profiles = asyncio.run(profile_cluster(problem, "torch", SMOLLM2_MODEL, settings, {}, {}))
-    servers = tuple(
-        replace(s, tau_p_s=profiles[s.name].tau_p_s, tau_c_s=profiles[s.name].tau_c_s) for s in problem.servers
-    )
-    return replace(problem, servers=servers)
+    return profiled_problem(problem, profiles, measure_head("torch", SMOLLM2_MODEL, device="cpu"))
 
 
 def _bounds(layout: Layout) -> str:
