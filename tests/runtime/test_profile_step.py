@@ -97,7 +97,10 @@ def test_the_written_cluster_file_loads_back_the_same_costs(tmp_path: Path) -> N
             assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-5), (server.name, field)
         assert got.r2 == pytest.approx(want.r2, rel=1e-3, abs=1e-4)  # an R² of 3e-16 is written as 0
         assert server.tau_p_s == pytest.approx(0.09)  # τ stays the measured one, not the step cost's
-    assert loaded.head_cost.alpha_s == pytest.approx(0.0021) and loaded.head_cost.beta_s == pytest.approx(0.00033)
+    h = loaded.head_cost  # its prefill coefficients default to the decode ones
+    assert (h.alpha_s, h.beta_s, h.prefill_alpha_s, h.prefill_beta_s, h.r2) == pytest.approx(
+        (head.alpha_s, head.beta_s, head.prefill_alpha_s, head.prefill_beta_s, head.r2)
+    )
     assert "step_cost (issue 18)" in out.read_text() and "head_cost" in out.read_text()
     direct = profiled_problem(problem, profiles, head)  # the same without the file's rounding
     assert [s.step for s in direct.servers] == [costs["s0"], costs["s5"]] and direct.head_cost == head

@@ -143,7 +143,6 @@ def cost_entry(cost: StepCost, head: bool = False) -> dict:
     if small:
         log.info("step cost: %s below 1 µs written as 0", ", ".join(small))
     entry = {"alpha_ms": _ms(cost.alpha_s), "beta_ms": _ms(cost.beta_s)}
-    if head:
-        return entry
-    entry |= {"prefill_alpha_ms": _ms(cost.prefill_alpha_s), "prefill_beta_ms": _ms(cost.prefill_beta_s)}
+    if not head:
+        entry |= {"prefill_alpha_ms": _ms(cost.prefill_alpha_s), "prefill_beta_ms": _ms(cost.prefill_beta_s)}
     return entry | ({"r2": round(float(cost.r2), 4)} if cost.r2 is not None else {})  # 1e-16 reads as 0
