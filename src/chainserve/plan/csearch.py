@@ -10,7 +10,7 @@ from chainserve.analysis.bounds import response_time_bounds
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.gbp_cr import GbpCrResult, blocks_with_reservation, gbp_cr
 from chainserve.plan.gca import gca
-from chainserve.plan.loaded import estimated_response_s, loaded_bounds
+from chainserve.plan.loaded import loaded_bounds
 from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_that_fit
 
 Objective = Literal["lower", "surrogate"]
@@ -23,7 +23,7 @@ def make_plan(
     load-dependent estimate when the problem has step costs: :mod:`.loaded`)."""
     chains = tuple(sorted(chains, key=lambda ch: ch.service_time_s))
     if problem.batch_aware or problem.head_cost is not None:
-        bounds, estimate = loaded_bounds(problem, chains), estimated_response_s(problem, chains)
+        bounds, estimate = loaded_bounds(problem, chains)
         return Plan(problem, placement, chains, c, bounds, method, estimate_s=estimate)
     bounds = response_time_bounds(
         problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains], [ch.capacity for ch in chains]

@@ -14,7 +14,7 @@ whole batch, the prefills of the others landing beside it) and τ^p_j on a serve
   a lower bound;
 * **full load** (b_j = Σ_{k ∋ j} c_k, B = C: every job server of the plan busy): no job is slower
   (up to the mean-prompt interference term), so the upper bound with these rates stays an upper bound;
-* **score** (:func:`estimated_response_s`): the lower bound's formula at full-load speeds, what the
+* **score** (:func:`loaded_bounds`): the lower bound's formula at full-load speeds, what the
   c-search and the best planner minimise; with capped capacities among the candidates
   (:func:`chainserve.plan.csearch.capped_plans`) it weighs a job server's worth against the
   slowdown it brings every job beside it.
@@ -22,7 +22,6 @@ whole batch, the prefills of the others landing beside it) and τ^p_j on a serve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from chainserve.analysis.bounds import Bounds, response_time_bounds
@@ -74,20 +73,15 @@ def full_load_times_s(problem: Problem, chains: Sequence[Chain]) -> list[float]:
     return _times(problem, chains, [float(ch.capacity) for ch in chains], 0.0)
 
 
-def loaded_bounds(problem: Problem, chains: Sequence[Chain]) -> Bounds:
-    """Theorem 4 kept a sandwich: the lower bound at batch-1 speeds, the upper at full-load speeds."""
+def loaded_bounds(problem: Problem, chains: Sequence[Chain]) -> tuple[Bounds, float]:
+    """Theorem 4 kept a sandwich, and the planner's batch-aware score, from one pass over each speed.
+
+    Bounds: the lower one at batch-1 speeds, the upper one at full-load speeds. Score: the lower-bound
+    formula at full-load speeds, the mean response time if every job ran as slowly as the plan's
+    concurrency allows (``inf`` when unstable at that speed). Pessimistic at light load, but it ranks
+    a plan that fills memory with sessions that slow each other below one that caps them where
+    batching still pays."""
     lam, caps = problem.arrival_rate_per_s, [ch.capacity for ch in chains]
-    lower = response_time_bounds(lam, [1 / t for t in batch_one_times_s(problem, chains)], caps).lower_s
-    upper = response_time_bounds(lam, [1 / t for t in full_load_times_s(problem, chains)], caps).upper_s
-    return Bounds(lower, upper)
-
-
-def estimated_response_s(problem: Problem, chains: Sequence[Chain]) -> float:
-    """The planner's batch-aware score: Theorem 4's lower-bound formula at full-load speeds, the mean
-    response time if every job ran as slowly as the plan's concurrency allows (``inf`` when unstable
-    at that speed). Pessimistic at light load, but it ranks a plan that fills memory with sessions
-    that slow each other below one that caps them where batching still pays."""
-    if not chains:
-        return math.inf
-    rates = [1 / t for t in full_load_times_s(problem, chains)]
-    return response_time_bounds(problem.arrival_rate_per_s, rates, [ch.capacity for ch in chains]).lower_s
+    one = response_time_bounds(lam, [1 / t for t in batch_one_times_s(problem, chains)], caps)
+    full = response_time_bounds(lam, [1 / t for t in full_load_times_s(problem, chains)], caps)
+    return Bounds(one.lower_s, full.upper_s), full.lower_s
