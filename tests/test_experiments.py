@@ -25,7 +25,7 @@ PLOTS = {
 
 
 #: Experiments that serve live clusters: their machinery is tested in tests/runtime/test_table1_live.py.
-LIVE = {"table1-live", "fidelity"}
+LIVE = {"table1-live", "fidelity", "batch-plans"}
 
 
 def test_every_experiment_has_a_small_size():
