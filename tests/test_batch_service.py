@@ -20,7 +20,7 @@ from chainserve.plan.csearch import capped_plans, make_plan, search_c
 from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.plan_file import layout_from_dict, layout_to_dict
 from chainserve.plan.types import Chain, Hop, Placement, Span, chain_time_s
-from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
 from chainserve.sim.service import EmulatedService
@@ -28,14 +28,9 @@ from chainserve.sim.service import EmulatedService
 COST = StepCost(0.01, 0.002, 0.012, 0.0005)
 
 
-class Fixed:
+def jobs_at(times, prompts, outputs) -> ReplayArrivals:
     """An arrival process that returns the given jobs."""
-
-    def __init__(self, times, prompts, outputs):
-        self.jobs = Arrivals(np.array(times, float), np.array(prompts), np.array(outputs))
-
-    def sample(self, workload, num_jobs, rng):
-        return self.jobs
+    return ReplayArrivals(Arrivals(np.array(times, float), np.array(prompts), np.array(outputs)))
 
 
 def one_server_plan(step: StepCost | None, capacity: int = 4, head: StepCost | None = None):
@@ -50,7 +45,7 @@ def test_two_jobs_by_hand():
     """Job 0 (600-token prompt: chunks of 256, 256, 88) and job 1 (1 token) arrive together on a
     2-block server, α 10, β 2, α' 12, β' 0.5 ms, τ^c/l_out = 50 ms per step (worked in the comments)."""
     plan = one_server_plan(COST)
-    jobs = Fixed([0.0, 0.0], [600, 1], [4, 4])
+    jobs = jobs_at([0.0, 0.0], [600, 1], [4, 4])
     r = simulate(plan, JFFC(plan.chains), jobs, BatchedService(), num_jobs=2)
     # iteration 1 (0 → 0.284): chunk 256 + job 1; 2 (→ 0.564): chunk 256; 3 (→ 0.68): chunk 88 + job 1's
     # 2nd step; then both decode together (28 ms + 50 ms comm each) and job 0's last step alone (24 ms)
@@ -59,7 +54,7 @@ def test_two_jobs_by_hand():
 
 def test_without_step_costs_it_is_the_emulated_model():
     plan = one_server_plan(None, capacity=2)
-    jobs = Fixed([0.0, 0.1, 0.2, 0.25], [5, 500, 5, 5], [4, 8, 2, 4])
+    jobs = jobs_at([0.0, 0.1, 0.2, 0.25], [5, 500, 5, 5], [4, 8, 2, 4])
     batched = simulate(plan, JFFC(plan.chains), jobs, BatchedService(0.001), num_jobs=4)
     emulated = simulate(plan, JFFC(plan.chains), jobs, EmulatedService(0.001), num_jobs=4)
     assert batched.finished_at.tolist() == pytest.approx(emulated.finished_at.tolist())
@@ -68,10 +63,10 @@ def test_without_step_costs_it_is_the_emulated_model():
 def test_the_head_batches_and_adds_its_cost():
     head = StepCost(0.005, 0.001, 0.005, 0.001)
     plain = simulate(
-        one_server_plan(COST), JFFC(one_server_plan(COST).chains), Fixed([0.0], [1], [3]), "batched", num_jobs=1
+        one_server_plan(COST), JFFC(one_server_plan(COST).chains), jobs_at([0.0], [1], [3]), "batched", num_jobs=1
     )
     plan = one_server_plan(COST, head=head)
-    headed = simulate(plan, JFFC(plan.chains), Fixed([0.0], [1], [3]), "batched", num_jobs=1)
+    headed = simulate(plan, JFFC(plan.chains), jobs_at([0.0], [1], [3]), "batched", num_jobs=1)
     assert headed.finished_at[0] - plain.finished_at[0] == pytest.approx(3 * 0.006)
 
 
@@ -93,11 +88,11 @@ def test_every_job_finishes_no_faster_than_alone(alpha, beta, prefill_beta, rate
     rng = np.random.default_rng(seed)
     n = 60
     prompts, outputs = rng.integers(1, 700, n), rng.integers(1, 10, n)
-    jobs = Fixed(np.cumsum(rng.exponential(1 / rate, n)), prompts, outputs)
+    jobs = jobs_at(np.cumsum(rng.exponential(1 / rate, n)), prompts, outputs)
     r = simulate(plan, dispatcher_for("proposed", plan, rng), jobs, "batched", num_jobs=n)
     assert r.num_finished == n
     for i, route in enumerate(r.routes):
-        alone = simulate(plan, JFFC(plan.chains), Fixed([0.0], [prompts[i]], [outputs[i]]), "batched", num_jobs=1)
+        alone = simulate(plan, JFFC(plan.chains), jobs_at([0.0], [prompts[i]], [outputs[i]]), "batched", num_jobs=1)
         if route.hops == alone.routes[0].hops:
             assert r.finished_at[i] - r.started_at[i] >= alone.finished_at[0] * (1 - 1e-9)
 

@@ -27,7 +27,7 @@ from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Hop, Layout, Plan
 from chainserve.runtime.serve_process import serve_process
-from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
 from chainserve.sim.service import EmulatedService, ServiceModel
@@ -95,16 +95,6 @@ def to_arrivals(requests: Sequence[BenchRequest]) -> Arrivals:
         np.array([r.prompt_tokens for r in requests], dtype=np.int64),
         np.array([r.output_tokens for r in requests], dtype=np.int64),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayArrivals:
-    """An :class:`~chainserve.sim.arrivals.ArrivalProcess` that always gives the same stream."""
-
-    arrivals: Arrivals
-
-    def sample(self, workload, num_jobs, rng) -> Arrivals:
-        return self.arrivals
 
 
 def simulate_layout(

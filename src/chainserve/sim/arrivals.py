@@ -87,6 +87,16 @@ def _need_count(num_jobs: int | None) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayArrivals:
+    """An :class:`ArrivalProcess` that always gives the same stream (the requests a live run sent)."""
+
+    arrivals: Arrivals
+
+    def sample(self, workload: Workload, num_jobs: int | None, rng: np.random.Generator) -> Arrivals:
+        return self.arrivals
+
+
+@dataclass(frozen=True, slots=True)
 class PoissonArrivals:
     """Poisson arrivals of rate ``rate_per_s`` (default: the workload's λ); every job has the
     workload's mean token lengths.
