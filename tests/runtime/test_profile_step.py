@@ -13,6 +13,7 @@ from tests.runtime.conftest import children_of
 from typer.testing import CliRunner
 
 from chainserve.cli import app
+from chainserve.experiments.fit_report import fit_figure, fit_table
 from chainserve.measure.profile import Fit, ProfileSettings, ServerProfile, cluster_yaml, profiled_problem
 from chainserve.measure.profile_batch import batch_plan, measure_head
 from chainserve.measure.step_fit import LinearFit, StepFit, fit_head, fit_per_block, fit_step_cost
@@ -43,6 +44,24 @@ def test_the_fit_recovers_known_coefficients() -> None:
     noisy = [(m, b, t * rng.uniform(0.97, 1.03)) for m, b, t in decode]
     loose = fit_per_block(noisy)
     assert loose.beta_s == pytest.approx(0.0015, rel=0.1) and 0.9 < loose.r2 < 1.0
+
+
+def test_the_fit_report_shows_each_servers_coefficients_and_timings(tmp_path: Path) -> None:
+    decode = [(m, b, 0.004 + m * (0.010 + 0.0015 * b)) for m in (1, 6) for b in (1, 2, 4)]
+    prefill = [(m, q, 0.005 + m * (0.012 + 0.00004 * q)) for m in (1, 6) for q in (8, 32)]
+    fit = fit_step_cost(decode, prefill, "s")
+    assert fit.decode.points == tuple((float(m), float(b), t) for m, b, t in decode)
+    assert fit.decode.predict_s(6, 4) == pytest.approx(0.004 + 6 * (0.010 + 0.0015 * 4))
+    line = Fit(0.01, 0.002, 1.0, 4)
+    profiles = {"s": ServerProfile("s", 1, 6, (1, 6), 40, line, line, 0.001, 0.09, 0.07, fit)}
+    head = StepCost(0.0021, 0.00033, 0.0021, 0.00033, 0.5)
+    rows = fit_table(profiles, head).splitlines()
+    assert len(rows) == 4  # header, rule, the server, the head
+    assert rows[2].split(" | ")[:6] == ["| s", "10.000", "1.500", "4.000", "1.000", "6"]
+    assert rows[2].split(" | ")[6:8] == ["12.000", "40.000"]  # α' ms, β' µs per token
+    assert rows[3].startswith("| LM head") and "| 0.500 |" in rows[3]
+    assert fit_figure(profiles, tmp_path / "fit.png") and (tmp_path / "fit.png").stat().st_size > 10_000
+    assert not fit_figure({}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 def test_a_negative_coefficient_is_held_at_zero(caplog: pytest.LogCaptureFixture) -> None:

@@ -37,7 +37,8 @@ MIN_WRITTEN_S = 1e-6
 @dataclass(frozen=True, slots=True)
 class LinearFit:
     """``t = overhead_s + m·(alpha_s + beta_s·x)`` over ``num_points`` timings, with its ``r2``;
-    ``clamped``: the coefficients held at 0 because the free fit made them negative."""
+    ``clamped``: the coefficients held at 0 because the free fit made them negative; ``points``: the
+    ``(m, x, t)`` timings it was fitted on (for reports and plots)."""
 
     overhead_s: float
     alpha_s: float
@@ -45,6 +46,11 @@ class LinearFit:
     r2: float
     num_points: int
     clamped: tuple[str, ...] = ()
+    points: tuple[tuple[float, float, float], ...] = ()
+
+    def predict_s(self, m: float, x: float) -> float:
+        """The fitted time of one timing at ``m`` blocks and size ``x``."""
+        return self.overhead_s + m * (self.alpha_s + self.beta_s * x)
 
 
 def fit_per_block(rows: Sequence[tuple[float, float, float]], what: str = "", overhead: bool = True) -> LinearFit:
@@ -75,7 +81,8 @@ def fit_per_block(rows: Sequence[tuple[float, float, float]], what: str = "", ov
     residual = float(np.sum((t - design @ coef) ** 2))
     r2 = 1.0 - residual / total if total > 0 else 1.0
     c0 = float(coef[0]) if overhead else 0.0
-    return LinearFit(c0, float(coef[-2]), float(coef[-1]), r2, len(t), clamped)
+    points = tuple((float(a), float(b), float(c)) for a, b, c in data)
+    return LinearFit(c0, float(coef[-2]), float(coef[-1]), r2, len(t), clamped, points)
 
 
 @dataclass(frozen=True, slots=True)
