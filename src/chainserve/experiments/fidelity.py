@@ -346,6 +346,6 @@ def _torch_note(clusters: list[ClusterRun]) -> list[str]:
         "batch of n jobs. `profile` fits both (coefficients and R² below) and the batched simulator "
         "replays every iteration, hop and head batch with them. What it still leaves out is the CPU the "
         f"processes share: three block servers, the orchestrator and the benchmark client on {os.cpu_count()} "
-        "cores, each server profiled alone. Overlapping jobs slow one another's steps a little, which is "
-        "where the runs with jobs in parallel differ from the one-at-a-time control."
+        "cores, each server profiled alone, so jobs whose steps overlap may run slower than simulated; the "
+        "one-at-a-time control's ratio beside the others' shows how much."
     ]
