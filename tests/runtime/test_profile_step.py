@@ -92,8 +92,8 @@ def test_the_batch_plan_fits_the_free_slots() -> None:
 
 def _profile(name: str, cost: StepCost) -> ServerProfile:
     line = Fit(0.01, 0.002, 1.0, 4)
-    fit = LinearFit(0.003, cost.alpha_s, cost.beta_s, cost.r2 or 1.0, 8)
-    pre = LinearFit(0.003, cost.prefill_alpha_s, cost.prefill_beta_s, cost.r2 or 1.0, 8)
+    fit = LinearFit(0.003, cost.alpha_s, cost.beta_s, cost.r2 or 1.0, ())
+    pre = LinearFit(0.003, cost.prefill_alpha_s, cost.prefill_beta_s, cost.r2 or 1.0, ())
     return ServerProfile(name, 1, 5, (1, 5), 100, line, line, 0.001, 0.09, 0.07, StepFit(fit, pre))
 
 

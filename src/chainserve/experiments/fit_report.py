@@ -37,7 +37,7 @@ def fit_table(profiles: Mapping[str, ServerProfile], head: StepCost | None) -> s
     return markdown_table(header, rows)
 
 
-def _panel(ax, fit: LinearFit, label: str) -> None:
+def _panel(ax, fit: LinearFit, title: str, label: str) -> None:
     """Timings (dots, one colour per block count m) and the fitted line of each m."""
     counts = sorted({m for m, _, _ in fit.points})
     for i, m in enumerate(counts):
@@ -49,7 +49,7 @@ def _panel(ax, fit: LinearFit, label: str) -> None:
         ax.plot(line, [fit.predict_s(m, x) * 1e3 for x in line], "-", color=colour)
     ax.set_xlabel(label)
     ax.set_ylabel("time (ms)")
-    ax.set_title(f"R² {fit.r2:.3f}", fontsize=9)
+    ax.set_title(f"{title}, R² {fit.r2:.3f}", fontsize=9)
     ax.legend(fontsize=7)
 
 
@@ -59,13 +59,11 @@ def fit_figure(profiles: Mapping[str, ServerProfile], path: Path) -> bool:
     fitted = [(name, p.step_fit) for name, p in profiles.items() if p.step_fit is not None]
     if not fitted:
         return False
-    fig = Figure(figsize=(3.6 * len(fitted), 6.0))
+    fig = Figure(figsize=(max(3.6 * len(fitted), 7.2), 6.0))  # wide enough for the title
     axes = fig.subplots(2, len(fitted), squeeze=False)
     for col, (name, fit) in enumerate(fitted):
-        _panel(axes[0][col], fit.decode, "sessions b in the decode iteration")
-        axes[0][col].set_title(f"{name}: decode, {axes[0][col].get_title()}", fontsize=9)
-        _panel(axes[1][col], fit.prefill, "prompt tokens q")
-        axes[1][col].set_title(f"{name}: prefill, {axes[1][col].get_title()}", fontsize=9)
+        _panel(axes[0][col], fit.decode, f"{name}: decode", "sessions b in the decode iteration")
+        _panel(axes[1][col], fit.prefill, f"{name}: prefill", "prompt tokens q")
     fig.suptitle("Step cost per server: timings through m blocks and the least-squares fit", fontsize=10)
     save_figure(fig, path)
     return True

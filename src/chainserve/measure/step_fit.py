@@ -36,17 +36,19 @@ MIN_WRITTEN_S = 1e-6
 
 @dataclass(frozen=True, slots=True)
 class LinearFit:
-    """``t = overhead_s + m·(alpha_s + beta_s·x)`` over ``num_points`` timings, with its ``r2``;
-    ``clamped``: the coefficients held at 0 because the free fit made them negative; ``points``: the
-    ``(m, x, t)`` timings it was fitted on (for reports and plots)."""
+    """``t = overhead_s + m·(alpha_s + beta_s·x)`` fitted on the ``(m, x, t)`` timings ``points``,
+    with its ``r2``; ``clamped``: the coefficients held at 0 because the free fit made them negative."""
 
     overhead_s: float
     alpha_s: float
     beta_s: float
     r2: float
-    num_points: int
+    points: tuple[tuple[float, float, float], ...]
     clamped: tuple[str, ...] = ()
-    points: tuple[tuple[float, float, float], ...] = ()
+
+    @property
+    def num_points(self) -> int:
+        return len(self.points)
 
     def predict_s(self, m: float, x: float) -> float:
         """The fitted time of one timing at ``m`` blocks and size ``x``."""
@@ -82,7 +84,7 @@ def fit_per_block(rows: Sequence[tuple[float, float, float]], what: str = "", ov
     r2 = 1.0 - residual / total if total > 0 else 1.0
     c0 = float(coef[0]) if overhead else 0.0
     points = tuple((float(a), float(b), float(c)) for a, b, c in data)
-    return LinearFit(c0, float(coef[-2]), float(coef[-1]), r2, len(t), clamped, points)
+    return LinearFit(c0, float(coef[-2]), float(coef[-1]), r2, points, clamped)
 
 
 @dataclass(frozen=True, slots=True)
