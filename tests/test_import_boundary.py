@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "src" / "chainserve"
 #: Bottom first; a package may import packages of lower layers only (and itself).
 LAYERS = (
-    {"model", "analysis", "progress"},
+    {"model", "analysis", "progress", "extras"},
     {"plan"},
     {"dispatch", "adapt"},
     {"methods"},

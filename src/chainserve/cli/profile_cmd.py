@@ -147,6 +147,7 @@ def profile(
     from chainserve import progress
     from chainserve.cli.block_server_cmd import read_secret
     from chainserve.cli.serve_cmd import parse_pairs
+    from chainserve.extras import require
     from chainserve.measure import profile_live
     from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree
     from chainserve.measure.profile_batch import measure_head, served_backend
@@ -162,6 +163,8 @@ def profile(
                 "slowdown" if slowdown else "delay-ms", "applies to a CLUSTER the command starts, not --url"
             )
         _check_out(out)
+        if backend == "torch" and url is None:
+            require("torch", "the torch backend")
         served = profile_live.served_cluster(url) if url is not None else None
         problem = served.problem if served is not None else load_cluster(cluster)
         if backend == "torch" and served is None:  # the cluster's own model when --model is absent

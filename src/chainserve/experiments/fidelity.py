@@ -52,6 +52,7 @@ from chainserve.experiments.table1_live import (
     check_methods,
     live_testbed,
 )
+from chainserve.extras import require
 from chainserve.measure.bench import BenchRequest, rate_requests, trace_requests
 from chainserve.measure.profile import ProfileSettings, ServerProfile, profiled_problem
 from chainserve.measure.profile_batch import measure_head
@@ -211,6 +212,7 @@ def fidelity(
 ) -> Path:
     """Write ``fidelity.md`` (``num_seeds`` is unused: one live run per method and cluster)."""
     methods = check_methods(methods)
+    require("torch", "the fidelity experiment (its third cluster runs SmolLM2's real weights)")
     torch_jobs = max(num_jobs // TORCH_REQUEST_SHARE, 2)
     clusters: list[ClusterRun] = []
     with progress_bar() as bar, tempfile.TemporaryDirectory(prefix="chainserve-fidelity-") as tmp:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import numpy as np
 
 #: Compact JSON: no whitespace the schema does not force.
@@ -91,7 +90,9 @@ class Grammars:
         if self.tokenizer is None:
             raise ValueError("response_format: this backend has no Hugging Face tokenizer for structured output")
         if self._ll is None:
-            self._ll = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=self.eos_token_ids or None)
+            from llguidance.hf import from_tokenizer  # imports transformers: only with a HF tokenizer
+
+            self._ll = from_tokenizer(self.tokenizer, eos_token=self.eos_token_ids or None)
         matcher = llguidance.LLMatcher(self._ll, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"response_format: {matcher.get_error()}")

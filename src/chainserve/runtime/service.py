@@ -30,6 +30,7 @@ import zmq
 
 from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.dispatch.base import Dispatcher
+from chainserve.extras import require
 from chainserve.methods import build_method, check_method_name, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import SpecError
@@ -103,6 +104,10 @@ class ServeConfig:
         elif (self.cluster is None) == (self.plan is None):
             raise SpecError("cluster", "give a cluster file or --plan (one of them)")
         check_method_name(self.method)
+        if self.backend == "torch":
+            require("torch", "the torch backend")
+        if self.launcher == "ray":
+            require("ray", "the ray launcher")
         for name, value in self.slowdown.items():
             if not value >= 1:
                 raise SpecError("slowdown", f"{name}: must be ≥ 1, got {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chainserve.extras import require
 from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import ModelHead, SpanBackend, SpanInfo
 
@@ -24,6 +25,7 @@ def make_span(
 
         return EmulatedSpan(info, step_s_per_block, step_cost), "emulated"
     if backend == "torch":
+        require("torch", "the torch backend")
         import torch
 
         from chainserve.runtime.backends.devices import default_dtype, resolve_device
@@ -47,6 +49,7 @@ def make_head(
 
         return EmulatedHead(model_name, num_blocks, max_tokens)
     if backend == "torch":
+        require("torch", "the torch backend")
         import torch
 
         from chainserve.runtime.backends.devices import default_dtype, resolve_device
