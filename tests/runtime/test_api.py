@@ -26,8 +26,12 @@ from hypothesis import strategies as st
 from chainserve.runtime.api import create_app
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.requests import Finished, Overloaded, SamplingParams, TokenEvent
+from chainserve.runtime.tools import Tool
 
 MODEL = "fake-model"
+WORD = {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}
+TOOL = {"type": "function", "function": {"name": "lookup", "description": "Look a word up", "parameters": WORD}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"word": "chain"}'}}
 METRIC_NAMES = (
     "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "chain_busy_slots", "chain_capacity_slots",
     "time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
@@ -62,9 +66,10 @@ class FakeEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(token_ids).decode(errors="replace")
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]:
         if any(m["content"] == "boom" for m in messages):
             raise ValueError("messages: the chat template refuses 'boom'")
+        self.tools = tools
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
@@ -248,6 +253,69 @@ def test_streamed_chat_equals_non_streamed(client):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+# --- tools (issue 28): the fake engine echoes its prompt, so a prompt holding a call is an answer with one --
+
+
+@pytest.fixture
+def long_context(engine):
+    engine.max_tokens = 1024  # room to echo a prompt holding calls
+
+
+def test_tools_reach_the_prompt_and_a_call_in_the_answer_is_a_tool_call(long_context, client, engine):
+    said = '<tool_call>\n{"name": "lookup", "arguments": {"word": "chain"}}\n</tool_call>'
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": said}], tools=[TOOL],
+                                         max_tokens=400)  # fmt: skip
+    assert [t.name for t in engine.tools] == ["lookup"] and engine.params[-1].grammar is None  # auto: free
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "<user>"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "lookup"
+    assert json.loads(call.function.arguments) == {"word": "chain"}
+
+
+def test_tool_choice_none_and_unknown_names_answer_text(long_context, client):
+    said = '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>'
+    for choice in ("auto", "none"):
+        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": said}], tools=[TOOL],
+                                             tool_choice=choice, max_tokens=400)  # fmt: skip
+        assert out.choices[0].finish_reason == "stop" and out.choices[0].message.tool_calls is None
+        assert out.choices[0].message.content == f"<user>{said}<assistant>"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "lookup"}}])
+def test_required_and_named_tool_choices_generate_under_a_grammar(client, engine, choice):
+    client.chat.completions.create(model=MODEL, messages=MSG, tools=[TOOL], tool_choice=choice, max_tokens=5)
+    grammar = engine.params[-1].grammar
+    assert grammar is not None and "lookup" in grammar and "<tool_call>" in grammar
+
+
+def test_streamed_tool_calls_assemble_to_the_whole_answer(long_context, client):
+    said = 'Let me look.\n<tool_call>\n{"name": "lookup", "arguments": {"word": "a"}}\n</tool_call>\n' \
+           '<tool_call>\n{"name": "lookup", "arguments": {"word": "b"}}\n</tool_call>'  # fmt: skip
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": said}], tools=[TOOL], max_tokens=400)
+    whole = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls: dict[int, dict[str, str]] = {}
+    for c in chunks:
+        for d in c.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            call["name"] += d.function.name or ""
+            call["arguments"] += d.function.arguments or ""
+    assert content == whole.message.content == "<user>Let me look."
+    assert [calls[i] for i in sorted(calls)] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
+    ]
+    assert len(calls) == 2 and chunks[-1].choices[0].finish_reason == whole.finish_reason == "tool_calls"
+
+
+def test_a_history_with_tool_calls_and_results_is_accepted(long_context, client, engine):
+    history = [*MSG, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "a chain is a sequence"}]  # fmt: skip
+    out = client.chat.completions.create(model=MODEL, messages=history, tools=[TOOL], max_tokens=20)
+    assert out.choices[0].finish_reason == "length" and out.choices[0].message.content.startswith("<user>")
+
+
 def test_raw_stream_shape(http):
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ab"}], "max_tokens": 2,
                                                "stream": True})  # fmt: skip
@@ -311,6 +379,35 @@ BAD = [  # (path, body, status, param)
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"messages": MSG, "tools": [TOOL, TOOL]}, 400, "tools"),  # one name twice
+    (
+        CHAT,
+        {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]},
+        400,
+        "tools",
+    ),  # fmt: skip
+    (CHAT, {"messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
+    (CHAT, {"messages": MSG, "tools": [TOOL], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    (
+        CHAT,
+        {"messages": MSG, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        400,
+        "tool_choice",
+    ),  # fmt: skip
+    (CHAT, {"messages": MSG, "tools": [TOOL], "tool_choice": 5}, 400, "tool_choice"),
+    (
+        CHAT,
+        {"messages": MSG, "tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),  # fmt: skip
+    (CHAT, {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, 400, "messages"),
+    (
+        CHAT,
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f"}}]}]},
+        400,
+        "messages",
+    ),  # fmt: skip
     (
         CHAT,
         {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
 from typing import Any, TypeVar
@@ -51,8 +52,10 @@ from .metrics import RuntimeMetrics
 from .openai_responses import Echo
 from .openai_serving import ChoiceJob, serve
 from .requests import Engine, RequestFailed, SamplingParams
+from .tools import ToolUse, tool_use
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 #: The status page's headers: inline script and style only, fetches to this origin only, never cached.
 STATUS_PAGE_HEADERS = {
@@ -102,9 +105,10 @@ def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = No
         req = _parse(oa.CompletionRequest, await request.body())
         _check_request(engine, req, len(req.prompt))
         jobs, num_prompt_tokens = [], 0
+        grammar = _grammar(req.response_format, None)
         for prompt in req.prompt:
             ids = _prompt_ids(engine, prompt)
-            params = _sampling(engine, req, len(ids), "prompt", "max_tokens", req.max_tokens)
+            params = _sampling(engine, req, len(ids), "prompt", "max_tokens", req.max_tokens, grammar)
             echo = Echo(engine.decode(ids) if isinstance(prompt, list) else prompt, tuple(ids)) if req.echo else None
             jobs += [ChoiceJob(tuple(ids), p, echo) for p in _choices(params, req.n)]
             num_prompt_tokens += len(ids)
@@ -114,13 +118,17 @@ def create_app(engine: Engine, metrics: RuntimeMetrics, api_key: str | None = No
     async def chat_completions(request: Request) -> Response:
         req = _parse(oa.ChatRequest, await request.body())
         _check_request(engine, req, 1)
-        prompt_ids = _engine_call(engine.chat_prompt, [m.as_dict() for m in req.messages])
+        use = _user_error(tool_use, req.tools, req.tool_choice, req.parallel_tool_calls)
+        tools = use.tools if use is not None else ()
+        prompt_ids = _engine_call(lambda ms: engine.chat_prompt(ms, tools), [m.as_dict() for m in req.messages])
         if not prompt_ids:
             raise oa.ApiError(400, "messages: the chat prompt is empty", param="messages")
         name, max_tokens = req.max_tokens_param
-        params = _sampling(engine, req, len(prompt_ids), "messages", name, max_tokens)
+        grammar = _grammar(req.response_format, use)
+        params = _sampling(engine, req, len(prompt_ids), "messages", name, max_tokens, grammar)
         jobs = [ChoiceJob(tuple(prompt_ids), p) for p in _choices(params, req.n)]
-        return await serve(engine, request, jobs, len(prompt_ids), True, bool(req.stream), req.include_usage)
+        calls = use if use is not None and use.parses_calls else None
+        return await serve(engine, request, jobs, len(prompt_ids), True, bool(req.stream), req.include_usage, calls)
 
     app.include_router(v1)
 
@@ -187,6 +195,25 @@ def _check_request(engine: Engine, req: oa.CompletionRequest | oa.ChatRequest, n
         )
 
 
+def _user_error(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; its ``ValueError`` (``"param: message"``) is a 400 naming the parameter."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise oa.ApiError(400, str(e), param=str(e).partition(":")[0].partition("[")[0] or None) from None
+
+
+def _grammar(response_format: dict[str, Any] | None, use: ToolUse | None) -> str | None:
+    """The grammar every token obeys: a forced tool call's, or the response format's."""
+    forced = use.grammar() if use is not None else None
+    if forced is None:
+        return _user_error(grammar_for, response_format)
+    if response_format is not None and response_format.get("type") != "text":
+        raise oa.ApiError(400, "response_format: cannot be combined with a required or named tool_choice",
+                          param="response_format")  # fmt: skip
+    return forced
+
+
 def _engine_call(fn: Any, arg: Any) -> list[int]:
     try:
         return list(fn(arg))
@@ -210,7 +237,7 @@ def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
 
 def _sampling(
     engine: Engine, req: oa.CompletionRequest | oa.ChatRequest, num_prompt: int, prompt_param: str,
-    max_param: str, max_tokens: int | None,
+    max_param: str, max_tokens: int | None, grammar: str | None,
 ) -> SamplingParams:  # fmt: skip
     """Sampling parameters; prompt + max_tokens must fit in the engine's context (the cache a job holds)."""
     room = engine.max_tokens - num_prompt
@@ -245,7 +272,7 @@ def _sampling(
             min_tokens=min(req.min_tokens or 0, max_tokens),
             logprobs=logprobs,
             prompt_logprobs=not chat and bool(req.echo) and logprobs is not None,
-            grammar=grammar_for(req.response_format),
+            grammar=grammar,
         )
     except ValueError as e:
         raise oa.ApiError(400, str(e), param=str(e).partition(":")[0] or None) from None

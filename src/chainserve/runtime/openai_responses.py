@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .requests import Finished, TokenLogprob
+from .tools import ToolCall, parse_calls
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -98,17 +99,27 @@ def choice_logprobs(f: Finished, echo: Echo | None, chat: bool, decode: Decode) 
 
 def completion_response(
     rid: str, created: int, model: str, chat: bool, finished: Sequence[Finished], echoes: Sequence[Echo | None],
-    prompt_tokens: int, decode: Decode,
+    prompt_tokens: int, decode: Decode, tool_names: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The whole answer; ``chainserve`` at the top is choice 0's route, each choice carries its own."""
+    """The whole answer; ``chainserve`` at the top is choice 0's route, each choice carries its own.
+    With ``tool_names`` (chat with tools) a choice's text is read for its calls (:func:`.tools.parse_calls`):
+    then its message has ``tool_calls`` and the text before them as content, and ``finish_reason`` is
+    ``tool_calls``."""
     choices = []
     for i, (f, echo) in enumerate(zip(finished, echoes, strict=True)):
         logprobs = choice_logprobs(f, echo, chat, decode)
+        reason: str = f.finish_reason
         if chat:
-            choice = {"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": logprobs}
+            message: dict[str, Any] = {"role": "assistant", "content": f.text}
+            if tool_names is not None:
+                content, calls = parse_calls(f.text, tool_names)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}
+                    reason = "tool_calls"
+            choice = {"index": i, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": i, "text": (echo.text if echo else "") + f.text, "logprobs": logprobs}
-        choices.append(choice | {"finish_reason": f.finish_reason, "chainserve": route(f)})
+        choices.append(choice | {"finish_reason": reason, "chainserve": route(f)})
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
@@ -118,6 +129,14 @@ def completion_response(
         "usage": usage(prompt_tokens, finished),
         "chainserve": route(finished[0]),
     }
+
+
+def tool_call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
+    """A whole call as OpenAI streams one: its id, type and name (empty arguments), then its arguments."""
+    return [
+        {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+        {"index": index, "function": {"arguments": call.arguments}},
+    ]
 
 
 def chunk(
@@ -132,14 +151,17 @@ def chunk(
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
     include_usage: bool = False,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk of choice ``index``: ``text_completion`` or ``chat.completion.chunk``
-    (``role``: the first chat delta ``{"role": "assistant"}``; ``usage`` is ``null`` on every chunk
-    when usage is requested)."""
+    (``role``: the first chat delta ``{"role": "assistant"}``; ``tool_calls``: chat's call deltas;
+    ``usage`` is ``null`` on every chunk when usage is requested)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}

@@ -6,12 +6,14 @@ field is a 400 ("unrecognized request argument", as OpenAI answers), except the 
 the output but are not implemented are rejected (:meth:`CompletionRequest.unsupported`), never
 silently ignored:
 
-* ``best_of`` other than 1, non-empty ``suffix`` or ``logit_bias``, ``tools``; ``stream_options``
+* ``best_of`` other than 1, non-empty ``suffix`` or ``logit_bias``; ``stream_options``
   without ``stream: true``; ``top_logprobs`` without ``logprobs: true``; ``max_tokens: 0`` without echo.
 * Implemented (issue 20): ``n`` (1..128, OpenAI's bound, over all prompts of a request), a list of
   prompts, ``echo``, ``logprobs`` / ``top_logprobs`` (≤ 20), ``presence_penalty`` /
   ``frequency_penalty`` ([−2, 2]), vLLM's ``repetition_penalty`` ((0, 2]) and ``min_tokens``,
   ``response_format`` ``text`` / ``json_object`` / ``json_schema`` (both endpoints, as vLLM).
+* Implemented (issue 28): chat's ``tools``, ``tool_choice``, ``parallel_tool_calls`` (:mod:`.tools`),
+  assistant messages with ``tool_calls`` and ``role: "tool"`` messages in the history.
 * Ignored (no effect on the output): :data:`IGNORED_FIELDS`. ``ignore_eos`` is a (vLLM-style) extension.
 """
 
@@ -84,8 +86,6 @@ IGNORED_FIELDS = frozenset(
         "metadata",
         "store",
         "service_tier",
-        "tool_choice",
-        "parallel_tool_calls",
         "prompt_cache_key",
         "safety_identifier",
     }
@@ -184,18 +184,36 @@ class CompletionRequest(_Request):
         return super().unsupported()
 
 
-class ChatMessage(BaseModel):
-    """One message; ``content`` is a string or a list of ``{"type": "text", "text": …}`` parts (joined
-    by newlines). ``developer`` is OpenAI's newer name for ``system``."""
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made (``arguments``: JSON text, as OpenAI sends it)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of ``{"type": "text", "text": …}`` parts (joined
+    by newlines). ``developer`` is OpenAI's newer name for ``system``. An assistant message may carry
+    ``tool_calls`` instead of content; a ``tool`` message answers the call ``tool_call_id``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="plain")
     @classmethod
-    def _content(cls, v: Any) -> str:
-        if isinstance(v, str):
+    def _content(cls, v: Any) -> str | None:
+        if v is None or isinstance(v, str):
             return v
         parts = v if isinstance(v, list) else None
         if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
@@ -204,8 +222,23 @@ class ChatMessage(BaseModel):
             raise ValueError("text parts need a string 'text'")
         return "\n".join(p["text"] for p in parts)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry them, not {self.role}")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content: a {self.role} message needs content")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(_Request):
@@ -216,14 +249,14 @@ class ChatRequest(_Request):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs: only allowed when logprobs is true"
         if self.max_tokens == 0:
             return "max_tokens", "max_tokens: must be at least 1"
-        if self.tools:
-            return "tools", "tools: not supported"
         return super().unsupported()
 
     @property

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from . import openai_responses as out
 from .openai_schema import ApiError, error_body
 from .requests import Engine, Finished, Overloaded, SamplingParams, TokenEvent
+from .tools import CallStream, ToolUse
 
 T = TypeVar("T")
 
@@ -83,11 +84,13 @@ class Choices:
 
 async def serve(
     engine: Engine, request: Request, jobs: Sequence[ChoiceJob], num_prompt_tokens: int, chat: bool,
-    stream: bool, include_usage: bool,
+    stream: bool, include_usage: bool, tools: ToolUse | None = None,
 ) -> Response:  # fmt: skip
+    """Answer ``jobs``; with ``tools`` (chat) each choice's text is read for the tool calls it makes."""
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created, model = int(time.time()), engine.model_id
-    answer = Answer(rid, created, model, chat, jobs, num_prompt_tokens, include_usage, engine.decode)
+    names = tools.names if tools is not None else None
+    answer = Answer(rid, created, model, chat, jobs, num_prompt_tokens, include_usage, engine.decode, names)
     choices = Choices(_generate_all(engine, jobs))
     try:
         first = await _unless_disconnected(request, _first_event(choices))
@@ -201,11 +204,12 @@ class Answer:
     num_prompt_tokens: int
     include_usage: bool
     decode: out.Decode
+    tool_names: tuple[str, ...] | None = None  # the tools whose calls are read from the text (None: no tools)
 
     def whole(self, finished: Sequence[Finished]) -> dict[str, Any]:
         echoes = [job.echo for job in self.jobs]
         return out.completion_response(self.rid, self.created, self.model, self.chat, finished, echoes,
-                                       self.num_prompt_tokens, self.decode)  # fmt: skip
+                                       self.num_prompt_tokens, self.decode, self.tool_names)  # fmt: skip
 
     def _chunk(self, index: int, extra: dict[str, Any] | None = None, **kw: Any) -> bytes:
         body = out.chunk(self.rid, self.created, self.model, self.chat, index=index, include_usage=self.include_usage,
@@ -214,10 +218,13 @@ class Answer:
 
     async def sse(self, choices: Choices, first: tuple[int, Any]) -> AsyncIterator[bytes]:
         """OpenAI's chunk stream: per choice (chat) a role delta or (echo) the prompt, one chunk per
-        token with text or logprobs, a chunk with the finish reason (and the ``chainserve`` route);
-        then (``include_usage``) a usage chunk; ``[DONE]``."""
+        token with text or logprobs, with tools each call as ``tool_calls`` deltas (its id and name,
+        then its arguments) once it is whole, a chunk with the finish reason (and the ``chainserve``
+        route); then (``include_usage``) a usage chunk; ``[DONE]``."""
         started: set[int] = set()
         offsets = [0] * len(self.jobs)  # completions' text_offset so far, per choice
+        names = self.tool_names
+        calls = [CallStream(names) for _ in self.jobs] if names is not None else None
         finished: list[Finished] = []
         index, event = first
         try:
@@ -228,10 +235,21 @@ class Answer:
                     if opening is not None:
                         yield opening
                 if isinstance(event, TokenEvent) and (event.text or event.logprob is not None):
-                    yield self._chunk(index, text=event.text, logprobs=self._token_logprobs(index, event, offsets))
+                    text = calls[index].push(event.text) if calls is not None else event.text
+                    if text or event.logprob is not None:
+                        yield self._chunk(index, text=text, logprobs=self._token_logprobs(index, event, offsets))
                 elif isinstance(event, Finished):
                     finished.append(event)
-                    yield self._chunk(index, {"chainserve": out.route(event)}, finish_reason=event.finish_reason)
+                    reason: str = event.finish_reason
+                    if calls is not None:
+                        text, made = calls[index].finish()
+                        if text:
+                            yield self._chunk(index, text=text)
+                        for k, call in enumerate(made):
+                            for delta in out.tool_call_deltas(k, call):
+                                yield self._chunk(index, tool_calls=[delta])
+                        reason = "tool_calls" if made else reason
+                    yield self._chunk(index, {"chainserve": out.route(event)}, finish_reason=reason)
                     if len(finished) == len(self.jobs):
                         break
                 index, event = await anext(choices)

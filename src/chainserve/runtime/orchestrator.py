@@ -47,6 +47,7 @@ from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps
 from chainserve.runtime.requests import Finished, Overloaded, RequestFailed, RequestTimes, SamplingParams, TokenEvent
 from chainserve.runtime.sampling import Sampler, TextStream
 from chainserve.runtime.servers import DEAD_CODES, ServerClient, ServerRecord, ServerTable
+from chainserve.runtime.tools import Tool
 
 log = logging.getLogger("chainserve.orchestrator")
 
@@ -125,8 +126,8 @@ class Orchestrator:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.head.decode(token_ids)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self.head.chat_prompt(messages)
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]:
+        return self.head.chat_prompt(messages, tools)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         """Queue the request now (raises :class:`Overloaded` when the queue is full) and return the

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .tools import Tool
 
 MAX_LOGPROBS = 20  # top log-probabilities per position at most (vLLM's default max_logprobs)
 
@@ -141,7 +144,7 @@ class Engine(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]: ...
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenEvent | Finished]:
         """Queue the request (raises :class:`Overloaded` when the queue is full), then stream."""

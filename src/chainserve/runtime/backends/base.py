@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from chainserve.runtime.tools import Tool
 
 #: dtypes allowed on the wire → bytes per element.
 WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
@@ -150,9 +153,10 @@ class ModelHead(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a chat (``[{"role", "content"}, …]``) through the tokenizer's chat template,
-        ending with the assistant's turn opened."""
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]:
+        """Token ids of a chat (``[{"role", "content"}, …]``, with ``tool_calls`` and ``tool`` messages)
+        and the ``tools`` it offers through the tokenizer's chat template, ending with the assistant's
+        turn opened (:mod:`..tools`)."""
         ...
 
     def embed(self, token_ids: Sequence[int]) -> WireTensor:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.timing import SteadySleep
+from chainserve.runtime.tools import Tool, fallback_messages
 
 WORDS = tuple(
     """
@@ -135,8 +137,8 @@ class EmulatedHead:
     def decode(self, token_ids: Sequence[int]) -> str:
         return " ".join(VOCAB[i] for i in token_ids if 0 <= i < len(VOCAB) and VOCAB[i] not in CHAT_TOKENS)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages)
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]:
+        text = " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in fallback_messages(messages, tools))
         return self.encode(text + " <|assistant|>")
 
     def embed(self, token_ids: Sequence[int]) -> WireTensor:

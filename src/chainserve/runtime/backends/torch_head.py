@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from chainserve.runtime.backends.base import WireTensor
 from chainserve.runtime.backends.torch_common import load_config, load_tensors, torch_to_wire, wire_to_torch
 from chainserve.runtime.models import model_name
+from chainserve.runtime.tools import Tool, for_template
 
 HEAD_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 
@@ -55,11 +57,14 @@ class TorchHead:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of the chat through its template, the assistant's turn opened."""
-        if self.tokenizer.chat_template is None:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: tuple[Tool, ...] = ()) -> list[int]:
+        """Token ids of the chat (and the tools it offers) through its template, the assistant's turn
+        opened; a template that knows no tools gets them in the ``<tool_call>`` convention (:mod:`..tools`)."""
+        template = self.tokenizer.chat_template
+        if template is None:
             raise ValueError(f"messages: model {self.model_id!r} has no chat template")
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        chat, tool_specs = for_template(template, messages, tools)
+        text = self.tokenizer.apply_chat_template(chat, tools=tool_specs, tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def embed(self, token_ids: Sequence[int]) -> WireTensor:
