@@ -22,6 +22,8 @@ from tests.runtime.conftest import (
     sse_events,
 )
 
+from chainserve.runtime.backends.emulated import VOCAB
+
 PROMPT = "the chain serves the model"
 
 
@@ -137,6 +139,18 @@ def test_bad_completion_input_gets_openai_errors(proposed, body, status) -> None
     response = httpx.post(proposed.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == status
     assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_400_not_a_503(proposed) -> None:
+    vocab_size = len(VOCAB)
+    for ids in ([5, vocab_size], [vocab_size + 1000]):
+        response = httpx.post(proposed.url + "/v1/completions", json={"prompt": ids, "max_tokens": 2}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert "retry-after" not in response.headers
+        error = response.json()["error"]
+        assert error["param"] == "prompt" and f"vocabulary size {vocab_size}" in error["message"]
+    last = httpx.post(proposed.url + "/v1/completions", json={"prompt": [vocab_size - 1], "max_tokens": 2}, timeout=30)
+    assert last.status_code == 200, last.text
 
 
 def test_bad_chat_input_gets_openai_errors(proposed) -> None:

@@ -85,7 +85,7 @@ class Orchestrator:
         self.max_waiting, self.max_waiting_follows_plan = max_waiting, max_waiting_follows_plan
         self.retry_backoff_s, self.request_timeout_s = retry_backoff_s, request_timeout_s
         self.controller, self.adapt_interval_s, self.heartbeat_s = controller, adapt_interval_s, heartbeat_s
-        self.model_id, self.max_tokens = head.model_id, head.max_tokens
+        self.model_id, self.max_tokens, self.vocab_size = head.model_id, head.max_tokens, head.vocab_size
         self.batched_head = BatchedHead(head)
         self.grammars = Grammars(head.tokenizer, head.eos_token_ids)
         limits = reserved_block_jobs(layout)

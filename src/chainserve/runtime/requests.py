@@ -136,6 +136,7 @@ class Engine(Protocol):
 
     model_id: str
     max_tokens: int  # context length: prompt + generated tokens must fit in it
+    vocab_size: int  # token ids of a prompt must lie in 0 .. vocab_size - 1
 
     def encode(self, text: str) -> list[int]: ...
 
