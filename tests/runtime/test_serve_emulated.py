@@ -141,6 +141,31 @@ def test_bad_completion_input_gets_openai_errors(proposed, body, status) -> None
     assert set(response.json()["error"]) >= {"message", "type", "code"}
 
 
+def _counter(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_generated_tokens_are_counted_as_they_stream(proposed) -> None:
+    """``generation_tokens_total`` grows while a request generates (the status page's tokens / s is
+    its rate), and ends at exactly the request's completion tokens: nothing counted twice."""
+    tokens, successes = "chainserve:generation_tokens_total", "chainserve:request_success_total"
+    before, done_before = _counter(proposed.url, tokens), _counter(proposed.url, successes)
+    body = {"prompt": PROMPT, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+    received, mid, usage = 0, None, None
+    with httpx.stream("POST", proposed.url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            event = json.loads(line[len("data: ") :]) if line.startswith("data: {") else None
+            if event and event["choices"] and event["choices"][0]["text"]:
+                received += 1
+            if event and event.get("usage"):
+                usage = event["usage"]
+            if received == 3 and mid is None:  # mid-stream: 37 tokens still to come
+                mid = (_counter(proposed.url, tokens) - before, _counter(proposed.url, successes) - done_before)
+    assert mid is not None and mid[0] >= 3 and mid[1] == 0
+    assert usage["completion_tokens"] == 40 == _counter(proposed.url, tokens) - before
+
+
 def test_a_token_id_outside_the_vocabulary_is_a_400_not_a_503(proposed) -> None:
     vocab_size = len(VOCAB)
     for ids in ([5, vocab_size], [vocab_size + 1000]):

@@ -150,11 +150,13 @@ async def run_route(
     names: Mapping[int, str],
     opened: list[ServerClient],
     clock: Callable[[], float],
+    on_token: Callable[[], None],
 ) -> Finished:
     """Prefill (the prompt, plus what was generated before a failure), then decode token by token
     through ``route``'s hops, the LM head after the last; push a :class:`TokenEvent` per new token.
     ``max_tokens`` 0 (echo): the prefill alone, for the prompt's log-probabilities. ``opened``
-    collects the clients whose session is open (the caller closes them if this attempt ends early)."""
+    collects the clients whose session is open (the caller closes them if this attempt ends early);
+    ``on_token`` is called once per token generated, as it is."""
     params = run.params
     hops: Sequence[tuple[int, ServerClient]] = [(hop.start_block, clients[hop.server]) for hop in route.hops]
     hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
@@ -174,6 +176,7 @@ async def run_route(
             break
         token = run.sampler(logits, run.generated)
         run.generated.append(token)
+        on_token()
         logprob = None if params.logprobs is None else token_logprob(logits, token, params.logprobs)
         if logprob is not None:
             run.logprobs.append(logprob)

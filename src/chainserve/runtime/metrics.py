@@ -20,7 +20,9 @@ name                                             type       meaning
 ``chainserve:request_failure_total{reason}``     counter    e.g. ``cancelled`` (client gone), ``rejected``
                                                             (queue full, HTTP 429), ``error``
 ``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
-``chainserve:generation_tokens_total``           counter    generated tokens of finished requests
+``chainserve:generation_tokens_total``           counter    tokens generated, counted as each is sampled (as
+                                                            vLLM counts per step), so its rate is live while
+                                                            requests run; cancelled and failed ones' included
 ``chainserve:plan_changes_total{reason}``        counter    plan changes: ``server_failed``, ``server_back``,
                                                             ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
@@ -231,8 +233,11 @@ class RuntimeMetrics:
             self.time_per_output_token.observe(tpot_s)
         self.recent.add(f.ttft_s, tpot_s, f.e2e_s, f.queued_s)
         self.request_success.labels(finished_reason=f.finish_reason).inc()
-        self.prompt_tokens.inc(f.prompt_tokens)
-        self.generation_tokens.inc(f.completion_tokens)
+        self.prompt_tokens.inc(f.prompt_tokens)  # generated tokens are counted as they come (observe_generated)
+
+    def observe_generated(self, num_tokens: int = 1) -> None:
+        """Tokens a request just generated (each once: a resumed job does not generate its tokens again)."""
+        self.generation_tokens.inc(num_tokens)
 
     def observe_failure(self, reason: str) -> None:
         """A request that ended without :class:`Finished` (``cancelled``, ``rejected``, ``error``, …)."""

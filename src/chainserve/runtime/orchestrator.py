@@ -244,7 +244,10 @@ class Orchestrator:
                 log.info("job %d resumes on chain %s after %d tokens", job_id, route.chain, len(run.generated))
             clients = {j: self.servers[j].client for j in route.servers}
             names = {j: self.servers[j].name for j in route.servers}
-            finished = await run_route(run, route, session, self.batched_head, clients, names, opened, self.clock)
+            finished = await run_route(
+                run, route, session, self.batched_head, clients, names, opened, self.clock,
+                self.metrics.observe_generated,
+            )  # fmt: skip
         except ServerRefused as exc:
             self._close_sessions(opened, session)
             if run.start is start:
