@@ -66,7 +66,7 @@ def test_values():
     m.set_queue(num_running=2, num_waiting=3)
     m.set_kv_usage("s0", 3, 4)
     m.set_kv_usage("s1", 0, 0)
-    m.set_chain(1, busy=1, capacity=4)
+    m.set_chain(1, busy=1, capacity=4)  # the plan's second chain: chain 2, as `chainserve plan` numbers it
     m.observe_generated(5)
     m.observe_finished(finished(), tpot_s=0.2)
     m.observe_generated()
@@ -78,8 +78,8 @@ def test_values():
     assert s[("chainserve:num_requests_waiting", ())] == 3
     assert s[("chainserve:kv_cache_usage_perc", (("server", "s0"),))] == 0.75
     assert s[("chainserve:kv_cache_usage_perc", (("server", "s1"),))] == 0.0
-    assert s[("chainserve:chain_busy_slots", (("chain", "1"),))] == 1
-    assert s[("chainserve:chain_capacity_slots", (("chain", "1"),))] == 4
+    assert s[("chainserve:chain_busy_slots", (("chain", "2"),))] == 1
+    assert s[("chainserve:chain_capacity_slots", (("chain", "2"),))] == 4
     assert s[("chainserve:request_success_total", (("finished_reason", "stop"),))] == 1
     assert s[("chainserve:request_success_total", (("finished_reason", "length"),))] == 1
     assert s[("chainserve:request_failure_total", (("reason", "rejected"),))] == 2

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chainserve.dispatch.base import Job, Route, Start
+from chainserve.plan.types import chain_number
 from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.batching import Batcher
 from chainserve.runtime.generations import Generation
@@ -132,7 +133,8 @@ class BatchedHead:
 
 @dataclass(frozen=True, slots=True)
 class StartRecord:
-    """One start the dispatcher decided: time, job, attempt, chain (``None`` for a path) and servers."""
+    """One start the dispatcher decided: time, job, attempt, chain index (0-based, the dispatcher's;
+    ``None`` for a path) and servers."""
 
     at: float
     job_id: int
@@ -203,7 +205,7 @@ async def run_route(
         len(run.prompt),
         len(run.generated),
         run.stream.text,
-        route.chain,
+        None if route.chain is None else chain_number(route.chain),
         tuple((names[h.server], h.start_block, h.end_block) for h in route.hops),
         times.started_at - times.arrived_at,
         times.first_token_at - times.arrived_at,

@@ -36,7 +36,7 @@ from typing import Any
 
 from chainserve.dispatch.base import Dispatcher, Job, Start
 from chainserve.plan.plan_file import layout_to_dict
-from chainserve.plan.types import Layout, default_max_waiting, reserved_block_jobs
+from chainserve.plan.types import Layout, chain_number, default_max_waiting, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.constraints import Grammars
@@ -241,7 +241,8 @@ class Orchestrator:
             if run.generated:
                 run.num_resumes += 1
                 self.metrics.observe_resume()
-                log.info("job %d resumes on chain %s after %d tokens", job_id, route.chain, len(run.generated))
+                where = "a path" if route.chain is None else f"chain {chain_number(route.chain)}"
+                log.info("job %d resumes on %s after %d tokens", job_id, where, len(run.generated))
             clients = {j: self.servers[j].client for j in route.servers}
             names = {j: self.servers[j].name for j in route.servers}
             finished = await run_route(
