@@ -117,6 +117,27 @@ def test_trace_file(tmp_path):
     assert data["service_model"] == "token" and "t.csv" in data["arrivals"]
 
 
+def test_trace_replay_names_the_lengths_the_bounds_use(tmp_path, monkeypatch):
+    """The plan and its Theorem-4 bounds use the cluster file's mean lengths, not the trace's: both are named."""
+    monkeypatch.setenv("COLUMNS", "300")
+    trace = tmp_path / "t.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:{i:02d}.000,{100 + 2 * (i % 2)},{3 + 2 * (i % 2)}\n" for i in range(30))
+    )
+    workload = load_cluster(TESTBED).workload
+    args = (TESTBED, "--trace", str(trace), "--requests", "30")
+    table = run(*args).stdout
+    assert (
+        f"bounds use the cluster file's mean lengths, {workload.prompt_tokens} prompt + {workload.output_tokens} "
+        "output tokens; the replayed rows' mean lengths are 101 + 4"
+    ) in table
+    data = run_json(*args)
+    assert data["bounds_lengths"] == {"prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens}
+    assert data["trace_mean_lengths"] == {"prompt_tokens": 101.0, "output_tokens": 4.0}
+    assert "lengths" not in run(TESTBED, "--requests", "30").stdout  # no trace: nothing to compare
+
+
 def test_rate_burstiness_and_warmup():
     data = run_json(TESTBED, "--rate", "1.5", "--burstiness", "3", "--requests", "300", "--warmup", "100")
     assert data["arrival_rate"] == 1.5 and data["requests"] == 200 and "Gamma" in data["arrivals"]

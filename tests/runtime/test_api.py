@@ -103,6 +103,8 @@ class FakeEngine:
                 if self.fail_after is not None and k == self.fail_after:
                     raise RuntimeError("block server lost")
                 await asyncio.sleep(self.delay_s)
+                if self.metrics is not None:  # what the orchestrator does, token by token
+                    self.metrics.observe_generated()
                 upto = min(len(bytes(tokens[: k + 1]).decode(errors="replace")), len(text))
                 yield TokenEvent(tok, text[sent:upto])
                 sent = max(sent, upto)

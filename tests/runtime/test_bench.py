@@ -23,7 +23,7 @@ from tests.runtime.conftest import EMULATED_6, serving
 from typer.testing import CliRunner
 
 from chainserve.cli import app
-from chainserve.measure.bench import PROMPT_ID_RANGE, BenchRequest, run_bench, trace_requests
+from chainserve.measure.bench import PROMPT_ID_RANGE, BenchRequest, FailureKind, run_bench, trace_requests
 
 FIRST_TOKEN_S, TOKEN_GAP_S, QUEUED_S = 0.03, 0.01, 0.25
 #: Prompt lengths the stub fails: an HTTP 500, an error in the stream, an answer too slow.
@@ -102,7 +102,7 @@ def test_stub_openai_server_failures_are_counted_and_queue_time_comes_from_its_h
     with stub_server() as (url, seen):
         report = asyncio.run(run_bench(url + "/v1", requests, progress=False))
     assert (report.requests, report.completed, report.failed) == (8, 5, 3)
-    assert report.errors == {"HTTP 500": 2, "stream": 1}
+    assert report.errors == {"HTTP 500": FailureKind(2, "boom"), "stream": FailureKind(1, "lost a server")}
     assert [r.index for r in report.results] == list(range(8))
     assert [r.ok for r in report.results] == [n not in (FAIL_500, FAIL_IN_STREAM) for n in lengths]
     # the server saw exact prompt lengths (distinct token ids per request), max_tokens and ignore_eos
@@ -161,34 +161,70 @@ def _metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def test_live_chainserve_counts_add_up_with_429s_and_400s_and_trace_lengths_are_honoured(tmp_path) -> None:
-    args = (str(EMULATED_6), "--backend", "emulated", "--max-waiting", "3", "--max-tokens", "64")
-    with serving(*args, tmp_path=tmp_path) as served:
-        # a trace slice (12-token prompts): each answer has the trace's output length (ignore_eos)
-        trace = [BenchRequest(r.at_s, 12, r.output_tokens) for r in trace_requests("bundled", num_requests=6)]
-        report = asyncio.run(run_bench(served.url, trace, progress=False, concurrency=2))
-        assert (report.completed, report.failed) == (6, 0)
-        assert [r.output_tokens for r in report.results] == [r.output_tokens for r in trace]
-        assert all(len(r.route["token_ids"]) == r.output_tokens for r in report.results)
-        assert report.waiting.mean_s == pytest.approx(
-            sum(r.route["queued_s"] for r in report.results) / 6, rel=1e-6, abs=1e-9
-        )
+#: The live server's context (``--max-tokens``): prompt + output tokens past it get a 400.
+CONTEXT = 64
 
-        # a burst past --max-waiting (429s) plus prompts that overflow the 64-token context (400s)
-        before = httpx.get(served.url + "/metrics").text
-        burst = ["bench", "--url", served.url, "--rate", "inf", "--requests", "24"]
-        result = CliRunner().invoke(app, [*burst, "--prompt-tokens", "60", "--output-tokens", "8", "--json"])
-        assert result.exit_code == 2 and "HTTP 400" in result.stderr  # 60 + 8 > 64: all rejected
-        out = json.loads(result.stdout)
-        assert (out["requests"], out["completed"], out["failed"], out["errors"]) == (24, 0, 24, {"HTTP 400": 24})
-        result = CliRunner().invoke(app, [*burst, "--prompt-tokens", "20", "--output-tokens", "8", "--json"])
-        assert result.exit_code == 0, result.output
-        out = json.loads(result.stdout)
-        after = httpx.get(served.url + "/metrics").text
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    args = (str(EMULATED_6), "--backend", "emulated", "--max-waiting", "3", "--max-tokens", str(CONTEXT))
+    with serving(*args, tmp_path=tmp_path_factory.mktemp("live")) as served:
+        yield served
+
+
+def test_live_chainserve_counts_add_up_with_429s_and_400s_and_trace_lengths_are_honoured(live) -> None:
+    # a trace slice (12-token prompts): each answer has the trace's output length (ignore_eos)
+    trace = [BenchRequest(r.at_s, 12, r.output_tokens) for r in trace_requests("bundled", num_requests=6)]
+    report = asyncio.run(run_bench(live.url, trace, progress=False, concurrency=2))
+    assert (report.completed, report.failed) == (6, 0)
+    assert [r.output_tokens for r in report.results] == [r.output_tokens for r in trace]
+    assert all(len(r.route["token_ids"]) == r.output_tokens for r in report.results)
+    assert report.waiting.mean_s == pytest.approx(
+        sum(r.route["queued_s"] for r in report.results) / 6, rel=1e-6, abs=1e-9
+    )
+
+    # a burst past --max-waiting (429s) plus prompts that overflow the 64-token context (400s)
+    before = httpx.get(live.url + "/metrics").text
+    burst = ["bench", "--url", live.url, "--rate", "inf", "--requests", "24"]
+    result = CliRunner().invoke(app, [*burst, "--prompt-tokens", "60", "--output-tokens", "8", "--json"])
+    assert result.exit_code == 2 and "HTTP 400" in result.stderr  # 60 + 8 > 64: all rejected
+    out = json.loads(result.stdout)
+    assert (out["requests"], out["completed"], out["failed"]) == (24, 0, 24)
+    assert list(out["errors"]) == ["HTTP 400"] and out["errors"]["HTTP 400"]["count"] == 24
+    result = CliRunner().invoke(app, [*burst, "--prompt-tokens", "20", "--output-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    after = httpx.get(live.url + "/metrics").text
     rejected = _metric(after, "chainserve:request_failure_total") - _metric(before, "chainserve:request_failure_total")
     served_ok = _metric(after, "chainserve:request_success_total") - _metric(before, "chainserve:request_success_total")
     print("bench vs live chainserve:", {k: out[k] for k in ("requests", "completed", "failed", "errors")})
     assert out["completed"] + out["failed"] == out["requests"] == 24
-    assert out["failed"] == out["errors"]["HTTP 429"] == rejected > 0
+    assert out["failed"] == out["errors"]["HTTP 429"]["count"] == rejected > 0
     assert out["completed"] == served_ok > 0
     assert out["waiting"]["mean"] > 0 and out["response"]["p99"] >= out["response"]["p50"]
+
+
+def test_requests_too_long_for_the_context_are_reported_with_the_servers_reason(live, tmp_path, monkeypatch) -> None:
+    """A trace whose every other row overflows the context: ``--json`` and the table name the 400's message."""
+    monkeypatch.setenv("COLUMNS", "250")
+    trace = tmp_path / "mixed.csv"
+    rows = [f"2023-11-16 18:00:00.{i}00,{20 if i % 2 == 0 else CONTEXT - 4},8" for i in range(6)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    args = ["bench", "--url", live.url, "--trace", str(trace), "--requests", "6", "--max-concurrency", "1", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    reason = f"max_tokens: the model's context is {CONTEXT} tokens; the prompt has {CONTEXT - 4} and max_tokens is 8"
+    assert (out["completed"], out["failed"]) == (3, 3)
+    assert out["errors"] == {"HTTP 400": {"count": 3, "first_message": reason + " (at most 4 allowed)"}}
+    table = CliRunner().invoke(app, args).stdout
+    assert "3 failed (3 × HTTP 400)" in table and reason in table
+
+
+def test_when_none_complete_nothing_is_claimed_about_the_servers_metrics(live, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    args = ["bench", "--url", live.url, "--rate", "inf", "--requests", "2", "--prompt-tokens", str(CONTEXT)]
+    result = CliRunner().invoke(app, [*args, "--output-tokens", "1"])
+    assert result.exit_code == 2 and "0 completed, 2 failed (2 × HTTP 400)" in result.stdout
+    assert "leave no room in the model's context" in result.stdout
+    assert "histogram" not in result.stdout and "exports" not in result.stdout

@@ -52,6 +52,7 @@ def test_every_metric_is_exposed_after_one_of_each_call():
     m.set_queue(num_running=2, num_waiting=3)
     m.set_kv_usage("s0", 3, 4)
     m.set_chain(0, busy=1, capacity=4)
+    m.observe_generated(5)
     m.observe_finished(finished(), tpot_s=0.2)
     m.observe_failure("cancelled")
     body, content_type = m.render()
@@ -65,8 +66,10 @@ def test_values():
     m.set_queue(num_running=2, num_waiting=3)
     m.set_kv_usage("s0", 3, 4)
     m.set_kv_usage("s1", 0, 0)
-    m.set_chain(1, busy=1, capacity=4)
+    m.set_chain(1, busy=1, capacity=4)  # the plan's second chain: chain 2, as `chainserve plan` numbers it
+    m.observe_generated(5)
     m.observe_finished(finished(), tpot_s=0.2)
+    m.observe_generated()
     m.observe_finished(finished(finish_reason="length", completion_tokens=1), tpot_s=None)
     m.observe_failure("rejected")
     m.observe_failure("rejected")
@@ -75,8 +78,8 @@ def test_values():
     assert s[("chainserve:num_requests_waiting", ())] == 3
     assert s[("chainserve:kv_cache_usage_perc", (("server", "s0"),))] == 0.75
     assert s[("chainserve:kv_cache_usage_perc", (("server", "s1"),))] == 0.0
-    assert s[("chainserve:chain_busy_slots", (("chain", "1"),))] == 1
-    assert s[("chainserve:chain_capacity_slots", (("chain", "1"),))] == 4
+    assert s[("chainserve:chain_busy_slots", (("chain", "2"),))] == 1
+    assert s[("chainserve:chain_capacity_slots", (("chain", "2"),))] == 4
     assert s[("chainserve:request_success_total", (("finished_reason", "stop"),))] == 1
     assert s[("chainserve:request_success_total", (("finished_reason", "length"),))] == 1
     assert s[("chainserve:request_failure_total", (("reason", "rejected"),))] == 2

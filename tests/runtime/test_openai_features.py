@@ -68,6 +68,12 @@ def chat_ids(tokenizer, messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_400(client):
+    vocab_size = json.loads((resolve_model(MODEL) / "config.json").read_text())["vocab_size"]
+    with pytest.raises(openai.BadRequestError, match=f"vocabulary size {vocab_size}"):
+        client.completions.create(model=MODEL, prompt=[1, vocab_size], max_tokens=2)
+
+
 # --- n choices -------------------------------------------------------------------------------------------
 
 

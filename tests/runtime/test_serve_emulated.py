@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from tests.runtime.conftest import (
     serving,
     sse_events,
 )
+from typer.testing import CliRunner
+
+from chainserve.cli import app
+from chainserve.runtime.backends.emulated import VOCAB
 
 PROMPT = "the chain serves the model"
 
@@ -82,7 +87,7 @@ def test_an_idle_chain_serves_a_job_in_about_its_planned_time(proposed) -> None:
     output_tokens = plan["problem"]["workload"]["output_tokens"]
     answer = client(proposed.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=output_tokens)
     route = answer.model_extra["chainserve"]
-    assert route["chain"] == 0
+    assert route["chain"] == 1  # the first (fastest) of the plan's chains
     planned = plan["chains"][0]["service_time"]
     assert planned * 0.97 <= route["e2e_s"] <= planned * 1.5
 
@@ -93,7 +98,7 @@ def test_a_raw_instance_is_served_with_its_own_tau(tmp_path) -> None:
         plan = served.get("/plan")
         assert plan["cluster"] == "raw-small" and served.get("/v1/models")["data"][0]["id"] == "emulated/raw-small"
         answer = client(served.url).completions.create(model="emulated/raw-small", prompt=PROMPT, max_tokens=20)
-        planned = plan["chains"][answer.model_extra["chainserve"]["chain"]]["service_time"]
+        planned = plan["chains"][answer.model_extra["chainserve"]["chain"] - 1]["service_time"]
         assert planned * 0.97 <= answer.model_extra["chainserve"]["e2e_s"] <= planned * 1.2
 
 
@@ -137,6 +142,62 @@ def test_bad_completion_input_gets_openai_errors(proposed, body, status) -> None
     response = httpx.post(proposed.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == status
     assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+def test_chains_are_numbered_from_1_everywhere_as_plan_numbers_them(proposed) -> None:
+    """``chainserve plan`` lists chain k as row k (from 1): ``/status``, ``/metrics`` and the API's
+    ``chainserve.chain`` give that chain the same number."""
+    planned = CliRunner().invoke(app, ["plan", str(EMULATED_6), "--planner", "greedy", "--json"])
+    chains = json.loads(planned.stdout)["chains"]
+    numbers = list(range(1, len(chains) + 1))
+    status = proposed.get("/status")["chains"]
+    assert [c["chain"] for c in status] == numbers
+    assert [c["servers"] for c in status] == [c["servers"] for c in chains]
+    metrics = httpx.get(proposed.url + "/metrics", timeout=30).text
+    capacity = dict(re.findall(r'^chainserve:chain_capacity_slots\{chain="(\d+)"\} (\S+)$', metrics, re.M))
+    assert {int(n): float(c) for n, c in capacity.items()} == {n: chains[n - 1]["capacity"] for n in numbers}
+    busy = re.findall(r'^chainserve:chain_busy_slots\{chain="(\d+)"\}', metrics, re.M)
+    assert sorted(int(n) for n in busy) == numbers
+    route = client(proposed.url).completions.create(model="emulated/toy", prompt=PROMPT, max_tokens=2).model_extra
+    number = route["chainserve"]["chain"]
+    assert [h["server"] for h in route["chainserve"]["hops"]] == chains[number - 1]["servers"]
+
+
+def _counter(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_generated_tokens_are_counted_as_they_stream(proposed) -> None:
+    """``generation_tokens_total`` grows while a request generates (the status page's tokens / s is
+    its rate), and ends at exactly the request's completion tokens: nothing counted twice."""
+    tokens, successes = "chainserve:generation_tokens_total", "chainserve:request_success_total"
+    before, done_before = _counter(proposed.url, tokens), _counter(proposed.url, successes)
+    body = {"prompt": PROMPT, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+    received, mid, usage = 0, None, None
+    with httpx.stream("POST", proposed.url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            event = json.loads(line[len("data: ") :]) if line.startswith("data: {") else None
+            if event and event["choices"] and event["choices"][0]["text"]:
+                received += 1
+            if event and event.get("usage"):
+                usage = event["usage"]
+            if received == 3 and mid is None:  # mid-stream: 37 tokens still to come
+                mid = (_counter(proposed.url, tokens) - before, _counter(proposed.url, successes) - done_before)
+    assert mid is not None and mid[0] >= 3 and mid[1] == 0
+    assert usage["completion_tokens"] == 40 == _counter(proposed.url, tokens) - before
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_400_not_a_503(proposed) -> None:
+    vocab_size = len(VOCAB)
+    for ids in ([5, vocab_size], [vocab_size + 1000]):
+        response = httpx.post(proposed.url + "/v1/completions", json={"prompt": ids, "max_tokens": 2}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert "retry-after" not in response.headers
+        error = response.json()["error"]
+        assert error["param"] == "prompt" and f"vocabulary size {vocab_size}" in error["message"]
+    last = httpx.post(proposed.url + "/v1/completions", json={"prompt": [vocab_size - 1], "max_tokens": 2}, timeout=30)
+    assert last.status_code == 200, last.text
 
 
 def test_bad_chat_input_gets_openai_errors(proposed) -> None:

@@ -153,10 +153,11 @@ def test_the_page_shows_what_metrics_and_plan_say_while_requests_run(served: Ser
         assert value(page, "#num-running") == running and page.inner_text("#num-running") == f"{running:g}"
         assert value(page, "#num-waiting") == waiting and page.inner_text("#num-waiting") == f"{waiting:g}"
         assert len(plan["chains"]) == page.locator("tr.chain").count() == page.locator("path.chain").count() > 0
-        for k, chain in enumerate(plan["chains"]):
+        for k, chain in enumerate(plan["chains"], start=1):  # numbered from 1, as /status and /metrics do
             busy = metrics[("chainserve:chain_busy_slots", (("chain", str(k)),))]
             capacity = metrics[("chainserve:chain_capacity_slots", (("chain", str(k)),))]
             assert value(page, f"tr.chain[data-chain='{k}'] .busy") == busy, k
+            assert page.inner_text(f"tr.chain[data-chain='{k}'] td") == str(k)
             assert value(page, f"tr.chain[data-chain='{k}'] .capacity") == capacity == chain["capacity"], k
             assert page.get_attribute(f"path.chain[data-chain='{k}']", "data-servers") == ",".join(chain["servers"])
         placed = [s for s in plan["servers"] if s["start_block"]]

@@ -4,8 +4,9 @@ way ``vllm bench serve`` does (issue 7; §4.2's live measurements; definitions i
 
 Arrivals replay an Azure-format trace (``--trace``, its prompt and output lengths included) or are
 Poisson at ``--rate`` with ``--prompt-tokens``/``--output-tokens`` each; with ``--trace`` those two
-replace the trace's lengths. The run prints its report and exits 2 (one ``error:`` line) when no
-request completed.
+replace the trace's lengths. The run prints its report (failed requests by kind, each with the first
+one's message, e.g. the server's reason for a 400) and exits 2 (one ``error:`` line) when no request
+completed.
 """
 
 from __future__ import annotations
@@ -150,12 +151,14 @@ def _print_report(report: BenchReport, url: str, arrivals: str, out: Console) ->
     info = Table(title="Benchmark", title_justify="left", show_header=False)
     info.add_column(style="bold")
     info.add_column()
-    errors = ", ".join(f"{n} × {kind}" for kind, n in sorted(report.errors.items()))
+    failures = sorted(report.errors.items())
+    counts = ", ".join(f"{failure.count} × {kind}" for kind, failure in failures)
     for key, value in (
         ("server", url),
         ("arrivals", arrivals),
         ("requests", f"{report.requests} sent, {report.completed} completed, {report.failed} failed"
-         + (f" ({errors})" if errors else "")),
+         + (f" ({counts})" if counts else "")),
+        *((f"first {kind}", failure.first_message) for kind, failure in failures),
         ("duration", f"{report.duration_s:.2f} s"),
         ("request throughput", f"{report.throughput:.4g} requests/s"),
         ("output throughput", f"{report.output_throughput:.4g} tokens/s"),
@@ -163,5 +166,5 @@ def _print_report(report: BenchReport, url: str, arrivals: str, out: Console) ->
         info.add_row(key, value)
     out.print(info)
     out.print(times)
-    if report.waiting is None:
+    if report.completed and not report.has_queue_histogram:  # none completed: nothing to say about waiting
         out.print("waiting: the server exports no *:request_queue_time_seconds histogram")

@@ -48,7 +48,7 @@ def demo(
         table.add_column(header, overflow="fold")
     for r in records:
         hops = " → ".join(f"{h['server']} ({h['first_block']}–{h['last_block']})" for h in r["hops"])
-        chain = "—" if r["chain"] is None else str(r["chain"] + 1)
+        chain = "—" if r["chain"] is None else str(r["chain"])  # the API numbers chains from 1
         table.add_row(
             r["prompt"],
             r["answer"].strip(),

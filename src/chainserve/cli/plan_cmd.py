@@ -31,7 +31,7 @@ from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
 from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.plan_file import layout_to_dict
-from chainserve.plan.types import Plan, SearchReport
+from chainserve.plan.types import Plan, SearchReport, chain_number
 from chainserve.progress import progress_bar, spinner
 
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
@@ -204,13 +204,13 @@ def _print_plan(result: Plan, out: Console) -> None:
     one, full = (
         (batch_one_times_s(problem, result.chains), full_load_times_s(problem, result.chains)) if loaded else ((), ())
     )
-    for k, ch in enumerate(result.chains, start=1):
+    for k, ch in enumerate(result.chains):
         chains.add_row(
-            str(k),
+            str(chain_number(k)),
             " → ".join(names[h.server] for h in ch.hops),
             " + ".join(str(h.num_blocks) for h in ch.hops),
             fmt_s(ch.service_time_s),
-            *((fmt_s(one[k - 1]), fmt_s(full[k - 1])) if loaded else ()),
+            *((fmt_s(one[k]), fmt_s(full[k])) if loaded else ()),
             f"{ch.rate_per_s:.4f}",
             str(ch.capacity),
         )

@@ -3,7 +3,9 @@
 Arrivals are Poisson at the cluster's λ (or ``--rate``), a Gamma renewal process when ``--burstiness``
 (the inter-arrival CV) is not 1, or a replay of an Azure-format trace (``--trace``; ``bundled`` is the
 shipped Azure code trace, §4.2). A replayed trace sets λ to its own mean rate, (n − 1)/span over the
-replayed rows, so the method is planned, and its Theorem-4 bounds computed, for the load it will see.
+replayed rows, so the method is planned, and its Theorem-4 bounds computed, for the load it will see;
+the plan and the bounds keep the cluster file's mean lengths, which the output names beside the
+replayed rows' own (``bound lengths``; ``--json``: ``bounds_lengths``, ``trace_mean_lengths``).
 Seeds follow :mod:`chainserve.sim.runs`: ``--seed s`` is replication s of the experiments.
 
 ``--rate-profile T0:R0,T1:R1,…`` makes the arrivals Poisson with a piecewise-constant rate (R_i
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -135,11 +138,11 @@ def simulate(
             raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
         problem = load_cluster(cluster or DEFAULT_CLUSTER)
         if profile is None:
-            problem, arrivals, arrivals_text = _arrivals(
+            problem, arrivals, arrivals_text, trace_lengths = _arrivals(
                 problem, requests, rate, trace, time_scale, trace_start, burstiness
             )
         else:
-            arrivals, arrivals_text = profile, f"Poisson, rate profile {rate_profile}"
+            arrivals, arrivals_text, trace_lengths = profile, f"Poisson, rate profile {rate_profile}", None
         rate_field = "rate" if rate is not None else "trace" if trace is not None else "arrival_rate"
         _check_span(problem, requests, rate_field)
         with (
@@ -163,13 +166,13 @@ def simulate(
     plan = run.setup.plan_or_placement
     with stdout_errors():
         if as_json:
-            data = _to_json(run, name, problem, arrivals_text, service, warmup)
+            data = _to_json(run, name, problem, arrivals_text, service, warmup, trace_lengths)
             if adapt or profile is not None:
                 data["plan_changes"] = len(run.transitions)
                 data["changes"] = [_change_json(t) for t in run.transitions]
             typer.echo(json.dumps(data, indent=2))
         else:
-            _print_run(run, name, problem, arrivals_text, service, warmup, stdout_console())
+            _print_run(run, name, problem, arrivals_text, service, warmup, trace_lengths, stdout_console())
             if adapt:
                 _print_changes(run, stdout_console())
     if isinstance(plan, Plan) and not plan.is_stable:
@@ -269,19 +272,31 @@ def _arrivals(
     time_scale: float | None,
     trace_start: int | None,
     burstiness: float | None,
-) -> tuple[Problem, ArrivalProcess, str]:
-    """The problem with λ set as asked, the arrival process, and its description in words."""
+) -> tuple[Problem, ArrivalProcess, str, TraceLengths | None]:
+    """The problem with λ set as asked, the arrival process, its description in words and, for a
+    trace, the replayed rows' mean lengths."""
     if trace is None:
         if time_scale is not None or trace_start is not None:
             raise SpecError("time-scale" if time_scale is not None else "trace-start", "applies only with --trace")
         if rate is not None:
             limits.check_range("rate", rate, limits.RATE_PER_S, "requests/s")
-        return _generated(problem if rate is None else problem.with_workload(arrival_rate_per_s=rate), burstiness)
+        problem, process, text = _generated(
+            problem if rate is None else problem.with_workload(arrival_rate_per_s=rate), burstiness
+        )
+        return problem, process, text, None
     if rate is not None:
         raise SpecError("rate", "--rate and --trace are mutually exclusive (a trace brings its own rate)")
     if burstiness is not None:
         raise SpecError("burstiness", "applies to generated arrivals, not to a --trace replay")
     return _replayed(problem, num_jobs, trace, 1.0 if time_scale is None else time_scale, trace_start or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLengths:
+    """Mean prompt and output tokens of the replayed trace rows."""
+
+    prompt_tokens: float
+    output_tokens: float
 
 
 def _generated(problem: Problem, cv: float | None) -> tuple[Problem, ArrivalProcess, str]:
@@ -294,8 +309,9 @@ def _generated(problem: Problem, cv: float | None) -> tuple[Problem, ArrivalProc
 
 def _replayed(
     problem: Problem, num_jobs: int, trace: str, scale: float, first: int
-) -> tuple[Problem, ArrivalProcess, str]:
-    """Rows ``first ..`` of the trace; λ becomes their mean rate (n − 1)/span, after ``scale``."""
+) -> tuple[Problem, ArrivalProcess, str, TraceLengths]:
+    """Rows ``first ..`` of the trace; λ becomes their mean rate (n − 1)/span, after ``scale``; the
+    rows' mean lengths (the plan and its bounds keep the cluster file's)."""
     path = None if trace == BUNDLED_TRACE else Path(trace)
     if path is not None and path.is_dir():
         raise SpecError("trace", f"{trace} is a folder; give a trace file (CSV) or 'bundled'")
@@ -325,7 +341,8 @@ def _replayed(
         f"{'Azure code trace 2023' if path is None else path.name}, rows {first}–{first + num_jobs - 1}, "
         f"time ×{scale:g}, λ = {problem.arrival_rate_per_s:.4g}/s"
     )
-    return problem, process, text
+    lengths = TraceLengths(float(replay.prompt_tokens.mean()), float(replay.output_tokens.mean()))
+    return problem, process, text, lengths
 
 
 def _check_span(problem: Problem, num_jobs: int, field: str) -> None:
@@ -344,8 +361,9 @@ def _check_span(problem: Problem, num_jobs: int, field: str) -> None:
 
 
 def _to_json(
-    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int
-) -> dict[str, object]:
+    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int,
+    trace_lengths: TraceLengths | None,
+) -> dict[str, object]:  # fmt: skip
     data: dict[str, object] = {
         "method": name,
         "description": run.setup.description,
@@ -360,12 +378,17 @@ def _to_json(
     plan = run.setup.plan_or_placement
     if isinstance(plan, Plan):
         data["bounds"] = {"lower": plan.bounds.lower_s, "upper": plan.bounds.upper_s} if plan.is_stable else None
+        w = problem.workload
+        data["bounds_lengths"] = {"prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens}
+    if trace_lengths is not None:
+        data["trace_mean_lengths"] = asdict(trace_lengths)
     return data
 
 
 def _print_run(
-    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int, out: Console
-) -> None:
+    run: Replication, name: str, problem: Problem, arrivals_text: str, service: str, warmup: int,
+    trace_lengths: TraceLengths | None, out: Console,
+) -> None:  # fmt: skip
     summary = run.summary
     times = Table(title=f"Simulated times (seconds, {summary.num_requests} requests)", title_justify="left")
     for header in ("metric", "mean", "p50", "p95", "p99"):
@@ -402,6 +425,14 @@ def _print_run(
             else "JFFC, assuming Poisson arrivals at this mean rate; these arrivals are not Poisson"
         )
         rows.append(("Theorem-4 bounds", f"{bounds} ({poisson}); simulated mean {fmt_s(summary.response.mean_s)} s"))
+        if trace_lengths is not None:
+            w = problem.workload
+            rows.append((
+                "bound lengths",
+                f"the plan and its bounds use the cluster file's mean lengths, {w.prompt_tokens} prompt + "
+                f"{w.output_tokens} output tokens; the replayed rows' mean lengths are "
+                f"{trace_lengths.prompt_tokens:.0f} + {trace_lengths.output_tokens:.0f}",
+            ))  # fmt: skip
     for key, value in rows:
         info.add_row(key, value)
     out.print(times)

@@ -21,6 +21,8 @@ prefill. Definitions, per request (client clock):
 
 A request fails on a non-200 status, a connection error, an in-band error chunk, a stream without a
 finish reason, or its ``timeout_s``; it is counted in ``failed`` and kept in ``results``, never dropped.
+Failures are grouped by kind (``HTTP 400``, ``stream``, ``timeout``, ``ConnectError``, …), each with its
+count and the first such request's message (for an HTTP error, the server's own ``error.message``).
 """
 
 from __future__ import annotations
@@ -95,9 +97,37 @@ class RequestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class FailureKind:
+    """The failed requests of one kind: ``count`` and ``first_message``, the first one's (in request order)
+    message without its kind, e.g. the server's reason for an ``HTTP 400``."""
+
+    count: int
+    first_message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "first_message": self.first_message}
+
+
+def failure_kinds(errors: Sequence[str]) -> dict[str, FailureKind]:
+    """Errors (``"KIND: message"``, in request order) grouped by kind.
+
+    >>> kinds = failure_kinds(["HTTP 400: max_tokens: too many", "timeout: 1 s", "HTTP 400: prompt: empty"])
+    >>> kinds["HTTP 400"], kinds["timeout"].count
+    (FailureKind(count=2, first_message='max_tokens: too many'), 1)
+    """
+    counts = Counter(error.split(":")[0] for error in errors)
+    firsts: dict[str, str] = {}
+    for error in errors:
+        kind, _, message = error.partition(":")
+        firsts.setdefault(kind, message.strip())
+    return {kind: FailureKind(counts[kind], firsts[kind]) for kind in counts}
+
+
+@dataclass(frozen=True, slots=True)
 class BenchReport:
     """A run: counts, ``duration_s``, ``throughput`` (completed/s), ``output_throughput`` (tokens/s),
-    stats of response, server-side waiting, TTFT and TPOT (``None`` when nothing to measure), results."""
+    stats of response, server-side waiting, TTFT and TPOT (``None`` when nothing to measure), results;
+    ``has_queue_histogram``: the server exports a ``*:request_queue_time_seconds`` histogram."""
 
     requests: int
     completed: int
@@ -110,11 +140,12 @@ class BenchReport:
     ttft: Stats | None
     tpot: Stats | None
     results: tuple[RequestResult, ...]
+    has_queue_histogram: bool = False
 
     @property
-    def errors(self) -> dict[str, int]:
-        """Failed requests by kind (``HTTP 429``, ``timeout``, ``ConnectError``, …)."""
-        return dict(Counter(r.error.split(":")[0] for r in self.results if r.error is not None))
+    def errors(self) -> dict[str, FailureKind]:
+        """Failed requests by kind (``HTTP 429``, ``timeout``, ``ConnectError``, …): count and first message."""
+        return failure_kinds([r.error for r in self.results if r.error is not None])
 
     def to_json(self) -> dict[str, Any]:
         def stats(s: Stats | None) -> dict[str, float] | None:
@@ -131,7 +162,7 @@ class BenchReport:
             "waiting": stats(self.waiting),
             "ttft": stats(self.ttft),
             "tpot": stats(self.tpot),
-            "errors": self.errors,
+            "errors": {kind: failure.to_json() for kind, failure in self.errors.items()},
         }
 
 
@@ -304,11 +335,14 @@ async def run_bench(
 
             results = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
         after = await scrape_queue_histogram(http)
-    return make_report(results, queue_time_stats(before, after))
+    return make_report(results, queue_time_stats(before, after), has_queue_histogram=after is not None)
 
 
-def make_report(results: Sequence[RequestResult], waiting: Stats | None = None) -> BenchReport:
-    """The report of ``results`` (``waiting``: the server's queue-time stats, when known)."""
+def make_report(
+    results: Sequence[RequestResult], waiting: Stats | None = None, has_queue_histogram: bool = False
+) -> BenchReport:
+    """The report of ``results`` (``waiting``: the server's queue-time stats, when known;
+    ``has_queue_histogram``: whether the server exports the histogram they come from)."""
     done = [r for r in results if r.ok]
     duration = max((r.sent_at_s + r.elapsed_s for r in results), default=0.0)
 
@@ -328,6 +362,7 @@ def make_report(results: Sequence[RequestResult], waiting: Stats | None = None) 
         ttft=stats([r.ttft_s for r in done]),
         tpot=stats([r.tpot_s for r in done]),
         results=tuple(results),
+        has_queue_histogram=has_queue_histogram,
     )
 
 

@@ -88,6 +88,17 @@ class Chain:
         return tuple(h.server for h in self.hops)
 
 
+def chain_number(index: int) -> int:
+    """The number users see for the chain at ``index`` of a plan's ``chains`` (0-based in code): chains
+    are numbered from 1 wherever they leave the program — ``plan`` and ``demo`` tables, the API's
+    ``chainserve.chain``, ``/status``, ``/metrics`` labels, logs; the status page does the same.
+
+    >>> chain_number(0)
+    1
+    """
+    return index + 1
+
+
 def hop_time_s(problem: Problem, server: int, num_blocks: int) -> float:
     """τ^c_j + τ^p_j · m_ij: one job's time on one hop."""
     s = problem.servers[server]

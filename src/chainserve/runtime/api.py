@@ -229,9 +229,10 @@ def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
         if not ids:
             raise oa.ApiError(400, "prompt: encodes to no tokens", param="prompt")
         return ids
-    vocab_size = getattr(engine, "vocab_size", None)
-    if isinstance(vocab_size, int) and max(prompt) >= vocab_size:
-        raise oa.ApiError(400, f"prompt: token ids must be below the vocabulary size {vocab_size}", param="prompt")
+    if max(prompt) >= engine.vocab_size:
+        raise oa.ApiError(
+            400, f"prompt: token ids must be below the vocabulary size {engine.vocab_size}", param="prompt"
+        )
     return prompt
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chainserve.dispatch.base import Dispatcher, Job, Start
-from chainserve.plan.types import Layout
+from chainserve.plan.types import Layout, chain_number
 
 
 @dataclass(slots=True, eq=False)
@@ -46,13 +46,13 @@ class Generation:
             self.peak_busy = [max(p, b) for p, b in zip(self.peak_busy, state.busy, strict=True)]
 
     def chain_rows(self, names: Mapping[int, str]) -> list[dict[str, Any]]:
-        """Each chain for ``/status``: its servers' names, busy / capacity, peak and liveness."""
+        """Each chain for ``/status``: its number (from 1), servers' names, busy / capacity, peak and liveness."""
         state = self.dispatcher.state
         if state is None:  # a path router has no chains
             return []
         return [
             {
-                "chain": k,
+                "chain": chain_number(k),
                 "servers": [names[j] for j in ch.servers],
                 "busy": state.busy[k],
                 "capacity": state.capacity[k],

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chainserve.dispatch.base import Job, Route, Start
+from chainserve.plan.types import chain_number
 from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.batching import Batcher
 from chainserve.runtime.generations import Generation
@@ -132,7 +133,8 @@ class BatchedHead:
 
 @dataclass(frozen=True, slots=True)
 class StartRecord:
-    """One start the dispatcher decided: time, job, attempt, chain (``None`` for a path) and servers."""
+    """One start the dispatcher decided: time, job, attempt, chain index (0-based, the dispatcher's;
+    ``None`` for a path) and servers."""
 
     at: float
     job_id: int
@@ -150,11 +152,13 @@ async def run_route(
     names: Mapping[int, str],
     opened: list[ServerClient],
     clock: Callable[[], float],
+    on_token: Callable[[], None],
 ) -> Finished:
     """Prefill (the prompt, plus what was generated before a failure), then decode token by token
     through ``route``'s hops, the LM head after the last; push a :class:`TokenEvent` per new token.
     ``max_tokens`` 0 (echo): the prefill alone, for the prompt's log-probabilities. ``opened``
-    collects the clients whose session is open (the caller closes them if this attempt ends early)."""
+    collects the clients whose session is open (the caller closes them if this attempt ends early);
+    ``on_token`` is called once per token generated, as it is."""
     params = run.params
     hops: Sequence[tuple[int, ServerClient]] = [(hop.start_block, clients[hop.server]) for hop in route.hops]
     hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
@@ -174,6 +178,7 @@ async def run_route(
             break
         token = run.sampler(logits, run.generated)
         run.generated.append(token)
+        on_token()
         logprob = None if params.logprobs is None else token_logprob(logits, token, params.logprobs)
         if logprob is not None:
             run.logprobs.append(logprob)
@@ -200,7 +205,7 @@ async def run_route(
         len(run.prompt),
         len(run.generated),
         run.stream.text,
-        route.chain,
+        None if route.chain is None else chain_number(route.chain),
         tuple((names[h.server], h.start_block, h.end_block) for h in route.hops),
         times.started_at - times.arrived_at,
         times.first_token_at - times.arrived_at,

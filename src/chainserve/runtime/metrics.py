@@ -10,7 +10,7 @@ name                                             type       meaning
 ``chainserve:num_requests_running``              gauge      requests holding a chain slot (in service)
 ``chainserve:num_requests_waiting``              gauge      requests in the central queue
 ``chainserve:kv_cache_usage_perc{server}``       gauge      used / total block-slots of a server, 0..1
-``chainserve:chain_busy_slots{chain}``           gauge      jobs in service on plan chain k
+``chainserve:chain_busy_slots{chain}``           gauge      jobs in service on plan chain k (numbered from 1)
 ``chainserve:chain_capacity_slots{chain}``       gauge      c_k, the jobs chain k may serve at once (§2.2)
 ``chainserve:time_to_first_token_seconds``       histogram  arrival → first token (``Finished.ttft_s``)
 ``chainserve:time_per_output_token_seconds``     histogram  mean gap between output tokens after the first
@@ -20,7 +20,9 @@ name                                             type       meaning
 ``chainserve:request_failure_total{reason}``     counter    e.g. ``cancelled`` (client gone), ``rejected``
                                                             (queue full, HTTP 429), ``error``
 ``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
-``chainserve:generation_tokens_total``           counter    generated tokens of finished requests
+``chainserve:generation_tokens_total``           counter    tokens generated, counted as each is sampled (as
+                                                            vLLM counts per step), so its rate is live while
+                                                            requests run; cancelled and failed ones' included
 ``chainserve:plan_changes_total{reason}``        counter    plan changes: ``server_failed``, ``server_back``,
                                                             ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
@@ -60,6 +62,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from chainserve.analysis.records import Stats
+from chainserve.plan.types import chain_number
 
 from .requests import Finished
 
@@ -216,10 +219,11 @@ class RuntimeMetrics:
         usage = used_block_slots / total_block_slots if total_block_slots > 0 else 0.0
         self.kv_cache_usage_perc.labels(server=server).set(usage)
 
-    def set_chain(self, chain: int, busy: int, capacity: int) -> None:
-        """Occupancy ``busy`` and capacity c_k of plan chain ``chain``."""
-        self.chain_busy_slots.labels(chain=str(chain)).set(busy)
-        self.chain_capacity_slots.labels(chain=str(chain)).set(capacity)
+    def set_chain(self, index: int, busy: int, capacity: int) -> None:
+        """Occupancy ``busy`` and capacity c_k of the plan chain at ``index``, labelled with its number (from 1)."""
+        label = str(chain_number(index))
+        self.chain_busy_slots.labels(chain=label).set(busy)
+        self.chain_capacity_slots.labels(chain=label).set(capacity)
 
     def observe_finished(self, f: Finished, tpot_s: float | None) -> None:
         """A finished request: its times, tokens and finish reason; ``tpot_s`` is ``None`` when fewer
@@ -231,8 +235,11 @@ class RuntimeMetrics:
             self.time_per_output_token.observe(tpot_s)
         self.recent.add(f.ttft_s, tpot_s, f.e2e_s, f.queued_s)
         self.request_success.labels(finished_reason=f.finish_reason).inc()
-        self.prompt_tokens.inc(f.prompt_tokens)
-        self.generation_tokens.inc(f.completion_tokens)
+        self.prompt_tokens.inc(f.prompt_tokens)  # generated tokens are counted as they come (observe_generated)
+
+    def observe_generated(self, num_tokens: int = 1) -> None:
+        """Tokens a request just generated (each once: a resumed job does not generate its tokens again)."""
+        self.generation_tokens.inc(num_tokens)
 
     def observe_failure(self, reason: str) -> None:
         """A request that ended without :class:`Finished` (``cancelled``, ``rejected``, ``error``, …)."""

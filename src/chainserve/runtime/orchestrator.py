@@ -36,7 +36,7 @@ from typing import Any
 
 from chainserve.dispatch.base import Dispatcher, Job, Start
 from chainserve.plan.plan_file import layout_to_dict
-from chainserve.plan.types import Layout, default_max_waiting, reserved_block_jobs
+from chainserve.plan.types import Layout, chain_number, default_max_waiting, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.constraints import Grammars
@@ -86,7 +86,7 @@ class Orchestrator:
         self.max_waiting, self.max_waiting_follows_plan = max_waiting, max_waiting_follows_plan
         self.retry_backoff_s, self.request_timeout_s = retry_backoff_s, request_timeout_s
         self.controller, self.adapt_interval_s, self.heartbeat_s = controller, adapt_interval_s, heartbeat_s
-        self.model_id, self.max_tokens = head.model_id, head.max_tokens
+        self.model_id, self.max_tokens, self.vocab_size = head.model_id, head.max_tokens, head.vocab_size
         self.batched_head = BatchedHead(head)
         self.grammars = Grammars(head.tokenizer, head.eos_token_ids)
         limits = reserved_block_jobs(layout)
@@ -242,10 +242,14 @@ class Orchestrator:
             if run.generated:
                 run.num_resumes += 1
                 self.metrics.observe_resume()
-                log.info("job %d resumes on chain %s after %d tokens", job_id, route.chain, len(run.generated))
+                where = "a path" if route.chain is None else f"chain {chain_number(route.chain)}"
+                log.info("job %d resumes on %s after %d tokens", job_id, where, len(run.generated))
             clients = {j: self.servers[j].client for j in route.servers}
             names = {j: self.servers[j].name for j in route.servers}
-            finished = await run_route(run, route, session, self.batched_head, clients, names, opened, self.clock)
+            finished = await run_route(
+                run, route, session, self.batched_head, clients, names, opened, self.clock,
+                self.metrics.observe_generated,
+            )  # fmt: skip
         except ServerRefused as exc:
             self._close_sessions(opened, session)
             if run.start is start:

@@ -97,11 +97,12 @@ class TokenEvent:
 @dataclass(frozen=True, slots=True)
 class Finished:
     """End of a request: why (``stop``: EOS or a stop string; ``length``: max_tokens reached), the
-    token counts, the whole generated text, and where and how it ran: ``chain`` (plan chain index or
-    ``None`` for per-request paths), ``hops`` as (server name, first block, last block), and the
-    times in seconds (``queued_s`` arrival → start of service, ``ttft_s`` arrival → first token,
-    ``e2e_s`` arrival → end), the attempts it took, the generated ``token_ids``, and when asked for
-    their ``logprobs`` and the ``prompt_logprobs`` (see :class:`TokenEvent`)."""
+    token counts, the whole generated text, and where and how it ran: ``chain`` (the plan chain's
+    number, from 1 as :func:`~chainserve.plan.types.chain_number` gives it; ``None`` for per-request
+    paths), ``hops`` as (server name, first block, last block), and the times in seconds
+    (``queued_s`` arrival → start of service, ``ttft_s`` arrival → first token, ``e2e_s`` arrival →
+    end), the attempts it took, the generated ``token_ids``, and when asked for their ``logprobs``
+    and the ``prompt_logprobs`` (see :class:`TokenEvent`)."""
 
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
@@ -139,6 +140,7 @@ class Engine(Protocol):
 
     model_id: str
     max_tokens: int  # context length: prompt + generated tokens must fit in it
+    vocab_size: int  # token ids of a prompt must lie in 0 .. vocab_size - 1
 
     def encode(self, text: str) -> list[int]: ...
 

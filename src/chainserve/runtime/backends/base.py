@@ -147,6 +147,7 @@ class ModelHead(Protocol):
     model_id: str
     num_blocks: int
     max_tokens: int
+    vocab_size: int  # token ids are 0 .. vocab_size - 1
     eos_token_ids: tuple[int, ...]
 
     def encode(self, text: str) -> list[int]: ...

@@ -125,6 +125,7 @@ class EmulatedHead:
         self.num_blocks = num_blocks
         self.max_tokens = max_tokens
         self.index = {word: i for i, word in enumerate(VOCAB)}
+        self.vocab_size = len(VOCAB)
         self.eos_token_ids = (self.index[EOS_TOKEN],)
         rng = np.random.default_rng(2026)
         self.table = rng.standard_normal((len(VOCAB), len(VOCAB))).astype(np.float32) * 3
