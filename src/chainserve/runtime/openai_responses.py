@@ -104,7 +104,7 @@ def completion_response(
     """The whole answer; ``chainserve`` at the top is choice 0's route, each choice carries its own.
     With ``tool_names`` (chat with tools) a choice's text is read for its calls (:func:`.tools.parse_calls`):
     then its message has ``tool_calls`` and the text before them as content, and ``finish_reason`` is
-    ``tool_calls``."""
+    ``tool_calls`` (``length`` still, when the answer was cut off after them)."""
     choices = []
     for i, (f, echo) in enumerate(zip(finished, echoes, strict=True)):
         logprobs = choice_logprobs(f, echo, chat, decode)
@@ -115,7 +115,7 @@ def completion_response(
                 content, calls = parse_calls(f.text, tool_names)
                 if calls:
                     message = {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}
-                    reason = "tool_calls"
+                    reason = "tool_calls" if f.finish_reason == "stop" else f.finish_reason
             choice = {"index": i, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": i, "text": (echo.text if echo else "") + f.text, "logprobs": logprobs}

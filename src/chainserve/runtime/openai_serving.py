@@ -248,7 +248,7 @@ class Answer:
                         for k, call in enumerate(made):
                             for delta in out.tool_call_deltas(k, call):
                                 yield self._chunk(index, tool_calls=[delta])
-                        reason = "tool_calls" if made else reason
+                        reason = "tool_calls" if made and reason == "stop" else reason
                     yield self._chunk(index, {"chainserve": out.route(event)}, finish_reason=reason)
                     if len(finished) == len(self.jobs):
                         break

@@ -28,7 +28,7 @@ import llguidance
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 #: JSON inside forced calls: the separators of ``json.dumps``, no other whitespace.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
+_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(" + re.escape(CALL_CLOSE) + r"|$)", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,11 +250,14 @@ def _arguments(call: dict[str, Any]) -> Any:
 
 def parse_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[ToolCall]]:
     """The answer's text before its first call (``None`` when empty and there are calls) and the calls
-    it made: ``<tool_call>`` blocks whose JSON names one of ``names`` (an unclosed last block counts
-    when its JSON is whole). Text with no valid call comes back whole, with no calls.
+    it made: ``<tool_call>`` blocks whose JSON names one of ``names``. An unclosed last block counts
+    when its JSON is whole, and is dropped when it is not (the answer was cut off in it). Text with
+    any other invalid block comes back whole, with no calls.
 
     >>> parse_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>', ("f",))[1][0].arguments
     '{"x": 1}'
+    >>> len(parse_calls('<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "f', ("f",))[1])
+    1
     >>> parse_calls("no call here", ("f",))
     ('no call here', [])
     """
@@ -262,11 +265,12 @@ def parse_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[Too
     if start < 0:
         return text, []
     calls = []
-    for body in _CALL.findall(text, start):
+    for body, closed in _CALL.findall(text, start):
         call = _call(body, names)
-        if call is None:
+        if call is None and (closed or not calls):
             return text, []
-        calls.append(call)
+        if call is not None:
+            calls.append(call)
     content = text[:start].rstrip()
     return content or None, calls
 
