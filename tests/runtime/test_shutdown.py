@@ -1,6 +1,6 @@
 """Stopping is quick and clean (issue 28): a block server that logged ``stopped`` is gone within 1 s
-of SIGTERM, ``serve`` within 2 s with every block server it started, and it leaves no temporary
-folder behind."""
+of SIGTERM, ``serve`` within 2 s with every block server it started, and neither ``serve`` nor
+``demo`` leaves a temporary folder behind; the demo shows the plan it serves and warns of nothing."""
 
 from __future__ import annotations
 
@@ -69,3 +69,20 @@ def test_serve_exits_within_2s_of_sigterm_with_its_block_servers_and_leaves_no_f
     assert proc.returncode == 0
     assert not [pid for pid in servers if _running(pid)]
     assert not list(tmp_path.glob("chainserve-logs-*"))
+
+
+def test_the_emulated_demo_shows_its_plan_warns_of_nothing_and_leaves_no_folder(tmp_path) -> None:
+    proc = chainserve(
+        "demo", "--backend", "emulated", "--max-tokens", "2", tmp=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "WARNING" not in out + err
+    assert not list(tmp_path.glob("chainserve-logs-*"))
+    plan_at, answers_at = out.find("Chains (fastest first"), out.find("Where each request went")
+    assert 0 <= plan_at < answers_at  # the plan first, then where each answer went
+    plan = " ".join(out[plan_at:answers_at].split())
+    assert "fast → fast2 → mid" in plan and "c_k" in plan  # chains with their servers and capacities
+    assert "c (reservation)" in plan
+    assert "≤ E[T] ≤" in plan and "Theorem-4 bounds" in plan
