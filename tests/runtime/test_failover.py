@@ -8,6 +8,7 @@ are refused, so a takeover leaks no block-slot and a dead orchestrator cannot wr
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -53,6 +54,19 @@ def test_a_newer_epoch_frees_the_older_sessions_and_refuses_their_messages() -> 
     assert (late.ok, late.error) == (False, "stale_epoch")
     assert handle(srv, protocol.encode_request("close", 1, TOKEN, 10, session="tool")).error == "stale_epoch"
     assert isinstance(handle(srv, step("b", 0, one, epoch=20, open=True)).results[0], WireTensor)
+
+
+def test_the_first_orchestrator_attaches_quietly_and_a_takeover_warns(caplog) -> None:
+    """Issue 28: every normal start logged a WARNING; only a newer epoch replacing one is worth one."""
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32), 0.0), ServerKnobs(token=TOKEN))
+    caplog.set_level(logging.INFO, logger="chainserve.block_server")
+    for epoch in (10, 10, 20):
+        handle(srv, protocol.encode_request("info", 1, TOKEN, epoch))
+    attached = [(r.levelno, r.getMessage()) for r in caplog.records if "attached" in r.getMessage()]
+    assert attached == [
+        (logging.INFO, "s: orchestrator epoch 10 attached (was 0); freed 0 sessions of older epochs"),
+        (logging.WARNING, "s: orchestrator epoch 20 attached (was 10); freed 0 sessions of older epochs"),
+    ]
 
 
 def test_a_late_step_of_a_dead_orchestrator_cannot_touch_a_new_sessions_kv(tmp_path) -> None:

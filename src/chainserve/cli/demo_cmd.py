@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from chainserve.cli.common import fail, stderr_console, stdout_console
+from chainserve.runtime.models import SMOLLM2_CONVERSION_S
 
 
 def demo(
@@ -21,16 +23,25 @@ def demo(
     device: Annotated[
         str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="torch backend: where the head and servers compute.")
     ] = "auto",
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Keep the block servers' logs here (default: a temporary folder, removed).")
+    ] = None,
 ) -> None:
     """Start 5 unequal block servers with SmolLM2-135M-Instruct, answer a few chat prompts, shut down."""
+    from chainserve.cli.plan_cmd import chains_table, summary_table
+    from chainserve.plan.types import Layout, Plan
     from chainserve.runtime.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     err, out = stderr_console(), stdout_console()
-    err.print(
-        "[bold]chainserve demo[/]: planning the demo cluster and starting its block servers "
-        "(the first run converts SmolLM2 once, ~30 s)…"
-    )
+
+    def show_plan(layout: Layout) -> None:
+        if isinstance(layout, Plan):  # the proposed method's chains; c_k and the bounds as `chainserve plan`
+            out.print(chains_table(layout))
+            out.print(summary_table(layout))
+
+    once = f" (the first run converts SmolLM2 once, ~{SMOLLM2_CONVERSION_S} s)" if backend == "torch" else ""
+    err.print(f"[bold]chainserve demo[/]: planning the demo cluster and starting its block servers{once}…")
     try:
         records = asyncio.run(
             run_demo(
@@ -39,6 +50,8 @@ def demo(
                 backend=backend,
                 device=device,
                 report=lambda line: err.print(line, markup=False, highlight=False),
+                show_plan=show_plan,
+                log_dir=log_dir,
             )
         )
     except (ValueError, RuntimeError) as exc:

@@ -177,7 +177,6 @@ def _make_plan(problem: Problem, c: int | None, objective: str, err: Console, pl
 
 def _print_plan(result: Plan, out: Console) -> None:
     problem = result.problem
-    names = [s.name for s in problem.servers]
     cache, free, jobs = result.reservation_by_server(), result.free_memory_gb(), jobs_per_server(result)
     servers = Table(
         title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)", title_justify="left"
@@ -196,6 +195,19 @@ def _print_plan(result: Plan, out: Console) -> None:
             f"{free[span.server]:.2f}",
             str(jobs[span.server]),
         )
+    out.print(servers)
+    unplaced = [j for j in range(problem.num_servers) if j not in cache]
+    if unplaced:
+        out.print(_idle_servers(result, unplaced), highlight=False)
+    out.print(chains_table(result))
+    out.print(summary_table(result))
+    out.print(LEGEND, highlight=False)
+
+
+def chains_table(result: Plan) -> Table:
+    """The chains, fastest first: servers, blocks per hop, T_k, μ_k and c_k (numbered from 1)."""
+    problem = result.problem
+    names = [s.name for s in problem.servers]
     chains = Table(title=f"Chains (fastest first, {len(result.chains)})", title_justify="left")
     loaded = result.estimate_s is not None  # step costs: T_k at batch 1 and at full load (issue 18)
     headers = ("k", "servers", "blocks per hop", "T_k s", *(("T_k s, batch 1", "T_k s, full load") if loaded else ()))
@@ -214,13 +226,7 @@ def _print_plan(result: Plan, out: Console) -> None:
             f"{ch.rate_per_s:.4f}",
             str(ch.capacity),
         )
-    out.print(servers)
-    unplaced = [j for j in range(problem.num_servers) if j not in cache]
-    if unplaced:
-        out.print(_idle_servers(result, unplaced), highlight=False)
-    out.print(chains)
-    out.print(_summary(result))
-    out.print(LEGEND, highlight=False)
+    return chains
 
 
 LEGEND = """\
@@ -275,7 +281,8 @@ def _search_line(search: SearchReport) -> str:
     return f"{line}; ended by its work limits (the same plan on any machine)"
 
 
-def _summary(result: Plan) -> Table:
+def summary_table(result: Plan) -> Table:
+    """The plan at a glance: cluster, workload, c, K, C, ν, ρ and the Theorem-4 bounds on E[T]."""
     problem = result.problem
     w = problem.workload
     table = Table(title="Summary", title_justify="left", show_header=False)

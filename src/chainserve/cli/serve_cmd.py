@@ -120,7 +120,9 @@ def serve(
         Path | None,
         typer.Option(help="Secret shared with the block servers (default: $CHAINSERVE_TOKEN, else a fresh one)."),
     ] = None,
-    log_dir: Annotated[Path | None, typer.Option(help="Block server logs (default: a temporary folder).")] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Block server logs (default: a temporary folder, removed at exit).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of randomised placements (PETALS).")] = 0,
     planner: PlannerOption = "best",
     adapt: Annotated[

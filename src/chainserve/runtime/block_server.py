@@ -201,7 +201,8 @@ class BlockServer:
             for name in old:
                 self._close(name)
             self.counters.num_superseded += len(old)
-            log.warning(
+            log.log(
+                logging.INFO if self.epoch == 0 else logging.WARNING,  # the first orchestrator is routine
                 "%s: orchestrator epoch %d attached (was %d); freed %d sessions of older epochs",
                 self.server_id, epoch, self.epoch, len(old),
             )  # fmt: skip

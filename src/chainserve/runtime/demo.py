@@ -3,7 +3,7 @@
 Five block servers (child processes) with unequal speeds and delays host SmolLM2-135M-Instruct's 30
 blocks as the planner placed them; the orchestrator serves the OpenAI API on a free loopback port; a
 few chat prompts go through it at once with plain HTTP, and each answer is printed with the chain,
-servers, blocks and times it took. Everything shuts down at the end.
+servers, blocks and times it took (after the plan it serves). Everything shuts down at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from chainserve.plan.types import Layout
 from chainserve.runtime.service import ServeConfig, Service, start_http
 
 DEMO_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "demo-cluster.yaml"
@@ -39,8 +40,12 @@ async def run_demo(
     backend: str = "torch",
     report: Callable[[str], None] = print,
     device: str = "auto",
+    show_plan: Callable[[Layout], None] | None = None,
+    log_dir: Path | None = None,
 ) -> list[dict]:
-    """Serve the demo cluster, send ``prompts`` at once, return one record per answer."""
+    """Serve the demo cluster, send ``prompts`` at once, return one record per answer; ``show_plan``
+    gets the layout served once the block servers are up; ``log_dir`` keeps their logs (default: a
+    temporary folder, removed at the end)."""
     config = ServeConfig(
         cluster=cluster,
         backend=backend,
@@ -49,11 +54,14 @@ async def run_demo(
         slowdown=DEMO_SLOWDOWN,
         delay_ms=DEMO_DELAY_MS,
         device=device,
+        log_dir=log_dir,
     )
     async with Service(config) as service:
         server, task, url = await start_http(service.app(), "127.0.0.1", 0)
         try:
             report(f"serving {service.orchestrator.model_id} at {url} with {len(service.specs)} block servers")
+            if show_plan is not None:
+                show_plan(service.layout)
             async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
                 async def ask(prompt: str) -> dict:

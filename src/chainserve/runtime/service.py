@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import tempfile
 import time
@@ -182,7 +183,9 @@ class Service:
         self.clients: dict[int, BlockClient] = {}
         self.orchestrator: Orchestrator | None = None
         self.ctx: zmq.Context | None = None
-        self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
+        self.log_dir = config.log_dir or _temporary_log_dir()
+        # a folder made here goes at stop, unless detached block servers still log into it
+        self.removes_log_dir = config.log_dir is None and not config.detach_servers
         if config.token is None:
             self._save_token()
 
@@ -326,6 +329,8 @@ class Service:
                 await self.launcher.stop()
             if self.ray is not None:
                 await self.ray.stop()
+            if self.removes_log_dir:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 class ServicePlanOps:
@@ -410,11 +415,14 @@ async def _stand_by(config: ServeConfig, stopped: asyncio.Task, on_ready) -> Non
         on_ready(url, None)
     watcher = asyncio.create_task(watch_active(config.standby_of, config.standby_interval_s, config.standby_deadline_s))
     service = None
+    temporary: Path | None = None  # the plan's folder when no --log-dir: removed at exit
     try:
         await asyncio.wait([task, stopped, watcher], return_when=asyncio.FIRST_COMPLETED)
         if watcher.done() and not stopped.done():
             active, silent_s = watcher.result()
-            log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
+            log_dir = config.log_dir
+            if log_dir is None:
+                log_dir = temporary = _temporary_log_dir()
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / "plan.json").write_text(json.dumps(active.plan), encoding="utf-8")
             taken = dataclasses.replace(
@@ -438,3 +446,9 @@ async def _stand_by(config: ServeConfig, stopped: asyncio.Task, on_ready) -> Non
         await task
         if service is not None:
             await service.__aexit__(None, None, None)
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _temporary_log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="chainserve-logs-"))
