@@ -86,3 +86,26 @@ def test_the_emulated_demo_shows_its_plan_warns_of_nothing_and_leaves_no_folder(
     assert "fast → fast2 → mid" in plan and "c_k" in plan  # chains with their servers and capacities
     assert "c (reservation)" in plan
     assert "≤ E[T] ≤" in plan and "Theorem-4 bounds" in plan
+
+
+def test_ctrl_c_stops_serve_quietly(tmp_path) -> None:
+    """A Ctrl-C in the terminal signals the whole foreground group: the block servers leave it to
+    ``serve``, which stops them, so nothing is reported as failed (it used to log each one dead and
+    a re-placement traceback)."""
+    with open(tmp_path / "serve.err", "w") as err:
+        proc = chainserve(
+            "serve", str(EMULATED_6), "--planner", "greedy", "--port", "0", tmp=tmp_path, stdout=subprocess.PIPE,
+            stderr=err, start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = next(m[1] for line in proc.stdout if (m := READY.search(line)))
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        servers = children_of(proc.pid)
+    finally:
+        began = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: serve and its block servers at once
+        proc.wait(30)
+    assert time.monotonic() - began <= 2.0 and proc.returncode == 0
+    assert not [pid for pid in servers if _running(pid)]
+    log = (tmp_path / "serve.err").read_text()
+    assert "shutting down" in log and not any(word in log for word in ("WARNING", "ERROR", "Traceback")), log

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +92,8 @@ def block_server(
     from chainserve.runtime.block_server import BlockServer, ServerKnobs, serve_forever
 
     setup_logging(log_level)
+    if exit_with_parent is not None:  # a Ctrl-C in the terminal is the parent's to handle: it stops us (SIGTERM)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     with user_errors():
         step_s, delay_s = (step_ms_per_block or 0.0) / 1000, (delay_ms or 0.0) / 1000
         step_cost = None if step_cost_ms is None else _step_cost(step_cost_ms)

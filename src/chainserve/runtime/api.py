@@ -16,12 +16,18 @@ request shapes and unsupported parameters in :mod:`.openai_schema`):
   top_p outside (0, 1], more than 4 stop strings, an empty prompt or ``messages`` list, a prompt alone
   filling the context (param ``prompt`` / ``messages``), token ids outside the engine's ``vocab_size``
   when it has one, more than 128 choices (n × prompts; param ``n``), a ``response_format`` that is not
-  a valid JSON schema, ``ValueError`` from the engine (``encode``, ``chat_prompt``,
-  :class:`.SamplingParams`, ``generate``: e.g. structured output on a backend without a tokenizer).
+  a valid JSON schema, ``tools`` / ``tool_choice`` that :func:`.tools.tool_use` refuses (a
+  ``required`` or named choice with a ``response_format`` too), ``ValueError`` from the engine
+  (``encode``, ``chat_prompt``, :class:`.SamplingParams`, ``generate``: e.g. structured output on a
+  backend without a tokenizer).
 * 401: ``api_key`` set and ``Authorization: Bearer <key>`` wrong or missing (``/v1/*`` only).
 * 404: ``model`` given and not ``engine.model_id`` (a missing ``model`` is accepted); unknown routes.
 * 429 with ``Retry-After`` (whole seconds) and ``retry-after-ms``: ``engine.generate`` raised
   :class:`.Overloaded`, at the call or at its first event.
+
+Chat with ``tools`` (:mod:`.tools`): the tools reach ``engine.chat_prompt``; ``required`` and a named
+function constrain every token with the calls' grammar; every choice but ``none`` reads the answer's
+text for calls (:mod:`.openai_serving`).
 
 Defaults: completions ``max_tokens`` 16, chat the rest of the context (as vLLM); both are cut to the
 context left after the prompt. Each choice (n per prompt) is one engine job (:mod:`.openai_serving`);

@@ -362,7 +362,8 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
         port = sock.bind_to_random_port(f"tcp://{host}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # a managed server (``parent_pid``) leaves SIGINT (the terminal's Ctrl-C) to its parent, which stops it
+    for sig in (signal.SIGTERM,) if parent_pid is not None else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks: set[asyncio.Task] = set()
 

@@ -124,6 +124,9 @@ class PlanChanger:
     async def replace_placement(self) -> None:
         """Place the model anew on the live servers and migrate to it."""
         live = self.servers.live()
+        if not live:
+            log.error("no block server is alive; requests wait for a server to come back")
+            return
         log.warning("the live servers no longer cover the model: placing it anew on %d servers", len(live))
         try:
             new = self.ops.place(self.placed, live)
