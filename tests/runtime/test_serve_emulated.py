@@ -200,6 +200,17 @@ def test_a_token_id_outside_the_vocabulary_is_a_400_not_a_503(proposed) -> None:
     assert last.status_code == 200, last.text
 
 
+def test_tools_on_the_emulated_backend(proposed) -> None:
+    """``auto`` answers (the toy model writes no calls); a forced call needs a tokenizer for its grammar."""
+    c = client(proposed.url)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": PROMPT}]
+    answer = c.chat.completions.create(model="emulated/toy", messages=messages, tools=tools, max_tokens=4)
+    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="no Hugging Face tokenizer"):
+        c.chat.completions.create(model="emulated/toy", messages=messages, tools=tools, tool_choice="required")
+
+
 def test_bad_chat_input_gets_openai_errors(proposed) -> None:
     c = client(proposed.url)
     with pytest.raises(openai.BadRequestError):

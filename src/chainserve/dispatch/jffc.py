@@ -6,12 +6,14 @@ live chain takes jobs at any queue length, so no queue is left waiting beside fr
 the failed servers are restored the configured thresholds return.
 
 Beyond §2.4, for a serving runtime: ``cancel`` removes a job from the queue or frees its slot;
-``abort`` frees its slot and puts it back at the front of the central queue; ``restore_server``
+``abort`` frees its slot and puts the job back in the central queue in arrival order (ahead of every
+job that arrived after it, so an aborted job is never overtaken); ``restore_server``
 gives the revived chains' slots back; ``drain`` empties the queue.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from collections.abc import Sequence
@@ -91,7 +93,7 @@ class JFFC:
     def abort(self, job_id: int, now: float) -> list[Start]:
         k, job = self.state.abort(job_id)
         heapq.heappush(self.free_slots, self.rank[k])
-        self.queue.appendleft(job)
+        self._requeue([job])
         return self._fill()
 
     def fail_server(self, server: int, now: float) -> FailureOutcome:
@@ -100,8 +102,14 @@ class JFFC:
         self.free_slots = [r for r in self.free_slots if alive[self.order[r]]]  # dead chains' free slots
         heapq.heapify(self.free_slots)
         self._set_thresholds()
-        self.queue.extendleft(reversed(aborted))
+        self._requeue(aborted)
         return FailureOutcome(tuple(aborted), tuple(self._fill()))
+
+    def _requeue(self, jobs: Sequence[Job]) -> None:
+        """Jobs that left service wait again, each ahead of the jobs that arrived after it."""
+        for job in jobs:
+            at = bisect.bisect_left(self.queue, _arrival(job), key=_arrival)
+            self.queue.insert(at, job)
 
     def restore_server(self, server: int, now: float) -> list[Start]:
         revived = self.state.restore_server(server)
@@ -136,3 +144,7 @@ class JFFC:
     @property
     def num_in_service(self) -> int:
         return self.state.num_in_service
+
+
+def _arrival(job: Job) -> tuple[float, int]:
+    return job.arrived_at, job.job_id

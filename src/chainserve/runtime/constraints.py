@@ -3,8 +3,9 @@
 ``json_object`` is any JSON object, ``json_schema`` the given schema; both compact (no free whitespace
 between tokens, as OpenAI's output is), compiled by :func:`grammar_for` into an llguidance grammar
 and checked there (a bad schema is a ``ValueError``: HTTP 400). :class:`Grammars` turns a grammar into
-a :class:`Constraint` for one job over the head's Hugging Face tokenizer; the emulated backend has no
-such tokenizer, so structured output there is a ``ValueError``. Why llguidance: MIT, one abi3 CPU
+a :class:`Constraint` for one job over the head's Hugging Face tokenizer (also for forced tool calls,
+:mod:`.tools`); the emulated backend has no such tokenizer, so constrained output there is a
+``ValueError``. Why llguidance: MIT, one abi3 CPU
 wheel without dependencies, no precompiled index per schema (masks are computed lazily, well under a
 millisecond a token here), and vLLM's ``guidance`` backend; xgrammar pulls in torch, outlines-core
 builds a full index per schema first.
@@ -88,7 +89,10 @@ class Grammars:
 
     def constraint(self, grammar: str) -> Constraint:
         if self.tokenizer is None:
-            raise ValueError("response_format: this backend has no Hugging Face tokenizer for structured output")
+            raise ValueError(
+                "this backend has no Hugging Face tokenizer to constrain the output (a response_format, or a "
+                "required or named tool_choice)"
+            )
         if self._ll is None:
             from llguidance.hf import from_tokenizer  # imports transformers: only with a HF tokenizer
 
