@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from chainserve.model import catalogue
 from chainserve.model.cluster_file import load_cluster, problem_from_dict
 from chainserve.model.presets import paper_sim_cluster, paper_testbed
-from chainserve.model.spec import SpecError
+from chainserve.model.spec import ModelSpec, SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -127,6 +128,70 @@ servers:
     assert (p.model.name, p.model.num_blocks, p.model.block_size_gb) == ("custom", 4, 1.5)
     assert p.servers[0].tau_c_s == 0.3
     assert math.isclose(p.servers[1].tau_c_s, (0.040 + catalogue.HOP_OVERHEAD_S) * 20)  # default 20 outputs
+
+
+PATH_MODEL = """
+model: {path: models/tiny, max_tokens: 512}
+workload: {arrival_rate: 1.0, prompt_tokens: 100, output_tokens: 10}
+servers:
+  - {name: s, count: 2, memory_gb: 1, tau_p_s: 0.01, rtt_ms: 5}
+"""
+
+
+def fake_resolver(calls):
+    """A resolver like the runtime's: records its arguments and returns sizes from them."""
+
+    def resolve(directory, dtype, max_tokens):
+        calls.append((directory, dtype, max_tokens))
+        nbytes = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+        return ModelSpec(
+            "tiny", 6, 1e-4 * nbytes, 128 * nbytes * max_tokens / 1e9, max_tokens=max_tokens,
+            kv_bytes_per_token_per_block=128 * nbytes, measured_from=str(directory),
+        )  # fmt: skip
+
+    return resolve
+
+
+def test_model_given_by_its_directory(tmp_path):
+    """issue 29: ``model: {path: DIR}`` is measured by the resolver the caller injects (relative DIR: from
+    the cluster file's folder); dtype defaults to fp32 and may sit at the top level."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    calls = []
+    p = load_cluster(write(tmp_path, PATH_MODEL), fake_resolver(calls))
+    assert calls == [(tmp_path / "models" / "tiny", "fp32", 512)]
+    assert (p.model.num_blocks, p.model.max_tokens, p.model.kv_bytes_per_token_per_block) == (6, 512, 512)
+    assert p.model.measured_from == str(tmp_path / "models" / "tiny") and len(p.servers) == 2
+    text = PATH_MODEL.replace("max_tokens: 512}", "dtype: bf16}").replace("workload", "max_tokens: 64\nworkload")
+    assert load_cluster(write(tmp_path, text), fake_resolver(calls)).model.block_size_gb == pytest.approx(2e-4)
+    assert calls[-1] == (tmp_path / "models" / "tiny", "bf16", 64)
+    absolute = PATH_MODEL.replace("models/tiny", str(tmp_path / "elsewhere"))
+    load_cluster(write(tmp_path, absolute), fake_resolver(calls))
+    assert calls[-1] == (tmp_path / "elsewhere", "fp32", 512)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (("max_tokens: 512}", "dtype: int8}"), "model.dtype", "fp32, bf16, fp16"),
+        (("max_tokens: 512}", "name: x}"), "model.name", "unknown key"),
+        (("workload", "max_tokens: 9\nworkload"), "model.max_tokens", "both here and at the top level"),
+        (("tau_p_s: 0.01, ", ""), "servers[0].tau_p_s", "required"),
+    ],
+)
+def test_model_directory_errors(tmp_path, change, field, words):
+    with pytest.raises(SpecError, match=rf"^{re.escape(field)}: .*{words}"):
+        load_cluster(write(tmp_path, PATH_MODEL.replace(*change)), fake_resolver([]))
+
+
+def test_model_directory_needs_a_resolver_and_reports_its_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"^model\.path: .*measured by the runtime"):
+        load_cluster(write(tmp_path, PATH_MODEL))
+
+    def broken(directory, dtype, max_tokens):
+        raise ValueError("model: 'mamba' has linear_attention layers that keep no KV cache per token")
+
+    with pytest.raises(SpecError, match=r"^model\.path: 'mamba' has linear_attention"):
+        load_cluster(write(tmp_path, PATH_MODEL), broken)
 
 
 def test_problem_from_dict_names_itself():

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from chainserve.model.catalogue import model_arch
 from chainserve.runtime import models
-from chainserve.runtime.models import layer_params, model_spec_of, resolve_model
+from chainserve.runtime.model_facts import measure_dir
+from chainserve.runtime.models import model_spec_of, resolve_model
 
 torch.set_num_threads(1)
 
@@ -52,15 +53,17 @@ def test_tiny_spec_hand_checked(tmp_path):
     assert spec.block_size_gb == pytest.approx(params * 4 / 1e9)
     assert spec.cache_size_gb == pytest.approx(2 * 2 * 16 * 100 * 4 / 1e9)  # K+V · kv heads · head dim · tokens
     assert spec.flops_per_token_per_block == 2 * params
-    with safe_open(d / "model.safetensors", "pt") as f:  # the formula counts the stored layer exactly
+    assert spec.kv_bytes_per_token_per_block == 2 * 2 * 16 * 4 and spec.measured_from == str(d.resolve())
+    with safe_open(d / "model.safetensors", "pt") as f:  # the measurement counts the stored layer exactly
         assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.layers.0.")) == params
     assert model_spec_of(d, dtype="bf16", max_tokens=100).block_size_gb == pytest.approx(params * 2 / 1e9)
 
 
 def test_smollm2_spec_agrees_with_catalogue(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaConfig(**SMOLLM2_CONFIG, vocab_size=49152, tie_word_embeddings=True).save_pretrained(tmp_path)
     arch = model_arch("smollm2-135m")
-    assert layer_params(SMOLLM2_CONFIG) == arch.params_per_block == 3_540_096
+    assert measure_dir(tmp_path).params_per_block == arch.params_per_block == 3_540_096
     spec = model_spec_of(tmp_path, dtype="bf16", max_tokens=2048)
     assert spec.num_blocks == 30
     assert spec.block_size_gb == pytest.approx(arch.block_size_gb("bf16"))

@@ -25,7 +25,7 @@ from chainserve.cli.common import (
 )
 from chainserve.model import limits
 from chainserve.model.cluster_file import load_cluster
-from chainserve.model.spec import Problem, SpecError
+from chainserve.model.spec import ModelSpec, Problem, SpecError
 from chainserve.plan.best import best_plan
 from chainserve.plan.csearch import plan_for_c, search_c, searched_reservations
 from chainserve.plan.export import jobs_per_server, petals_commands
@@ -33,6 +33,7 @@ from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Plan, SearchReport, chain_number
 from chainserve.progress import progress_bar, spinner
+from chainserve.runtime.models import measured_model
 
 #: The embedded default cluster (a copy of examples/paper-sim-bloom-20.yaml).
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "data" / "default-cluster.yaml"
@@ -113,7 +114,7 @@ def plan(
     with user_errors():
         if plot is not None:
             check_image_path("plot", plot)
-        problem = _with_overrides(load_cluster(cluster or DEFAULT_CLUSTER), rate, rho_bar)
+        problem = _with_overrides(load_cluster(cluster or DEFAULT_CLUSTER, measured_model), rate, rho_bar)
         with renamed("arrival_rate", "rate") if rate is not None else nullcontext(), native_stdout_to_stderr():
             result = _make_plan(problem, c_value, objective.value, err, planner.value)
         commands = petals_commands(result) if export is Export.petals else None
@@ -281,6 +282,28 @@ def _search_line(search: SearchReport) -> str:
     return f"{line}; ended by its work limits (the same plan on any machine)"
 
 
+def model_line(model: ModelSpec) -> str:
+    r"""L, s_m and the KV bytes per token per block (s_c ÷ max_tokens), and where they came from.
+
+    >>> print(model_line(ModelSpec("m", 30, 0.00708, 0.0031, max_tokens=2048, kv_bytes_per_token_per_block=1536,
+    ...                            measured_from="/models/m")).replace("; ", ";\n"))
+    L = 30 blocks of 0.00708 GB, KV 1536 bytes per token per block (s_c = 0.0031 GB for 2048 tokens);
+    measured from /models/m (meta-device build and dry run)
+    """
+    kv = model.kv_bytes_per_token_per_block
+    if kv is None and model.max_tokens is not None:
+        kv = model.cache_size_gb * 1e9 / model.max_tokens
+    line = f"L = {model.num_blocks} blocks of {model.block_size_gb:.4g} GB"
+    if kv is not None:
+        line += f", KV {kv:.6g} bytes per token per block"
+        line += f" (s_c = {model.cache_size_gb:.4g} GB for {model.max_tokens} tokens)"
+    else:
+        line += f", s_c = {model.cache_size_gb:.4g} GB per job per block"
+    if model.measured_from is not None:
+        line += f"; measured from {model.measured_from} (meta-device build and dry run)"
+    return line
+
+
 def summary_table(result: Plan) -> Table:
     """The plan at a glance: cluster, workload, c, K, C, ν, ρ and the Theorem-4 bounds on E[T]."""
     problem = result.problem
@@ -303,6 +326,7 @@ def summary_table(result: Plan) -> Table:
                 else ""
             ),
         ),
+        ("model", model_line(problem.model)),
         ("c (reservation)", "—" if result.c is None else str(result.c)),
         ("K (chains)", str(len(result.chains))),
         ("C = Σ c_k", str(result.num_job_servers)),

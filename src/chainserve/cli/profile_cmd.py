@@ -152,7 +152,7 @@ def profile(
     from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree
     from chainserve.measure.profile_batch import measure_head, served_backend
     from chainserve.model.cluster_file import load_cluster
-    from chainserve.runtime.models import torch_model_for
+    from chainserve.runtime.models import measured_model, torch_model_for
 
     progress.SHOW_PROGRESS = not quiet
     with user_errors():
@@ -166,9 +166,9 @@ def profile(
         if backend == "torch" and url is None:
             require("torch", "the torch backend")
         served = profile_live.served_cluster(url) if url is not None else None
-        problem = served.problem if served is not None else load_cluster(cluster)
+        problem = served.problem if served is not None else load_cluster(cluster, measured_model)
         if backend == "torch" and served is None:  # the cluster's own model when --model is absent
-            model = torch_model_for(problem.model.name, model)
+            model = torch_model_for(problem.model.measured_from or problem.model.name, model)
         w = problem.workload
         settings = ProfileSettings(
             prompt_tokens or w.prompt_tokens,

@@ -48,6 +48,7 @@ from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
 from chainserve.progress import spinner
+from chainserve.runtime.models import measured_model
 from chainserve.sim.adaptive import Transition
 from chainserve.sim.arrivals import (
     ArrivalProcess,
@@ -136,7 +137,7 @@ def simulate(
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)
         if profile is not None and (rate is not None or trace is not None or burstiness is not None):
             raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
-        problem = load_cluster(cluster or DEFAULT_CLUSTER)
+        problem = load_cluster(cluster or DEFAULT_CLUSTER, measured_model)
         if profile is None:
             problem, arrivals, arrivals_text, trace_lengths = _arrivals(
                 problem, requests, rate, trace, time_scale, trace_start, burstiness

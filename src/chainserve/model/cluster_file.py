@@ -7,7 +7,8 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
 
     name: paper-testbed            # optional, default the file name
     model: llama-2-7b              # catalogue name, or {name, dtype, max_tokens},
-                                   # or raw {num_blocks, block_size_gb, cache_size_gb[, name]}
+                                   # or raw {num_blocks, block_size_gb, cache_size_gb[, name]},
+                                   # or a directory {path: DIR, dtype: fp32|bf16|fp16, max_tokens}
     dtype: fp16                    # optional, default the model's
     max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
     bprr_sessions: 3               # optional, fixes BPRR's R (default: its rule, plan/baselines/bprr.py)
@@ -16,6 +17,13 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
     servers:
       - {gpu: a100-3g.40gb, count: 3, rtt_ms: [20, 35, 50], name: high}
       - {name: custom, memory_gb: 20, tau_p_s: 0.175, tau_c_s: 1.2}
+
+``model: {path: DIR}`` (issue 29) is a local Hugging Face model directory (or a name the runtime builds,
+e.g. ``smollm2-135m``; a relative path is taken from the cluster file's folder): L, s_m and s_c are
+measured from it (meta-device build and dry run) by the ``resolve_model`` callable the caller passes,
+``(dir, dtype, max_tokens) -> ModelSpec``; this layer imports no torch, so without one such a model is a
+:class:`SpecError`. ``dtype`` (the weights' and the KV cache's, default fp32) and ``max_tokens`` may also
+sit at the top level; the servers need ``tau_p_s`` (or ``step_cost``) as with a raw model.
 
 ``load_bandwidth_gb_per_s`` (GB/s, 0.001..10000, default 2: a local NVMe read) prices a re-placement
 by the adaptive controller: a server whose span changes is out of service for s_m × the blocks it did
@@ -58,7 +66,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,10 +111,16 @@ RAW_KEYS = (
 )
 RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
 RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
+PATH_MODEL_KEYS = ("path", "dtype", "max_tokens")
+#: The dtypes a model given by its directory is measured in (the runtime's weights and KV cache).
+PATH_DTYPES = ("fp32", "bf16", "fp16")
+#: ``(dir, dtype, max_tokens) -> ModelSpec``: measures a model directory (given by the runtime layer).
+ModelResolver = Callable[[Path, str, int], ModelSpec]
 
 
-def load_cluster(path: str | Path) -> Problem:
-    """Read a cluster file; the problem is named after the file unless it names itself."""
+def load_cluster(path: str | Path, resolve_model: ModelResolver | None = None) -> Problem:
+    """Read a cluster file; the problem is named after the file unless it names itself.
+    ``resolve_model`` measures a ``model: {path: DIR}`` (a relative DIR is taken from the file's folder)."""
     path = Path(path)
     if path.is_dir():
         raise SpecError(str(path), "is a folder, not a cluster file")
@@ -121,7 +135,7 @@ def load_cluster(path: str | Path) -> Problem:
         ) from None
     except OSError as exc:
         raise SpecError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    return problem_from_dict(_parse(text, path), default_name=path.stem)
+    return problem_from_dict(_parse(text, path), path.stem, resolve_model, path.parent)
 
 
 def _parse(text: str, path: Path) -> Any:
@@ -139,8 +153,14 @@ def _parse(text: str, path: Path) -> Any:
         raise SpecError(str(path), f"malformed YAML{where}: {problem}") from None
 
 
-def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
-    """Build a :class:`Problem` from parsed YAML/JSON (either format).
+def problem_from_dict(
+    data: Any,
+    default_name: str = "cluster",
+    resolve_model: ModelResolver | None = None,
+    base_dir: Path | None = None,
+) -> Problem:
+    """Build a :class:`Problem` from parsed YAML/JSON (either format); ``resolve_model`` measures a
+    ``model: {path: DIR}`` (relative to ``base_dir``, default the working directory).
 
     >>> p = problem_from_dict({"model": "llama-2-7b", "workload": {"arrival_rate": 1.0},
     ...                        "servers": [{"gpu": "a100-80gb", "count": 2, "rtt_ms": 10}]})
@@ -167,7 +187,7 @@ def problem_from_dict(data: Any, default_name: str = "cluster") -> Problem:
         required=("model", "workload", "servers"),
     )
     workload = _workload(_mapping(data["workload"], "workload"), "workload")
-    arch, model = _model(data, workload)
+    arch, model = _model(data, workload, resolve_model, base_dir)
     entries = _list(data["servers"], "servers")
     servers: list[Server] = []
     for i, entry in enumerate(entries):
@@ -243,10 +263,14 @@ def _workload(data: Mapping[str, Any], path: str) -> Workload:
         return Workload(**fields)
 
 
-def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | None, ModelSpec]:
-    """The catalogue architecture (``None`` for a raw model) and the ModelSpec."""
+def _model(
+    data: Mapping[str, Any], workload: Workload, resolve_model: ModelResolver | None, base_dir: Path | None
+) -> tuple[ModelArch | None, ModelSpec]:
+    """The catalogue architecture (``None`` for a raw or measured model) and the ModelSpec."""
     raw = data["model"]
     top_options = [k for k in ("dtype", "max_tokens") if k in data]
+    if isinstance(raw, Mapping) and "path" in raw:
+        return None, _path_model(data, raw, workload, resolve_model, base_dir)
     if isinstance(raw, Mapping) and "num_blocks" in raw:
         _check_keys(raw, "model", RAW_MODEL_KEYS, required=RAW_MODEL_KEYS[1:4])
         if top_options:
@@ -291,6 +315,51 @@ def _model(data: Mapping[str, Any], workload: Workload) -> tuple[ModelArch | Non
     if "max_tokens" in source:
         max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1], limits.MAX_TOKENS)
     return arch, arch.spec(dtype, max_tokens)
+
+
+def _path_model(
+    data: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    workload: Workload,
+    resolve_model: ModelResolver | None,
+    base_dir: Path | None,
+) -> ModelSpec:
+    """``model: {path: DIR, dtype, max_tokens}``: the directory measured by ``resolve_model``."""
+    _check_keys(raw, "model", PATH_MODEL_KEYS, required=("path",))
+    options: dict[str, tuple[Mapping[str, Any], str]] = {}
+    for key in ("dtype", "max_tokens"):
+        if key in raw and key in data:
+            raise SpecError(f"model.{key}", "given both here and at the top level")
+        if key in raw or key in data:
+            options[key] = (raw, "model") if key in raw else (data, "")
+    dtype = "fp32"
+    if "dtype" in options:
+        where, path = options["dtype"]
+        dtype = _string(where["dtype"], _join(path, "dtype"))
+        if dtype not in PATH_DTYPES:
+            raise SpecError(
+                _join(path, "dtype"), f"a model given by its directory runs in {', '.join(PATH_DTYPES)}, not {dtype!r}"
+            )
+    max_tokens = workload.prompt_tokens + workload.output_tokens
+    if "max_tokens" in options:
+        max_tokens = _count(options["max_tokens"][0], "max_tokens", options["max_tokens"][1], limits.MAX_TOKENS)
+    directory = Path(_string(raw["path"], "model.path")).expanduser()
+    if not directory.is_absolute() and base_dir is not None and (base_dir / directory).exists():
+        directory = base_dir / directory
+    if resolve_model is None:
+        raise SpecError(
+            "model.path",
+            "a model given by its directory is measured by the runtime (torch and transformers); "
+            "this caller passed no resolve_model, so give the model by name or as raw sizes",
+        )
+    try:
+        spec = resolve_model(directory, dtype, max_tokens)
+    except SpecError:
+        raise
+    except ValueError as exc:  # also a missing torch extra: the line says what to install
+        raise SpecError("model.path", str(exc).removeprefix("model: ")) from None
+    limits.check_count("model.num_blocks", spec.num_blocks, limits.MAX_BLOCKS, "(measured from the directory)")
+    return spec
 
 
 def _entry_servers(

@@ -70,7 +70,9 @@ class ModelSpec:
     """The model to serve: ``num_blocks`` L blocks, each ``block_size_gb`` s_m of parameters; one job
     holds ``cache_size_gb`` s_c of KV cache per block it passes (sized for the maximum sequence).
     ``flops_per_token_per_block``: F, and ``max_tokens``: the sequence length s_c was sized for; both
-    known for catalogue models (token-level service times and PETALS export need them)."""
+    known for catalogue models (token-level service times and PETALS export need them).
+    ``kv_bytes_per_token_per_block``: s_c per token, and ``measured_from``: the model directory L, s_m
+    and s_c were measured from (meta-device build and dry run, issue 29); both ``None`` otherwise."""
 
     name: str
     num_blocks: int
@@ -78,6 +80,8 @@ class ModelSpec:
     cache_size_gb: float
     flops_per_token_per_block: float | None = None
     max_tokens: int | None = None
+    kv_bytes_per_token_per_block: float | None = None
+    measured_from: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
@@ -88,6 +92,8 @@ class ModelSpec:
             _positive("model.flops_per_token_per_block", self.flops_per_token_per_block)
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise SpecError("model.max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if self.kv_bytes_per_token_per_block is not None:
+            _positive("model.kv_bytes_per_token_per_block", self.kv_bytes_per_token_per_block)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@
 seed, for tests) or a path into a directory holding ``config.json``, ``model.safetensors``,
 ``generation_config.json`` and tokenizer files with a chat template. Conversions run under a file lock
 and land by atomic rename, so concurrent callers never see a half-written directory.
-``model_spec_of`` reads such a directory's ``config.json`` into the planner's
-:class:`~chainserve.model.spec.ModelSpec` (L, s_m, s_c).
+``model_spec_of`` measures such a directory (its ``config.json`` built on the meta device) into the
+planner's :class:`~chainserve.model.spec.ModelSpec` (L, s_m, s_c); ``measured_model`` is the cluster
+file's resolver for ``model: {path: DIR}``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from chainserve.extras import require
 from chainserve.model.spec import ModelSpec
 
 #: Written into every directory this module builds: ``{"name": ..., "source": ...}``.
@@ -71,13 +73,15 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
 
 def torch_model_for(cluster_model: str, given: str | None) -> str:
     """The weights the torch backend serves: ``given`` (``--model``), else the cluster's model when it
-    is a name this module builds; ``ValueError`` listing what it runs otherwise.
+    is a name this module builds or a model directory; ``ValueError`` listing what it runs otherwise.
 
     >>> torch_model_for("smollm2-135m", None), torch_model_for("llama-2-7b", "/models/x")
     ('smollm2-135m', '/models/x')
     """
     if given is not None:
         return given
+    if (Path(cluster_model) / "config.json").is_file():  # measured from its directory (issue 29)
+        return cluster_model
     if cluster_model.lower() in BUILDERS:
         return cluster_model.lower()
     raise ValueError(
@@ -95,39 +99,39 @@ def model_name(model_dir: Path) -> str:
 
 
 def model_spec_of(model_dir: Path, dtype: str = "fp32", max_tokens: int = 2048) -> ModelSpec:
-    """L, s_m and s_c of a Llama-style model directory (GB = 1e9 bytes; paper §1, §4.1).
+    """L, s_m and s_c of a model directory, measured on the meta device (GB = 1e9 bytes; paper §1, §4.1).
 
-    s_m = parameters of one decoder layer × bytes per ``dtype``; s_c = 2 × kv_heads × head_dim ×
-    ``max_tokens`` × the same bytes (the runtime's cache is in the weights' dtype); F = 2 × parameters.
+    s_m = parameters of the largest decoder layer × bytes per ``dtype``; s_c = the K and V elements one
+    layer caches per token (a dry run, :mod:`~chainserve.runtime.model_facts`) × ``max_tokens`` × the
+    same bytes (the runtime's cache is in the weights' dtype); F = 2 × the parameters one token passes
+    (an MoE layer's routed experts count ``num_experts_per_tok`` of their number).
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    params = layer_params(cfg)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    from chainserve.runtime.model_facts import measure_dir  # torch and transformers only here
+
+    facts = measure_dir(Path(model_dir))
     nbytes = DTYPE_BYTES[dtype]
+    kv_bytes = facts.kv_elements_per_token_per_block * nbytes
     return ModelSpec(
         name=model_name(Path(model_dir)),
-        num_blocks=cfg["num_hidden_layers"],
-        block_size_gb=params * nbytes / 1e9,
-        cache_size_gb=2 * kv_heads * head_dim * max_tokens * nbytes / 1e9,
-        flops_per_token_per_block=2.0 * params,
+        num_blocks=facts.num_blocks,
+        block_size_gb=facts.params_per_block * nbytes / 1e9,
+        cache_size_gb=kv_bytes * max_tokens / 1e9,
+        flops_per_token_per_block=2.0 * facts.active_params_per_block,
         max_tokens=max_tokens,
+        kv_bytes_per_token_per_block=kv_bytes,
+        measured_from=str(Path(model_dir).resolve()),
     )
 
 
-def layer_params(cfg: dict) -> int:
-    """Parameters of one Llama decoder layer: q/k/v/o projections (+ biases), SwiGLU MLP, two RMSNorms."""
-    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or d // heads
-    q, kv = heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
-    attention = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if cfg.get("attention_bias") else 0)
-    mlp = 3 * d * inter + ((2 * inter + d) if cfg.get("mlp_bias") else 0)
-    return attention + mlp + 2 * d
+def measured_model(path: Path, dtype: str, max_tokens: int) -> ModelSpec:
+    """The cluster file's resolver for ``model: {path: DIR, ...}``: a registered name or a directory,
+    measured (:func:`model_spec_of`); :class:`~chainserve.extras.MissingExtra` without the torch extra."""
+    require("torch", "a model given by its directory")
+    return model_spec_of(resolve_model(str(path)), dtype, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------- cache mechanics

@@ -46,7 +46,7 @@ from chainserve.runtime.client import BlockClient
 from chainserve.runtime.launch.local import BackendArgs, LocalLauncher
 from chainserve.runtime.layout import ServerSpec, server_specs
 from chainserve.runtime.metrics import RuntimeMetrics
-from chainserve.runtime.models import torch_model_for
+from chainserve.runtime.models import measured_model, torch_model_for
 from chainserve.runtime.orchestrator import Orchestrator
 from chainserve.runtime.standby import Switch, standing_by, watch_active
 
@@ -147,7 +147,7 @@ def layout_to_serve(config: ServeConfig) -> tuple[Layout, Dispatcher, str]:
         layout = load_layout(config.plan)
         method = config.method if config.method != "proposed" else layout.method
         return layout, dispatcher_for(method, layout, rng), method
-    setup = build_method(config.method, load_cluster(config.cluster), rng, config.planner)
+    setup = build_method(config.method, load_cluster(config.cluster, measured_model), rng, config.planner)
     return setup.plan_or_placement, setup.make_dispatcher(rng), config.method
 
 
@@ -162,7 +162,10 @@ class Service:
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
-        self.model = torch_model_for(model.name, config.model) if config.backend == "torch" else config.model
+        if config.backend == "torch":  # a measured model's directory is the one it serves
+            self.model = torch_model_for(model.measured_from or model.name, config.model)
+        else:
+            self.model = config.model
         self.specs = self._specs(self.layout)
         names = {spec.name for spec in self.specs}
         for option, values in (
