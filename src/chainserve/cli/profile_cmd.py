@@ -168,7 +168,7 @@ def profile(
         served = profile_live.served_cluster(url) if url is not None else None
         problem = served.problem if served is not None else load_cluster(cluster, measured_model)
         if backend == "torch" and served is None:  # the cluster's own model when --model is absent
-            model = torch_model_for(problem.model.measured_from or problem.model.name, model)
+            model = torch_model_for(problem.model, model)
         w = problem.workload
         settings = ProfileSettings(
             prompt_tokens or w.prompt_tokens,

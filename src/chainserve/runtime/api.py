@@ -201,10 +201,10 @@ def _check_request(engine: Engine, req: oa.CompletionRequest | oa.ChatRequest, n
         )
 
 
-def _user_error(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``; its ``ValueError`` (``"param: message"``) is a 400 naming the parameter."""
+def _user_error(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``; its ``ValueError`` (``"param: message"``) is a 400 naming the parameter."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except ValueError as e:
         raise oa.ApiError(400, str(e), param=str(e).partition(":")[0].partition("[")[0] or None) from None
 
@@ -265,24 +265,22 @@ def _sampling(
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            seed=req.seed,
-            stop=tuple(req.stop),
-            ignore_eos=bool(req.ignore_eos),
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            min_tokens=min(req.min_tokens or 0, max_tokens),
-            logprobs=logprobs,
-            prompt_logprobs=not chat and bool(req.echo) and logprobs is not None,
-            grammar=grammar,
-        )
-    except ValueError as e:
-        raise oa.ApiError(400, str(e), param=str(e).partition(":")[0] or None) from None
+    return _user_error(
+        SamplingParams,
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=tuple(req.stop),
+        ignore_eos=bool(req.ignore_eos),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=min(req.min_tokens or 0, max_tokens),
+        logprobs=logprobs,
+        prompt_logprobs=not chat and bool(req.echo) and logprobs is not None,
+        grammar=grammar,
+    )
 
 
 def _choices(params: SamplingParams, n: int | None) -> list[SamplingParams]:

@@ -71,21 +71,24 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     return path.resolve()
 
 
-def torch_model_for(cluster_model: str, given: str | None) -> str:
-    """The weights the torch backend serves: ``given`` (``--model``), else the cluster's model when it
-    is a name this module builds or a model directory; ``ValueError`` listing what it runs otherwise.
+def torch_model_for(model: ModelSpec, given: str | None) -> str:
+    """The weights the torch backend serves: ``given`` (``--model``), else the directory the cluster's
+    model was measured from (issue 29), else its name when this module builds it; ``ValueError`` listing
+    what it runs otherwise.
 
-    >>> torch_model_for("smollm2-135m", None), torch_model_for("llama-2-7b", "/models/x")
-    ('smollm2-135m', '/models/x')
+    >>> torch_model_for(ModelSpec("smollm2-135m", 30, 0.01, 0.001), None)
+    'smollm2-135m'
+    >>> torch_model_for(ModelSpec("llama-2-7b", 32, 0.4, 0.03), "/models/x")
+    '/models/x'
     """
     if given is not None:
         return given
-    if (Path(cluster_model) / "config.json").is_file():  # measured from its directory (issue 29)
-        return cluster_model
-    if cluster_model.lower() in BUILDERS:
-        return cluster_model.lower()
+    if model.measured_from is not None:
+        return model.measured_from
+    if model.name.lower() in BUILDERS:
+        return model.name.lower()
     raise ValueError(
-        f"model: the torch backend needs --model: the cluster's model {cluster_model!r} is not one it runs "
+        f"model: the torch backend needs --model: the cluster's model {model.name!r} is not one it runs "
         f"by name ({', '.join(BUILDERS)}); give one of those or a local Hugging Face directory"
     )
 

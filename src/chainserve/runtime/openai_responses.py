@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .requests import Finished, TokenLogprob
-from .tools import ToolCall, parse_calls
+from .tools import ToolCall, finish_reason, parse_calls
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -115,7 +115,7 @@ def completion_response(
                 content, calls = parse_calls(f.text, tool_names)
                 if calls:
                     message = {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}
-                    reason = "tool_calls" if f.finish_reason == "stop" else f.finish_reason
+                    reason = finish_reason(f.finish_reason, calls)
             choice = {"index": i, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": i, "text": (echo.text if echo else "") + f.text, "logprobs": logprobs}

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from . import openai_responses as out
 from .openai_schema import ApiError, error_body
 from .requests import Engine, Finished, Overloaded, SamplingParams, TokenEvent
-from .tools import CallStream, ToolUse
+from .tools import CallStream, ToolUse, finish_reason
 
 T = TypeVar("T")
 
@@ -248,7 +248,7 @@ class Answer:
                         for k, call in enumerate(made):
                             for delta in out.tool_call_deltas(k, call):
                                 yield self._chunk(index, tool_calls=[delta])
-                        reason = "tool_calls" if made and reason == "stop" else reason
+                        reason = finish_reason(reason, made)
                     yield self._chunk(index, {"chainserve": out.route(event)}, finish_reason=reason)
                     if len(finished) == len(self.jobs):
                         break

@@ -162,10 +162,7 @@ class Service:
         problem = self.layout.problem
         model = problem.model
         self.max_tokens = config.max_tokens or model.max_tokens or DEFAULT_MAX_TOKENS
-        if config.backend == "torch":  # a measured model's directory is the one it serves
-            self.model = torch_model_for(model.measured_from or model.name, config.model)
-        else:
-            self.model = config.model
+        self.model = torch_model_for(model, config.model) if config.backend == "torch" else config.model
         self.specs = self._specs(self.layout)
         names = {spec.name for spec in self.specs}
         for option, values in (

@@ -275,6 +275,16 @@ def parse_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[Too
     return content or None, calls
 
 
+def finish_reason(reason: str, calls: Sequence[ToolCall]) -> str:
+    """An answer's finish reason once its calls are read: ``tool_calls`` when it made some and ended by
+    itself; ``length`` stays (cut off after its whole calls).
+
+    >>> finish_reason("stop", [ToolCall("c", "f", "{}")]), finish_reason("length", [ToolCall("c", "f", "{}")])
+    ('tool_calls', 'length')
+    """
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def _call(body: str, names: tuple[str, ...]) -> ToolCall | None:
     try:
         obj = json.loads(body)
