@@ -1,7 +1,7 @@
 """A zoo of tiny random decoder models, one per architecture family, as local Hugging Face directories.
 
 ``build_family(name, out)`` writes ``config.json``, ``model.safetensors``, ``generation_config.json`` and a
-byte-level BPE tokenizer (the one :func:`~chainserve.runtime.models.build_tiny_random` trains, shared by
+byte-level BPE tokenizer (trained like :func:`~chainserve.runtime.models.build_tiny_random`'s, shared by
 every family) into ``out``: 6 layers (spans of 2+2+2), hidden 64, random weights with std 0.2 so that
 greedy tokens vary. Built from transformers' own config classes, never the hub; deterministic per seed.
 Test support for issue 29 (a model is a directory); torch and transformers are imported only when building.
