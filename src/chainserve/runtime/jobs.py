@@ -196,7 +196,7 @@ async def run_route(
             reason = "stop"
             break
         if not last:
-            hidden = head.embed([token])
+            hidden = head.embed([token], position)
     times, now = run.times, clock()
     if times.first_token_at is None:  # echo alone: the prompt's scores are the first answer
         times.first_token_at = now

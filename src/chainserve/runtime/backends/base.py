@@ -160,8 +160,9 @@ class ModelHead(Protocol):
         turn opened (:mod:`..tools`)."""
         ...
 
-    def embed(self, token_ids: Sequence[int]) -> WireTensor:
-        """Hidden states entering block 1 for these tokens: [1, len(token_ids), hidden_size]."""
+    def embed(self, token_ids: Sequence[int], position: int = 0) -> WireTensor:
+        """Hidden states entering block 1 for these tokens, the first at ``position`` (learned position
+        embeddings depend on it): [1, len(token_ids), hidden_size]."""
         ...
 
     def logits(self, hiddens: Sequence[WireTensor], num_positions: Sequence[int] | None = None) -> np.ndarray:

@@ -142,7 +142,7 @@ class EmulatedHead:
         text = " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in fallback_messages(messages, tools))
         return self.encode(text + " <|assistant|>")
 
-    def embed(self, token_ids: Sequence[int]) -> WireTensor:
+    def embed(self, token_ids: Sequence[int], position: int = 0) -> WireTensor:
         return WireTensor("int32", (1, len(token_ids), 1), np.asarray(token_ids, dtype=np.int32).tobytes())
 
     def greedy_text(self, prompt: str, max_tokens: int) -> str:

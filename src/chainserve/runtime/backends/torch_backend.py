@@ -1,20 +1,24 @@
-"""Torch backend of a block server (paper §4.2): real Llama blocks of one span, KV cache in a fixed arena.
+"""Torch backend of a block server (paper §4.2): real blocks of one span of any decoder-only causal LM
+that transformers ships (issue 29), KV cache in a fixed arena.
 
-:class:`TorchSpan` builds ``LlamaDecoderLayer`` only for its span (global 1-based block b is HF layer
-b − 1 and local layer b − ``info.first_block``) and loads only those weights, on its device (``cpu``,
-``cuda:N``; :mod:`.devices`). The KV memory is one tensor allocated at construction,
-``[num_block_slots, 2 (K, V), kv_heads, max_tokens, head_dim]``; a block-slot is one block's K and V of
-one session (s_c).
+:class:`TorchSpan` cuts its blocks from the model's own classes (:mod:`.hf_parts`: the whole model
+built on the meta device, only the span's layers loaded, global 1-based block b = layer b − 1 keeping
+its index) and runs them as the model's own forward would: the base model's rotary module (one per
+layer type where the family has several, Gemma 3), ALiBi where the layers take it (BLOOM, Falcon-RW),
+a mask per layer (full or sliding window) in the format of the model's attention implementation
+(boolean for sdpa, additive for eager: Gemma 2 softcapping and gpt-oss sinks run eager), and each layer
+called with the keyword arguments its ``forward`` accepts. The KV memory is allocated once at
+construction in the measured shapes of one block's cache per token (:class:`~.hf_parts.KvShape`):
+keys ``[num_block_slots, k_heads, max_tokens, k_dim]`` and values likewise; a block-slot is one
+block's K and V of one session (s_c). ``weights="int8"`` quantizes the span's linear layers with
+torchao (weight-only int8; compute and cache stay in ``dtype``).
 
 A server's iteration (:meth:`TorchSpan.forward`, issue 17) runs, in a worker thread so the server's
 event loop keeps receiving: every decode step (one new token) of sessions entering at the same block
 in **one** batched forward, and each prefill chunk in its own. The batch's :class:`ArenaCache` writes
 each row's new K/V at its own absolute positions into its own block-slots and returns the rows' cached
-K/V gathered up to the longest, with a boolean mask that hides each row's padding (ragged positions).
-
-Masking of one session's q > 1 new tokens: at position 0 plain causal (sdpa's ``is_causal``); at
-position p > 0 (replay, chunked prefill) an explicit mask — sdpa's ``is_causal`` with more keys than
-queries would *drop* the cached keys.
+K/V gathered up to the longest, with a mask that hides each row's padding (ragged positions) and what
+lies outside a sliding window.
 
 :class:`~.torch_head.TorchHead` (the orchestrator's half) is re-exported here.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,46 +35,62 @@ from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
-from chainserve.runtime.backends.torch_common import FROM_WIRE, load_config, load_tensors, torch_to_wire, wire_to_torch
+from chainserve.runtime.backends.hf_parts import (
+    check_supported,
+    dry_run,
+    layer_list,
+    layer_windows,
+    load_config,
+    load_parts,
+    skeleton,
+)
+from chainserve.runtime.backends.torch_common import FROM_WIRE, torch_to_wire, wire_to_torch
 from chainserve.runtime.backends.torch_head import TorchHead
 
 __all__ = ["ArenaCache", "TorchHead", "TorchSpan"]
 
-#: The layer's cache keyword: ``cache`` from transformers 5.24, ``past_key_values`` before.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+#: What a layer's ``forward`` may call its cache, newest first.
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
+#: Weight formats a span runs (issue 29): a float dtype, or int8 weight-only (torchao).
+WEIGHTS = ("fp32", "bf16", "fp16", "int8")
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Families whose base model also folds ALiBi (÷ √head_dim) into the additive mask.
+ALIBI_IN_MASK = frozenset({"falcon"})
 
 
 class ArenaCache(Cache):
     """A transformers ``Cache`` over the arena for one forward of B rows (sessions) of q new tokens
-    each: local layer ``i`` of row r uses block-slot ``slots[r, i − offset]``; ``update`` writes row r's
-    positions ``positions[r]..positions[r]+q−1`` and returns every row's K/V for ``0..length−1``
-    (``length`` = the longest row's end; one session: views, no copy)."""
+    each: layer ``i`` (global index) of row r uses block-slot ``slots[r, i − first_layer]``; ``update``
+    writes row r's positions ``positions[r]..positions[r]+q−1`` and returns every row's K/V for
+    ``0..length−1`` (``length`` = the longest row's end; one session: views, no copy)."""
 
-    def __init__(self, arena: torch.Tensor, slots: torch.Tensor, offset: int, positions: torch.Tensor, length: int):
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, first_layer: int,
+        positions: torch.Tensor, length: int,
+    ):  # fmt: skip
         try:
             super().__init__(layers=[])
         except TypeError:  # transformers before 5.x took no layers
             super().__init__()
-        self.arena, self.slots, self.offset, self.positions, self.length = arena, slots, offset, positions, length
+        self.keys, self.values, self.slots, self.first_layer = keys, values, slots, first_layer
+        self.positions, self.length = positions, length
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = self.slots[:, layer_idx - self.offset]
+        slots = self.slots[:, layer_idx - self.first_layer]
         rows, q = key_states.shape[0], key_states.shape[2]
         if rows == 1:
-            kv, start = self.arena[slots[0]], int(self.positions[0])
-            kv[0, :, start : start + q] = key_states[0]
-            kv[1, :, start : start + q] = value_states[0]
-            return kv[0, :, : self.length].unsqueeze(0), kv[1, :, : self.length].unsqueeze(0)
-        # q = 1 per row: arena[slot_r, K|V, :, position_r] = row r's new K|V
-        self.arena[slots, 0, :, self.positions] = key_states[:, :, 0]
-        self.arena[slots, 1, :, self.positions] = value_states[:, :, 0]
-        kv = self.arena[slots, :, :, : self.length]  # gathered: [rows, 2, kv_heads, length, head_dim]
-        return kv[:, 0], kv[:, 1]
+            k, v, start = self.keys[slots[0]], self.values[slots[0]], int(self.positions[0])
+            k[:, start : start + q] = key_states[0]
+            v[:, start : start + q] = value_states[0]
+            return k[:, : self.length].unsqueeze(0), v[:, : self.length].unsqueeze(0)
+        # q = 1 per row: keys[slot_r, :, position_r] = row r's new K (V likewise)
+        self.keys[slots, :, self.positions] = key_states[:, :, 0]
+        self.values[slots, :, self.positions] = value_states[:, :, 0]
+        return self.keys[slots, :, : self.length], self.values[slots, :, : self.length]  # gathered
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions.min())
@@ -77,7 +98,8 @@ class ArenaCache(Cache):
 
 class TorchSpan:
     """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
-    on ``device`` in ``dtype`` (weights, arena and compute)."""
+    on ``device``, computing and caching in ``dtype``; ``weights``: the format its weights are held in
+    (one of :data:`WEIGHTS`; ``None``: ``dtype``)."""
 
     #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
     batches = True
@@ -88,52 +110,59 @@ class TorchSpan:
         info: SpanInfo,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        weights: str | None = None,
     ):
         config = load_config(model_dir)
-        if config.model_type != "llama":
-            raise ValueError(f"model_dir: {model_dir} holds a {config.model_type!r} model; TorchSpan runs Llama blocks")
-        if info.first_block < 1 or info.last_block > config.num_hidden_layers or info.num_blocks < 1:
+        text = config.get_text_config()
+        if weights is not None and weights not in WEIGHTS:
+            raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+        dtype = WEIGHT_DTYPES.get(weights or "", dtype)
+        if info.first_block < 1 or info.last_block > text.num_hidden_layers or info.num_blocks < 1:
             raise ValueError(
                 f"info: blocks {info.first_block}..{info.last_block} are not within the model's "
-                f"1..{config.num_hidden_layers}"
+                f"1..{text.num_hidden_layers}"
             )
         if info.num_block_slots < 1 or info.max_tokens < 1:
             raise ValueError(f"info: need num_block_slots >= 1 and max_tokens >= 1, got {info}")
-        if info.max_tokens > config.max_position_embeddings:
-            raise ValueError(
-                f"info.max_tokens: {info.max_tokens} exceeds the model's "
-                f"max_position_embeddings {config.max_position_embeddings}"
-            )
+        limit = getattr(text, "max_position_embeddings", None)
+        if limit is not None and info.max_tokens > limit:
+            raise ValueError(f"info.max_tokens: {info.max_tokens} exceeds the model's max_position_embeddings {limit}")
         if dtype not in FROM_WIRE.values() or not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not float32, float16 or bfloat16")
-        self.info, self.dtype, self.config, self.device = info, dtype, config, torch.device(device)
-        self.hidden_size = config.hidden_size
-        self.layers = self._load_layers(Path(model_dir))
-        self.rotary = LlamaRotaryEmbedding(config).to(self.device)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        check_supported(config, dtype)
+        self.info, self.dtype, self.config, self.device = info, dtype, text, torch.device(device)
+        self.hidden_size = text.hidden_size
+        model = skeleton(config, dtype)
+        first = info.first_block - 1  # the span's first layer, 0-based global index
+        load_parts(model, Path(model_dir), range(first, info.last_block), dtype, self.device)
+        _, layers = layer_list(model)
+        self.layers = torch.nn.ModuleList(layers[first : info.last_block]).to(self.device).eval()
+        if weights == "int8":
+            _quantize_int8(self.layers)
+        base = model.base_model
+        self.rotary = getattr(base, "rotary_emb", None)
+        if self.rotary is not None:
+            self.rotary = self.rotary.to(self.device)
+        self.alibi = None
+        if "alibi" in _kwargs_of(self.layers[0]) and getattr(text, "alibi", True):  # Falcon: alibi or rotary
+            self.alibi = _alibi_builder(base)
+        self.alibi_in_mask = self.alibi is not None and text.model_type in ALIBI_IN_MASK
+        self.attention = "eager" if self.alibi_in_mask else model.config._attn_implementation
+        self.num_heads = text.num_attention_heads
+        windows = layer_windows(text)
+        types = getattr(text, "layer_types", None)
+        self.windows = windows[first : info.last_block]
+        self.types = list(types[first : info.last_block]) if types else [None] * info.num_blocks
+        self.calls = [_call_plan(layer) for layer in self.layers]
+        shape = dry_run(config).kv[first]
         # Bounded KV memory: allocated once, never grows (s_c per block-slot).
-        self.arena = torch.zeros(
-            info.num_block_slots, 2, config.num_key_value_heads, info.max_tokens, head_dim, dtype=dtype,
-            device=self.device,
-        )  # fmt: skip
+        self.keys = torch.zeros(
+            info.num_block_slots, shape.k_heads, info.max_tokens, shape.k_dim, dtype=dtype, device=self.device
+        )
+        self.values = torch.zeros(
+            info.num_block_slots, shape.v_heads, info.max_tokens, shape.v_dim, dtype=dtype, device=self.device
+        )
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="span")
-
-    def _load_layers(self, model_dir: Path) -> torch.nn.ModuleList:
-        first, last = self.info.first_block, self.info.last_block
-
-        def rename(key: str) -> str | None:
-            parts = key.split(".", 3)  # model.layers.{g}.rest
-            if len(parts) == 4 and parts[:2] == ["model", "layers"] and first <= int(parts[2]) + 1 <= last:
-                return f"{int(parts[2]) + 1 - first}.{parts[3]}"
-            return None
-
-        with torch.device("meta"):
-            layers = torch.nn.ModuleList(
-                LlamaDecoderLayer(self.config, layer_idx=i) for i in range(self.info.num_blocks)
-            )
-        weights = {k: v.to(self.device) for k, v in load_tensors(model_dir, rename, self.dtype).items()}
-        layers.load_state_dict(weights, strict=True, assign=True)
-        return layers.eval()
 
     async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
         """See :meth:`~.base.SpanBackend.forward`: one iteration, in the worker thread."""
@@ -178,21 +207,59 @@ class TorchSpan:
             h = hidden.to(dev, self.dtype)
             starts = torch.tensor(list(positions), device=dev)
             pos = starts[:, None] + torch.arange(q, device=dev)[None, :]
-            cos_sin = self.rotary(h, pos)
             length = int(starts.max()) + q
-            mask = None
-            if rows > 1:  # each row sees its own cached positions (ragged lengths)
-                mask = (torch.arange(length, device=dev)[None, :] <= starts[:, None])[:, None, None, :]
-            elif q > 1 and positions[0] > 0:  # cached prefix visible to all, causal among the new tokens
-                mask = torch.ones(q, length, dtype=torch.bool, device=dev).tril(diagonal=positions[0])[None, None]
+            alibi = None
+            if self.alibi is not None:
+                alibi = self.alibi(torch.ones(rows, length, device=dev), self.num_heads, self.dtype)
+            masks = {w: self._mask(starts, q, length, w, alibi) for w in set(self.windows[offset:])}
+            rotary = self._rotary(h, pos, set(self.types[offset:]))
             table = torch.tensor([list(s) for s in slots], device=dev)
-            cache = ArenaCache(self.arena, table, offset, starts, length)
-            for layer in self.layers[offset:]:
-                h = layer(
-                    h, attention_mask=mask, position_ids=pos, use_cache=True, position_embeddings=cos_sin,
-                    **{CACHE_KWARG: cache},
-                )  # fmt: skip
+            cache = ArenaCache(self.keys, self.values, table, first_block - 1, starts, length)
+            for i in range(offset, self.info.num_blocks):
+                given = {
+                    "attention_mask": masks[self.windows[i]],
+                    "position_ids": pos,
+                    "position_embeddings": rotary.get(self.types[i]),
+                    "use_cache": True,
+                    "alibi": alibi,
+                    "cache": cache,
+                }
+                out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
+                h = out[0] if isinstance(out, tuple) else out
         return h
+
+    def _mask(
+        self, starts: torch.Tensor, q: int, length: int, window: int | None, alibi: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Row r's query i (position starts[r] + i) sees keys k ≤ its position (and > position − window);
+        ``None`` where sdpa's own causal mask is exact (one row from position 0, no window). Falcon's
+        ALiBi is the additive mask's value where a key is seen (as its base model builds it)."""
+        if self.attention == "sdpa" and window is None and len(starts) == 1 and int(starts[0]) == 0:
+            return None
+        at = starts[:, None, None] + torch.arange(q, device=self.device)[None, :, None]  # [B, q, 1]
+        keys = torch.arange(length, device=self.device)[None, None, :]
+        seen = keys <= at
+        if window is not None:
+            seen &= keys > at - window
+        seen = seen[:, None]  # [B, 1, q, length]
+        if self.attention == "sdpa":
+            return seen
+        if self.alibi_in_mask:
+            head_dim = self.hidden_size // self.num_heads
+            bias = alibi.reshape(len(starts), -1, 1, length) / head_dim**0.5
+            return bias.expand(-1, -1, q, -1).masked_fill(~seen, torch.finfo(self.dtype).min)
+        return torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~seen, torch.finfo(self.dtype).min
+        )
+
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor, types: set[str | None]) -> dict:
+        """The base model's rotary embedding (cos, sin) at ``pos``, per layer type where it takes one."""
+        if self.rotary is None:
+            return {}
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+            return {t: self.rotary(h, pos, layer_type=t) for t in types}
+        both = self.rotary(h, pos)
+        return dict.fromkeys(types, both)
 
     def _check(self, hidden: torch.Tensor, first_block: int, slots: Sequence[int], position: int) -> int:
         info = self.info
@@ -214,4 +281,37 @@ class TorchSpan:
         """Drop the weights and the arena; stop the worker thread."""
         self._worker.shutdown(wait=True)
         self.layers = None
-        self.arena = None
+        self.keys = self.values = None
+
+
+def _kwargs_of(layer: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(layer.forward).parameters)
+
+
+def _call_plan(layer: torch.nn.Module) -> list[tuple[str, str]]:
+    """(keyword, what it gets) for each input this layer's ``forward`` names: the mask, positions,
+    rotary embeddings, ALiBi, ``use_cache`` and its cache by whichever name it uses."""
+    names = _kwargs_of(layer)
+    plan = [(k, k) for k in ("attention_mask", "position_ids", "position_embeddings", "use_cache", "alibi") if k in names]
+    cache = next((k for k in CACHE_KWARGS if k in names), None)
+    if cache is None:
+        raise ValueError(f"model: {type(layer).__name__}.forward takes no cache argument")
+    return [*plan, (cache, "cache")]
+
+
+def _alibi_builder(base: torch.nn.Module):
+    """The family's own ALiBi builder, ``(mask [B, length], num_heads, dtype) -> [B·heads, 1, length]``."""
+    build = getattr(base, "build_alibi_tensor", None) or getattr(sys.modules[type(base).__module__], "build_alibi_tensor", None)
+    if build is None:
+        raise ValueError(f"model: {type(base).__name__}'s layers take ALiBi but it has no build_alibi_tensor")
+    return build
+
+
+def _quantize_int8(layers: torch.nn.Module) -> None:
+    """torchao weight-only int8 on every ``nn.Linear`` (one scale per output row)."""
+    from chainserve.extras import require
+
+    require("torch", "int8 weights (torchao)")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(layers, Int8WeightOnlyConfig())
