@@ -16,10 +16,12 @@ def make_span(
     step_s_per_block: float,
     device: str = "auto",
     step_cost: StepCost | None = None,
+    weights: str | None = None,
 ) -> tuple[SpanBackend, str]:
     """The span backend of a block server and the served model's id; ``device``: where torch computes
     (:mod:`.devices`; the emulated backend has none); ``step_cost``: the emulated backend batches and
-    sleeps it (issue 18)."""
+    sleeps it (issue 18); ``weights``: the format torch holds the blocks in (issue 29; ``None``: the
+    model's; the emulated backend ignores it)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedSpan
 
@@ -36,7 +38,8 @@ def make_span(
         if model is None:
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
         path, where = resolve_model(model), resolve_device(device)
-        return TorchSpan(path, info, default_dtype(where), where), path.name
+        formats = {} if weights is None else {"weights": weights}
+        return TorchSpan(path, info, default_dtype(where), where, **formats), path.name
     raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
 
