@@ -25,9 +25,18 @@ EPS = 1e-9
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def toy(memories, taus, num_blocks, s_m=1.0, s_c=1.0, rate=0.1, tau_c=0.0, prompt=1, output=1):
+def toy(memories, taus, num_blocks, s_m=1.0, s_c=1.0, rate=0.1, tau_c=0.0, prompt=1, output=1, sizes=None):
+    """``sizes``: each server's own (s_m,j, s_c,j), ``None`` for the model's (issue 29)."""
+    own = sizes or [None] * len(memories)
     servers = tuple(
-        Server(f"s{i}", float(m), float(t), tau_c) for i, (m, t) in enumerate(zip(memories, taus, strict=True))
+        Server(
+            f"s{i}",
+            float(m),
+            float(t),
+            tau_c,
+            **({} if o is None else {"block_size_gb": o[0], "cache_size_gb": o[1]}),
+        )
+        for i, (m, t, o) in enumerate(zip(memories, taus, own, strict=True))
     )
     return Problem(
         servers, ModelSpec("toy", num_blocks, s_m, s_c), Workload(rate, prompt_tokens=prompt, output_tokens=output)
@@ -41,6 +50,7 @@ def problems(draw):
     s_c = draw(st.sampled_from([0.25, 0.5, 1.0]))
     memories = draw(st.lists(st.integers(2, 4 * num_blocks), min_size=num_servers, max_size=num_servers))
     taus = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=num_servers, max_size=num_servers))
+    own = st.one_of(st.none(), st.tuples(st.sampled_from([0.5, 1.0, 2.0]), st.sampled_from([0.25, 0.5, 1.0])))
     return toy(
         memories,
         taus,
@@ -49,6 +59,7 @@ def problems(draw):
         rate=draw(st.sampled_from([0.05, 0.5, 2.0])),
         tau_c=draw(st.sampled_from([0.0, 0.3])),
         output=draw(st.integers(1, 3)),
+        sizes=draw(st.lists(own, min_size=num_servers, max_size=num_servers)),
     )
 
 
@@ -59,7 +70,8 @@ def assert_valid_layout(layout: PathPlacement) -> None:
     for span in layout.placement.spans:
         assert 1 <= span.start_block <= span.end_block <= L
         covered.update(range(span.start_block, span.end_block + 1))
-        used = problem.model.block_size_gb * span.num_blocks + layout.cache_gb[span.server]
+        s_m = problem.servers[span.server].block_size_gb or problem.model.block_size_gb
+        used = s_m * span.num_blocks + layout.cache_gb[span.server]
         assert used <= problem.servers[span.server].memory_gb + EPS
     assert covered == set(range(1, L + 1))
     assert len({s.server for s in layout.placement.spans}) == len(layout.placement.spans)
@@ -337,7 +349,7 @@ class Driver:
         self.cancelled: set[int] = set()
         self.restarts = 0
         problem = router.problem
-        self.s_c = problem.model.cache_size_gb
+        self.s_c = [s.cache_size_gb or problem.model.cache_size_gb for s in problem.servers]
         self.pool = router.pool.capacity_gb
 
     def _start(self, starts):
@@ -351,7 +363,7 @@ class Driver:
         used = defaultdict(float)
         for hops in self.in_service.values():
             for hop in hops:
-                used[hop.server] += self.s_c * hop.num_blocks
+                used[hop.server] += self.s_c[hop.server] * hop.num_blocks
         for server, gb in used.items():
             assert gb <= self.pool[server] + EPS and self.router.alive[server]
         for server, pool in enumerate(self.pool):  # the router never goes over a pool

@@ -314,3 +314,16 @@ def test_huge_server_lists(tmp_path):
     raw = json.loads(RAW.read_text())
     raw["servers"] = raw["servers"] * 300
     assert error_field(cli("plan", write(tmp_path, raw, "r.json"))) == "servers"
+
+
+def test_block_server_weights():
+    """``block-server --weights`` (issue 29): an unknown format is a one-line error naming the option; the
+    emulated backend takes and ignores a known one."""
+    from chainserve.runtime.backends.base import SpanInfo
+    from chainserve.runtime.backends.factory import make_span
+
+    args = ["block-server", "--id", "t", "--first-block", "1", "--num-blocks", "2", "--block-slots", "2"]
+    result = CliRunner().invoke(app, [*args, "--weights", "int4"])
+    assert result.exit_code == 2 and result.output.startswith("error: weights: unknown weight format 'int4'")
+    _, model_id = make_span("emulated", SpanInfo(1, 2, 2, 16), None, 0.0, weights="int8")
+    assert model_id == "emulated"

@@ -174,3 +174,61 @@ def test_model_no_server_set_can_hold(tmp_path):
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: model: bloom-176b/nf4 needs 70 blocks") and "at most 22" in line
+
+
+def test_weights_per_server_in_json_table_and_export(tmp_path):
+    """issue 29: each server's ``weights`` and sizes, the ``model`` object, a weights column, and the
+    PETALS flags of each server's format."""
+    cluster = tmp_path / "formats.yaml"
+    cluster.write_text(
+        "model: llama-2-7b\nworkload: {arrival_rate: 1.0, prompt_tokens: 100, output_tokens: 10}\nservers:\n"
+        "  - {gpu: t4, name: q, weights: int8, rtt_ms: 10}\n  - {gpu: t4, name: f, rtt_ms: 10}\n"
+        "  - {gpu: t4, name: h, weights: fp32, rtt_ms: 10}\n",
+        encoding="utf-8",
+    )
+    data = json.loads(run(str(cluster), "--json", "--export", "petals").stdout)
+    problem = load_cluster(cluster)
+    model = data["model"]
+    assert model["name"] == "llama-2-7b/fp16" and model["dtype"] == "fp16" and model["measured"] is False
+    assert (model["num_blocks"], model["block_size_gb"]) == (32, problem.model.block_size_gb)
+    assert model["kv_bytes_per_token_per_block"] == pytest.approx(2 * 4096 * 2)  # K and V, 16-bit
+    index = {s.name: j for j, s in enumerate(problem.servers)}
+    flags = {"int8": "--quant_type int8", "fp16": "--torch_dtype float16", "fp32": "--torch_dtype float32"}
+    for server, line in zip(data["servers"], data["export"]["petals"], strict=True):
+        j = index[server["name"]]
+        assert server["weights"] == {"q": "int8", "f": "fp16", "h": "fp32"}[server["name"]]
+        assert server["block_size_gb"] == problem.block_size_gb(j) and server["cache_size_gb"] == problem.cache_size_gb(
+            j
+        )
+        assert flags[server["weights"]] in line
+    table = run(str(cluster)).stdout
+    assert "weights" in table and "int8" in table
+    assert "weights" not in run(TESTBED).stdout.split("Chains")[0]
+
+
+def test_plan_file_keeps_weights_and_block_servers_get_them(tmp_path):
+    """A plan file round-trips each server's format and the model's sizes per format; the launcher
+    passes ``--weights`` to that server's block server, and its arena counts slots of its own s_c,j."""
+    from chainserve.plan.plan_file import layout_from_dict, layout_to_dict
+    from chainserve.plan.types import reserved_block_jobs
+    from chainserve.runtime.launch.local import BackendArgs, block_server_argv
+    from chainserve.runtime.layout import server_specs
+
+    cluster = tmp_path / "formats.yaml"
+    cluster.write_text(
+        "model: {name: smollm2-135m, dtype: fp32, max_tokens: 512}\nworkload: {arrival_rate: 1.0}\nservers:\n"
+        "  - {name: q, memory_gb: 0.3, tau_p_s: 0.1, rtt_ms: 1, weights: bf16}\n"
+        "  - {name: f, memory_gb: 0.5, tau_p_s: 0.2, rtt_ms: 1}\n",
+        encoding="utf-8",
+    )
+    plan = search_c(load_cluster(cluster))
+    back = layout_from_dict(json.loads(json.dumps(layout_to_dict(plan))))
+    assert back == plan and back.problem.model.format_sizes == plan.problem.model.format_sizes
+    specs = {s.name: s for s in server_specs(back, 512)}
+    slots = reserved_block_jobs(back)
+    for spec in specs.values():
+        assert spec.info.num_block_slots == slots[spec.index]
+        argv = block_server_argv(spec, BackendArgs("torch", "smollm2-135m"), 1.0, 0.0)
+        assert ("--weights" in argv) == (spec.weights is not None)
+    argv = block_server_argv(specs["q"], BackendArgs("torch", "smollm2-135m"), 1.0, 0.0)  # q: fastest per GB
+    assert argv[argv.index("--weights") + 1] == "bf16"

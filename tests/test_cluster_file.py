@@ -10,6 +10,7 @@ import pytest
 
 from chainserve.model import catalogue
 from chainserve.model.cluster_file import load_cluster, problem_from_dict
+from chainserve.model.formats import FormatSizes
 from chainserve.model.presets import paper_sim_cluster, paper_testbed
 from chainserve.model.spec import ModelSpec, SpecError
 
@@ -287,3 +288,92 @@ def test_malformed_files(tmp_path, text, name, words):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="no such file"):
         load_cluster(tmp_path / "absent.yaml")
+
+
+# --- weight formats per server (issue 29, item 3) -------------------------------------------------
+
+
+def test_weights_set_each_servers_sizes(tmp_path):
+    """A server's ``weights`` gives its s_m,j and s_c,j (the catalogue's cache is 16-bit in every
+    format) and its derived τ^p reads s_m,j; servers without it keep the model's sizes (``None``)."""
+    text = BASE + "  - {gpu: a100-80gb, rtt_ms: 10}\n  - {gpu: a100-80gb, name: q, rtt_ms: 10, weights: int8}\n"
+    p = load_cluster(write(tmp_path, text))
+    arch, gpu = catalogue.model_arch("llama-2-7b"), catalogue.gpu_profile("a100-80gb")
+    plain, quantised = p.servers
+    assert (plain.weights, plain.block_size_gb, plain.cache_size_gb) == (None, None, None)
+    assert quantised.weights == "int8"
+    assert p.block_sizes == (arch.block_size_gb("fp16"), arch.block_size_gb("int8"))
+    assert p.block_sizes[1] == p.block_sizes[0] / 2 and p.cache_sizes == (p.model.cache_size_gb,) * 2
+    assert quantised.tau_p_s == catalogue.tau_p_s(gpu, arch, arch.block_size_gb("int8"), 100, 10)
+    assert plain.tau_p_s == catalogue.tau_p_s(gpu, arch, p.model.block_size_gb, 100, 10)
+
+
+def test_weights_on_raw_and_measured_models(tmp_path):
+    """A raw model scales from its ``dtype`` (int8: a byte per parameter, KV in the model's dtype; fp32:
+    twice the bytes and a 32-bit cache); a measured model's ``format_sizes`` are taken as they are."""
+    raw = {"num_blocks": 4, "block_size_gb": 2.0, "cache_size_gb": 0.5, "dtype": "bf16"}
+    data = {
+        "model": raw,
+        "workload": {"arrival_rate": 1.0},
+        "servers": [
+            {"name": "a", "memory_gb": 20, "tau_p_s": 0.1, "tau_c_s": 0.1, "weights": "int8"},
+            {"name": "b", "memory_gb": 20, "tau_p_s": 0.1, "tau_c_s": 0.1, "weights": "fp32"},
+        ],
+    }
+    p = problem_from_dict(data)
+    assert p.block_sizes == (1.0, 4.0) and p.cache_sizes == (0.5, 1.0)
+    measured = ModelSpec(
+        "m", 4, 2.0, 0.5, dtype="bf16", format_sizes=(FormatSizes("int8", 1.25, 0.5),)
+    )  # fmt: skip
+    assert measured.sizes_for("int8") == (1.25, 0.5) and measured.sizes_for("fp16") == (2.0, 0.5)
+    instance = {
+        "servers": [
+            {"server_id": 0, "memory_gb": 10, "tau_c": 0.1, "tau_p": 0.1, "block_size_gb": 0.7, "cache_size_gb": 0.2},
+            {"server_id": 1, "memory_gb": 10, "tau_c": 0.1, "tau_p": 0.1, "weights": "int8"},
+            {"server_id": 2, "memory_gb": 10, "tau_c": 0.1, "tau_p": 0.1},
+        ],
+        "num_blocks": 3, "block_size_gb": 1.0, "cache_size_gb": 0.25, "dtype": "fp16", "arrival_rate": 0.1,
+    }  # fmt: skip
+    p = problem_from_dict(instance)
+    assert p.block_sizes == (0.7, 0.5, 1.0) and p.cache_sizes == (0.2, 0.25, 0.25)
+    assert [s.weights for s in p.servers] == [None, "int8", None]
+
+
+def test_no_weights_keeps_the_models_sizes():
+    """Without any ``weights`` every server's s_m,j is the model's s_m (so plans are those of before),
+    and weights equal to the model's dtype change nothing either."""
+    base = load_cluster(EXAMPLES / "paper-testbed-llama2-13b.yaml")
+    assert all(s.weights is None and s.block_size_gb is None for s in base.servers)
+    assert base.block_sizes == (base.model.block_size_gb,) * base.num_servers
+    same = base.model.sizes_for(base.model.dtype)
+    assert same == (base.model.block_size_gb, base.model.cache_size_gb)
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "message"),
+    [
+        ("weights: int4", "servers[0].weights", "unknown weight format 'int4'"),
+        ("weights: nf4", "servers[0].weights", "known: fp32, bf16, fp16, int8"),
+        ("weights: 8", "servers[0].weights", "non-empty string"),
+        ("wieghts: int8", "servers[0].wieghts", "did you mean 'weights'"),
+    ],
+)
+def test_bad_weights_are_named(tmp_path, entry, field, message):
+    with pytest.raises(SpecError, match=re.escape(message)) as err:
+        load_cluster(write(tmp_path, BASE + f"  - {{gpu: t4, rtt_ms: 10, {entry}}}\n"))
+    assert err.value.field == field
+
+
+def test_weights_need_a_dtype_for_raw_sizes():
+    data = {
+        "model": {"num_blocks": 2, "block_size_gb": 1.0, "cache_size_gb": 0.5},
+        "workload": {"arrival_rate": 1.0},
+        "servers": [{"name": "a", "memory_gb": 20, "tau_p_s": 0.1, "tau_c_s": 0.1, "weights": "int8"}],
+    }
+    with pytest.raises(SpecError, match="does not say which dtype") as err:
+        problem_from_dict(data)
+    assert err.value.field == "servers[0].weights"
+    data["model"]["dtype"] = "fp8"
+    with pytest.raises(SpecError, match="unknown dtype 'fp8'") as err:
+        problem_from_dict(data)
+    assert err.value.field == "model.dtype"

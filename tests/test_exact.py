@@ -20,7 +20,8 @@ from chainserve.plan.types import Placement, Span, chain_time_s
 
 @st.composite
 def tiny_clusters(draw, max_servers: int = 3, max_blocks: int = 3) -> Problem:
-    """J ≤ 3, L ≤ 3, a few jobs per server at most (brute force stays cheap)."""
+    """J ≤ 3, L ≤ 3, a few jobs per server at most (brute force stays cheap); some servers hold
+    their blocks in another format (their own s_m,j and s_c,j, issue 29)."""
     num_blocks = draw(st.integers(1, max_blocks))
     cache_gb = draw(st.sampled_from((0.5, 1.0)))
     servers = tuple(
@@ -29,6 +30,8 @@ def tiny_clusters(draw, max_servers: int = 3, max_blocks: int = 3) -> Problem:
             draw(st.sampled_from((1.5, 2.0, 2.5, 3.0, 4.0))),
             draw(st.sampled_from((0.5, 1.0, 1.5, 2.0))),
             draw(st.sampled_from((0.0, 0.25, 1.0))),
+            block_size_gb=draw(st.sampled_from((None, 0.5, 1.0))),
+            cache_size_gb=draw(st.sampled_from((None, 0.5, 1.0))),
         )
         for j in range(draw(st.integers(1, max_servers)))
     )
@@ -53,9 +56,9 @@ def allocations(paths, room: dict[int, int]):
 
 def every_placement(problem: Problem):
     """All placements, no pruning: each server nothing or any span whose parameters fit."""
-    L, s_m = problem.model.num_blocks, problem.model.block_size_gb
+    L, s_m = problem.model.num_blocks, problem.block_sizes
     options = [
-        [None] + [Span(j, a, m) for m in range(1, L + 1) for a in range(1, L - m + 2) if s_m * m <= s.memory_gb]
+        [None] + [Span(j, a, m) for m in range(1, L + 1) for a in range(1, L - m + 2) if s_m[j] * m <= s.memory_gb]
         for j, s in enumerate(problem.servers)
     ]
     for choice in itertools.product(*options):

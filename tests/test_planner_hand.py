@@ -280,3 +280,49 @@ def test_bounds_no_overflow_at_c5000():
     bounds = response_time_bounds(arrival, rates, [1] * 5000)
     assert math.isfinite(bounds.lower_s) and math.isfinite(bounds.upper_s)
     assert 1 / max(rates) <= bounds.lower_s <= bounds.upper_s
+
+
+# --- a block size per server (issue 29: weight formats) -------------------------------------------
+
+
+def mixed_formats(memory_b: float = 10.0) -> Problem:
+    """L = 4, the model's s_m = 2, s_c = 1; server "q" holds its blocks in a format half the size
+    (s_m,q = 1, s_c,q = 0.5), server "f" in the model's. Both M = 10 (f: ``memory_b``), τ^c = 0."""
+    servers = (
+        Server("q", 10.0, 1.0, 0.0, weights="int8", block_size_gb=1.0, cache_size_gb=0.5),
+        Server("f", memory_b, 2.0, 0.0),
+    )
+    return Problem(servers, ModelSpec("toy", 4, 2.0, 1.0, dtype="fp16"), Workload(0.1, 0.7))
+
+
+def test_gbp_cr_reserves_with_each_servers_sizes():
+    # m_q(1) = ⌊10/(1 + 0.5)⌋ = 6 → 4 (L); m_f(1) = ⌊10/(2 + 1)⌋ = 3. With the model's sizes q too
+    # would hold only 3, and no server alone would cover 1..4.
+    p = mixed_formats()
+    assert p.block_sizes == (1.0, 2.0) and p.cache_sizes == (0.5, 1.0)
+    assert blocks_with_reservation(p, 1) == [4, 3]
+    assert blocks_with_reservation(p, 2) == [4, 2]  # q: ⌊10/2⌋ = 5 → 4; f: ⌊10/4⌋ = 2
+    placed = gbp_cr(p, 1)  # t̃: q 4/4 = 1, f 6/3 = 2; q closes a chain of rate 1/4 ≥ λ/ρ̄ = 0.143 and stops
+    assert [(s.server, s.start_block, s.num_blocks) for s in placed.placement.spans] == [(0, 1, 4)]
+    assert placed.num_chains == 1
+    # c_max = max(⌊(10 − 1)/0.5⌋, ⌊(10 − 2)/1⌋) = 18
+    assert max_reservation(p) == 18
+
+
+def test_gca_allocates_with_each_servers_sizes():
+    # q hosts 1..4 (4 GB of weights, 6 GB left, a job takes 0.5·4 = 2 GB): 3 jobs.
+    # f (M = 12) hosts 1..4 (8 GB, 4 GB left, a job takes 1·4 = 4 GB): 1 job.
+    p = mixed_formats(memory_b=12.0)
+    placement = Placement((Span(0, 1, 4), Span(1, 1, 4)), 4)
+    chains = gca(p, placement)
+    assert [(ch.servers, ch.service_time_s, ch.capacity) for ch in chains] == [((0,), 4.0, 3), ((1,), 8.0, 1)]
+    plan = plan_for_c(p, 1)[1]
+    plan.check()
+    full = search_c(p)
+    full.check()
+    free = full.free_memory_gb()
+    assert all(gb >= -1e-9 for gb in free.values())
+    # a two-hop chain: q runs 1..2 (s_m,q·2 = 2 GB), f runs 3..4 (4 GB); per job 0.5·2 = 1 GB on q
+    # (8 GB left: 8 jobs) and 1·2 = 2 GB on f (8 GB left: 4 jobs) → capacity 4
+    two = gca(p, Placement((Span(0, 1, 2), Span(1, 3, 2)), 4))
+    assert [(ch.servers, ch.capacity) for ch in two] == [((0, 1), 4)]

@@ -57,6 +57,14 @@ def test_tiny_spec_hand_checked(tmp_path):
     with safe_open(d / "model.safetensors", "pt") as f:  # the measurement counts the stored layer exactly
         assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.layers.0.")) == params
     assert model_spec_of(d, dtype="bf16", max_tokens=100).block_size_gb == pytest.approx(params * 2 / 1e9)
+    # every server weight format (issue 29): int8 holds the 7 Linear weights in a byte each plus 5 bytes per
+    # output row (q 64, k 32, v 32, o 64, gate 128, up 128, down 64 rows), the norms and the KV in fp32
+    sizes = {f.format: (f.block_size_gb, f.cache_size_gb) for f in spec.format_sizes}
+    assert list(sizes) == ["fp32", "bf16", "fp16", "int8"] and spec.dtype == "fp32"
+    assert sizes["fp32"] == (spec.block_size_gb, spec.cache_size_gb) == spec.sizes_for(None)
+    assert sizes["bf16"] == (params * 2 / 1e9, spec.cache_size_gb / 2) == sizes["fp16"]
+    rows = 64 + 32 + 32 + 64 + 128 + 128 + 64
+    assert sizes["int8"] == (((params - 2 * 64) + 2 * 64 * 4 + rows * 5) / 1e9, spec.cache_size_gb)
 
 
 def test_smollm2_spec_agrees_with_catalogue(tmp_path):

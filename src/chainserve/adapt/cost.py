@@ -14,7 +14,7 @@ horizon (beyond the paper; its §2.5 bounds price the plans).
   worse (its own fluid response grows faster). D is the drain time (the slowest old chain's
   mean service time T: old jobs finish where they started) for a *re-allocation* (same placement, new
   chains), plus the longest load for a *re-placement*: a server whose span changes loads the blocks it
-  did not hold, s_m × blocks ÷ the cluster's load bandwidth.
+  did not hold, s_m,j × blocks ÷ the cluster's load bandwidth.
 * Migration order: the servers of the fastest new chains first, so capacity comes back fastest first.
 """
 
@@ -69,7 +69,7 @@ def migration(current: Layout, new: Layout) -> tuple[tuple[int, float], ...]:
     """(server, seconds out of service to load its new span) for every server whose span changes, the
     servers of the fastest new chains first; () when the placement stays."""
     problem = new.problem
-    s_m, bandwidth = problem.model.block_size_gb, problem.load_bandwidth_gb_per_s
+    bandwidth = problem.load_bandwidth_gb_per_s
     rank: dict[int, int] = {}
     for k, chain in enumerate(sorted(new.chains, key=lambda ch: ch.service_time_s)):
         for server in chain.servers:
@@ -77,7 +77,8 @@ def migration(current: Layout, new: Layout) -> tuple[tuple[int, float], ...]:
     moved = [span for span in new.placement.spans if current.placement.span_of(span.server) != span]
     moved.sort(key=lambda span: (rank.get(span.server, len(rank)), span.server))
     return tuple(
-        (span.server, s_m * new_blocks(current.placement.span_of(span.server), span) / bandwidth) for span in moved
+        (j, problem.block_size_gb(j) * new_blocks(current.placement.span_of(j), span) / bandwidth)
+        for j, span in ((span.server, span) for span in moved)
     )
 
 

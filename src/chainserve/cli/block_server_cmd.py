@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from chainserve.cli.common import user_errors
+from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.model.spec import SpecError
 from chainserve.model.step_cost import StepCost
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -64,6 +65,14 @@ def block_server(
     device: Annotated[
         str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="torch backend: where to compute (auto: CUDA if any).")
     ] = "auto",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            metavar="fp32|bf16|fp16|int8",
+            help="torch backend: the format to hold the blocks in (default from --plan: the server's, else the "
+            "model's dtype; int8: torchao weight-only).",
+        ),
+    ] = None,
     max_batch_tokens: Annotated[
         int,
         typer.Option(
@@ -110,13 +119,16 @@ def block_server(
                 step_s = spec.step_s_per_block if step_ms_per_block is None else step_s
                 delay_s = spec.delay_s if delay_ms is None else delay_s
                 step_cost = spec.step_cost if step_cost_ms is None else step_cost
+            weights = spec.weights if weights is None else weights
         else:
             if None in (first_block, num_blocks, block_slots):
                 raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
             info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
         secret = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
         knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
-        span, model_id = make_span(backend, info, model, step_s, device, step_cost)
+        if weights is not None and weights not in WEIGHT_FORMATS:
+            raise SpecError("weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
+        span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
     server = BlockServer(server_id, span, knobs, backend, model_id)
     asyncio.run(serve_forever(server, host, port, exit_with_parent))
 

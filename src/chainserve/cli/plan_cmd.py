@@ -182,13 +182,16 @@ def _print_plan(result: Plan, out: Console) -> None:
     servers = Table(
         title=f"Servers ({len(result.placement.spans)} of {problem.num_servers} placed)", title_justify="left"
     )
-    for header in ("server", "gpu", "memory GB", "blocks", "m_j", "cache GB", "free GB", "jobs"):
-        servers.add_column(header, justify="left" if header in ("server", "gpu", "blocks") else "right")
+    formats = any(s.weights is not None for s in problem.servers)  # issue 29: a column when any sets one
+    headers = ("server", "gpu", *(("weights",) if formats else ()), "memory GB", "blocks", "m_j", "cache GB")
+    for header in (*headers, "free GB", "jobs"):
+        servers.add_column(header, justify="left" if header in ("server", "gpu", "weights", "blocks") else "right")
     for span in sorted(result.placement.spans, key=lambda s: (s.start_block, s.server)):
         s = problem.servers[span.server]
         servers.add_row(
             s.name,
             s.gpu or "—",
+            *((s.weights or problem.model.dtype or "—",) if formats else ()),
             f"{s.memory_gb:g}",
             f"{span.start_block}–{span.end_block}",
             str(span.num_blocks),

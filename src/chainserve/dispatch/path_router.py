@@ -122,7 +122,7 @@ class PathRouter:
         layout.check()
         self.problem = layout.problem
         self.spans = layout.placement.spans
-        self.cache_gb_per_block = layout.problem.model.cache_size_gb
+        self.cache_gb_per_block = layout.problem.cache_sizes
         self.pool = CachePool(layout.cache_gb)
         self.alive = [True] * layout.problem.num_servers
         self.requests: dict[int, PathRequest] = {}
@@ -138,15 +138,15 @@ class PathRouter:
         """Hop and exit costs for the next request, given the current state."""
         raise NotImplementedError
 
-    def need_gb(self, num_blocks: int) -> float:
-        """Cache one request holds on a hop of ``num_blocks`` blocks: s_c · m_ij."""
-        return self.cache_gb_per_block * num_blocks
+    def need_gb(self, server: int, num_blocks: int) -> float:
+        """Cache one request holds on a hop of ``num_blocks`` blocks on ``server``: s_c,j · m_ij."""
+        return self.cache_gb_per_block[server] * num_blocks
 
     def _choose_hops(self) -> tuple[Hop, ...] | None:
         hop_cost, exit_cost = self.path_costs()
 
         def usable(span: Span, m: int) -> float:
-            fits = self.need_gb(m) <= self.pool.capacity_gb[span.server]
+            fits = self.need_gb(span.server, m) <= self.pool.capacity_gb[span.server]
             return hop_cost(span, m) if self.alive[span.server] and fits else math.inf
 
         return shortest_path(self.spans, usable, exit_cost, self.problem.model.num_blocks)
@@ -165,7 +165,7 @@ class PathRouter:
         job_id = request.job.job_id
         while request.num_held < len(request.hops):
             hop = request.hops[request.num_held]
-            need, queue = self.need_gb(hop.num_blocks), self.queues[hop.server]
+            need, queue = self.need_gb(hop.server, hop.num_blocks), self.queues[hop.server]
             at_head = bool(queue) and queue[0] == job_id
             if (at_head or not queue) and self.pool.can_allocate(hop.server, need):
                 if at_head:
@@ -189,7 +189,7 @@ class PathRouter:
         queue = self.queues[server]
         while queue:
             head = self.requests[queue[0]]
-            if not self.pool.can_allocate(server, self.need_gb(head.hops[head.num_held].num_blocks)):
+            if not self.pool.can_allocate(server, self.need_gb(server, head.hops[head.num_held].num_blocks)):
                 break
             starts += self._advance(head)
         return starts

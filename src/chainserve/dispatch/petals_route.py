@@ -65,7 +65,7 @@ class PetalsRouter(PathRouter):
     def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
         def hop_cost(span: Span, num_blocks: int) -> float:
             j = span.server
-            has_cache = self.pool.can_allocate(j, self.need_gb(span.num_blocks))
+            has_cache = self.pool.can_allocate(j, self.need_gb(j, span.num_blocks))
             penalty = 0.0 if has_cache else ALLOC_PENALTY_S
             return self.enter_s[j] + self.block_s[j] * num_blocks + penalty
 

@@ -81,19 +81,19 @@ def served_cluster(url: str) -> Served:
 
 def profiling_specs(problem: Problem, max_tokens: int, max_batch: int = 0) -> list[ServerSpec]:
     """One block server per server of ``problem`` that can hold a block: blocks 1..m_j with m_j the
-    most blocks its memory holds with one job's cache on each (M_j ≥ m·(s_m + s_c)), one session at a
+    most blocks its memory holds with one job's cache on each (M_j ≥ m·(s_m,j + s_c,j)), one session at a
     time, emulated timing as ``serve`` gives it (τ^p_j/l_out per block per step, τ^c_j/(2·l_out) each
     way, :mod:`chainserve.runtime.layout`). With ``max_batch`` (the step-cost profile, issue 18) its
-    arena holds the block-slots the rest of its memory holds (⌊(M_j − m_j·s_m)/s_c⌋, at most
+    arena holds the block-slots the rest of its memory holds (⌊(M_j − m_j·s_m,j)/s_c,j⌋, at most
     ``max_batch``·m_j, at least 2), so batches of sessions fit as they would when served."""
-    model = problem.model
     specs = []
     for j, s in enumerate(problem.servers):
-        m = min(model.num_blocks, jobs_that_fit(s.memory_gb, model.block_size_gb + model.cache_size_gb))
+        s_m, s_c = problem.block_size_gb(j), problem.cache_size_gb(j)
+        m = min(problem.model.num_blocks, jobs_that_fit(s.memory_gb, s_m + s_c))
         if m >= 1:
             slots = m
             if max_batch:
-                held = jobs_that_fit(s.memory_gb - m * model.block_size_gb, model.cache_size_gb)
+                held = jobs_that_fit(s.memory_gb - m * s_m, s_c)
                 slots = max(2, m, min(held, max_batch * m))
             specs.append(ServerSpec.of(problem, j, SpanInfo(1, m, slots, max_tokens)))
     if not specs:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from chainserve.model.formats import BITS_PER_PARAM, WEIGHT_FORMATS, FormatSizes
 from chainserve.model.spec import ModelSpec, Problem, SpecError
 from chainserve.model.step_cost import StepCost
 
 GB = 1e9
 
-#: Bits per parameter for each supported weight format (NF4 counts its block-wise scales).
-BITS_PER_PARAM: dict[str, float] = {"fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "nf4": 4.25}
 #: Bytes per KV-cache value (the cache stays in 16-bit whatever the weight format).
 KV_BYTES = 2
 
@@ -63,14 +62,19 @@ class ModelArch:
         return 2 * self.num_kv_heads * self.head_dim * max_tokens * KV_BYTES / GB
 
     def spec(self, dtype: str | None = None, max_tokens: int = 2048) -> ModelSpec:
+        """The model in ``dtype`` (default its own), with its sizes in every server weight format
+        (the catalogue's KV cache is 16-bit in all of them)."""
         dtype = dtype or self.default_dtype
+        cache_gb = self.cache_size_gb(max_tokens)
         return ModelSpec(
             name=f"{self.name}/{dtype}",
             num_blocks=self.num_layers,
             block_size_gb=self.block_size_gb(dtype),
-            cache_size_gb=self.cache_size_gb(max_tokens),
+            cache_size_gb=cache_gb,
             flops_per_token_per_block=self.flops_per_token_per_block,
             max_tokens=max_tokens,
+            dtype=dtype,
+            format_sizes=tuple(FormatSizes(f, self.block_size_gb(f), cache_gb) for f in WEIGHT_FORMATS),
         )
 
 

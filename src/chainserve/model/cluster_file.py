@@ -7,7 +7,7 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
 
     name: paper-testbed            # optional, default the file name
     model: llama-2-7b              # catalogue name, or {name, dtype, max_tokens},
-                                   # or raw {num_blocks, block_size_gb, cache_size_gb[, name]},
+                                   # or raw {num_blocks, block_size_gb, cache_size_gb[, name, dtype]},
                                    # or a directory {path: DIR, dtype: fp32|bf16|fp16, max_tokens}
     dtype: fp16                    # optional, default the model's
     max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
@@ -16,7 +16,7 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
     workload: {arrival_rate: 2.57, prompt_tokens: 2048, output_tokens: 28, rho_bar: 0.7}
     servers:
       - {gpu: a100-3g.40gb, count: 3, rtt_ms: [20, 35, 50], name: high}
-      - {name: custom, memory_gb: 20, tau_p_s: 0.175, tau_c_s: 1.2}
+      - {name: custom, memory_gb: 20, tau_p_s: 0.175, tau_c_s: 1.2, weights: int8}
 
 ``model: {path: DIR}`` (issue 29) is a local Hugging Face model directory (or a name the runtime builds,
 e.g. ``smollm2-135m``; a relative path is taken from the cluster file's folder): L, s_m and s_c are
@@ -42,7 +42,13 @@ not hold ÷ this bandwidth (:mod:`chainserve.adapt.cost`).
   (:mod:`chainserve.model.step_cost`): ``{alpha_ms, beta_ms, prefill_alpha_ms, prefill_beta_ms, r2}``
   (``_s`` or ``_ms``; prefill ones default to the decode ones; ``r2`` a fit's, informational), or
   ``roofline`` for a gpu and a catalogue model. Without ``tau_p``, τ^p_j is then one job's time at
-  batch 1. Absent: the paper's model, every session at speed τ^p_j however many run.
+  batch 1. Absent: the paper's model, every session at speed τ^p_j however many run;
+- ``weights`` (optional, issue 29): the format the servers hold their blocks in, ``fp32``, ``bf16``,
+  ``fp16`` or ``int8`` (torchao int8 weight-only; it computes and keeps its KV cache in the model's
+  dtype); default the model's dtype. It sets the servers' block size s_m,j and cache size per block
+  s_c,j (:meth:`ModelSpec.sizes_for <chainserve.model.spec.ModelSpec.sizes_for>`: measured for a model
+  given by its directory, from the architecture for a catalogue model, scaled from the model's
+  ``dtype`` for a raw one), and the derived τ^p_j and roofline step cost read s_m,j.
 
 ``head_cost`` (optional, top level): the orchestrator's batched iteration (embedding, LM head,
 sampling) per job stepped together, ``{alpha_ms, beta_ms}``; absent: free.
@@ -54,8 +60,10 @@ sampling) per job stepped together, ``{alpha_ms, beta_ms}``; absent: free.
      "arrival_rate": 0.2, "rho_bar": 0.7}
 
 (optional: ``name``, ``prompt_tokens``, ``output_tokens``, ``bprr_sessions``, ``load_bandwidth_gb_per_s``,
-``max_tokens``: the sequence length ``cache_size_gb`` holds, needed only by ``plan --export petals``;
-a raw model mapping in the cluster format takes it too). Numbers must lie in the ranges of
+``max_tokens``: the sequence length ``cache_size_gb`` holds, needed only by ``plan --export petals``,
+and ``dtype``: the format the sizes are in, needed by a server's ``weights``; a raw model mapping in the
+cluster format takes both too). A raw server may add ``weights`` and its own ``block_size_gb`` /
+``cache_size_gb`` (s_m,j, s_c,j; default the model's sizes in ``weights``). Numbers must lie in the ranges of
 :mod:`chainserve.model.limits` (times 1e-6..1e6 s, rates 1e-6..1e6/s, sizes 1e-9..1e6 GB, ρ̄ 0.001..0.999,
 at most 1000 servers and 1000 blocks, tokens 1..10^6). Every problem raises :class:`SpecError` naming
 the field path, e.g. ``servers[2].memory_gb``; unknown keys are errors (typos).
@@ -75,6 +83,7 @@ import yaml
 
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
+from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
 from chainserve.model.step_cost import StepCost
 
@@ -91,10 +100,11 @@ SERVER_KEYS = (
     "rtt_ms",
     "rtt_s",
     "step_cost",
+    "weights",
 )
 STEP_COST_STEMS = ("alpha", "beta", "prefill_alpha", "prefill_beta")
 HEAD_COST_STEMS = ("alpha", "beta")
-RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb", "max_tokens")
+RAW_MODEL_KEYS = ("name", "num_blocks", "block_size_gb", "cache_size_gb", "max_tokens", "dtype")
 RAW_KEYS = (
     "name",
     "servers",
@@ -108,9 +118,11 @@ RAW_KEYS = (
     "bprr_sessions",
     "load_bandwidth_gb_per_s",
     "max_tokens",
+    "dtype",
 )
 RAW_REQUIRED = ("servers", "num_blocks", "block_size_gb", "cache_size_gb", "arrival_rate")
 RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
+RAW_SERVER_OPTIONAL = ("weights", "block_size_gb", "cache_size_gb")
 PATH_MODEL_KEYS = ("path", "dtype", "max_tokens")
 #: The dtypes a model given by its directory is measured in (the runtime's weights and KV cache).
 PATH_DTYPES = ("fp32", "bf16", "fp16")
@@ -219,10 +231,13 @@ def replica_servers(
     tau_c_s: float | None = None,
     gpu: str | None = None,
     step: StepCost | None = None,
+    weights: str | None = None,
+    sizes_gb: tuple[float, float] | None = None,
 ) -> tuple[Server, ...]:
     """``count`` identical servers ``name-1 … name-count`` (``name`` alone when count is 1).
 
     τ^c is ``tau_c_s`` when given, else ``(RTT + 18 ms) × round_trips`` from each server's RTT.
+    ``sizes_gb``: (s_m,j, s_c,j) in the servers' ``weights`` (``None``: the model's).
 
     >>> [(s.name, round(s.tau_c_s, 3)) for s in replica_servers("low", 2, memory_gb=20, tau_p_s=0.175,
     ...                                                           round_trips=20, rtts_s=[0.01, 0.1])]
@@ -243,6 +258,9 @@ def replica_servers(
             gpu=gpu,
             rtt_s=rtt,
             step=step,
+            weights=weights,
+            block_size_gb=None if sizes_gb is None else sizes_gb[0],
+            cache_size_gb=None if sizes_gb is None else sizes_gb[1],
         )
         for n, rtt in zip(names, rtts, strict=True)
     )
@@ -277,9 +295,7 @@ def _model(
             raise SpecError(
                 top_options[0],
                 "only applies to a catalogue model, not to a raw one"
-                + (
-                    "; a raw model takes it in its mapping (model.max_tokens)" if top_options[0] == "max_tokens" else ""
-                ),
+                + f"; a raw model takes it in its mapping (model.{top_options[0]})",
             )
         name = _string(raw.get("name", "custom"), "model.name")
         return None, ModelSpec(
@@ -288,6 +304,7 @@ def _model(
             _number(raw, "block_size_gb", "model", MEMORY),
             _number(raw, "cache_size_gb", "model", MEMORY),
             max_tokens=_max_tokens(raw, "model"),
+            dtype=_raw_dtype(raw, "model"),
         )
     # where each option comes from: the top level or the model mapping
     source: dict[str, tuple[Mapping[str, Any], str]] = {k: (data, "") for k in top_options}
@@ -384,9 +401,11 @@ def _entry_servers(
         memory_gb = profile.memory_gb
     else:
         raise SpecError(f"{path}.memory_gb", "required when no gpu is given")
+    weights, sizes_gb = _weights(entry, path, model)
+    block_gb = model.block_size_gb if sizes_gb is None else sizes_gb[0]
     step = None
     if "step_cost" in entry:
-        step = _server_step_cost(entry["step_cost"], f"{path}.step_cost", profile, model)
+        step = _server_step_cost(entry["step_cost"], f"{path}.step_cost", profile, model, block_gb)
     tau_p = _seconds(entry, "tau_p", path)
     if tau_p is None and step is not None:
         tau_p = step.job_s(workload.prompt_tokens, workload.output_tokens)
@@ -395,7 +414,7 @@ def _entry_servers(
     if tau_p is None:
         if profile is None or arch is None:
             raise SpecError(f"{path}.tau_p_s", "required unless both a gpu and a catalogue model are given")
-        tau_p = catalogue.tau_p_s(profile, arch, model.block_size_gb, workload.prompt_tokens, workload.output_tokens)
+        tau_p = catalogue.tau_p_s(profile, arch, block_gb, workload.prompt_tokens, workload.output_tokens)
         with _at(field=f"{path}.tau_p_s"):
             limits.check_range("tau_p_s", tau_p, limits.TIME_S, "s (derived from the gpu, model and tokens)")
     tau_c = _seconds(entry, "tau_c", path, allow_zero=True)
@@ -421,16 +440,54 @@ def _entry_servers(
         round_trips=workload.output_tokens,
         gpu=profile.name if profile else None,
         step=step,
+        weights=weights,
+        sizes_gb=sizes_gb,
     )
 
 
-def _server_step_cost(raw: Any, path: str, profile: GpuProfile | None, model: ModelSpec) -> StepCost:
-    """A server's ``step_cost``: ``roofline`` (gpu and catalogue model) or the coefficients."""
+def _format(entry: Mapping[str, Any], path: str) -> str | None:
+    """A server entry's optional ``weights``, one of :data:`~.formats.WEIGHT_FORMATS`."""
+    if "weights" not in entry:
+        return None
+    weights = _string(entry["weights"], f"{path}.weights")
+    if weights not in WEIGHT_FORMATS:
+        raise SpecError(f"{path}.weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    return weights
+
+
+def _weights(entry: Mapping[str, Any], path: str, model: ModelSpec) -> tuple[str | None, tuple[float, float] | None]:
+    """A server entry's ``weights`` and its (s_m,j, s_c,j) from the model (both ``None`` when absent)."""
+    weights = _format(entry, path)
+    if weights is None:
+        return None, None
+    with _at(field=f"{path}.weights"):
+        return weights, model.sizes_for(weights)
+
+
+def _raw_server_sizes(
+    entry: Mapping[str, Any], path: str, model: ModelSpec
+) -> tuple[str | None, float | None, float | None]:
+    """A raw server's ``weights``, s_m,j and s_c,j: its own sizes where given, else the model's in
+    ``weights`` (``None``: the model's)."""
+    given = {key: _number(entry, key, path, MEMORY) for key in ("block_size_gb", "cache_size_gb") if key in entry}
+    weights = _format(entry, path)
+    if weights is not None and len(given) < 2:
+        with _at(field=f"{path}.weights"):
+            block_gb, cache_gb = model.sizes_for(weights)
+        given = {"block_size_gb": block_gb, "cache_size_gb": cache_gb, **given}
+    return weights, given.get("block_size_gb"), given.get("cache_size_gb")
+
+
+def _server_step_cost(
+    raw: Any, path: str, profile: GpuProfile | None, model: ModelSpec, block_size_gb: float
+) -> StepCost:
+    """A server's ``step_cost``: ``roofline`` (gpu and catalogue model, its blocks of
+    ``block_size_gb``) or the coefficients."""
     if raw != "roofline":
         return _step_cost(raw, path, STEP_COST_STEMS)
     if profile is None or model.flops_per_token_per_block is None:
         raise SpecError(path, "roofline needs a gpu and a catalogue model (its FLOPs per token)")
-    return catalogue.roofline_step_cost(profile, model.block_size_gb, model.flops_per_token_per_block)
+    return catalogue.roofline_step_cost(profile, block_size_gb, model.flops_per_token_per_block)
 
 
 def _step_cost(raw: Any, path: str, stems: Sequence[str]) -> StepCost:
@@ -494,6 +551,7 @@ def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
         _number(data, "block_size_gb", "", MEMORY),
         _number(data, "cache_size_gb", "", MEMORY),
         max_tokens=_max_tokens(data, ""),
+        dtype=_raw_dtype(data, ""),
     )
     workload = _workload({k: data[k] for k in WORKLOAD_KEYS if k in data}, "")
     servers = []
@@ -505,16 +563,20 @@ def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
     for i, raw in enumerate(entries):
         path = f"servers[{i}]"
         entry = _mapping(raw, path)
-        _check_keys(entry, path, RAW_SERVER_KEYS, required=RAW_SERVER_KEYS)
+        _check_keys(entry, path, RAW_SERVER_KEYS + RAW_SERVER_OPTIONAL, required=RAW_SERVER_KEYS)
         server_id = entry["server_id"]
         if isinstance(server_id, bool) or not isinstance(server_id, int | str):
             raise SpecError(f"{path}.server_id", f"must be an integer or a string, got {server_id!r}")
+        weights, block_gb, cache_gb = _raw_server_sizes(entry, path, model)
         servers.append(
             Server(
                 str(server_id),
                 _number(entry, "memory_gb", path, MEMORY),
                 _number(entry, "tau_p", path, _time_bounds(1)),
                 _number(entry, "tau_c", path, _time_bounds(1), allow_zero=True),
+                weights=weights,
+                block_size_gb=block_gb,
+                cache_size_gb=cache_gb,
             )
         )
     return Problem(
@@ -530,6 +592,16 @@ def _raw_problem(data: Mapping[str, Any], default_name: str) -> Problem:
 def _max_tokens(data: Mapping[str, Any], path: str) -> int | None:
     """A raw model's optional ``max_tokens``: the sequence length ``cache_size_gb`` was sized for."""
     return _count(data, "max_tokens", path, limits.MAX_TOKENS) if "max_tokens" in data else None
+
+
+def _raw_dtype(data: Mapping[str, Any], path: str) -> str | None:
+    """A raw model's optional ``dtype``: the format its sizes are in (a server's ``weights`` scales from it)."""
+    if "dtype" not in data:
+        return None
+    dtype = _string(data["dtype"], _join(path, "dtype"))
+    if dtype not in catalogue.BITS_PER_PARAM:
+        raise SpecError(_join(path, "dtype"), f"unknown dtype {dtype!r}; known: {', '.join(catalogue.BITS_PER_PARAM)}")
+    return dtype
 
 
 def _bprr_sessions(data: Mapping[str, Any]) -> int | None:

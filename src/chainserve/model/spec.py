@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from chainserve.model.formats import BITS_PER_PARAM, FLOAT_BYTES, WEIGHT_FORMATS, FormatSizes, compute_dtype
 from chainserve.model.step_cost import StepCost
 
 #: Default weight-loading bandwidth (GB/s): a local NVMe SSD read into GPU memory.
@@ -34,6 +35,11 @@ def _non_negative(field_name: str, value: float) -> None:
         raise SpecError(field_name, f"must be a non-negative number, got {value!r}")
 
 
+def _check_format(field_name: str, value: str, known: tuple[str, ...]) -> None:
+    if value not in known:
+        raise SpecError(field_name, f"unknown weight format {value!r}; known: {', '.join(known)}")
+
+
 @dataclass(frozen=True, slots=True)
 class Server:
     """One server j (a GPU, MIG slice or host).
@@ -45,6 +51,9 @@ class Server:
     ``rtt_s``: network round-trip time to the server when known (used by PETALS-style routing).
     ``step``: what a batched iteration costs here (:mod:`.step_cost`, issue 18); ``None``: the
     paper's model, every session at the speed τ^p_j however many run.
+    ``weights``: the format its blocks are held in (:data:`~.formats.WEIGHT_FORMATS`; ``None``: the
+    model's), and ``block_size_gb`` s_m,j / ``cache_size_gb`` s_c,j: its block and per-block cache
+    sizes in that format (``None``: the model's s_m / s_c; read them with :meth:`Problem.block_size_gb`).
     """
 
     name: str
@@ -54,6 +63,9 @@ class Server:
     gpu: str | None = None
     rtt_s: float | None = None
     step: StepCost | None = None
+    weights: str | None = None
+    block_size_gb: float | None = None
+    cache_size_gb: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -63,6 +75,11 @@ class Server:
         _non_negative(f"{self.name}.tau_c_s", self.tau_c_s)
         if self.rtt_s is not None:
             _non_negative(f"{self.name}.rtt_s", self.rtt_s)
+        if self.weights is not None:
+            _check_format(f"{self.name}.weights", self.weights, WEIGHT_FORMATS)
+        for key in ("block_size_gb", "cache_size_gb"):
+            if getattr(self, key) is not None:
+                _positive(f"{self.name}.{key}", getattr(self, key))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +89,9 @@ class ModelSpec:
     ``flops_per_token_per_block``: F, and ``max_tokens``: the sequence length s_c was sized for; both
     known for catalogue models (token-level service times and PETALS export need them).
     ``kv_bytes_per_token_per_block``: s_c per token, and ``measured_from``: the model directory L, s_m
-    and s_c were measured from (meta-device build and dry run, issue 29); both ``None`` otherwise."""
+    and s_c were measured from (meta-device build and dry run, issue 29); both ``None`` otherwise.
+    ``dtype``: the format s_m and s_c are given in (``None``: unknown, raw sizes); ``format_sizes``:
+    s_m and s_c measured in other weight formats (:meth:`sizes_for`)."""
 
     name: str
     num_blocks: int
@@ -82,6 +101,8 @@ class ModelSpec:
     max_tokens: int | None = None
     kv_bytes_per_token_per_block: float | None = None
     measured_from: str | None = None
+    dtype: str | None = None
+    format_sizes: tuple[FormatSizes, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
@@ -94,6 +115,39 @@ class ModelSpec:
             raise SpecError("model.max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if self.kv_bytes_per_token_per_block is not None:
             _positive("model.kv_bytes_per_token_per_block", self.kv_bytes_per_token_per_block)
+        if self.dtype is not None:
+            _check_format("model.dtype", self.dtype, tuple(BITS_PER_PARAM))
+        formats = [entry.format for entry in self.format_sizes]
+        for i, entry in enumerate(self.format_sizes):
+            _check_format(f"model.format_sizes[{i}].format", entry.format, WEIGHT_FORMATS)
+            if formats.count(entry.format) > 1:
+                raise SpecError(f"model.format_sizes[{i}].format", f"{entry.format!r} is given twice")
+            _positive(f"model.format_sizes[{i}].block_size_gb", entry.block_size_gb)
+            _positive(f"model.format_sizes[{i}].cache_size_gb", entry.cache_size_gb)
+
+    def sizes_for(self, weights: str | None) -> tuple[float, float]:
+        """(s_m, s_c) in GB of a block held in ``weights`` (``None``: the model's own): the measured entry
+        of ``format_sizes`` when there is one, else scaled from ``dtype`` by bits per parameter (int8: 8)
+        and by bytes per KV value of the compute dtype (:func:`~.formats.compute_dtype`; issue 29).
+
+        >>> m = ModelSpec("toy", 2, 2.0, 0.5, dtype="bf16")
+        >>> m.sizes_for(None), m.sizes_for("fp32"), m.sizes_for("int8")
+        ((2.0, 0.5), (4.0, 1.0), (1.0, 0.5))
+        """
+        if weights is None:
+            return self.block_size_gb, self.cache_size_gb
+        _check_format("weights", weights, WEIGHT_FORMATS)
+        for entry in self.format_sizes:
+            if entry.format == weights:
+                return entry.block_size_gb, entry.cache_size_gb
+        if self.dtype is None:
+            raise SpecError(
+                "weights",
+                f"the model {self.name!r} does not say which dtype its sizes are in, so they cannot be "
+                f"converted to {weights}; give the model's dtype",
+            )
+        kv_ratio = FLOAT_BYTES[compute_dtype(weights, self.dtype)] / FLOAT_BYTES[compute_dtype(self.dtype, self.dtype)]
+        return self.block_size_gb * BITS_PER_PARAM[weights] / BITS_PER_PARAM[self.dtype], self.cache_size_gb * kv_ratio
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +210,26 @@ class Problem:
     def batch_aware(self) -> bool:
         """Whether any server carries a step cost (issue 18's load-dependent service)."""
         return any(s.step is not None for s in self.servers)
+
+    def block_size_gb(self, j: int) -> float:
+        """s_m,j: one block's parameters on server j, in its weight format (default the model's s_m)."""
+        size = self.servers[j].block_size_gb
+        return self.model.block_size_gb if size is None else size
+
+    def cache_size_gb(self, j: int) -> float:
+        """s_c,j: one job's KV cache per block on server j, in its compute dtype (default the model's s_c)."""
+        size = self.servers[j].cache_size_gb
+        return self.model.cache_size_gb if size is None else size
+
+    @property
+    def block_sizes(self) -> tuple[float, ...]:
+        """s_m,j of every server."""
+        return tuple(self.block_size_gb(j) for j in range(len(self.servers)))
+
+    @property
+    def cache_sizes(self) -> tuple[float, ...]:
+        """s_c,j of every server."""
+        return tuple(self.cache_size_gb(j) for j in range(len(self.servers)))
 
     @property
     def num_servers(self) -> int:

@@ -19,11 +19,11 @@ from chainserve.plan.types import Placement, Span, jobs_that_fit
 
 
 def blocks_for_levels(problem: Problem, levels: Sequence[int]) -> list[int]:
-    """m_j = min(⌊M_j/(s_m + s_c·c_j)⌋, L) for a per-server reservation level c_j (spec §2.1 step 1)."""
-    m = problem.model
+    """m_j = min(⌊M_j/(s_m,j + s_c,j·c_j)⌋, L) for a per-server reservation level c_j (spec §2.1 step 1)."""
+    L = problem.model.num_blocks
     return [
-        min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * level), m.num_blocks)
-        for s, level in zip(problem.servers, levels, strict=True)
+        min(jobs_that_fit(s.memory_gb, problem.block_size_gb(j) + problem.cache_size_gb(j) * level), L)
+        for j, (s, level) in enumerate(zip(problem.servers, levels, strict=True))
     ]
 
 

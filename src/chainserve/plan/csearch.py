@@ -46,9 +46,11 @@ def capped_plans(plan: Plan) -> Iterator[Plan]:
 
 
 def max_reservation(problem: Problem) -> int:
-    """c_max = ⌊(max_j M_j − s_m)/s_c⌋: more than this and no server can hold one block."""
-    m = problem.model
-    return jobs_that_fit(max(s.memory_gb for s in problem.servers) - m.block_size_gb, m.cache_size_gb)
+    """c_max = max_j ⌊(M_j − s_m,j)/s_c,j⌋: more than this and no server can hold one block."""
+    return max(
+        jobs_that_fit(s.memory_gb - problem.block_size_gb(j), problem.cache_size_gb(j))
+        for j, s in enumerate(problem.servers)
+    )
 
 
 def allocate(problem: Problem, placed: GbpCrResult, greedy: tuple[Chain, ...]) -> tuple[Chain, ...]:

@@ -32,10 +32,12 @@ MAX_EXACT_SERVERS = 6
 
 
 def job_block_room(problem: Problem, placement: Placement) -> dict[int, int]:
-    """U_j = ⌊(M_j − s_m·m_j)/s_c⌋ for every placed server."""
-    m = problem.model
+    """U_j = ⌊(M_j − s_m,j·m_j)/s_c,j⌋ for every placed server."""
     return {
-        s.server: jobs_that_fit(problem.servers[s.server].memory_gb - m.block_size_gb * s.num_blocks, m.cache_size_gb)
+        s.server: jobs_that_fit(
+            problem.servers[s.server].memory_gb - problem.block_size_gb(s.server) * s.num_blocks,
+            problem.cache_size_gb(s.server),
+        )
         for s in placement.spans
     }
 
@@ -186,13 +188,14 @@ def best_maximal_allocation(
 
 
 def span_options(problem: Problem, server: int) -> list[tuple[int, int] | None]:
-    """Nothing, or every span (a, m) that can carry one job over all its blocks ((s_m + s_c)·m ≤ M_j,
+    """Nothing, or every span (a, m) that can carry one job over all its blocks ((s_m,j + s_c,j)·m ≤ M_j,
     i.e. m ≤ m_j(1)): only such spans occur in tight placements (see :func:`optimal_plan`)."""
-    m, L = problem.model, problem.model.num_blocks
+    L = problem.model.num_blocks
     memory = problem.servers[server].memory_gb
+    s_m, s_c = problem.block_size_gb(server), problem.cache_size_gb(server)
     options: list[tuple[int, int] | None] = [None]
     for num_blocks in range(1, L + 1):
-        if jobs_that_fit(memory - m.block_size_gb * num_blocks, m.cache_size_gb * num_blocks) >= 1:
+        if jobs_that_fit(memory - s_m * num_blocks, s_c * num_blocks) >= 1:
             options += [(start, num_blocks) for start in range(1, L - num_blocks + 2)]
     return options
 
@@ -276,10 +279,13 @@ def optimal_plan(problem: Problem, max_placements: int = 200_000, max_jobs_per_s
     >>> [(ch.servers, ch.capacity) for ch in plan.chains]
     [((0, 1), 2)]
     """
-    model, lam = problem.model, problem.arrival_rate_per_s
+    lam = problem.arrival_rate_per_s
     if problem.num_servers > MAX_EXACT_SERVERS:
         raise ValueError(f"servers: at most {MAX_EXACT_SERVERS} for optimal_plan, got {problem.num_servers}")
-    most_jobs = max(jobs_that_fit(s.memory_gb - model.block_size_gb, model.cache_size_gb) for s in problem.servers)
+    most_jobs = max(
+        jobs_that_fit(s.memory_gb - problem.block_size_gb(j), problem.cache_size_gb(j))
+        for j, s in enumerate(problem.servers)
+    )
     if most_jobs > max_jobs_per_server:
         raise ValueError(
             f"model.cache_size_gb: a server holds up to {most_jobs} jobs per block, more than "

@@ -10,7 +10,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from chainserve.model.spec import ModelSpec, SpecError
+from chainserve.model.spec import ModelSpec, Problem, SpecError
 from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.types import Plan, reserved_block_jobs
 
@@ -42,8 +42,9 @@ def _finite(x: float) -> float | None:
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as JSON-ready data.
 
-    ``servers``: the placed servers (``start_block`` a_j 1-based, ``num_blocks`` m_j, reserved
-    ``cache_gb``, ``free_gb`` left, ``num_jobs`` = Σ c_k over chains through it). ``chains`` (fastest
+    ``model``: :func:`model_to_dict`. ``servers``: the placed servers (``start_block`` a_j 1-based,
+    ``num_blocks`` m_j, reserved ``cache_gb``, ``free_gb`` left, ``num_jobs`` = Σ c_k over chains through
+    it, and :func:`server_sizes`: ``weights``, ``block_size_gb``, ``cache_size_gb``). ``chains`` (fastest
     first): server names, ``blocks`` = [first, last] 1-based per hop, ``service_time`` T_k (s),
     ``capacity`` c_k, ``rate`` μ_k (1/s). ``nu`` ν, ``load`` ρ = λ/ν, ``bounds`` on the mean response
     time (s); infinite values become ``null``. With step costs (issue 18) each chain also has
@@ -65,6 +66,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "cache_gb": cache[span.server],
             "free_gb": free[span.server],
             "num_jobs": jobs[span.server],
+            **server_sizes(problem, span.server),
         }
         for span in plan.placement.spans
     ]
@@ -80,7 +82,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     ]
     data: dict[str, Any] = {
         "cluster": problem.name,
-        "model": problem.model.name,
+        "model": model_to_dict(problem.model),
         "method": plan.method,
         "c": plan.c,
         "arrival_rate": problem.arrival_rate_per_s,
@@ -101,6 +103,35 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     if plan.search is not None:
         data["search"] = dataclasses.asdict(plan.search)
     return data
+
+
+def model_to_dict(model: ModelSpec) -> dict[str, Any]:
+    """The model as JSON-ready data: ``name``, ``num_blocks`` L, ``block_size_gb`` s_m and
+    ``cache_size_gb`` s_c in its ``dtype``, ``kv_bytes_per_token_per_block`` (measured, else s_c over
+    ``max_tokens`` when known, else ``null``) and ``measured``: whether L, s_m and s_c were measured from
+    a model directory (issue 29)."""
+    kv = model.kv_bytes_per_token_per_block
+    if kv is None and model.max_tokens is not None:
+        kv = model.cache_size_gb * 1e9 / model.max_tokens
+    return {
+        "name": model.name,
+        "num_blocks": model.num_blocks,
+        "block_size_gb": model.block_size_gb,
+        "cache_size_gb": model.cache_size_gb,
+        "dtype": model.dtype,
+        "kv_bytes_per_token_per_block": kv,
+        "measured": model.measured_from is not None,
+    }
+
+
+def server_sizes(problem: Problem, j: int) -> dict[str, Any]:
+    """Server j's ``weights`` (the model's dtype when it sets none), ``block_size_gb`` s_m,j and
+    ``cache_size_gb`` s_c,j."""
+    return {
+        "weights": problem.servers[j].weights or problem.model.dtype,
+        "block_size_gb": problem.block_size_gb(j),
+        "cache_size_gb": problem.cache_size_gb(j),
+    }
 
 
 def jobs_per_server(plan: Plan) -> dict[int, int]:
@@ -145,13 +176,14 @@ def petals_commands(plan: Plan, model_repo: str | None = None) -> list[str]:
 
     ``--block_indices START:END`` is 0-based half-open (a_j − 1 : a_j − 1 + m_j);
     ``--attn_cache_tokens`` is :func:`cache_tokens_per_block`; ``--inference_max_length`` lets a
-    session reach the planned sequence length; dtype flags follow the model's weight format.
+    session reach the planned sequence length; dtype flags follow each server's weight format (the
+    model's when it sets none).
     """
     model = plan.problem.model
     max_tokens = max_tokens_of(model)
     arch_name = model.name.split("/")[0]
     repo = model_repo or HF_REPOS.get(arch_name, arch_name)
-    dtype = model.name.split("/")[1] if "/" in model.name else None
+    dtype = model.dtype or (model.name.split("/")[1] if "/" in model.name else None)
     tokens = cache_tokens_per_block(plan, max_tokens)
     lines = []
     for span in plan.placement.spans:
@@ -162,8 +194,9 @@ def petals_commands(plan: Plan, model_repo: str | None = None) -> list[str]:
             f"--attn_cache_tokens {tokens[span.server]}",
             f"--inference_max_length {max_tokens}",
         ]
-        if dtype in PETALS_DTYPE_FLAGS:
-            parts.append(PETALS_DTYPE_FLAGS[dtype])
+        weights = plan.problem.servers[span.server].weights or dtype
+        if weights in PETALS_DTYPE_FLAGS:
+            parts.append(PETALS_DTYPE_FLAGS[weights])
         parts.append(f"--public_name {plan.problem.servers[span.server].name}")
         lines.append(" ".join(parts))
     return lines

@@ -29,10 +29,11 @@ class GbpCrResult:
 
 
 def blocks_with_reservation(problem: Problem, c: int) -> list[int]:
-    """m_j(c) = min(⌊M_j / (s_m + s_c·c)⌋, L) for every server."""
-    m = problem.model
+    """m_j(c) = min(⌊M_j / (s_m,j + s_c,j·c)⌋, L) for every server (its own block and cache sizes)."""
+    L = problem.model.num_blocks
     return [
-        min(jobs_that_fit(s.memory_gb, m.block_size_gb + m.cache_size_gb * c), m.num_blocks) for s in problem.servers
+        min(jobs_that_fit(s.memory_gb, problem.block_size_gb(j) + problem.cache_size_gb(j) * c), L)
+        for j, s in enumerate(problem.servers)
     ]
 
 

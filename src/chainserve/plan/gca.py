@@ -24,8 +24,9 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
     ``reserved`` chains (with their capacities) hold their memory first and lead the result; GCA
     then fills what is left (used by :func:`chainserve.plan.csearch.allocate`).
 
-    Residual memory M̃_j = M_j − s_m·m_j; an edge into j carrying m_ij blocks is usable while
-    M̃_j ≥ s_c·m_ij; a chain gets c_k = min_hops ⌊M̃_j/(s_c·m_ij)⌋. Stops when no path is left.
+    Residual memory M̃_j = M_j − s_m,j·m_j; an edge into j carrying m_ij blocks is usable while
+    M̃_j ≥ s_c,j·m_ij; a chain gets c_k = min_hops ⌊M̃_j/(s_c,j·m_ij)⌋ (each server's own block and
+    cache sizes). Stops when no path is left.
     Chains come out fastest first. O(rounds · J · L) with rounds ≤ number of edges.
 
     >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
@@ -37,7 +38,6 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
     [((0,), 3.0, 1), ((1,), 6.0, 1)]
     """
     L = problem.model.num_blocks
-    s_m, s_c = problem.model.block_size_gb, problem.model.cache_size_gb
     spans = sorted(placement.spans, key=lambda s: (s.end_block, s.server))
     if not spans:
         return tuple(reserved)
@@ -46,11 +46,14 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
     end = np.array([s.end_block for s in spans])
     tau_c = np.array([problem.servers[j].tau_c_s for j in server])
     tau_p = np.array([problem.servers[j].tau_p_s for j in server])
-    resid = np.array([problem.servers[j].memory_gb - s_m * m.num_blocks for j, m in zip(server, spans, strict=True)])
+    s_c = np.array([problem.cache_size_gb(j) for j in server])
+    s_m = np.array([problem.block_size_gb(j) for j in server])
+    resid = np.array([problem.servers[j].memory_gb for j in server]) - s_m * (end - start + 1)
     row_of = {int(j): r for r, j in enumerate(server)}
     for chain in reserved:
         for hop in chain.hops:
-            resid[row_of[hop.server]] -= s_c * hop.num_blocks * chain.capacity
+            r = row_of[hop.server]
+            resid[r] -= s_c[r] * hop.num_blocks * chain.capacity
     # cost[r, b'] = τ^c + τ^p·(e_r − b') for a predecessor ending at b' (valid entries only)
     prev_end = np.arange(L + 1)
     cost = tau_c[:, None] + tau_p[:, None] * (end[:, None] - prev_end[None, :])
@@ -61,7 +64,7 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
         for one job (same test as :func:`jobs_that_fit`)."""
         blocks = end[rows][:, None] - prev_end[None, :]
         with np.errstate(divide="ignore", invalid="ignore"):
-            fits = np.floor(resid[rows][:, None] / (s_c * blocks) + FIT_EPS) >= 1
+            fits = np.floor(resid[rows][:, None] / (s_c[rows][:, None] * blocks) + FIT_EPS) >= 1
         ok = (blocks > 0) & (prev_end[None, :] >= start[rows][:, None] - 1) & fits & (resid[rows][:, None] >= 0)
         return np.where(ok, cost[rows], np.inf)
 
@@ -91,10 +94,10 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
             b = int(prev)
         rows.reverse()
         blocks.reverse()
-        capacity = min(jobs_that_fit(resid[r], s_c * m) for r, m in zip(rows, blocks, strict=True))
+        capacity = min(jobs_that_fit(resid[r], s_c[r] * m) for r, m in zip(rows, blocks, strict=True))
         hops, time = [], 0.0
         for r, m in zip(rows, blocks, strict=True):
-            resid[r] -= s_c * m * capacity
+            resid[r] -= s_c[r] * m * capacity
             hops.append(Hop(int(server[r]), int(end[r]) - m + 1, m))
             time += tau_c[r] + tau_p[r] * m
         chains.append(Chain(tuple(hops), float(time), capacity))

@@ -30,9 +30,9 @@ Evaluate = Callable[[Placement], Plan]
 
 def most_blocks(problem: Problem, server: int) -> int:
     """The longest span server j can host with cache for one job on every block: m_j(1)."""
-    m = problem.model
     memory = problem.servers[server].memory_gb
-    return min(jobs_that_fit(memory, m.block_size_gb + m.cache_size_gb), m.num_blocks)
+    need_gb = problem.block_size_gb(server) + problem.cache_size_gb(server)
+    return min(jobs_that_fit(memory, need_gb), problem.model.num_blocks)
 
 
 def as_placement(spans: Spans, num_blocks: int) -> Placement:

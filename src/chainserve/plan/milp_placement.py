@@ -2,10 +2,10 @@
 pool of candidate spans and chains: the best planner's last step for clusters of a few dozen servers.
 
 Spec §1: server j hosts one span; chain k may run hop (j, b+1..e) only if j's span ends at e and starts
-at or before b + 1; memory s_m·m_j + s_c·Σ_k m_ij(k)·c_k ≤ M_j. Variables: y_s ∈ {0,1} for every pool span
+at or before b + 1; memory s_m,j·m_j + s_c,j·Σ_k m_ij(k)·c_k ≤ M_j. Variables: y_s ∈ {0,1} for every pool span
 s, c_k ∈ ℕ for every pool chain k. Constraints: Σ_{s of j} y_s ≤ 1; c_k ≤ U_k·Σ_{s serving hop h} y_s for
-every hop h of k (U_k: the most jobs k could take alone); memory s_c·Σ_k m_ij(k)·c_k ≤ Σ_{s of j}
-(M_j − s_m·m_s)·y_s (the §1 row, and no cache without a span: a tighter relaxation). Objective: the
+every hop h of k (U_k: the most jobs k could take alone); memory s_c,j·Σ_k m_ij(k)·c_k ≤ Σ_{s of j}
+(M_j − s_m,j·m_s)·y_s (the §1 row, and no cache without a span: a tighter relaxation). Objective: the
 largest ν = Σ_k c_k/T_k (linear, since each column has a fixed T_k), among chains no slower than a
 threshold T — :func:`milp_plans` solves one MILP per threshold (the §2.5 lower bound rewards fast
 chains at light load and ν at heavy load), each completed and scored by the caller.
@@ -66,7 +66,7 @@ def solve(
     options = budget.milp_options(budget.limits.placement_nodes, 1e-3)
     if options is None:
         return None
-    s_m, s_c = problem.model.block_size_gb, problem.model.cache_size_gb
+    s_m, s_c = problem.block_sizes, problem.cache_sizes
     num_spans, num_paths = len(pool), len(paths)
     serving: dict[tuple[int, int], list[int]] = {}  # (server, end block) → pool spans ending there
     for x, span in enumerate(pool):
@@ -78,16 +78,17 @@ def solve(
         for x, span in enumerate(pool):
             if span.server == j:
                 pick[x] = 1.0
-                memory[x] = s_m * span.num_blocks - problem.servers[j].memory_gb  # no span, no cache
+                memory[x] = s_m[j] * span.num_blocks - problem.servers[j].memory_gb  # no span, no cache
         for k, path in enumerate(paths):
-            memory[num_spans + k] = s_c * sum(h.num_blocks for h in path if h.server == j)
+            memory[num_spans + k] = s_c[j] * sum(h.num_blocks for h in path if h.server == j)
         rows += [pick, memory]
         lower += [-np.inf, -np.inf]
         upper += [1.0, 0.0]
     most = np.zeros(num_paths)
     for k, path in enumerate(paths):
         most[k] = min(
-            jobs_that_fit(problem.servers[h.server].memory_gb - s_m * h.num_blocks, s_c * h.num_blocks) for h in path
+            jobs_that_fit(problem.servers[j].memory_gb - s_m[j] * m, s_c[j] * m)
+            for j, m in ((h.server, h.num_blocks) for h in path)
         )
         for h in path:
             row = np.zeros(num_spans + num_paths)
@@ -137,8 +138,8 @@ def milp_placements(
     pool = span_pool(problem, plans)
     room = {
         s: jobs_that_fit(
-            problem.servers[s.server].memory_gb - problem.model.block_size_gb * s.num_blocks,
-            problem.model.cache_size_gb,
+            problem.servers[s.server].memory_gb - problem.block_size_gb(s.server) * s.num_blocks,
+            problem.cache_size_gb(s.server),
         )
         for s in pool
     }

@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chainserve.model.formats import FormatSizes
 from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workload
 from chainserve.model.step_cost import StepCost
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.csearch import make_plan
-from chainserve.plan.export import plan_to_dict
+from chainserve.plan.export import model_to_dict, plan_to_dict, server_sizes
 from chainserve.plan.types import Chain, Hop, Layout, Placement, Plan, Span, chain_time_s, reserved_block_jobs
 
 
@@ -33,7 +34,7 @@ def layout_to_dict(layout: Layout) -> dict[str, Any]:
     else:
         data = {
             "cluster": problem.name,
-            "model": problem.model.name,
+            "model": model_to_dict(problem.model),
             "method": layout.method,
             "c": None,
             "arrival_rate": problem.arrival_rate_per_s,
@@ -47,6 +48,7 @@ def layout_to_dict(layout: Layout) -> dict[str, Any]:
                     "start_block": s.start_block,
                     "num_blocks": s.num_blocks,
                     "cache_gb": layout.cache_gb[s.server],
+                    **server_sizes(problem, s.server),
                 }
                 for s in layout.placement.spans
             ],
@@ -69,13 +71,18 @@ def _server(raw: dict[str, Any]) -> Server:
     return Server(**{**raw, "step": None if step is None else StepCost(**step)})
 
 
+def _model(raw: dict[str, Any]) -> ModelSpec:
+    sizes = tuple(FormatSizes(**f) for f in raw.get("format_sizes", ()))
+    return ModelSpec(**{**raw, "format_sizes": sizes})
+
+
 def layout_from_dict(data: Any) -> Plan | PathPlacement:
     """Rebuild a layout saved by :func:`layout_to_dict` (raises ``SpecError`` naming the field)."""
     try:
         raw = data["problem"]
         problem = Problem(
             tuple(_server(s) for s in raw["servers"]),
-            ModelSpec(**raw["model"]),
+            _model(raw["model"]),
             Workload(**raw["workload"]),
             raw.get("name", "cluster"),
             tuple(raw.get("notes", ())),

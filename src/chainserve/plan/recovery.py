@@ -21,16 +21,16 @@ from chainserve.plan.types import Placement, Plan, Span, jobs_that_fit
 
 
 def arena_block_slots(problem: Problem, span: Span) -> int:
-    """⌊(M_j − s_m·m_j)/s_c⌋: the block-slots server ``span.server``'s memory holds beside its span.
+    """⌊(M_j − s_m,j·m_j)/s_c,j⌋: the block-slots server ``span.server``'s memory holds beside its span.
 
     >>> from chainserve.model.spec import ModelSpec, Server, Workload
     >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("toy", 4, 2.0, 0.5), Workload(0.1))
     >>> arena_block_slots(p, Span(0, 1, 3))
     8
     """
-    model = problem.model
-    free_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
-    return jobs_that_fit(free_gb, model.cache_size_gb)
+    j = span.server
+    free_gb = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
+    return jobs_that_fit(free_gb, problem.cache_size_gb(j))
 
 
 def chains_within(plan: Plan, placement: Placement, block_slots: Mapping[int, int]) -> Plan | None:
@@ -38,13 +38,11 @@ def chains_within(plan: Plan, placement: Placement, block_slots: Mapping[int, in
     ``block_slots[j]``; the plan keeps ``plan``'s problem, c and method. ``None`` when no chain covers
     blocks 1..L."""
     problem = plan.problem
-    model = problem.model
     servers = list(problem.servers)
     for span in placement.spans:
-        arena_gb = model.block_size_gb * span.num_blocks + model.cache_size_gb * block_slots[span.server]
-        servers[span.server] = dataclasses.replace(
-            servers[span.server], memory_gb=min(servers[span.server].memory_gb, arena_gb)
-        )
+        j = span.server
+        arena_gb = problem.block_size_gb(j) * span.num_blocks + problem.cache_size_gb(j) * block_slots[j]
+        servers[j] = dataclasses.replace(servers[j], memory_gb=min(servers[j].memory_gb, arena_gb))
     capped = dataclasses.replace(problem, servers=tuple(servers))
     chains = gca(capped, placement) if placement.spans else ()
     if not chains:

@@ -129,11 +129,11 @@ class Layout(Protocol):
 
 
 def reserved_block_jobs(layout: Layout) -> dict[int, int]:
-    """The reservation of each placed server in block-jobs (units of s_c): Σ_k m_ij(k)·c_k for a
-    plan (exact: the GB sum's round-off is far below :data:`FIT_EPS`), ⌊pool/s_c⌋ for a path
+    """The reservation of each placed server in block-jobs (units of its s_c,j): Σ_k m_ij(k)·c_k for
+    a plan (exact: the GB sum's round-off is far below :data:`FIT_EPS`), ⌊pool/s_c,j⌋ for a path
     placement."""
-    s_c = layout.problem.model.cache_size_gb
-    return {j: jobs_that_fit(gb, s_c) for j, gb in layout.reservation_by_server().items()}
+    problem = layout.problem
+    return {j: jobs_that_fit(gb, problem.cache_size_gb(j)) for j, gb in layout.reservation_by_server().items()}
 
 
 def default_max_waiting(layout: Layout) -> int:
@@ -207,21 +207,21 @@ class Plan:
         return self.load < 1
 
     def reservation_by_server(self) -> dict[int, float]:
-        """Cache reserved on each placed server, GB: Σ_k s_c · m_ij(k) · c_k (:class:`Layout`)."""
-        s_c = self.problem.model.cache_size_gb
+        """Cache reserved on each placed server, GB: Σ_k s_c,j · m_ij(k) · c_k (:class:`Layout`)."""
+        problem = self.problem
         used = {span.server: 0.0 for span in self.placement.spans}
         for ch in self.chains:
             for hop in ch.hops:
-                used[hop.server] += s_c * hop.num_blocks * ch.capacity
+                used[hop.server] += problem.cache_size_gb(hop.server) * hop.num_blocks * ch.capacity
         return used
 
     def free_memory_gb(self) -> dict[int, float]:
-        """M_j − s_m·m_j − reserved cache, per placed server."""
-        s_m = self.problem.model.block_size_gb
+        """M_j − s_m,j·m_j − reserved cache, per placed server."""
+        problem = self.problem
         used = self.reservation_by_server()
         return {
-            span.server: self.problem.servers[span.server].memory_gb - s_m * span.num_blocks - used[span.server]
-            for span in self.placement.spans
+            j: problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks - used[j]
+            for j, span in ((span.server, span) for span in self.placement.spans)
         }
 
     def check(self) -> None:
@@ -241,7 +241,8 @@ def check_placement(problem: Problem, placement: Placement) -> None:
         seen.add(span.server)
         if span.num_blocks < 1 or span.start_block < 1 or span.end_block > L:
             raise ValueError(f"placement: span {span} outside blocks 1..{L}")
-        if problem.model.block_size_gb * span.num_blocks > problem.servers[span.server].memory_gb + MEMORY_EPS_GB:
+        j = span.server
+        if problem.block_size_gb(j) * span.num_blocks > problem.servers[j].memory_gb + MEMORY_EPS_GB:
             raise ValueError(f"placement: server {span.server} cannot hold {span.num_blocks} blocks")
 
 

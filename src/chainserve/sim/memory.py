@@ -1,10 +1,10 @@
 """Memory ledger: the KV cache every server holds for the jobs in service, checked against memory.
 
-Paper §1: a job served on a route holds s_c·m_ij of cache on every server j of it, so at every
-instant ``s_m·m_j + s_c·Σ_{jobs in service through j} m_ij ≤ M_j``. The ledger counts cache in
-block-jobs (units of s_c) against ``⌊(M_j − s_m·m_j)/s_c⌋``, so the check is exact integer arithmetic.
+Paper §1: a job served on a route holds s_c,j·m_ij of cache on every server j of it, so at every
+instant ``s_m,j·m_j + s_c,j·Σ_{jobs in service through j} m_ij ≤ M_j``. The ledger counts cache in
+block-jobs (units of its own s_c,j) against ``⌊(M_j − s_m,j·m_j)/s_c,j⌋``, so the check is exact integer arithmetic.
 For a layout without chains (PETALS, BPRR: a ``PathPlacement``) the limit is the server's
-reservation, its cache pool ``⌊cache_gb_j/s_c⌋``, which the layout keeps within ``M_j − s_m·m_j``.
+reservation, its cache pool ``⌊cache_gb_j/s_c,j⌋``, which the layout keeps within ``M_j − s_m,j·m_j``.
 
 Exact and O(1) per start on the common path: with Z_k jobs on plan chain k, a plan whose
 reservation fits (Σ_k m_jk·c_k within every server's limit) cannot exceed memory while every
@@ -46,15 +46,14 @@ class MemoryLedger:
     """
 
     def __init__(self, plan: Layout):
-        problem, model = plan.problem, plan.problem.model
+        problem = plan.problem
         reserved = reserved_block_jobs(plan)
         self.limits = [0] * problem.num_servers
         for span in plan.placement.spans:
-            room_gb = problem.servers[span.server].memory_gb - model.block_size_gb * span.num_blocks
+            j = span.server
+            room_gb = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
             # chains may use all the room (a start beyond c_k that fits is allowed); paths their pool
-            self.limits[span.server] = (
-                jobs_that_fit(room_gb, model.cache_size_gb) if plan.chains else reserved[span.server]
-            )
+            self.limits[j] = jobs_that_fit(room_gb, problem.cache_size_gb(j)) if plan.chains else reserved[j]
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
         self.capacity = [ch.capacity for ch in plan.chains]
         self.in_service = [0] * len(plan.chains)

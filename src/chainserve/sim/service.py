@@ -91,7 +91,7 @@ def block_cost(problem: Problem, server: int) -> BlockCost:
         return BlockCost(
             BLOCK_OVERHEAD_S,
             model.flops_per_token_per_block / (gpu.peak_tflops * 1e12),
-            model.block_size_gb / gpu.bandwidth_gb_per_s,
+            problem.block_size_gb(server) / gpu.bandwidth_gb_per_s,
         )
     overhead = min(BLOCK_OVERHEAD_S, s.tau_p_s)
     per_token = (s.tau_p_s - overhead) / (w.prompt_tokens + w.output_tokens - 1)

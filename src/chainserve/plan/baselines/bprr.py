@@ -37,10 +37,11 @@ from chainserve.plan.types import Placement, Span, jobs_that_fit
 
 
 def bprr_sessions_cap(problem: Problem) -> int:
-    """⌊(Σ_j M_j − s_m(L+J)) / (s_c(L+J))⌋, the largest R memory allows (may be ≤ 0)."""
-    m = problem.model
-    room = m.num_blocks + problem.num_servers
-    return math.floor((sum(s.memory_gb for s in problem.servers) - m.block_size_gb * room) / (m.cache_size_gb * room))
+    """⌊(Σ_j M_j − s_m(L+J)) / (s_c(L+J))⌋, the largest R memory allows (may be ≤ 0); with per-server
+    sizes s_m,j and s_c,j, the smallest of each (an upper bound on R)."""
+    room = problem.model.num_blocks + problem.num_servers
+    s_m, s_c = min(problem.block_sizes), min(problem.cache_sizes)
+    return math.floor((sum(s.memory_gb for s in problem.servers) - s_m * room) / (s_c * room))
 
 
 def fastest_path_s(problem: Problem, spans: tuple[Span, ...]) -> float:
@@ -89,7 +90,7 @@ def bprr_sessions(problem: Problem) -> int:
 
 def _cg_bp(problem: Problem, sessions: int) -> tuple[Span, ...] | None:
     """Phases 1 and 2 for R = ``sessions``; ``None`` if phase 1 cannot reach R on every block."""
-    model, L = problem.model, problem.model.num_blocks
+    L = problem.model.num_blocks
     blocks = blocks_with_reservation(problem, sessions)
     times = [s.tau_c_s + s.tau_p_s * m for s, m in zip(problem.servers, blocks, strict=True)]
     order = sorted((j for j, m in enumerate(blocks) if m > 0), key=lambda j: (times[j] / blocks[j], j))
@@ -103,7 +104,9 @@ def _cg_bp(problem: Problem, sessions: int) -> tuple[Span, ...] | None:
         else:
             start = min(range(1, L - m + 2), key=lambda a: (min(capacity[a : a + m]), sum(capacity[a : a + m]), a))
         spans.append(Span(j, start, m))
-        sessions_here = jobs_that_fit(problem.servers[j].memory_gb - model.block_size_gb * m, model.cache_size_gb * m)
+        sessions_here = jobs_that_fit(
+            problem.servers[j].memory_gb - problem.block_size_gb(j) * m, problem.cache_size_gb(j) * m
+        )
         for b in range(start, start + m):
             capacity[b] += sessions_here
     if min(capacity[1:]) < sessions:
@@ -128,8 +131,10 @@ def bprr_placement(problem: Problem, sessions: int | None = None) -> PathPlaceme
         raise SpecError("bprr_sessions", f"must be a positive integer, got {sessions!r}")
     fixed = sessions if sessions is not None else problem.bprr_sessions
     wanted = fixed if fixed is not None else bprr_sessions(problem)
-    model = problem.model
-    most = max(jobs_that_fit(s.memory_gb - model.block_size_gb, model.cache_size_gb) for s in problem.servers)
+    most = max(
+        jobs_that_fit(s.memory_gb - problem.block_size_gb(j), problem.cache_size_gb(j))
+        for j, s in enumerate(problem.servers)
+    )
     for sessions in range(min(wanted, most), 0, -1):  # above ``most`` no server holds one block
         spans = _cg_bp(problem, sessions)
         if spans is not None:
@@ -140,10 +145,9 @@ def bprr_placement(problem: Problem, sessions: int | None = None) -> PathPlaceme
     note = f"R = {sessions} sessions reserved per block ({how}" + (
         f"; {wanted} asked, too many for phase 1)" if sessions != wanted else ")"
     )
-    s_m = problem.model.block_size_gb
     placed = {s.server: s for s in spans}
     cache = tuple(
-        problem.servers[j].memory_gb - s_m * placed[j].num_blocks if j in placed else 0.0
+        problem.servers[j].memory_gb - problem.block_size_gb(j) * placed[j].num_blocks if j in placed else 0.0
         for j in range(problem.num_servers)
     )
     layout = PathPlacement(problem, Placement(spans, problem.model.num_blocks), cache, "bprr", (note,))

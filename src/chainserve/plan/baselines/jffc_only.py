@@ -23,17 +23,17 @@ def jffc_only_plan(problem: Problem) -> Plan:
     >>> [(ch.servers, ch.service_time_s, ch.capacity) for ch in plan.chains]
     [((0,), 3.5, 4)]
     """
-    model, L = problem.model, problem.model.num_blocks
+    L = problem.model.num_blocks
     spans, chains = [], []
     for j, server in enumerate(problem.servers):
-        capacity = jobs_that_fit(server.memory_gb - model.block_size_gb * L, model.cache_size_gb * L)
+        capacity = jobs_that_fit(server.memory_gb - problem.block_size_gb(j) * L, problem.cache_size_gb(j) * L)
         if capacity >= 1:
             spans.append(Span(j, 1, L))
             chains.append(Chain((Hop(j, 1, L),), hop_time_s(problem, j, L), capacity))
     if not chains:
         raise ValueError(
-            f"jffc-only: no server can hold all {L} blocks ({model.block_size_gb * L:.4g} GB) plus one job's "
-            f"cache ({model.cache_size_gb * L:.4g} GB); the method is not applicable to this cluster"
+            f"jffc-only: no server can hold all {L} blocks ({min(problem.block_sizes) * L:.4g} GB) plus one "
+            f"job's cache ({min(problem.cache_sizes) * L:.4g} GB); the method is not applicable to this cluster"
         )
     plan = make_plan(problem, Placement(tuple(spans), L), tuple(chains), None, "jffc-only")
     plan.check()

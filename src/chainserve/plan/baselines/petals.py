@@ -169,8 +169,9 @@ def petals_placement(
     model, L = problem.model, problem.model.num_blocks
     max_tokens = model.max_tokens or problem.workload.prompt_tokens + problem.workload.output_tokens
     cache_per_block_gb = model.cache_size_gb * cache_tokens / max_tokens
+    per_block_gb = [s_c * cache_tokens / max_tokens for s_c in problem.cache_sizes]  # each server's s_c,j
     blocks = {
-        j: min(jobs_that_fit(s.memory_gb - autograd_gb, model.block_size_gb + cache_per_block_gb), L)
+        j: min(jobs_that_fit(s.memory_gb - autograd_gb, problem.block_size_gb(j) + per_block_gb[j]), L)
         for j, s in enumerate(problem.servers)
     }
     blocks = {j: m for j, m in blocks.items() if m > 0}
@@ -190,14 +191,14 @@ def petals_placement(
                 starts[j] = best_start(throughput, blocks[j])
                 throughput[starts[j] : starts[j] + blocks[j]] += rates[j]
     spans = tuple(Span(j, starts[j] + 1, blocks[j]) for j in sorted(starts))
-    cache = tuple(cache_per_block_gb * blocks[j] if j in starts else 0.0 for j in range(problem.num_servers))
+    cache = tuple(per_block_gb[j] * blocks[j] if j in starts else 0.0 for j in range(problem.num_servers))
     layout = PathPlacement(
         problem,
         Placement(spans, L),
         cache,
         "petals",
         (
-            f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB; s_c sized for "
+            f"cache for {cache_tokens} tokens per block ({cache_per_block_gb:.4g} GB at the model's s_c, sized for "
             f"{max_tokens} tokens, {'the model max_tokens' if model.max_tokens else 'prompt + output'})",
             f"autograd reserve {autograd_gb:.3g} GB",
             f"rebalance rounds {rebalance_rounds}",

@@ -1,7 +1,7 @@
 """Output of the baselines without chains (spec §3): a placement plus the KV-cache pool of each server.
 
 PETALS and BPRR do not form server chains or reserve cache per chain. A request picks a path of
-(server, blocks) hops when it arrives and holds ``s_c × (blocks it runs there)`` of the server's cache
+(server, blocks) hops when it arrives and holds ``s_c,j × (blocks it runs there)`` of the server's cache
 pool for its whole life; the pool is the memory a server set aside for attention caches.
 """
 
@@ -57,7 +57,7 @@ class PathPlacement:
         placed = set(placement.servers)
         for j, server in enumerate(problem.servers):
             span = placement.span_of(j)
-            params_gb = problem.model.block_size_gb * span.num_blocks if span is not None else 0.0
+            params_gb = problem.block_size_gb(j) * span.num_blocks if span is not None else 0.0
             if j not in placed and self.cache_gb[j] > 0:
                 raise ValueError(f"cache_gb: server {server.name} hosts nothing but has a cache pool")
             if params_gb + self.cache_gb[j] > server.memory_gb + MEMORY_EPS_GB * max(1.0, server.memory_gb):

@@ -84,6 +84,8 @@ def block_server_argv(
         argv += ["--step-cost-ms", spec.step_cost.ms_text()]
     if common.model is not None:
         argv += ["--model", common.model]
+    if spec.weights is not None:
+        argv += ["--weights", spec.weights]
     if not emulated:
         argv += ["--device", common.devices.get(spec.name, common.device)]
     if parent_pid is not None:
