@@ -14,7 +14,10 @@ from importlib.util import find_spec
 EXTRA_MODULES = {
     "torch": ("torch", "transformers", "safetensors", "tokenizers", "gguf"),
     "ray": ("ray",),
+    "int8": ("torch", "torchao"),  # within the torch extra: int8 weights (issue 29)
 }
+#: The extra to install for each key of :data:`EXTRA_MODULES`.
+INSTALLS = {"int8": "torch"}
 
 
 class MissingExtra(ValueError):
@@ -33,6 +36,7 @@ def require(extra: str, feature: str) -> None:
     """
     module = missing_module(extra)
     if module is not None:
+        extra = INSTALLS.get(extra, extra)
         raise MissingExtra(
             f"{feature} needs the '{extra}' extra ({module} is not installed): pip install 'chainserve[{extra}]'"
         )

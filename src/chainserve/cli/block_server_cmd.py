@@ -128,7 +128,10 @@ def block_server(
         knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
         if weights is not None and weights not in WEIGHT_FORMATS:
             raise SpecError("weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
-        span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
+        try:
+            span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
+        except ValueError as exc:  # name the server: its operator reads this in the cluster's logs
+            raise SpecError(f"server {server_id}", str(exc)) from None
     server = BlockServer(server_id, span, knobs, backend, model_id)
     asyncio.run(serve_forever(server, host, port, exit_with_parent))
 

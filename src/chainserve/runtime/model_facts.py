@@ -16,9 +16,10 @@ no memory) and measured rather than counted by a formula:
   (the module named ``experts``, not ``shared_experts``) count ``num_experts_per_tok`` of their number;
   the largest layer again;
 - KV elements per token per block: a dry run of the whole model on one meta token with a
-  ``DynamicCache``, reading the shapes of each layer's cached keys and values (right for GQA, Falcon's
-  all-heads cache and DeepSeek's MLA latent, whose K and V differ in size). A sliding-window layer counts
-  like a full one: one token's K and V per token, the planner's worst case of a sequence inside its window.
+  ``DynamicCache`` (:func:`~.backends.hf_parts.dry_run`), reading the shapes of each layer's cached keys
+  and values (right for GQA, Falcon's all-heads cache and DeepSeek's MLA latent, whose K and V differ
+  in size). A sliding-window layer counts like a full one: one token's K and V per token, the planner's
+  worst case of a sequence inside its window.
 
 Hybrid or recurrent models (Mamba-style, linear attention) keep no KV per token: a ``ValueError``.
 """
@@ -26,11 +27,12 @@ Hybrid or recurrent models (Mamba-style, linear attention) keep no KV per token:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from chainserve.runtime.backends.hf_parts import dry_run, layer_list, load_config
 
 #: ``layer_types`` entries that are attention with a per-token KV cache.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
@@ -53,11 +55,7 @@ class ModelFacts:
 
 def measure_dir(model_dir: Path) -> ModelFacts:
     """:func:`measure` of a local directory's ``config.json`` (``ValueError`` "model: ..." when unreadable)."""
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"model: cannot read {model_dir}/config.json as a transformers config: {exc}") from None
-    return measure(config)
+    return measure(load_config(model_dir))
 
 
 def measure(config: PretrainedConfig) -> ModelFacts:
@@ -69,10 +67,10 @@ def measure(config: PretrainedConfig) -> ModelFacts:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         except ValueError as exc:
             raise ValueError(f"model: transformers builds no causal LM for {config.model_type!r}: {exc}") from None
-    layers = _layer_list(model, text.num_hidden_layers)
+    _, layers = layer_list(model)
     params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     active = [_active_params(layer, text) for layer in layers]
-    kv = _kv_elements_per_token(model, config, len(layers))
+    kv = [shape.elements for shape in dry_run(config).kv]
     largest = layers[params.index(max(params))]
     linear = [m.weight for m in largest.modules() if isinstance(m, torch.nn.Linear)]
     return ModelFacts(
@@ -95,14 +93,6 @@ def _refuse_recurrent(text: PretrainedConfig) -> None:
         )
 
 
-def _layer_list(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
-    """The outermost ``ModuleList`` of ``num_layers`` modules (pre-order: before any expert list)."""
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"model: {type(model).__name__} has no list of its {num_layers} decoder layers")
-
-
 def _active_params(layer: torch.nn.Module, text: PretrainedConfig) -> int:
     """Parameters one token passes: routed experts count ``num_experts_per_tok`` out of their number."""
     experts = sum(p.numel() for name, p in layer.named_parameters() if "experts" in name.split("."))
@@ -112,30 +102,3 @@ def _active_params(layer: torch.nn.Module, text: PretrainedConfig) -> int:
     if not experts or not num_experts or not top_k:
         return total
     return total - experts + experts * top_k // num_experts
-
-
-def _kv_elements_per_token(model: torch.nn.Module, config: PretrainedConfig, num_layers: int) -> list[int]:
-    """K and V elements each layer caches for one token: a one-token forward on the meta device."""
-    cache = DynamicCache(config=config)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # past_key_values: every family still takes it
-            ids = torch.zeros((1, 1), dtype=torch.long, device="meta")
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-    except (RuntimeError, NotImplementedError, TypeError) as exc:  # no fallback: a formula would guess
-        raise ValueError(
-            f"model: the dry run of {config.model_type!r} on the meta device failed, so its KV size per token "
-            f"cannot be measured: {type(exc).__name__}: {exc}"
-        ) from None
-    layers = getattr(cache, "layers", ())
-    sizes = [
-        layer.keys.numel() + layer.values.numel()
-        for layer in layers
-        if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
-    ]
-    if len(sizes) != num_layers or not all(sizes):
-        raise ValueError(
-            f"model: {config.model_type!r} cached keys and values for {len(sizes)} of its {num_layers} layers "
-            "(a hybrid or recurrent model?); chainserve serves attention-only decoders"
-        )
-    return sizes

@@ -68,6 +68,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_weights(weights: str | None, device: torch.device) -> None:
+    """``ValueError`` when ``device`` cannot hold blocks in ``weights`` (issue 29): bf16 on a GPU without
+    it; int8 without torchao (the torch extra's)."""
+    import torch
+
+    if weights == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"weights: {device} ({torch.cuda.get_device_name(device)}) cannot compute in bf16")
+    if weights == "int8":
+        from chainserve.extras import require
+
+        require("int8", "int8 weights (torchao)")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on the CPU; bf16 on a GPU that has it, else fp16."""
     import torch

@@ -30,7 +30,7 @@ def make_span(
         require("torch", "the torch backend")
         import torch
 
-        from chainserve.runtime.backends.devices import default_dtype, resolve_device
+        from chainserve.runtime.backends.devices import check_weights, default_dtype, resolve_device
         from chainserve.runtime.backends.torch_backend import TorchSpan
         from chainserve.runtime.models import resolve_model
 
@@ -38,6 +38,7 @@ def make_span(
         if model is None:
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
         path, where = resolve_model(model), resolve_device(device)
+        check_weights(weights, where)
         return TorchSpan(path, info, default_dtype(where), where, weights), path.name
     raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 

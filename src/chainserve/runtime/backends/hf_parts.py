@@ -55,6 +55,11 @@ def check_supported(config: PretrainedConfig, dtype: torch.dtype) -> None:
         raise ValueError(f"dtype: {config.model_type!r} cannot run in {dtype}: {why}")
 
 
+def context_limit(text: PretrainedConfig) -> int | None:
+    """The longest sequence the family states it takes (``None``: none stated, as with BLOOM's ALiBi)."""
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "max_seq_len", None)
+
+
 def layer_windows(text: PretrainedConfig) -> list[int | None]:
     """Each layer's sliding window (``None``: full attention): from ``layer_types`` where the family
     has them (Gemma 2/3, gpt-oss, Qwen 2), else ``sliding_window`` for every layer (Mistral, Phi 3,
@@ -103,6 +108,11 @@ class KvShape:
     v_heads: int
     v_dim: int
 
+    @property
+    def elements(self) -> int:
+        """K and V elements per token."""
+        return self.k_heads * self.k_dim + self.v_heads * self.v_dim
+
 
 @dataclass(frozen=True, slots=True)
 class DryRun:
@@ -114,23 +124,37 @@ class DryRun:
 
 
 def dry_run(config: PretrainedConfig) -> DryRun:
-    """:class:`DryRun` of ``config``'s causal LM (bf16: grouped MoE kernels need it on meta)."""
+    """:class:`DryRun` of ``config``'s causal LM: one token embedded as zeros (no token id that a
+    family may check as padding), in bf16 (grouped MoE kernels need it on meta). ``ValueError`` when
+    it cannot run or a layer caches no keys and values (a hybrid or recurrent model): no formula guesses."""
     from transformers import DynamicCache
 
+    text = config.get_text_config()
     seen: list[bool] = []
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dry = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        _, layers = layer_list(dry)
-        hook = layers[0].register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
-        cache = DynamicCache(config=config)
-        with torch.no_grad():
-            dry(input_ids=torch.zeros((1, 1), dtype=torch.long), past_key_values=cache, use_cache=True)
-        hook.remove()
-    kv = tuple(
-        KvShape(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[1], layer.values.shape[3])
-        for layer in cache.layers
-    )
+    try:
+        with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dry = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            _, layers = layer_list(dry)
+            layers[0].register_forward_hook(lambda _m, _a, out: seen.append(isinstance(out, tuple)))
+            cache = DynamicCache(config=config)
+            embeds = torch.zeros((1, 1, text.hidden_size), dtype=torch.bfloat16)
+            dry(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        raise ValueError(
+            f"model: the dry run of {config.model_type!r} on the meta device failed, so its KV size per token "
+            f"cannot be measured: {type(exc).__name__}: {exc}"
+        ) from None
+    cached = [
+        layer for layer in getattr(cache, "layers", ())
+        if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+    ]  # fmt: skip
+    if len(cached) != text.num_hidden_layers or not seen:
+        raise ValueError(
+            f"model: {config.model_type!r} cached keys and values for {len(cached)} of its "
+            f"{text.num_hidden_layers} layers (a hybrid or recurrent model?); chainserve serves attention-only decoders"
+        )
+    kv = tuple(KvShape(c.keys.shape[1], c.keys.shape[3], c.values.shape[1], c.values.shape[3]) for c in cached)
     return DryRun(kv, seen[0])
 
 
@@ -149,8 +173,10 @@ def checkpoint_layer(key: str, layers_attr: str) -> int | None:
     """The 0-based layer a checkpoint tensor belongs to (``None``: not a layer's), by the last name of
     the layer list (``layers``, ``h``), with or without the base model's prefix.
 
-    >>> checkpoint_layer("model.layers.12.mlp.experts.3.w1.weight", "layers"), checkpoint_layer("lm_head.weight", "layers")
-    (12, None)
+    >>> checkpoint_layer("model.layers.12.mlp.experts.3.w1.weight", "layers")
+    12
+    >>> checkpoint_layer("lm_head.weight", "layers") is None
+    True
     >>> checkpoint_layer("h.3.attn.c_attn.weight", "h")
     3
     """
@@ -196,7 +222,7 @@ def load_parts(
         if (wanted is None and not k.startswith(prefix))
         or (wanted is not None and k.startswith(prefix) and int(k[len(prefix):].split(".", 1)[0]) in wanted)
     )  # fmt: skip
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.get_text_config().tie_word_embeddings else set()
-    missing = [k for k in missing if k not in tied]
+    if model.config.get_text_config().tie_word_embeddings:  # tied to the embeddings after loading
+        missing = [k for k in missing if k not in (getattr(model, "_tied_weights_keys", None) or ())]
     if missing:
         raise ValueError(f"model: {model_dir} lacks {len(missing)} tensors of the parts asked for, e.g. {missing[:3]}")

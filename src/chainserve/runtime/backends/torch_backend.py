@@ -4,7 +4,7 @@ that transformers ships (issue 29), KV cache in a fixed arena.
 :class:`TorchSpan` cuts its blocks from the model's own classes (:mod:`.hf_parts`: the whole model
 built on the meta device, only the span's layers loaded, global 1-based block b = layer b − 1 keeping
 its index) and runs them as the model's own forward would: the base model's rotary module (one per
-layer type where the family has several, Gemma 3), ALiBi where the layers take it (BLOOM, Falcon-RW),
+layer type where the family has several, Gemma 3), ALiBi where the layers take it (BLOOM, Falcon-RW, MPT),
 a mask per layer (full or sliding window) in the format of the model's attention implementation
 (boolean for sdpa, additive for eager: Gemma 2 softcapping and gpt-oss sinks run eager), and each layer
 called with the keyword arguments its ``forward`` accepts. The KV memory is allocated once at
@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.backends.hf_parts import (
     check_supported,
+    context_limit,
     dry_run,
     layer_list,
     layer_windows,
@@ -58,6 +59,8 @@ WEIGHTS = ("fp32", "bf16", "fp16", "int8")
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Families whose base model also folds ALiBi (÷ √head_dim) into the additive mask.
 ALIBI_IN_MASK = frozenset({"falcon"})
+#: Families whose layers take the mask as booleans marking the keys *hidden* (MPT casts its additive mask).
+MASK_MARKS_HIDDEN = frozenset({"mpt"})
 
 
 class ArenaCache(Cache):
@@ -124,9 +127,9 @@ class TorchSpan:
             )
         if info.num_block_slots < 1 or info.max_tokens < 1:
             raise ValueError(f"info: need num_block_slots >= 1 and max_tokens >= 1, got {info}")
-        limit = getattr(text, "max_position_embeddings", None)
+        limit = context_limit(text)
         if limit is not None and info.max_tokens > limit:
-            raise ValueError(f"info.max_tokens: {info.max_tokens} exceeds the model's max_position_embeddings {limit}")
+            raise ValueError(f"info.max_tokens: {info.max_tokens} exceeds the model's context of {limit} tokens")
         if dtype not in FROM_WIRE.values() or not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not float32, float16 or bfloat16")
         check_supported(config, dtype)
@@ -143,12 +146,15 @@ class TorchSpan:
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is not None:
             self.rotary = self.rotary.to(self.device)
+        self.num_heads = text.num_attention_heads
         self.alibi = None
         if "alibi" in _kwargs_of(self.layers[0]) and getattr(text, "alibi", True):  # Falcon: alibi or rotary
             self.alibi = _alibi_builder(base)
         self.alibi_in_mask = self.alibi is not None and text.model_type in ALIBI_IN_MASK
+        self.position_bias = None  # MPT's ALiBi: one tensor for every length, relative to the last key
+        if "position_bias" in _kwargs_of(self.layers[0]):
+            self.position_bias = base.build_mpt_alibi_tensor(self.num_heads, text.max_seq_len, device=self.device)
         self.attention = "eager" if self.alibi_in_mask else model.config._attn_implementation
-        self.num_heads = text.num_attention_heads
         windows = layer_windows(text)
         types = getattr(text, "layer_types", None)
         self.windows = windows[first : info.last_block]
@@ -222,6 +228,7 @@ class TorchSpan:
                     "position_embeddings": rotary.get(self.types[i]),
                     "use_cache": True,
                     "alibi": alibi,
+                    "position_bias": self.position_bias,
                     "cache": cache,
                 }
                 out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
@@ -244,6 +251,8 @@ class TorchSpan:
         seen = seen[:, None]  # [B, 1, q, length]
         if self.attention == "sdpa":
             return seen
+        if self.config.model_type in MASK_MARKS_HIDDEN:
+            return ~seen
         if self.alibi_in_mask:
             head_dim = self.hidden_size // self.num_heads
             bias = alibi.reshape(len(starts), -1, 1, length) / head_dim**0.5
@@ -290,9 +299,11 @@ def _kwargs_of(layer: torch.nn.Module) -> set[str]:
 
 def _call_plan(layer: torch.nn.Module) -> list[tuple[str, str]]:
     """(keyword, what it gets) for each input this layer's ``forward`` names: the mask, positions,
-    rotary embeddings, ALiBi, ``use_cache`` and its cache by whichever name it uses."""
+    rotary embeddings, ALiBi (BLOOM's ``alibi``, MPT's ``position_bias``), ``use_cache`` and its cache
+    by whichever name it uses."""
     names = _kwargs_of(layer)
-    plan = [(k, k) for k in ("attention_mask", "position_ids", "position_embeddings", "use_cache", "alibi") if k in names]
+    given = ("attention_mask", "position_ids", "position_embeddings", "use_cache", "alibi", "position_bias")
+    plan = [(k, k) for k in given if k in names]
     cache = next((k for k in CACHE_KWARGS if k in names), None)
     if cache is None:
         raise ValueError(f"model: {type(layer).__name__}.forward takes no cache argument")
@@ -301,7 +312,8 @@ def _call_plan(layer: torch.nn.Module) -> list[tuple[str, str]]:
 
 def _alibi_builder(base: torch.nn.Module):
     """The family's own ALiBi builder, ``(mask [B, length], num_heads, dtype) -> [B·heads, 1, length]``."""
-    build = getattr(base, "build_alibi_tensor", None) or getattr(sys.modules[type(base).__module__], "build_alibi_tensor", None)
+    module = sys.modules[type(base).__module__]
+    build = getattr(base, "build_alibi_tensor", None) or getattr(module, "build_alibi_tensor", None)
     if build is None:
         raise ValueError(f"model: {type(base).__name__}'s layers take ALiBi but it has no build_alibi_tensor")
     return build
@@ -309,9 +321,6 @@ def _alibi_builder(base: torch.nn.Module):
 
 def _quantize_int8(layers: torch.nn.Module) -> None:
     """torchao weight-only int8 on every ``nn.Linear`` (one scale per output row)."""
-    from chainserve.extras import require
-
-    require("torch", "int8 weights (torchao)")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     quantize_(layers, Int8WeightOnlyConfig())

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from chainserve.runtime.backends.base import WireTensor
 from chainserve.runtime.backends.hf_parts import (
     check_supported,
+    context_limit,
     dry_run,
     layer_list,
     load_config,
@@ -67,8 +68,8 @@ class _StandIn(torch.nn.Module):
 
 
 class TorchHead:
-    """ModelHead of the causal LM in ``model_dir``; ``max_tokens`` caps the context below
-    ``max_position_embeddings`` (``None``: the model's own limit); weights live on ``device``."""
+    """ModelHead of the causal LM in ``model_dir``; ``max_tokens`` caps the context below the model's
+    own (``None``: the model's own limit); weights live on ``device``."""
 
     in_thread = True  # a 49k-word LM head takes milliseconds: off the event loop
 
@@ -87,7 +88,7 @@ class TorchHead:
         check_supported(config, dtype)
         self.model_id = model_name(model_dir)
         self.num_blocks = text.num_hidden_layers
-        limit = getattr(text, "max_position_embeddings", None) or max_tokens or DEFAULT_CONTEXT
+        limit = context_limit(text) or max_tokens or DEFAULT_CONTEXT
         self.max_tokens = min(limit, max_tokens or limit)
         self.hidden_size, self.dtype, self.device = text.hidden_size, dtype, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
