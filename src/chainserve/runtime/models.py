@@ -272,20 +272,22 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def build_tiny_random(out: Path, seed: int = 0) -> None:
-    """A 6-layer random Llama (hidden 64, 4 heads, 2 KV heads) with a byte-level BPE tokenizer trained
-    in-process on a fixed text; tied embeddings like SmolLM2. Deterministic for a given seed."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+#: The tiny tokenizer's special tokens: padding, beginning and end of a ChatML turn.
+TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+def tiny_tokenizer():
+    """A byte-level BPE of 384 tokens trained in-process on :data:`TINY_TEXT`, with the ChatML template:
+    the tokenizer of ``tiny-random`` and of the tests' tiny models of every family. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=384,
-        special_tokens=specials,
+        special_tokens=list(TINY_SPECIALS),
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -298,7 +300,17 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML_TEMPLATE
-    ids = {t: fast.convert_tokens_to_ids(t) for t in specials}
+    return fast
+
+
+def build_tiny_random(out: Path, seed: int = 0) -> None:
+    """A 6-layer random Llama (hidden 64, 4 heads, 2 KV heads) with a byte-level BPE tokenizer trained
+    in-process on a fixed text; tied embeddings like SmolLM2. Deterministic for a given seed."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    fast = tiny_tokenizer()
+    ids = {t: fast.convert_tokens_to_ids(t) for t in TINY_SPECIALS}
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=64,
