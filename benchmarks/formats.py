@@ -10,12 +10,15 @@ Per format:
     that format; the best planner, λ = 1/s): ν = Σ c_k μ_k, the Theorem-4 lower bound on E[T] and the
     servers per chain;
 (d) quality against fp32: over ``--prompts`` chat prompts × ``--tokens`` greedy tokens, a chain of
-    three spans (blocks 1–10 fp32, 11–20 bf16, 21–30 int8, the mixed cluster of
+    three spans (blocks 1–10 fp32, 11–20 bf16, 21–30 int8, like the mixed cluster of
     examples/smollm2-formats.yaml) and each format alone: how many prompts give fp32's greedy tokens,
-    and the mean per-token KL(fp32 ‖ format) on fp32's greedy continuation (teacher-forced).
+    and the mean per-token KL(fp32 ‖ format) on fp32's greedy continuation (teacher-forced);
+(e) served: ``chainserve serve examples/smollm2-formats.yaml --backend torch`` (three block-server
+    processes: fp32, bf16, int8), the same prompts over its chat API, against Hugging Face ``generate``
+    on the fp32 model: how many answers have the same greedy tokens.
 
-    python benchmarks/formats.py                  # all (~5 min on 2 cores; SmolLM2 converts once, ~30 s)
-    python benchmarks/formats.py --only a,b       # some of a, b, c, d
+    python benchmarks/formats.py                  # all (~12 min on 2 cores; SmolLM2 converts once, ~30 s)
+    python benchmarks/formats.py --only a,b       # some of a, b, c, d, e
 """
 
 from __future__ import annotations
@@ -142,10 +145,16 @@ def quality(path, num_prompts: int, num_tokens: int) -> list[tuple[str, int, flo
         return head.logits([torch_to_wire(x.float())], [len(ids)])
 
     def greedy(chain, prompt: list[int]) -> list[int]:
-        ids = list(prompt)
+        """Decoded with the spans' KV cache, one session (block-slots 0..m−1, rewritten per prompt)."""
+        out, ids, position = [], list(prompt), 0
         for _ in range(num_tokens):
-            ids.append(int(logits_of(chain, ids)[-1].argmax()))
-        return ids[len(prompt) :]
+            x = wire_to_torch(head.embed(ids, position), head.hidden_size)
+            for span in chain:
+                x = span.run(x, span.info.first_block, [list(range(span.info.num_blocks))], [position])
+            position += len(ids)
+            ids = [int(head.logits([torch_to_wire(x.float())])[0].argmax())]
+            out.append(ids[0])
+        return out
 
     prompts = [head.chat_prompt([{"role": "user", "content": p}]) for p in PROMPTS[:num_prompts]]
     reference = [greedy(chains["fp32"], p) for p in prompts]
@@ -164,9 +173,44 @@ def quality(path, num_prompts: int, num_tokens: int) -> list[tuple[str, int, flo
     return rows
 
 
+def served(path, num_prompts: int, num_tokens: int) -> tuple[int, int, str]:
+    """(e): (answers equal to fp32 ``generate``, answers, the chain's servers and formats)."""
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chainserve.runtime.serve_process import serve_process
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS[:num_prompts]]
+    want = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=num_tokens, do_sample=False)
+        want.append(out[0, ids["input_ids"].shape[1] :].tolist())
+    del model
+    example = Path(__file__).parents[1] / "src" / "chainserve" / "examples" / "smollm2-formats.yaml"
+    log = Path(tempfile.mkdtemp(prefix="chainserve-formats-")) / "serve.err"
+    with serve_process([str(example), "--backend", "torch", "--port", "0"], log, ready_s=600) as proc:
+        plan = httpx.get(proc.url + "/plan", timeout=30).json()
+        weights = {s["name"]: s["weights"] for s in plan["servers"]}
+        chain = " → ".join(f"{name} ({weights[name]})" for name in plan["chains"][0]["servers"])
+        same = 0
+        for chat, tokens in zip(chats, want, strict=True):
+            body = {"model": "smollm2-135m", "messages": chat, "max_tokens": num_tokens, "temperature": 0}
+            answer = httpx.post(proc.url + "/v1/chat/completions", json=body, timeout=300).json()
+            same += answer["chainserve"]["token_ids"] == tokens
+    return same, len(chats), chain
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="a,b,c,d", help="which of a, b, c, d (comma-separated)")
+    parser.add_argument("--only", default="a,b,c,d,e", help="which of a, b, c, d, e (comma-separated)")
     parser.add_argument("--context", type=int, default=64, help="(b) cached positions per session")
     parser.add_argument("--iterations", type=int, default=20, help="(b) timed decode steps per figure")
     parser.add_argument("--servers", type=int, default=3, help="(c) servers in the fixed cluster")
@@ -201,6 +245,9 @@ def main() -> None:
         print(f"(d) against fp32, {args.prompts} chat prompts × {args.tokens} greedy tokens")
         for name, same, kl in quality(path, args.prompts, args.tokens):
             print(f"    {name:<22} same greedy tokens on {same:2d}/{args.prompts}   mean per-token KL {kl:.2e}")
+    if "e" in only:
+        same, total, chain = served(path, args.prompts, args.tokens)
+        print(f"(e) served by {chain}: {same}/{total} answers have fp32 generate's {args.tokens} greedy tokens")
     sys.stdout.flush()
 
 
