@@ -195,6 +195,22 @@ def test_model_directory_needs_a_resolver_and_reports_its_errors(tmp_path):
         load_cluster(write(tmp_path, PATH_MODEL), broken)
 
 
+def test_a_bare_name_outside_the_catalogue_is_a_model_to_measure(tmp_path):
+    """issue 29: ``model: gemma3-270m`` (a model the runtime builds) goes to the resolver like
+    ``{path: gemma3-270m}``; a catalogue name stays the catalogue's; a name neither knows says both."""
+    text = PATH_MODEL.replace("model: {path: models/tiny, max_tokens: 512}", "model: gemma3-270m\nmax_tokens: 512")
+    assert "model: gemma3-270m" in text
+    calls = []
+    assert load_cluster(write(tmp_path, text), fake_resolver(calls)).model.measured_from == "gemma3-270m"
+    assert calls == [(Path("gemma3-270m"), "fp32", 512)]
+
+    def unknown(directory, dtype, max_tokens):
+        raise ValueError(f"model: {str(directory)!r} is neither a known name (tiny-random) nor a directory")
+
+    with pytest.raises(SpecError, match=r"^model: unknown model 'gemma3-27m'.*nor a model to measure: .*neither"):
+        load_cluster(write(tmp_path, text.replace("gemma3-270m", "gemma3-27m")), unknown)
+
+
 def test_problem_from_dict_names_itself():
     data = {
         "name": "mine",

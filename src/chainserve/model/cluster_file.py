@@ -318,6 +318,8 @@ def _model(
         name_path, name = "model.name", raw["name"]
     else:
         name_path, name = "model", raw
+        if resolve_model is not None and _catalogue_error(_string(name, name_path)) is not None:
+            return None, _named_model(data, name, workload, resolve_model, base_dir)
     with _at(field=name_path):
         arch = catalogue.model_arch(_string(name, name_path))
     dtype = None
@@ -332,6 +334,27 @@ def _model(
     if "max_tokens" in source:
         max_tokens = _count(source["max_tokens"][0], "max_tokens", source["max_tokens"][1], limits.MAX_TOKENS)
     return arch, arch.spec(dtype, max_tokens)
+
+
+def _named_model(
+    data: Mapping[str, Any], name: str, workload: Workload, resolve_model: ModelResolver, base_dir: Path | None
+) -> ModelSpec:
+    """``model: NAME`` that is no catalogue model: a model the runtime builds (``gemma3-270m``) or a
+    directory, measured like ``{path: NAME}``; else the catalogue's error, with the runtime's reason."""
+    try:
+        return _path_model(data, {"path": name}, workload, resolve_model, base_dir)
+    except SpecError as exc:
+        reason = str(exc).removeprefix("model.path: ")
+        raise SpecError("model", f"{_catalogue_error(name)}; nor a model to measure: {reason}") from None
+
+
+def _catalogue_error(name: str) -> str | None:
+    """Why ``name`` is no catalogue model (``None``: it is one)."""
+    try:
+        catalogue.model_arch(name)
+    except SpecError as exc:
+        return str(exc).removeprefix("model: ")
+    return None
 
 
 def _path_model(
