@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from chainserve.cli.common import user_errors
+from chainserve.extras import MissingExtra
 from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.model.spec import SpecError
 from chainserve.model.step_cost import StepCost
@@ -130,6 +131,8 @@ def block_server(
             raise SpecError("weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
         try:
             span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
+        except MissingExtra:  # the same on every server: the line says what to install
+            raise
         except ValueError as exc:  # name the server: its operator reads this in the cluster's logs
             raise SpecError(f"server {server_id}", str(exc)) from None
     server = BlockServer(server_id, span, knobs, backend, model_id)
