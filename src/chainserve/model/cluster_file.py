@@ -83,7 +83,7 @@ import yaml
 
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
-from chainserve.model.formats import WEIGHT_FORMATS
+from chainserve.model.formats import FLOAT_BYTES, WEIGHT_FORMATS
 from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
 from chainserve.model.step_cost import StepCost
 
@@ -125,7 +125,7 @@ RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
 RAW_SERVER_OPTIONAL = ("weights", "block_size_gb", "cache_size_gb")
 PATH_MODEL_KEYS = ("path", "dtype", "max_tokens")
 #: The dtypes a model given by its directory is measured in (the runtime's weights and KV cache).
-PATH_DTYPES = ("fp32", "bf16", "fp16")
+PATH_DTYPES = tuple(FLOAT_BYTES)
 #: ``(dir, dtype, max_tokens) -> ModelSpec``: measures a model directory (given by the runtime layer).
 ModelResolver = Callable[[Path, str, int], ModelSpec]
 

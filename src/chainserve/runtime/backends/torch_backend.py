@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache
 
+from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.backends.hf_parts import (
     check_supported,
@@ -54,8 +55,7 @@ __all__ = ["ArenaCache", "TorchHead", "TorchSpan"]
 
 #: What a layer's ``forward`` may call its cache, newest first.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
-#: Weight formats a span runs (issue 29): a float dtype, or int8 weight-only (torchao).
-WEIGHTS = ("fp32", "bf16", "fp16", "int8")
+#: The torch dtype of each float weight format (int8 weight-only, torchao, computes in the span's dtype).
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Families whose base model also folds ALiBi (÷ √head_dim) into the additive mask.
 ALIBI_IN_MASK = frozenset({"falcon"})
@@ -102,7 +102,7 @@ class ArenaCache(Cache):
 class TorchSpan:
     """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
     on ``device``, computing and caching in ``dtype``; ``weights``: the format its weights are held in
-    (one of :data:`WEIGHTS`; ``None``: ``dtype``)."""
+    (one of :data:`~chainserve.model.formats.WEIGHT_FORMATS`; ``None``: ``dtype``)."""
 
     #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
     batches = True
@@ -117,8 +117,8 @@ class TorchSpan:
     ):
         config = load_config(model_dir)
         text = config.get_text_config()
-        if weights is not None and weights not in WEIGHTS:
-            raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+        if weights is not None and weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
         dtype = WEIGHT_DTYPES.get(weights or "", dtype)
         if info.first_block < 1 or info.last_block > text.num_hidden_layers or info.num_blocks < 1:
             raise ValueError(
@@ -146,6 +146,7 @@ class TorchSpan:
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is not None:
             self.rotary = self.rotary.to(self.device)
+        self.rotary_per_type = self.rotary is not None and "layer_type" in _kwargs_of(self.rotary)
         self.num_heads = text.num_attention_heads
         self.alibi = None
         if "alibi" in _kwargs_of(self.layers[0]) and getattr(text, "alibi", True):  # Falcon: alibi or rotary
@@ -221,16 +222,13 @@ class TorchSpan:
             rotary = self._rotary(h, pos, set(self.types[offset:]))
             table = torch.tensor([list(s) for s in slots], device=dev)
             cache = ArenaCache(self.keys, self.values, table, first_block - 1, starts, length)
+            given = {
+                "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias,
+                "cache": cache,
+            }  # fmt: skip
             for i in range(offset, self.info.num_blocks):
-                given = {
-                    "attention_mask": masks[self.windows[i]],
-                    "position_ids": pos,
-                    "position_embeddings": rotary.get(self.types[i]),
-                    "use_cache": True,
-                    "alibi": alibi,
-                    "position_bias": self.position_bias,
-                    "cache": cache,
-                }
+                given["attention_mask"] = masks[self.windows[i]]
+                given["position_embeddings"] = rotary.get(self.types[i])
                 out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
                 h = out[0] if isinstance(out, tuple) else out
         return h
@@ -265,7 +263,7 @@ class TorchSpan:
         """The base model's rotary embedding (cos, sin) at ``pos``, per layer type where it takes one."""
         if self.rotary is None:
             return {}
-        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+        if self.rotary_per_type:
             return {t: self.rotary(h, pos, layer_type=t) for t in types}
         both = self.rotary(h, pos)
         return dict.fromkeys(types, both)
@@ -293,8 +291,8 @@ class TorchSpan:
         self.keys = self.values = None
 
 
-def _kwargs_of(layer: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(layer.forward).parameters)
+def _kwargs_of(module: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(module.forward).parameters)
 
 
 def _call_plan(layer: torch.nn.Module) -> list[tuple[str, str]]:
