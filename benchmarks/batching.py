@@ -52,7 +52,7 @@ def server_decode(
     blocks = min(10, head.num_blocks)
     info = SpanInfo(1, blocks, blocks * max(SESSIONS), context + 2 * iterations + 8)
     span = TorchSpan(path, info, default_dtype(where), where)
-    slots = [tuple(range(blocks * k, blocks * (k + 1))) for k in range(max(SESSIONS))]
+    slots = [span.info.slot_pages(range(blocks * k, blocks * (k + 1))) for k in range(max(SESSIONS))]
     prompt = head.embed([(7 * i) % 1000 + 10 for i in range(context)])
     for k in range(max(SESSIONS)):
         span.run_steps([SpanStep(prompt, 1, slots[k], 0)])

@@ -19,6 +19,7 @@ from chainserve.extras import MissingExtra
 from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.model.spec import SpecError
 from chainserve.model.step_cost import StepCost
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
@@ -45,7 +46,14 @@ def block_server(
     block_slots: Annotated[
         int | None, typer.Option(help="KV block-slots (one block of one session), without --plan (default: none).")
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="KV positions per session.")] = 2048,
+    max_tokens: Annotated[
+        int, typer.Option(help="KV positions of one block-slot (the plan's s_c); a session reserves its own.")
+    ] = 2048,
+    page_tokens: Annotated[int, typer.Option(help="KV positions per page.")] = PAGE_TOKENS,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="The longest session served, prompt + output (default: the model's window and the pages)."),
+    ] = None,
     backend: Annotated[str, typer.Option(metavar="torch|emulated", help="torch: real weights; emulated: sleeps.")] = (
         "emulated"
     ),
@@ -111,7 +119,7 @@ def block_server(
             from chainserve.plan.plan_file import load_layout
             from chainserve.runtime.layout import server_specs
 
-            specs = {s.name: s for s in server_specs(load_layout(plan), max_tokens)}
+            specs = {s.name: s for s in server_specs(load_layout(plan), max_tokens, page_tokens, max_context)}
             if server_id not in specs:
                 raise SpecError("id", f"{server_id!r} is not placed in the plan; placed: {', '.join(specs)}")
             spec = specs[server_id]
@@ -124,7 +132,9 @@ def block_server(
         else:
             if None in (first_block, num_blocks, block_slots):
                 raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
-            info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
+            info = SpanInfo(first_block, num_blocks, block_slots, max_tokens, page_tokens, max_context)
+        if info.page_tokens < 1 or (info.max_context is not None and info.max_context < 1):
+            raise SpecError("page-tokens/max-context", "must be positive")
         secret = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
         knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
         if weights is not None and weights not in WEIGHT_FORMATS:

@@ -69,8 +69,13 @@ def serve(
     max_tokens: Annotated[
         int | None,
         typer.Option(
-            help="KV positions per session (prompt + output); default the model spec's max_tokens, else 2048."
+            help="KV positions of one block-slot, the job length the plan sized its cache for (a job reserves "
+            "pages for its own prompt + output); default the model spec's max_tokens, else 2048."
         ),
+    ] = None,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="The longest request served, prompt + output (default: the model's window)."),
     ] = None,
     slowdown: Annotated[
         list[str] | None,
@@ -207,6 +212,7 @@ def serve(
             detach_servers=detach_servers,
             standby_of=standby_of.rstrip("/") if standby_of else None,
             standby_deadline_s=standby_deadline_s,
+            max_context=max_context,
         )
 
     def ready(url: str, service) -> None:

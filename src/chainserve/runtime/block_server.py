@@ -1,9 +1,11 @@
 """A block server: one OS process hosting one server's span of blocks and its KV arena (§4.2).
 
 It answers the orchestrator over a ZeroMQ ROUTER socket (:mod:`.protocol`). A session is admitted
-only when the arena has a block-slot for each block it runs within the admission limit the plan in
-force sets (``limit`` op; else a ``no_free_slot`` refusal), runs prefill and decode steps on the
-hidden states it receives, and is freed when closed or idle past ``idle_timeout_s``.
+only when the arena has, for each block it runs, the KV pages of the positions it reserves (its prompt
++ output, issue 30) within the admission limit the plan in force sets (``limit`` op; else a
+``no_free_slot`` refusal); a session longer than the served context, or than the whole arena, is a
+``bad_request``. It runs prefill and decode steps on the hidden states it receives, never past its
+reservation, and is freed when closed or idle past ``idle_timeout_s``.
 
 Continuous batching (issue 17; iteration-level, as vLLM and Orca schedule): with a backend that
 ``batches`` (torch), steps that arrive while an iteration computes wait, and the next iteration takes
@@ -68,16 +70,21 @@ class ServerKnobs:
 
 @dataclass(slots=True)
 class Session:
-    """An admitted session; a closed one with a step still computing keeps its block-slots until
-    that step is done (``in_flight``, ``closed``), so they never pass to another session mid-write."""
+    """An admitted session: its pages (one tuple per block from ``first_block``) for ``reserved``
+    positions; a closed one with a step still computing keeps its pages until that step is done
+    (``in_flight``, ``closed``), so they never pass to another session mid-write."""
 
-    slots: tuple[int, ...]
+    pages: tuple[tuple[int, ...], ...]
+    reserved: int
     first_block: int
     next_position: int
     last_used_at: float
     epoch: int | None = None
     in_flight: int = 0
     closed: bool = False
+
+    def all_pages(self) -> list[int]:
+        return [page for block in self.pages for page in block]
 
 
 @dataclass(slots=True)
@@ -94,6 +101,7 @@ class Counters:
     num_expired: int = 0
     num_superseded: int = 0  # sessions freed because a newer orchestrator attached
     peak_block_slots: int = 0
+    peak_pages: int = 0
     peak_sessions: int = 0
     compute_s: float = 0.0  # time spent in the backend's forward, slowdown included
 
@@ -114,7 +122,9 @@ class BlockServer:
         self.backend = backend
         self.info = backend.info
         self.knobs = knobs
-        self.arena = KVArena(self.info.num_block_slots)
+        self.arena = KVArena(self.info.num_block_slots, self.info.pages_per_slot)
+        caps = [c for c in (self.info.max_context, getattr(backend, "context", None)) if c is not None]
+        self.context: int | None = min(caps) if caps else None  # the longest session served
         self.sessions: dict[str, Session] = {}
         self.counters = Counters()
         self.backend_name = backend_name
@@ -141,8 +151,13 @@ class BlockServer:
             "num_block_slots": info.num_block_slots,
             "slot_limit": self.arena.limit,
             "max_tokens": info.max_tokens,
+            "page_tokens": info.page_tokens,
+            "pages_per_slot": info.pages_per_slot,
+            "num_pages": info.num_pages,
+            "used_pages": self.arena.num_used,
+            "max_context": self.context,
             "max_batch_tokens": self.knobs.max_batch_tokens,
-            "used_block_slots": self.arena.num_used,
+            "used_block_slots": self.arena.used_block_slots,
             "num_sessions": len(self.sessions),
             "slowdown": self.knobs.slowdown,
             "delay_s": self.knobs.delay_s,
@@ -156,6 +171,7 @@ class BlockServer:
             "num_superseded": c.num_superseded,
             "epoch": self.epoch,
             "peak_block_slots": c.peak_block_slots,
+            "peak_pages": c.peak_pages,
             "peak_sessions": c.peak_sessions,
             "compute_s": c.compute_s,
             "pid": os.getpid(),
@@ -212,7 +228,9 @@ class BlockServer:
         """A round trip's injected delay (both ways)."""
         await self.sleep(2 * self.knobs.delay_s)
 
-    def _admit(self, name: str, first_block: int, epoch: int | None = None) -> Session:
+    def _admit(self, name: str, first_block: int, epoch: int | None = None, reserve: int | None = None) -> Session:
+        """Admit ``name`` at ``first_block`` with the pages of ``reserve`` positions on each block
+        (``None``: one block-slot's ``max_tokens``), or refuse it."""
         info = self.info
         if not info.first_block <= first_block <= info.last_block:
             raise protocol.ProtocolError(
@@ -221,22 +239,30 @@ class BlockServer:
         session = self.sessions.get(name)
         if session is not None:
             return session
+        reserve = info.max_tokens if reserve is None else reserve
+        if self.context is not None and reserve > self.context:
+            raise protocol.ProtocolError(f"reserve: {reserve} positions exceed the served context of {self.context}")
+        per_block, num_blocks = info.pages_for(reserve), info.last_block - first_block + 1
+        if per_block * num_blocks > self.arena.num_pages:
+            raise protocol.ProtocolError(
+                f"reserve: {reserve} positions on {num_blocks} blocks need {per_block * num_blocks} pages, "
+                f"more than the {self.arena.num_pages} this server has"
+            )
         try:
-            slots = self.arena.allocate(info.last_block - first_block + 1)
+            pages = self.arena.allocate(per_block * num_blocks)
         except NoFreeSlot as exc:
             self.counters.num_refused += 1
             log.info(
-                "%s: refused session %s (%d of %d block-slots used)",
-                self.server_id,
-                name,
-                self.arena.num_used,
-                self.arena.limit,
-            )
+                "%s: refused session %s (%d of %d pages used)", self.server_id, name, self.arena.num_used,
+                self.arena.limit_pages,
+            )  # fmt: skip
             raise protocol.ProtocolError(str(exc), "no_free_slot") from None
-        session = self.sessions[name] = Session(tuple(slots), first_block, 0, time.monotonic(), epoch)
+        table = tuple(tuple(pages[b * per_block : (b + 1) * per_block]) for b in range(num_blocks))
+        session = self.sessions[name] = Session(table, reserve, first_block, 0, time.monotonic(), epoch)
         c = self.counters
         c.num_admitted += 1
-        c.peak_block_slots = max(c.peak_block_slots, self.arena.num_used)
+        c.peak_block_slots = max(c.peak_block_slots, self.arena.used_block_slots)
+        c.peak_pages = max(c.peak_pages, self.arena.num_used)
         c.peak_sessions = max(c.peak_sessions, len(self.sessions))
         log.debug("%s: admitted session %s at block %d", self.server_id, name, first_block)
         return session
@@ -254,7 +280,7 @@ class BlockServer:
             raise protocol.ProtocolError(f"session: {name!r} is not open here", "unknown_session")
         session.closed = True
         if not session.in_flight:
-            self.arena.free(list(session.slots))
+            self.arena.free(session.all_pages())
 
     async def _forward(self, request: protocol.Request) -> list[bytes]:
         """Each step is checked and admitted now, in message order; then all compute (batched by the
@@ -272,17 +298,17 @@ class BlockServer:
     ) -> tuple[protocol.Step, Session | protocol.ProtocolError]:
         try:
             num_new = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 0
-            if num_new < 1 or step.position + num_new > self.info.max_tokens:
+            session = self.sessions.get(step.session)
+            reserved = session.reserved if session else step.reserve or self.info.max_tokens
+            if num_new < 1 or step.position + num_new > reserved:
                 raise protocol.ProtocolError(
                     f"position: {num_new} tokens at {step.position} do not fit the "
-                    f"{self.info.max_tokens} positions the cache holds"
+                    f"{reserved} positions the session's pages hold"
                 )
             if step.open:
-                session = self._admit(step.session, step.first_block, epoch)
-            else:
-                session = self.sessions.get(step.session)
-                if session is None:
-                    raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
+                session = self._admit(step.session, step.first_block, epoch, step.reserve)
+            elif session is None:
+                raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
             if step.first_block != session.first_block:
                 raise protocol.ProtocolError(f"first_block: session {step.session!r} entered at {session.first_block}")
             if step.position > session.next_position:
@@ -303,7 +329,7 @@ class BlockServer:
             return session
         session.in_flight += 1
         try:
-            out = await self._compute(SpanStep(step.tensor, session.first_block, session.slots, step.position))
+            out = await self._compute(SpanStep(step.tensor, session.first_block, session.pages, step.position))
         except ValueError as exc:
             return protocol.ProtocolError(str(exc))
         except Exception as exc:
@@ -312,7 +338,7 @@ class BlockServer:
         finally:
             session.in_flight -= 1
             if session.closed and not session.in_flight:
-                self.arena.free(list(session.slots))
+                self.arena.free(session.all_pages())
         session.last_used_at = time.monotonic()
         if step.close and step.session in self.sessions:
             self._close(step.session)
@@ -387,11 +413,13 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
         flush=True,
     )
     log.info(
-        "%s: serving blocks %d..%d with %d block-slots on %s",
+        "%s: serving blocks %d..%d with %d block-slots (%d pages of %d tokens) on %s",
         server.server_id,
         server.info.first_block,
         server.info.last_block,
         server.info.num_block_slots,
+        server.info.num_pages,
+        server.info.page_tokens,
         endpoint,
     )
 

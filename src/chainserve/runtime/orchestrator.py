@@ -137,7 +137,7 @@ class Orchestrator:
         if len(prompt_ids) + params.max_tokens > self.max_tokens:
             raise ValueError(
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
-                f"the {self.max_tokens} tokens a job's cache holds"
+                f"the served context of {self.max_tokens} tokens"
             )
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         waiting = self.num_waiting
@@ -234,7 +234,8 @@ class Orchestrator:
         try:
             if run.num_refusals:
                 await asyncio.sleep(min(self.retry_backoff_s * 2 ** (run.num_refusals - 1), 1.0))
-            held = await self.servers.hold(route, lambda: run.gen is self.generations.current)
+            reserve = run.job.prompt_tokens + run.job.output_tokens
+            held = await self.servers.hold(route, reserve, lambda: run.gen is self.generations.current)
             if held is None:  # a retired plan's start does not wait for room: on to the current plan
                 self._requeue(run)
                 return
@@ -395,7 +396,9 @@ class Orchestrator:
                     "alive": r.is_alive,
                     "used_block_slots": self.generations.used_on(r.index),
                     "block_slots": r.limit,
-                    "kv_cache_usage": min(self.generations.used_on(r.index), r.limit) / max(r.limit, 1),
+                    "used_pages": r.held,
+                    "pages": r.pages(r.limit),
+                    "kv_cache_usage": min(r.held, r.pages(r.limit)) / max(r.pages(r.limit), 1),
                 }
                 for r in self.servers
             ],
@@ -406,7 +409,7 @@ class Orchestrator:
         m = self.metrics
         m.set_queue(self.num_running, self.num_waiting)
         for r in self.servers:  # starts being refused may briefly count past the limit
-            m.set_kv_usage(r.name, min(self.generations.used_on(r.index), r.limit), r.limit)
+            m.set_kv_usage(r.name, min(r.held, r.pages(r.limit)), r.pages(r.limit))
         state = self.dispatcher.state
         if state is not None:
             for k in range(len(state.chains)):

@@ -34,11 +34,13 @@ from chainserve.dispatch.base import Dispatcher
 from chainserve.extras import require
 from chainserve.methods import build_method, check_method_name, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
+from chainserve.model.limits import MAX_TOKENS
 from chainserve.model.spec import SpecError
 from chainserve.plan.plan_file import layout_to_dict, load_layout
 from chainserve.plan.recovery import arena_block_slots, replace_survivors
 from chainserve.plan.types import Layout, Plan, default_max_waiting
 from chainserve.runtime.api import create_app
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.backends.devices import check_device, spread
 from chainserve.runtime.backends.factory import BACKENDS, make_head
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -92,6 +94,7 @@ class ServeConfig:
     standby_of: str | None = None  # stand by for the orchestrator at this URL, take over when it is silent
     standby_interval_s: float = 0.25
     standby_deadline_s: float = 1.0
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -125,6 +128,8 @@ class ServeConfig:
                 raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
+        if self.max_context is not None and self.max_context < 2:
+            raise SpecError("max_context", f"must be at least 2, got {self.max_context}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
         for name in (
@@ -211,8 +216,9 @@ class Service:
 
     async def start(self) -> None:
         config, model = self.config, self.layout.problem.model
-        head = make_head(config.backend, self.model, model.name, model.num_blocks, self.max_tokens, config.device)
-        if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
+        context = config.max_context or (MAX_TOKENS if config.backend == "emulated" else None)
+        head = make_head(config.backend, self.model, model.name, model.num_blocks, context, config.device)
+        if head.max_tokens < self.max_tokens:  # the served context is shorter: size the block-slots for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
         endpoints = await self._start_servers()
@@ -251,7 +257,7 @@ class Service:
     def _specs(self, layout: Layout) -> list[ServerSpec]:
         """The block servers of ``layout``; when adapting, each arena holds the server's whole cache
         memory beside its span (any later plan for that span fits; the plan sets the limit)."""
-        specs = server_specs(layout, self.max_tokens)
+        specs = server_specs(layout, self.max_tokens, PAGE_TOKENS, self.config.max_context)
         if self.config.adapt is None:
             return specs
         problem = layout.problem

@@ -44,12 +44,15 @@ def make_span(
 
 
 def make_head(
-    backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int, device: str = "auto"
+    backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int | None, device: str = "auto"
 ) -> ModelHead:
-    """The orchestrator's tokenizer and LM head for ``backend`` (torch: on ``device``)."""
+    """The orchestrator's tokenizer and LM head for ``backend`` (torch: on ``device``); ``max_tokens``
+    caps the served context (torch: below the model's window; ``None``: the window)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedHead
 
+        if max_tokens is None:
+            raise ValueError("max_tokens: the emulated model has no window of its own: give one")
         return EmulatedHead(model_name, num_blocks, max_tokens)
     if backend == "torch":
         require("torch", "the torch backend")

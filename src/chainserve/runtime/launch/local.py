@@ -63,6 +63,8 @@ def block_server_argv(
         str(info.num_block_slots),
         "--max-tokens",
         str(info.max_tokens),
+        "--page-tokens",
+        str(info.page_tokens),
         "--backend",
         common.backend,
         "--host",
@@ -82,6 +84,8 @@ def block_server_argv(
         argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
     if emulated and spec.step_cost is not None:
         argv += ["--step-cost-ms", spec.step_cost.ms_text()]
+    if info.max_context is not None:
+        argv += ["--max-context", str(info.max_context)]
     if common.model is not None:
         argv += ["--model", common.model]
     if spec.weights is not None:
