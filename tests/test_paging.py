@@ -218,3 +218,20 @@ def test_bounds_do_not_hold_for_variable_lengths_on_small_chains_at_high_load():
     plan = one_server_plan((1.0, 1.5, 2.0), (4, 4, 4), 256, 0.85 * (4 + 4 / 1.5 + 2))
     arrivals = variable_lengths(60_000, plan.problem.arrival_rate_per_s, 256, 5, "uniform")
     assert simulated_mean_s(plan, arrivals, 6_000).mean > 10 * plan.bounds.upper_s
+
+
+@pytest.mark.parametrize("method", ["petals", "bprr"])
+def test_path_routers_simulate_by_tokens_within_their_pools(method):
+    # the simulator's ledger checks every hop's pool in block-tokens: no MemoryExceeded, no job lost
+    spec = ModelSpec("toy", 4, 1.0, 0.01, max_tokens=256)
+    servers = tuple(Server(f"s{j}", 8.0 + 4 * j, 0.2 + 0.1 * j, 0.05, rtt_s=0.01) for j in range(4))
+    problem = Problem(servers, spec, Workload(2.0, prompt_tokens=255, output_tokens=1))
+    layout = build_method(method, problem, np.random.default_rng(0)).plan_or_placement
+    arrivals = variable_lengths(2_000, 2.0, 256, 3, "geometric")
+    runs = [
+        simulate(layout, dispatcher_for(method, layout, np.random.default_rng(0), page_tokens=pt),
+                 ReplayArrivals(arrivals), seed=1)
+        for pt in (None, 16)
+    ]  # fmt: skip
+    assert runs[0].num_finished == 2_000 and runs[1].num_finished + runs[1].num_refused == 2_000
+    assert runs[1].summary.waiting.mean_s <= runs[0].summary.waiting.mean_s

@@ -21,7 +21,8 @@ orchestrator drive the very same object:
 * ``drain()`` → removes and returns every *waiting* job (queue order), to hand them to another
   dispatcher; jobs in service stay;
 * ``fits(job)`` → whether some live chain (path) could ever hold the job's KV cache: ``False`` means
-  it would wait forever, so a runtime refuses it at once (always ``True`` under the paper's model).
+  it would wait forever, so a runtime refuses it at once (always ``True`` under the paper's model;
+  for chains, ``state.max_job_tokens`` is the longest demand that fits, to name in the refusal).
 
 **KV cache by slots or by tokens.** ``paging`` is ``None`` for the paper's model (§2.1): a job takes
 one of chain k's c_k slots, each sized for ``model.max_tokens`` T. With a :class:`Paging` (issue 30:
