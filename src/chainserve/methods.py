@@ -47,7 +47,12 @@ class MethodSetup:
 
 
 def dispatcher_for(
-    method: str, layout: Layout, rng: np.random.Generator, *, page_tokens: int | None = None
+    method: str,
+    layout: Layout,
+    rng: np.random.Generator,
+    *,
+    page_tokens: int | None = None,
+    tokens_per_slot: int | None = None,
 ) -> Dispatcher:
     """The online dispatcher of ``method`` over ``layout`` (§2.4, §3), the one the simulator, the
     runtime and the experiments all drive: JFFC over a plan's chains (``proposed``, ``jffc-only``),
@@ -57,7 +62,9 @@ def dispatcher_for(
     ``page_tokens``: the KV cache by tokens (issue 30), in pages of that many tokens: each of c_k's
     slots (each server's pool) holds ``model.max_tokens`` tokens and a job reserves its own prompt +
     output tokens (:mod:`chainserve.dispatch.base`); ``None`` (or ``max_tokens`` unknown): the paper's
-    model, one max-length slot per job, which the paper's experiments reproduce.
+    model, one max-length slot per job, which the paper's experiments reproduce. ``tokens_per_slot``:
+    the tokens a slot holds where the block servers' block-slots differ from ``model.max_tokens`` (the
+    runtime's ``serve --max-tokens``).
 
     >>> from chainserve.model.spec import ModelSpec, Server, Workload
     >>> p = Problem((Server("a", 20, 0.5, 0.1),), ModelSpec("toy", 3, 2.0, 1.0), Workload(0.2))
@@ -66,7 +73,7 @@ def dispatcher_for(
     ['jffc', 'jsq']
     """
     base, policy = check_method_name(method)
-    max_tokens = layout.problem.model.max_tokens
+    max_tokens = tokens_per_slot or layout.problem.model.max_tokens
     tokens_per_slot = None if page_tokens is None else max_tokens
     if isinstance(layout, PathPlacement):
         routers = {"petals": PetalsRouter, "bprr": WsRrRouter}

@@ -139,6 +139,7 @@ class Orchestrator:
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
                 f"the served context of {self.max_tokens} tokens"
             )
+        self._check_fits(len(prompt_ids), params.max_tokens)
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         waiting = self.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
@@ -221,6 +222,19 @@ class Orchestrator:
         self.servers.release(run.held)
         run.held = ()
         self.servers.wake()
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A 400 (``ValueError``) now for a job no chain (or path) of the plan could ever hold: its KV
+        pages exceed every chain's cache (issue 30), rather than a wait until it times out."""
+        dispatcher = self.dispatcher
+        if dispatcher.fits(Job(-1, 0.0, prompt_tokens, max(max_tokens, 1))):
+            return
+        longest = getattr(dispatcher.state, "max_job_tokens", None)
+        most = f" (at most {longest} tokens in all)" if longest else ""
+        raise ValueError(
+            f"max_tokens: prompt ({prompt_tokens}) + max_tokens ({max_tokens}) needs more KV cache than any "
+            f"chain of the plan holds{most}"
+        )
 
     def _end(self, run: JobRun) -> None:
         run.done = True

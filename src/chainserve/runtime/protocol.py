@@ -11,8 +11,8 @@ Ops: ``info``; ``forward``, whose ``items`` are one step of each of up to :data:
 ``{session, first_block, position, tensor: {dtype, shape}, open?, reserve?, close?}`` (``open``
 admits the session first, reserving the KV pages of ``reserve`` positions — its prompt + output, issue
 30; without it, one block-slot's worth — and ``close`` frees it after this step), item i's bytes in
-frame i + 1; its reply has ``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes in the next frame) or
-``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
+frame i + 1; its reply has ``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes
+in the next frame) or ``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
 (``session``); ``limit`` (``num_block_slots``: the admission limit within the arena, which a plan
 change moves; the reply is ``info``'s); ``shutdown`` (the server exits, as on SIGTERM: ``chainserve
 stop``). Error codes: :data:`ERROR_CODES`. Every field is checked (type, range, byte length) before any

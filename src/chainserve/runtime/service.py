@@ -145,15 +145,21 @@ class ServeConfig:
                 raise SpecError("adapt", "restarts block servers with new spans: needs the local launcher")
 
 
-def layout_to_serve(config: ServeConfig) -> tuple[Layout, Dispatcher, str]:
-    """The layout to serve, a fresh dispatcher over it and the method serving it."""
-    rng = np.random.default_rng(config.seed)
+def layout_to_serve(config: ServeConfig) -> tuple[Layout, str]:
+    """The layout to serve and the method serving it."""
     if config.plan is not None:
         layout = load_layout(config.plan)
-        method = config.method if config.method != "proposed" else layout.method
-        return layout, dispatcher_for(method, layout, rng), method
+        return layout, config.method if config.method != "proposed" else layout.method
+    rng = np.random.default_rng(config.seed)
     setup = build_method(config.method, load_cluster(config.cluster, measured_model), rng, config.planner)
-    return setup.plan_or_placement, setup.make_dispatcher(rng), config.method
+    return setup.plan_or_placement, config.method
+
+
+def paged_dispatcher(method: str, layout: Layout, rng: np.random.Generator, slot_tokens: int) -> Dispatcher:
+    """The method's dispatcher over ``layout`` with the block servers' KV paging (issue 30): a job
+    reserves its prompt + output in pages of :data:`PAGE_TOKENS` against each chain's c_k block-slots
+    of ``slot_tokens`` tokens (:func:`~chainserve.methods.dispatcher_for`)."""
+    return dispatcher_for(method, layout, rng, page_tokens=PAGE_TOKENS, tokens_per_slot=slot_tokens)
 
 
 class Service:
@@ -161,7 +167,7 @@ class Service:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.layout, self.dispatcher, self.method = layout_to_serve(config)
+        self.layout, self.method = layout_to_serve(config)
         if config.adapt is not None and not isinstance(self.layout, Plan):
             raise SpecError("adapt", f"adapts the proposed method's chains only, not a {self.layout.method} plan")
         problem = self.layout.problem
@@ -221,6 +227,9 @@ class Service:
         if head.max_tokens < self.max_tokens:  # the served context is shorter: size the block-slots for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
+        self.dispatcher = paged_dispatcher(
+            self.method, self.layout, np.random.default_rng(config.seed), self.max_tokens
+        )
         endpoints = await self._start_servers()
         self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
@@ -354,7 +363,7 @@ class ServicePlanOps:
         return self.service.launcher is not None
 
     def dispatcher(self, layout: Layout) -> Dispatcher:
-        return dispatcher_for(self.method, layout, self.rng)
+        return paged_dispatcher(self.method, layout, self.rng, self.service.max_tokens)
 
     def place(self, placed: Layout, alive: frozenset[int]) -> Layout | None:
         return replace_survivors(placed, alive) if isinstance(placed, Plan) else None
