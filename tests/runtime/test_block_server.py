@@ -332,3 +332,26 @@ def test_emulated_step_cost_batches_and_sleeps_the_iteration_once():
     assert cost.iteration_s([(2, 4)] * 4) <= prefill < 2 * cost.iteration_s([(2, 4)] * 4)  # 2·(30 + 4·4·1) ms
     assert cost.iteration_s([(2, 1)] * 4) <= decode < 2 * cost.iteration_s([(2, 1)] * 4)  # 2·(30 + 4·10) ms
     assert srv.counters.num_batches == 2
+
+
+def test_a_job_longer_than_any_chains_cache_is_refused_at_once() -> None:
+    """Issue 30: with each chain's c_k slots budgeted by tokens, a request whose prompt + output could
+    never fit any chain is a 400 (``ValueError``) naming the most a job may reserve, not a wait; one
+    that fits is served."""
+    problem = Problem((Server("a", 10, 0.01, 0.0),), ModelSpec("m", 2, 1.0, 1.0, max_tokens=32), Workload(1.0))
+    plan = make_plan(problem, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.02, 2),), 2)
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32, 16), 0.0), ServerKnobs(token=TOKEN))
+    head = EmulatedHead("m", 2, 1000)
+
+    async def run() -> list:
+        from chainserve.dispatch.jffc import JFFC
+
+        dispatcher = JFFC(plan.chains, tokens_per_slot=32, page_tokens=16)
+        orch = Orchestrator(plan, dispatcher, head, {0: LoopbackClient(srv)})
+        await orch.servers.connect({0: 4}, 5.0, time.monotonic)
+        with pytest.raises(ValueError, match=r"needs more KV cache than any chain .*at most 64 tokens"):
+            orch.generate(head.encode("the chain"), SamplingParams(max_tokens=70, temperature=0))
+        return [event async for event in orch.generate(head.encode("the chain"), SamplingParams(max_tokens=40))]
+
+    events = asyncio.run(run())
+    assert events[-1].completion_tokens == 40 and srv.arena.num_used == 0
