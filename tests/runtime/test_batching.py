@@ -124,7 +124,8 @@ def test_a_hold_takes_what_arrives_and_never_outlasts_its_first_answer() -> None
 
 def test_turnarounds_wait_only_for_live_sessions_that_come_back_within_the_bound() -> None:
     """A session whose turnaround is within ``fraction`` of the last iteration is waited for (until its
-    margin), a slower one is not (a pipeline's), one that arrived no longer is, a closed one is forgotten."""
+    margin), a slower one is not (a pipeline's), a closed one is forgotten, one that arrived no longer
+    counts, and a new one is taken to turn around like the last one measured."""
     now = [0.0]
     r = Turnarounds(0.5, lambda: now[0])
     r.iteration_s = 0.1  # waits of up to 50 ms
@@ -137,10 +138,12 @@ def test_turnarounds_wait_only_for_live_sessions_that_come_back_within_the_bound
         r.returned(session)
     now[0] = 1.001
     assert abs(r.hold_s({"near", "far"}) - (1.0 + 1.5 * 0.01 - 1.001)) < 1e-9
-    assert r.hold_s({"far"}) == 0.0  # near is closed: forgotten
-    r.returned("near")
-    assert r.hold_s({"near", "far"}) == 0.0  # near has no turnaround any more; far's is past the bound
-    r.iteration_s = 0.2  # a bound of 100 ms: far is waited for, until 1.12 s but at most 100 ms
-    assert r.hold_s({"near", "far"}) == 0.1
-    r.arrived("far")
-    assert r.hold_s({"near", "far"}) == 0.0
+    assert r.hold_s({"far"}) == 0.0  # near is closed: forgotten; far's 80 ms are past the bound
+    r.returned("new")  # like far, the last measured: past the bound too
+    assert r.hold_s({"far", "new"}) == 0.0
+    r.iteration_s = 0.2  # a bound of 100 ms: both waited for, until 1.12 s but 100 ms at most
+    assert r.hold_s({"far", "new"}) == 0.1
+    r.arrived("far")  # far turned around in 1 ms; new, like it, is due until 1.0025 s
+    assert abs(r.hold_s({"far", "new"}) - 0.0015) < 1e-9
+    r.arrived("new")
+    assert r.hold_s({"far", "new"}) == 0.0

@@ -144,7 +144,8 @@ class Batcher(Generic[T, R]):
 class Turnarounds:
     """When a block server's sessions are due back (issue 30, part 4): each session's step ``arrived`` and
     was ``returned``; its turnaround is the time between its last return and its next arrival (the
-    orchestrator's share of a token, and the other hops' on a pipeline). :meth:`hold_s` is the batcher's
+    orchestrator's share of a token, and the other hops' on a pipeline; a session not back yet since its
+    first step is taken to turn around like the last one measured here). :meth:`hold_s` is the batcher's
     ``hold``: how long to wait for the sessions out whose turnaround is within ``fraction`` of the last
     iteration's time (``iteration_s``, set by the server), :data:`TURNAROUND_MARGIN` allowed for a late
     one, never longer than that bound — 0 once they all have arrived, or when none comes back that fast.
@@ -164,11 +165,12 @@ class Turnarounds:
         self.iteration_s = 0.0
         self._returned_at: dict[str, float] = {}  # sessions answered whose next step has not come yet
         self._turnaround: dict[str, float] = {}
+        self._latest: float | None = None  # the last turnaround measured, of any session
 
     def arrived(self, session: str) -> None:
         returned_at = self._returned_at.pop(session, None)
         if returned_at is not None:
-            self._turnaround[session] = self.clock() - returned_at
+            self._turnaround[session] = self._latest = self.clock() - returned_at
 
     def returned(self, session: str) -> None:
         self._returned_at[session] = self.clock()
@@ -182,7 +184,7 @@ class Turnarounds:
         until = (
             at + TURNAROUND_MARGIN * turnaround - now
             for s, at in self._returned_at.items()
-            if (turnaround := self._turnaround.get(s)) is not None and turnaround <= bound
+            if (turnaround := self._turnaround.get(s, self._latest)) is not None and turnaround <= bound
         )
         return min(bound, max(until, default=0.0))
 
