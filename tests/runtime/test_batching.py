@@ -124,8 +124,8 @@ def test_a_hold_takes_what_arrives_and_never_outlasts_its_first_answer() -> None
 
 def test_turnarounds_wait_only_for_live_sessions_that_come_back_within_the_bound() -> None:
     """A session whose turnaround is within ``fraction`` of the last iteration is waited for (until its
-    margin), a slower one is not (a pipeline's), a closed one is forgotten, one that arrived no longer
-    counts, and a new one is taken to turn around like the last one measured."""
+    margin), a slower one is not (a pipeline's), a closed one is forgotten, one that arrived or is late
+    past its margin no longer counts, and a new one is taken to turn around like the last one measured."""
     now = [0.0]
     r = Turnarounds(0.5, lambda: now[0])
     r.iteration_s = 0.1  # waits of up to 50 ms
@@ -146,4 +146,7 @@ def test_turnarounds_wait_only_for_live_sessions_that_come_back_within_the_bound
     r.arrived("far")  # far turned around in 1 ms; new, like it, is due until 1.0025 s
     assert abs(r.hold_s({"far", "new"}) - 0.0015) < 1e-9
     r.arrived("new")
+    assert r.hold_s({"far", "new"}) == 0.0
+    r.returned("far")
+    now[0] = 1.5  # far is late past its margin: no longer waited for
     assert r.hold_s({"far", "new"}) == 0.0

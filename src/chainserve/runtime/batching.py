@@ -186,7 +186,7 @@ class Turnarounds:
             for s, at in self._returned_at.items()
             if (turnaround := self._turnaround.get(s, self._latest)) is not None and turnaround <= bound
         )
-        return min(bound, max(until, default=0.0))
+        return max(0.0, min(bound, max(until, default=0.0)))  # 0 too when the ones due are late past it
 
 
 def resolve(future: asyncio.Future, result: object) -> None:
