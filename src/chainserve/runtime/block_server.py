@@ -11,10 +11,12 @@ Continuous batching (issue 17; iteration-level, as vLLM and Orca schedule): with
 ``batches`` (torch), steps that arrive while an iteration computes wait, and the next iteration takes
 every waiting step — decodes of any sessions at any positions in one forward, prefill chunks of at most
 ``max_batch_tokens // 2`` tokens beside them within ``max_batch_tokens`` per iteration, so a prompt
-never holds decodes up by more than one chunk. An idle server computes a lone step at once. The
-emulated backend does not batch: each step sleeps its own time as it arrives (the paper's model, every
-session at full rate). A step's error (unknown session, gap, refused admission) fails that session
-only.
+never holds decodes up by more than one chunk. An iteration waits for the sessions this server has
+just answered when they are due back within ``ServerKnobs.hold_fraction`` of an iteration (issue 30:
+no half-batches; :class:`~.batching.Turnarounds`); otherwise it starts at once, a lone step on an idle
+server too. The emulated backend does not batch (unless given a step cost): each step sleeps its own
+time as it arrives (the paper's model, every session at full rate). A step's error (unknown session,
+gap, refused admission) fails that session only.
 
 Heterogeneity on one host: ``slowdown`` stretches compute by that factor (a batched iteration lasts
 that much longer) and ``delay_s`` is an injected one-way network delay (both ways slept before a reply
@@ -41,7 +43,7 @@ import zmq
 
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend, SpanStep, WireTensor
-from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher, Turnarounds
 from chainserve.runtime.kv_arena import KVArena
 from chainserve.runtime.timing import SteadySleep
 from chainserve.runtime.zmq_io import LoopSocket
@@ -53,19 +55,25 @@ log = logging.getLogger("chainserve.block_server")
 class ServerKnobs:
     """``slowdown`` ≥ 1 multiplies compute; ``delay_s`` one-way injected delay; ``idle_timeout_s``
     frees a session nobody used for that long; ``token`` must match every request's (empty: none);
-    ``max_batch_tokens`` bounds an iteration of a batching backend."""
+    ``max_batch_tokens`` bounds an iteration of a batching backend; ``hold_fraction`` is the longest
+    an iteration of a batching backend waits for sessions due back (issue 30, no half-batches), as a
+    fraction of the last iteration's time (0: never waits): merging two cohorts saves an iteration's
+    fixed cost, every weight streamed once more."""
 
     slowdown: float = 1.0
     delay_s: float = 0.0
     idle_timeout_s: float = 300.0
     token: str = field(default="", repr=False)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    hold_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.slowdown >= 1 or not self.delay_s >= 0 or not self.idle_timeout_s > 0:
             raise ValueError("knobs: need slowdown ≥ 1, delay_s ≥ 0, idle_timeout_s > 0")
         if not self.max_batch_tokens >= 2:
             raise ValueError(f"max_batch_tokens: must be at least 2, got {self.max_batch_tokens}")
+        if not 0 <= self.hold_fraction <= 1:
+            raise ValueError(f"hold_fraction: must be within 0..1, got {self.hold_fraction}")
 
 
 @dataclass(slots=True)
@@ -134,9 +142,14 @@ class BlockServer:
         self.on_shutdown: Callable[[], None] | None = None  # set by serve_forever
         self.chunk_tokens = knobs.max_batch_tokens // 2
         self.batcher: Batcher[SpanStep, WireTensor] | None = None
+        self.turnarounds = Turnarounds(knobs.hold_fraction)
         if backend.batches:
             self.batcher = Batcher(
-                self._iteration, lambda s: s.num_tokens, knobs.max_batch_tokens, self.counters.count_batch
+                self._iteration,
+                lambda s: s.num_tokens,
+                knobs.max_batch_tokens,
+                self.counters.count_batch,
+                (lambda: self.turnarounds.hold_s(self.sessions)) if knobs.hold_fraction > 0 else None,
             )
 
     def describe(self) -> dict:
@@ -329,7 +342,9 @@ class BlockServer:
             return session
         session.in_flight += 1
         try:
-            out = await self._compute(SpanStep(step.tensor, session.first_block, session.pages, step.position))
+            out = await self._compute(
+                step.session, SpanStep(step.tensor, session.first_block, session.pages, step.position)
+            )
         except ValueError as exc:
             return protocol.ProtocolError(str(exc))
         except Exception as exc:
@@ -344,8 +359,9 @@ class BlockServer:
             self._close(step.session)
         return out
 
-    async def _compute(self, step: SpanStep) -> WireTensor:
-        """One step's output: through the batcher in chunks (a batching backend), else on its own."""
+    async def _compute(self, session: str, step: SpanStep) -> WireTensor:
+        """One step's output: through the batcher in chunks (a batching backend; ``session`` is due back
+        once it is answered), else on its own."""
         if self.batcher is None:
             began = time.perf_counter()
             (out,) = await self.backend.forward([step])
@@ -356,7 +372,9 @@ class BlockServer:
             if isinstance(out, Exception):
                 raise out
             return out
+        self.turnarounds.arrived(session)
         outs = [await self.batcher.submit(chunk) for chunk in step.chunks(self.chunk_tokens)]
+        self.turnarounds.returned(session)
         return outs[0] if len(outs) == 1 else WireTensor.concat(outs)
 
     async def _iteration(self, steps: list[SpanStep]) -> Sequence[WireTensor | Exception]:
@@ -365,6 +383,7 @@ class BlockServer:
         results = await self.backend.forward(steps)
         compute_s = time.perf_counter() - began
         self.counters.compute_s += compute_s * self.knobs.slowdown
+        self.turnarounds.iteration_s = compute_s * self.knobs.slowdown
         await self.sleep((self.knobs.slowdown - 1) * compute_s)
         return results
 
