@@ -58,6 +58,7 @@ def test_prepared_model_computes_what_the_model_does(family, name):
 
 
 def test_llama_merges_qkv_and_gate_up_but_not_the_outputs(family):
+    """q/k/v and gate/up merge, o and down stay alone; the parameters still count every weight once."""
     prepared = copy.deepcopy(family("llama"))
     prepare_linears(prepared.model.layers)
     _logits(prepared, torch.tensor([[1, 2, 3]]))
@@ -67,6 +68,7 @@ def test_llama_merges_qkv_and_gate_up_but_not_the_outputs(family):
         "self_attn.q_proj": "merged", "self_attn.k_proj": "merged", "self_attn.v_proj": "merged",
         "self_attn.o_proj": "packed", "mlp.gate_proj": "merged", "mlp.up_proj": "merged", "mlp.down_proj": "packed",
     }  # fmt: skip
+    assert sum(p.numel() for p in prepared.parameters()) == sum(p.numel() for p in family("llama").parameters())
 
 
 def test_a_family_with_fused_projections_merges_nothing(family):
@@ -87,6 +89,9 @@ def test_conv1d_subclasses_fp16_int8_and_tied_weights_are_left_alone(family):
     assert prepare_linears(half) == 0
     shared = torch.nn.Linear(8, 8)
     assert prepare_linears(torch.nn.ModuleDict({"a": torch.nn.Sequential(shared), "b": shared})) == 0
+    tied = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    assert prepare_linears(tied) == 0
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

@@ -41,9 +41,9 @@ def prepared_dtypes() -> frozenset[torch.dtype]:
 def prepare_linears(layers: nn.Module) -> int:
     """Replace each eligible ``nn.Linear`` under ``layers`` by a :class:`PreparedLinear` (in place);
     returns how many were replaced. Eligible: on the CPU, a plain tensor weight in one of
-    :func:`prepared_dtypes`, used once in ``layers`` (a tied weight is left alone)."""
+    :func:`prepared_dtypes`, held by no other module in ``layers`` (a tied weight is left alone)."""
     dtypes = prepared_dtypes()
-    uses = Counter(id(m) for _, m in layers.named_modules(remove_duplicate=False))
+    uses = Counter(id(p) for _, p in layers.named_parameters(remove_duplicate=False))
     replaced = 0
     for parent in list(layers.modules()):
         siblings: defaultdict[tuple, list[tuple[str, nn.Linear]]] = defaultdict(list)
@@ -54,7 +54,7 @@ def prepare_linears(layers: nn.Module) -> int:
                 and type(weight.data) is torch.Tensor
                 and weight.device.type == "cpu"
                 and weight.dtype in dtypes
-                and uses[id(child)] == 1
+                and uses[id(weight)] == 1
             ):
                 siblings[(child.in_features, weight.dtype)].append((name, child))
         for found in siblings.values():
@@ -67,35 +67,31 @@ def prepare_linears(layers: nn.Module) -> int:
 
 class PreparedLinear(nn.Module):
     """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a oneDNN-reordered weight, alone or as a slice
-    of its siblings' merged GEMM (see the module's docstring)."""
+    of its siblings' merged GEMM (see the module's docstring). Its weights stay parameters (the merged
+    ones those of the shared :class:`_Merged`), so the span's parameters count what it holds."""
 
     def __init__(self, linear: nn.Linear, siblings: _Siblings | None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # while its siblings are learnt
-        self.packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.merged: _Merged | None = None
-        self.siblings = siblings
-        weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-        if siblings is None:
-            self.packed = _pack(weight, bias)
-        else:
-            self.dense = (weight, bias)
+        self.siblings, self.packed, self.merged = siblings, siblings is None, None
+        self.weight = _reordered(linear.weight) if self.packed else linear.weight
+        self.bias = linear.bias
+        if siblings is not None:
             siblings.members.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged is not None:
-            return self.merged(self, x)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, *self.packed, "none", [], "")
+            return self.merged.run(self, x)
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         if self.siblings.note(self, x):
             return self(x)
-        return F.linear(x, *self.dense)
+        return F.linear(x, self.weight, self.bias)
 
     @property
     def mode(self) -> str:
         """``learning`` (its siblings not yet known), ``merged`` (a slice of a merged GEMM) or ``packed`` (alone)."""
-        return "merged" if self.merged is not None else "packed" if self.packed is not None else "learning"
+        return "merged" if self.merged is not None else "packed" if self.packed else "learning"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
@@ -109,7 +105,7 @@ class _Siblings:
         self.inputs: dict[int, torch.Tensor] = {}  # member index → the tensor it read first
 
     def note(self, member: PreparedLinear, x: torch.Tensor) -> bool:
-        """Note ``member``'s input; on a member's second call merge, pack, and return True."""
+        """Note ``member``'s input; on a member's second call merge, reorder, and return True."""
         index = self.members.index(member)
         if index not in self.inputs:
             self.inputs[index] = x
@@ -124,36 +120,38 @@ class _Siblings:
             else:
                 alone += group
         for m in alone:
-            m.packed, m.dense = _pack(*m.dense), None
+            m.weight, m.packed = _reordered(m.weight), True
         for m in self.members:
             m.siblings = None
         self.inputs.clear()
         return True
 
 
-class _Merged:
-    """One GEMM for sibling linears that read the same input: the first called on a tensor computes
-    every member's output; each member takes its slice until all have (then the outputs are dropped)."""
+class _Merged(nn.Module):
+    """One GEMM for sibling linears that read the same input (their weights' rows concatenated): the
+    first called on a tensor computes every member's output; each member takes its slice until all
+    have (then the outputs are dropped)."""
 
     def __init__(self, members: list[PreparedLinear]):
-        weights = [m.dense[0] for m in members]
-        biases = [m.dense[1] for m in members]
+        super().__init__()
+        weights, biases = [m.weight for m in members], [m.bias for m in members]
         bias = None
         if any(b is not None for b in biases):
             zeros = [w.new_zeros(w.shape[0]) for w in weights]
-            bias = torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)])
-        self.packed = _pack(torch.cat(weights), bias)
+            bias = nn.Parameter(torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)]), False)
+        self.weight, self.bias = _reordered(torch.cat(weights)), bias
         self.sizes = [w.shape[0] for w in weights]
         self.index = {id(m): i for i, m in enumerate(members)}
         self.input: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = []
         for m in members:
-            m.merged, m.dense = self, None
+            del m.weight, m.bias
+            m.merged = self
 
-    def __call__(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
+    def run(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
         i = self.index[id(member)]
         if x is not self.input or self.outputs[i] is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, *self.packed, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             self.input, self.outputs = x, [part.contiguous() for part in y.split(self.sizes, dim=-1)]
         out, self.outputs[i] = self.outputs[i], None
         if all(o is None for o in self.outputs):
@@ -161,6 +159,6 @@ class _Merged:
         return out
 
 
-def _pack(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _reordered(weight: torch.Tensor) -> nn.Parameter:
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias
+        return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()), False)
