@@ -5,9 +5,9 @@ the model's own ``nn.Linear`` modules, in one run so the ratio shares the machin
 Two spans of the same blocks of SmolLM2 (fp32, one thread, in this process), each session prefilled
 with ``--context`` tokens; then B sessions decode one token each in one batched iteration
 (``TorchSpan.run_steps``, as the server runs it), the two spans interleaved, ``--repeats`` times per B.
-Prints each span's median iteration time per B, the speedup, the added cost per session
-(t_B − t_1)/(B − 1), the least-squares slope over every B, and the largest difference of the two
-spans' outputs relative to their scale.
+Prints each span's iteration time per B (median, and min: the least disturbed by other processes
+on a shared machine), the speedup, the added cost per session (t_B − t_1)/(B − 1), the least-squares
+slope over every B, and the largest difference of the two spans' outputs relative to their scale.
 
     python benchmarks/step.py                       # 30 blocks, B = 1, 4, 8, 16, 64 cached positions
     python benchmarks/step.py --sessions 1,8 --blocks 10 --repeats 5
@@ -61,27 +61,30 @@ def main() -> None:
     outs = {name: iteration(name, most)[1] for name in spans}
     got, want = (torch.cat([wire_to_torch(w, hidden) for w in outs[k]]) for k in ("prepared", "plain"))
     error = float((got - want).abs().max() / want.abs().max())
-    median: dict[str, dict[int, float]] = {name: {} for name in spans}
+    stats = {"median": statistics.median, "min": min}  # min: the least disturbed by other processes
+    ms: dict[str, dict[str, dict[int, float]]] = {stat: {name: {} for name in spans} for stat in stats}
     for b in sizes:
         times: dict[str, list[float]] = {name: [] for name in spans}
         iteration("plain", b), iteration("prepared", b)  # warm
         for _ in range(args.repeats):
             for name in spans:
                 times[name].append(iteration(name, b)[0])
-        for name in spans:
-            median[name][b] = statistics.median(times[name]) * 1000
+        for stat, f in stats.items():
+            for name in spans:
+                ms[stat][name][b] = f(times[name]) * 1000
 
-    print(f"{args.model}: {n} blocks, fp32, 1 thread, {args.context} cached positions, median of {args.repeats}")
-    print("   B   plain ms  prepared ms  speedup   added ms/session: plain  prepared")
+    print(f"{args.model}: {n} blocks, fp32, 1 thread, {args.context} cached positions, {args.repeats} iterations per B")
     first = sizes[0]
-    for b in sizes:
-        p, q = median["plain"][b], median["prepared"][b]
-        added = "" if b == first else f"{(p - median['plain'][first]) / (b - first):24.2f}"
-        added += "" if b == first else f"{(q - median['prepared'][first]) / (b - first):10.2f}"
-        print(f"{b:4d} {p:10.1f} {q:12.1f} {p / q:8.2f}x {added}")
-    if len(sizes) > 1:
-        slopes = {name: np.polyfit(sizes, [median[name][b] for b in sizes], 1)[0] for name in spans}
-        print(f"least-squares added ms/session over B: plain {slopes['plain']:.2f}, prepared {slopes['prepared']:.2f}")
+    for stat in stats:
+        plain, prepared = ms[stat]["plain"], ms[stat]["prepared"]
+        print(f"{stat}:\n   B   plain ms  prepared ms  speedup   added ms/session: plain  prepared")
+        for b in sizes:
+            added = "" if b == first else f"{(plain[b] - plain[first]) / (b - first):24.2f}"
+            added += "" if b == first else f"{(prepared[b] - prepared[first]) / (b - first):10.2f}"
+            print(f"{b:4d} {plain[b]:10.1f} {prepared[b]:12.1f} {plain[b] / prepared[b]:8.2f}x {added}")
+        if len(sizes) > 1:
+            slopes = [np.polyfit(sizes, [t[b] for b in sizes], 1)[0] for t in (plain, prepared)]
+            print(f"least-squares added ms/session over B: plain {slopes[0]:.2f}, prepared {slopes[1]:.2f}")
     print(f"max |prepared − plain| / max |plain| at B = {most}: {error:.1e}")
 
 
