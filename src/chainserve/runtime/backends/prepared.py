@@ -5,8 +5,10 @@
 (``torch.ops.mkldnn._reorder_linear_weight``, the packing ``torch.compile``'s freezing uses on CPU) and
 multiplied by ``torch.ops.mkldnn._linear_pointwise``. Measured on this 2-core machine, one thread, B
 decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at B = 1 and
-1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.2–1.6x at B = 4..16
-(``benchmarks/step.py``), its output within 4e-6 of the plain span's (relative to its scale).
+1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.15–1.8x faster at
+B = 4..16 but 0.87–0.98x at B = 1 (``benchmarks/step.py``, five runs on a loaded machine; a reorder for
+one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses at B ≥ 8), its output within 4e-6 of
+the plain span's (relative to its scale).
 
 Sibling linears of one module reading the same input (q/k/v, gate/up: whichever the family's forward
 feeds one tensor) are merged into one GEMM. Which siblings those are is *learnt*, not named: the
