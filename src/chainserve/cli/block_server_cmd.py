@@ -88,6 +88,10 @@ def block_server(
             help="torch backend: tokens one batched iteration computes at most; prompts go in chunks of half."
         ),
     ] = DEFAULT_MAX_BATCH_TOKENS,
+    threads: Annotated[
+        int,
+        typer.Option(min=1, help="torch backend: CPU threads for the blocks' compute (1 where servers share cores)."),
+    ] = 1,
     slowdown: Annotated[float, typer.Option(help="Stretch compute X-fold.")] = 1.0,
     delay_ms: Annotated[
         float | None,
@@ -140,7 +144,7 @@ def block_server(
         if weights is not None and weights not in WEIGHT_FORMATS:
             raise SpecError("weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
         try:
-            span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
+            span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights, threads)
         except MissingExtra:  # the same on every server: the line says what to install
             raise
         except ValueError as exc:  # name the server: its operator reads this in the cluster's logs

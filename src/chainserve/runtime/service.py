@@ -90,6 +90,7 @@ class ServeConfig:
     device: str = "auto"  # torch: the orchestrator's head and every block server without its own
     devices: dict[str, str] = field(default_factory=dict)  # torch: a block server's own device
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    threads: int = 1  # torch: CPU threads of every block server started (issue 30)
     detach_servers: bool = False  # local launcher: block servers outlive this process (chainserve stop)
     standby_of: str | None = None  # stand by for the orchestrator at this URL, take over when it is silent
     standby_interval_s: float = 0.25
@@ -123,6 +124,8 @@ class ServeConfig:
             raise SpecError("device", str(exc)) from None
         if self.max_batch_tokens < 2:
             raise SpecError("max_batch_tokens", f"must be at least 2, got {self.max_batch_tokens}")
+        if self.threads < 1:
+            raise SpecError("threads", f"must be at least 1, got {self.threads}")
         for name, value in self.delay_ms.items():
             if not value >= 0:
                 raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
@@ -299,6 +302,7 @@ class Service:
             device=config.device,
             devices=devices,
             max_batch_tokens=config.max_batch_tokens,
+            threads=config.threads,
         )
         delays = {name: ms / 1000 for name, ms in config.delay_ms.items()}
         if config.launcher == "ray":

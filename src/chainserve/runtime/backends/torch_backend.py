@@ -49,6 +49,7 @@ from chainserve.runtime.backends.hf_parts import (
     load_parts,
     skeleton,
 )
+from chainserve.runtime.backends.prepared import prepare_linears
 from chainserve.runtime.backends.torch_common import FROM_WIRE, torch_to_wire, wire_to_torch
 from chainserve.runtime.backends.torch_head import TorchHead
 
@@ -113,7 +114,8 @@ class PagedCache(Cache):
 class TorchSpan:
     """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
     on ``device``, computing and caching in ``dtype``; ``weights``: the format its weights are held in
-    (one of :data:`~chainserve.model.formats.WEIGHT_FORMATS`; ``None``: ``dtype``)."""
+    (one of :data:`~chainserve.model.formats.WEIGHT_FORMATS`; ``None``: ``dtype``); ``prepare``: its
+    linears on prepared weights (:mod:`.prepared`)."""
 
     #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
     batches = True
@@ -125,6 +127,7 @@ class TorchSpan:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         weights: str | None = None,
+        prepare: bool = True,
     ):
         config = load_config(model_dir)
         text = config.get_text_config()
@@ -157,6 +160,8 @@ class TorchSpan:
         self.layers = torch.nn.ModuleList(layers[first : info.last_block]).to(self.device).eval()
         if weights == "int8":
             _quantize_int8(self.layers)
+        if prepare:  # oneDNN-reordered and merged GEMMs on the CPU (issue 30)
+            prepare_linears(self.layers)
         base = model.base_model
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is not None:
