@@ -47,7 +47,7 @@ def main() -> None:
     hidden = spans["plain"].hidden_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randn(1, args.context, hidden, generator=gen) for _ in range(most)]
-    slots = [tuple(range(r * n, (r + 1) * n)) for r in range(most)]
+    slots = [info.slot_pages(range(r * n, (r + 1) * n)) for r in range(most)]
     for span in spans.values():  # the prefill; the prepared span learns its merged siblings here
         span.run_steps([SpanStep(torch_to_wire(p), 1, s, 0) for p, s in zip(prompts, slots, strict=True)])
     new = [torch_to_wire(torch.randn(1, 1, hidden, generator=gen)) for _ in range(most)]
