@@ -186,10 +186,8 @@ class SpeedAwareJSQ(PerChainDispatcher):
         return self._fastest(self._least_jobs_per_slot(live))
 
 
-class JSQ(PerChainDispatcher):
-    """JSQ: the chain with the least jobs per job server n_k/c_k; ties uniformly at random."""
-
-    name = "jsq"
+class RandomisedDispatcher(PerChainDispatcher):
+    """A per-chain policy that breaks ties (or chooses) at random with ``rng``."""
 
     def __init__(
         self,
@@ -200,48 +198,34 @@ class JSQ(PerChainDispatcher):
     ):
         super().__init__(chains, tokens_per_slot, page_tokens)
         self.rng = rng
+
+
+class JSQ(RandomisedDispatcher):
+    """JSQ: the chain with the least jobs per job server n_k/c_k; ties uniformly at random."""
+
+    name = "jsq"
 
     def choose(self, live: list[int], job: Job) -> int:
         least = self._least_jobs_per_slot(live)
         return least[int(self.rng.integers(len(least)))]
 
 
-class JIQ(PerChainDispatcher):
+class JIQ(RandomisedDispatcher):
     """Join-idle-queue: uniformly at random among chains with an idle job server (room for the job); if none,
     uniformly at random among all live chains."""
 
     name = "jiq"
-
-    def __init__(
-        self,
-        chains: Sequence[Chain],
-        rng: np.random.Generator,
-        tokens_per_slot: int | None = None,
-        page_tokens: int = 1,
-    ):
-        super().__init__(chains, tokens_per_slot, page_tokens)
-        self.rng = rng
 
     def choose(self, live: list[int], job: Job) -> int:
         idle = [k for k in live if self.state.can_start(k, job)] or live
         return idle[int(self.rng.integers(len(idle)))]
 
 
-class RandomDispatch(PerChainDispatcher):
+class RandomDispatch(RandomisedDispatcher):
     """Random: uniformly among the live chains, blind to speed, capacity and load (so it is unstable
     once λ/K exceeds some chain's c_k μ_k, even when λ < ν)."""
 
     name = "random"
-
-    def __init__(
-        self,
-        chains: Sequence[Chain],
-        rng: np.random.Generator,
-        tokens_per_slot: int | None = None,
-        page_tokens: int = 1,
-    ):
-        super().__init__(chains, tokens_per_slot, page_tokens)
-        self.rng = rng
 
     def choose(self, live: list[int], job: Job) -> int:
         return live[int(self.rng.integers(len(live)))]
