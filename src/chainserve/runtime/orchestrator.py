@@ -223,6 +223,13 @@ class Orchestrator:
         run.held = ()
         self.servers.wake()
 
+    @property
+    def max_job_tokens(self) -> int:
+        """The most tokens (prompt + output) one job may reserve: the served context, within the
+        largest live chain's cache when the KV is paged (issue 30)."""
+        longest = getattr(self.dispatcher.state, "max_job_tokens", None)
+        return min(self.max_tokens, longest) if longest else self.max_tokens
+
     def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """A 400 (``ValueError``) now for a job no chain (or path) of the plan could ever hold: its KV
         pages exceed every chain's cache (issue 30), rather than a wait until it times out."""
