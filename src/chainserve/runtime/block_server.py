@@ -131,8 +131,7 @@ class BlockServer:
         self.info = backend.info
         self.knobs = knobs
         self.arena = KVArena(self.info.num_block_slots, self.info.pages_per_slot)
-        caps = [c for c in (self.info.max_context, getattr(backend, "context", None)) if c is not None]
-        self.context: int | None = min(caps) if caps else None  # the longest session served
+        self.context = backend.context  # the longest session served
         self.sessions: dict[str, Session] = {}
         self.counters = Counters()
         self.backend_name = backend_name
@@ -241,9 +240,9 @@ class BlockServer:
         """A round trip's injected delay (both ways)."""
         await self.sleep(2 * self.knobs.delay_s)
 
-    def _admit(self, name: str, first_block: int, epoch: int | None = None, reserve: int | None = None) -> Session:
-        """Admit ``name`` at ``first_block`` with the pages of ``reserve`` positions on each block
-        (``None``: one block-slot's ``max_tokens``), or refuse it."""
+    def _admit(self, name: str, first_block: int, epoch: int | None, reserve: int) -> Session:
+        """Admit ``name`` at ``first_block`` with the pages of ``reserve`` positions on each block, or
+        refuse it."""
         info = self.info
         if not info.first_block <= first_block <= info.last_block:
             raise protocol.ProtocolError(
@@ -252,7 +251,6 @@ class BlockServer:
         session = self.sessions.get(name)
         if session is not None:
             return session
-        reserve = info.max_tokens if reserve is None else reserve
         if self.context is not None and reserve > self.context:
             raise protocol.ProtocolError(f"reserve: {reserve} positions exceed the served context of {self.context}")
         per_block, num_blocks = info.pages_for(reserve), info.last_block - first_block + 1
@@ -312,6 +310,7 @@ class BlockServer:
         try:
             num_new = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 0
             session = self.sessions.get(step.session)
+            # an opening step without a reservation takes one block-slot's max_tokens
             reserved = session.reserved if session else step.reserve or self.info.max_tokens
             if num_new < 1 or step.position + num_new > reserved:
                 raise protocol.ProtocolError(
@@ -319,7 +318,7 @@ class BlockServer:
                     f"{reserved} positions the session's pages hold"
                 )
             if step.open:
-                session = self._admit(step.session, step.first_block, epoch, step.reserve)
+                session = self._admit(step.session, step.first_block, epoch, reserved)
             elif session is None:
                 raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
             if step.first_block != session.first_block:

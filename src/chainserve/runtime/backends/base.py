@@ -159,10 +159,12 @@ class SpanStep:
 class SpanBackend(Protocol):
     """Runs blocks of one server's span (see module docstring). ``batches``: the block server runs
     one :meth:`forward` at a time over every step waiting (torch); otherwise each step is its own call
-    as it arrives (emulated: every session at its own full rate)."""
+    as it arrives (emulated: every session at its own full rate). ``context``: the longest session it
+    serves (``info.max_context`` within the model's window; ``None``: no bound but its pages)."""
 
     info: SpanInfo
     batches: bool
+    context: int | None
 
     async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | Exception]:
         """Run each step (distinct sessions) through blocks ``step.first_block..info.last_block``:

@@ -66,6 +66,7 @@ class EmulatedSpan:
         if not step_s_per_block >= 0:
             raise ValueError(f"step_s_per_block: must be ≥ 0, got {step_s_per_block}")
         self.info = info
+        self.context = info.max_context  # no window of its own
         self.step_s_per_block = step_s_per_block
         self.step_cost = step_cost
         self.batches = step_cost is not None
