@@ -12,8 +12,16 @@ orchestrator gets SIGKILL, the standby takes over and a new standby is started f
 completed answer is checked against the emulated model's greedy text; lost counts what a client saw
 fail.
 
+``--cluster single-chain`` (issue 33) serves a cluster of ONE chain a → b → c instead (the block
+servers are the orchestrator's children, no standby): every ``--fault-every`` seconds a random block
+server gets SIGKILL and nobody restarts it by hand: its launcher must. While no chain exists, requests
+get 503 (``Retry-After``); a client retries each 503 up to 3 times after the time it is told. Every
+HTTP attempt must be answered within ``--unavailable-wait-s`` + 30 s, else it counts as hung; lost
+counts answers with the wrong text and errors other than a 503.
+
     python benchmarks/soak.py                 # 3 minutes
     python benchmarks/soak.py --minutes 9 --orchestrator-every 45
+    python benchmarks/soak.py --cluster single-chain --minutes 3 --fault-every 20
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ from chainserve.measure.balancer import Balancer
 from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.client import BlockClient, stop_servers
 
-CLUSTER = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data" / "emulated-6.yaml"
+TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data"
+CLUSTER = TEST_DATA / "emulated-6.yaml"
+SINGLE_CHAIN = TEST_DATA / "emulated-chain-3.yaml"
+UNAVAILABLE_WAIT_S = 30.0
 PROMPTS = [
     "the chain serves the model",
     "a fast server holds the cache",
@@ -190,6 +201,81 @@ async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float
     return counts
 
 
+async def soak_single_chain(minutes: float, fault_every_s: float, clients: int, seed: int) -> dict:
+    """The single-chain soak (module docstring): kills only, restarts by the launcher."""
+    rng = random.Random(seed)
+    head = EmulatedHead("toy", 6, 4096)
+    workdir = Path(tempfile.mkdtemp(prefix="chainserve-soak-"))
+    (workdir / "token").write_text(os.urandom(8).hex())
+    wait = str(UNAVAILABLE_WAIT_S)
+    proc, url = start_serve(workdir, "o0", str(SINGLE_CHAIN), "--planner", "greedy", "--unavailable-wait-s", wait)
+    counts = dict.fromkeys(
+        ("sent", "completed", "resumed", "retried_503", "unavailable", "lost", "wrong_text", "hung", "kills"), 0
+    )
+    patience_s = UNAVAILABLE_WAIT_S + 30
+    deadline = time.monotonic() + minutes * 60
+    try:
+        oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def client() -> None:
+                while time.monotonic() < deadline:
+                    prompt, max_tokens = rng.choice(PROMPTS), rng.randint(4, 40)
+                    counts["sent"] += 1
+                    for attempt in range(4):
+                        try:
+                            answer = await asyncio.wait_for(
+                                oai.completions.create(
+                                    model="emulated/toy", prompt=prompt, max_tokens=max_tokens, temperature=0
+                                ),
+                                patience_s,
+                            )
+                        except TimeoutError:
+                            counts["hung"] += 1
+                            break
+                        except openai.APIStatusError as exc:
+                            if exc.status_code != 503 or attempt == 3:
+                                counts["unavailable" if exc.status_code == 503 else "lost"] += 1
+                                break
+                            counts["retried_503"] += 1
+                            await asyncio.sleep(float(exc.response.headers.get("Retry-After", "1")))
+                            continue
+                        except openai.OpenAIError:
+                            counts["lost"] += 1
+                            break
+                        if answer.choices[0].text != head.greedy_text(prompt, max_tokens):
+                            counts["wrong_text"] += 1
+                            counts["lost"] += 1
+                        else:
+                            counts["completed"] += 1
+                            counts["resumed"] += answer.model_extra["chainserve"]["num_attempts"] > 1
+                        break
+
+            async def faults() -> None:
+                while time.monotonic() + fault_every_s < deadline:
+                    await asyncio.sleep(fault_every_s)
+                    servers = (await http.get("/status")).json()["servers"]
+                    alive = [s for s in servers if s["alive"]]
+                    if not alive:
+                        continue
+                    victim = rng.choice(alive)
+                    os.kill(await server_pid(workdir, victim["name"], victim["endpoint"]), signal.SIGKILL)
+                    counts["kills"] += 1
+                    print(f"  killed block server {victim['name']}", flush=True)
+
+            await asyncio.gather(faults(), *(client() for _ in range(clients)))
+            while (await http.get("/health")).json()["status"] != "ok" and time.monotonic() < deadline + 60:
+                await asyncio.sleep(0.5)
+            final = (await http.get("/status")).json()
+            counts["servers_alive_at_end"] = sum(s["alive"] for s in final["servers"])
+            counts["restarts"] = sum(s["restarts"] for s in final["servers"])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    return counts
+
+
 async def server_pid(workdir: Path, name: str, endpoint: str) -> int:
     client = BlockClient(name, endpoint, (workdir / "token").read_text())
     try:
@@ -230,9 +316,28 @@ def main() -> None:
                         help="seconds between kills of the active orchestrator (0: none)")  # fmt: skip
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cluster",
+        choices=("six", "single-chain"),
+        default="six",
+        help="six: 6 servers, several chains, a standby; single-chain: a → b → c (issue 33)",
+    )
     args = parser.parse_args()
     if not 0 < args.minutes <= 10:
         raise SystemExit("error: minutes: must lie in (0, 10]")
+    if args.cluster == "single-chain":
+        counts = asyncio.run(soak_single_chain(args.minutes, args.fault_every, args.clients, args.seed))
+        print(
+            f"requests served        {counts['completed']} of {counts['sent']} sent ({counts['resumed']} resumed "
+            f"after a failure, {counts['retried_503']} 503s retried by their client)"
+        )
+        print(f"faults injected        {counts['kills']} block-server kills (SIGKILL); {counts['restarts']} restarts "
+              "by the launcher")  # fmt: skip
+        print(f"unavailable (503)      {counts['unavailable']} (still 503 after 3 retries)")
+        print(f"lost                   {counts['lost']} (wrong text: {counts['wrong_text']})")
+        print(f"hung                   {counts['hung']} (no answer within {UNAVAILABLE_WAIT_S + 30:g} s)")
+        print(f"servers alive at end   {counts['servers_alive_at_end']}")
+        return
     counts = asyncio.run(soak(args.minutes, args.fault_every, args.orchestrator_every, args.clients, args.seed))
     print(
         f"requests served        {counts['completed']} of {counts['sent']} sent "

@@ -19,9 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 from tests.runtime.conftest import DATA, server_infos, serving
-from transformers import AutoTokenizer, LlamaForCausalLM
-
-from chainserve.runtime.models import resolve_model
+from tests.runtime.reference import Reference
 
 DEMO_CLUSTER = DATA.parents[2] / "src" / "chainserve" / "data" / "demo-cluster.yaml"
 QUESTIONS = (
@@ -34,31 +32,6 @@ QUESTIONS = (
     "Which is larger, 7 or 9?",
     "List the days of the week.",
 )
-
-
-class Reference:
-    """Greedy tokens of the whole model in this process (``generate``), per question, longest asked."""
-
-    def __init__(self, model: str):
-        path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
-        self.cache: dict[str, list[int]] = {}
-
-    def tokens(self, question: str, max_tokens: int) -> list[int]:
-        if len(self.cache.get(question, ())) < max_tokens:
-            chat = [{"role": "user", "content": question}]
-            ids = self.tokenizer.apply_chat_template(
-                chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            with torch.inference_mode():
-                out = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-            self.cache[question] = out[0, ids["input_ids"].shape[1] :].tolist()
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        got = self.cache[question][:max_tokens]
-        cut = next((i + 1 for i, t in enumerate(got) if t in eos), len(got))  # generation stops at EOS
-        return got[:cut]
 
 
 async def send_round(url: str, model_id: str, n: int, max_tokens: int, fault=None) -> list[tuple[str, int, list]]:

@@ -88,7 +88,8 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
 @pytest.mark.slow
 def test_emulated_servers_killed_under_load_lose_nothing_and_a_restarted_one_rejoins(tmp_path) -> None:
     max_tokens = 40
-    with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path) as served:
+    # --max-restarts 0: the killed servers stay dead (no supervision), so the other chains must carry the load
+    with serving(str(EMULATED_6), "--backend", "emulated", "--max-restarts", "0", tmp_path=tmp_path) as served:
         plan_file = tmp_path / "plan.json"
         plan_file.write_text(json.dumps(served.get("/plan")))
         ports = {s["name"]: s["endpoint"].rsplit(":", 1)[1] for s in served.get("/status")["servers"]}
@@ -205,7 +206,8 @@ def _rss_kb(pid: int) -> int:
 
 def test_losing_every_server_of_a_block_places_the_model_anew_on_the_survivors(tmp_path) -> None:
     max_tokens = 30
-    with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path) as served:
+    # --max-restarts 0: nothing restarts the servers of block 1, so the model must be placed anew
+    with serving(str(EMULATED_6), "--backend", "emulated", "--max-restarts", "0", tmp_path=tmp_path) as served:
         spans = {s["name"]: (s["start_block"], s["num_blocks"]) for s in served.get("/plan")["servers"]}
         first = sorted(name for name, (start, _) in spans.items() if start == 1)  # every server holding block 1
         faults = [(0.8 + 0.3 * i, kill(served, name)) for i, name in enumerate(first)]

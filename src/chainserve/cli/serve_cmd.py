@@ -121,6 +121,21 @@ def serve(
     heartbeat_deadline_s: Annotated[
         float, typer.Option(help="A server that misses a heartbeat's reply for this many seconds is marked dead.")
     ] = 2.0,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Restart a block server this command started that dies, at most this many times in a row "
+            "(back-off 1, 2, 4, … s; 0: never). Servers given by --servers or detached are not restarted.",
+        ),
+    ] = 5,
+    unavailable_wait_s: Annotated[
+        float,
+        typer.Option(
+            help="While no complete chain of live block servers exists, new requests get HTTP 503 at once and "
+            "waiting ones after this many seconds."
+        ),
+    ] = 30.0,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -220,6 +235,8 @@ def serve(
             standby_of=standby_of.rstrip("/") if standby_of else None,
             standby_deadline_s=standby_deadline_s,
             max_context=max_context,
+            max_restarts=max_restarts,
+            unavailable_wait_s=unavailable_wait_s,
         )
 
     def ready(url: str, service) -> None:

@@ -24,6 +24,9 @@ request shapes and unsupported parameters in :mod:`.openai_schema`):
 * 404: ``model`` given and not ``engine.model_id`` (a missing ``model`` is accepted); unknown routes.
 * 429 with ``Retry-After`` (whole seconds) and ``retry-after-ms``: ``engine.generate`` raised
   :class:`.Overloaded`, at the call or at its first event.
+* 503 with ``Retry-After``: no complete chain of live block servers (:class:`.Unavailable`, issue 33),
+  at once for a new request, after ``serve --unavailable-wait-s`` for a waiting one; 504: the request's
+  own timeout passed.
 
 Chat with ``tools`` (:mod:`.tools`): the tools reach ``engine.chat_prompt``; ``required`` and a named
 function constrain every token with the calls' grammar; every choice but ``none`` reads the answer's
@@ -40,6 +43,7 @@ outcomes in :class:`.RuntimeMetrics` is the orchestrator's job; the API only ser
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -299,7 +303,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestFailed)
     async def request_failed(_: Request, e: RequestFailed) -> JSONResponse:
         code = "timeout" if e.status == 504 else "unavailable"
-        headers = {"Retry-After": "1"} if e.status == 503 else None  # clients retry (the openai client does)
+        retry_s = max(1, math.ceil(e.retry_after_s))
+        headers = {"Retry-After": str(retry_s)} if e.status == 503 else None  # clients retry (the openai client does)
         return JSONResponse(oa.error_body(str(e), "server_error", None, code), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -18,15 +18,18 @@ name                                             type       meaning
 ``chainserve:request_queue_time_seconds``        histogram  arrival → start of service, waiting (``queued_s``)
 ``chainserve:request_success_total{finished_reason}``  counter  finished requests, ``stop`` or ``length``
 ``chainserve:request_failure_total{reason}``     counter    e.g. ``cancelled`` (client gone), ``rejected``
-                                                            (queue full, HTTP 429), ``error``
+                                                            (queue full, HTTP 429), ``unavailable`` (no
+                                                            chain, HTTP 503), ``error``
 ``chainserve:prompt_tokens_total``               counter    prompt tokens of finished requests
 ``chainserve:generation_tokens_total``           counter    tokens generated, counted as each is sampled (as
                                                             vLLM counts per step), so its rate is live while
                                                             requests run; cancelled and failed ones' included
 ``chainserve:plan_changes_total{reason}``        counter    plan changes: ``server_failed``, ``server_back``,
+                                                            ``server_restarted``, ``restart_failed``,
                                                             ``replaced``; with ``--adapt`` ``rate_up``, ``rate_down``
 ``chainserve:server_up{server}``                 gauge      1 while a block server answers its heartbeats
 ``chainserve:requests_resumed_total``            counter    jobs replayed on another chain after a failure
+``chainserve:server_restarts_total{server}``     counter    block servers restarted after they died (issue 33)
 ``chainserve:takeovers_total``                   counter    1 once a standby took over (``serve --standby-of``)
 ``chainserve:orchestrator_epoch``                gauge      the epoch this orchestrator stamps its messages with
 ``chainserve:server_batch_size{server}``         histogram  sessions per batched iteration of a block server
@@ -199,6 +202,9 @@ class RuntimeMetrics:
         self.requests_resumed = Counter(
             "chainserve:requests_resumed_total", "Jobs resumed on another chain after a failure.", registry=r
         )
+        self.server_restarts = Counter(
+            "chainserve:server_restarts_total", "Block servers restarted after they died.", ["server"], registry=r
+        )
         self.takeovers = Counter("chainserve:takeovers_total", "Takeovers by this standby orchestrator.", registry=r)
         self.epoch = Gauge("chainserve:orchestrator_epoch", "Epoch of this orchestrator's messages.", registry=r)
         self.server_batches = ServerBatches()
@@ -252,6 +258,10 @@ class RuntimeMetrics:
 
     def set_server_up(self, server: str, up: bool) -> None:
         self.server_up.labels(server=server).set(1 if up else 0)
+
+    def observe_restart(self, server: str) -> None:
+        """Block server ``server`` died and its launcher started it again (:mod:`.supervision`)."""
+        self.server_restarts.labels(server=server).inc()
 
     def observe_takeover(self) -> None:
         """This standby took the block servers over from a silent active orchestrator."""

@@ -18,7 +18,13 @@ fails on the data path is marked dead and ``fail_server`` re-queues the jobs of 
 chains are recomposed without it, or the model is placed anew on the survivors. An aborted job
 resumes on its new chain by replaying its prompt and the tokens generated so far as one prefill, so
 the client's stream goes on where it stopped (the same tokens under greedy decoding, the same
-sampler state otherwise). A server that answers again rejoins the same way.
+sampler state otherwise). A server that answers again rejoins the same way. Given ``restart`` (the
+launcher's), a dead server it started is started again (:mod:`.supervision`, issue 33) and rejoins.
+
+While no complete chain of live servers exists (issue 33), a new request gets
+:class:`~.requests.Unavailable` (HTTP 503 with ``Retry-After``) at once, and the waiting ones (those a
+failure sent back to the queue included) get it once ``unavailable_wait_s`` has passed without a chain:
+no request waits silently for a chain that may never come back.
 
 The clock and the block-server clients are injected, so tests run the same code on a virtual clock
 with a fake transport.
@@ -31,7 +37,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from chainserve.dispatch.base import Dispatcher, Job, Start
@@ -44,9 +50,18 @@ from chainserve.runtime.generations import Generation, Generations
 from chainserve.runtime.jobs import BatchedHead, JobRun, JobStream, StartRecord, run_route
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps
-from chainserve.runtime.requests import Finished, Overloaded, RequestFailed, RequestTimes, SamplingParams, TokenEvent
+from chainserve.runtime.requests import (
+    Finished,
+    Overloaded,
+    RequestFailed,
+    RequestTimes,
+    SamplingParams,
+    TokenEvent,
+    Unavailable,
+)
 from chainserve.runtime.sampling import Sampler, TextStream
 from chainserve.runtime.servers import DEAD_CODES, ServerClient, ServerRecord, ServerTable
+from chainserve.runtime.supervision import RestartPolicy, Supervisor
 from chainserve.runtime.tools import Tool
 
 log = logging.getLogger("chainserve.orchestrator")
@@ -58,7 +73,9 @@ class Orchestrator:
     4 × C of the plan in force); ``request_timeout_s`` ends a request that has not finished in that
     time; ``plan_ops`` lets failures recompose chains and place the model anew; ``controller`` adapts
     the plan to load, asked every ``adapt_interval_s`` and after each arrival; ``epoch`` (shown at
-    ``/plan``) is what its block-server clients stamp their messages with (:mod:`.protocol`)."""
+    ``/plan``) is what its block-server clients stamp their messages with (:mod:`.protocol`);
+    ``restart(name)`` starts a dead block server again (its new connection), under ``restart_policy``;
+    ``unavailable_wait_s`` bounds how long requests wait while no chain can serve."""
 
     def __init__(
         self,
@@ -80,6 +97,9 @@ class Orchestrator:
         adapt_interval_s: float = 0.5,
         max_waiting_follows_plan: bool = False,
         epoch: int | None = None,
+        restart: Callable[[str], Awaitable[ServerClient]] | None = None,
+        restart_policy: RestartPolicy | None = None,
+        unavailable_wait_s: float = 30.0,
     ):
         self.head, self.clock, self.method, self.epoch = head, clock, method, epoch
         self.metrics = metrics or RuntimeMetrics()
@@ -99,6 +119,14 @@ class Orchestrator:
         self.servers = ServerTable(records, self.metrics, heartbeat_deadline_s)
         self.generations = Generations(layout, dispatcher)
         self.changer = PlanChanger(self.servers, self.generations, self, plan_ops, self.metrics, clock)
+        self.supervisor = None
+        if restart is not None:
+            self.supervisor = Supervisor(
+                self.servers, restart, restart_policy or RestartPolicy(), self.metrics, clock,
+                lambda j: self._server_back(j, "server_restarted"), self._restart_given_up,
+            )  # fmt: skip
+        self.unavailable_wait_s = unavailable_wait_s
+        self.unavailable_since: float | None = None  # no complete chain of live servers since then
         self.runs: dict[int, JobRun] = {}
         self.starts: deque[StartRecord] = deque(maxlen=100_000)
         self._ids, self._serials = itertools.count(), itertools.count()
@@ -140,6 +168,10 @@ class Orchestrator:
                 f"the served context of {self.max_tokens} tokens"
             )
         self._check_fits(len(prompt_ids), params.max_tokens)
+        if not self.is_serving:
+            self.metrics.observe_failure("unavailable")
+            raise Unavailable(f"no chain of live block servers can serve now ({self._unavailable_detail()})",
+                              self._unavailable_retry_s())  # fmt: skip
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         waiting = self.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
@@ -167,6 +199,27 @@ class Orchestrator:
     @property
     def num_running(self) -> int:
         return self.generations.num_running
+
+    @property
+    def is_serving(self) -> bool:
+        """A chain of the plan in force (a covering path, for PETALS / WS-RR) has every server alive: a
+        job can run now, or as soon as a plan change in progress admits it (a server it reloads counts)."""
+        if self.dispatcher.state is None:
+            return self.servers.cover(self.layout.problem.model.num_blocks)
+        alive = {r.index for r in self.servers if r.is_alive}
+        return any(ch.capacity > 0 and alive.issuperset(ch.servers) for ch in self.layout.chains)
+
+    def _unavailable_detail(self) -> str:
+        dead = [r.name for r in self.servers if not r.is_alive]
+        restarting = [r.name for r in self.servers if r.is_restarting]
+        text = f"dead: {', '.join(dead) or 'none'}"
+        return text + (f"; restarting: {', '.join(restarting)}" if restarting else "")
+
+    def _unavailable_retry_s(self) -> float:
+        """When to ask again: the chain may be back any moment (a restart takes seconds), at most when
+        the waiting requests' bound ends."""
+        since = self.unavailable_since if self.unavailable_since is not None else self.clock()
+        return max(1.0, min(5.0, since + self.unavailable_wait_s - self.clock()))
 
     def _retry_after_s(self, waiting: int) -> float:
         """About how long the queue ahead takes to clear at the plan's rate ν (1 s when unknown)."""
@@ -329,12 +382,12 @@ class Orchestrator:
         self.move([run.job])
         self.move(self.generations.retire_idle())
 
-    def _fail_request(self, run: JobRun, message: str) -> None:
+    def _fail_request(self, run: JobRun, message: str, error: RequestFailed | None = None) -> None:
         log.error("job %d failed: %s", run.job.job_id, message)
         gen = run.gen
         self._end(run)
-        self.metrics.observe_failure("error")
-        run.events.put_nowait(RequestFailed(message))
+        self.metrics.observe_failure("unavailable" if isinstance(error, Unavailable) else "error")
+        run.events.put_nowait(error or RequestFailed(message))
         self.apply(gen.dispatcher.cancel(run.job.job_id, self.clock()), gen)
 
     def _close_sessions(self, opened: list[ServerClient], session: str) -> None:
@@ -351,11 +404,16 @@ class Orchestrator:
         """A launcher saw the server's process exit (or an operator says it is gone)."""
         j = self.servers.index_of(name)
         if j is not None:
-            self._server_failed(j, reason)
+            self._server_failed(j, reason, exited=True)
 
-    def _server_failed(self, j: int, reason: str) -> None:
+    def _server_failed(self, j: int, reason: str, exited: bool = False) -> None:
+        """Server j is gone (``exited``: its process ended, as its launcher saw)."""
         if not self.servers.mark_dead(j, reason):  # dead already, or being restarted by a plan change
+            if exited and self.supervisor is not None and not self.servers[j].is_out:
+                self.supervisor.server_died(j, exited)
             return
+        if self.supervisor is not None:
+            self.supervisor.server_died(j, exited)
         now, current = self.clock(), asyncio.current_task()
         for gen in list(self.generations):
             outcome = gen.dispatcher.fail_server(j, now)
@@ -367,11 +425,43 @@ class Orchestrator:
             self.apply(outcome.starts, gen)
         self.changer.recompose("server_failed", f"{self.servers[j].name}: {reason}")
 
-    def _server_back(self, j: int) -> None:
+    def _server_back(self, j: int, reason: str = "server_back") -> None:
         now = self.clock()
         for gen in list(self.generations):
             self.apply(gen.dispatcher.restore_server(j, now), gen)
-        self.changer.recompose("server_back", self.servers[j].name)
+        self.changer.recompose(reason, self.servers[j].name)
+
+    def _restart_given_up(self, j: int, reason: str) -> None:
+        """The launcher could not start server j again: recompose without it (a new placement may follow)."""
+        self.changer.recompose("restart_failed", f"{self.servers[j].name}: {reason}")
+
+    # ---- bounded waiting while no chain can serve (issue 33) ----------------------------------
+    async def _watch_availability(self, interval_s: float) -> None:
+        """Note when the service stops (and starts again) being able to serve; once no chain has
+        existed for ``unavailable_wait_s``, every waiting request gets a 503."""
+        while True:
+            await asyncio.sleep(interval_s)
+            now = self.clock()
+            if self.is_serving:
+                if self.unavailable_since is not None:
+                    log.warning("a complete chain serves again after %.1f s", now - self.unavailable_since)
+                self.unavailable_since = None
+                continue
+            if self.unavailable_since is None:
+                self.unavailable_since = now
+                log.warning("no complete chain of live block servers (%s): requests wait at most %g s",
+                            self._unavailable_detail(), self.unavailable_wait_s)  # fmt: skip
+            elif now - self.unavailable_since >= self.unavailable_wait_s:
+                self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        waiting = [run for run in self.runs.values() if run.start is None]
+        if not waiting:
+            return
+        message = f"no chain of live block servers for {self.unavailable_wait_s:g} s ({self._unavailable_detail()})"
+        log.error("%d waiting requests get 503: %s", len(waiting), message)
+        for run in waiting:
+            self._fail_request(run, message, Unavailable(message, self._unavailable_retry_s()))
 
     # ---- adapting to load (issue 9) -----------------------------------------------------------
     def _maybe_adapt(self) -> None:
@@ -399,10 +489,10 @@ class Orchestrator:
         """``healthy``: every block server answers; ``serving``: a complete chain (a covering path,
         for PETALS / WS-RR) of live servers can take a job now — what ``/health`` reports."""
         names = {r.index: r.name for r in self.servers}
-        changes, state = self.changer.changes, self.dispatcher.state
+        changes = self.changer.changes
         return {
             "healthy": all(r.is_alive for r in self.servers),
-            "serving": any(state.alive) if state else self.servers.cover(self.layout.problem.model.num_blocks),
+            "serving": self.is_serving,
             "dead": [r.name for r in self.servers if not r.is_alive],
             "model": self.model_id,
             "method": self.method,
@@ -415,6 +505,8 @@ class Orchestrator:
                     "name": r.name,
                     "endpoint": getattr(r.client, "endpoint", None),
                     "alive": r.is_alive,
+                    "restarting": r.is_restarting,
+                    "restarts": self.supervisor.restarts.get(r.name, 0) if self.supervisor else 0,
                     "used_block_slots": self.generations.used_on(r.index),
                     "block_slots": r.limit,
                     "used_pages": r.held,
@@ -445,6 +537,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         watch = self.servers.watch(self.heartbeat_s, self._server_failed, self._server_back)
         self._tasks.append(loop.create_task(watch))
+        self._tasks.append(loop.create_task(self._watch_availability(min(self.heartbeat_s, 0.25))))
         if self.controller is not None:
             self._tasks.append(loop.create_task(self._adapt_timer()))
         log.info("all %d block servers are up", len(self.servers.records))
@@ -457,6 +550,8 @@ class Orchestrator:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.supervisor is not None:
+            await self.supervisor.close()
         await self.servers.close()
         self.batched_head.close()
 

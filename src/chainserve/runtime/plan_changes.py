@@ -104,7 +104,8 @@ class PlanChanger:
     # ---- failures -----------------------------------------------------------------------------
     def recompose(self, reason: str, detail: str) -> None:
         """Chains for the live servers now; when none covers the model, a new placement follows
-        (:meth:`replace_placement`) and requests wait for it."""
+        (:meth:`replace_placement`) and requests wait for it — unless a dead server is being restarted
+        (:mod:`.supervision`): then they wait for it, and a new placement follows only if it cannot be."""
         live, new = self.servers.live(), None
         if self.ops is not None and isinstance(self.placed, Plan) and not self.is_busy:
             new = recompose(self.placed, live, {r.index: r.limit for r in self.servers})
@@ -113,8 +114,12 @@ class PlanChanger:
         self.record(reason, detail, new is not None)
         covered = any(live.issuperset(ch.servers) for ch in self.generations.current.layout.chains)
         can_place = self.ops is not None and self.ops.can_reload and isinstance(self.placed, Plan)
+        restarting = [r.name for r in self.servers if r.is_restarting]
         if not covered and new is None and can_place and not self.is_busy:
-            self.start(self.replace_placement)
+            if restarting:
+                log.warning("no complete chain until %s restarts", ", ".join(restarting))
+            else:
+                self.start(self.replace_placement)
 
     def _switch_to(self, gen: Generation) -> None:
         """``gen`` takes arrivals; the jobs waiting in the old current one, and in retired ones (whose

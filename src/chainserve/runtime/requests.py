@@ -120,11 +120,20 @@ class Finished:
 
 
 class RequestFailed(RuntimeError):
-    """A request could not be served (``status`` 504: its timeout passed; 503: no server could)."""
+    """A request could not be served (``status`` 504: its timeout passed; 503: no server could; ask
+    again after ``retry_after_s``)."""
 
-    def __init__(self, message: str, status: int = 503):
+    def __init__(self, message: str, status: int = 503, retry_after_s: float = 1.0):
         super().__init__(message)
-        self.status = status
+        self.status, self.retry_after_s = status, retry_after_s
+
+
+class Unavailable(RequestFailed):
+    """No complete chain of live block servers exists (issue 33): HTTP 503 with ``Retry-After``, at
+    once for a new request, after ``unavailable_wait_s`` for a waiting one."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, 503, retry_after_s)
 
 
 class Overloaded(RuntimeError):

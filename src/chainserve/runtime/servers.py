@@ -57,8 +57,9 @@ class ServerRecord:
     """One block server: problem index and name, the span it hosts ((first block, blocks); ``None``:
     none), its arena and own admission ``limit`` (block-slots), its pages (``page_tokens``: ``None``
     until it has answered ``info``, while a job counts one block-slot per block), the pages ``held``
-    by the jobs started on it, ``is_alive`` (answers its heartbeats) and ``is_out`` (being restarted by
-    a plan change: no heartbeat verdicts), and its ``client``."""
+    by the jobs started on it, ``is_alive`` (answers its heartbeats), ``is_out`` (being restarted by
+    a plan change: no heartbeat verdicts), ``is_restarting`` (dead, and its launcher is starting it
+    again: :mod:`.supervision`), and its ``client``."""
 
     index: int
     name: str
@@ -69,6 +70,7 @@ class ServerRecord:
     held: int = 0
     is_alive: bool = True
     is_out: bool = False
+    is_restarting: bool = False
     page_tokens: int | None = None
     pages_per_slot: int = 1
 

@@ -7,6 +7,8 @@ and the FastAPI app — and takes them down in reverse order. :func:`serve` runs
 SIGINT/SIGTERM. With ``adapt`` (proposed method, local launcher) an adaptive controller re-plans
 for the measured load: each block server's arena then holds its whole cache memory for its span
 (:func:`~chainserve.plan.recovery.arena_block_slots`) and the plan in force sets its admission limit within it.
+A block server this service started (not a detached one) that dies is started again (issue 33,
+:mod:`.supervision`; ``max_restarts``), through the launcher that started it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.models import measured_model, torch_model_for
 from chainserve.runtime.orchestrator import Orchestrator
 from chainserve.runtime.standby import Switch, standing_by, watch_active
+from chainserve.runtime.supervision import RestartPolicy
 
 log = logging.getLogger("chainserve.service")
 
@@ -96,6 +99,8 @@ class ServeConfig:
     standby_interval_s: float = 0.25
     standby_deadline_s: float = 1.0
     max_context: int | None = None
+    max_restarts: int = 5  # consecutive restarts of a dead block server this service started (0: none)
+    unavailable_wait_s: float = 30.0  # how long requests wait while no complete chain exists (then 503)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -133,11 +138,13 @@ class ServeConfig:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
         if self.max_context is not None and self.max_context < 2:
             raise SpecError("max_context", f"must be at least 2, got {self.max_context}")
+        if self.max_restarts < 0:
+            raise SpecError("max_restarts", f"must be non-negative, got {self.max_restarts}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
         for name in (
             "request_timeout_s", "heartbeat_s", "heartbeat_deadline_s", "adapt_interval_s", "standby_interval_s",
-            "standby_deadline_s",
+            "standby_deadline_s", "unavailable_wait_s",
         ):  # fmt: skip
             if not 0 < getattr(self, name) <= 86_400:
                 raise SpecError(name, f"must lie in (0, 86400] seconds, got {getattr(self, name)}")
@@ -263,6 +270,9 @@ class Service:
             adapt_interval_s=config.adapt_interval_s,
             max_waiting_follows_plan=config.max_waiting is None,
             epoch=self.epoch,
+            restart=self.restart_server if self.supervises else None,
+            restart_policy=RestartPolicy(max_restarts=config.max_restarts),
+            unavailable_wait_s=config.unavailable_wait_s,
         )
         await self.orchestrator.connect()
 
@@ -325,6 +335,19 @@ class Service:
             )  # fmt: skip
         return endpoints
 
+    @property
+    def supervises(self) -> bool:
+        """Dead block servers are restarted (issue 33): those this service started and owns, locally or
+        as Ray actors; not servers started by hand (``servers``) nor detached ones (their operator's)."""
+        return (self.launcher is not None and not self.config.detach_servers) or self.ray is not None
+
+    async def restart_server(self, name: str) -> BlockClient:
+        """Start block server ``name`` again with its span and arena as they are now (a dead one, or one a
+        plan change reloads); its new connection, stamped with this orchestrator's epoch."""
+        spec = next(spec for spec in self.specs if spec.name == name)
+        endpoint = await (self.launcher or self.ray).restart(spec)
+        return BlockClient(spec.name, endpoint, self.token, self.ctx, epoch=self.epoch)
+
     def _server_exited(self, name: str, reason: str) -> None:
         if self.orchestrator is not None:
             self.orchestrator.server_failed(name, reason)
@@ -376,9 +399,8 @@ class ServicePlanOps:
         """Restart block server ``server`` with its span (and arena) in ``layout``; its new client."""
         service = self.service
         spec = next(spec for spec in service._specs(layout) if spec.index == server)
-        endpoint = await service.launcher.restart(spec)
         service.specs = [s for s in service.specs if s.index != server] + [spec]
-        return BlockClient(spec.name, endpoint, service.token, service.ctx, epoch=service.epoch)
+        return await service.restart_server(spec.name)
 
 
 class _Server(uvicorn.Server):

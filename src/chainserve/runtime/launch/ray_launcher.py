@@ -9,6 +9,9 @@ its bundle, starts ``chainserve block-server`` on its node as a child process: t
 environment (a method argument of the actor: never on a command line, in a runtime env or in a log),
 ``--exit-with-parent`` naming the actor, and a log ``<tmp>/chainserve-ray/<name>.log`` on its node.
 Every token then travels over the block servers' own ZeroMQ sockets, never through Ray.
+Supervision (issue 33): an actor whose process dies is restarted by Ray itself (``max_restarts``; its
+block server exits with it), and :meth:`RayLauncher.restart` starts the block server again through the
+same actor, on the same bundle (the same node and device).
 :meth:`RayLauncher.stop` SIGTERMs (then SIGKILLs) every child, kills the actors, removes the placement
 group and shuts down the Ray this launcher started (disconnects from the cluster it joined).
 """
@@ -46,6 +49,9 @@ def _no_sigterm_warning(record: logging.LogRecord) -> bool:
     return "SIGTERM handler is not set" not in record.getMessage()
 
 
+#: Times Ray restarts an actor whose process died (:meth:`RayLauncher.restart` then starts its server).
+ACTOR_RESTARTS = 5
+
 #: Smallest object store Ray accepts; the launcher passes only a few small arguments through it.
 LOCAL_OBJECT_STORE_BYTES = 80 * 1024**2
 
@@ -69,7 +75,9 @@ class ServerActor:
         is_local: bool,
         timeout_s: float,
     ) -> dict[str, Any]:
-        """Start the block server, wait up to ``timeout_s`` for its ready line; its endpoint, pid, node, log."""
+        """Start the block server (stopping one this actor runs already), wait up to ``timeout_s`` for its
+        ready line; its endpoint, pid, node, log."""
+        self._end_child()
         node = ray.util.get_node_ip_address()
         common = dataclasses.replace(common, host="127.0.0.1" if is_local else node)
         argv = block_server_argv(spec, common, slowdown, extra_delay_s, os.getpid())
@@ -113,6 +121,10 @@ class ServerActor:
         """SIGTERM the child, wait ``grace_s``, SIGKILL it if need be; its exit status."""
         with self.lock:
             self.is_stopping = True
+        return self._end_child(grace_s)
+
+    def _end_child(self, grace_s: float = 5.0) -> int | None:
+        with self.lock:
             proc = self.proc
         if proc is None:
             return None
@@ -123,10 +135,16 @@ class ServerActor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
         return proc.returncode
 
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+    def actor_pid(self) -> int:
+        """This actor's own process (its block server's parent)."""
+        return os.getpid()
 
     def endpoint(self) -> str | None:
         return self.bound_endpoint
@@ -152,6 +170,7 @@ class RayLauncher:
         self, specs: list[ServerSpec], common: BackendArgs, slowdown: dict[str, float], extra_delay_s: dict[str, float]
     ) -> dict[int, str]:
         """Place and start every server, wait for all to be ready; returns server index → endpoint."""
+        self.common, self.slowdown, self.extra_delay_s = common, slowdown, extra_delay_s
         try:
             await self._connect(len(specs))
             num_gpus = await self._place(len(specs))
@@ -159,8 +178,9 @@ class RayLauncher:
             for i, spec in enumerate(specs):
                 strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
                 self.actors[spec.name] = remote_actor.options(
-                    num_cpus=1, num_gpus=num_gpus, max_concurrency=2, scheduling_strategy=strategy
-                ).remote()
+                    num_cpus=1, num_gpus=num_gpus, max_concurrency=2, scheduling_strategy=strategy,
+                    max_restarts=ACTOR_RESTARTS, max_task_retries=1,
+                ).remote()  # fmt: skip
             refs = [
                 self.actors[spec.name].start.remote(
                     spec,
@@ -183,6 +203,21 @@ class RayLauncher:
         for spec, s in zip(specs, started, strict=True):
             log.info("started block server %s on %s (pid %d, log %s)", spec.name, s["node"], s["pid"], s["log"])
         return {spec.index: s["endpoint"] for spec, s in zip(specs, started, strict=True)}
+
+    async def restart(self, spec: ServerSpec) -> str:
+        """Start server ``spec.name`` again through its actor (restarted by Ray first if its process
+        died); returns its new endpoint."""
+        actor = self.actors[spec.name]
+        call = actor.start.remote(
+            spec, self.common, self.slowdown.get(spec.name, 1.0), self.extra_delay_s.get(spec.name, 0.0), self.token,
+            self.is_local, self.ready_timeout_s,
+        )  # fmt: skip
+        try:
+            started = await asyncio.wait_for(call, self.ready_timeout_s + 10)
+        except RayTaskError as exc:
+            raise RuntimeError(str(exc.cause)) from None
+        log.info("restarted block server %s on %s (pid %d)", spec.name, started["node"], started["pid"])
+        return started["endpoint"]
 
     async def _connect(self, num_servers: int) -> None:
         if ray.is_initialized():
