@@ -167,6 +167,7 @@ def test_the_page_shows_what_metrics_and_plan_say_while_requests_run(served: Ser
             kv = metrics[("chainserve:kv_cache_usage_perc", (("server", s["name"]),))]
             assert value(page, f"tr.server[data-server='{s['name']}'] .kv") == pytest.approx(kv, abs=1e-12)
             assert page.inner_text(f"tr.server[data-server='{s['name']}'] .kv") == f"{100 * kv:.1f} %"
+            assert value(page, f"tr.server[data-server='{s['name']}'] .restarts") == 0  # none died (issue 33)
             span = page.locator(f"rect.span[data-server='{s['name']}']")
             assert (int(span.get_attribute("data-start")), int(span.get_attribute("data-blocks"))) == (
                 s["start_block"],
