@@ -83,6 +83,22 @@ def start_serve(workdir: Path, name: str, *args: str) -> tuple[subprocess.Popen,
     raise SystemExit(f"chainserve serve ({name}) did not start: " + (workdir / f"{name}.err").read_text()[-2000:])
 
 
+async def complete(oai: openai.AsyncOpenAI, prompt: str, max_tokens: int, patience_s: float | None):
+    """One greedy completion; ``TimeoutError`` after ``patience_s`` (``None``: none)."""
+    create = oai.completions.create(model="emulated/toy", prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return await asyncio.wait_for(create, patience_s)
+
+
+def check(counts: dict, head: EmulatedHead, prompt: str, max_tokens: int, answer) -> None:
+    """Count an answer: completed (and resumed), or lost with the wrong text."""
+    if answer.choices[0].text != head.greedy_text(prompt, max_tokens):
+        counts["wrong_text"] += 1
+        counts["lost"] += 1
+    else:
+        counts["completed"] += 1
+        counts["resumed"] += answer.model_extra["chainserve"]["num_attempts"] > 1
+
+
 async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float, clients: int, seed: int) -> dict:
     rng = random.Random(seed)
     head = EmulatedHead("toy", 8, 4096)
@@ -123,24 +139,14 @@ async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float
                     counts["sent"] += 1
                     patience = 0.2 if rng.random() < 0.1 else None  # some clients hang up after a moment
                     try:
-                        answer = await asyncio.wait_for(
-                            oai.completions.create(
-                                model="emulated/toy", prompt=prompt, max_tokens=max_tokens, temperature=0
-                            ),
-                            patience,
-                        )
+                        answer = await complete(oai, prompt, max_tokens, patience)
                     except TimeoutError:
                         counts["cancelled_by_client"] += 1
                         continue
                     except openai.OpenAIError:
                         counts["lost"] += 1
                         continue
-                    if answer.choices[0].text != head.greedy_text(prompt, max_tokens):
-                        counts["wrong_text"] += 1
-                        counts["lost"] += 1
-                    else:
-                        counts["completed"] += 1
-                        counts["resumed"] += answer.model_extra["chainserve"]["num_attempts"] > 1
+                    check(counts, head, prompt, max_tokens, answer)
 
             async def bad_inputs() -> None:
                 while time.monotonic() < deadline:
@@ -224,12 +230,7 @@ async def soak_single_chain(minutes: float, fault_every_s: float, clients: int, 
                     counts["sent"] += 1
                     for attempt in range(4):
                         try:
-                            answer = await asyncio.wait_for(
-                                oai.completions.create(
-                                    model="emulated/toy", prompt=prompt, max_tokens=max_tokens, temperature=0
-                                ),
-                                patience_s,
-                            )
+                            answer = await complete(oai, prompt, max_tokens, patience_s)
                         except TimeoutError:
                             counts["hung"] += 1
                             break
@@ -243,12 +244,7 @@ async def soak_single_chain(minutes: float, fault_every_s: float, clients: int, 
                         except openai.OpenAIError:
                             counts["lost"] += 1
                             break
-                        if answer.choices[0].text != head.greedy_text(prompt, max_tokens):
-                            counts["wrong_text"] += 1
-                            counts["lost"] += 1
-                        else:
-                            counts["completed"] += 1
-                            counts["resumed"] += answer.model_extra["chainserve"]["num_attempts"] > 1
+                        check(counts, head, prompt, max_tokens, answer)
                         break
 
             async def faults() -> None:
