@@ -120,6 +120,7 @@ async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float
         "kills": 0,
         "restarts": 0,
         "orchestrator_kills": 0,
+        "errors": {},  # what the lost requests got, by exception and status
     }
     deadline = time.monotonic() + minutes * 60
     endpoints: dict[str, str] = {}
@@ -143,8 +144,10 @@ async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float
                     except TimeoutError:
                         counts["cancelled_by_client"] += 1
                         continue
-                    except openai.OpenAIError:
+                    except openai.OpenAIError as exc:
                         counts["lost"] += 1
+                        why = f"{type(exc).__name__} {getattr(exc, 'status_code', '')}".strip()
+                        counts["errors"][why] = counts["errors"].get(why, 0) + 1
                         continue
                     check(counts, head, prompt, max_tokens, answer)
 
@@ -165,7 +168,9 @@ async def soak(minutes: float, fault_every_s: float, orchestrator_every_s: float
             async def faults() -> None:
                 while time.monotonic() + fault_every_s < deadline:
                     await asyncio.sleep(fault_every_s)
-                    infos = (await http.get("/status")).json()["servers"]
+                    while (status := await http.get("/status")).status_code != 200:  # a takeover under way
+                        await asyncio.sleep(0.2)
+                    infos = status.json()["servers"]
                     victim = rng.choice([s["name"] for s in infos if s["alive"]])
                     pid = await server_pid(workdir, victim, endpoints[victim])
                     os.kill(pid, signal.SIGKILL)
@@ -344,7 +349,7 @@ def main() -> None:
         f"by hand, {counts['orchestrator_kills']} orchestrator kills (SIGKILL; a standby took over)"
     )
     print(f"bad inputs rejected    {counts['bad_inputs_rejected']} of {counts['bad_inputs_sent']} (4xx)")
-    print(f"lost                   {counts['lost']} (wrong text: {counts['wrong_text']})")
+    print(f"lost                   {counts['lost']} (wrong text: {counts['wrong_text']}; errors: {counts['errors']})")
     print(f"servers alive at end   {counts['servers_alive_at_end']}")
 
 
