@@ -81,7 +81,7 @@ def decode_rates(path, context: int, iterations: int) -> list[tuple[str, float, 
     rows = []
     for fmt in FORMATS:
         span = TorchSpan(path, SpanInfo(1, 30, 30 * 8, context + iterations + 8), weights=fmt)
-        slots = [tuple(range(30 * k, 30 * (k + 1))) for k in range(8)]
+        slots = [span.info.slot_pages(range(30 * k, 30 * (k + 1))) for k in range(8)]
         for k in range(8):
             span.run_steps([SpanStep(prompt, 1, slots[k], 0)])
         token = head.embed([42], context)

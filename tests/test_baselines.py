@@ -486,7 +486,7 @@ def test_routers_respect_memory_and_serve_every_request(problem, seed, events):
             stuck = sorted(job.job_id for job in router.unroutable)
             finished = sorted(driver.completed + sorted(driver.cancelled))
             assert sorted(finished + stuck) == list(range(driver.next_id))  # no deadlock, none lost
-            assert not stuck or router._choose_hops() is None  # only when no live path is left
+            assert not stuck or router._choose_hops(1.0) is None  # only when no live path is left
             assert router.num_in_service == 0 and router.num_waiting == len(stuck)
             assert router.pool.free_gb == pytest.approx(list(driver.pool))
             for span in router.spans:  # every server back: the stuck requests are served
@@ -589,7 +589,7 @@ def test_petals_penalty_checks_the_whole_span():
     layout = PathPlacement(p, Placement((Span(0, 1, 3), Span(1, 1, 2)), 3), (4.0, 4.0), "test")
     router = PetalsRouter(layout)
     router.pool.allocate(0, 2.0)  # 2 GB left: one job on 1..2 blocks, not on all 3
-    hop_cost, _ = router.path_costs()
+    hop_cost, _ = router.path_costs(1.0)
     assert hop_cost(layout.placement.spans[0], 1) == pytest.approx(router.enter_s[0] + 1.0 + ALLOC_PENALTY_S)
     assert hop_cost(layout.placement.spans[1], 2) == pytest.approx(router.enter_s[1] + 2.0)
 

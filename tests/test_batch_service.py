@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from chainserve.dispatch.jffc import JFFC
@@ -84,7 +84,10 @@ def test_every_job_finishes_no_faster_than_alone(alpha, beta, prefill_beta, rate
     step = StepCost(alpha, beta, alpha, prefill_beta)
     servers = (Server("a", 12, 0.1, 0.05, step=step), Server("b", 12, 0.1, 0.05, step=step))
     problem = Problem(servers, ModelSpec("m", 4, 1.0, 0.5), Workload(rate, prompt_tokens=50, output_tokens=6))
-    plan = search_c(problem)
+    try:
+        plan = search_c(problem)
+    except SpecError:  # no stable plan at this rate for these step costs (hypothesis found λ = 20/s)
+        assume(False)
     rng = np.random.default_rng(seed)
     n = 60
     prompts, outputs = rng.integers(1, 700, n), rng.integers(1, 10, n)

@@ -106,6 +106,16 @@ def test_bundled_trace_sets_the_rate():
     assert "rows 1000–1199" in later["arrivals"]
 
 
+def test_page_tokens_models_the_paged_cache_and_says_so():
+    slots = run_json(TESTBED, "--trace", "bundled", "--requests", "300")
+    paged = run_json(TESTBED, "--trace", "bundled", "--requests", "300", "--page-tokens", "16")
+    assert (slots["page_tokens"], slots["refused"]) == (None, 0)
+    assert paged["page_tokens"] == 16 and paged["refused"] == 0 and paged["requests"] == 300
+    table = run(TESTBED, "--trace", "bundled", "--requests", "300", "--page-tokens", "16").stdout
+    assert "pages of 16 tokens" in table and "max_tokens = 2076" in table
+    assert run(TESTBED, "--page-tokens", "16", "--adapt").exit_code == 2
+
+
 def test_trace_file(tmp_path):
     trace = tmp_path / "t.csv"
     trace.write_text(

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from chainserve.analysis.bounds import response_time_bounds
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.plan.csearch import max_reservation, plan_for_c
-from chainserve.plan.exact import job_block_room, optimal_allocation, optimal_plan, placements, routing_paths
+from chainserve.plan.exact import (
+    job_block_room,
+    optimal_allocation,
+    optimal_plan,
+    placements,
+    routing_paths,
+    span_options,
+)
 from chainserve.plan.gbp_cr import gbp_cr
 from chainserve.plan.types import Placement, Span, chain_time_s
 
@@ -164,6 +171,18 @@ def test_identical_servers_counted_once():
         ((1, 1), (2, 1)),
         ((1, 1), (2, 1), (2, 1)),
     ]
+
+
+def test_servers_of_other_block_sizes_are_not_identical():
+    """issue 29: servers alike but for their weight format (s_m,j, s_c,j) are placed each on its own
+    (hypothesis found the optimum worse than a heuristic when they were swapped as identical)."""
+    servers = (Server("s0", 2.5, 0.5, 1.0, cache_size_gb=1.0), Server("s1", 2.5, 0.5, 1.0, block_size_gb=0.5))
+    p = Problem(servers, ModelSpec("tiny", 2, 1.0, 0.5), Workload(0.5))
+    count, _ = placements(p)
+    assert count == math.prod(len(span_options(p, j)) for j in range(2))  # no swaps to skip
+    for c in range(1, max_reservation(p) + 1):
+        if (result := plan_for_c(p, c)) is not None and result[1].is_stable:
+            assert optimal_plan(p).bounds.lower_s <= result[1].bounds.lower_s * (1 + 1e-12)
 
 
 def test_too_big_instances_are_refused():

@@ -134,7 +134,7 @@ class Audited:
     """Wraps a dispatcher; after every call checks arrivals = departures + jobs in the system."""
 
     def __init__(self, inner):
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.paging = inner, inner.name, inner.paging
         self.arrived = self.departed = 0
 
     def _check(self, result):
@@ -196,6 +196,7 @@ class Sloppy:
     Logs (time, +1/-1, route) for every start and completion."""
 
     name = "sloppy"
+    paging = None  # the paper's slots
 
     def __init__(self, chains, rng, excess):
         self.routes = [Route.of_chain(k, ch) for k, ch in enumerate(chains)]
@@ -280,6 +281,7 @@ class Scripted:
     """Starts the i-th arriving job at once on chain ``script[i]``, whatever the capacity."""
 
     name = "scripted"
+    paging = None  # the paper's slots
 
     def __init__(self, chains, script):
         self.routes = [Route.of_chain(k, ch) for k, ch in enumerate(chains)]

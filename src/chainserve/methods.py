@@ -41,16 +41,30 @@ class MethodSetup:
     plan_or_placement: Plan | PathPlacement
     description: str
 
-    def make_dispatcher(self, rng: np.random.Generator) -> Dispatcher:
+    def make_dispatcher(self, rng: np.random.Generator, page_tokens: int | None = None) -> Dispatcher:
         """A fresh dispatcher (its own state) over the layout: :func:`dispatcher_for`."""
-        return dispatcher_for(self.method, self.plan_or_placement, rng)
+        return dispatcher_for(self.method, self.plan_or_placement, rng, page_tokens=page_tokens)
 
 
-def dispatcher_for(method: str, layout: Layout, rng: np.random.Generator) -> Dispatcher:
+def dispatcher_for(
+    method: str,
+    layout: Layout,
+    rng: np.random.Generator,
+    *,
+    page_tokens: int | None = None,
+    tokens_per_slot: int | None = None,
+) -> Dispatcher:
     """The online dispatcher of ``method`` over ``layout`` (§2.4, §3), the one the simulator, the
     runtime and the experiments all drive: JFFC over a plan's chains (``proposed``, ``jffc-only``),
     ``proposed:<policy>``'s policy, PETALS' or WS-RR's router over a path placement. ``rng`` feeds the
     randomised policies. ``SpecError`` (field ``method``) when the method does not serve the layout.
+
+    ``page_tokens``: the KV cache by tokens (issue 30), in pages of that many tokens: each of c_k's
+    slots (each server's pool) holds ``model.max_tokens`` tokens and a job reserves its own prompt +
+    output tokens (:mod:`chainserve.dispatch.base`); ``None`` (or ``max_tokens`` unknown): the paper's
+    model, one max-length slot per job, which the paper's experiments reproduce. ``tokens_per_slot``:
+    the tokens a slot holds where the block servers' block-slots differ from ``model.max_tokens`` (the
+    runtime's ``serve --max-tokens``).
 
     >>> from chainserve.model.spec import ModelSpec, Server, Workload
     >>> p = Problem((Server("a", 20, 0.5, 0.1),), ModelSpec("toy", 3, 2.0, 1.0), Workload(0.2))
@@ -59,16 +73,20 @@ def dispatcher_for(method: str, layout: Layout, rng: np.random.Generator) -> Dis
     ['jffc', 'jsq']
     """
     base, policy = check_method_name(method)
+    max_tokens = tokens_per_slot or layout.problem.model.max_tokens
+    tokens_per_slot = None if page_tokens is None else max_tokens
     if isinstance(layout, PathPlacement):
         routers = {"petals": PetalsRouter, "bprr": WsRrRouter}
         if base not in routers:
             raise SpecError(
                 "method", f"the plan is a {layout.method} path placement; serve it with --method {layout.method}"
             )
-        return routers[base](layout)
+        return routers[base](layout, tokens_per_slot, page_tokens or 1)
     if base in ("petals", "bprr"):
         raise SpecError("method", f"{base} needs its own placement; plan it from the cluster file instead")
-    return POLICIES[policy or "jffc"](layout.chains, rng, layout.problem.arrival_rate_per_s)
+    return POLICIES[policy or "jffc"](
+        layout.chains, rng, layout.problem.arrival_rate_per_s, tokens_per_slot, page_tokens or 1
+    )
 
 
 def check_method_name(name: str) -> tuple[str, str | None]:

@@ -47,6 +47,7 @@ class FakeEngine:
 
     model_id = MODEL
     max_tokens = 64
+    max_job_tokens = 64
     vocab_size = 256
 
     def __init__(self, metrics: RuntimeMetrics | None = None) -> None:
@@ -260,7 +261,7 @@ def test_streamed_chat_equals_non_streamed(client):
 
 @pytest.fixture
 def long_context(engine):
-    engine.max_tokens = 1024  # room to echo a prompt holding calls
+    engine.max_tokens = engine.max_job_tokens = 1024  # room to echo a prompt holding calls
 
 
 def test_tools_reach_the_prompt_and_a_call_in_the_answer_is_a_tool_call(long_context, client, engine):

@@ -167,7 +167,17 @@ CONTEXT = 64
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    args = (str(EMULATED_6), "--backend", "emulated", "--max-waiting", "3", "--max-tokens", str(CONTEXT))
+    args = (
+        str(EMULATED_6),
+        "--backend",
+        "emulated",
+        "--max-waiting",
+        "3",
+        "--max-tokens",
+        str(CONTEXT),
+        "--max-context",
+        str(CONTEXT),
+    )
     with serving(*args, tmp_path=tmp_path_factory.mktemp("live")) as served:
         yield served
 

@@ -27,10 +27,13 @@ from chainserve.runtime.requests import SamplingParams
 TOKEN = "secret"
 
 
-def server(first: int = 1, num: int = 2, slots: int = 4, step_s: float = 0.0, idle_s: float = 300.0) -> BlockServer:
-    return BlockServer(
-        "s", EmulatedSpan(SpanInfo(first, num, slots, 32), step_s), ServerKnobs(idle_timeout_s=idle_s, token=TOKEN)
-    )
+def server(
+    first: int = 1, num: int = 2, slots: int = 4, step_s: float = 0.0, idle_s: float = 300.0, page_tokens: int = 32
+) -> BlockServer:
+    """A block server of emulated blocks; by default one page per block-slot of 32 positions, so a
+    session without a reservation takes one page per block."""
+    info = SpanInfo(first, num, slots, 32, page_tokens)
+    return BlockServer("s", EmulatedSpan(info, step_s), ServerKnobs(idle_timeout_s=idle_s, token=TOKEN))
 
 
 def ids(*tokens: int) -> WireTensor:
@@ -75,8 +78,9 @@ class LoopbackClient:
             self._raise(reply.error, reply.message)
         return reply
 
-    async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
-        frames = protocol.encode_forward(1, TOKEN, [protocol.Step(session, first_block, position, hidden, open, close)])
+    async def forward(self, session, first_block, position, hidden, *, open=False, close=False, reserve=None):
+        step = protocol.Step(session, first_block, position, hidden, open, close, reserve)
+        frames = protocol.encode_forward(1, TOKEN, [step])
         reply = protocol.decode_reply(await self.srv.handle(frames))
         if not reply.ok:
             self._raise(reply.error, reply.message)
@@ -107,6 +111,40 @@ def test_forward_admits_steps_and_closes() -> None:
     assert srv.arena.num_used == 2
     assert step(srv, ids(7), session="a", first_block=1, position=2, close=True) == ids(7)
     assert srv.arena.num_used == 0 and srv.counters.num_steps == 2 and srv.counters.peak_block_slots == 2
+
+
+def test_sessions_reserve_the_pages_of_their_own_length() -> None:
+    """Paged KV (issue 30): 2 block-slots of 32 positions are 8 pages of 8 per server; a session holds,
+    on each of its blocks, the pages of the positions it reserves, never writes past them, and one
+    that could never fit, or is longer than the served context, is a bad request."""
+    srv = server(num=2, slots=2, page_tokens=8)
+    assert (srv.arena.num_pages, srv.arena.pages_per_slot) == (8, 4)
+    assert step(srv, ids(1, 2), session="a", first_block=1, position=0, open=True, reserve=8) == ids(1, 2)
+    assert step(srv, ids(3), session="b", first_block=1, position=0, open=True, reserve=20) == ids(3)
+    assert srv.arena.num_used == 2 * 1 + 2 * 3
+    assert srv.sessions["a"].pages == ((0,), (1,)) and len(set(srv.sessions["b"].all_pages())) == 6
+    assert step(srv, ids(4), session="c", first_block=2, position=0, open=True, reserve=1)[0] == "no_free_slot"
+    assert step(srv, ids(3, 4, 5, 6, 7, 8), session="a", first_block=1, position=2) == ids(3, 4, 5, 6, 7, 8)
+    code, message = step(srv, ids(6), session="a", first_block=1, position=8)
+    assert code == "bad_request" and "8 positions" in message
+    code, message = step(srv, ids(7), session="d", first_block=1, position=0, open=True, reserve=40)
+    assert code == "bad_request" and "10 pages" in message
+    assert call(srv, "close", session="a").ok
+    assert step(srv, ids(4), session="c", first_block=2, position=0, open=True, reserve=1) == ids(4)
+    info = call(srv, "info").fields
+    assert (info["used_pages"], info["num_pages"], info["page_tokens"], info["used_block_slots"]) == (7, 8, 8, 2)
+    short = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 2, 32, 8, max_context=16), 0.0), ServerKnobs(token=TOKEN))
+    code, message = step(short, ids(1), session="e", first_block=1, position=0, open=True, reserve=20)
+    assert code == "bad_request" and "context of 16" in message
+
+
+def test_the_limit_counts_block_slots_of_pages() -> None:
+    """The plan's admission limit (block-slots) admits that many block-slots' pages."""
+    srv = server(num=1, slots=4, page_tokens=8)
+    call(srv, "limit", num_block_slots=1)
+    assert step(srv, ids(1), session="a", first_block=1, position=0, open=True, reserve=24) == ids(1)
+    assert step(srv, ids(1), session="b", first_block=1, position=0, open=True, reserve=9)[0] == "no_free_slot"
+    assert step(srv, ids(1), session="c", first_block=1, position=0, open=True, reserve=8) == ids(1)
 
 
 def test_a_full_arena_refuses_and_never_over_allocates() -> None:
@@ -294,3 +332,26 @@ def test_emulated_step_cost_batches_and_sleeps_the_iteration_once():
     assert cost.iteration_s([(2, 4)] * 4) <= prefill < 2 * cost.iteration_s([(2, 4)] * 4)  # 2·(30 + 4·4·1) ms
     assert cost.iteration_s([(2, 1)] * 4) <= decode < 2 * cost.iteration_s([(2, 1)] * 4)  # 2·(30 + 4·10) ms
     assert srv.counters.num_batches == 2
+
+
+def test_a_job_longer_than_any_chains_cache_is_refused_at_once() -> None:
+    """Issue 30: with each chain's c_k slots budgeted by tokens, a request whose prompt + output could
+    never fit any chain is a 400 (``ValueError``) naming the most a job may reserve, not a wait; one
+    that fits is served."""
+    problem = Problem((Server("a", 10, 0.01, 0.0),), ModelSpec("m", 2, 1.0, 1.0, max_tokens=32), Workload(1.0))
+    plan = make_plan(problem, Placement((Span(0, 1, 2),), 2), (Chain((Hop(0, 1, 2),), 0.02, 2),), 2)
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32, 16), 0.0), ServerKnobs(token=TOKEN))
+    head = EmulatedHead("m", 2, 1000)
+
+    async def run() -> list:
+        from chainserve.dispatch.jffc import JFFC
+
+        dispatcher = JFFC(plan.chains, tokens_per_slot=32, page_tokens=16)
+        orch = Orchestrator(plan, dispatcher, head, {0: LoopbackClient(srv)})
+        await orch.servers.connect({0: 4}, 5.0, time.monotonic)
+        with pytest.raises(ValueError, match=r"needs more KV cache than any chain .*at most 64 tokens"):
+            orch.generate(head.encode("the chain"), SamplingParams(max_tokens=70, temperature=0))
+        return [event async for event in orch.generate(head.encode("the chain"), SamplingParams(max_tokens=40))]
+
+    events = asyncio.run(run())
+    assert events[-1].completion_tokens == 40 and srv.arena.num_used == 0

@@ -62,7 +62,7 @@ class FakeClient:
     def __init__(self, name: str, gates: dict[str, asyncio.Event]):
         self.name, self.gates = name, gates
 
-    async def forward(self, session, first_block, position, hidden, *, open=False, close=False):
+    async def forward(self, session, first_block, position, hidden, *, open=False, close=False, reserve=None):
         if first_block == 1:
             await self.gates.setdefault(session.partition("s")[0], asyncio.Event()).wait()
         return hidden

@@ -59,7 +59,7 @@ def test_cuda_bf16_span_matches_the_cpu_span() -> None:
     outs = []
     for device, dtype in ((torch.device("cpu"), torch.float32), (gpu, default_dtype(gpu))):
         span = TorchSpan(path, SpanInfo(1, 6, 6, 64), dtype, device)
-        (out,) = asyncio.run(span.forward([SpanStep(hidden, 1, tuple(range(6)), 0)]))
+        (out,) = asyncio.run(span.forward([SpanStep(hidden, 1, span.info.slot_pages(range(6)), 0)]))
         outs.append(wire_to_torch(out, 64).float())
         span.close()
     torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)

@@ -43,7 +43,7 @@ def step(session: str, position: int, tensor: WireTensor, epoch: int, open: bool
 
 
 def test_a_newer_epoch_frees_the_older_sessions_and_refuses_their_messages() -> None:
-    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32), 0.0), ServerKnobs(token=TOKEN))
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32, page_tokens=32), 0.0), ServerKnobs(token=TOKEN))
     one = WireTensor("int32", (1, 1, 1), np.int32(5).tobytes())
     assert isinstance(handle(srv, step("a", 0, one, epoch=10, open=True)).results[0], WireTensor)
     assert isinstance(handle(srv, step("tool", 0, one, epoch=None, open=True)).results[0], WireTensor)
@@ -58,7 +58,7 @@ def test_a_newer_epoch_frees_the_older_sessions_and_refuses_their_messages() -> 
 
 def test_the_first_orchestrator_attaches_quietly_and_a_takeover_warns(caplog) -> None:
     """Issue 28: every normal start logged a WARNING; only a newer epoch replacing one is worth one."""
-    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32), 0.0), ServerKnobs(token=TOKEN))
+    srv = BlockServer("s", EmulatedSpan(SpanInfo(1, 2, 4, 32, page_tokens=32), 0.0), ServerKnobs(token=TOKEN))
     caplog.set_level(logging.INFO, logger="chainserve.block_server")
     for epoch in (10, 10, 20):
         handle(srv, protocol.encode_request("info", 1, TOKEN, epoch))
@@ -83,17 +83,17 @@ def test_a_late_step_of_a_dead_orchestrator_cannot_touch_a_new_sessions_kv(tmp_p
     old_prompt, new_prompt = head.embed(head.encode("an old prompt")), head.embed(head.encode("the new one"))
 
     def server() -> BlockServer:
-        return BlockServer("s", TorchSpan(path, SpanInfo(1, 6, 12, 64)), ServerKnobs(token=TOKEN))
+        return BlockServer("s", TorchSpan(path, SpanInfo(1, 6, 12, 64, page_tokens=64)), ServerKnobs(token=TOKEN))
 
     async def run() -> tuple[list, list, BlockServer]:
         srv = server()
         await srv.handle(step("old", 0, old_prompt, epoch=1, open=True))
-        old_slots = srv.sessions["old"].slots
+        old_slots = srv.sessions["old"].all_pages()
         late = asyncio.create_task(srv.handle(step("old", 3, head.embed([9]), epoch=1)))  # computing...
         await asyncio.sleep(0)
         await srv.handle(protocol.encode_request("info", 1, TOKEN, 2))  # a new orchestrator attaches
         outs = [protocol.decode_reply(await srv.handle(step("new", 0, new_prompt, epoch=2, open=True)))]
-        assert not set(srv.sessions["new"].slots) & set(old_slots)  # the computing step's slots stay its own
+        assert not set(srv.sessions["new"].all_pages()) & set(old_slots)  # the computing step's pages stay its own
         await late
         refused = protocol.decode_reply(await srv.handle(step("old", 4, head.embed([9]), epoch=1)))
         assert refused.error == "stale_epoch"

@@ -89,12 +89,12 @@ def test_three_spans_and_the_head_equal_the_whole_model(family, zoo) -> None:
             outs = []
             for r, x in enumerate(hiddens):
                 for span in spans:
-                    x = span.run(x, span.info.first_block, [[2 * r, 2 * r + 1]], [0])
+                    x = span.run(x, span.info.first_block, [span.info.slot_pages([2 * r, 2 * r + 1])], [0])
                 outs.append(x)
         else:  # one ragged batch: the sessions sit at different positions
             x = torch.cat(hiddens)
             for span in spans:
-                x = span.run(x, span.info.first_block, [[0, 1], [2, 3]], positions)
+                x = span.run(x, span.info.first_block, [span.info.slot_pages(s) for s in ([0, 1], [2, 3])], positions)
             outs = list(x.split(1))
         logits = head.logits([torch_to_wire(o) for o in outs])
         for r in range(len(outs)):
@@ -140,9 +140,9 @@ def test_a_family_served_by_block_servers_equals_generate_through_a_kill(family,
         ]
         for t in threads:
             t.start()
-        # every request decodes on one chain (it holds 2 block-slots on each of its servers, and tokens come
+        # every request decodes on one chain (it holds a session on each of its servers, and tokens come
         # out: two per request on average): kill that chain's middle server
-        deadline, full = time.monotonic() + 60, 2 * len(PROMPTS)
+        deadline, full = time.monotonic() + 60, len(PROMPTS)
         while _generated(served) < 2 * len(PROMPTS) or not (
             busy := [c for used in [_used(served)] for c in chains if min(used[s] for s in c) >= full]
         ):
@@ -158,7 +158,7 @@ def test_a_family_served_by_block_servers_equals_generate_through_a_kill(family,
 
 
 def _used(served) -> dict[str, int]:
-    return {i["server_id"]: i["used_block_slots"] for i in server_infos(served)}
+    return {i["server_id"]: i["num_sessions"] for i in server_infos(served)}
 
 
 def _generated(served) -> float:

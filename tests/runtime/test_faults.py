@@ -145,7 +145,8 @@ def test_torch_servers_killed_under_load_give_the_fault_free_text(tmp_path) -> N
 
 
 def test_a_burst_past_the_queue_bound_gets_429_and_service_goes_on(tmp_path) -> None:
-    with serving(str(EMULATED_6), "--backend", "emulated", tmp_path=tmp_path) as served:
+    # block-slots of 32 tokens: each request (3 + 16 tokens) takes one, as many as the plan's c_k count
+    with serving(str(EMULATED_6), "--backend", "emulated", "--max-tokens", "32", tmp_path=tmp_path) as served:
         capacity = served.get("/plan")["num_job_servers"]
         rss_before = _rss_kb(served.proc.pid)
 

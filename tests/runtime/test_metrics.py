@@ -118,5 +118,5 @@ def test_a_given_registry_is_used():
 
 @pytest.mark.parametrize(("used", "total"), [(-1, 4), (5, 4), (1, 0)])
 def test_kv_usage_rejects_impossible_counts(used, total):
-    with pytest.raises(ValueError, match="used_block_slots"):
+    with pytest.raises(ValueError, match="used_pages"):
         RuntimeMetrics().set_kv_usage("s0", used, total)

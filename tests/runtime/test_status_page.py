@@ -44,7 +44,8 @@ REFRESH_MS = 300
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    args = ("--backend", "emulated", "--api-key", API_KEY, "--heartbeat-deadline-s", "60")
+    # block-slots of 32 tokens: a request takes one, so the load fills the chains and some requests wait
+    args = ("--backend", "emulated", "--api-key", API_KEY, "--heartbeat-deadline-s", "60", "--max-tokens", "32")
     with serving(str(EMULATED_6), *args, tmp_path=tmp_path_factory.mktemp("status-page")) as s:
         yield s
 

@@ -29,8 +29,9 @@ def tiny(tmp_path_factory):
 
 
 def fwd(span, hidden, first_block, slots, position):
-    """One session's step through ``span`` (its output; its error is raised)."""
-    (out,) = asyncio.run(span.forward([SpanStep(hidden, first_block, tuple(slots), position)]))
+    """One session's step through ``span`` in the pages of block-slots ``slots`` (its output; its
+    error is raised)."""
+    (out,) = asyncio.run(span.forward([SpanStep(hidden, first_block, span.info.slot_pages(slots), position)]))
     if isinstance(out, Exception):
         raise out
     return out
@@ -118,10 +119,9 @@ def test_bad_input_is_refused(tiny):
         wire_to_torch(WireTensor("int32", (1, 2, 64), bytes(512)), 64)
     bad_calls = [
         (good, 3, [0, 1], 0),  # block 3 is not in span 1..2
-        (good, 1, [0], 0),  # one block-slot for two blocks
-        (good, 1, [0, 8], 0),  # no block-slot 8
-        (good, 1, [1, 1], 0),  # the same block-slot twice
-        (good, 1, [0, 1], 63),  # positions 63, 64 exceed max_tokens 64
+        (good, 1, [0], 0),  # pages for one block of two
+        (good, 1, [0, 8], 0),  # block-slot 8's pages lie outside the pool
+        (good, 1, [0, 1], 63),  # positions 63, 64 exceed the pages of one block-slot (64 positions)
     ]
     for hidden, first, slots, position in bad_calls:
         with pytest.raises(ValueError):
@@ -157,9 +157,10 @@ def test_a_batch_of_sessions_at_different_positions_computes_what_each_computes_
     slots = [tuple(range(4 * k, 4 * k + 5 - e)) for k, e in enumerate(entries)]
     for k, p in enumerate(prompts):
         fwd(span, head.embed(p), entries[k], slots[k], 0)
-    decodes = [SpanStep(head.embed([7 + k]), entries[k], slots[k], len(p)) for k, p in enumerate(prompts)]
-    prefill = SpanStep(head.embed(head.encode("a new prompt joins")), 1, (20, 21, 22, 23), 0)
-    bad = SpanStep(head.embed([9]), 1, (16, 17, 18), 0)  # one block-slot short
+    pages = span.info.slot_pages
+    decodes = [SpanStep(head.embed([7 + k]), entries[k], pages(slots[k]), len(p)) for k, p in enumerate(prompts)]
+    prefill = SpanStep(head.embed(head.encode("a new prompt joins")), 1, pages((20, 21, 22, 23)), 0)
+    bad = SpanStep(head.embed([9]), 1, pages((16, 17, 18)), 0)  # one block's pages short
     out = asyncio.run(span.forward([decodes[0], bad, prefill, *decodes[1:]]))
     assert isinstance(out[1], ValueError)
     for k, (p, step) in enumerate(zip(prompts, decodes, strict=True)):
@@ -168,7 +169,7 @@ def test_a_batch_of_sessions_at_different_positions_computes_what_each_computes_
         alone = fwd(fresh, step.hidden, entries[k], slots[k], len(p))
         got = out[0] if k == 0 else out[k + 2]
         np.testing.assert_allclose(wire_to_torch(got, 64), wire_to_torch(alone, 64), rtol=1e-5, atol=1e-4)
-    alone = fwd(TorchSpan(d, SpanInfo(1, 4, 24, 64)), prefill.hidden, 1, prefill.slots, 0)
+    alone = fwd(TorchSpan(d, SpanInfo(1, 4, 24, 64)), prefill.hidden, 1, (20, 21, 22, 23), 0)
     np.testing.assert_allclose(wire_to_torch(out[2], 64), wire_to_torch(alone, 64), rtol=1e-5, atol=1e-4)
 
 
@@ -187,3 +188,34 @@ def test_smollm2_three_spans_match_generate():
     assert tokens == ref_tokens
     for i, step in enumerate(steps):
         np.testing.assert_allclose(step, ref_logits[len(prompt) - 1 + i], atol=5e-4)  # measured ~5e-5
+
+
+def test_sessions_in_scattered_pages_decode_together_as_generate_does(tiny):
+    """Paged KV (issue 30): three sessions whose pages (4 positions each) are scattered through the
+    pool and interleaved, reserving different lengths, prefill in chunks and then decode in one batch
+    per iteration; each produces the model's own greedy tokens, and the logits match."""
+    d, head, _, model = tiny
+    span = TorchSpan(d, SpanInfo(1, 6, num_block_slots=16, max_tokens=32, page_tokens=4))
+    prompts = [head.chat_prompt(CHAT), head.encode("Hi"), head.encode("The quick brown fox jumps")]
+    n = 6
+    order = np.random.default_rng(3).permutation(span.info.num_pages).tolist()
+    pages, at = [], 0
+    for prompt in prompts:  # each reserves its prompt + n positions on every block
+        per_block = span.info.pages_for(len(prompt) + n)
+        pages.append(tuple(tuple(order[at + b * per_block : at + (b + 1) * per_block]) for b in range(6)))
+        at += 6 * per_block
+    out = []
+    for k, prompt in enumerate(prompts):  # prefill in chunks of 5 tokens
+        ids = head.embed(prompt)
+        chunks = SpanStep(ids, 1, pages[k], 0).chunks(5)
+        last = [asyncio.run(span.forward([c]))[0] for c in chunks][-1]
+        out.append([int(head.logits([last])[0].argmax())])
+    for step in range(1, n):
+        batch = [SpanStep(head.embed([o[-1]], len(p) + step - 1), 1, pages[k], len(p) + step - 1)
+                 for k, (p, o) in enumerate(zip(prompts, out, strict=True))]  # fmt: skip
+        for k, hidden in enumerate(asyncio.run(span.forward(batch))):
+            out[k].append(int(head.logits([hidden])[0].argmax()))
+    for k, prompt in enumerate(prompts):
+        ref_tokens, _ = reference(model, prompt, n)
+        stop = next((i + 1 for i, t in enumerate(ref_tokens) if t in head.eos_token_ids), n)
+        assert out[k][:stop] == ref_tokens[:stop]

@@ -71,7 +71,7 @@ def test_a_span_holds_what_the_planner_measured_and_computes_near_fp32():
     facts = measure_dir(path)
     x = torch.randn(1, 5, 64)
     spans = {fmt: TorchSpan(path, SpanInfo(1, 6, 6, 16), weights=fmt) for fmt in ("fp32", "bf16", "int8")}
-    outs = {fmt: span.run(x, 1, [list(range(6))], [0]).float() for fmt, span in spans.items()}
+    outs = {fmt: span.run(x, 1, [span.info.slot_pages(range(6))], [0]).float() for fmt, span in spans.items()}
     for fmt, span in spans.items():
         assert abs(stored_bytes(span.layers) - 6 * block_bytes(facts, fmt, "fp32")) <= 6 * 4, fmt
     scale = outs["fp32"].abs().max()

@@ -1,6 +1,17 @@
 """Birth–death sandwich bounds on the mean response time under JFFC (paper §2.5, Theorem 4).
 
 Computed in log space so that C (the number of job servers) may be in the thousands.
+
+**What they assume** (:data:`ASSUMPTION`): Poisson arrivals, exponential service of mean T_k on chain
+k, and each job in service occupying one of c_k slots (C = Σ c_k job servers). With the KV cache paged
+by tokens (issue 30) chain k holds c_k·T̄ tokens, T̄ the plan's ``max_tokens`` (the workload's mean
+prompt + output tokens), and a job its own tokens: for jobs of constant length T̄ that is exactly one
+slot each and the bounds are exact bounds; with variable lengths a chain holds more short or fewer long
+jobs than c_k, and the head of JFFC's FCFS queue may wait for pages while chains hold fewer than c_k
+jobs. The bounds then still bracket the simulated mean where chains hold many jobs (c_k ≳ 16) at
+moderate load (tests/test_paging.py: c_k = 32, 16 at ρ = 0.7, lengths of CV ≈ 1 and uniform), but not
+for small chains at high load (c_k = 4, ρ = 0.85, uniform lengths: ~170 s simulated against an upper
+bound of 1.9 s): they are not bounds for variable lengths.
 """
 
 from __future__ import annotations
@@ -10,6 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+#: What the bounds assume, in one line for reports and ``plan --json`` (module docstring).
+ASSUMPTION = (
+    "JFFC, Poisson arrivals, exponential service, each job one of c_k slots (with a paged KV cache: "
+    "every job exactly max_tokens long; exact only for constant lengths)"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,10 @@ its mass is exactly geometric, π(full, q) = π(full, t_max + 1)·ρ^{q − t_ma
 levels are lumped into one tail state, left at rate ν(1 − ρ) = ν − λ; the lumping is exact, so the
 result carries no truncation error (a deliberate improvement over truncating at some Q). ``tol``
 bounds the residual of the numerical solve instead.
+
+**What it assumes** (as :mod:`.bounds`): each job takes one of chain k's c_k slots. With a paged KV
+cache (issue 30) that is exact for jobs of constant length T̄ = the plan's ``max_tokens``; with
+variable lengths a chain holds a varying number of jobs around c_k and the chain is an approximation.
 """
 
 from __future__ import annotations

@@ -15,9 +15,11 @@ from typing import Annotated
 import typer
 
 from chainserve.cli.common import user_errors
+from chainserve.extras import MissingExtra
 from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.model.spec import SpecError
 from chainserve.model.step_cost import StepCost
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
 
 
@@ -44,7 +46,14 @@ def block_server(
     block_slots: Annotated[
         int | None, typer.Option(help="KV block-slots (one block of one session), without --plan (default: none).")
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="KV positions per session.")] = 2048,
+    max_tokens: Annotated[
+        int, typer.Option(help="KV positions of one block-slot (the plan's s_c); a session reserves its own.")
+    ] = 2048,
+    page_tokens: Annotated[int, typer.Option(help="KV positions per page.")] = PAGE_TOKENS,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="The longest session served, prompt + output (default: the model's window and the pages)."),
+    ] = None,
     backend: Annotated[str, typer.Option(metavar="torch|emulated", help="torch: real weights; emulated: sleeps.")] = (
         "emulated"
     ),
@@ -79,6 +88,10 @@ def block_server(
             help="torch backend: tokens one batched iteration computes at most; prompts go in chunks of half."
         ),
     ] = DEFAULT_MAX_BATCH_TOKENS,
+    threads: Annotated[
+        int,
+        typer.Option(min=1, help="torch backend: CPU threads for the blocks' compute (1 where servers share cores)."),
+    ] = 1,
     slowdown: Annotated[float, typer.Option(help="Stretch compute X-fold.")] = 1.0,
     delay_ms: Annotated[
         float | None,
@@ -110,7 +123,7 @@ def block_server(
             from chainserve.plan.plan_file import load_layout
             from chainserve.runtime.layout import server_specs
 
-            specs = {s.name: s for s in server_specs(load_layout(plan), max_tokens)}
+            specs = {s.name: s for s in server_specs(load_layout(plan), max_tokens, page_tokens, max_context)}
             if server_id not in specs:
                 raise SpecError("id", f"{server_id!r} is not placed in the plan; placed: {', '.join(specs)}")
             spec = specs[server_id]
@@ -123,13 +136,17 @@ def block_server(
         else:
             if None in (first_block, num_blocks, block_slots):
                 raise SpecError("plan", "give --plan, or all of --first-block, --num-blocks, --block-slots")
-            info = SpanInfo(first_block, num_blocks, block_slots, max_tokens)
+            info = SpanInfo(first_block, num_blocks, block_slots, max_tokens, page_tokens, max_context)
+        if info.page_tokens < 1 or (info.max_context is not None and info.max_context < 1):
+            raise SpecError("page-tokens/max-context", "must be positive")
         secret = read_secret(token_file, "CHAINSERVE_TOKEN") or ""
         knobs = ServerKnobs(slowdown, delay_s, idle_timeout_s, secret, max_batch_tokens)
         if weights is not None and weights not in WEIGHT_FORMATS:
             raise SpecError("weights", f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_FORMATS)}")
         try:
-            span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights)
+            span, model_id = make_span(backend, info, model, step_s, device, step_cost, weights, threads)
+        except MissingExtra:  # the same on every server: the line says what to install
+            raise
         except ValueError as exc:  # name the server: its operator reads this in the cluster's logs
             raise SpecError(f"server {server_id}", str(exc)) from None
     server = BlockServer(server_id, span, knobs, backend, model_id)

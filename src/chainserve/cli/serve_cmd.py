@@ -69,8 +69,13 @@ def serve(
     max_tokens: Annotated[
         int | None,
         typer.Option(
-            help="KV positions per session (prompt + output); default the model spec's max_tokens, else 2048."
+            help="KV positions of one block-slot, the job length the plan sized its cache for (a job reserves "
+            "pages for its own prompt + output); default the model spec's max_tokens, else 2048."
         ),
+    ] = None,
+    max_context: Annotated[
+        int | None,
+        typer.Option(help="The longest request served, prompt + output (default: the model's window)."),
     ] = None,
     slowdown: Annotated[
         list[str] | None,
@@ -97,6 +102,12 @@ def serve(
         int,
         typer.Option(help="torch backend: tokens a block server's batched iteration computes at most."),
     ] = DEFAULT_MAX_BATCH_TOKENS,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="torch backend: CPU threads of every block server it starts (1 where they share cores)."
+        ),
+    ] = 1,
     max_waiting: Annotated[
         int | None,
         typer.Option(help="Bound of the central queue; past it HTTP 429 (default 4 × C, the jobs all chains hold)."),
@@ -204,9 +215,11 @@ def serve(
             device=next((d for d in device or [] if "=" not in d), "auto"),
             devices=parse_pairs([d for d in device or [] if "=" in d], "device", number=False),
             max_batch_tokens=max_batch_tokens,
+            threads=threads,
             detach_servers=detach_servers,
             standby_of=standby_of.rstrip("/") if standby_of else None,
             standby_deadline_s=standby_deadline_s,
+            max_context=max_context,
         )
 
     def ready(url: str, service) -> None:

@@ -8,6 +8,11 @@ the plan and the bounds keep the cluster file's mean lengths, which the output n
 replayed rows' own (``bound lengths``; ``--json``: ``bounds_lengths``, ``trace_mean_lengths``).
 Seeds follow :mod:`chainserve.sim.runs`: ``--seed s`` is replication s of the experiments.
 
+``--page-tokens N`` models the paged KV cache of the runtime (issue 30): each chain holds c_k ×
+``max_tokens`` tokens in pages of N and a job reserves its own prompt + output tokens, so short jobs
+pack beyond c_k and long ones take more; a job no chain could ever hold is refused on arrival (the
+runtime's 400; ``refused``). Without it, the paper's model: one max-length slot per job.
+
 ``--rate-profile T0:R0,T1:R1,…`` makes the arrivals Poisson with a piecewise-constant rate (R_i
 requests/s from second T_i on, T0 = 0); the plan is still made once, for the cluster file's rate.
 ``--adapt`` re-plans online with :class:`chainserve.adapt.controller.AdaptiveController` (beyond the
@@ -120,6 +125,14 @@ def simulate(
     adapt: Annotated[
         bool, typer.Option("--adapt", help="Re-plan online when the arrival rate changes (proposed method).")
     ] = False,
+    page_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="KV cache by tokens in pages of N tokens, as the runtime (chains hold c_k × max_tokens tokens, a "
+            r"job its own prompt + output) \[default: the paper's model, one max-length slot per job]",
+            min=1,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
@@ -134,10 +147,14 @@ def simulate(
             raise SpecError("service", "the batched model does not simulate --adapt; use another service model")
         if adapt and not name.startswith("proposed"):
             raise SpecError("adapt", f"only the proposed method re-plans online, got --method {method}")
+        if adapt and page_tokens is not None:
+            raise SpecError("page-tokens", "--adapt simulates the paper's max-length slots; leave out --page-tokens")
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)
         if profile is not None and (rate is not None or trace is not None or burstiness is not None):
             raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
         problem = load_cluster(cluster or DEFAULT_CLUSTER, measured_model)
+        if page_tokens is not None and problem.model.max_tokens is None:
+            raise SpecError("page-tokens", "needs the model's max_tokens (the tokens s_c holds); add max_tokens")
         if profile is None:
             problem, arrivals, arrivals_text, trace_lengths = _arrivals(
                 problem, requests, rate, trace, time_scale, trace_start, burstiness
@@ -153,7 +170,16 @@ def simulate(
         ):
             try:
                 run = run_method(
-                    problem, name, seed, requests, arrivals, service, warmup, planner, AdaptConfig() if adapt else None
+                    problem,
+                    name,
+                    seed,
+                    requests,
+                    arrivals,
+                    service,
+                    warmup,
+                    planner,
+                    AdaptConfig() if adapt else None,
+                    page_tokens,
                 )
             except SpecError as exc:
                 if exc.field != "arrival_rate" or trace is None:
@@ -374,6 +400,8 @@ def _to_json(
         "arrival_rate": problem.arrival_rate_per_s,
         "service_model": service,
         "warmup": warmup,
+        "page_tokens": run.page_tokens,
+        "refused": run.num_refused,
         **run.summary.to_json(),
     }
     plan = run.setup.plan_or_placement
@@ -384,6 +412,17 @@ def _to_json(
     if trace_lengths is not None:
         data["trace_mean_lengths"] = asdict(trace_lengths)
     return data
+
+
+def _cache_text(run: Replication, problem: Problem) -> str:
+    """How the run held KV cache: the paper's slots, or pages by tokens and the jobs refused."""
+    if run.page_tokens is None:
+        return "one max-length slot per job (the paper's model)"
+    refused = f"; {run.num_refused} refused (too long for every chain)" if run.num_refused else ""
+    return (
+        f"pages of {run.page_tokens} tokens, each job its own prompt + output; each of c_k's slots holds "
+        f"max_tokens = {problem.model.max_tokens}{refused}"
+    )
 
 
 def _print_run(
@@ -406,6 +445,7 @@ def _print_run(
         ("service model", service),
         ("seed", str(run.seed)),
         ("requests", f"{summary.num_requests} measured" + (f" after {warmup} warm-up" if warmup else "")),
+        ("KV cache", _cache_text(run, problem)),
         ("throughput", f"{summary.throughput_per_s:.4g}/s over {summary.window_s:.1f} s"),
     ]
     ci = summary.response_mean_ci

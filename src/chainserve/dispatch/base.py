@@ -19,7 +19,18 @@ orchestrator drive the very same object:
 * ``restore_server(server, now)`` → a failed server is back: every route whose servers are all alive
   again is usable; the starts that follow. Restoring a live server does nothing and returns ``[]``;
 * ``drain()`` → removes and returns every *waiting* job (queue order), to hand them to another
-  dispatcher; jobs in service stay.
+  dispatcher; jobs in service stay;
+* ``fits(job)`` → whether some live chain (path) could ever hold the job's KV cache: ``False`` means
+  it would wait forever, so a runtime refuses it at once (always ``True`` under the paper's model;
+  for chains, ``state.max_job_tokens`` is the longest demand that fits, to name in the refusal).
+
+**KV cache by slots or by tokens.** ``paging`` is ``None`` for the paper's model (§2.1): a job takes
+one of chain k's c_k slots, each sized for ``model.max_tokens`` T. With a :class:`Paging` (issue 30:
+block servers page the cache by tokens) chain k instead has a budget of c_k·T tokens and a job
+reserves, on admission, its own prompt + output tokens rounded up to whole pages of P tokens (its
+*demand*). A block server pages each job separately, so Σ ⌈T_i/P⌉ pages must fit where the plan
+reserved c_k·T/P per chain: the rounding makes every server's pages suffice whenever every chain
+keeps to its budget. Jobs of length T (P dividing T) take exactly one slot each: the two models agree.
 
 Each :class:`Start` carries ``attempt``: 0 for a job's first start, +1 for each later start of the
 same job (after ``abort`` or a failure), so that a driver can tell a late completion from a current
@@ -45,6 +56,28 @@ class Job:
     arrived_at: float
     prompt_tokens: int = 2000
     output_tokens: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    """KV cache by tokens (module docstring): ``tokens_per_slot`` T, the tokens one of c_k's slots was
+    sized for (the plan's ``model.max_tokens``), and ``page_tokens`` P, a block server's page size.
+
+    >>> Paging(2048, 16).demand(Job(0, 0.0, 100, 20)), Paging(2048).demand(Job(0, 0.0, 100, 20))
+    (128, 120)
+    """
+
+    tokens_per_slot: int
+    page_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_slot < 1 or self.page_tokens < 1:
+            raise ValueError(f"paging: need tokens_per_slot ≥ 1 and page_tokens ≥ 1, got {self}")
+
+    def demand(self, job: Job) -> int:
+        """Tokens ``job`` reserves: prompt + output, rounded up to whole pages."""
+        page = self.page_tokens
+        return -(-(job.prompt_tokens + job.output_tokens) // page) * page
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +122,9 @@ class Dispatcher(Protocol):
 
     name: str
     state: ChainState | None
+    paging: Paging | None
+
+    def fits(self, job: Job) -> bool: ...
 
     def submit(self, job: Job, now: float) -> list[Start]: ...
 
@@ -112,31 +148,73 @@ class Dispatcher(Protocol):
 
 
 class ChainState:
-    """Occupancy of a plan's chains: Z_k jobs in service against capacity c_k, liveness, and the
-    attempt number of each job's next start.
+    """Occupancy of a plan's chains: Z_k jobs in service (``busy``) against capacity c_k, the cache
+    they hold (``used``) against each chain's ``budget``, liveness, and the attempt number of each
+    job's next start.
 
-    Chains are kept in the order given (a plan lists them fastest first). A chain is alive while
-    none of its servers has failed.
+    ``used`` and ``budget`` count slots under the paper's model (``tokens_per_slot=None``: a job uses
+    1 of c_k; ``used`` is then ``busy`` itself) and tokens with paging (a job uses its demand of
+    c_k·``tokens_per_slot``; see the module docstring). Chains are kept in the order given (a plan
+    lists them fastest first). A chain is alive while none of its servers has failed.
+
+    >>> from chainserve.plan.types import Chain, Hop
+    >>> state = ChainState([Chain((Hop(0, 1, 1),), 1.0, 2)], tokens_per_slot=100, page_tokens=10)
+    >>> [state.start(Job(i, 0.0, 30, 10), 0).route.chain for i in range(5)]   # 5 × 40 ≤ 2 × 100
+    [0, 0, 0, 0, 0]
+    >>> state.busy, state.used, state.can_start(0, Job(5, 0.0, 1, 1))
+    ([5], [200], False)
     """
 
-    def __init__(self, chains: Sequence[Chain]):
+    def __init__(self, chains: Sequence[Chain], tokens_per_slot: int | None = None, page_tokens: int = 1):
         if not chains:
             raise ValueError("chains: a dispatcher needs at least one chain")
         self.chains = tuple(chains)
         self.routes = tuple(Route.of_chain(k, ch) for k, ch in enumerate(self.chains))
         self.capacity = [ch.capacity for ch in self.chains]
         self.busy = [0] * len(self.chains)
+        self.paging = None if tokens_per_slot is None else Paging(tokens_per_slot, page_tokens)
+        if self.paging is None:
+            self.budget, self.used = self.capacity, self.busy
+        else:
+            self.budget, self.used = [c * tokens_per_slot for c in self.capacity], [0] * len(self.chains)
         self.alive = [True] * len(self.chains)
         self.failed: set[int] = set()
         self.held: dict[int, tuple[int, Job, int]] = {}  # job id → (chain, job, attempt) in service
         self.next_attempt: dict[int, int] = {}  # job id → attempt of its next start, once aborted
+        self.max_job_tokens: int | None = None
+        self._set_max_job_tokens()
 
-    def can_start(self, k: int) -> bool:
-        return self.alive[k] and self.busy[k] < self.capacity[k]
+    def demand(self, job: Job) -> int:
+        """What ``job`` uses of a chain's budget: 1 slot, or its tokens in whole pages."""
+        return 1 if self.paging is None else self.paging.demand(job)
+
+    def can_start(self, k: int, job: Job) -> bool:
+        """Chain k is alive and has room for ``job`` (a slot, or pages for its tokens)."""
+        return self.alive[k] and self.used[k] + self.demand(job) <= self.budget[k]
+
+    def fits(self, job: Job) -> bool:
+        """Some live chain could hold ``job`` alone (its demand ≤ :attr:`max_job_tokens`), so it will
+        not wait forever; always under the paper's model."""
+        return self.paging is None or self.paging.demand(job) <= self.max_job_tokens
+
+    def _set_max_job_tokens(self) -> None:
+        """``max_job_tokens``: the most tokens (in whole pages) one job may reserve, the largest budget
+        of a live chain (of every chain while none is alive: jobs then wait for a restore); ``None``
+        under the paper's model. A runtime names it when it refuses a job."""
+        if self.paging is not None:
+            live = [b for b, alive in zip(self.budget, self.alive, strict=True) if alive]
+            self.max_job_tokens = max(live or self.budget)
 
     def start(self, job: Job, k: int) -> Start:
-        if not self.alive[k] or self.busy[k] >= self.capacity[k]:
-            raise RuntimeError(f"chain {k} has no free slot")
+        paging = self.paging  # the simulator's hot path: can_start inlined, slots first
+        if paging is None:
+            if not self.alive[k] or self.busy[k] >= self.capacity[k]:
+                raise RuntimeError(f"chain {k} has no free slot")
+        else:
+            need = paging.demand(job)
+            if not self.alive[k] or self.used[k] + need > self.budget[k]:
+                raise RuntimeError(f"chain {k} has no pages for job {job.job_id}'s {need} tokens")
+            self.used[k] += need
         self.busy[k] += 1
         attempt = self.next_attempt.pop(job.job_id, 0) if self.next_attempt else 0
         self.held[job.job_id] = (k, job, attempt)
@@ -148,12 +226,15 @@ class ChainState:
         return held is not None and held[2] == attempt
 
     def finish(self, job_id: int) -> int:
-        """Free the job's slot; returns its chain."""
+        """Free the job's slot (or pages); returns its chain."""
         held = self.held.pop(job_id, None)
         if held is None:
             raise KeyError(f"job {job_id} is not in service")
-        self.busy[held[0]] -= 1
-        return held[0]
+        k = held[0]
+        self.busy[k] -= 1
+        if self.paging is not None:
+            self.used[k] -= self.paging.demand(held[1])
+        return k
 
     def abort(self, job_id: int) -> tuple[int, Job]:
         """Free the slot of an in-service job that will be started again; returns (chain, job)."""
@@ -175,6 +256,7 @@ class ChainState:
         for k, ch in enumerate(self.chains):
             if self.alive[k] and server in ch.servers:
                 self.alive[k] = False
+        self._set_max_job_tokens()
         aborted = [job for k, job, _ in self.held.values() if not self.alive[k]]
         for job in aborted:
             self.abort(job.job_id)
@@ -191,6 +273,7 @@ class ChainState:
         ]
         for k in revived:
             self.alive[k] = True
+        self._set_max_job_tokens()
         return revived
 
     @property

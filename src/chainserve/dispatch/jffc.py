@@ -9,6 +9,12 @@ Beyond §2.4, for a serving runtime: ``cancel`` removes a job from the queue or 
 ``abort`` frees its slot and puts the job back in the central queue in arrival order (ahead of every
 job that arrived after it, so an aborted job is never overtaken); ``restore_server``
 gives the revived chains' slots back; ``drain`` empties the queue.
+
+With paging (issue 30; :mod:`.base`), a chain is *free for a job* when its servers have pages for the
+job's own tokens (its token budget c_k·T is not exceeded), so a chain may hold more than c_k short
+jobs, or fewer long ones. JFFC stays FCFS: the head of the queue goes to the fastest chain with pages
+for it, and while no live chain has them it waits, and so does every job behind it (a job that no
+live chain could ever hold: ``fits`` is ``False``, and a runtime refuses it instead of queueing it).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ class JFFC:
     Work-conserving with zero thresholds, hence stable for every λ < ν. On a completion at chain k
     the head of the queue starts on k (it is then the only free chain). Free job slots sit in a heap
     keyed by chain speed rank, so an event costs O(log C). Thresholds must not decrease from faster
-    to slower chains: then the fastest free slot is also the one with the lowest threshold.
+    to slower chains: then the fastest free slot is also the one with the lowest threshold. With
+    paging (``tokens_per_slot``, ``page_tokens``: :class:`~.base.ChainState`) the head goes to the
+    fastest live chain with room for its tokens, found by a scan: O(K) per start.
 
     >>> from chainserve.plan.types import Chain, Hop
     >>> fast, slow = Chain((Hop(0, 1, 2),), 1.0, 1), Chain((Hop(1, 1, 2),), 2.0, 1)
@@ -43,8 +51,15 @@ class JFFC:
 
     name = "jffc"
 
-    def __init__(self, chains: Sequence[Chain], thresholds: Sequence[int] | None = None):
-        self.state = ChainState(chains)
+    def __init__(
+        self,
+        chains: Sequence[Chain],
+        thresholds: Sequence[int] | None = None,
+        tokens_per_slot: int | None = None,
+        page_tokens: int = 1,
+    ):
+        self.state = ChainState(chains, tokens_per_slot, page_tokens)
+        self.paging = self.state.paging
         chains = self.state.chains
         self.order = tuple(sorted(range(len(chains)), key=lambda k: (chains[k].service_time_s, k)))
         self.rank = {k: r for r, k in enumerate(self.order)}
@@ -56,18 +71,41 @@ class JFFC:
         self.configured_by_rank = self.threshold_by_rank = by_rank
         if any(by_rank):
             self.name = "threshold-jffc"
-        self.free_slots = [r for r, k in enumerate(self.order) for _ in range(chains[k].capacity)]
+        # slots: the live chains' free slots by speed rank (paging: unused, a scan finds room by tokens)
+        self.free_slots = [r for r, k in enumerate(self.order) for _ in range(0 if self.paging else chains[k].capacity)]
         heapq.heapify(self.free_slots)
         self.queue: deque[Job] = deque()
+
+    def fits(self, job: Job) -> bool:
+        return self.state.fits(job)
 
     def _fill(self) -> list[Start]:
         queue = self.queue
         if not queue:  # most completions: nothing waits
             return []
+        if self.paging is not None:
+            return self._fill_by_tokens()
         starts: list[Start] = []
         free = self.free_slots  # live chains' free slots only: fail_server removes the dead ones'
         while queue and free and len(queue) > self.threshold_by_rank[free[0]]:
             starts.append(self.state.start(queue.popleft(), self.order[heapq.heappop(free)]))
+        return starts
+
+    def _fill_by_tokens(self) -> list[Start]:
+        """The head of the queue to the fastest live chain with room for its tokens, while one has."""
+        queue, state, order = self.queue, self.state, self.order
+        alive, used, budget = state.alive, state.used, state.budget
+        starts: list[Start] = []
+        while queue:
+            need = state.demand(queue[0])
+            for k in order:  # fastest first
+                if used[k] + need <= budget[k] and alive[k]:
+                    break
+            else:
+                break  # no live chain has room for the head: it waits, and the jobs behind it
+            if len(queue) <= self.threshold_by_rank[self.rank[k]]:
+                break
+            starts.append(state.start(queue.popleft(), k))
         return starts
 
     def submit(self, job: Job, now: float) -> list[Start]:
@@ -77,7 +115,9 @@ class JFFC:
     def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]:
         if attempt is not None and not self.state.is_serving(job_id, attempt):
             return []  # a late completion of an aborted or cancelled start
-        heapq.heappush(self.free_slots, self.rank[self.state.finish(job_id)])
+        k = self.state.finish(job_id)
+        if self.paging is None:
+            heapq.heappush(self.free_slots, self.rank[k])
         return self._fill()
 
     def cancel(self, job_id: int, now: float) -> list[Start]:
@@ -87,12 +127,13 @@ class JFFC:
         for i, job in enumerate(self.queue):
             if job.job_id == job_id:
                 del self.queue[i]
-                break
+                return self._fill()  # with paging, the jobs behind a long head may fit
         return []
 
     def abort(self, job_id: int, now: float) -> list[Start]:
         k, job = self.state.abort(job_id)
-        heapq.heappush(self.free_slots, self.rank[k])
+        if self.paging is None:
+            heapq.heappush(self.free_slots, self.rank[k])
         self._requeue([job])
         return self._fill()
 
@@ -115,7 +156,7 @@ class JFFC:
         revived = self.state.restore_server(server)
         if not revived:
             return []
-        for k in revived:  # a dead chain holds no job and, since fail_server, no free slot
+        for k in revived if self.paging is None else ():  # a dead chain holds no job nor free slot
             for _ in range(self.state.capacity[k] - self.state.busy[k]):
                 heapq.heappush(self.free_slots, self.rank[k])
         self._set_thresholds()

@@ -28,6 +28,10 @@ aborted in-service ones are reported so a driver can cancel their completions. A
 path waits (counted in ``num_waiting``) until ``restore_server`` brings a server back; then every such
 request is routed again, in arrival order.
 
+**Paging** (issue 30; :mod:`.base`): with ``tokens_per_slot`` T given, a request holds on each hop
+s_c·m_ij·d/T, d its demand (prompt + output tokens in whole pages of ``page_tokens``) instead of the
+full s_c·m_ij sized for T tokens; ``fits(job)`` says whether some live path's pools could ever hold it.
+
 **Runtime verbs.** ``abort`` frees an in-service request's caches and routes it again, as a failure
 does (the requests waiting for the freed caches take them first); ``cancel`` frees whatever the
 request holds, leaves its wait queue, and lets the waiters behind take what is free; ``drain``
@@ -41,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from chainserve.dispatch.base import FailureOutcome, Job, Route, Start
+from chainserve.dispatch.base import FailureOutcome, Job, Paging, Route, Start
 from chainserve.dispatch.cache_pool import CachePool
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.types import Hop, Span, chain_time_s
@@ -100,12 +104,14 @@ def _job_key(job: Job) -> tuple[float, int]:
 
 @dataclass(slots=True)
 class PathRequest:
-    """A routed request: its hops, mean service time T, how many hops' caches it holds, where it
-    waits (server index, ``None`` if not waiting) and whether it is in service."""
+    """A routed request: its hops, mean service time T, the share of s_c it holds per block
+    (``scale``: 1 for a slot, d/T with paging), how many hops' caches it holds, where it waits (server
+    index, ``None`` if not waiting) and whether it is in service."""
 
     job: Job
     hops: tuple[Hop, ...]
     service_time_s: float
+    scale: float = 1.0
     num_held: int = 0
     waiting_at: int | None = None
     in_service: bool = False
@@ -118,8 +124,9 @@ class PathRouter:
     name = "path"
     state = None  # no plan chains: occupancy is per server pool (see the Dispatcher protocol)
 
-    def __init__(self, layout: PathPlacement):
+    def __init__(self, layout: PathPlacement, tokens_per_slot: int | None = None, page_tokens: int = 1):
         layout.check()
+        self.paging = None if tokens_per_slot is None else Paging(tokens_per_slot, page_tokens)
         self.problem = layout.problem
         self.spans = layout.placement.spans
         self.cache_gb_per_block = layout.problem.cache_sizes
@@ -131,32 +138,57 @@ class PathRouter:
         self.unroutable: deque[Job] = deque()
         self.next_attempt: dict[int, int] = {}  # job id → attempt of its next start, once aborted
         self._num_in_service = 0
-        if self._choose_hops() is None:
+        if self._choose_hops(1.0) is None:
             raise ValueError(f"{layout.method}: no path over the placement fits one request's cache")
 
-    def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
-        """Hop and exit costs for the next request, given the current state."""
+    def path_costs(self, scale: float) -> tuple[HopCost, Callable[[Span], float]]:
+        """Hop and exit costs for the next request (holding ``scale`` of s_c per block), given the
+        current state."""
         raise NotImplementedError
 
-    def need_gb(self, server: int, num_blocks: int) -> float:
-        """Cache one request holds on a hop of ``num_blocks`` blocks on ``server``: s_c,j · m_ij."""
-        return self.cache_gb_per_block[server] * num_blocks
+    def need_gb(self, server: int, num_blocks: int, scale: float = 1.0) -> float:
+        """Cache a request holds on a hop of ``num_blocks`` blocks on ``server``: s_c,j · m_ij · scale."""
+        return self.cache_gb_per_block[server] * num_blocks * scale
 
-    def _choose_hops(self) -> tuple[Hop, ...] | None:
-        hop_cost, exit_cost = self.path_costs()
+    def scale_of(self, job: Job) -> float:
+        """The share of s_c (sized for T tokens) ``job`` holds per block: 1, or d/T with paging."""
+        return 1.0 if self.paging is None else self.paging.demand(job) / self.paging.tokens_per_slot
+
+    def _route_within_pools(self, scale: float, live_only: bool) -> tuple[Hop, ...] | None:
+        """Any path whose hops' pools could each hold a request of ``scale`` (fewest-blocks costs)."""
 
         def usable(span: Span, m: int) -> float:
-            fits = self.need_gb(span.server, m) <= self.pool.capacity_gb[span.server]
+            fits = self.need_gb(span.server, m, scale) <= self.pool.capacity_gb[span.server]
+            return 1.0 if fits and (self.alive[span.server] or not live_only) else math.inf
+
+        return shortest_path(self.spans, usable, lambda span: 0.0, self.problem.model.num_blocks)
+
+    def fits(self, job: Job) -> bool:
+        """Some path over live servers (over all while none is left: jobs then wait for a restore)
+        whose pools could hold ``job`` alone."""
+        scale = self.scale_of(job)
+        if self._route_within_pools(scale, True) is not None:
+            return True
+        return self._route_within_pools(0.0, True) is None and self._route_within_pools(scale, False) is not None
+
+    def _choose_hops(self, scale: float) -> tuple[Hop, ...] | None:
+        hop_cost, exit_cost = self.path_costs(scale)
+
+        def usable(span: Span, m: int) -> float:
+            fits = self.need_gb(span.server, m, scale) <= self.pool.capacity_gb[span.server]
             return hop_cost(span, m) if self.alive[span.server] and fits else math.inf
 
         return shortest_path(self.spans, usable, exit_cost, self.problem.model.num_blocks)
 
     def _admit(self, job: Job) -> list[Start]:
-        hops = self._choose_hops()
+        scale = self.scale_of(job)
+        hops = self._choose_hops(scale)
         if hops is None:
             self.unroutable.append(job)
             return []
-        request = PathRequest(job, hops, chain_time_s(self.problem, hops), attempt=self.next_attempt.get(job.job_id, 0))
+        request = PathRequest(
+            job, hops, chain_time_s(self.problem, hops), scale, attempt=self.next_attempt.get(job.job_id, 0)
+        )
         self.requests[job.job_id] = request
         return self._advance(request)
 
@@ -165,7 +197,7 @@ class PathRouter:
         job_id = request.job.job_id
         while request.num_held < len(request.hops):
             hop = request.hops[request.num_held]
-            need, queue = self.need_gb(hop.server, hop.num_blocks), self.queues[hop.server]
+            need, queue = self.need_gb(hop.server, hop.num_blocks, request.scale), self.queues[hop.server]
             at_head = bool(queue) and queue[0] == job_id
             if (at_head or not queue) and self.pool.can_allocate(hop.server, need):
                 if at_head:
@@ -189,7 +221,8 @@ class PathRouter:
         queue = self.queues[server]
         while queue:
             head = self.requests[queue[0]]
-            if not self.pool.can_allocate(server, self.need_gb(server, head.hops[head.num_held].num_blocks)):
+            need = self.need_gb(server, head.hops[head.num_held].num_blocks, head.scale)
+            if not self.pool.can_allocate(server, need):
                 break
             starts += self._advance(head)
         return starts

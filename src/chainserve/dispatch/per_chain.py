@@ -15,6 +15,11 @@ same rule as a failure does (entering its queue in arrival order; the freed slot
 its chain's queue); ``cancel`` removes a job from its queue or frees its slot (the head of that
 chain's queue takes it); ``restore_server`` revives the chains whose servers are all alive and
 assigns the unassigned jobs; queued jobs stay where they are. ``drain`` empties every queue.
+
+With paging (issue 30; :mod:`.base`) chain k serves the head of its queue while its servers have pages
+for the head's tokens, and a job is only bound to a live chain whose budget c_k·T could ever hold it
+(none: it waits unassigned, as while every chain is dead). The rules still count jobs n_k against c_k,
+the expected number of concurrent jobs the plan sized (JIQ's "idle" is "has room for this job").
 """
 
 from __future__ import annotations
@@ -35,32 +40,38 @@ def _arrival_key(job: Job) -> tuple[float, int]:
 class PerChainDispatcher:
     """Shared machinery: chain occupancy, per-chain FIFO queues, failure re-assignment.
 
-    Subclasses implement ``choose(live)``: the chain (index into ``chains``) for the next job, given
-    the live chains' indices in the order given.
+    Subclasses implement ``choose(live, job)``: the chain (index into ``chains``) for ``job``, given
+    the indices of the live chains that could hold it, in the order given.
     """
 
     name: str
 
-    def __init__(self, chains: Sequence[Chain]):
-        self.state = ChainState(chains)
+    def __init__(self, chains: Sequence[Chain], tokens_per_slot: int | None = None, page_tokens: int = 1):
+        self.state = ChainState(chains, tokens_per_slot, page_tokens)
+        self.paging = self.state.paging
         self.queues: list[deque[Job]] = [deque() for _ in self.state.chains]
         self.unassigned: deque[Job] = deque()  # only while every chain is dead
 
-    def choose(self, live: list[int]) -> int:
+    def choose(self, live: list[int], job: Job) -> int:
         raise NotImplementedError
+
+    def fits(self, job: Job) -> bool:
+        return self.state.fits(job)
 
     def num_jobs_at(self, k: int) -> int:
         """n_k: jobs in service on chain k plus jobs queued for it."""
         return self.state.busy[k] + len(self.queues[k])
 
     def _assign(self, job: Job) -> list[Start]:
-        live = [k for k, alive in enumerate(self.state.alive) if alive]
+        state = self.state
+        need = state.demand(job)
+        live = [k for k, alive in enumerate(state.alive) if alive and need <= state.budget[k]]
         if not live:
             self.unassigned.append(job)
             return []
-        k = self.choose(live)
+        k = self.choose(live, job)
         queue = self.queues[k]
-        if not queue and self.state.can_start(k):
+        if not queue and state.can_start(k, job):
             return [self.state.start(job, k)]
         if queue and _arrival_key(job) < _arrival_key(queue[-1]):  # a re-assigned older job
             self.queues[k] = deque(sorted([*queue, job], key=_arrival_key))
@@ -71,7 +82,7 @@ class PerChainDispatcher:
     def _serve(self, k: int) -> list[Start]:
         """Start the head of chain k's queue in its free slots."""
         queue, starts = self.queues[k], []
-        while queue and self.state.can_start(k):
+        while queue and self.state.can_start(k, queue[0]):
             starts.append(self.state.start(queue.popleft(), k))
         return starts
 
@@ -81,18 +92,17 @@ class PerChainDispatcher:
     def complete(self, job_id: int, now: float, attempt: int | None = None) -> list[Start]:
         if attempt is not None and not self.state.is_serving(job_id, attempt):
             return []  # a late completion of an aborted or cancelled start
-        k = self.state.finish(job_id)
-        return [self.state.start(self.queues[k].popleft(), k)] if self.queues[k] else []
+        return self._serve(self.state.finish(job_id))
 
     def cancel(self, job_id: int, now: float) -> list[Start]:
         self.state.forget(job_id)
         if job_id in self.state.held:
             return self.complete(job_id, now)
-        for queue in (*self.queues, self.unassigned):
+        for k, queue in enumerate((*self.queues, self.unassigned)):
             for i, job in enumerate(queue):
                 if job.job_id == job_id:
-                    del queue[i]
-                    return []
+                    del queue[i]  # with paging, the jobs behind a long head may fit
+                    return self._serve(k) if queue is not self.unassigned else []
         return []
 
     def abort(self, job_id: int, now: float) -> list[Start]:
@@ -157,7 +167,7 @@ class SED(PerChainDispatcher):
 
     name = "sed"
 
-    def choose(self, live: list[int]) -> int:
+    def choose(self, live: list[int], job: Job) -> int:
         chains, cap = self.state.chains, self.state.capacity
 
         def expected_s(k: int) -> float:
@@ -172,48 +182,50 @@ class SpeedAwareJSQ(PerChainDispatcher):
 
     name = "sa-jsq"
 
-    def choose(self, live: list[int]) -> int:
+    def choose(self, live: list[int], job: Job) -> int:
         return self._fastest(self._least_jobs_per_slot(live))
 
 
-class JSQ(PerChainDispatcher):
+class RandomisedDispatcher(PerChainDispatcher):
+    """A per-chain policy that breaks ties (or chooses) at random with ``rng``."""
+
+    def __init__(
+        self,
+        chains: Sequence[Chain],
+        rng: np.random.Generator,
+        tokens_per_slot: int | None = None,
+        page_tokens: int = 1,
+    ):
+        super().__init__(chains, tokens_per_slot, page_tokens)
+        self.rng = rng
+
+
+class JSQ(RandomisedDispatcher):
     """JSQ: the chain with the least jobs per job server n_k/c_k; ties uniformly at random."""
 
     name = "jsq"
 
-    def __init__(self, chains: Sequence[Chain], rng: np.random.Generator):
-        super().__init__(chains)
-        self.rng = rng
-
-    def choose(self, live: list[int]) -> int:
+    def choose(self, live: list[int], job: Job) -> int:
         least = self._least_jobs_per_slot(live)
         return least[int(self.rng.integers(len(least)))]
 
 
-class JIQ(PerChainDispatcher):
-    """Join-idle-queue: uniformly at random among chains with an idle job server (Z_k < c_k); if none,
+class JIQ(RandomisedDispatcher):
+    """Join-idle-queue: uniformly at random among chains with an idle job server (room for the job); if none,
     uniformly at random among all live chains."""
 
     name = "jiq"
 
-    def __init__(self, chains: Sequence[Chain], rng: np.random.Generator):
-        super().__init__(chains)
-        self.rng = rng
-
-    def choose(self, live: list[int]) -> int:
-        idle = [k for k in live if self.state.busy[k] < self.state.capacity[k]] or live
+    def choose(self, live: list[int], job: Job) -> int:
+        idle = [k for k in live if self.state.can_start(k, job)] or live
         return idle[int(self.rng.integers(len(idle)))]
 
 
-class RandomDispatch(PerChainDispatcher):
+class RandomDispatch(RandomisedDispatcher):
     """Random: uniformly among the live chains, blind to speed, capacity and load (so it is unstable
     once λ/K exceeds some chain's c_k μ_k, even when λ < ν)."""
 
     name = "random"
 
-    def __init__(self, chains: Sequence[Chain], rng: np.random.Generator):
-        super().__init__(chains)
-        self.rng = rng
-
-    def choose(self, live: list[int]) -> int:
+    def choose(self, live: list[int], job: Job) -> int:
         return live[int(self.rng.integers(len(live)))]

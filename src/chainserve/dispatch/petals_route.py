@@ -51,7 +51,7 @@ class PetalsRouter(PathRouter):
 
     name = "petals"
 
-    def __init__(self, layout: PathPlacement):
+    def __init__(self, layout: PathPlacement, tokens_per_slot: int | None = None, page_tokens: int = 1):
         problem = layout.problem
         steps = problem.workload.output_tokens
         rtts = [
@@ -60,12 +60,12 @@ class PetalsRouter(PathRouter):
         self.enter_s = [rtt / 2 + HOP_OVERHEAD_S for rtt in rtts]
         self.exit_s = [rtt / 2 for rtt in rtts]
         self.block_s = [s.tau_p_s / steps for s in problem.servers]
-        super().__init__(layout)
+        super().__init__(layout, tokens_per_slot, page_tokens)
 
-    def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
+    def path_costs(self, scale: float) -> tuple[HopCost, Callable[[Span], float]]:
         def hop_cost(span: Span, num_blocks: int) -> float:
             j = span.server
-            has_cache = self.pool.can_allocate(j, self.need_gb(j, span.num_blocks))
+            has_cache = self.pool.can_allocate(j, self.need_gb(j, span.num_blocks, scale))
             penalty = 0.0 if has_cache else ALLOC_PENALTY_S
             return self.enter_s[j] + self.block_s[j] * num_blocks + penalty
 

@@ -73,15 +73,17 @@ class WsRrRouter(PathRouter):
 
     name = "ws-rr"
 
-    def path_costs(self) -> tuple[HopCost, Callable[[Span], float]]:
+    def path_costs(self, scale: float) -> tuple[HopCost, Callable[[Span], float]]:
         servers = self.problem.servers
         waits: dict[tuple[int, int], float] = {}
 
         def wait_s(j: int, num_blocks: int) -> float:
             if (j, num_blocks) not in waits:
                 ahead = [self.requests[q] for q in self.queues[j]]
-                queued = [(self.need_gb(j, r.hops[r.num_held].num_blocks), 1.0 / r.service_time_s) for r in ahead]
-                deficit = self.need_gb(j, num_blocks) + sum(gb for gb, _ in queued) - self.pool.free_gb[j]
+                queued = [
+                    (self.need_gb(j, r.hops[r.num_held].num_blocks, r.scale), 1.0 / r.service_time_s) for r in ahead
+                ]
+                deficit = self.need_gb(j, num_blocks, scale) + sum(gb for gb, _ in queued) - self.pool.free_gb[j]
                 holding = [(gb, 1.0 / self.requests[q].service_time_s) for q, gb in self.holders[j].items()]
                 waits[j, num_blocks] = expected_wait_s(deficit, holding, queued)
             return waits[j, num_blocks]

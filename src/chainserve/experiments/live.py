@@ -98,10 +98,16 @@ def to_arrivals(requests: Sequence[BenchRequest]) -> Arrivals:
 
 
 def simulate_layout(
-    layout: Layout, method: str, requests: Sequence[BenchRequest], service: ServiceModel, seed: int = 0
+    layout: Layout,
+    method: str,
+    requests: Sequence[BenchRequest],
+    service: ServiceModel,
+    seed: int = 0,
+    page_tokens: int | None = None,
 ):
-    """The simulator's summary of ``requests`` on ``layout`` with ``method``'s dispatcher."""
-    dispatcher = dispatcher_for(method, layout, np.random.default_rng(seed))
+    """The simulator's summary of ``requests`` on ``layout`` with ``method``'s dispatcher (``page_tokens``:
+    the live runtime's KV paging, :func:`chainserve.methods.dispatcher_for`)."""
+    dispatcher = dispatcher_for(method, layout, np.random.default_rng(seed), page_tokens=page_tokens)
     result = simulate(layout, dispatcher, ReplayArrivals(to_arrivals(requests)), service, seed=seed)
     if result.summary is None:
         raise RuntimeError(f"{method}: no simulated job finished")

@@ -10,7 +10,7 @@ picks the parser (``.json`` → JSON, anything else → YAML, which also reads J
                                    # or raw {num_blocks, block_size_gb, cache_size_gb[, name, dtype]},
                                    # or a directory {path: DIR, dtype: fp32|bf16|fp16, max_tokens}
     dtype: fp16                    # optional, default the model's
-    max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens
+    max_tokens: 2076               # optional, sizes s_c; default prompt + output tokens (the mean job)
     bprr_sessions: 3               # optional, fixes BPRR's R (default: its rule, plan/baselines/bprr.py)
     load_bandwidth_gb_per_s: 2.0   # optional, weight loading when a re-placement moves blocks (default 2)
     workload: {arrival_rate: 2.57, prompt_tokens: 2048, output_tokens: 28, rho_bar: 0.7}
@@ -24,6 +24,18 @@ measured from it (meta-device build and dry run) by the ``resolve_model`` callab
 ``(dir, dtype, max_tokens) -> ModelSpec``; this layer imports no torch, so without one such a model is a
 :class:`SpecError`. ``dtype`` (the weights' and the KV cache's, default fp32) and ``max_tokens`` may also
 sit at the top level; the servers need ``tau_p_s`` (or ``step_cost``) as with a raw model.
+
+**Which length sizes s_c** (``max_tokens``, default ``prompt_tokens + output_tokens``): the **mean**
+tokens of a job, prompt + output (for a trace, its mean: the shipped Azure code trace has 2048 + 28
+on average, the paper testbed's 2076). With the runtime's KV cache paged by tokens (issue 30) a slot of
+c_k is a budget of ``max_tokens`` tokens, chain k holds c_k·T̄ tokens and each job only its own
+prompt + output; the tokens of N concurrent jobs concentrate around N·T̄, so c_k stays the expected
+number of concurrent jobs, which is what the planner and the bounds count (a larger statistic, the
+p95 or the longest job, would plan fewer jobs than the memory holds on average). The price: lengths
+vary, so a chain holds more short or fewer long jobs than c_k, and the bounds are exact only for
+constant lengths (:mod:`chainserve.analysis.bounds`); a job longer than every chain's c_k·T̄ is refused.
+Under the paper's model (a max-length slot per job, the default of the simulator and the experiments)
+``max_tokens`` is the longest sequence a slot holds.
 
 ``load_bandwidth_gb_per_s`` (GB/s, 0.001..10000, default 2: a local NVMe read) prices a re-placement
 by the adaptive controller: a server whose span changes is out of service for s_m × the blocks it did
@@ -83,7 +95,7 @@ import yaml
 
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
-from chainserve.model.formats import WEIGHT_FORMATS
+from chainserve.model.formats import FLOAT_BYTES, WEIGHT_FORMATS
 from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
 from chainserve.model.step_cost import StepCost
 
@@ -125,7 +137,7 @@ RAW_SERVER_KEYS = ("server_id", "memory_gb", "tau_c", "tau_p")
 RAW_SERVER_OPTIONAL = ("weights", "block_size_gb", "cache_size_gb")
 PATH_MODEL_KEYS = ("path", "dtype", "max_tokens")
 #: The dtypes a model given by its directory is measured in (the runtime's weights and KV cache).
-PATH_DTYPES = ("fp32", "bf16", "fp16")
+PATH_DTYPES = tuple(FLOAT_BYTES)
 #: ``(dir, dtype, max_tokens) -> ModelSpec``: measures a model directory (given by the runtime layer).
 ModelResolver = Callable[[Path, str, int], ModelSpec]
 

@@ -201,13 +201,14 @@ def span_options(problem: Problem, server: int) -> list[tuple[int, int] | None]:
 
 
 def placements(problem: Problem) -> tuple[int, Iterator[Placement]]:
-    """(count, iterator): the count of placements up to swapping identical servers (same M, τ^p, τ^c;
-    a group of n identical servers with S options has C(S + n − 1, n) assignments instead of S^n),
+    """(count, iterator): the count of placements up to swapping identical servers (same M, τ^p, τ^c,
+    s_m,j, s_c,j; a group of n identical servers with S options has C(S + n − 1, n) assignments, not S^n),
     and those of them that could be tight: some span ends at L, every span starts at block 1 or right
     after another span's end, and ends at L or inside another span that goes further."""
-    groups: dict[tuple[float, float, float], list[int]] = {}
+    groups: dict[tuple[float, ...], list[int]] = {}
     for j, s in enumerate(problem.servers):
-        groups.setdefault((s.memory_gb, s.tau_p_s, s.tau_c_s), []).append(j)
+        kind = (s.memory_gb, s.tau_p_s, s.tau_c_s, problem.block_size_gb(j), problem.cache_size_gb(j))
+        groups.setdefault(kind, []).append(j)
     members = list(groups.values())
     options = [span_options(problem, group[0]) for group in members]
     count = math.prod(math.comb(len(o) + len(g) - 1, len(g)) for o, g in zip(options, members, strict=True))

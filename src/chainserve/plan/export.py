@@ -10,6 +10,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+from chainserve.analysis.bounds import ASSUMPTION as BOUNDS_ASSUMPTION
 from chainserve.model.spec import ModelSpec, Problem, SpecError
 from chainserve.plan.loaded import batch_one_times_s, full_load_times_s
 from chainserve.plan.types import Plan, reserved_block_jobs
@@ -47,7 +48,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     it, and :func:`server_sizes`: ``weights``, ``block_size_gb``, ``cache_size_gb``). ``chains`` (fastest
     first): server names, ``blocks`` = [first, last] 1-based per hop, ``service_time`` T_k (s),
     ``capacity`` c_k, ``rate`` μ_k (1/s). ``nu`` ν, ``load`` ρ = λ/ν, ``bounds`` on the mean response
-    time (s); infinite values become ``null``. With step costs (issue 18) each chain also has
+    time (s; ``assumes``: what they assume, :data:`chainserve.analysis.bounds.ASSUMPTION`); infinite
+    values become ``null``. With step costs (issue 18) each chain also has
     ``service_time_batch1`` and ``service_time_full_load`` and the plan an ``estimate`` of the mean
     response time at the load's concurrency (:mod:`chainserve.plan.loaded`). ``search`` (best planner only): its
     :class:`~chainserve.plan.types.SearchReport`, ``cut_short`` true when the time limit, not the work
@@ -92,7 +94,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "nu": plan.total_rate_per_s,
         "load": _finite(plan.load),
         "stable": plan.is_stable,
-        "bounds": {"lower": _finite(plan.bounds.lower_s), "upper": _finite(plan.bounds.upper_s)},
+        "bounds": {
+            "lower": _finite(plan.bounds.lower_s),
+            "upper": _finite(plan.bounds.upper_s),
+            "assumes": BOUNDS_ASSUMPTION,
+        },
     }
     if plan.estimate_s is not None:
         for entry, one, full in zip(

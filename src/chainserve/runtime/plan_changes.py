@@ -117,7 +117,9 @@ class PlanChanger:
             self.start(self.replace_placement)
 
     def _switch_to(self, gen: Generation) -> None:
-        self.host.move(self.generations.switch(gen))
+        """``gen`` takes arrivals; the jobs waiting in the old current one, and in retired ones (whose
+        chains may all be dead: with KV by tokens every job may have run there), join its queue."""
+        self.host.move(self.generations.switch(gen) + self.generations.retire_idle())
         self.servers.wake()  # starts of the old plan waiting for room move on
         self.host.plan_changed()
 

@@ -8,10 +8,11 @@ A message is one UTF-8 JSON header frame, followed by one frame of raw tensor by
 
 Ops: ``info``; ``forward``, whose ``items`` are one step of each of up to :data:`MAX_ITEMS` sessions
 (issue 17: a client sends every step it has for a server at that moment as one message) — each
-``{session, first_block, position, tensor: {dtype, shape}, open?, close?}`` (``open`` admits the
-session first, ``close`` frees it after this step), item i's bytes in frame i + 1; its reply has
-``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes in the next frame) or
-``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
+``{session, first_block, position, tensor: {dtype, shape}, open?, reserve?, close?}`` (``open``
+admits the session first, reserving the KV pages of ``reserve`` positions — its prompt + output, issue
+30; without it, one block-slot's worth — and ``close`` frees it after this step), item i's bytes in
+frame i + 1; its reply has ``items`` in the same order, each ``{"ok": true, "tensor": …}`` (its bytes
+in the next frame) or ``{"ok": false, "error", "message"}``: a session's error fails only that session. ``close``
 (``session``); ``limit`` (``num_block_slots``: the admission limit within the arena, which a plan
 change moves; the reply is ``info``'s); ``shutdown`` (the server exits, as on SIGTERM: ``chainserve
 stop``). Error codes: :data:`ERROR_CODES`. Every field is checked (type, range, byte length) before any
@@ -59,7 +60,8 @@ class ProtocolError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Step:
     """One session's forward step in a message: ``tensor`` holds its new tokens' hidden states at
-    positions ``position..``; ``open``/``close`` admit / free the session around it."""
+    positions ``position..``; ``open``/``close`` admit / free the session around it; ``reserve``: the
+    positions an opening session holds pages for (``None``: one block-slot's worth)."""
 
     session: str
     first_block: int
@@ -67,8 +69,10 @@ class Step:
     tensor: WireTensor
     open: bool = False
     close: bool = False
+    reserve: int | None = None
 
     def header(self) -> dict[str, Any]:
+        reserve = {"reserve": self.reserve} if self.open and self.reserve is not None else {}
         return {
             "session": self.session,
             "first_block": self.first_block,
@@ -76,7 +80,7 @@ class Step:
             "open": self.open,
             "close": self.close,
             "tensor": {"dtype": self.tensor.dtype, "shape": list(self.tensor.shape)},
-        }
+        } | reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +149,11 @@ def _steps(items: Any, frames: list[bytes]) -> tuple[Step, ...]:
                 raise ProtocolError("open/close: must be booleans")
             first_block = _int_field(item, "first_block", 1, 1_000_000)
             position = _int_field(item, "position", 0, 10_000_000)
+            reserve = _int_field(item, "reserve", 1, 10_000_000) if "reserve" in item else None
             tensor = _tensor(item.get("tensor"), frames[i + 1])
         except ProtocolError as exc:
             raise ProtocolError(f"items[{i}].{exc}") from None
-        steps.append(Step(session, first_block, position, tensor, is_open, is_close))
+        steps.append(Step(session, first_block, position, tensor, is_open, is_close, reserve))
     return tuple(steps)
 
 

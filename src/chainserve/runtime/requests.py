@@ -140,6 +140,7 @@ class Engine(Protocol):
 
     model_id: str
     max_tokens: int  # context length: prompt + generated tokens must fit in it
+    max_job_tokens: int  # the most a job's KV may hold on any chain (issue 30); a default max_tokens stays within
     vocab_size: int  # token ids of a prompt must lie in 0 .. vocab_size - 1
 
     def encode(self, text: str) -> list[int]: ...

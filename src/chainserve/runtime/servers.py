@@ -2,8 +2,10 @@
 them, :class:`ServerTable`.
 
 A record holds what the orchestrator knows of one block server: the span it hosts, its arena (the
-block-slots it allocated), its own admission limit as last set, the block-slots the jobs started on
-it hold, whether it answers, and its connection. The table does the verbs on them: ``hold`` /
+block-slots it allocated) and its pages (issue 30: a block-slot is ``pages_per_slot`` pages of
+``page_tokens`` positions), its own admission limit as last set, the pages the jobs started on it
+hold (a job reserves the pages of its prompt + output on each block it runs there), whether it
+answers, and its connection. The table does the verbs on them: ``hold`` /
 ``release`` / ``wake`` (a start waits until every hop has room under its server's limit, so the
 orchestrator never sends a server more sessions than it admits), limits (``set_limit``,
 ``lower_when_fits``), and liveness (``connect``, heartbeats, ``mark_dead`` / ``mark_back``).
@@ -36,7 +38,7 @@ class ServerClient(Protocol):
 
     async def forward(
         self, session: str, first_block: int, position: int, hidden: WireTensor, *, open: bool = False,
-        close: bool = False,
+        close: bool = False, reserve: int | None = None,
     ) -> WireTensor: ...  # fmt: skip
 
     def close_session(self, session: str) -> asyncio.Future: ...
@@ -53,9 +55,10 @@ class ServerClient(Protocol):
 @dataclass(slots=True, eq=False)
 class ServerRecord:
     """One block server: problem index and name, the span it hosts ((first block, blocks); ``None``:
-    none), its arena and own admission ``limit`` (block-slots), the block-slots ``held`` by the jobs
-    started on it, ``is_alive`` (answers its heartbeats) and ``is_out`` (being restarted by a plan
-    change: no heartbeat verdicts), and its ``client``."""
+    none), its arena and own admission ``limit`` (block-slots), its pages (``page_tokens``: ``None``
+    until it has answered ``info``, while a job counts one block-slot per block), the pages ``held``
+    by the jobs started on it, ``is_alive`` (answers its heartbeats) and ``is_out`` (being restarted by
+    a plan change: no heartbeat verdicts), and its ``client``."""
 
     index: int
     name: str
@@ -66,6 +69,21 @@ class ServerRecord:
     held: int = 0
     is_alive: bool = True
     is_out: bool = False
+    page_tokens: int | None = None
+    pages_per_slot: int = 1
+
+    def pages(self, block_slots: int) -> int:
+        """``block_slots`` in pages."""
+        return block_slots * self.pages_per_slot
+
+    def need(self, num_blocks: int, num_tokens: int) -> int:
+        """Pages a session of ``num_tokens`` positions on ``num_blocks`` blocks reserves here."""
+        return num_blocks * (-(-num_tokens // self.page_tokens) if self.page_tokens else 1)
+
+    def take_info(self, info: Mapping[str, Any]) -> None:
+        """Arena, limit and pages from the server's own ``info`` answer."""
+        self.arena, self.limit = info["num_block_slots"], info.get("slot_limit", info["num_block_slots"])
+        self.page_tokens, self.pages_per_slot = info.get("page_tokens"), info.get("pages_per_slot", 1)
 
     @property
     def is_live(self) -> bool:
@@ -104,11 +122,14 @@ class ServerTable:
         return held >= set(range(1, num_blocks + 1))
 
     # ---- hold / release / wake ----------------------------------------------------------------
-    async def hold(self, route: Route, may_wait: Callable[[], bool]) -> tuple[tuple[int, int], ...] | None:
-        """Wait until every hop's server has room under its limit, then hold the block-slots and
-        return them as (server, block-slots); ``None`` as soon as ``may_wait()`` is false while waiting."""
-        need = tuple((h.server, h.num_blocks) for h in route.hops)
-        while any(self.records[j].held + num > self.records[j].limit for j, num in need):
+    async def hold(
+        self, route: Route, num_tokens: int, may_wait: Callable[[], bool]
+    ) -> tuple[tuple[int, int], ...] | None:
+        """Wait until every hop's server has room under its limit for the pages of ``num_tokens``
+        positions, then hold them and return them as (server, pages); ``None`` as soon as
+        ``may_wait()`` is false while waiting."""
+        need = tuple((h.server, self.records[h.server].need(h.num_blocks, num_tokens)) for h in route.hops)
+        while any(self.records[j].held + num > self.records[j].pages(self.records[j].limit) for j, num in need):
             if not may_wait():
                 return None
             await self._freed.wait()
@@ -152,7 +173,7 @@ class ServerTable:
 
     async def _lower(self, j: int, limit: int) -> None:
         r = self.records[j]
-        while r.held > limit and not r.is_out:
+        while r.held > r.pages(limit) and not r.is_out:
             await self._freed.wait()
         try:
             async with self._limits:
@@ -187,7 +208,7 @@ class ServerTable:
         elif r.client is not None and r.client is not client:
             r.client.close()
         r.client, r.span = client, (info["first_block"], info["num_blocks"])
-        r.arena, r.limit = info["num_block_slots"], info["slot_limit"]
+        r.take_info(info)
         r.is_alive = True
         self.metrics.set_server_up(r.name, True)
         log.info("block server %s restarted with blocks %d..+%d", r.name, *r.span)
@@ -205,7 +226,7 @@ class ServerTable:
     async def attach(self, j: int, info: Mapping[str, Any], limit: int) -> None:
         """Take server j's arena and limit from its own answer and set its limit to ``limit``."""
         r = self.records[j]
-        r.arena, r.limit = info["num_block_slots"], info.get("slot_limit", info["num_block_slots"])
+        r.take_info(info)
         async with self._limits:
             await self._set_limit(j, limit, answered=True)
 

@@ -34,11 +34,13 @@ from chainserve.dispatch.base import Dispatcher
 from chainserve.extras import require
 from chainserve.methods import build_method, check_method_name, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
+from chainserve.model.limits import MAX_TOKENS
 from chainserve.model.spec import SpecError
 from chainserve.plan.plan_file import layout_to_dict, load_layout
 from chainserve.plan.recovery import arena_block_slots, replace_survivors
 from chainserve.plan.types import Layout, Plan, default_max_waiting
 from chainserve.runtime.api import create_app
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.backends.devices import check_device, spread
 from chainserve.runtime.backends.factory import BACKENDS, make_head
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -88,10 +90,12 @@ class ServeConfig:
     device: str = "auto"  # torch: the orchestrator's head and every block server without its own
     devices: dict[str, str] = field(default_factory=dict)  # torch: a block server's own device
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    threads: int = 1  # torch: CPU threads of every block server started (issue 30)
     detach_servers: bool = False  # local launcher: block servers outlive this process (chainserve stop)
     standby_of: str | None = None  # stand by for the orchestrator at this URL, take over when it is silent
     standby_interval_s: float = 0.25
     standby_deadline_s: float = 1.0
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -120,11 +124,15 @@ class ServeConfig:
             raise SpecError("device", str(exc)) from None
         if self.max_batch_tokens < 2:
             raise SpecError("max_batch_tokens", f"must be at least 2, got {self.max_batch_tokens}")
+        if self.threads < 1:
+            raise SpecError("threads", f"must be at least 1, got {self.threads}")
         for name, value in self.delay_ms.items():
             if not value >= 0:
                 raise SpecError("delay_ms", f"{name}: must be ≥ 0, got {value}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise SpecError("max_tokens", f"must be at least 2, got {self.max_tokens}")
+        if self.max_context is not None and self.max_context < 2:
+            raise SpecError("max_context", f"must be at least 2, got {self.max_context}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise SpecError("max_waiting", f"must be non-negative, got {self.max_waiting}")
         for name in (
@@ -140,15 +148,21 @@ class ServeConfig:
                 raise SpecError("adapt", "restarts block servers with new spans: needs the local launcher")
 
 
-def layout_to_serve(config: ServeConfig) -> tuple[Layout, Dispatcher, str]:
-    """The layout to serve, a fresh dispatcher over it and the method serving it."""
-    rng = np.random.default_rng(config.seed)
+def layout_to_serve(config: ServeConfig) -> tuple[Layout, str]:
+    """The layout to serve and the method serving it."""
     if config.plan is not None:
         layout = load_layout(config.plan)
-        method = config.method if config.method != "proposed" else layout.method
-        return layout, dispatcher_for(method, layout, rng), method
+        return layout, config.method if config.method != "proposed" else layout.method
+    rng = np.random.default_rng(config.seed)
     setup = build_method(config.method, load_cluster(config.cluster, measured_model), rng, config.planner)
-    return setup.plan_or_placement, setup.make_dispatcher(rng), config.method
+    return setup.plan_or_placement, config.method
+
+
+def paged_dispatcher(method: str, layout: Layout, rng: np.random.Generator, slot_tokens: int) -> Dispatcher:
+    """The method's dispatcher over ``layout`` with the block servers' KV paging (issue 30): a job
+    reserves its prompt + output in pages of :data:`PAGE_TOKENS` against each chain's c_k block-slots
+    of ``slot_tokens`` tokens (:func:`~chainserve.methods.dispatcher_for`)."""
+    return dispatcher_for(method, layout, rng, page_tokens=PAGE_TOKENS, tokens_per_slot=slot_tokens)
 
 
 class Service:
@@ -156,7 +170,7 @@ class Service:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.layout, self.dispatcher, self.method = layout_to_serve(config)
+        self.layout, self.method = layout_to_serve(config)
         if config.adapt is not None and not isinstance(self.layout, Plan):
             raise SpecError("adapt", f"adapts the proposed method's chains only, not a {self.layout.method} plan")
         problem = self.layout.problem
@@ -211,10 +225,14 @@ class Service:
 
     async def start(self) -> None:
         config, model = self.config, self.layout.problem.model
-        head = make_head(config.backend, self.model, model.name, model.num_blocks, self.max_tokens, config.device)
-        if head.max_tokens < self.max_tokens:  # the model's context is shorter: size the caches for it
+        context = config.max_context or (MAX_TOKENS if config.backend == "emulated" else None)
+        head = make_head(config.backend, self.model, model.name, model.num_blocks, context, config.device)
+        if head.max_tokens < self.max_tokens:  # the served context is shorter: size the block-slots for it
             self.max_tokens = head.max_tokens
             self.specs = self._specs(self.layout)
+        self.dispatcher = paged_dispatcher(
+            self.method, self.layout, np.random.default_rng(config.seed), self.max_tokens
+        )
         endpoints = await self._start_servers()
         self.ctx = zmq.Context()
         names = {spec.index: spec.name for spec in self.specs}
@@ -251,7 +269,7 @@ class Service:
     def _specs(self, layout: Layout) -> list[ServerSpec]:
         """The block servers of ``layout``; when adapting, each arena holds the server's whole cache
         memory beside its span (any later plan for that span fits; the plan sets the limit)."""
-        specs = server_specs(layout, self.max_tokens)
+        specs = server_specs(layout, self.max_tokens, PAGE_TOKENS, self.config.max_context)
         if self.config.adapt is None:
             return specs
         problem = layout.problem
@@ -284,6 +302,7 @@ class Service:
             device=config.device,
             devices=devices,
             max_batch_tokens=config.max_batch_tokens,
+            threads=config.threads,
         )
         delays = {name: ms / 1000 for name, ms in config.delay_ms.items()}
         if config.launcher == "ray":
@@ -348,7 +367,7 @@ class ServicePlanOps:
         return self.service.launcher is not None
 
     def dispatcher(self, layout: Layout) -> Dispatcher:
-        return dispatcher_for(self.method, layout, self.rng)
+        return paged_dispatcher(self.method, layout, self.rng, self.service.max_tokens)
 
     def place(self, placed: Layout, alive: frozenset[int]) -> Layout | None:
         return replace_survivors(placed, alive) if isinstance(placed, Plan) else None

@@ -36,7 +36,7 @@ from chainserve.model.spec import Problem
 from chainserve.model.step_cost import MAX_BATCH_TOKENS, StepCost
 from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import Arrivals
-from chainserve.sim.memory import MemoryLedger
+from chainserve.sim.memory import MemoryLedger, demands
 
 # event kinds, in the order they run at equal times: an iteration starts after everything else of
 # its instant, so steps that reach a server together share it
@@ -83,9 +83,10 @@ class _Station:
 
 def run_batched(
     plan: Layout, dispatcher: Dispatcher, stream: Arrivals, model: BatchedService
-) -> tuple[array, array, array, list[Route | None]]:
+) -> tuple[array, array, array, list[Route | None], int]:
     """Simulate every arrival of ``stream`` to completion; returns per-job start and finish times,
-    plan chain index (−1: none) and route, as :func:`chainserve.sim.engine.simulate` does."""
+    plan chain index (−1: none) and route, and the number of jobs refused on arrival (with paging, those
+    ``dispatcher.fits`` refuses), as :func:`chainserve.sim.engine.simulate` does."""
     problem: Problem = plan.problem
     servers, steps_mean = problem.servers, problem.workload.output_tokens
     chunk, budget = model.max_batch_tokens // 2, model.max_batch_tokens
@@ -104,7 +105,9 @@ def run_batched(
     hop_at = [0] * n  # the hop the job's current step is at
     steps_left = [0] * n  # forward steps still to come, the current one included
     tokens_left = [0] * n  # prompt tokens of the current step still to compute on this hop
-    ledger = MemoryLedger(plan)
+    ledger = MemoryLedger(plan, dispatcher.paging)
+    num_refused = 0
+    demand = demands(dispatcher.paging, prompts, outputs)
     events: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, station or job, payload)
     seq = 0
 
@@ -145,7 +148,7 @@ def run_batched(
             i, route = start.job.job_id, start.route
             if route_of[i] is not None:
                 raise RuntimeError(f"job {i} started twice")
-            ledger.admit(i, route, now)
+            ledger.admit(i, route, now, demand[i])
             route_of[i], started[i] = route, now
             chain_of[i] = -1 if route.chain is None else route.chain
             steps_left[i], hop_at[i], tokens_left[i] = int(outputs[i]), 0, int(prompts[i])
@@ -178,7 +181,7 @@ def run_batched(
 
     def finish(i: int, now: float) -> None:
         finished[i] = now
-        ledger.release(route_of[i])
+        ledger.release(route_of[i], demand[i])
         starts = dispatcher.complete(i, now)
         if starts:
             begin(starts, now)
@@ -188,9 +191,13 @@ def run_batched(
         t_event = events[0][0] if events else math.inf
         if t_arrival < t_event or (t_arrival == t_event < math.inf and events[0][1] == _START):
             i = next_job
-            starts = dispatcher.submit(Job(i, t_arrival, prompts[i], outputs[i]), t_arrival)
-            if starts:
-                begin(starts, t_arrival)
+            job = Job(i, t_arrival, prompts[i], outputs[i])
+            if dispatcher.paging is None or dispatcher.fits(job):
+                starts = dispatcher.submit(job, t_arrival)
+                if starts:
+                    begin(starts, t_arrival)
+            else:
+                num_refused += 1
             next_job += 1
             t_arrival = times[next_job] if next_job < n else math.inf
             continue
@@ -205,4 +212,4 @@ def run_batched(
             hop_at[who] += 1
             tokens_left[who] = 1 if steps_left[who] < int(outputs[who]) else int(prompts[who])
             send(who, now)
-    return started, finished, chain_of, route_of
+    return started, finished, chain_of, route_of, num_refused

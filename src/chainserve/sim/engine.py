@@ -9,8 +9,9 @@ the same arrivals and the same per-job service variates.
 
 Invariants checked on every event (a violation raises, it is a dispatcher bug):
 
-* memory: each job in service holds s_c·m_ij of cache on every server j of its route, and
-  ``s_m·m_j + cache ≤ M_j`` on every server, with m_j from the plan's placement (paper §1);
+* memory: each job in service holds s_c·m_ij of cache on every server j of its route (with the
+  dispatcher's paging, s_c·m_ij·d/T: its own tokens d, issue 30), and ``s_m·m_j + cache ≤ M_j`` on
+  every server, with m_j from the plan's placement (paper §1);
 * a job is never started twice at once, and only aborted jobs are ever restarted;
 * conservation: at the end, every job that did not finish is waiting or in service in the dispatcher.
 """
@@ -33,7 +34,7 @@ from chainserve.plan.types import Layout
 from chainserve.sim.adaptive import Transition, simulate_adaptive
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.batched import BatchedService, run_batched
-from chainserve.sim.memory import MemoryLedger
+from chainserve.sim.memory import MemoryLedger, demands
 from chainserve.sim.service import Duration, ServiceModel, service_model
 
 
@@ -42,7 +43,8 @@ class SimResult:
     """Per-job columns in arrival order (``nan`` where a job never started or finished; ``chain``
     -1 where it has none), the final route of each job, and the summary of the finished jobs among
     ``warmup:`` (``None`` when none finished, e.g. every server failed); ``transitions``: the plan
-    changes an adaptive controller made (chain indices then refer to the plan each job ran on)."""
+    changes an adaptive controller made (chain indices then refer to the plan each job ran on);
+    ``num_refused``: jobs refused on arrival because no chain could ever hold their tokens (paging)."""
 
     summary: Summary | None
     warmup: int
@@ -55,6 +57,7 @@ class SimResult:
     routes: tuple[Route | None, ...]
     num_restarts: int
     transitions: tuple[Transition, ...] = ()
+    num_refused: int = 0
 
     @property
     def num_jobs(self) -> int:
@@ -105,7 +108,10 @@ def simulate(
     starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
     executed as events (:mod:`chainserve.sim.adaptive`; each new plan gets ``make_dispatcher(plan)``,
-    default the proposed method's, JFFC); without one the plan stays (and the loop below runs unchanged).
+    default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and the loop
+    below runs unchanged). The dispatcher's ``paging`` (issue 30) sets what each job holds; with it, a
+    job that ``dispatcher.fits`` refuses (no live chain or path could ever hold it) is refused on
+    arrival, as the runtime refuses it (400), and counted in ``num_refused``.
 
     O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
     the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
@@ -133,16 +139,17 @@ def simulate(
     if isinstance(model, BatchedService):
         if controller is not None or failures:
             raise ValueError("service: the batched model simulates neither failures nor an adaptive controller")
-        started, finished, chain_of, route_of = run_batched(plan, dispatcher, stream, model)
+        started, finished, chain_of, route_of, refused = run_batched(plan, dispatcher, stream, model)
         num_held = dispatcher.num_waiting + dispatcher.num_in_service
-        return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0)
+        return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0, refused)
     duration = model.sampler(plan.problem, stream, service_rng)
     if controller is not None:
         return _simulate_adaptive(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, failures)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
-    ledger = MemoryLedger(plan)
+    ledger = MemoryLedger(plan, dispatcher.paging)
+    demand = demands(dispatcher.paging, prompts, outputs)  # cache per block: 1 slot, or its tokens
     known, in_service, capacity = ledger.known, ledger.in_service, ledger.capacity
     admit, release = ledger.admit, ledger.release
     nan = math.nan
@@ -161,11 +168,12 @@ def simulate(
                 raise RuntimeError(f"job {i} started while {('in service', 'finished')[state[i] - 1]}")
             state[i] = 1
             k = route.chain
-            if known.get(k) is route and not ledger.num_unsafe and in_service[k] < capacity[k]:
-                in_service[k] += 1  # the ledger's fast path: Z_k < c_k on a plan that fits
+            d = demand[i]
+            if known.get(k) is route and not ledger.num_unsafe and in_service[k] + d <= capacity[k]:
+                in_service[k] += d  # the ledger's fast path: Z_k < c_k (within budget) on a plan that fits
                 chain_of[i] = k
             else:
-                admit(i, route, now)
+                admit(i, route, now, d)
                 chain_of[i] = -1 if k is None else k
             route_of[i] = route
             started[i] = now
@@ -174,7 +182,9 @@ def simulate(
     fail_events = sorted(failures)
     next_fail, t_fail = 0, fail_events[0][0] if fail_events else math.inf
     next_job, t_arrival = 0, times[0]
-    num_restarts = 0
+    num_restarts = num_refused = 0
+    paging = dispatcher.paging
+    fits = None if paging is None else dispatcher.fits
     inf = math.inf
     while True:
         t_done = heap[0][0] if heap else inf
@@ -185,7 +195,7 @@ def simulate(
                 if state[i] != 1:
                     raise RuntimeError(f"job {i} aborted but not in service")
                 state[i] = 0
-                release(route_of[i])
+                release(route_of[i], demand[i])
                 attempt[i] += 1
                 started[i] = nan
                 num_restarts += 1
@@ -203,22 +213,26 @@ def simulate(
             route = route_of[i]
             k = route.chain
             if known.get(k) is route and in_service[k] <= capacity[k]:
-                in_service[k] -= 1  # the ledger's fast path
+                in_service[k] -= demand[i]  # the ledger's fast path
             else:
-                release(route)
+                release(route, demand[i])
             starts = complete(i, t_done)
             if starts:
                 begin(starts, t_done)
         else:
             i = next_job
-            starts = submit(Job(i, t_arrival, prompts[i], outputs[i]), t_arrival)
-            if starts:
-                begin(starts, t_arrival)
+            job = Job(i, t_arrival, prompts[i], outputs[i])
+            if fits is None or fits(job):
+                starts = submit(job, t_arrival)
+                if starts:
+                    begin(starts, t_arrival)
+            else:
+                num_refused += 1  # no live chain or path could ever hold it: the runtime answers 400
             next_job += 1
             t_arrival = times[next_job]
 
     num_held = dispatcher.num_waiting + dispatcher.num_in_service
-    return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, num_restarts)
+    return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, num_restarts, num_refused)
 
 
 def _simulate_adaptive(
@@ -234,10 +248,12 @@ def _simulate_adaptive(
     """:func:`simulate` with a controller: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
     if failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
+    if dispatcher.paging is not None:
+        raise ValueError("paging: the adaptive simulator counts KV cache in max-length slots (the paper's model)")
     started, finished, chain_of, route_of, _, transitions = simulate_adaptive(
         plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, duration
     )
-    result = _result(plan, None, stream, warmup, started, finished, chain_of, route_of, 0)
+    result = _result(plan, None, stream, warmup, started, finished, chain_of, route_of, 0, 0)
     return replace(result, transitions=transitions)
 
 
@@ -256,15 +272,17 @@ def _result(
     chain_of: array,
     route_of: list[Route | None],
     num_restarts: int,
+    num_refused: int,
 ) -> SimResult:
     """Check conservation (``num_held``: jobs the dispatcher still holds; ``None``: checked by the
-    caller), then summarise the finished jobs among ``warmup:`` (per-chain utilisation only for a
-    run on one plan)."""
+    caller; ``num_refused``: jobs refused on arrival), then summarise the finished jobs among ``warmup:``
+    (per-chain utilisation only for a run on one plan)."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()
     num_unfinished = int(np.count_nonzero(np.isnan(finished_at)))
-    if num_held is not None and num_held != num_unfinished:
+    if num_held is not None and num_held + num_refused != num_unfinished:
         raise RuntimeError(
-            f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds {num_held} waiting or in service"
+            f"conservation: {num_unfinished} jobs unfinished but the dispatcher holds {num_held} waiting or in "
+            f"service and refused {num_refused}"
         )
     started_at = np.frombuffer(started, dtype=np.float64).copy()
     chain = np.frombuffer(chain_of, dtype=np.int64).copy()
@@ -293,4 +311,5 @@ def _result(
         stream.output_tokens,
         tuple(route_of),
         num_restarts,
+        num_refused=num_refused,
     )

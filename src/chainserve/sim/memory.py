@@ -13,12 +13,33 @@ counts Z_k); :meth:`MemoryLedger.admit` / :meth:`MemoryLedger.release` handle th
 c_k, a route that is not one of the plan's chains — by summing the actual usage of the servers
 involved. ``num_unsafe`` counts the reasons the fast path is off (chains over capacity, per-request
 jobs in service, a plan whose reservation does not fit).
+
+With paging (issue 30, :class:`~chainserve.dispatch.base.Paging`: slots sized for T tokens, a job holding
+its own demand d of tokens) the unit is the block-token (s_c,j/T): a job holds m_ij·d on every server j
+of its route, a chain's budget is c_k·T, limits are ⌊room·T/s_c,j⌋, and the same argument makes the
+fast path safe while every chain keeps to its budget. ``admit``/``release`` then take the job's demand.
 """
 
 from __future__ import annotations
 
-from chainserve.dispatch.base import Route
+from array import array
+
+from chainserve.dispatch.base import Paging, Route
 from chainserve.plan.types import Layout, jobs_that_fit, reserved_block_jobs
+
+
+def demands(paging: Paging | None, prompts: array, outputs: array) -> list[int]:
+    """Each job's cache per block in the ledger's units: 1 (a slot), or its tokens in whole pages (a
+    list: the simulator's hot path reads it twice per job, and a list reads fastest).
+
+    >>> prompts, outputs = array("q", [30, 1]), array("q", [3, 1])
+    >>> list(demands(Paging(100, 16), prompts, outputs)), list(demands(None, prompts, outputs))
+    ([48, 16], [1, 1])
+    """
+    if paging is None:
+        return [1] * len(prompts)
+    page = paging.page_tokens
+    return [-(-(p + o) // page) * page for p, o in zip(prompts, outputs, strict=True)]
 
 
 class MemoryExceeded(RuntimeError):
@@ -45,17 +66,20 @@ class MemoryLedger:
     chainserve.sim.memory.MemoryExceeded: job 4 at t=0.0: server 0 would hold 10 block-jobs of cache, 8 fit
     """
 
-    def __init__(self, plan: Layout):
+    def __init__(self, plan: Layout, paging: Paging | None = None):
         problem = plan.problem
-        reserved = reserved_block_jobs(plan)
+        unit = 1 if paging is None else paging.tokens_per_slot  # per slot: 1 block-job, or T block-tokens
+        reserved = {j: r * unit for j, r in reserved_block_jobs(plan).items()}
         self.limits = [0] * problem.num_servers
+        pools_gb = {} if plan.chains else plan.reservation_by_server()
         for span in plan.placement.spans:
             j = span.server
             room_gb = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
+            pool_gb = pools_gb.get(j, room_gb)
             # chains may use all the room (a start beyond c_k that fits is allowed); paths their pool
-            self.limits[j] = jobs_that_fit(room_gb, problem.cache_size_gb(j)) if plan.chains else reserved[j]
+            self.limits[j] = jobs_that_fit(pool_gb, problem.cache_size_gb(j) / unit)
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
-        self.capacity = [ch.capacity for ch in plan.chains]
+        self.capacity = [ch.capacity * unit for ch in plan.chains]
         self.in_service = [0] * len(plan.chains)
         self.extra = [0] * problem.num_servers
         #: chain index -> the Route object the driver may take the fast path for
@@ -65,9 +89,10 @@ class MemoryLedger:
             for server, blocks in hops:
                 self.through[server].append((k, blocks))
         self.num_unsafe = int(any(r > self.limits[j] for j, r in reserved.items()))
+        self.unit_name = "jobs" if paging is None else "tokens"
 
     def used(self, server: int) -> int:
-        """Block-jobs of cache held on ``server`` now."""
+        """Block-jobs (block-tokens) of cache held on ``server`` now."""
         return self.extra[server] + sum(b * self.in_service[k] for k, b in self.through[server])
 
     def _chain_of(self, route: Route) -> int | None:
@@ -82,32 +107,35 @@ class MemoryLedger:
         self.known.setdefault(k, route)
         return k
 
-    def admit(self, job: int, route: Route, now: float) -> None:
-        """Account for ``job`` starting on ``route``; raise :class:`MemoryExceeded` if it does not fit."""
+    def admit(self, job: int, route: Route, now: float, demand: int = 1) -> None:
+        """Account for ``job`` (holding ``demand`` units per block: 1 slot, or its tokens with paging)
+        starting on ``route``; raise :class:`MemoryExceeded` if it does not fit."""
         k = self._chain_of(route)
         hops = self.chain_hops[k] if k is not None else [(h.server, h.num_blocks) for h in route.hops]
         for server, blocks in hops:
-            load = self.used(server) + blocks
+            load = self.used(server) + blocks * demand
             if load > self.limits[server]:
                 raise MemoryExceeded(
-                    f"job {job} at t={now}: server {server} would hold {load} block-jobs "
+                    f"job {job} at t={now}: server {server} would hold {load} block-{self.unit_name} "
                     f"of cache, {self.limits[server]} fit"
                 )
         if k is None:
             for server, blocks in hops:
-                self.extra[server] += blocks
+                self.extra[server] += blocks * demand
             self.num_unsafe += 1
         else:
-            self.in_service[k] += 1
+            self.num_unsafe -= self.in_service[k] > self.capacity[k]
+            self.in_service[k] += demand
             self.num_unsafe += self.in_service[k] > self.capacity[k]
 
-    def release(self, route: Route) -> None:
-        """Free the cache of one job that ran on ``route``."""
+    def release(self, route: Route, demand: int = 1) -> None:
+        """Free the cache of one job that ran on ``route`` holding ``demand`` units per block."""
         k = self._chain_of(route)
         if k is None:
             for hop in route.hops:
-                self.extra[hop.server] -= hop.num_blocks
+                self.extra[hop.server] -= hop.num_blocks * demand
             self.num_unsafe -= 1
         else:
             self.num_unsafe -= self.in_service[k] > self.capacity[k]
-            self.in_service[k] -= 1
+            self.in_service[k] -= demand
+            self.num_unsafe += self.in_service[k] > self.capacity[k]

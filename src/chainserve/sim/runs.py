@@ -25,13 +25,16 @@ from chainserve.sim.engine import simulate
 
 @dataclass(frozen=True, slots=True)
 class Replication:
-    """One simulated run: its seed, summary, (chain methods) the plan's bounds, and the plan changes
-    an adaptive run made."""
+    """One simulated run: its seed, summary, (chain methods) the plan's bounds, the plan changes an
+    adaptive run made, the page size of a paged KV cache (``None``: the paper's slots) and the jobs
+    refused on arrival (paging: too long for every chain or path)."""
 
     seed: int
     summary: Summary
     setup: MethodSetup
     transitions: tuple[Transition, ...] = ()
+    page_tokens: int | None = None
+    num_refused: int = 0
 
     @property
     def bounds(self) -> tuple[float, float] | None:
@@ -49,17 +52,21 @@ def run_method(
     warmup: int = 0,
     planner: str = "greedy",
     adapt: AdaptConfig | None = None,
+    page_tokens: int | None = None,
 ) -> Replication:
     """Build ``method`` for ``problem`` (the proposed chains by ``planner``, see
     :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc.
     ``adapt``: re-plan online with an :class:`AdaptiveController` (proposed methods only); every new
-    plan gets a fresh dispatcher of the method's policy, with the same coins' stream."""
+    plan gets a fresh dispatcher of the method's policy, with the same coins' stream. ``page_tokens``:
+    KV cache by tokens (issue 30, :func:`chainserve.methods.dispatcher_for`); ``None``: the paper's slots."""
     base, _ = check_method_name(method)
     if adapt is not None and base != "proposed":
         raise ValueError(f"adapt: only the proposed method re-plans online, got {method!r}")
+    if adapt is not None and page_tokens is not None:
+        raise ValueError("adapt: the adaptive simulator counts KV cache in max-length slots, not pages")
     setup = build_method(method, problem, np.random.default_rng(np.random.SeedSequence([seed, 1])), planner)
     coins = np.random.default_rng(np.random.SeedSequence([seed, 2]))
-    dispatcher = setup.make_dispatcher(coins)
+    dispatcher = setup.make_dispatcher(coins, page_tokens)
     controller = None if adapt is None else AdaptiveController(problem, setup.plan_or_placement, adapt)
     result = simulate(
         setup.plan_or_placement,
@@ -70,8 +77,10 @@ def run_method(
         num_jobs=num_jobs,
         warmup=warmup,
         controller=controller,
-        make_dispatcher=lambda layout: dispatcher_for(setup.method, layout, coins),
+        make_dispatcher=lambda layout: dispatcher_for(setup.method, layout, coins, page_tokens=page_tokens),
     )
     if result.summary is None:
         raise RuntimeError(f"{method}: no job finished in replication {seed}")
-    return Replication(seed, result.summary, setup, result.transitions)
+    paging = dispatcher.paging
+    pages = None if paging is None else paging.page_tokens
+    return Replication(seed, result.summary, setup, result.transitions, pages, result.num_refused)

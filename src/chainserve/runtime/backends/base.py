@@ -1,11 +1,12 @@
 """The two halves of a served model, as the runtime sees them (paper §4.2).
 
 * A :class:`SpanBackend` lives in a block server: it runs the server's span of blocks on a batch of
-  sessions' steps (:class:`SpanStep`) and owns the KV memory, an arena of ``num_block_slots``
-  *block-slots* (one block-slot holds one block's K and V of one session for ``max_tokens``
-  positions, i.e. s_c). A session that enters the span at block b holds one block-slot for each of
-  the blocks b..end, so a server's cache is exactly the plan's reservation Σ_k c_k·m_ij(k) (chains)
-  or its cache pool (PETALS, BPRR). Admission (which block-slots a session gets) is the block
+  sessions' steps (:class:`SpanStep`) and owns the KV memory, paged by tokens (issue 30): ``num_pages``
+  *pages*, each one block's K and V for ``page_tokens`` positions. The plan reserves memory in
+  *block-slots* (one block of one job at the ``max_tokens`` the plan sized s_c for), so a server's
+  pool is its reservation Σ_k c_k·m_ij(k) (chains) or its cache pool (PETALS, BPRR) times
+  ``pages_per_slot``. A session entering the span at block b reserves, for each of the blocks b..end,
+  the pages its own prompt + output need; admission (which pages a session gets) is the block
   server's job (:mod:`..kv_arena`).
 * A :class:`ModelHead` lives in the orchestrator, the client of every chain (as PETALS' client is):
   tokenizer, chat template, embeddings, final norm + LM head.
@@ -29,8 +30,12 @@ if TYPE_CHECKING:
 WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
 
 
+#: Tokens per KV page (vLLM's CPU default block size is 16 too; PETALS sizes a session by its max_length).
+PAGE_TOKENS = 16
+
+
 class NoFreeSlot(RuntimeError):
-    """Admission refused: not enough free block-slots for the session (never an out-of-bounds write)."""
+    """Admission refused: not enough free pages for the session (never an out-of-bounds write)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,28 +84,61 @@ class WireTensor:
 @dataclass(frozen=True, slots=True)
 class SpanInfo:
     """What a block server hosts: blocks ``first_block``..``first_block + num_blocks − 1`` (1-based,
-    the plan's span), ``num_block_slots`` block-slots of KV cache of ``max_tokens`` positions each."""
+    the plan's span) and KV memory for ``num_block_slots`` block-slots of ``max_tokens`` positions
+    each (the plan's unit: s_c), held as pages of ``page_tokens`` positions; ``max_context``: the
+    longest session it serves (``None``: as long as the model's window and its pages allow).
+
+    >>> info = SpanInfo(1, 30, num_block_slots=2, max_tokens=2048)
+    >>> info.pages_per_slot, info.num_pages, info.pages_for(64)
+    (128, 256, 4)
+    """
 
     first_block: int
     num_blocks: int
     num_block_slots: int
     max_tokens: int
+    page_tokens: int = PAGE_TOKENS
+    max_context: int | None = None
 
     @property
     def last_block(self) -> int:
         return self.first_block + self.num_blocks - 1
+
+    @property
+    def pages_per_slot(self) -> int:
+        """Pages of one block-slot (one block of one job at ``max_tokens``)."""
+        return self.pages_for(self.max_tokens)
+
+    @property
+    def num_pages(self) -> int:
+        return self.num_block_slots * self.pages_per_slot
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages one block of a session holding ``num_tokens`` positions needs."""
+        return -(-num_tokens // self.page_tokens)
+
+    def slot_pages(self, slots: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """The pages of block-slots ``slots`` where each block-slot is a run of ``pages_per_slot``
+        pages (a fixed assignment, for tools and benchmarks that place sessions themselves).
+
+        >>> SpanInfo(1, 2, num_block_slots=4, max_tokens=32, page_tokens=16).slot_pages([3, 0])
+        ((6, 7), (0, 1))
+        """
+        n = self.pages_per_slot
+        return tuple(tuple(range(s * n, (s + 1) * n)) for s in slots)
 
 
 @dataclass(frozen=True, slots=True)
 class SpanStep:
     """One session's step through the span: ``hidden`` ([1, q, hidden_size]: q new tokens at
     absolute positions ``position..position+q−1``) enters at ``first_block``; block ``first_block + i``
-    reads and writes the KV of block-slot ``slots[i]`` (positions ``< position`` were written by
-    earlier steps of the same session; later ones are overwritten)."""
+    reads and writes its KV in the pages ``pages[i]`` (position p in page ``pages[i][p // page_tokens]``;
+    positions ``< position`` were written by earlier steps of the same session; later ones are
+    overwritten)."""
 
     hidden: WireTensor
     first_block: int
-    slots: tuple[int, ...]
+    pages: tuple[tuple[int, ...], ...]
     position: int
 
     @property
@@ -113,7 +151,7 @@ class SpanStep:
         if q <= size:
             return [self]
         return [
-            SpanStep(self.hidden.tokens(a, min(a + size, q)), self.first_block, self.slots, self.position + a)
+            SpanStep(self.hidden.tokens(a, min(a + size, q)), self.first_block, self.pages, self.position + a)
             for a in range(0, q, size)
         ]
 
@@ -121,15 +159,17 @@ class SpanStep:
 class SpanBackend(Protocol):
     """Runs blocks of one server's span (see module docstring). ``batches``: the block server runs
     one :meth:`forward` at a time over every step waiting (torch); otherwise each step is its own call
-    as it arrives (emulated: every session at its own full rate)."""
+    as it arrives (emulated: every session at its own full rate). ``context``: the longest session it
+    serves (``info.max_context`` within the model's window; ``None``: no bound but its pages)."""
 
     info: SpanInfo
     batches: bool
+    context: int | None
 
     async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | Exception]:
         """Run each step (distinct sessions) through blocks ``step.first_block..info.last_block``:
         the hidden states after the last block, same dtype and shape, or the exception that failed
-        that step alone. The caller guarantees ``position + q ≤ info.max_tokens``."""
+        that step alone. The caller guarantees that ``step.pages`` hold positions up to ``position + q``."""
         ...
 
     def close(self) -> None:

@@ -58,7 +58,7 @@ class EmulatedSpan:
     >>> import asyncio
     >>> span = EmulatedSpan(SpanInfo(1, 4, 8, 64), step_s_per_block=0.0)
     >>> x = WireTensor("int32", (1, 2, 1), np.array([5, 6], dtype=np.int32).tobytes())
-    >>> asyncio.run(span.forward([SpanStep(x, 2, (0, 1, 2), 0)])) == [x]
+    >>> asyncio.run(span.forward([SpanStep(x, 2, ((0,), (1,), (2,)), 0)])) == [x]
     True
     """
 
@@ -66,6 +66,7 @@ class EmulatedSpan:
         if not step_s_per_block >= 0:
             raise ValueError(f"step_s_per_block: must be ≥ 0, got {step_s_per_block}")
         self.info = info
+        self.context = info.max_context  # no window of its own
         self.step_s_per_block = step_s_per_block
         self.step_cost = step_cost
         self.batches = step_cost is not None
@@ -100,8 +101,8 @@ class EmulatedSpan:
         hidden = step.hidden
         if hidden.dtype != "int32" or len(hidden.shape) != 3 or hidden.shape[0] != 1 or hidden.shape[2] != 1:
             return ValueError(f"hidden: the emulated model takes int32 [1, q, 1], got {hidden.dtype} {hidden.shape}")
-        if len(step.slots) != self._num_blocks(step):
-            return ValueError(f"slots: {len(step.slots)} for {self._num_blocks(step)} blocks")
+        if len(step.pages) != self._num_blocks(step):
+            return ValueError(f"pages: {len(step.pages)} blocks' pages for {self._num_blocks(step)} blocks")
         return None
 
     def close(self) -> None:

@@ -17,11 +17,15 @@ def make_span(
     device: str = "auto",
     step_cost: StepCost | None = None,
     weights: str | None = None,
+    threads: int = 1,
 ) -> tuple[SpanBackend, str]:
     """The span backend of a block server and the served model's id; ``device``: where torch computes
     (:mod:`.devices`; the emulated backend has none); ``step_cost``: the emulated backend batches and
     sleeps it (issue 18); ``weights``: the torch span's weight format (fp32|bf16|fp16|int8, issue 29;
-    ``None``: the device's default dtype)."""
+    ``None``: the device's default dtype); ``threads``: torch's CPU threads (issue 30: 1 where several
+    servers share the machine's cores)."""
+    if threads < 1:
+        raise ValueError(f"threads: must be at least 1, got {threads}")
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedSpan
 
@@ -34,7 +38,7 @@ def make_span(
         from chainserve.runtime.backends.torch_backend import TorchSpan
         from chainserve.runtime.models import resolve_model
 
-        torch.set_num_threads(1)  # several server processes share the machine's cores
+        torch.set_num_threads(threads)
         if model is None:
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
         path, where = resolve_model(model), resolve_device(device)
@@ -44,12 +48,15 @@ def make_span(
 
 
 def make_head(
-    backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int, device: str = "auto"
+    backend: str, model: str | None, model_name: str, num_blocks: int, max_tokens: int | None, device: str = "auto"
 ) -> ModelHead:
-    """The orchestrator's tokenizer and LM head for ``backend`` (torch: on ``device``)."""
+    """The orchestrator's tokenizer and LM head for ``backend`` (torch: on ``device``); ``max_tokens``
+    caps the served context (torch: below the model's window; ``None``: the window)."""
     if backend == "emulated":
         from chainserve.runtime.backends.emulated import EmulatedHead
 
+        if max_tokens is None:
+            raise ValueError("max_tokens: the emulated model has no window of its own: give one")
         return EmulatedHead(model_name, num_blocks, max_tokens)
     if backend == "torch":
         require("torch", "the torch backend")

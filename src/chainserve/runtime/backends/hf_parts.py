@@ -33,7 +33,7 @@ REFUSED_DTYPES = {"gemma3_text": {torch.float16: "fp16 overflows to NaN in Gemma
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
-    """The model directory's config (the text config of a multimodal one), read offline."""
+    """The model directory's config, read offline (``ValueError`` "model: ..." when unreadable)."""
     try:
         config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

@@ -1,5 +1,5 @@
 """Torch backend of a block server (paper §4.2): real blocks of one span of any decoder-only causal LM
-that transformers ships (issue 29), KV cache in a fixed arena.
+that transformers ships (issue 29), KV cache in a fixed pool of pages (issue 30).
 
 :class:`TorchSpan` cuts its blocks from the model's own classes (:mod:`.hf_parts`: the whole model
 built on the meta device, only the span's layers loaded, global 1-based block b = layer b − 1 keeping
@@ -9,16 +9,17 @@ a mask per layer (full or sliding window) in the format of the model's attention
 (boolean for sdpa, additive for eager: Gemma 2 softcapping and gpt-oss sinks run eager), and each layer
 called with the keyword arguments its ``forward`` accepts. The KV memory is allocated once at
 construction in the measured shapes of one block's cache per token (:class:`~.hf_parts.KvShape`):
-keys ``[num_block_slots, k_heads, max_tokens, k_dim]`` and values likewise; a block-slot is one
-block's K and V of one session (s_c). ``weights="int8"`` quantizes the span's linear layers with
+keys ``[num_pages, page_tokens, k_heads, k_dim]`` and values likewise; a page is one block's K and V
+of ``page_tokens`` positions of one session (``pages_per_slot`` pages make the plan's s_c).
+``weights="int8"`` quantizes the span's linear layers with
 torchao (weight-only int8; compute and cache stay in ``dtype``).
 
 A server's iteration (:meth:`TorchSpan.forward`, issue 17) runs, in a worker thread so the server's
 event loop keeps receiving: every decode step (one new token) of sessions entering at the same block
-in **one** batched forward, and each prefill chunk in its own. The batch's :class:`ArenaCache` writes
-each row's new K/V at its own absolute positions into its own block-slots and returns the rows' cached
-K/V gathered up to the longest, with a mask that hides each row's padding (ragged positions) and what
-lies outside a sliding window.
+in **one** batched forward, and each prefill chunk in its own. The batch's :class:`PagedCache` writes
+each row's new K/V at its own absolute positions into its own pages and returns the rows' cached K/V
+gathered up to the longest, with a mask (built once per window per iteration) that hides each row's
+padding (ragged positions) and what lies outside a sliding window.
 
 :class:`~.torch_head.TorchHead` (the orchestrator's half) is re-exported here.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache
 
+from chainserve.model.formats import WEIGHT_FORMATS
 from chainserve.runtime.backends.base import SpanInfo, SpanStep, WireTensor
 from chainserve.runtime.backends.hf_parts import (
     check_supported,
@@ -47,15 +49,15 @@ from chainserve.runtime.backends.hf_parts import (
     load_parts,
     skeleton,
 )
+from chainserve.runtime.backends.prepared import prepare_linears
 from chainserve.runtime.backends.torch_common import FROM_WIRE, torch_to_wire, wire_to_torch
 from chainserve.runtime.backends.torch_head import TorchHead
 
-__all__ = ["ArenaCache", "TorchHead", "TorchSpan"]
+__all__ = ["PagedCache", "TorchHead", "TorchSpan"]
 
 #: What a layer's ``forward`` may call its cache, newest first.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past", "past_key_value")
-#: Weight formats a span runs (issue 29): a float dtype, or int8 weight-only (torchao).
-WEIGHTS = ("fp32", "bf16", "fp16", "int8")
+#: The torch dtype of each float weight format (int8 weight-only, torchao, computes in the span's dtype).
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Families whose base model also folds ALiBi (÷ √head_dim) into the additive mask.
 ALIBI_IN_MASK = frozenset({"falcon"})
@@ -63,37 +65,47 @@ ALIBI_IN_MASK = frozenset({"falcon"})
 MASK_MARKS_HIDDEN = frozenset({"mpt"})
 
 
-class ArenaCache(Cache):
-    """A transformers ``Cache`` over the arena for one forward of B rows (sessions) of q new tokens
-    each: layer ``i`` (global index) of row r uses block-slot ``slots[r, i − first_layer]``; ``update``
-    writes row r's positions ``positions[r]..positions[r]+q−1`` and returns every row's K/V for
-    ``0..length−1`` (``length`` = the longest row's end; one session: views, no copy)."""
+class PagedCache(Cache):
+    """A transformers ``Cache`` over the page pool for one forward of B rows (sessions) of q new
+    tokens each (issue 30). ``table[r, i]``: row r's pages for layer ``first_layer + i`` (global index),
+    the first ``ceil(length / page_tokens)`` of them; ``update`` writes row r's positions
+    ``positions[r]..positions[r]+q−1`` into its pages and returns every row's K/V for ``0..length−1``
+    (``length`` = the longest row's end): one gather of the rows' pages (the cheapest copy torch offers
+    on CPU, one per layer), or, for a lone row whose pages are consecutive, views without a copy.
+    Pages are ``[page_tokens, heads, dim]``, so a row's pages read in order are its positions in order."""
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, first_layer: int,
-        positions: torch.Tensor, length: int,
+        self, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor, first_layer: int,
+        positions: torch.Tensor, q: int, length: int, runs: Sequence[int | None] = (),
     ):  # fmt: skip
         try:
             super().__init__(layers=[])
         except TypeError:  # transformers before 5.x took no layers
             super().__init__()
-        self.keys, self.values, self.slots, self.first_layer = keys, values, slots, first_layer
-        self.positions, self.length = positions, length
+        self.keys, self.values, self.table, self.first_layer = keys, values, table, first_layer
+        self.positions, self.length, self.runs = positions, length, runs
+        page_tokens = keys.shape[1]
+        written = positions[:, None] + torch.arange(q, device=positions.device)[None, :]  # [B, q]
+        self.column, self.offset = written // page_tokens, written % page_tokens
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = self.slots[:, layer_idx - self.first_layer]
-        rows, q = key_states.shape[0], key_states.shape[2]
-        if rows == 1:
-            k, v, start = self.keys[slots[0]], self.values[slots[0]], int(self.positions[0])
-            k[:, start : start + q] = key_states[0]
-            v[:, start : start + q] = value_states[0]
-            return k[:, : self.length].unsqueeze(0), v[:, : self.length].unsqueeze(0)
-        # q = 1 per row: keys[slot_r, :, position_r] = row r's new K (V likewise)
-        self.keys[slots, :, self.positions] = key_states[:, :, 0]
-        self.values[slots, :, self.positions] = value_states[:, :, 0]
-        return self.keys[slots, :, : self.length], self.values[slots, :, : self.length]  # gathered
+        i = layer_idx - self.first_layer
+        pages = self.table[:, i]  # [B, n]
+        written = pages.gather(1, self.column)  # [B, q]: the page of each new position
+        self.keys[written, self.offset] = key_states.transpose(1, 2)  # [B, q, heads, dim]
+        self.values[written, self.offset] = value_states.transpose(1, 2)
+        rows, n = pages.shape
+        start = self.runs[i] if self.runs else None
+        if start is not None:  # one row, consecutive pages: a view
+            k, v = self.keys[start : start + n], self.values[start : start + n]
+        else:
+            flat = pages.reshape(-1)
+            k, v = self.keys[flat], self.values[flat]
+        k = k.view(rows, -1, *k.shape[2:])[:, : self.length].transpose(1, 2)
+        v = v.view(rows, -1, *v.shape[2:])[:, : self.length].transpose(1, 2)
+        return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions.min())
@@ -102,7 +114,8 @@ class ArenaCache(Cache):
 class TorchSpan:
     """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
     on ``device``, computing and caching in ``dtype``; ``weights``: the format its weights are held in
-    (one of :data:`WEIGHTS`; ``None``: ``dtype``)."""
+    (one of :data:`~chainserve.model.formats.WEIGHT_FORMATS`; ``None``: ``dtype``); ``prepare``: its
+    linears on prepared weights (:mod:`.prepared`)."""
 
     #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
     batches = True
@@ -114,22 +127,27 @@ class TorchSpan:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         weights: str | None = None,
+        prepare: bool = True,
     ):
         config = load_config(model_dir)
         text = config.get_text_config()
-        if weights is not None and weights not in WEIGHTS:
-            raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+        if weights is not None and weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights: {weights!r} is not one of {', '.join(WEIGHT_FORMATS)}")
         dtype = WEIGHT_DTYPES.get(weights or "", dtype)
         if info.first_block < 1 or info.last_block > text.num_hidden_layers or info.num_blocks < 1:
             raise ValueError(
                 f"info: blocks {info.first_block}..{info.last_block} are not within the model's "
                 f"1..{text.num_hidden_layers}"
             )
-        if info.num_block_slots < 1 or info.max_tokens < 1:
-            raise ValueError(f"info: need num_block_slots >= 1 and max_tokens >= 1, got {info}")
+        if info.num_block_slots < 1 or info.max_tokens < 1 or info.page_tokens < 1:
+            raise ValueError(f"info: need num_block_slots, max_tokens and page_tokens >= 1, got {info}")
         limit = context_limit(text)
-        if limit is not None and info.max_tokens > limit:
-            raise ValueError(f"info.max_tokens: {info.max_tokens} exceeds the model's context of {limit} tokens")
+        for name in ("max_tokens", "max_context"):
+            value = getattr(info, name)
+            if limit is not None and value is not None and value > limit:
+                raise ValueError(f"info.{name}: {value} exceeds the model's context of {limit} tokens")
+        caps = [c for c in (limit, info.max_context) if c is not None]
+        self.context = min(caps) if caps else None  # the longest session: the model's window or the cap
         if dtype not in FROM_WIRE.values() or not dtype.is_floating_point:
             raise ValueError(f"dtype: {dtype} is not float32, float16 or bfloat16")
         check_supported(config, dtype)
@@ -142,10 +160,13 @@ class TorchSpan:
         self.layers = torch.nn.ModuleList(layers[first : info.last_block]).to(self.device).eval()
         if weights == "int8":
             _quantize_int8(self.layers)
+        if prepare:  # oneDNN-reordered and merged GEMMs on the CPU (issue 30)
+            prepare_linears(self.layers)
         base = model.base_model
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is not None:
             self.rotary = self.rotary.to(self.device)
+        self.rotary_per_type = self.rotary is not None and "layer_type" in _kwargs_of(self.rotary)
         self.num_heads = text.num_attention_heads
         self.alibi = None
         if "alibi" in _kwargs_of(self.layers[0]) and getattr(text, "alibi", True):  # Falcon: alibi or rotary
@@ -161,13 +182,10 @@ class TorchSpan:
         self.types = list(types[first : info.last_block]) if types else [None] * info.num_blocks
         self.calls = [_call_plan(layer) for layer in self.layers]
         shape = dry_run(config).kv[first]
-        # Bounded KV memory: allocated once, never grows (s_c per block-slot).
-        self.keys = torch.zeros(
-            info.num_block_slots, shape.k_heads, info.max_tokens, shape.k_dim, dtype=dtype, device=self.device
-        )
-        self.values = torch.zeros(
-            info.num_block_slots, shape.v_heads, info.max_tokens, shape.v_dim, dtype=dtype, device=self.device
-        )
+        # Bounded KV memory: allocated once, never grows (pages_per_slot pages make one s_c).
+        pages = (info.num_pages, info.page_tokens)
+        self.keys = torch.zeros(*pages, shape.k_heads, shape.k_dim, dtype=dtype, device=self.device)
+        self.values = torch.zeros(*pages, shape.v_heads, shape.v_dim, dtype=dtype, device=self.device)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="span")
 
     async def forward(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
@@ -184,28 +202,32 @@ class TorchSpan:
         for i, step in enumerate(steps):
             try:
                 x = wire_to_torch(step.hidden, self.hidden_size)
-                offset = self._check(x, step.first_block, step.slots, step.position)
+                offset = self._check(x, step.first_block, step.pages, step.position)
             except ValueError as exc:
                 results[i] = exc
                 continue
             if x.shape[1] == 1:
                 decodes[offset].append((i, x))
             else:
-                results[i] = torch_to_wire(self.run(x, step.first_block, [step.slots], [step.position]).to(x.dtype))
+                results[i] = torch_to_wire(self.run(x, step.first_block, [step.pages], [step.position]).to(x.dtype))
         for offset, rows in decodes.items():
             first_block = self.info.first_block + offset
             x = torch.cat([x for _, x in rows])
-            out = self.run(x, first_block, [steps[i].slots for i, _ in rows], [steps[i].position for i, _ in rows])
+            out = self.run(x, first_block, [steps[i].pages for i, _ in rows], [steps[i].position for i, _ in rows])
             for (i, _), row in zip(rows, out.to(x.dtype).cpu(), strict=True):
                 results[i] = torch_to_wire(row.unsqueeze(0))
         return results  # type: ignore[return-value]
 
     def run(
-        self, hidden: torch.Tensor, first_block: int, slots: Sequence[Sequence[int]], positions: Sequence[int]
+        self,
+        hidden: torch.Tensor,
+        first_block: int,
+        pages: Sequence[Sequence[Sequence[int]]],
+        positions: Sequence[int],
     ) -> torch.Tensor:
         """The synchronous forward on [B, q, hidden] (B rows: q = 1 each, or one row of any q) entering
-        at ``first_block``; row r's block-slots ``slots[r]``, its first new position ``positions[r]``.
-        Returns the span's dtype, on its device."""
+        at ``first_block``; row r's pages ``pages[r]`` (one sequence per block), its first new position
+        ``positions[r]``. Returns the span's dtype, on its device."""
         offset = first_block - self.info.first_block
         rows, q = hidden.shape[0], hidden.shape[1]
         dev = self.device
@@ -219,18 +241,15 @@ class TorchSpan:
                 alibi = self.alibi(torch.ones(rows, length, device=dev), self.num_heads, self.dtype)
             masks = {w: self._mask(starts, q, length, w, alibi) for w in set(self.windows[offset:])}
             rotary = self._rotary(h, pos, set(self.types[offset:]))
-            table = torch.tensor([list(s) for s in slots], device=dev)
-            cache = ArenaCache(self.keys, self.values, table, first_block - 1, starts, length)
+            table, runs = self._table(pages, length)
+            cache = PagedCache(self.keys, self.values, table, first_block - 1, starts, q, length, runs)
+            given = {
+                "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias,
+                "cache": cache,
+            }  # fmt: skip
             for i in range(offset, self.info.num_blocks):
-                given = {
-                    "attention_mask": masks[self.windows[i]],
-                    "position_ids": pos,
-                    "position_embeddings": rotary.get(self.types[i]),
-                    "use_cache": True,
-                    "alibi": alibi,
-                    "position_bias": self.position_bias,
-                    "cache": cache,
-                }
+                given["attention_mask"] = masks[self.windows[i]]
+                given["position_embeddings"] = rotary.get(self.types[i])
                 out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
                 h = out[0] if isinstance(out, tuple) else out
         return h
@@ -265,25 +284,40 @@ class TorchSpan:
         """The base model's rotary embedding (cos, sin) at ``pos``, per layer type where it takes one."""
         if self.rotary is None:
             return {}
-        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+        if self.rotary_per_type:
             return {t: self.rotary(h, pos, layer_type=t) for t in types}
         both = self.rotary(h, pos)
         return dict.fromkeys(types, both)
 
-    def _check(self, hidden: torch.Tensor, first_block: int, slots: Sequence[int], position: int) -> int:
+    def _table(self, pages: Sequence[Sequence[Sequence[int]]], length: int) -> tuple[torch.Tensor, list[int | None]]:
+        """The rows' page tables ``[B, blocks, n]`` for positions ``0..length−1`` (a shorter row is
+        padded with its own first page: masked), and for a lone row the first page of each block's
+        pages where they are consecutive (read as a view), else ``None``."""
+        n = self.info.pages_for(length)
+        rows = [[list(block[:n]) + [block[0]] * (n - len(block[:n])) for block in row] for row in pages]
+        table = torch.tensor(rows, device=self.device)
+        if int(table.min()) < 0 or int(table.max()) >= self.info.num_pages:
+            raise ValueError(f"pages: must lie in 0..{self.info.num_pages - 1}")
+        runs: list[int | None] = []
+        if len(rows) == 1:
+            runs = [b[0] if b == list(range(b[0], b[0] + n)) else None for b in rows[0]]
+        return table, runs
+
+    def _check(self, hidden: torch.Tensor, first_block: int, pages: Sequence[Sequence[int]], position: int) -> int:
         info = self.info
         if self.layers is None:
             raise RuntimeError("TorchSpan is closed")
         if not info.first_block <= first_block <= info.last_block:
             raise ValueError(f"first_block: {first_block} is outside this span {info.first_block}..{info.last_block}")
         need = info.last_block - first_block + 1
-        if len(slots) != need or any(not 0 <= s < info.num_block_slots for s in slots):
-            raise ValueError(f"slots: need {need} block-slots in 0..{info.num_block_slots - 1}, got {list(slots)}")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots: must be distinct, got {list(slots)}")
         q = hidden.shape[1]
-        if position < 0 or position + q > info.max_tokens:
-            raise ValueError(f"position: {position} + {q} tokens exceeds max_tokens {info.max_tokens}")
+        if position < 0:
+            raise ValueError(f"position: must be non-negative, got {position}")
+        if self.context is not None and position + q > self.context:
+            raise ValueError(f"position: {position} + {q} tokens exceeds the context of {self.context}")
+        held = info.pages_for(position + q)
+        if len(pages) != need or any(len(block) < held for block in pages):
+            raise ValueError(f"pages: need {need} blocks of at least {held} pages for {position + q} positions")
         return first_block - info.first_block
 
     def close(self) -> None:
@@ -293,8 +327,8 @@ class TorchSpan:
         self.keys = self.values = None
 
 
-def _kwargs_of(layer: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(layer.forward).parameters)
+def _kwargs_of(module: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(module.forward).parameters)
 
 
 def _call_plan(layer: torch.nn.Module) -> list[tuple[str, str]]:

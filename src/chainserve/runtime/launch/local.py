@@ -29,7 +29,8 @@ log = logging.getLogger("chainserve.launch")
 @dataclass(frozen=True, slots=True)
 class BackendArgs:
     """What the block servers of a cluster share: backend, model and devices (torch: ``devices``
-    names a server's own, else ``device``), iteration budget, host to bind, idle timeout."""
+    names a server's own, else ``device``), iteration budget, host to bind, idle timeout, CPU threads
+    per server (``--threads``, issue 30)."""
 
     backend: str
     model: str | None = None
@@ -38,6 +39,7 @@ class BackendArgs:
     device: str = "auto"
     devices: Mapping[str, str] = field(default_factory=dict)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    threads: int = 1
 
 
 def block_server_argv(
@@ -63,6 +65,8 @@ def block_server_argv(
         str(info.num_block_slots),
         "--max-tokens",
         str(info.max_tokens),
+        "--page-tokens",
+        str(info.page_tokens),
         "--backend",
         common.backend,
         "--host",
@@ -77,11 +81,15 @@ def block_server_argv(
         repr(common.idle_timeout_s),
         "--max-batch-tokens",
         str(common.max_batch_tokens),
+        "--threads",
+        str(common.threads),
     ]
     if emulated:
         argv += ["--step-ms-per-block", repr(spec.step_s_per_block * 1000)]
     if emulated and spec.step_cost is not None:
         argv += ["--step-cost-ms", spec.step_cost.ms_text()]
+    if info.max_context is not None:
+        argv += ["--max-context", str(info.max_context)]
     if common.model is not None:
         argv += ["--model", common.model]
     if spec.weights is not None:
@@ -132,7 +140,8 @@ class LocalLauncher:
         return {spec.index: endpoint for spec, endpoint in zip(specs, endpoints, strict=True)}
 
     async def _spawn(self, spec: ServerSpec) -> None:
-        env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        threads = str(self.common.threads)
+        env = {**os.environ, "CHAINSERVE_TOKEN": self.token, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
         argv = block_server_argv(
             spec,
             self.common,

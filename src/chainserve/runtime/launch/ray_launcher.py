@@ -75,7 +75,7 @@ class ServerActor:
         argv = block_server_argv(spec, common, slowdown, extra_delay_s, os.getpid())
         log_path = Path(tempfile.gettempdir()) / "chainserve-ray" / f"{spec.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CHAINSERVE_TOKEN": token, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "CHAINSERVE_TOKEN": token, "OMP_NUM_THREADS": str(common.threads), "PYTHONUNBUFFERED": "1"}
         with self.lock, open(log_path, "ab") as log_file:
             log_start = log_file.tell()  # the log is appended to: report only this run's lines
             if self.is_stopping:

@@ -1,0 +1,167 @@
+"""Weights prepared once for the CPU GEMM (issue 30, item 3 "an efficient step").
+
+:func:`prepare_linears` replaces the ``nn.Linear`` modules of a span's layers (any family) by
+:class:`PreparedLinear`: the weight reordered once into oneDNN's blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, the packing ``torch.compile``'s freezing uses on CPU) and
+multiplied by ``torch.ops.mkldnn._linear_pointwise``. Measured on this 2-core machine, one thread, B
+decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at B = 1 and
+1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.15–1.8x faster at
+B = 4..16 but 0.87–0.98x at B = 1 (``benchmarks/step.py``, five runs on a loaded machine; a reorder for
+one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses at B ≥ 8), its output within 4e-6 of
+the plain span's (relative to its scale).
+
+Sibling linears of one module reading the same input (q/k/v, gate/up: whichever the family's forward
+feeds one tensor) are merged into one GEMM. Which siblings those are is *learnt*, not named: the
+linears of one module with the same input width start as plain ``F.linear`` and note the tensor each
+reads; when one of them is called a second time (the next forward), those that read one tensor object
+share one reordered weight (their rows concatenated), the first of them called on an input computes
+all their outputs and the others return their slice (:class:`_Merged`); the rest are reordered alone.
+
+Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
+torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
+and every other module are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PreparedLinear", "prepare_linears", "prepared_dtypes"]
+
+
+def prepared_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose CPU GEMMs this build of torch can run on reordered weights (none without oneDNN)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return frozenset()
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32})
+
+
+def prepare_linears(layers: nn.Module) -> int:
+    """Replace each eligible ``nn.Linear`` under ``layers`` by a :class:`PreparedLinear` (in place);
+    returns how many were replaced. Eligible: on the CPU, a plain tensor weight in one of
+    :func:`prepared_dtypes`, held by no other module in ``layers`` (a tied weight is left alone)."""
+    dtypes = prepared_dtypes()
+    uses = Counter(id(p) for _, p in layers.named_parameters(remove_duplicate=False))
+    replaced = 0
+    for parent in list(layers.modules()):
+        siblings: defaultdict[tuple, list[tuple[str, nn.Linear]]] = defaultdict(list)
+        for name, child in parent.named_children():
+            weight = getattr(child, "weight", None)
+            if (
+                type(child) is nn.Linear
+                and type(weight.data) is torch.Tensor
+                and weight.device.type == "cpu"
+                and weight.dtype in dtypes
+                and uses[id(weight)] == 1
+            ):
+                siblings[(child.in_features, weight.dtype)].append((name, child))
+        for found in siblings.values():
+            group = _Siblings() if len(found) > 1 else None
+            for name, linear in found:
+                setattr(parent, name, PreparedLinear(linear, group))
+                replaced += 1
+    return replaced
+
+
+class PreparedLinear(nn.Module):
+    """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a oneDNN-reordered weight, alone or as a slice
+    of its siblings' merged GEMM (see the module's docstring). Its weights stay parameters (the merged
+    ones those of the shared :class:`_Merged`), so the span's parameters count what it holds."""
+
+    def __init__(self, linear: nn.Linear, siblings: _Siblings | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.siblings, self.packed, self.merged = siblings, siblings is None, None
+        self.weight = _reordered(linear.weight) if self.packed else linear.weight
+        self.bias = linear.bias
+        if siblings is not None:
+            siblings.members.append(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            return self.merged.run(self, x)
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.siblings.note(self, x):
+            return self(x)
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def mode(self) -> str:
+        """``learning`` (its siblings not yet known), ``merged`` (a slice of a merged GEMM) or ``packed`` (alone)."""
+        return "merged" if self.merged is not None else "packed" if self.packed else "learning"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
+
+
+class _Siblings:
+    """The linears of one module with one input width, while it is learnt which read the same tensor."""
+
+    def __init__(self):
+        self.members: list[PreparedLinear] = []
+        self.inputs: dict[int, torch.Tensor] = {}  # member index → the tensor it read first
+
+    def note(self, member: PreparedLinear, x: torch.Tensor) -> bool:
+        """Note ``member``'s input; on a member's second call merge, reorder, and return True."""
+        index = self.members.index(member)
+        if index not in self.inputs:
+            self.inputs[index] = x
+            return False
+        readers: defaultdict[int, list[PreparedLinear]] = defaultdict(list)
+        for i, seen in self.inputs.items():
+            readers[id(seen)].append(self.members[i])  # ids are unique: ``inputs`` holds the tensors
+        alone = [m for i, m in enumerate(self.members) if i not in self.inputs]
+        for group in readers.values():
+            if len(group) > 1:
+                _Merged(group)
+            else:
+                alone += group
+        for m in alone:
+            m.weight, m.packed = _reordered(m.weight), True
+        for m in self.members:
+            m.siblings = None
+        self.inputs.clear()
+        return True
+
+
+class _Merged(nn.Module):
+    """One GEMM for sibling linears that read the same input (their weights' rows concatenated): the
+    first called on a tensor computes every member's output; each member takes its slice until all
+    have (then the outputs are dropped)."""
+
+    def __init__(self, members: list[PreparedLinear]):
+        super().__init__()
+        weights, biases = [m.weight for m in members], [m.bias for m in members]
+        bias = None
+        if any(b is not None for b in biases):
+            zeros = [w.new_zeros(w.shape[0]) for w in weights]
+            bias = nn.Parameter(torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)]), False)
+        self.weight, self.bias = _reordered(torch.cat(weights)), bias
+        self.sizes = [w.shape[0] for w in weights]
+        self.index = {id(m): i for i, m in enumerate(members)}
+        self.input: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor | None] = []
+        for m in members:
+            del m.weight, m.bias
+            m.merged = self
+
+    def run(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
+        i = self.index[id(member)]
+        if x is not self.input or self.outputs[i] is None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            self.input, self.outputs = x, [part.contiguous() for part in y.split(self.sizes, dim=-1)]
+        out, self.outputs[i] = self.outputs[i], None
+        if all(o is None for o in self.outputs):
+            self.input, self.outputs = None, []
+        return out
+
+
+def _reordered(weight: torch.Tensor) -> nn.Parameter:
+    with torch.no_grad():
+        return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()), False)

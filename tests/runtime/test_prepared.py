@@ -1,0 +1,127 @@
+"""Prepared weights (issue 30, item 3): oneDNN-reordered linears, sibling projections that read one
+input merged into one GEMM (learnt on the first forward), the same outputs as the model's own modules
+within fp32 rounding; what cannot be prepared (Conv1D, ``nn.Linear`` subclasses, fp16, torchao int8,
+tied) is left alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.runtime.families import build_family  # noqa: E402
+
+from chainserve.runtime.backends.hf_parts import layer_list  # noqa: E402
+from chainserve.runtime.backends.prepared import PreparedLinear, prepare_linears, prepared_dtypes  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.float32 not in prepared_dtypes(), reason="no oneDNN in this torch")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """``family(name)``: the tiny random model of that family, in fp32, loaded once."""
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            out = build_family(name, tmp_path_factory.mktemp(name))
+            loaded[name] = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        return loaded[name]
+
+    return get
+
+
+def _modes(model) -> dict[str, str]:
+    return {name: m.mode for name, m in model.named_modules() if isinstance(m, PreparedLinear)}
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "deepseek_v3", "qwen2_moe", "gpt_neox", "gemma3"])
+def test_prepared_model_computes_what_the_model_does(family, name):
+    """Two forwards (the first learns the siblings, the second runs them merged) equal the model's own."""
+    model = family(name)
+    prepared = copy.deepcopy(model)
+    assert prepare_linears(torch.nn.ModuleList(layer_list(prepared)[1])) > 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids)
+    for _ in range(2):
+        torch.testing.assert_close(_logits(prepared, ids), want, rtol=1e-4, atol=1e-4)
+    assert all(mode != "learning" for mode in _modes(prepared).values())
+
+
+def test_llama_merges_qkv_and_gate_up_but_not_the_outputs(family):
+    """q/k/v and gate/up merge, o and down stay alone; the parameters still count every weight once."""
+    prepared = copy.deepcopy(family("llama"))
+    prepare_linears(prepared.model.layers)
+    _logits(prepared, torch.tensor([[1, 2, 3]]))
+    _logits(prepared, torch.tensor([[4, 5]]))
+    modes = {k.split("layers.0.", 1)[1]: v for k, v in _modes(prepared).items() if "layers.0." in k}
+    assert modes == {
+        "self_attn.q_proj": "merged", "self_attn.k_proj": "merged", "self_attn.v_proj": "merged",
+        "self_attn.o_proj": "packed", "mlp.gate_proj": "merged", "mlp.up_proj": "merged", "mlp.down_proj": "packed",
+    }  # fmt: skip
+    assert sum(p.numel() for p in prepared.parameters()) == sum(p.numel() for p in family("llama").parameters())
+
+
+def test_a_family_with_fused_projections_merges_nothing(family):
+    """Phi-3 ships qkv_proj and gate_up_proj: its siblings of one width read different tensors."""
+    prepared = copy.deepcopy(family("phi3"))
+    prepare_linears(prepared.model.layers)
+    for ids in ([[1, 2, 3]], [[4]]):
+        _logits(prepared, torch.tensor(ids))
+    assert set(_modes(prepared).values()) == {"packed"}
+
+
+def test_conv1d_subclasses_fp16_int8_and_tied_weights_are_left_alone(family):
+    gpt2 = copy.deepcopy(family("gpt2"))  # Conv1D, not nn.Linear
+    assert prepare_linears(gpt2.transformer.h) == 0
+    falcon = copy.deepcopy(family("falcon"))  # FalconLinear: a subclass with its own forward
+    assert prepare_linears(falcon.transformer.h) == 0
+    half = torch.nn.Sequential(torch.nn.Linear(8, 8)).half()
+    assert prepare_linears(half) == 0
+    shared = torch.nn.Linear(8, 8)
+    assert prepare_linears(torch.nn.ModuleDict({"a": torch.nn.Sequential(shared), "b": shared})) == 0
+    tied = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    assert prepare_linears(tied) == 0
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layers = copy.deepcopy(family("llama").model.layers)
+    quantize_(layers, Int8WeightOnlyConfig())
+    assert prepare_linears(layers) == 0
+
+
+class _TwoHeads(torch.nn.Module):
+    """Three siblings of one width: ``a`` (biased) and ``b`` (not) read ``x``; ``c`` reads ``a``'s output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 5, bias=False), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.c(self.a(x)), self.b(x)
+
+
+@pytest.mark.parametrize("dtype", sorted(prepared_dtypes(), key=str))
+def test_merged_siblings_with_and_without_bias(dtype):
+    torch.manual_seed(0)
+    module = _TwoHeads().to(dtype)
+    prepared = copy.deepcopy(module)
+    assert prepare_linears(prepared) == 3
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    with torch.inference_mode():
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 2, 16, dtype=dtype)
+            for got, want in zip(prepared(x), module(x), strict=True):
+                torch.testing.assert_close(got, want, **tol)
+    assert [m.mode for m in (prepared.a, prepared.b, prepared.c)] == ["merged", "merged", "packed"]
+    assert prepared.a.merged.input is None  # both slices taken: the merged output is not kept
