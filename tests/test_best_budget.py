@@ -114,7 +114,6 @@ def test_same_plan_on_a_busy_machine(problem, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 32: the default cluster's search still outlasts the net on a busy 2-core machine")
 def test_same_default_plan_on_a_busy_machine():
     problem = load_cluster(DEFAULT_CLUSTER)
     idle = best_plan(problem, time_limit_s=TOTAL_BUDGET_S)
