@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--record", type=Path, help="write the batch's lower bounds (JSON) here")
     parser.add_argument("--baseline", type=Path, help="lower bounds (JSON) of --record to compare with")
     args = parser.parse_args()
-    console = Console(width=120)
+    console = Console(width=170)
     table = Table(title=f"planning time (seed {args.seed}, best of 3; c-search once at J ≥ 1000)")
     for column in (
         "J",
