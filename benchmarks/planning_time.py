@@ -15,10 +15,12 @@ default 20): J uniform on 2..40, half of them the §4.1 kind and half raw instan
 Each row shows ``best`` against ``greedy`` (wall time, lower bound); issue 32's targets: ``best`` at
 most 4 s on the default cluster and at most 8× greedy's time, never the safety net. ``--record FILE``
 writes the lower bounds per instance (run it once against an older checkout), ``--baseline FILE``
-prints them beside this run's and says where the plan got worse.
+prints them beside this run's and says where the plan got worse. ``benchmarks/data/planning-time-main-
+lower.json``: main's before issue 32 (commit c7d13a9, run to its work limits with no safety net).
 
     python benchmarks/planning_time.py [--sizes 10 40 100 1000] [--seed 7] [--random 20]
                                        [--record lower.json | --baseline lower.json]
+    python benchmarks/planning_time.py --sizes --baseline benchmarks/data/planning-time-main-lower.json
 """
 
 from __future__ import annotations
