@@ -33,11 +33,15 @@ class WorkLimits:
     #: most nodes of one placement MILP (:func:`chainserve.plan.milp_placement.solve`)
     placement_nodes: int = 30
     #: most completions of one run's local searches together
-    max_evaluations: int = 2_000
+    max_evaluations: int = 4_000
     #: completions per server: the local searches' share is min(max_evaluations, this·J, search_work/J)
-    evaluations_per_server: int = 40
+    evaluations_per_server: int = 50
     #: completions × J over the local searches (one completion costs O(J·L)): bounds large clusters
     search_work: int = 20_000
+    #: most local searches from the best plan at the end, each of a quarter of the local searches' share
+    polish_rounds: int = 4
+    #: moves to a tying plan each of those local searches may take (plateaus)
+    sideways_moves: int = 8
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
@@ -48,7 +52,7 @@ class WorkLimits:
         """Completions for the local searches of a J-server run.
 
         >>> WorkLimits().local_search_evaluations(10), WorkLimits().local_search_evaluations(1000)
-        (400, 20)
+        (500, 20)
         """
         return min(self.max_evaluations, self.evaluations_per_server * num_servers, self.search_work // num_servers)
 

@@ -51,19 +51,29 @@ def fastest_paths(problem: Problem, spans: Sequence[Span], room: Callable[[Span]
     (one job fits). O(|spans| · B · limit), B the number of distinct span ends.
     """
     L = problem.model.num_blocks
-    best: dict[int, list[tuple[float, Path]]] = {0: [(0.0, ())]}
-    for e in sorted({s.end_block for s in spans}):
-        found: dict[Path, float] = {}
-        for span in (s for s in spans if s.end_block == e):
+    by_end: dict[int, list[Span]] = {}
+    for span in spans:
+        by_end.setdefault(span.end_block, []).append(span)
+    # per end block: (time, path, bit mask of its servers), fastest first; the mask replaces a scan
+    # of the path for the server (issue 32: this search runs once per completion)
+    best: dict[int, list[tuple[float, Path, int]]] = {0: [(0.0, (), 0)]}
+    for e in sorted(by_end):
+        found: dict[Path, tuple[float, int]] = {}
+        for span in by_end[e]:
             server = problem.servers[span.server]
+            bit = 1 << span.server
             most = room(span)
             for b in [b for b in best if span.start_block - 1 <= b < e and e - b <= most]:
                 hop_s = server.tau_c_s + server.tau_p_s * (e - b)
-                for time_s, path in best[b]:
-                    if all(h.server != span.server for h in path):
-                        found.setdefault((*path, Hop(span.server, b + 1, e - b)), time_s + hop_s)
-        best[e] = sorted(((t, p) for p, t in found.items()), key=lambda tp: tp[0])[:limit]
-    return [path for _, path in best.get(L, [])]
+                hop = Hop(span.server, b + 1, e - b)
+                for time_s, path, mask in best[b]:
+                    if not mask & bit:
+                        key = (*path, hop)
+                        if key not in found:
+                            found[key] = (time_s + hop_s, mask | bit)
+        ranked = sorted(found.items(), key=lambda item: item[1][0])[:limit]
+        best[e] = [(time_s, path, mask) for path, (time_s, mask) in ranked]
+    return [path for _, path, _ in best.get(L, [])]
 
 
 def complete(

@@ -95,6 +95,14 @@ def optimal_allocation(
     paths = routing_paths(problem, placement) if chains is None else tuple(chains)
     if objective not in ("rate", "job_servers"):
         raise ValueError(f"objective must be 'rate' or 'job_servers', got {objective!r}")
+    method = f"milp-{objective.replace('_', '-')}"
+    if not paths:
+        if objective == "job_servers":
+            raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
+        return make_plan(problem, placement, (), None, method)
+    options = {"mip_rel_gap": 0.0} if budget is None else budget.allocation_options()
+    if options is None:  # asked before the model is built (issue 32: most calls of a run come here)
+        raise ValueError("budget: no MILP work left")
     room = job_block_room(problem, placement)
     servers = sorted(room)
     row = {j: r for r, j in enumerate(servers)}
@@ -113,14 +121,6 @@ def optimal_allocation(
         cost = np.ones(len(paths))
         target = problem.arrival_rate_per_s / problem.workload.rho_bar
         constraints.append(LinearConstraint(rates[None, :] / target, 1.0, np.inf))  # relative tolerance
-    method = f"milp-{objective.replace('_', '-')}"
-    if not paths:
-        if objective == "job_servers":
-            raise ValueError("placement: no source→sink chain, so no allocation reaches ν ≥ λ/ρ̄")
-        return make_plan(problem, placement, (), None, method)
-    options = {"mip_rel_gap": 0.0} if budget is None else budget.allocation_options()
-    if options is None:
-        raise ValueError("budget: no MILP work left")
     result = milp(
         cost,
         constraints=constraints,

@@ -11,11 +11,26 @@ least cost, then least end block, then least server index.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
 from chainserve.model.spec import Problem
 from chainserve.plan.types import FIT_EPS, Chain, Hop, Placement, jobs_that_fit
+
+
+@lru_cache(maxsize=16)
+def server_columns(problem: Problem) -> tuple[np.ndarray, ...]:
+    """(τ^c_j, τ^p_j, s_c,j, s_m,j, M_j) of every server as arrays, computed once per problem (pure: a
+    :class:`Problem` is frozen); GCA indexes them by the placed servers."""
+    servers = problem.servers
+    return (
+        np.array([s.tau_c_s for s in servers]),
+        np.array([s.tau_p_s for s in servers]),
+        np.array(problem.cache_sizes),
+        np.array(problem.block_sizes),
+        np.array([s.memory_gb for s in servers]),
+    )
 
 
 def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) -> tuple[Chain, ...]:
@@ -44,11 +59,8 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
     server = np.array([s.server for s in spans])
     start = np.array([s.start_block for s in spans])
     end = np.array([s.end_block for s in spans])
-    tau_c = np.array([problem.servers[j].tau_c_s for j in server])
-    tau_p = np.array([problem.servers[j].tau_p_s for j in server])
-    s_c = np.array([problem.cache_size_gb(j) for j in server])
-    s_m = np.array([problem.block_size_gb(j) for j in server])
-    resid = np.array([problem.servers[j].memory_gb for j in server]) - s_m * (end - start + 1)
+    tau_c, tau_p, s_c, s_m, memory = (column[server] for column in server_columns(problem))
+    resid = memory - s_m * (end - start + 1)
     row_of = {int(j): r for r, j in enumerate(server)}
     for chain in reserved:
         for hop in chain.hops:

@@ -99,11 +99,14 @@ def local_search(
     rng: np.random.Generator,
     max_evaluations: int,
     expired: Callable[[], bool],
+    sideways: int = 0,
 ) -> tuple[Plan, int]:
     """Improve ``start`` by the moves of the module doc; returns (best plan, completions used).
-    Never returns a plan worse than ``start`` by :func:`chainserve.plan.complete.score`.
-    O(max_evaluations · one GCA)."""
-    best = start
+    ``sideways``: how many moves to a plan that ties the current one (neither is better by
+    :func:`chainserve.plan.complete.is_better`, e.g. a server added that GCA's chains leave unused) may
+    be taken to cross a plateau (issue 32: a plan two moves away, each alone no gain). Never returns a
+    plan worse than ``start`` by :func:`chainserve.plan.complete.score`. O(max_evaluations · one GCA)."""
+    best = current = start
     spans: Spans = {s.server: (s.start_block, s.num_blocks) for s in start.placement.spans}
     seen = {tuple(sorted(spans.items()))}
     used = 0
@@ -117,8 +120,14 @@ def local_search(
             seen.add(key)
             plan = evaluate(as_placement(candidate, problem.model.num_blocks))
             used += 1
-            if is_better(plan, best):
-                best, spans, improved = plan, candidate, True
+            if is_better(plan, current):
+                current, spans, improved = plan, candidate, True
+                if is_better(plan, best):
+                    best = plan
+                break
+            if sideways > 0 and not is_better(current, plan):
+                sideways -= 1
+                current, spans, improved = plan, candidate, True
                 break
             if used >= max_evaluations or expired():
                 break
