@@ -119,9 +119,25 @@ def test_merged_siblings_with_and_without_bias(dtype):
     assert prepare_linears(prepared) == 3
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with torch.inference_mode():
-        for rows in (1, 3, 16):
-            x = torch.randn(rows, 2, 16, dtype=dtype)
+        for shape in ((1, 1, 16), (1, 2, 16), (3, 2, 16), (16, 2, 16)):  # (1, 1): the lone-row path
+            x = torch.randn(*shape, dtype=dtype)
             for got, want in zip(prepared(x), module(x), strict=True):
                 torch.testing.assert_close(got, want, **tol)
     assert [m.mode for m in (prepared.a, prepared.b, prepared.c)] == ["merged", "merged", "packed"]
     assert prepared.a.merged.input is None  # both slices taken: the merged output is not kept
+
+
+def test_a_lone_row_computes_what_it_does_among_others():
+    """Issue 30: one row multiplies the transposed fp32 copy, more rows the reordered weight; the row's
+    output is the same either way (to fp32 rounding), merged or alone."""
+    torch.manual_seed(0)
+    prepared = _TwoHeads()
+    prepare_linears(prepared)
+    x = torch.randn(8, 1, 16)
+    with torch.inference_mode():
+        prepared(x), prepared(x)  # the second call learns the siblings
+        assert prepared.a.merged.lone_row.shape == (16, 21) and prepared.c.lone_row.shape == (16, 3)
+        together = prepared(x)
+        for r in range(8):
+            for got, want in zip(prepared(x[r : r + 1]), together, strict=True):
+                torch.testing.assert_close(got, want[r : r + 1], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,12 @@ reads; when one of them is called a second time (the next forward), those that r
 share one reordered weight (their rows concatenated), the first of them called on an input computes
 all their outputs and the others return their slice (:class:`_Merged`); the rest are reordered alone.
 
+A lone row (one token of one session: a decode at batch 1) multiplies an fp32 weight kept a second time,
+transposed to ``[in, out]`` (:func:`_lone_row_weight`, a non-persistent buffer): that GEMV beats the
+reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one thread, SmolLM2's
+GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price is a second copy
+of each prepared fp32 weight.
+
 Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
 torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
 and every other module are left as they are.
@@ -71,7 +77,8 @@ def prepare_linears(layers: nn.Module) -> int:
 class PreparedLinear(nn.Module):
     """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a oneDNN-reordered weight, alone or as a slice
     of its siblings' merged GEMM (see the module's docstring). Its weights stay parameters (the merged
-    ones those of the shared :class:`_Merged`), so the span's parameters count what it holds."""
+    ones those of the shared :class:`_Merged`), so the span's parameters count the model's weights once
+    (the lone-row copy is a buffer)."""
 
     def __init__(self, linear: nn.Linear, siblings: _Siblings | None):
         super().__init__()
@@ -79,6 +86,7 @@ class PreparedLinear(nn.Module):
         self.siblings, self.packed, self.merged = siblings, siblings is None, None
         self.weight = _reordered(linear.weight) if self.packed else linear.weight
         self.bias = linear.bias
+        self.register_buffer("lone_row", _lone_row_weight(linear.weight) if self.packed else None, persistent=False)
         if siblings is not None:
             siblings.members.append(self)
 
@@ -86,7 +94,7 @@ class PreparedLinear(nn.Module):
         if self.merged is not None:
             return self.merged.run(self, x)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return _matmul(x, self.weight, self.lone_row, self.bias)
         if self.siblings.note(self, x):
             return self(x)
         return F.linear(x, self.weight, self.bias)
@@ -123,6 +131,7 @@ class _Siblings:
             else:
                 alone += group
         for m in alone:
+            m.lone_row = _lone_row_weight(m.weight)
             m.weight, m.packed = _reordered(m.weight), True
         for m in self.members:
             m.siblings = None
@@ -142,7 +151,9 @@ class _Merged(nn.Module):
         if any(b is not None for b in biases):
             zeros = [w.new_zeros(w.shape[0]) for w in weights]
             bias = nn.Parameter(torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)]), False)
-        self.weight, self.bias = _reordered(torch.cat(weights)), bias
+        merged = torch.cat(weights)
+        self.weight, self.bias = _reordered(merged), bias
+        self.register_buffer("lone_row", _lone_row_weight(merged), persistent=False)
         self.sizes = [w.shape[0] for w in weights]
         self.index = {id(m): i for i, m in enumerate(members)}
         self.input: torch.Tensor | None = None
@@ -154,12 +165,30 @@ class _Merged(nn.Module):
     def run(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
         i = self.index[id(member)]
         if x is not self.input or self.outputs[i] is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            y = _matmul(x, self.weight, self.lone_row, self.bias)
             self.input, self.outputs = x, [part.contiguous() for part in y.split(self.sizes, dim=-1)]
         out, self.outputs[i] = self.outputs[i], None
         if all(o is None for o in self.outputs):
             self.input, self.outputs = None, []
         return out
+
+
+def _matmul(
+    x: torch.Tensor, packed: torch.Tensor, lone_row: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered weight."""
+    if lone_row is not None and x.numel() == x.shape[-1]:
+        y = x @ lone_row
+        return y if bias is None else y.add_(bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _lone_row_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``[in, out]``, contiguous, for an fp32 weight (measured only there); ``None`` for other dtypes."""
+    if weight.dtype != torch.float32:
+        return None
+    with torch.no_grad():
+        return weight.detach().t().contiguous()
 
 
 def _reordered(weight: torch.Tensor) -> nn.Parameter:
