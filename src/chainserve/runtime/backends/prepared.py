@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PreparedLinear", "prepare_linears", "prepared_dtypes"]
+__all__ = ["PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes"]
 
 
 def prepared_dtypes() -> frozenset[torch.dtype]:
@@ -57,21 +57,31 @@ def prepare_linears(layers: nn.Module) -> int:
     for parent in list(layers.modules()):
         siblings: defaultdict[tuple, list[tuple[str, nn.Linear]]] = defaultdict(list)
         for name, child in parent.named_children():
-            weight = getattr(child, "weight", None)
-            if (
-                type(child) is nn.Linear
-                and type(weight.data) is torch.Tensor
-                and weight.device.type == "cpu"
-                and weight.dtype in dtypes
-                and uses[id(weight)] == 1
-            ):
-                siblings[(child.in_features, weight.dtype)].append((name, child))
+            if _can_prepare(child, dtypes) and uses[id(child.weight)] == 1:
+                siblings[(child.in_features, child.weight.dtype)].append((name, child))
         for found in siblings.values():
             group = _Siblings() if len(found) > 1 else None
             for name, linear in found:
                 setattr(parent, name, PreparedLinear(linear, group))
                 replaced += 1
     return replaced
+
+
+def prepare_alone(linear: nn.Module) -> nn.Module:
+    """``linear`` as a :class:`PreparedLinear` of its own (no siblings), or ``linear`` itself where it
+    cannot be prepared. Its weight is reordered into a new tensor: a tied one (an LM head sharing the
+    input embedding, issue 30) stays as it is for the module it is tied to."""
+    return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
+
+
+def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and type(weight.data) is torch.Tensor
+        and weight.device.type == "cpu"
+        and weight.dtype in dtypes
+    )
 
 
 class PreparedLinear(nn.Module):
