@@ -101,8 +101,8 @@ class PagedCache(Cache):
         if start is not None:  # one row, consecutive pages: a view
             k, v = self.keys[start : start + n], self.values[start : start + n]
         else:
-            flat = pages.reshape(-1)
-            k, v = self.keys[flat], self.values[flat]
+            flat = pages.reshape(-1)  # index_select: ~7x faster than ``keys[flat]`` on the CPU (issue 30)
+            k, v = self.keys.index_select(0, flat), self.values.index_select(0, flat)
         k = k.view(rows, -1, *k.shape[2:])[:, : self.length].transpose(1, 2)
         v = v.view(rows, -1, *v.shape[2:])[:, : self.length].transpose(1, 2)
         return k, v
