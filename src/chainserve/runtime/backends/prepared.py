@@ -6,9 +6,9 @@
 multiplied by ``torch.ops.mkldnn._linear_pointwise``. Measured on this 2-core machine, one thread, B
 decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at B = 1 and
 1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.15–1.8x faster at
-B = 4..16 but 0.87–0.98x at B = 1 (``benchmarks/step.py``, five runs on a loaded machine; a reorder for
-one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses at B ≥ 8), its output within 4e-6 of
-the plain span's (relative to its scale).
+B = 4..16 but 0.87–0.98x at B = 1 before the lone-row path below (``benchmarks/step.py``, five runs
+on a loaded machine; a reorder for one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses
+at B ≥ 8), its output within 4e-6 of the plain span's (relative to its scale).
 
 Sibling linears of one module reading the same input (q/k/v, gate/up: whichever the family's forward
 feeds one tensor) are merged into one GEMM. Which siblings those are is *learnt*, not named: the
@@ -25,7 +25,8 @@ of each prepared fp32 weight.
 
 Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
 torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
-and every other module are left as they are.
+(:func:`prepare_alone` prepares one on a copy: the orchestrator's LM head) and every other module are
+left as they are.
 """
 
 from __future__ import annotations
