@@ -15,7 +15,12 @@ transformers = pytest.importorskip("transformers")
 from tests.runtime.families import build_family  # noqa: E402
 
 from chainserve.runtime.backends.hf_parts import layer_list  # noqa: E402
-from chainserve.runtime.backends.prepared import PreparedLinear, prepare_linears, prepared_dtypes  # noqa: E402
+from chainserve.runtime.backends.prepared import (  # noqa: E402
+    PreparedLinear,
+    prepare_alone,
+    prepare_linears,
+    prepared_dtypes,
+)
 
 pytestmark = pytest.mark.skipif(torch.float32 not in prepared_dtypes(), reason="no oneDNN in this torch")
 torch.set_num_threads(1)
@@ -119,9 +124,42 @@ def test_merged_siblings_with_and_without_bias(dtype):
     assert prepare_linears(prepared) == 3
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with torch.inference_mode():
-        for rows in (1, 3, 16):
-            x = torch.randn(rows, 2, 16, dtype=dtype)
+        for shape in ((1, 1, 16), (1, 2, 16), (3, 2, 16), (16, 2, 16)):  # (1, 1): the lone-row path
+            x = torch.randn(*shape, dtype=dtype)
             for got, want in zip(prepared(x), module(x), strict=True):
                 torch.testing.assert_close(got, want, **tol)
     assert [m.mode for m in (prepared.a, prepared.b, prepared.c)] == ["merged", "merged", "packed"]
     assert prepared.a.merged.input is None  # both slices taken: the merged output is not kept
+
+
+def test_a_lone_row_computes_what_it_does_among_others():
+    """Issue 30: one row multiplies the transposed fp32 copy, more rows the reordered weight; the row's
+    output is the same either way (to fp32 rounding), merged or alone."""
+    torch.manual_seed(0)
+    prepared = _TwoHeads()
+    prepare_linears(prepared)
+    x = torch.randn(8, 1, 16)
+    with torch.inference_mode():
+        prepared(x), prepared(x)  # the second call learns the siblings
+        assert prepared.a.merged.lone_row.shape == (16, 21) and prepared.c.lone_row.shape == (16, 3)
+        together = prepared(x)
+        for r in range(8):
+            for got, want in zip(prepared(x[r : r + 1]), together, strict=True):
+                torch.testing.assert_close(got, want[r : r + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_tied_head_prepared_alone_leaves_the_embedding_its_weight(family):
+    """Issue 30: the orchestrator's LM head, tied to the input embedding, on prepared weights of its own:
+    the same logits for one row and for many, the embedding unchanged."""
+    model = copy.deepcopy(family("llama"))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head.weight = embedding.weight
+    kept = embedding.weight.detach().clone()
+    prepared = prepare_alone(head)
+    assert isinstance(prepared, PreparedLinear) and prepared.mode == "packed"
+    with torch.inference_mode():
+        for rows in (1, 5):
+            x = torch.randn(rows, head.in_features)
+            torch.testing.assert_close(prepared(x), head(x), rtol=1e-5, atol=1e-5)
+    assert embedding.weight is head.weight and torch.equal(embedding.weight, kept)
+    assert prepare_alone(torch.nn.Linear(4, 4).half()).__class__ is torch.nn.Linear

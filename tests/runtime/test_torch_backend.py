@@ -219,3 +219,39 @@ def test_sessions_in_scattered_pages_decode_together_as_generate_does(tiny):
         ref_tokens, _ = reference(model, prompt, n)
         stop = next((i + 1 for i, t in enumerate(ref_tokens) if t in head.eos_token_ids), n)
         assert out[k][:stop] == ref_tokens[:stop]
+
+
+def test_prefill_chunks_of_one_length_share_a_forward_and_match_generate(tiny):
+    """Issue 30: prefill chunks of as many tokens (several sessions, from position 0 and further in)
+    run as one forward per iteration, beside chunks of other lengths and decodes; every session still
+    produces the model's own greedy tokens."""
+    d, head, _, model = tiny
+    span = TorchSpan(d, SpanInfo(1, 6, num_block_slots=24, max_tokens=32, page_tokens=4))
+    prompts = [head.chat_prompt(CHAT), head.encode("Hi there, how are you"), head.encode("The quick brown fox jumps")]
+    n = 5
+    pages, at = [], 0
+    for prompt in prompts:
+        per_block = span.info.pages_for(len(prompt) + n)
+        pages.append(tuple(tuple(range(at + b * per_block, at + (b + 1) * per_block)) for b in range(6)))
+        at += 6 * per_block
+    chunks = [SpanStep(head.embed(p), 1, pages[k], 0).chunks(4) for k, p in enumerate(prompts)]
+    out: list[list[int]] = [[] for _ in prompts]
+    for i in range(max(len(c) for c in chunks) + n - 1):  # each iteration: every session's next step
+        batch, who = [], []
+        for k, prompt in enumerate(prompts):
+            if i < len(chunks[k]):
+                batch.append(chunks[k][i])
+            elif len(out[k]) < n:
+                position = len(prompt) + len(out[k]) - 1
+                batch.append(SpanStep(head.embed([out[k][-1]], position), 1, pages[k], position))
+            else:
+                continue
+            who.append(k)
+        assert batch
+        for k, step, hidden in zip(who, batch, asyncio.run(span.forward(batch)), strict=True):
+            if step.position + step.num_tokens >= len(prompts[k]):
+                out[k].append(int(head.logits([hidden])[0].argmax()))
+    for k, prompt in enumerate(prompts):
+        ref_tokens, _ = reference(model, prompt, n)
+        stop = next((i + 1 for i, t in enumerate(ref_tokens) if t in head.eos_token_ids), n)
+        assert out[k][:stop] == ref_tokens[:stop]

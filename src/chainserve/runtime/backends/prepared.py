@@ -6,9 +6,9 @@
 multiplied by ``torch.ops.mkldnn._linear_pointwise``. Measured on this 2-core machine, one thread, B
 decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at B = 1 and
 1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.15–1.8x faster at
-B = 4..16 but 0.87–0.98x at B = 1 (``benchmarks/step.py``, five runs on a loaded machine; a reorder for
-one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses at B ≥ 8), its output within 4e-6 of
-the plain span's (relative to its scale).
+B = 4..16 but 0.87–0.98x at B = 1 before the lone-row path below (``benchmarks/step.py``, five runs
+on a loaded machine; a reorder for one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses
+at B ≥ 8), its output within 4e-6 of the plain span's (relative to its scale).
 
 Sibling linears of one module reading the same input (q/k/v, gate/up: whichever the family's forward
 feeds one tensor) are merged into one GEMM. Which siblings those are is *learnt*, not named: the
@@ -17,9 +17,16 @@ reads; when one of them is called a second time (the next forward), those that r
 share one reordered weight (their rows concatenated), the first of them called on an input computes
 all their outputs and the others return their slice (:class:`_Merged`); the rest are reordered alone.
 
+A lone row (one token of one session: a decode at batch 1) multiplies an fp32 weight kept a second time,
+transposed to ``[in, out]`` (:func:`_lone_row_weight`, a non-persistent buffer): that GEMV beats the
+reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one thread, SmolLM2's
+GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price is a second copy
+of each prepared fp32 weight.
+
 Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
 torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
-and every other module are left as they are.
+(:func:`prepare_alone` prepares one on a copy: the orchestrator's LM head) and every other module are
+left as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PreparedLinear", "prepare_linears", "prepared_dtypes"]
+__all__ = ["PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes"]
 
 
 def prepared_dtypes() -> frozenset[torch.dtype]:
@@ -51,15 +58,8 @@ def prepare_linears(layers: nn.Module) -> int:
     for parent in list(layers.modules()):
         siblings: defaultdict[tuple, list[tuple[str, nn.Linear]]] = defaultdict(list)
         for name, child in parent.named_children():
-            weight = getattr(child, "weight", None)
-            if (
-                type(child) is nn.Linear
-                and type(weight.data) is torch.Tensor
-                and weight.device.type == "cpu"
-                and weight.dtype in dtypes
-                and uses[id(weight)] == 1
-            ):
-                siblings[(child.in_features, weight.dtype)].append((name, child))
+            if _can_prepare(child, dtypes) and uses[id(child.weight)] == 1:
+                siblings[(child.in_features, child.weight.dtype)].append((name, child))
         for found in siblings.values():
             group = _Siblings() if len(found) > 1 else None
             for name, linear in found:
@@ -68,10 +68,28 @@ def prepare_linears(layers: nn.Module) -> int:
     return replaced
 
 
+def prepare_alone(linear: nn.Module) -> nn.Module:
+    """``linear`` as a :class:`PreparedLinear` of its own (no siblings), or ``linear`` itself where it
+    cannot be prepared. Its weight is reordered into a new tensor: a tied one (an LM head sharing the
+    input embedding, issue 30) stays as it is for the module it is tied to."""
+    return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
+
+
+def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and type(weight.data) is torch.Tensor
+        and weight.device.type == "cpu"
+        and weight.dtype in dtypes
+    )
+
+
 class PreparedLinear(nn.Module):
     """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a oneDNN-reordered weight, alone or as a slice
     of its siblings' merged GEMM (see the module's docstring). Its weights stay parameters (the merged
-    ones those of the shared :class:`_Merged`), so the span's parameters count what it holds."""
+    ones those of the shared :class:`_Merged`), so the span's parameters count the model's weights once
+    (the lone-row copy is a buffer)."""
 
     def __init__(self, linear: nn.Linear, siblings: _Siblings | None):
         super().__init__()
@@ -79,6 +97,7 @@ class PreparedLinear(nn.Module):
         self.siblings, self.packed, self.merged = siblings, siblings is None, None
         self.weight = _reordered(linear.weight) if self.packed else linear.weight
         self.bias = linear.bias
+        self.register_buffer("lone_row", _lone_row_weight(linear.weight) if self.packed else None, persistent=False)
         if siblings is not None:
             siblings.members.append(self)
 
@@ -86,7 +105,7 @@ class PreparedLinear(nn.Module):
         if self.merged is not None:
             return self.merged.run(self, x)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return _matmul(x, self.weight, self.lone_row, self.bias)
         if self.siblings.note(self, x):
             return self(x)
         return F.linear(x, self.weight, self.bias)
@@ -123,6 +142,7 @@ class _Siblings:
             else:
                 alone += group
         for m in alone:
+            m.lone_row = _lone_row_weight(m.weight)
             m.weight, m.packed = _reordered(m.weight), True
         for m in self.members:
             m.siblings = None
@@ -142,7 +162,9 @@ class _Merged(nn.Module):
         if any(b is not None for b in biases):
             zeros = [w.new_zeros(w.shape[0]) for w in weights]
             bias = nn.Parameter(torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)]), False)
-        self.weight, self.bias = _reordered(torch.cat(weights)), bias
+        merged = torch.cat(weights)
+        self.weight, self.bias = _reordered(merged), bias
+        self.register_buffer("lone_row", _lone_row_weight(merged), persistent=False)
         self.sizes = [w.shape[0] for w in weights]
         self.index = {id(m): i for i, m in enumerate(members)}
         self.input: torch.Tensor | None = None
@@ -154,12 +176,30 @@ class _Merged(nn.Module):
     def run(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
         i = self.index[id(member)]
         if x is not self.input or self.outputs[i] is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            y = _matmul(x, self.weight, self.lone_row, self.bias)
             self.input, self.outputs = x, [part.contiguous() for part in y.split(self.sizes, dim=-1)]
         out, self.outputs[i] = self.outputs[i], None
         if all(o is None for o in self.outputs):
             self.input, self.outputs = None, []
         return out
+
+
+def _matmul(
+    x: torch.Tensor, packed: torch.Tensor, lone_row: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered weight."""
+    if lone_row is not None and x.numel() == x.shape[-1]:
+        y = x @ lone_row
+        return y if bias is None else y.add_(bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _lone_row_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``[in, out]``, contiguous, for an fp32 weight (measured only there); ``None`` for other dtypes."""
+    if weight.dtype != torch.float32:
+        return None
+    with torch.no_grad():
+        return weight.detach().t().contiguous()
 
 
 def _reordered(weight: torch.Tensor) -> nn.Parameter:

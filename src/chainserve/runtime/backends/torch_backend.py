@@ -15,11 +15,11 @@ of ``page_tokens`` positions of one session (``pages_per_slot`` pages make the p
 torchao (weight-only int8; compute and cache stay in ``dtype``).
 
 A server's iteration (:meth:`TorchSpan.forward`, issue 17) runs, in a worker thread so the server's
-event loop keeps receiving: every decode step (one new token) of sessions entering at the same block
-in **one** batched forward, and each prefill chunk in its own. The batch's :class:`PagedCache` writes
-each row's new K/V at its own absolute positions into its own pages and returns the rows' cached K/V
-gathered up to the longest, with a mask (built once per window per iteration) that hides each row's
-padding (ragged positions) and what lies outside a sliding window.
+event loop keeps receiving: the steps of as many new tokens (every decode; prefill chunks of one
+length) of sessions entering at the same block in **one** batched forward. The batch's
+:class:`PagedCache` writes each row's new K/V at its own absolute positions into its own pages and
+returns the rows' cached K/V gathered up to the longest, with a mask (built once per window per
+iteration) that hides each row's padding (ragged positions) and what lies outside a sliding window.
 
 :class:`~.torch_head.TorchHead` (the orchestrator's half) is re-exported here.
 """
@@ -101,8 +101,8 @@ class PagedCache(Cache):
         if start is not None:  # one row, consecutive pages: a view
             k, v = self.keys[start : start + n], self.values[start : start + n]
         else:
-            flat = pages.reshape(-1)
-            k, v = self.keys[flat], self.values[flat]
+            flat = pages.reshape(-1)  # index_select: ~7x faster than ``keys[flat]`` on the CPU (issue 30)
+            k, v = self.keys.index_select(0, flat), self.values.index_select(0, flat)
         k = k.view(rows, -1, *k.shape[2:])[:, : self.length].transpose(1, 2)
         v = v.view(rows, -1, *v.shape[2:])[:, : self.length].transpose(1, 2)
         return k, v
@@ -195,10 +195,11 @@ class TorchSpan:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.run_steps, list(steps))
 
     def run_steps(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
-        """The synchronous iteration: decodes grouped by entry block into one forward each, every
-        other step alone; a step that fails its checks fails alone (its ``ValueError``)."""
+        """The synchronous iteration: steps of as many tokens entering at the same block in one forward
+        each (every decode; prefill chunks of one length, issue 30: a wave of equal prompts is one
+        forward, not one per prompt); a step that fails its checks fails alone (its ``ValueError``)."""
         results: list[WireTensor | ValueError | None] = [None] * len(steps)
-        decodes: defaultdict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        groups: defaultdict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for i, step in enumerate(steps):
             try:
                 x = wire_to_torch(step.hidden, self.hidden_size)
@@ -206,11 +207,8 @@ class TorchSpan:
             except ValueError as exc:
                 results[i] = exc
                 continue
-            if x.shape[1] == 1:
-                decodes[offset].append((i, x))
-            else:
-                results[i] = torch_to_wire(self.run(x, step.first_block, [step.pages], [step.position]).to(x.dtype))
-        for offset, rows in decodes.items():
+            groups[offset, x.shape[1]].append((i, x))
+        for (offset, _), rows in groups.items():
             first_block = self.info.first_block + offset
             x = torch.cat([x for _, x in rows])
             out = self.run(x, first_block, [steps[i].pages for i, _ in rows], [steps[i].position for i, _ in rows])
@@ -225,8 +223,8 @@ class TorchSpan:
         pages: Sequence[Sequence[Sequence[int]]],
         positions: Sequence[int],
     ) -> torch.Tensor:
-        """The synchronous forward on [B, q, hidden] (B rows: q = 1 each, or one row of any q) entering
-        at ``first_block``; row r's pages ``pages[r]`` (one sequence per block), its first new position
+        """The synchronous forward on [B, q, hidden] (B rows of q new tokens each) entering at
+        ``first_block``; row r's pages ``pages[r]`` (one sequence per block), its first new position
         ``positions[r]``. Returns the span's dtype, on its device."""
         offset = first_block - self.info.first_block
         rows, q = hidden.shape[0], hidden.shape[1]
@@ -258,9 +256,9 @@ class TorchSpan:
         self, starts: torch.Tensor, q: int, length: int, window: int | None, alibi: torch.Tensor | None
     ) -> torch.Tensor | None:
         """Row r's query i (position starts[r] + i) sees keys k ≤ its position (and > position − window);
-        ``None`` where sdpa's own causal mask is exact (one row from position 0, no window). Falcon's
+        ``None`` where sdpa's own causal mask is exact (every row from position 0, no window). Falcon's
         ALiBi is the additive mask's value where a key is seen (as its base model builds it)."""
-        if self.attention == "sdpa" and window is None and len(starts) == 1 and int(starts[0]) == 0:
+        if self.attention == "sdpa" and window is None and int(starts.max()) == 0:
             return None
         at = starts[:, None, None] + torch.arange(q, device=self.device)[None, :, None]  # [B, q, 1]
         keys = torch.arange(length, device=self.device)[None, None, :]
