@@ -6,18 +6,49 @@ allocated), so a new cache allocation must fit the arenas: GCA (§2.2) runs on t
 with each server's memory taken as exactly its parameters plus its arena, s_m·m_j + s_c·slots_j
 (:func:`chains_within`). With every server alive again the original plan comes back unchanged.
 :func:`arena_block_slots` is the arena a server's whole cache memory holds for a span, which an
-adaptive service allocates so that any later plan for that span fits.
+adaptive service allocates so that any later plan for that span fits. :class:`RestartPolicy` is when
+a dead server is started again (issue 33): the runtime's supervisor follows it, and the simulator
+models a failure without a given down time by it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Set
+from dataclasses import dataclass
 
 from chainserve.model.spec import Problem
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.gca import gca
 from chainserve.plan.types import Placement, Plan, Span, jobs_that_fit
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """Bounded restarts with exponential back-off: the n-th consecutive restart waits ``backoff_s`` ×
+    2ⁿ⁻¹ (the first at once, at most ``max_backoff_s``); after ``max_restarts`` consecutive ones the
+    server is given up (0: never restarted); one up for ``stable_s`` counts afresh; one that only
+    stopped answering gets ``silent_s`` to answer again (:mod:`chainserve.runtime.supervision`)."""
+
+    max_restarts: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    stable_s: float = 60.0
+    silent_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts: must be non-negative, got {self.max_restarts}")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError(f"backoff_s: must lie in [0, max_backoff_s={self.max_backoff_s}], got {self.backoff_s}")
+
+    def delay_s(self, attempt: int) -> float:
+        """The wait before consecutive restart number ``attempt`` (0: the first, at once).
+
+        >>> [RestartPolicy(backoff_s=1, max_backoff_s=4).delay_s(n) for n in range(5)]
+        [0.0, 1.0, 2.0, 4.0, 4.0]
+        """
+        return 0.0 if attempt == 0 else float(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
 
 
 def arena_block_slots(problem: Problem, span: Span) -> int:

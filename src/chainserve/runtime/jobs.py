@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chainserve.dispatch.base import Job, Route, Start
+from chainserve.dispatch.generations import Generation
 from chainserve.plan.types import chain_number
 from chainserve.runtime.backends.base import ModelHead, WireTensor
 from chainserve.runtime.batching import Batcher
-from chainserve.runtime.generations import Generation
 from chainserve.runtime.logprobs import prompt_logprobs, token_logprob
 from chainserve.runtime.requests import (
     Finished,

@@ -41,12 +41,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any
 
 from chainserve.dispatch.base import Dispatcher, Job, Start
+from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Layout, chain_number, default_max_waiting, reserved_block_jobs
 from chainserve.runtime.backends.base import ModelHead
 from chainserve.runtime.client import ServerFailed, ServerRefused
 from chainserve.runtime.constraints import Grammars
-from chainserve.runtime.generations import Generation, Generations
 from chainserve.runtime.jobs import BatchedHead, JobRun, JobStream, StartRecord, run_route
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.plan_changes import Controller, PlanChanger, PlanOps

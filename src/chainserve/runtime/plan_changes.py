@@ -30,9 +30,9 @@ from typing import Any, Protocol
 from chainserve.adapt.cost import migration
 from chainserve.adapt.migration import Action, Done, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Start
+from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.recovery import recompose
 from chainserve.plan.types import Layout, Plan, Span, reserved_block_jobs
-from chainserve.runtime.generations import Generation, Generations
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.servers import ServerClient, ServerTable
 

@@ -22,37 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
+from chainserve.plan.recovery import RestartPolicy
 from chainserve.runtime.metrics import RuntimeMetrics
 from chainserve.runtime.servers import ServerClient, ServerTable
 
 log = logging.getLogger("chainserve.orchestrator")
 
-
-@dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    """Bounded restarts with exponential back-off (see the module docstring); ``max_restarts`` 0: none."""
-
-    max_restarts: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    stable_s: float = 60.0
-    silent_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.max_restarts < 0:
-            raise ValueError(f"max_restarts: must be non-negative, got {self.max_restarts}")
-        if not 0 <= self.backoff_s <= self.max_backoff_s:
-            raise ValueError(f"backoff_s: must lie in [0, max_backoff_s={self.max_backoff_s}], got {self.backoff_s}")
-
-    def delay_s(self, attempt: int) -> float:
-        """The wait before consecutive restart number ``attempt`` (0: the first, at once).
-
-        >>> [RestartPolicy(backoff_s=1, max_backoff_s=4).delay_s(n) for n in range(5)]
-        [0.0, 1.0, 2.0, 4.0, 4.0]
-        """
-        return 0.0 if attempt == 0 else float(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+__all__ = ["RestartPolicy", "Supervisor"]
 
 
 class Supervisor:

@@ -1,6 +1,8 @@
-"""The plans an orchestrator serves at once (beyond the paper, which plans once): the *generation*
-in force, one being brought in by a plan change, and retired ones whose jobs still run (drained,
-never cut) — the runtime's side of what :mod:`chainserve.sim.adaptive` keeps as its generations.
+"""The plans a driver serves at once (beyond the paper, which plans once): the *generation* in
+force, one being brought in by a plan change (or a recomposition after a failure), and retired ones
+whose jobs still run (drained, never cut). Pure (no clock, no I/O): the orchestrator
+(:mod:`chainserve.runtime.plan_changes`) and the simulator (:mod:`chainserve.sim.adaptive`) both keep
+their plans in force here.
 
 Each :class:`Generation` is one layout with its own dispatcher and the block-slots its started jobs
 take on each server; :class:`Generations` switches the one that takes arrivals, retires the ones
