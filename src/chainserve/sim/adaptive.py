@@ -1,14 +1,31 @@
-"""Simulation with plan changes: the adaptive controller's decisions executed as events (beyond the
-paper; :mod:`chainserve.adapt`). :func:`chainserve.sim.engine.simulate` calls it when given a
-controller.
+"""The job-level loop over changing plans: the adaptive controller's plan changes and server failures
+(with the runtime's recovery) executed as events (beyond the paper; :mod:`chainserve.adapt`,
+:mod:`chainserve.plan.recovery`). :func:`chainserve.sim.engine.simulate` calls it when given a
+controller, a failure with a return, or ``recover``.
 
-Each plan in force is a *generation* with its own dispatcher. How a change is carried out — which
-servers load when, when the plans switch, when each server joins the new plan — is the pure schedule
-:class:`~chainserve.adapt.migration.Migration`, the one the serving runtime steps too; here its
-loads take their modelled seconds of virtual time. The controller sees every arrival (``observe``)
-and decides after each arrival and at every window boundary of its detector. Memory is checked on
-every start against what each server holds *now*: the span loaded (a hop must lie inside it) and
-``s_m·m_j + cache of all generations' jobs ≤ M_j``.
+Each plan in force is a *generation* with its own dispatcher, kept in the same
+:class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
+order they run at equal times: a server fails, a server is back, a server finished loading, a job
+finished, the controller's tick; arrivals come after every event of their instant.
+
+* **Plan changes.** How a change is carried out — which servers load when, when the plans switch,
+  when each server joins the new plan — is the pure schedule
+  :class:`~chainserve.adapt.migration.Migration`, the one the serving runtime steps too; here its
+  loads take their modelled seconds of virtual time. The controller sees every arrival (``observe``)
+  and decides after each arrival and at every window boundary of its detector.
+* **Failures** (:class:`Failure`), as the orchestrator handles them: every generation's dispatcher
+  fails the server (its jobs there lose their service and wait again, keeping their arrival time);
+  with ``recover`` the chains are then recomposed on the live servers within their arenas
+  (:func:`~chainserve.plan.recovery.recompose`) and the recomposed plan takes the waiting jobs at once
+  while running ones finish on the old chains; when it comes back every dispatcher restores it, and
+  with ``recover`` the chains are recomposed again (all alive: the placed plan itself). When no chain
+  covers the model the jobs wait for a server to come back (the runtime may place the model anew;
+  not simulated).
+
+Memory is checked on every start against what each server holds *now*: the span loaded (a hop must
+lie inside it), the server alive, and ``s_m·m_j + cache of all generations' jobs ≤ M_j``. A start
+without room on a hop (a recomposed plan's jobs beside the old plan's) waits until each hop has
+room, as the runtime's ``ServerTable.hold`` does; its service starts then.
 """
 
 from __future__ import annotations
@@ -24,13 +41,33 @@ import numpy as np
 from chainserve.adapt.controller import AdaptiveController, PlanChange
 from chainserve.adapt.migration import Action, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
-from chainserve.plan.types import Layout, Span, jobs_that_fit
+from chainserve.dispatch.generations import Generation, Generations
+from chainserve.plan.recovery import arena_block_slots, recompose
+from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.memory import MemoryExceeded
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times.
-_LOADED, _DONE, _TICK = 0, 1, 2
+_FAIL, _BACK, _LOADED, _DONE, _TICK = 0, 1, 2, 3, 4
+#: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
+_IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Server ``server`` (index) fails at ``time_s`` and is back ``down_s`` seconds later (``None``:
+    never)."""
+
+    time_s: float
+    server: int
+    down_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.time_s >= 0:
+            raise ValueError(f"time_s: must be ≥ 0, got {self.time_s}")
+        if self.down_s is not None and not self.down_s >= 0:
+            raise ValueError(f"down_s: must be ≥ 0, got {self.down_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +83,24 @@ class Transition:
         return self.finished_s - self.change.time_s
 
 
-@dataclass(slots=True)
-class _Generation:
-    layout: Layout
-    dispatcher: Dispatcher
-    used: list[int]  # block-jobs of cache its jobs hold, per server
-    duration_routes: dict[int, Route]
+@dataclass(frozen=True, slots=True)
+class LoopResult:
+    """Per-job start/finish/chain columns and routes, the plan changes, the restarts (aborted
+    starts), the jobs restarted and the recompositions after failures and returns."""
+
+    started: array
+    finished: array
+    chain_of: array
+    route_of: list[Route | None]
+    transitions: tuple[Transition, ...]
+    num_restarts: int
+    num_retried: int
+    num_recomposed: int
 
 
 class _Servers:
-    """What each server holds now: its loaded span and the cache in block-jobs (all generations)."""
+    """What each server holds now: its loaded span, whether it is alive and the cache in block-jobs
+    (all generations)."""
 
     def __init__(self, layout: Layout):
         problem = layout.problem
@@ -63,6 +108,7 @@ class _Servers:
         self.loaded: list[Span | None] = [layout.placement.span_of(j) for j in range(problem.num_servers)]
         self.used = [0] * problem.num_servers
         self.limit = [self._limit(j) for j in range(problem.num_servers)]
+        self.alive = [True] * problem.num_servers
 
     def _limit(self, j: int) -> int:
         span, problem = self.loaded[j], self.problem
@@ -78,90 +124,149 @@ class _Servers:
         self.loaded[j] = span
         self.limit[j] = self._limit(j)
 
-    def admit(self, job: int, route: Route, gen: _Generation, now: float) -> None:
+    def check(self, job: int, route: Route, now: float) -> None:
+        """Raise :class:`MemoryExceeded` unless every hop lies in its live server's span."""
         for hop in route.hops:
             j, span = hop.server, self.loaded[hop.server]
             if span is None or hop.start_block < span.start_block or hop.end_block > span.end_block:
                 raise MemoryExceeded(f"job {job} at t={now}: server {j} does not hold blocks of {hop}")
-            if self.used[j] + hop.num_blocks > self.limit[j]:
-                raise MemoryExceeded(
-                    f"job {job} at t={now}: server {j} would hold {self.used[j] + hop.num_blocks} block-jobs "
-                    f"of cache, {self.limit[j]} fit"
-                )
-        for hop in route.hops:
-            self.used[hop.server] += hop.num_blocks
-            gen.used[hop.server] += hop.num_blocks
+            if not self.alive[j]:
+                raise MemoryExceeded(f"job {job} at t={now}: server {j} is dead")
 
-    def release(self, route: Route, gen: _Generation) -> None:
-        for hop in route.hops:
+    def has_room(self, route: Route) -> bool:
+        return all(self.used[h.server] + h.num_blocks <= self.limit[h.server] for h in route.hops)
+
+    def overflow(self, job: int, route: Route, now: float) -> str:
+        """What a start of ``job`` on ``route`` would exceed (it has no room)."""
+        hop = next(h for h in route.hops if self.used[h.server] + h.num_blocks > self.limit[h.server])
+        j = hop.server
+        return (
+            f"job {job} at t={now}: server {j} would hold {self.used[j] + hop.num_blocks} block-jobs "
+            f"of cache, {self.limit[j]} fit"
+        )
+
+    def admit(self, start: Start, gen: Generation) -> None:
+        for hop in start.route.hops:
+            self.used[hop.server] += hop.num_blocks
+        gen.started(start)
+
+    def release(self, start: Start, gen: Generation) -> None:
+        for hop in start.route.hops:
             self.used[hop.server] -= hop.num_blocks
-            gen.used[hop.server] -= hop.num_blocks
+        gen.ended(start)
 
 
 def simulate_adaptive(
     plan: Layout,
     dispatcher: Dispatcher,
-    controller: AdaptiveController,
+    controller: AdaptiveController | None,
     make_dispatcher: Callable[[Layout], Dispatcher],
     stream: Arrivals,
     duration: Duration,
-) -> tuple[array, array, array, list[Route | None], list[_Generation], tuple[Transition, ...]]:
-    """Run ``stream`` through the generations of plans ``controller`` decides, each change carried out
-    by a :class:`~chainserve.adapt.migration.Migration` (module docstring); returns the
-    started/finished/chain columns, the routes, the generations and the transitions."""
+    failures: Sequence[Failure] = (),
+    recover: bool = False,
+) -> LoopResult:
+    """Run ``stream`` through the generations of plans that ``controller``'s changes and, with
+    ``recover``, the recompositions after ``failures`` make (module docstring); raises when a job is
+    lost or memory is exceeded."""
+    if controller is not None and failures:
+        raise ValueError("failures: not simulated together with an adaptive controller")
+    if recover and not isinstance(plan, Plan):
+        raise ValueError("recover: recomposing chains needs a plan with chains")
     n = len(stream)
+    problem = plan.problem
     times, prompts, outputs = stream.columns()
     times.append(math.inf)
     servers = _Servers(plan)
-    gens = [_Generation(plan, dispatcher, [0] * plan.problem.num_servers, {})]
+    arenas = {span.server: arena_block_slots(problem, span) for span in plan.placement.spans}
+    gens = Generations(plan, dispatcher)
+    first = gens.current
+    every: list[Generation] = [first]  # every generation ever, for the conservation check
     nan = math.nan
     started, finished = array("d", [nan]) * n, array("d", [nan]) * n
     chain_of = array("q", [-1]) * n
     route_of: list[Route | None] = [None] * n
-    gen_of = array("q", [0]) * n
+    start_of: list[Start | None] = [None] * n
+    gen_of: list[Generation | None] = [None] * n
+    state = bytearray(n)
+    live_seq = array("q", [0]) * n  # the seq of each job's live completion event
+    held: list[int] = []  # jobs started by a dispatcher, waiting for room on a hop (oldest first)
+    duration_routes: dict[int, dict[int, Route]] = {}  # id(generation) -> chain -> its timed route
     heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
     seq = 0
     transitions: list[Transition] = []
     change: PlanChange | None = None
     schedule: Migration | None = None
-    active = 0  # the generation that takes arrivals
+    num_restarts = num_recomposed = 0
+    retried: set[int] = set()
 
-    def push(t: float, kind: int, payload: int) -> None:
+    def push(t: float, kind: int, payload: int) -> int:
         nonlocal seq
         seq += 1
         heappush(heap, (t, kind, seq, payload))
+        return seq
 
-    def begin(starts: Sequence[Start], now: float, g: int) -> None:
-        gen = gens[g]
+    def run(i: int, now: float) -> None:
+        """Job ``i``'s service begins: its cache is held and its completion scheduled."""
+        start, gen = start_of[i], gen_of[i]
+        servers.admit(start, gen)
+        state[i] = _RUNNING
+        started[i] = now
+        route = start.route
+        timed = route
+        if gen is not first and route.chain is not None:  # token service caches costs by chain index
+            timed = duration_routes.setdefault(id(gen), {}).setdefault(
+                route.chain, Route(route.hops, route.service_time_s)
+            )
+        live_seq[i] = push(now + duration(timed, i), _DONE, i)
+
+    def begin(starts: Sequence[Start], now: float, gen: Generation) -> None:
         for start in starts:
             i, route = start.job.job_id, start.route
-            if not math.isnan(started[i]):
-                raise RuntimeError(f"job {i} started twice")
-            servers.admit(i, route, gen, now)
-            started[i], route_of[i], gen_of[i] = now, route, g
+            if state[i] != _IDLE:
+                raise RuntimeError(f"job {i} started while in service or finished")
+            servers.check(i, route, now)
+            start_of[i], gen_of[i], route_of[i] = start, gen, route
             chain_of[i] = -1 if route.chain is None else route.chain
-            timed = route
-            if g and route.chain is not None:  # a fresh route: token service caches costs by chain index
-                timed = gen.duration_routes.setdefault(route.chain, Route(route.hops, route.service_time_s))
-            push(now + duration(timed, i), _DONE, i)
+            if not servers.has_room(route):
+                if not recover:  # only a recomposed plan's starts may wait for the old plan's jobs
+                    raise MemoryExceeded(servers.overflow(i, route, now))
+                state[i] = _HELD
+                held.append(i)
+            else:
+                run(i, now)
 
-    def old_cache() -> list[int]:
-        return [sum(col) for col in zip(*(gen.used for gen in gens[:-1]), strict=True)]
+    def retry_held(now: float) -> None:
+        """Held starts that now have room on every hop begin, oldest first."""
+        if not held:
+            return
+        waiting = list(held)
+        held.clear()
+        for i in waiting:  # the runtime's holds do not queue: whoever fits goes
+            if servers.has_room(start_of[i].route):
+                run(i, now)
+            else:
+                held.append(i)
+
+    def end(i: int) -> None:
+        """Job ``i`` leaves service (finished or aborted): its cache is freed."""
+        if state[i] == _RUNNING:
+            servers.release(start_of[i], gen_of[i])
+        else:
+            held.remove(i)
 
     def carry_out(actions: Sequence[Action], now: float) -> None:
-        nonlocal active, change, schedule
-        new = len(gens) - 1
+        nonlocal change, schedule
+        new = gens.newest
         for action in actions:
             if isinstance(action, Load):
                 servers.load(action.server, action.span)
                 push(now + action.seconds, _LOADED, action.server)
             elif isinstance(action, Join):
-                begin(gens[new].dispatcher.restore_server(action.server, now), now, new)
+                begin(new.dispatcher.restore_server(action.server, now), now, new)
             elif isinstance(action, Switch):
-                waiting = gens[active].dispatcher.drain()
-                active = new
-                for job in waiting:
-                    begin(gens[active].dispatcher.submit(job, now), now, active)
+                for job in gens.switch():
+                    begin(gens.current.dispatcher.submit(job, now), now, gens.current)
             else:
                 controller.applied(change, now)
                 transitions.append(Transition(change, now))
@@ -175,13 +280,63 @@ def simulate_adaptive(
         change, layout = decided, decided.layout
         loaded, limits = dict(enumerate(servers.loaded)), dict(enumerate(servers.limit))
         schedule = Migration(layout, dict(decided.migration), loaded, limits)
-        gens.append(_Generation(layout, make_dispatcher(layout), [0] * layout.problem.num_servers, {}))
+        new = gens.bring_in(layout, make_dispatcher(layout))
+        every.append(new)
         for j in schedule.servers:
-            gens[-1].dispatcher.fail_server(j, now)
-        in_use = {j for gen in gens[:-1] for chain in gen.layout.chains for j in chain.servers}
-        carry_out(schedule.start(dict(enumerate(old_cache())), in_use), now)
+            new.dispatcher.fail_server(j, now)
+        in_use = {j for gen in gens if gen is not new for chain in gen.layout.chains for j in chain.servers}
+        carry_out(schedule.start(gens.old_cache(), in_use), now)
 
-    window = controller.config.window_s
+    def recompose_now(now: float) -> None:
+        """The orchestrator's ``PlanChanger.recompose``: chains for the live servers, if any cover."""
+        nonlocal num_recomposed
+        alive = {j for j in range(problem.num_servers) if servers.alive[j]}
+        new = recompose(plan, alive, arenas)
+        if new is None:
+            return  # no chain covers the model: jobs wait for a server to come back
+        num_recomposed += 1
+        gen = Generation(new, make_dispatcher(new))
+        every.append(gen)
+        moved = gens.switch(gen) + gens.retire_idle()
+        for job in moved:
+            begin(gen.dispatcher.submit(job, now), now, gen)
+
+    def fail(j: int, now: float) -> None:
+        nonlocal num_restarts
+        if not servers.alive[j]:
+            return  # dead already
+        servers.alive[j] = False
+        for gen in list(gens):
+            outcome = gen.dispatcher.fail_server(j, now)
+            for job in outcome.aborted:
+                i = job.job_id
+                if state[i] not in (_RUNNING, _HELD):
+                    raise RuntimeError(f"job {i} aborted but not in service")
+                end(i)
+                state[i], live_seq[i] = _IDLE, 0  # its completion event, if any, is void
+                started[i] = nan
+                num_restarts += 1
+                retried.add(i)
+            begin(outcome.starts, now, gen)
+        if recover:
+            recompose_now(now)
+        retry_held(now)
+
+    def back(j: int, now: float) -> None:
+        if servers.alive[j]:
+            return
+        servers.alive[j] = True
+        for gen in list(gens):
+            begin(gen.dispatcher.restore_server(j, now), now, gen)
+        if recover:
+            recompose_now(now)
+        retry_held(now)
+
+    for failure in failures:
+        push(failure.time_s, _FAIL, failure.server)
+        if failure.down_s is not None:
+            push(failure.time_s + failure.down_s, _BACK, failure.server)
+    window = math.inf if controller is None else controller.config.window_s
     t_last = times[n - 1] if n else 0.0
     next_tick = times[0] + window if n else math.inf
     if next_tick <= t_last:
@@ -192,34 +347,46 @@ def simulate_adaptive(
         if t_event <= t_arrival:
             if t_event == math.inf:
                 break
-            t, kind, _, payload = heappop(heap)
+            t, kind, s, payload = heappop(heap)
             if kind == _DONE:
                 i = payload
+                if s != live_seq[i]:
+                    continue  # the completion of an aborted attempt
                 finished[i] = t
-                gen = gens[gen_of[i]]
-                servers.release(route_of[i], gen)
+                state[i] = _FINISHED
+                gen = gen_of[i]
+                servers.release(start_of[i], gen)
                 starts = gen.dispatcher.complete(i, t)
                 if starts:
-                    begin(starts, t, gen_of[i])
-                if schedule is not None and gen_of[i] < len(gens) - 1:
-                    carry_out(schedule.released(dict(enumerate(old_cache()))), t)
+                    begin(starts, t, gen)
+                retry_held(t)
+                if schedule is not None and gen is not gens.newest:
+                    carry_out(schedule.released(gens.old_cache()), t)
+            elif kind == _FAIL:
+                fail(payload, t)
+            elif kind == _BACK:
+                back(payload, t)
             elif kind == _LOADED:
                 j = payload
-                carry_out(schedule.loaded(j, servers.limit[j], dict(enumerate(old_cache()))), t)
+                carry_out(schedule.loaded(j, servers.limit[j], gens.old_cache()), t)
             else:
                 decide(t)
                 if t + window <= t_last:
                     push(t + window, _TICK, 0)
         else:
             i = next_job
-            controller.observe(t_arrival, prompts[i], outputs[i])
+            if controller is not None:
+                controller.observe(t_arrival, prompts[i], outputs[i])
             job = Job(i, t_arrival, prompts[i], outputs[i])
-            begin(gens[active].dispatcher.submit(job, t_arrival), t_arrival, active)
-            decide(t_arrival)
+            begin(gens.current.dispatcher.submit(job, t_arrival), t_arrival, gens.current)
+            if controller is not None:
+                decide(t_arrival)
             next_job += 1
             t_arrival = times[next_job]
     unfinished = int(np.count_nonzero(np.isnan(np.frombuffer(finished, dtype=np.float64))))
-    held = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in gens)
-    if held != unfinished:
-        raise RuntimeError(f"conservation: {unfinished} jobs unfinished but the dispatchers hold {held}")
-    return started, finished, chain_of, route_of, gens, tuple(transitions)
+    in_system = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in every)
+    if in_system != unfinished:
+        raise RuntimeError(f"conservation: {unfinished} jobs unfinished but the dispatchers hold {in_system}")
+    return LoopResult(
+        started, finished, chain_of, route_of, tuple(transitions), num_restarts, len(retried), num_recomposed
+    )

@@ -31,7 +31,7 @@ from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
-from chainserve.sim.adaptive import Transition, simulate_adaptive
+from chainserve.sim.adaptive import Failure, Transition, simulate_adaptive
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.batched import BatchedService, run_batched
 from chainserve.sim.memory import MemoryLedger, demands
@@ -44,7 +44,9 @@ class SimResult:
     -1 where it has none), the final route of each job, and the summary of the finished jobs among
     ``warmup:`` (``None`` when none finished, e.g. every server failed); ``transitions``: the plan
     changes an adaptive controller made (chain indices then refer to the plan each job ran on);
-    ``num_refused``: jobs refused on arrival because no chain could ever hold their tokens (paging)."""
+    ``num_refused``: jobs refused on arrival because no chain could ever hold their tokens (paging);
+    ``num_restarts``: starts aborted by a failure (the job ran again); ``num_retried``: jobs that
+    were; ``num_recomposed``: plans recomposed after failures and returns."""
 
     summary: Summary | None
     warmup: int
@@ -58,6 +60,8 @@ class SimResult:
     num_restarts: int
     transitions: tuple[Transition, ...] = ()
     num_refused: int = 0
+    num_retried: int = 0
+    num_recomposed: int = 0
 
     @property
     def num_jobs(self) -> int:
@@ -96,22 +100,28 @@ def simulate(
     seed: int | np.random.SeedSequence | np.random.Generator = 0,
     num_jobs: int | None = None,
     warmup: int = 0,
-    failures: Sequence[tuple[float, int]] = (),
+    failures: Sequence[tuple[float, int] | Failure] = (),
+    recover: bool = False,
     controller: AdaptiveController | None = None,
     make_dispatcher: Callable[[Layout], Dispatcher] | None = None,
 ) -> SimResult:
     """Run ``num_jobs`` arrivals of ``arrivals`` (default Poisson at the plan's λ) through
     ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
     ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
-    ``service`` times, until no event is left. ``failures``: (time, server) events passed to
-    ``dispatcher.fail_server``; aborted jobs lose their service and restart whenever the dispatcher
-    starts them again, keeping their arrival time. Jobs ``0 .. warmup-1`` are not summarised.
+    ``service`` times, until no event is left. ``failures``: (time, server) pairs or
+    :class:`~chainserve.sim.adaptive.Failure` events (a server back after ``down_s``), passed to
+    ``dispatcher.fail_server`` (and ``restore_server``); aborted jobs lose their service and restart
+    whenever the dispatcher starts them again, keeping their arrival time. ``recover``: recompose the
+    chains after every failure and return, as the runtime does (:mod:`chainserve.sim.adaptive`;
+    each recomposed plan gets ``make_dispatcher(plan)``). Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
     executed as events (:mod:`chainserve.sim.adaptive`; each new plan gets ``make_dispatcher(plan)``,
     default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and the loop
-    below runs unchanged). The dispatcher's ``paging`` (issue 30) sets what each job holds; with it, a
-    job that ``dispatcher.fits`` refuses (no live chain or path could ever hold it) is refused on
-    arrival, as the runtime refuses it (400), and counted in ``num_refused``.
+    below runs unchanged; so it does for failures that never return, without ``recover`` — a fast
+    path that ``tests/test_sim_loops.py`` pins to the general loop). The dispatcher's ``paging``
+    (issue 30) sets what each job holds; with it, a job that ``dispatcher.fits`` refuses (no live
+    chain or path could ever hold it) is refused on arrival, as the runtime refuses it (400), and
+    counted in ``num_refused``.
 
     O(events · (dispatcher cost + log jobs in service)): the memory check is O(1) per start while
     the dispatcher keeps to the chains' capacities (:mod:`chainserve.sim.memory`), O(hops) otherwise.
@@ -143,8 +153,9 @@ def simulate(
         num_held = dispatcher.num_waiting + dispatcher.num_in_service
         return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0, refused)
     duration = model.sampler(plan.problem, stream, service_rng)
-    if controller is not None:
-        return _simulate_adaptive(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, failures)
+    events = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
+    if controller is not None or recover or any(f.down_s is not None for f in events):
+        return _simulate_plans(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, events, recover)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
@@ -179,7 +190,7 @@ def simulate(
             started[i] = now
             heappush(heap, (now + duration(route, i), i, attempt[i]))
 
-    fail_events = sorted(failures)
+    fail_events = sorted((f.time_s, f.server) for f in events)
     next_fail, t_fail = 0, fail_events[0][0] if fail_events else math.inf
     next_job, t_arrival = 0, times[0]
     num_restarts = num_refused = 0
@@ -232,29 +243,33 @@ def simulate(
             t_arrival = times[next_job]
 
     num_held = dispatcher.num_waiting + dispatcher.num_in_service
-    return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, num_restarts, num_refused)
+    result = _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, num_restarts, num_refused)
+    return replace(result, num_retried=sum(a > 0 for a in attempt)) if num_restarts else result
 
 
-def _simulate_adaptive(
+def _simulate_plans(
     plan: Layout,
     dispatcher: Dispatcher,
-    controller: AdaptiveController,
+    controller: AdaptiveController | None,
     make_dispatcher: Callable[[Layout], Dispatcher] | None,
     stream: Arrivals,
     duration: Duration,
     warmup: int,
-    failures: Sequence[tuple[float, int]],
+    failures: Sequence[Failure],
+    recover: bool,
 ) -> SimResult:
-    """:func:`simulate` with a controller: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
-    if failures:
-        raise ValueError("failures: not simulated together with an adaptive controller")
+    """:func:`simulate` over changing plans: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
     if dispatcher.paging is not None:
-        raise ValueError("paging: the adaptive simulator counts KV cache in max-length slots (the paper's model)")
-    started, finished, chain_of, route_of, _, transitions = simulate_adaptive(
-        plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, duration
+        raise ValueError("paging: plan changes and returns are simulated in max-length slots (the paper's model)")
+    run = simulate_adaptive(
+        plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, duration, failures, recover
     )
-    result = _result(plan, None, stream, warmup, started, finished, chain_of, route_of, 0, 0)
-    return replace(result, transitions=transitions)
+    one_plan = controller is None and not recover
+    result = _result(
+        plan, None, stream, warmup, run.started, run.finished, run.chain_of, run.route_of, run.num_restarts, 0,
+        per_chain=one_plan,
+    )  # fmt: skip
+    return replace(result, transitions=run.transitions, num_retried=run.num_retried, num_recomposed=run.num_recomposed)
 
 
 def _proposed_dispatcher(layout: Layout) -> Dispatcher:
@@ -273,10 +288,11 @@ def _result(
     route_of: list[Route | None],
     num_restarts: int,
     num_refused: int,
+    per_chain: bool | None = None,
 ) -> SimResult:
     """Check conservation (``num_held``: jobs the dispatcher still holds; ``None``: checked by the
     caller; ``num_refused``: jobs refused on arrival), then summarise the finished jobs among ``warmup:``
-    (per-chain utilisation only for a run on one plan)."""
+    (per-chain utilisation only for a run on one plan: ``per_chain``, default when ``num_held`` is given)."""
     finished_at = np.frombuffer(finished, dtype=np.float64).copy()
     num_unfinished = int(np.count_nonzero(np.isnan(finished_at)))
     if num_held is not None and num_held + num_refused != num_unfinished:
@@ -296,7 +312,7 @@ def _result(
             started_at[keep],
             finished_at[keep],
             chain[keep],
-            [ch.capacity for ch in plan.chains] if num_held is not None else (),
+            [ch.capacity for ch in plan.chains] if (num_held is not None if per_chain is None else per_chain) else (),
             warmup=num_warm,
         )
     )
