@@ -201,6 +201,11 @@ def test_table():
         (("--seed", "-1"), "seed"),
         (("--service", "gamma"), "service"),
         (("absent.yaml",), "absent.yaml"),
+        (("--fail", "nobody@10"), "fail"),
+        (("--fail", "high-1@ten"), "fail"),
+        (("--fail", "high-1@10+-5"), "fail"),
+        (("--fail", "high-1@10", "--service", "batched"), "fail"),
+        (("--fail", "high-1@10", "--method", "petals"), "failures"),
     ],
 )
 def test_errors_one_line_exit_2(args, field):
@@ -245,3 +250,17 @@ def test_rate_profile_errors(profile, message):
     assert result.exit_code == 2
     assert result.stderr.strip().startswith(f"error: rate-profile: {message}")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fail_recovers_every_job_and_counts_the_retried():
+    """high-1 (on a chain of the default plan) dies at 300 s for 200 s, and again at 900 s, when the
+    supervisor restarts it: every request finishes, the jobs on high-1 ran again."""
+    data = run_json("--requests", "2000", "--fail", "high-1@300+200", "--fail", "high-1@900")
+    assert data["requests"] == 2000  # none lost
+    assert data["retried"] >= 1 and data["restarts"] >= data["retried"]
+    assert data["recomposed"] == 4  # at each failure and each return
+    first, second = data["failures"]
+    assert first == {"server": "high-1", "at": 300.0, "down_s": 200.0}
+    assert second["server"] == "high-1" and 0 < second["down_s"] < 200  # the modelled restart: load time
+    table = run("--requests", "300", "--fail", "high-1@100+50").stdout
+    assert "high-1 at 100 s, back after 50 s" in table and "ran again" in table

@@ -17,6 +17,12 @@ runtime's 400; ``refused``). Without it, the paper's model: one max-length slot 
 requests/s from second T_i on, T0 = 0); the plan is still made once, for the cluster file's rate.
 ``--adapt`` re-plans online with :class:`chainserve.adapt.controller.AdaptiveController` (beyond the
 paper); ``--json`` then lists the plan changes.
+
+``--fail NAME@T[+DURATION]`` (repeatable) kills server NAME at second T and brings it back DURATION
+seconds later; without ``+DURATION`` the runtime's supervisor restarts it
+(:class:`~chainserve.plan.recovery.RestartPolicy`: at once, then with back-off, plus loading its
+span at the cluster's load bandwidth). Recovery is the runtime's: the chains are recomposed on the live
+servers and the dead server's jobs run again; ``--json`` counts them (``retried``).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
 from chainserve.progress import spinner
 from chainserve.runtime.models import measured_model
-from chainserve.sim.adaptive import Transition
+from chainserve.sim.adaptive import Failure, Transition
 from chainserve.sim.arrivals import (
     ArrivalProcess,
     GammaArrivals,
@@ -133,6 +139,15 @@ def simulate(
             min=1,
         ),
     ] = None,
+    fail: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail",
+            metavar="NAME@T[+DURATION]",
+            help="Kill server NAME at second T, back after DURATION seconds (default: restarted by the runtime's "
+            r"supervisor); repeatable \[default: none]",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Simulate one method on a cluster and report response, waiting and service times."""
@@ -150,9 +165,16 @@ def simulate(
         if adapt and page_tokens is not None:
             raise SpecError("page-tokens", "--adapt simulates the paper's max-length slots; leave out --page-tokens")
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)
+        if fail and service == "batched":
+            raise SpecError("fail", "the batched model does not simulate failures yet; use another service model")
+        if fail and adapt:
+            raise SpecError("fail", "failures are not simulated together with --adapt")
+        if fail and page_tokens is not None:
+            raise SpecError("fail", "failures are simulated in the paper's max-length slots; leave out --page-tokens")
         if profile is not None and (rate is not None or trace is not None or burstiness is not None):
             raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
         problem = load_cluster(cluster or DEFAULT_CLUSTER, measured_model)
+        failures = [parse_failure(text, problem) for text in fail or ()]
         if page_tokens is not None and problem.model.max_tokens is None:
             raise SpecError("page-tokens", "needs the model's max_tokens (the tokens s_c holds); add max_tokens")
         if profile is None:
@@ -180,6 +202,7 @@ def simulate(
                     planner,
                     AdaptConfig() if adapt else None,
                     page_tokens,
+                    failures,
                 )
             except SpecError as exc:
                 if exc.field != "arrival_rate" or trace is None:
@@ -197,6 +220,11 @@ def simulate(
             if adapt or profile is not None:
                 data["plan_changes"] = len(run.transitions)
                 data["changes"] = [_change_json(t) for t in run.transitions]
+            if failures:
+                data["failures"] = [_failure_json(f, problem) for f in run.failures]
+                data["retried"] = run.num_retried
+                data["restarts"] = run.num_restarts
+                data["recomposed"] = run.num_recomposed
             typer.echo(json.dumps(data, indent=2))
         else:
             _print_run(run, name, problem, arrivals_text, service, warmup, trace_lengths, stdout_console())
@@ -239,6 +267,40 @@ def parse_rate_profile(text: str) -> PiecewiseArrivals:
     if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
         raise SpecError("rate-profile", f"times must increase, got {', '.join(f'{t:g}' for t in starts)}")
     return PiecewiseArrivals(tuple(starts), tuple(rates))
+
+
+def parse_failure(text: str, problem: Problem) -> tuple[float, int, float | None]:
+    """``NAME@T[+DURATION]`` as (time, server index, seconds down or ``None``: restarted by the
+    supervisor); a one-line :class:`SpecError` on a malformed one.
+
+    >>> from chainserve.model.spec import ModelSpec, Server, Workload
+    >>> p = Problem((Server("a", 10, 1.0, 0.0), Server("b@1", 10, 1.0, 0.0)), ModelSpec("m", 1, 1.0, 1.0),
+    ...             Workload(0.5))
+    >>> parse_failure("b@1@60+30", p), parse_failure("a@5", p)
+    ((60.0, 1, 30.0), (5.0, 0, None))
+    >>> parse_failure("c@5", p)
+    Traceback (most recent call last):
+    ...
+    chainserve.model.spec.SpecError: fail: no server named 'c' (servers: a, b@1)
+    """
+    name, sep, when = text.strip().rpartition("@")
+    at_text, plus, down_text = when.partition("+")
+    try:
+        at, down = float(at_text), float(down_text) if plus else None
+    except ValueError:
+        at = down = math.nan
+    if not sep or not name or math.isnan(at) or (plus and (down is None or math.isnan(down))):
+        raise SpecError("fail", f"{text.strip()!r} is not NAME@T[+DURATION] (seconds)")
+    if not (math.isfinite(at) and at >= 0) or (down is not None and not (math.isfinite(down) and down >= 0)):
+        raise SpecError("fail", f"{text.strip()!r}: T and DURATION must be non-negative seconds")
+    names = [s.name for s in problem.servers]
+    if name not in names:
+        raise SpecError("fail", f"no server named {name!r} (servers: {', '.join(names)})")
+    return at, names.index(name), down
+
+
+def _failure_json(failure: Failure, problem: Problem) -> dict[str, object]:
+    return {"server": problem.servers[failure.server].name, "at": failure.time_s, "down_s": failure.down_s}
 
 
 def _change_json(transition: Transition) -> dict[str, object]:
@@ -448,6 +510,17 @@ def _print_run(
         ("KV cache", _cache_text(run, problem)),
         ("throughput", f"{summary.throughput_per_s:.4g}/s over {summary.window_s:.1f} s"),
     ]
+    if run.failures:
+        names = ", ".join(
+            f"{problem.servers[f.server].name} at {f.time_s:g} s, "
+            + ("never back" if f.down_s is None else f"back after {f.down_s:.3g} s")
+            for f in run.failures
+        )
+        rows.append((
+            "failures",
+            f"{names}; {run.num_retried} jobs ran again ({run.num_restarts} aborted starts), chains "
+            f"recomposed {run.num_recomposed} times",
+        ))  # fmt: skip
     ci = summary.response_mean_ci
     if ci is not None:
         rows.append(

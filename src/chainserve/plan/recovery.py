@@ -8,7 +8,7 @@ with each server's memory taken as exactly its parameters plus its arena, s_m·m
 :func:`arena_block_slots` is the arena a server's whole cache memory holds for a span, which an
 adaptive service allocates so that any later plan for that span fits. :class:`RestartPolicy` is when
 a dead server is started again (issue 33): the runtime's supervisor follows it, and the simulator
-models a failure without a given down time by it.
+models a failure without a given down time by it (:func:`restart_s`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,26 @@ class RestartPolicy:
         [0.0, 1.0, 2.0, 4.0, 4.0]
         """
         return 0.0 if attempt == 0 else float(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+
+
+def restart_s(problem: Problem, span: Span, policy: RestartPolicy, attempt: int = 0) -> float | None:
+    """Seconds a dead server is out when its supervisor restarts it: ``policy``'s wait before
+    consecutive restart ``attempt`` (0: at once) plus loading its span's weights, s_m,j × blocks at
+    the cluster's load bandwidth; ``None`` when the policy gives up first (the server stays dead).
+
+    >>> from chainserve.model.spec import ModelSpec, Server, Workload
+    >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("toy", 4, 2.0, 0.5), Workload(0.1))
+    >>> policy = RestartPolicy(max_restarts=2)
+    >>> load = restart_s(p, Span(0, 1, 3), policy)   # 6 GB of blocks at the cluster's bandwidth
+    >>> load == 6.0 / p.load_bandwidth_gb_per_s, restart_s(p, Span(0, 1, 3), policy, 1) == 1.0 + load
+    (True, True)
+    >>> print(restart_s(p, Span(0, 1, 3), policy, 2))
+    None
+    """
+    if attempt >= policy.max_restarts:
+        return None
+    load_s = problem.block_size_gb(span.server) * span.num_blocks / problem.load_bandwidth_gb_per_s
+    return policy.delay_s(attempt) + load_s
 
 
 def arena_block_slots(problem: Problem, span: Span) -> int:

@@ -9,6 +9,7 @@ replication ``s``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +18,9 @@ from chainserve.adapt.controller import AdaptConfig, AdaptiveController
 from chainserve.analysis.records import Summary
 from chainserve.methods import MethodSetup, build_method, check_method_name, dispatcher_for
 from chainserve.model.spec import Problem
+from chainserve.plan.recovery import RestartPolicy
 from chainserve.plan.types import Plan
-from chainserve.sim.adaptive import Transition
+from chainserve.sim.adaptive import Failure, Transition, supervised_failures
 from chainserve.sim.arrivals import ArrivalProcess
 from chainserve.sim.engine import simulate
 
@@ -26,8 +28,9 @@ from chainserve.sim.engine import simulate
 @dataclass(frozen=True, slots=True)
 class Replication:
     """One simulated run: its seed, summary, (chain methods) the plan's bounds, the plan changes an
-    adaptive run made, the page size of a paged KV cache (``None``: the paper's slots) and the jobs
-    refused on arrival (paging: too long for every chain or path)."""
+    adaptive run made, the page size of a paged KV cache (``None``: the paper's slots), the jobs
+    refused on arrival (paging: too long for every chain or path), and for a run with failures the
+    failures as simulated, the aborted starts, the jobs that ran again and the recompositions."""
 
     seed: int
     summary: Summary
@@ -35,6 +38,10 @@ class Replication:
     transitions: tuple[Transition, ...] = ()
     page_tokens: int | None = None
     num_refused: int = 0
+    failures: tuple[Failure, ...] = ()
+    num_restarts: int = 0
+    num_retried: int = 0
+    num_recomposed: int = 0
 
     @property
     def bounds(self) -> tuple[float, float] | None:
@@ -53,12 +60,17 @@ def run_method(
     planner: str = "greedy",
     adapt: AdaptConfig | None = None,
     page_tokens: int | None = None,
+    failures: Sequence[tuple[float, int, float | None]] = (),
+    restart_policy: RestartPolicy | None = None,
 ) -> Replication:
     """Build ``method`` for ``problem`` (the proposed chains by ``planner``, see
     :func:`chainserve.methods.build_method`) and simulate ``num_jobs`` jobs with the seeds of the module doc.
     ``adapt``: re-plan online with an :class:`AdaptiveController` (proposed methods only); every new
     plan gets a fresh dispatcher of the method's policy, with the same coins' stream. ``page_tokens``:
-    KV cache by tokens (issue 30, :func:`chainserve.methods.dispatcher_for`); ``None``: the paper's slots."""
+    KV cache by tokens (issue 30, :func:`chainserve.methods.dispatcher_for`); ``None``: the paper's slots.
+    ``failures``: (time, server, seconds down) — ``None`` down: restarted as ``restart_policy`` (default
+    the runtime's) restarts it (:func:`~chainserve.sim.adaptive.supervised_failures`) — each recovered
+    from as the runtime recovers (chains recomposed on the live servers)."""
     base, _ = check_method_name(method)
     if adapt is not None and base != "proposed":
         raise ValueError(f"adapt: only the proposed method re-plans online, got {method!r}")
@@ -68,6 +80,9 @@ def run_method(
     coins = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     dispatcher = setup.make_dispatcher(coins, page_tokens)
     controller = None if adapt is None else AdaptiveController(problem, setup.plan_or_placement, adapt)
+    if failures and not isinstance(setup.plan_or_placement, Plan):
+        raise ValueError(f"failures: recovery recomposes chains; {method} composes a path per request")
+    events = supervised_failures(setup.plan_or_placement, failures, restart_policy or RestartPolicy())
     result = simulate(
         setup.plan_or_placement,
         dispatcher,
@@ -76,6 +91,8 @@ def run_method(
         seed=seed,
         num_jobs=num_jobs,
         warmup=warmup,
+        failures=events,
+        recover=bool(events),
         controller=controller,
         make_dispatcher=lambda layout: dispatcher_for(setup.method, layout, coins, page_tokens=page_tokens),
     )
@@ -83,4 +100,7 @@ def run_method(
         raise RuntimeError(f"{method}: no job finished in replication {seed}")
     paging = dispatcher.paging
     pages = None if paging is None else paging.page_tokens
-    return Replication(seed, result.summary, setup, result.transitions, pages, result.num_refused)
+    return Replication(
+        seed, result.summary, setup, result.transitions, pages, result.num_refused, events,
+        result.num_restarts, result.num_retried, result.num_recomposed,
+    )  # fmt: skip
