@@ -15,12 +15,47 @@ computes each token at peak.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 #: Tokens one block-server iteration computes at most (a decode counts one); prompts go in chunks of
 #: half (the runtime's continuous batching, issue 17, and the batched simulator's).
 MAX_BATCH_TOKENS = 512
+
+T = TypeVar("T")
+
+
+def take_batch(waiting: Iterable[T], cost: Callable[[T], int], budget: int | None) -> tuple[list[T], list[T]]:
+    """The batching rule (issue 17): the next iteration takes the oldest waiting item, then each later
+    one whose ``cost`` (its tokens: a decode 1, a prefill chunk its length) still fits ``budget``
+    (``None``: no limit); returns (batch, the rest), both in arrival order. The block server's
+    :class:`~chainserve.runtime.batching.Batcher` and the batched simulator both take batches here.
+
+    >>> take_batch([("a", 300), ("b", 1), ("c", 256), ("d", 1)], lambda item: item[1], 512)
+    ([('a', 300), ('b', 1), ('d', 1)], [('c', 256)])
+    """
+    batch: list[T] = []
+    rest: list[T] = []
+    used = 0
+    for item in waiting:
+        c = cost(item)
+        if not batch or budget is None or used + c <= budget:
+            batch.append(item)
+            used += c
+        else:
+            rest.append(item)
+    return batch, rest
+
+
+def prefill_chunk_tokens(max_batch_tokens: int) -> int:
+    """Prompt tokens one iteration computes at most (chunked prefill): half the budget, so decodes
+    always fit beside a chunk and a prompt holds them up by at most one chunk.
+
+    >>> prefill_chunk_tokens(MAX_BATCH_TOKENS)
+    256
+    """
+    return max_batch_tokens // 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Generic, TypeVar
 
-from chainserve.model.step_cost import MAX_BATCH_TOKENS
+from chainserve.model.step_cost import MAX_BATCH_TOKENS, take_batch
 
 #: Tokens one block-server iteration computes at most (the batched simulator uses the same budget).
 DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
@@ -41,8 +41,9 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     """``await batcher.submit(item)`` → the item's result from ``run(batch)``, which returns one
     result or exception per item. ``cost(item)`` counts against ``budget`` per batch (``None``: no
-    limit); the oldest waiting item is always taken, then each later one that still fits, so decodes
-    (cost 1) join a batch beside a prefill chunk and a skipped chunk is the oldest next time.
+    limit); the oldest waiting item is always taken, then each later one that still fits
+    (:func:`~chainserve.model.step_cost.take_batch`, the simulator's rule too), so decodes (cost 1)
+    join a batch beside a prefill chunk and a skipped chunk is the oldest next time.
     ``on_batch(items)`` is told each batch's items. ``hold()``, when given, is asked before each batch
     is taken (once the items just computed have been handed back) how many seconds to wait for more
     items; it is asked again at each submission, and the wait never outlasts its first answer.
@@ -93,15 +94,8 @@ class Batcher(Generic[T, R]):
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         """The next batch, in arrival order: the oldest item, then each later one that still fits."""
         waiting = [entry for entry in self._waiting if not entry[1].done()]  # withdrawn ones drop out
-        self._waiting.clear()
-        batch, used = [], 0
-        for entry in waiting:
-            cost = self.cost(entry[0])
-            if not batch or self.budget is None or used + cost <= self.budget:
-                batch.append(entry)
-                used += cost
-            else:
-                self._waiting.append(entry)
+        batch, rest = take_batch(waiting, lambda entry: self.cost(entry[0]), self.budget)
+        self._waiting = deque(rest)
         return batch
 
     async def _hold(self) -> None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from chainserve.model.step_cost import prefill_chunk_tokens
 from chainserve.runtime import protocol
 from chainserve.runtime.backends.base import NoFreeSlot, SpanBackend, SpanStep, WireTensor
 from chainserve.runtime.batching import DEFAULT_MAX_BATCH_TOKENS, Batcher, Turnarounds
@@ -139,7 +140,7 @@ class BlockServer:
         self.sleep = SteadySleep()
         self.epoch = 0
         self.on_shutdown: Callable[[], None] | None = None  # set by serve_forever
-        self.chunk_tokens = knobs.max_batch_tokens // 2
+        self.chunk_tokens = prefill_chunk_tokens(knobs.max_batch_tokens)
         self.batcher: Batcher[SpanStep, WireTensor] | None = None
         self.turnarounds = Turnarounds(knobs.hold_fraction)
         if backend.batches:

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.model.spec import Problem
-from chainserve.model.step_cost import MAX_BATCH_TOKENS, StepCost
+from chainserve.model.step_cost import MAX_BATCH_TOKENS, StepCost, prefill_chunk_tokens, take_batch
 from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.memory import MemoryLedger, demands
@@ -69,16 +69,14 @@ class _Station:
         self.busy = False
 
     def take(self, budget: int) -> list[tuple[int, int, int]]:
-        """The oldest item, then each later one that still fits the token budget."""
-        batch, used, rest = [], 0, deque()
-        for item in self.queue:
-            if not batch or used + item[1] <= budget:
-                batch.append(item)
-                used += item[1]
-            else:
-                rest.append(item)
-        self.queue = rest
+        """The next batch by the block server's rule (:func:`~chainserve.model.step_cost.take_batch`)."""
+        batch, rest = take_batch(self.queue, _tokens, budget)
+        self.queue = deque(rest)
         return batch
+
+
+def _tokens(item: tuple[int, int, int]) -> int:
+    return item[1]
 
 
 def run_batched(
@@ -89,7 +87,7 @@ def run_batched(
     ``dispatcher.fits`` refuses), as :func:`chainserve.sim.engine.simulate` does."""
     problem: Problem = plan.problem
     servers, steps_mean = problem.servers, problem.workload.output_tokens
-    chunk, budget = model.max_batch_tokens // 2, model.max_batch_tokens
+    chunk, budget = prefill_chunk_tokens(model.max_batch_tokens), model.max_batch_tokens
     comm = [s.tau_c_s / steps_mean + model.hop_overhead_s for s in servers]
     lone = [s.tau_p_s / steps_mean for s in servers]  # per block and step, no step cost
     stations = [_Station(s.step) for s in servers]
