@@ -204,7 +204,6 @@ def test_table():
         (("--fail", "nobody@10"), "fail"),
         (("--fail", "high-1@ten"), "fail"),
         (("--fail", "high-1@10+-5"), "fail"),
-        (("--fail", "high-1@10", "--service", "batched"), "fail"),
         (("--fail", "high-1@10", "--method", "petals"), "failures"),
     ],
 )
@@ -264,3 +263,10 @@ def test_fail_recovers_every_job_and_counts_the_retried():
     assert second["server"] == "high-1" and 0 < second["down_s"] < 200  # the modelled restart: load time
     table = run("--requests", "300", "--fail", "high-1@100+50").stdout
     assert "high-1 at 100 s, back after 50 s" in table and "ran again" in table
+
+
+def test_batched_runs_with_failures_and_with_adapt():
+    failed = run_json("--requests", "600", "--service", "batched", "--fail", "high-1@300+200")
+    assert failed["requests"] == 600 and failed["retried"] >= 1 and failed["service_model"] == "batched"
+    adapted = run_json("--requests", "1200", "--service", "batched", "--rate-profile", "0:0.3,1200:0.9", "--adapt")
+    assert adapted["requests"] == 1200 and adapted["plan_changes"] >= 1

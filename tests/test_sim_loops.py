@@ -1,7 +1,9 @@
-"""Failures with the runtime's recovery in the simulator (issue 31, :mod:`chainserve.sim.adaptive`):
-a hand-checked instance, no job lost, memory checked on every start (the loop raises otherwise), and
-the job-level fast path pinned to the general loop (same seed, same records)."""
+"""One loop for failures, plan changes and every service model (issue 31, :mod:`chainserve.sim.adaptive`):
+a hand-checked failure, no job lost, memory checked on every start (the loop raises otherwise), the
+batched model through failures and plan changes, and the fast paths (job-level, batched) pinned to the
+general loop (same seed, same records)."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,10 +14,12 @@ from chainserve.adapt.controller import AdaptConfig, AdaptiveController, plan_fo
 from chainserve.dispatch.jffc import JFFC
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.model.step_cost import StepCost
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Span
-from chainserve.sim.adaptive import Failure
-from chainserve.sim.arrivals import Arrivals, ReplayArrivals
+from chainserve.sim.adaptive import Failure, simulate_adaptive
+from chainserve.sim.arrivals import Arrivals, PiecewiseArrivals, PoissonArrivals, ReplayArrivals
+from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
 
 BLOOM = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "paper-sim-bloom-20.yaml")
@@ -89,3 +93,47 @@ def test_failures_with_a_controller_are_refused():
     controller = AdaptiveController(BLOOM, plan, AdaptConfig())
     with pytest.raises(ValueError, match="failures"):
         simulate(plan, JFFC(plan.chains), seed=0, num_jobs=100, failures=[Failure(1.0, 0, 1.0)], controller=controller)
+
+
+def bloom_with_steps():
+    """The BLOOM cluster with a step cost on every server (batching pays), at 0.3/s."""
+    servers = tuple(
+        dataclasses.replace(s, step=StepCost(s.tau_p_s / 40, s.tau_p_s / 400, s.tau_p_s / 40, s.tau_p_s / 40_000))
+        for s in BLOOM.servers
+    )
+    return plan_for_rate(dataclasses.replace(BLOOM, servers=servers), "greedy", 0.3)
+
+
+def test_batched_fast_path_equals_the_general_loop():
+    plan = bloom_with_steps()
+    stream = PoissonArrivals().sample(plan.problem.workload, 400, np.random.default_rng(5))
+    fast = simulate(plan, JFFC(plan.chains), ReplayArrivals(stream), BatchedService(), num_jobs=400)
+    loop = simulate_adaptive(
+        plan, JFFC(plan.chains), None, lambda layout: JFFC(layout.chains), stream, BatchedService()
+    )
+    np.testing.assert_array_equal(fast.started_at, np.frombuffer(loop.started, dtype=np.float64))
+    np.testing.assert_array_equal(fast.finished_at, np.frombuffer(loop.finished, dtype=np.float64))
+
+
+def test_batched_failure_recovers_every_job():
+    plan = bloom_with_steps()
+    jobs = PoissonArrivals()
+    base = simulate(plan, JFFC(plan.chains), jobs, BatchedService(), seed=2, num_jobs=600)
+    t_fail = float(base.arrived_at[300])
+    victim = plan.chains[0].servers[-1]
+    r = simulate(
+        plan, JFFC(plan.chains), jobs, BatchedService(), seed=2, num_jobs=600,
+        failures=[Failure(t_fail, victim, 120.0)], recover=True,
+    )  # fmt: skip
+    assert r.num_finished == r.num_jobs and r.num_retried >= 1 and r.num_recomposed == 2
+    aborted = (base.started_at < t_fail) & (base.finished_at > t_fail) & (base.chain == 0)
+    assert np.all(r.started_at[aborted] >= t_fail)
+    assert np.all(r.finished_at[aborted] - r.started_at[aborted] > 0)
+
+
+def test_batched_adapts():
+    profile = PiecewiseArrivals((0.0, 1200.0), (0.3, 0.9), 2400.0)
+    plan = plan_for_rate(BLOOM, "greedy", 0.3)
+    controller = AdaptiveController(BLOOM, plan, AdaptConfig())
+    r = simulate(plan, JFFC(plan.chains), profile, BatchedService(), seed=0, controller=controller)
+    assert r.num_finished == r.num_jobs and len(r.transitions) >= 1

@@ -158,15 +158,11 @@ def simulate(
             raise SpecError("planner", f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
         _check_counts(requests, warmup, seed)
         service_model(service)
-        if adapt and service == "batched":
-            raise SpecError("service", "the batched model does not simulate --adapt; use another service model")
         if adapt and not name.startswith("proposed"):
             raise SpecError("adapt", f"only the proposed method re-plans online, got --method {method}")
         if adapt and page_tokens is not None:
             raise SpecError("page-tokens", "--adapt simulates the paper's max-length slots; leave out --page-tokens")
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)
-        if fail and service == "batched":
-            raise SpecError("fail", "the batched model does not simulate failures yet; use another service model")
         if fail and adapt:
             raise SpecError("fail", "failures are not simulated together with --adapt")
         if fail and page_tokens is not None:

@@ -45,11 +45,13 @@ from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.recovery import RestartPolicy, arena_block_slots, recompose, restart_s
 from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit
 from chainserve.sim.arrivals import Arrivals
+from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.memory import MemoryExceeded
 from chainserve.sim.service import Duration
 
-#: Event kinds, in the order they run at equal times.
-_FAIL, _BACK, _LOADED, _DONE, _TICK = 0, 1, 2, 3, 4
+#: Event kinds, in the order they run at equal times; then the batched service's (its item done, a
+#: step's reply back, and an iteration start, which alone runs after the arrivals of its instant).
+_FAIL, _BACK, _LOADED, _DONE, _TICK, _ITEM, _REPLY, _ITER = range(8)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
 
@@ -194,13 +196,15 @@ def simulate_adaptive(
     controller: AdaptiveController | None,
     make_dispatcher: Callable[[Layout], Dispatcher],
     stream: Arrivals,
-    duration: Duration,
+    service: Duration | BatchedService,
     failures: Sequence[Failure] = (),
     recover: bool = False,
 ) -> LoopResult:
     """Run ``stream`` through the generations of plans that ``controller``'s changes and, with
     ``recover``, the recompositions after ``failures`` make (module docstring); raises when a job is
-    lost or memory is exceeded."""
+    lost or memory is exceeded. ``service``: each job's duration (the job-level models), or the
+    iteration-level model (:class:`~chainserve.sim.batched.BatchedProcess` then serves every job as
+    its steps, hops and batches, and a failure voids the steps in flight of the jobs it aborts)."""
     if controller is not None and failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
     if recover and not isinstance(plan, Plan):
@@ -224,7 +228,7 @@ def simulate_adaptive(
     live_seq = array("q", [0]) * n  # the seq of each job's live completion event
     held: list[int] = []  # jobs started by a dispatcher, waiting for room on a hop (oldest first)
     duration_routes: dict[int, dict[int, Route]] = {}  # id(generation) -> chain -> its timed route
-    heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
+    heap: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, who, payload)
     seq = 0
     transitions: list[Transition] = []
     change: PlanChange | None = None
@@ -232,11 +236,36 @@ def simulate_adaptive(
     num_restarts = num_recomposed = 0
     retried: set[int] = set()
 
-    def push(t: float, kind: int, payload: int) -> int:
+    def push(t: float, kind: int, payload: int, who: int = 0) -> int:
         nonlocal seq
         seq += 1
-        heappush(heap, (t, kind, seq, payload))
+        heappush(heap, (t, kind, seq, who, payload))
         return seq
+
+    def complete(i: int, t: float) -> None:
+        """Job ``i`` finished: its cache is freed, its dispatcher starts what waited for it."""
+        finished[i] = t
+        state[i] = _FINISHED
+        gen = gen_of[i]
+        servers.release(start_of[i], gen)
+        starts = gen.dispatcher.complete(i, t)
+        if starts:
+            begin(starts, t, gen)
+        retry_held(t)
+        if schedule is not None and gen is not gens.newest:
+            carry_out(schedule.released(gens.old_cache()), t)
+
+    process, duration = None, service
+    if isinstance(service, BatchedService):
+        process = BatchedProcess(
+            problem,
+            service,
+            prompts,
+            outputs,
+            lambda t, k, who, x: push(t, k, x, who),
+            complete,
+            (_ITEM, _REPLY, _ITER),
+        )
 
     def run(i: int, now: float) -> None:
         """Job ``i``'s service begins: its cache is held and its completion scheduled."""
@@ -245,6 +274,9 @@ def simulate_adaptive(
         state[i] = _RUNNING
         started[i] = now
         route = start.route
+        if process is not None:
+            process.start(i, route, now)
+            return
         timed = route
         if gen is not first and route.chain is not None:  # token service caches costs by chain index
             timed = duration_routes.setdefault(id(gen), {}).setdefault(
@@ -346,6 +378,8 @@ def simulate_adaptive(
                     raise RuntimeError(f"job {i} aborted but not in service")
                 end(i)
                 state[i], live_seq[i] = _IDLE, 0  # its completion event, if any, is void
+                if process is not None:
+                    process.abort(i)
                 started[i] = nan
                 num_restarts += 1
                 retried.add(i)
@@ -376,24 +410,15 @@ def simulate_adaptive(
     next_job, t_arrival = 0, times[0]
     while True:
         t_event = heap[0][0] if heap else math.inf
-        if t_event <= t_arrival:
+        if t_event < t_arrival or (t_event == t_arrival and (not heap or heap[0][1] != _ITER)):
             if t_event == math.inf:
                 break
-            t, kind, s, payload = heappop(heap)
-            if kind == _DONE:
-                i = payload
-                if s != live_seq[i]:
-                    continue  # the completion of an aborted attempt
-                finished[i] = t
-                state[i] = _FINISHED
-                gen = gen_of[i]
-                servers.release(start_of[i], gen)
-                starts = gen.dispatcher.complete(i, t)
-                if starts:
-                    begin(starts, t, gen)
-                retry_held(t)
-                if schedule is not None and gen is not gens.newest:
-                    carry_out(schedule.released(gens.old_cache()), t)
+            t, kind, s, who, payload = heappop(heap)
+            if kind >= _ITEM:
+                process.handle(kind, who, payload, t)
+            elif kind == _DONE:
+                if s == live_seq[payload]:  # else the completion of an aborted attempt
+                    complete(payload, t)
             elif kind == _FAIL:
                 fail(payload, t)
             elif kind == _BACK:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import ClassVar
@@ -79,67 +80,147 @@ def _tokens(item: tuple[int, int, int]) -> int:
     return item[1]
 
 
+class BatchedProcess:
+    """The iteration-level service of every job (module docstring) as a component of an event loop:
+    the loop owns the heap and gives ``push(t, kind, who, payload)``, hands each of the component's
+    events back to :meth:`handle`, calls :meth:`start` when a job's service begins and :meth:`abort`
+    when a failure ends it; the component calls ``finish(job, t)`` after a job's last token.
+    ``kinds``: the loop's kind numbers for an iteration's item done, a step's reply back, an
+    iteration start (in that order at equal times; the last must run after the arrivals of its
+    instant, so that steps that reach a server together share it)."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        model: BatchedService,
+        prompts: array,
+        outputs: array,
+        push: Callable[[float, int, int, int], None],
+        finish: Callable[[int, float], None],
+        kinds: tuple[int, int, int] = (_DONE, _ARRIVE, _START),
+    ):
+        servers, steps_mean = problem.servers, problem.workload.output_tokens
+        self.chunk, self.budget = prefill_chunk_tokens(model.max_batch_tokens), model.max_batch_tokens
+        self.comm = [s.tau_c_s / steps_mean + model.hop_overhead_s for s in servers]
+        self.lone = [s.tau_p_s / steps_mean for s in servers]  # per block and step, no step cost
+        self.stations = [_Station(s.step) for s in servers]
+        self.stations.append(_Station(problem.head_cost))  # the orchestrator's head
+        self.head_id = len(servers)
+        self.prompts, self.outputs, self.push, self.finish = prompts, outputs, push, finish
+        self.kind_done, self.kind_arrive, self.kind_start = kinds
+        n = len(prompts)
+        self.route_of: list[Route | None] = [None] * n
+        self.hop_at = [0] * n  # the hop the job's current step is at
+        self.steps_left = [0] * n  # forward steps still to come, the current one included
+        self.tokens_left = [0] * n  # prompt tokens of the current step still to compute on this hop
+        self.attempt = [0] * n  # each event carries the attempt it belongs to; an aborted one's are void
+
+    def start(self, i: int, route: Route, now: float) -> None:
+        """Job ``i``'s service begins on ``route``: its prompt goes to the first hop."""
+        self.route_of[i] = route
+        self.steps_left[i], self.hop_at[i], self.tokens_left[i] = int(self.outputs[i]), 0, int(self.prompts[i])
+        self._send(i, now)
+
+    def abort(self, i: int) -> None:
+        """Job ``i`` lost its service: its waiting items leave their queues, its events are void."""
+        self.attempt[i] += 1
+        for station in self.stations:
+            if any(item[0] == i for item in station.queue):
+                station.queue = deque(item for item in station.queue if item[0] != i)
+        self.route_of[i] = None
+
+    def handle(self, kind: int, who: int, payload: int, now: float) -> None:
+        if kind == self.kind_start:
+            self._iterate(who, now)
+        elif kind == self.kind_done:
+            i, rest = divmod(payload, self.budget)
+            a, i = divmod(i, len(self.route_of))
+            if a == self.attempt[i]:
+                self._done(who, i, rest, now)
+        else:  # the step's reply reached the orchestrator: on to the next hop
+            i = who
+            if payload != self.attempt[i]:
+                return
+            self.hop_at[i] += 1
+            self.tokens_left[i] = 1 if self.steps_left[i] < int(self.outputs[i]) else int(self.prompts[i])
+            self._send(i, now)
+
+    def _enqueue(self, j: int, item: tuple[int, int, int], now: float) -> None:
+        station = self.stations[j]
+        station.queue.append(item)
+        if not station.busy:
+            station.busy = True
+            self.push(now, self.kind_start, j, 0)  # after every event of this instant: same-turn items batch
+
+    def _send(self, i: int, now: float) -> None:
+        """Job ``i``'s current step to its current hop (or to the head after the last one)."""
+        route = self.route_of[i]
+        h = self.hop_at[i]
+        if h == len(route.hops):
+            self._enqueue(self.head_id, (i, 1, 1), now)
+            return
+        hop = route.hops[h]
+        j = hop.server
+        if self.stations[j].cost is None:
+            self.push(now + hop.num_blocks * self.lone[j] + self.comm[j], self.kind_arrive, i, self.attempt[i])
+            self.tokens_left[i] = 0
+        else:
+            self._enqueue(j, (i, min(self.tokens_left[i], self.chunk), hop.num_blocks), now)
+
+    def _iterate(self, j: int, now: float) -> None:
+        station = self.stations[j]
+        batch = station.take(self.budget)
+        if not batch:
+            station.busy = False
+            return
+        cost = 0.0 if station.cost is None else station.cost.iteration_s([(m, q) for _, q, m in batch])
+        n, budget = len(self.route_of), self.budget
+        for i, q, _ in batch:  # payload: the attempt, the job and its tokens
+            self.push(now + cost, self.kind_done, j, (self.attempt[i] * n + i) * budget + q)
+        self.push(now + cost, self.kind_start, j, 0)
+
+    def _done(self, j: int, i: int, q: int, now: float) -> None:
+        if j == self.head_id:
+            self.steps_left[i] -= 1
+            if self.steps_left[i] == 0:
+                self.route_of[i] = None
+                self.finish(i, now)
+            else:
+                self.hop_at[i], self.tokens_left[i] = 0, 1
+                self._send(i, now)
+            return
+        self.tokens_left[i] -= q
+        if self.tokens_left[i] > 0:  # the prompt's next chunk on the same server
+            blocks = self.route_of[i].hops[self.hop_at[i]].num_blocks
+            self._enqueue(j, (i, min(self.tokens_left[i], self.chunk), blocks), now)
+        else:
+            self.push(now + self.comm[j], self.kind_arrive, i, self.attempt[i])
+
+
 def run_batched(
     plan: Layout, dispatcher: Dispatcher, stream: Arrivals, model: BatchedService
 ) -> tuple[array, array, array, list[Route | None], int]:
-    """Simulate every arrival of ``stream`` to completion; returns per-job start and finish times,
-    plan chain index (−1: none) and route, and the number of jobs refused on arrival (with paging, those
-    ``dispatcher.fits`` refuses), as :func:`chainserve.sim.engine.simulate` does."""
-    problem: Problem = plan.problem
-    servers, steps_mean = problem.servers, problem.workload.output_tokens
-    chunk, budget = prefill_chunk_tokens(model.max_batch_tokens), model.max_batch_tokens
-    comm = [s.tau_c_s / steps_mean + model.hop_overhead_s for s in servers]
-    lone = [s.tau_p_s / steps_mean for s in servers]  # per block and step, no step cost
-    stations = [_Station(s.step) for s in servers]
-    head = _Station(problem.head_cost)
-    head_id = len(servers)
-
+    """Simulate every arrival of ``stream`` to completion on one plan (a fast path, with paging; the
+    general loop, :mod:`chainserve.sim.adaptive`, drives the same :class:`BatchedProcess` through
+    failures and plan changes); returns per-job start and finish times, plan chain index (−1: none)
+    and route, and the number of jobs refused on arrival (with paging, those ``dispatcher.fits``
+    refuses), as :func:`chainserve.sim.engine.simulate` does."""
     times, prompts, outputs = stream.columns()
     n = len(times)
     nan = math.nan
     started, finished = array("d", [nan]) * n, array("d", [nan]) * n
     chain_of = array("q", [-1]) * n
     route_of: list[Route | None] = [None] * n
-    hop_at = [0] * n  # the hop the job's current step is at
-    steps_left = [0] * n  # forward steps still to come, the current one included
-    tokens_left = [0] * n  # prompt tokens of the current step still to compute on this hop
     ledger = MemoryLedger(plan, dispatcher.paging)
     num_refused = 0
     demand = demands(dispatcher.paging, prompts, outputs)
     events: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, station or job, payload)
     seq = 0
 
-    def push(t: float, kind: int, who: int, payload: int = 0) -> None:
+    def push(t: float, kind: int, who: int, payload: int) -> None:
         nonlocal seq
         seq += 1
         heappush(events, (t, kind, seq, who, payload))
-
-    def enqueue(j: int, item: tuple[int, int, int], now: float) -> None:
-        station = head if j == head_id else stations[j]
-        station.queue.append(item)
-        if not station.busy:
-            station.busy = True
-            push(now, _START, j)  # runs after every event of this instant: same-turn items batch
-
-    def send(i: int, now: float) -> None:
-        """Job ``i``'s current step to its current hop (or to the head after the last one)."""
-        route = route_of[i]
-        h = hop_at[i]
-        if h == len(route.hops):
-            enqueue(head_id, (i, 1, 1), now)
-            return
-        hop = route.hops[h]
-        q = tokens_left[i]
-        if stations[hop.server].cost is None:
-            push(now + hop.num_blocks * lone[hop.server] + comm[hop.server], _ARRIVE, i)
-            tokens_left[i] = 0
-        else:
-            enqueue(hop.server, (i, min(q, chunk), hop.num_blocks), now)
-
-    def next_step(i: int, now: float) -> None:
-        hop_at[i] = 0
-        tokens_left[i] = 1
-        send(i, now)
 
     def begin(starts: list[Start], now: float) -> None:
         for start in starts:
@@ -149,33 +230,7 @@ def run_batched(
             ledger.admit(i, route, now, demand[i])
             route_of[i], started[i] = route, now
             chain_of[i] = -1 if route.chain is None else route.chain
-            steps_left[i], hop_at[i], tokens_left[i] = int(outputs[i]), 0, int(prompts[i])
-            send(i, now)
-
-    def iterate(j: int, now: float) -> None:
-        station = head if j == head_id else stations[j]
-        batch = station.take(budget)
-        if not batch:
-            station.busy = False
-            return
-        cost = 0.0 if station.cost is None else station.cost.iteration_s([(m, q) for _, q, m in batch])
-        for i, q, _ in batch:
-            push(now + cost, _DONE, j, i * budget + q)  # payload: the job and its tokens
-        push(now + cost, _START, j)
-
-    def done(j: int, i: int, q: int, now: float) -> None:
-        if j == head_id:
-            steps_left[i] -= 1
-            if steps_left[i] == 0:
-                finish(i, now)
-            else:
-                next_step(i, now)
-            return
-        tokens_left[i] -= q
-        if tokens_left[i] > 0:  # the prompt's next chunk on the same server
-            enqueue(j, (i, min(tokens_left[i], chunk), route_of[i].hops[hop_at[i]].num_blocks), now)
-        else:
-            push(now + comm[j], _ARRIVE, i)
+            process.start(i, route, now)
 
     def finish(i: int, now: float) -> None:
         finished[i] = now
@@ -184,6 +239,8 @@ def run_batched(
         if starts:
             begin(starts, now)
 
+    process = BatchedProcess(plan.problem, model, prompts, outputs, push, finish)
+    handle = process.handle
     next_job, t_arrival = 0, times[0] if n else math.inf
     while True:
         t_event = events[0][0] if events else math.inf
@@ -202,12 +259,5 @@ def run_batched(
         if t_event == math.inf:
             break
         now, kind, _, who, payload = heappop(events)
-        if kind == _START:
-            iterate(who, now)
-        elif kind == _DONE:
-            done(who, payload // budget, payload % budget, now)
-        else:  # the step's reply reached the orchestrator: on to the next hop
-            hop_at[who] += 1
-            tokens_left[who] = 1 if steps_left[who] < int(outputs[who]) else int(prompts[who])
-            send(who, now)
+        handle(kind, who, payload, now)
     return started, finished, chain_of, route_of, num_refused

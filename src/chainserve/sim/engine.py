@@ -146,16 +146,16 @@ def simulate(
     if not 0 <= warmup < n:
         raise ValueError(f"warmup: must lie in 0..{n - 1}, got {warmup}")
     model = service_model(service)
-    if isinstance(model, BatchedService):
-        if controller is not None or failures:
-            raise ValueError("service: the batched model simulates neither failures nor an adaptive controller")
+    events = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
+    batched = isinstance(model, BatchedService)
+    if controller is not None or recover or any(f.down_s is not None for f in events) or (batched and events):
+        timing = model if batched else model.sampler(plan.problem, stream, service_rng)
+        return _simulate_plans(plan, dispatcher, controller, make_dispatcher, stream, timing, warmup, events, recover)
+    if batched:
         started, finished, chain_of, route_of, refused = run_batched(plan, dispatcher, stream, model)
         num_held = dispatcher.num_waiting + dispatcher.num_in_service
         return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0, refused)
     duration = model.sampler(plan.problem, stream, service_rng)
-    events = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
-    if controller is not None or recover or any(f.down_s is not None for f in events):
-        return _simulate_plans(plan, dispatcher, controller, make_dispatcher, stream, duration, warmup, events, recover)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()
     times.append(math.inf)  # a sentinel after the last arrival
@@ -253,7 +253,7 @@ def _simulate_plans(
     controller: AdaptiveController | None,
     make_dispatcher: Callable[[Layout], Dispatcher] | None,
     stream: Arrivals,
-    duration: Duration,
+    timing: Duration | BatchedService,
     warmup: int,
     failures: Sequence[Failure],
     recover: bool,
@@ -262,7 +262,7 @@ def _simulate_plans(
     if dispatcher.paging is not None:
         raise ValueError("paging: plan changes and returns are simulated in max-length slots (the paper's model)")
     run = simulate_adaptive(
-        plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, duration, failures, recover
+        plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, timing, failures, recover
     )
     one_plan = controller is None and not recover
     result = _result(
