@@ -4,7 +4,9 @@ A scripted sequence of arrivals and service durations is replayed through ``sim.
 through the :class:`~chainserve.runtime.orchestrator.Orchestrator` on a virtual clock with a fake
 transport (each job's first hop holds its one forward step until the script says it completes).
 Both must start the same jobs at the same times on the same chains (house style: "one policy, two
-drivers").
+drivers"). A second script adds a server failure and its return (issue 31): the orchestrator is told
+the server died and is back, the simulator gets the same :class:`~chainserve.sim.adaptive.Failure`;
+the aborted jobs run again at the same times on the same chains in both.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from chainserve.methods import build_method
+from chainserve.methods import build_method, dispatcher_for
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.orchestrator import Orchestrator
 from chainserve.runtime.requests import SamplingParams
+from chainserve.sim.adaptive import Failure
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.engine import simulate
 
@@ -54,17 +57,22 @@ class VirtualClock:
 
 
 class FakeClient:
-    """A block server that answers at once, except that a job's first hop waits for its gate (sessions
-    are named ``j<job>s<serial>``; the script never aborts a job, so one gate per job)."""
+    """A block server that answers at once, except that a job's first hop — its service beginning,
+    after any wait for room — is noted in ``began`` and waits for its gate: one per start, (job, n)
+    for the job's n-th first hop (sessions are named ``j<job>s<serial>``; a job makes one forward
+    step, so each start makes one first hop)."""
 
     endpoint = "fake"
 
-    def __init__(self, name: str, gates: dict[str, asyncio.Event]):
-        self.name, self.gates = name, gates
+    def __init__(self, name: str, gates: dict[tuple[int, int], asyncio.Event], began: list[tuple[int, int]]):
+        self.name, self.gates, self.began = name, gates, began
 
     async def forward(self, session, first_block, position, hidden, *, open=False, close=False, reserve=None):
         if first_block == 1:
-            await self.gates.setdefault(session.partition("s")[0], asyncio.Event()).wait()
+            job = int(session[1:].partition("s")[0])
+            n = sum(1 for k, _ in self.began if k == job)
+            self.began.append((job, n))
+            await self.gates.setdefault((job, n), asyncio.Event()).wait()
         return hidden
 
     def close_session(self, session):
@@ -95,11 +103,34 @@ def problem() -> Problem:
     return Problem(servers, ModelSpec("toy", 8, 0.5, 0.25), Workload(3.0, rho_bar=0.9))
 
 
-async def drive_orchestrator(layout, dispatcher, times, durations) -> dict[int, tuple[float, int | None, tuple]]:
-    clock, gates = VirtualClock(), {}
-    clients = {j: FakeClient(s.name, gates) for j, s in enumerate(layout.problem.servers)}
+class Recompose:
+    """The service's plan operations for the orchestrator's recovery: a fresh dispatcher per plan; no
+    new placement, no reloads."""
+
+    can_reload = False
+
+    def __init__(self, make_dispatcher):
+        self.make_dispatcher = make_dispatcher
+
+    def dispatcher(self, layout):
+        return self.make_dispatcher(layout)
+
+    def place(self, placed, alive):
+        return None
+
+    async def reload(self, server, layout):
+        raise AssertionError("no reloads in the script")
+
+
+async def drive_orchestrator(
+    layout, dispatcher, times, durations, failures=(), plan_ops=None
+) -> dict[int, tuple[float, int | None, tuple]]:
+    """Replay the script; ``failures``: (time, server, seconds down); ``plan_ops``: recompose the
+    chains (:class:`Recompose`). Returns each job's last start."""
+    clock, gates, began = VirtualClock(), {}, []
+    clients = {j: FakeClient(s.name, gates, began) for j, s in enumerate(layout.problem.servers)}
     head = EmulatedHead("toy", layout.problem.model.num_blocks, 64)
-    orch = Orchestrator(layout, dispatcher, head, clients, clock=clock)
+    orch = Orchestrator(layout, dispatcher, head, clients, clock=clock, plan_ops=plan_ops)
     params = SamplingParams(max_tokens=1, temperature=0)
     consumers, completions, seen = [], [], 0
 
@@ -111,25 +142,35 @@ async def drive_orchestrator(layout, dispatcher, times, durations) -> dict[int, 
         async for _ in stream:
             pass
 
+    service_at: dict[int, float] = {}  # when each job's (last) service began
+    outages = sorted([(t, 0, j) for t, j, _ in failures] + [(t + d, 1, j) for t, j, d in failures])
     next_job = 0
     while next_job < len(times) or completions:
         t_arrival = times[next_job] if next_job < len(times) else np.inf
-        if completions and completions[0][0] <= t_arrival:  # completions first at equal times
-            clock.now, job, attempt = heapq.heappop(completions)
-            assert attempt == 0
-            gates.setdefault(f"j{job}", asyncio.Event()).set()
+        t_done = completions[0][0] if completions else np.inf
+        if outages and outages[0][0] <= min(t_done, t_arrival):  # the simulator's order at equal times
+            clock.now, back, j = outages.pop(0)
+            if back:
+                orch.servers.mark_back(j)
+                orch._server_back(j)
+            else:
+                orch.server_failed(layout.problem.servers[j].name, "scripted")
+        elif completions and t_done <= t_arrival:  # completions before arrivals at equal times
+            clock.now, job, n = heapq.heappop(completions)
+            gates.setdefault((job, n), asyncio.Event()).set()  # an aborted start's: nobody waits
         else:
             clock.now = t_arrival
             stream = orch.generate(head.encode("the chain serves"), params)
             consumers.append(asyncio.create_task(consume(stream)))
             next_job += 1
         await settle()
-        for record in list(orch.starts)[seen:]:
-            heapq.heappush(completions, (record.at + durations[record.job_id], record.job_id, record.attempt))
-        seen = len(orch.starts)
+        for job, n in began[seen:]:  # services that began: each completes after its scripted duration
+            service_at[job] = clock.now
+            heapq.heappush(completions, (clock.now + durations[job], job, n))
+        seen = len(began)
     await asyncio.gather(*consumers)
-    assert orch.dispatcher.num_waiting == orch.dispatcher.num_in_service == 0
-    return {r.job_id: (r.at, r.chain, r.servers) for r in orch.starts}
+    assert orch.generations.num_waiting == orch.generations.num_running == 0
+    return {r.job_id: (service_at[r.job_id], r.chain, r.servers) for r in orch.starts}
 
 
 @pytest.mark.parametrize("method", ["proposed", "proposed:sa-jsq", "petals", "bprr"])
@@ -150,6 +191,37 @@ def test_simulator_and_orchestrator_make_identical_starts(method: str) -> None:
     )
     assert sorted(live) == list(range(NUM_JOBS))
     assert int(np.count_nonzero(sim.started_at > times + 1e-12)) > 5, "the script must make jobs wait"
+    for job in range(NUM_JOBS):
+        at, chain, servers = live[job]
+        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
+        assert (chain if chain is not None else -1) == sim.chain[job], job
+        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_a_failure_and_a_return_make_identical_starts(recover: bool) -> None:
+    """Without recovery the dispatcher fails the server's chains over and restores them; with it the
+    chains are recomposed around the dead server and back (a plan change in both drivers)."""
+    rng = np.random.default_rng(11)
+    times = np.cumsum(rng.exponential(0.15, NUM_JOBS))
+    durations = rng.exponential(1.5, NUM_JOBS)
+    setup = build_method("proposed", problem(), np.random.default_rng(0))
+    plan = setup.plan_or_placement
+    victim, t_fail, down_s = plan.chains[0].servers[0], float(times[25]) + 0.01, 2.0
+    sim = simulate(
+        plan, setup.make_dispatcher(np.random.default_rng(1)), ScriptedArrivals(times), ScriptedService(durations),
+        num_jobs=NUM_JOBS, failures=[Failure(t_fail, victim, down_s)], recover=recover,
+        make_dispatcher=lambda layout: dispatcher_for("proposed", layout, np.random.default_rng(1)),
+    )  # fmt: skip
+    ops = Recompose(lambda layout: dispatcher_for("proposed", layout, np.random.default_rng(1))) if recover else None
+    live = asyncio.run(
+        drive_orchestrator(
+            plan, setup.make_dispatcher(np.random.default_rng(1)), times, durations, [(t_fail, victim, down_s)], ops
+        )
+    )
+    assert sim.num_restarts >= 1 and sim.num_finished == NUM_JOBS
+    assert sim.num_recomposed == 2 * recover
+    assert sorted(live) == list(range(NUM_JOBS))
     for job in range(NUM_JOBS):
         at, chain, servers = live[job]
         assert at == pytest.approx(sim.started_at[job], abs=1e-12), job

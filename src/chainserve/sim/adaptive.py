@@ -16,11 +16,13 @@ finished, the controller's tick; arrivals come after every event of their instan
 * **Failures** (:class:`Failure`), as the orchestrator handles them: every generation's dispatcher
   fails the server (its jobs there lose their service and wait again, keeping their arrival time);
   with ``recover`` the chains are then recomposed on the live servers within their arenas
-  (:func:`~chainserve.plan.recovery.recompose`) and the recomposed plan takes the waiting jobs at once
-  while running ones finish on the old chains; when it comes back every dispatcher restores it, and
-  with ``recover`` the chains are recomposed again (all alive: the placed plan itself). When no chain
-  covers the model the jobs wait for a server to come back (the runtime may place the model anew;
-  not simulated).
+  (:func:`~chainserve.plan.recovery.recompose`) — as the runtime serves a fixed plan, each server's
+  arena and admission limit are the plan's reservation there
+  (:func:`~chainserve.plan.types.reserved_block_jobs`) — and the recomposed plan takes the waiting
+  jobs at once while running ones finish on the old chains; when the server comes back every
+  dispatcher restores it, and with ``recover`` the chains are recomposed again (all alive: the
+  placed plan itself). When no chain covers the model the jobs wait for a server to come back (the
+  runtime may place the model anew; not simulated).
 
 Memory is checked on every start against what each server holds *now*: the span loaded (a hop must
 lie inside it), the server alive, and ``s_m·m_j + cache of all generations' jobs ≤ M_j``. A start
@@ -42,8 +44,8 @@ from chainserve.adapt.controller import AdaptiveController, PlanChange
 from chainserve.adapt.migration import Action, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.dispatch.generations import Generation, Generations
-from chainserve.plan.recovery import RestartPolicy, arena_block_slots, recompose, restart_s
-from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit
+from chainserve.plan.recovery import RestartPolicy, recompose, restart_s
+from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit, reserved_block_jobs
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.memory import MemoryExceeded
@@ -214,7 +216,10 @@ def simulate_adaptive(
     times, prompts, outputs = stream.columns()
     times.append(math.inf)
     servers = _Servers(plan)
-    arenas = {span.server: arena_block_slots(problem, span) for span in plan.placement.spans}
+    if recover:  # as the runtime serves a fixed plan: each server's arena and limit are its reservation
+        arenas = reserved_block_jobs(plan)
+        for j, slots in arenas.items():
+            servers.limit[j] = min(servers.limit[j], slots)
     gens = Generations(plan, dispatcher)
     first = gens.current
     every: list[Generation] = [first]  # every generation ever, for the conservation check
@@ -248,10 +253,10 @@ def simulate_adaptive(
         state[i] = _FINISHED
         gen = gen_of[i]
         servers.release(start_of[i], gen)
+        retry_held(t)  # the starts that waited for room first, as the runtime wakes its holds
         starts = gen.dispatcher.complete(i, t)
         if starts:
             begin(starts, t, gen)
-        retry_held(t)
         if schedule is not None and gen is not gens.newest:
             carry_out(schedule.released(gens.old_cache()), t)
 
@@ -301,7 +306,8 @@ def simulate_adaptive(
                 run(i, now)
 
     def retry_held(now: float) -> None:
-        """Held starts that now have room on every hop begin, oldest first."""
+        """Held starts that now have room on every hop begin, oldest first; one of a plan no longer
+        current that still has none moves to the current plan (the runtime's ``_requeue``)."""
         if not held:
             return
         waiting = list(held)
@@ -309,6 +315,12 @@ def simulate_adaptive(
         for i in waiting:  # the runtime's holds do not queue: whoever fits goes
             if servers.has_room(start_of[i].route):
                 run(i, now)
+            elif gen_of[i] is not gens.current:
+                state[i] = _IDLE
+                old, current, job = gen_of[i], gens.current, start_of[i].job
+                begin(old.dispatcher.cancel(i, now), now, old)
+                for moved in (job, *gens.retire_idle()):
+                    begin(current.dispatcher.submit(moved, now), now, current)
             else:
                 held.append(i)
 
