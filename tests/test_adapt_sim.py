@@ -1,4 +1,4 @@
-"""The adaptive controller driving the simulator (chainserve.sim.adaptive): a step in the rate is
+"""The adaptive controller driving the simulator (chainserve.sim.loop): a step in the rate is
 followed by a re-plan, no job is lost, the memory invariant holds throughout (the engine raises
 otherwise), and a constant rate leaves the plan alone."""
 

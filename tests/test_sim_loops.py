@@ -1,4 +1,4 @@
-"""One loop for failures, plan changes and every service model (issue 31, :mod:`chainserve.sim.adaptive`):
+"""One loop for failures, plan changes and every service model (issue 31, :mod:`chainserve.sim.loop`):
 a hand-checked failure, no job lost, memory checked on every start (the loop raises otherwise), the
 batched model through failures and plan changes, and the fast paths (job-level, batched) pinned to the
 general loop (same seed, same records)."""
@@ -17,10 +17,11 @@ from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.model.step_cost import StepCost
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Span
-from chainserve.sim.adaptive import Failure, simulate_adaptive
 from chainserve.sim.arrivals import Arrivals, PiecewiseArrivals, PoissonArrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
+from chainserve.sim.loop import Failure, run_loop
+from chainserve.sim.service import service_model
 
 BLOOM = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "paper-sim-bloom-20.yaml")
 
@@ -108,9 +109,7 @@ def test_batched_fast_path_equals_the_general_loop():
     plan = bloom_with_steps()
     stream = PoissonArrivals().sample(plan.problem.workload, 400, np.random.default_rng(5))
     fast = simulate(plan, JFFC(plan.chains), ReplayArrivals(stream), BatchedService(), num_jobs=400)
-    loop = simulate_adaptive(
-        plan, JFFC(plan.chains), None, lambda layout: JFFC(layout.chains), stream, BatchedService()
-    )
+    loop = run_loop(plan, JFFC(plan.chains), None, lambda layout: JFFC(layout.chains), stream, BatchedService())
     np.testing.assert_array_equal(fast.started_at, np.frombuffer(loop.started, dtype=np.float64))
     np.testing.assert_array_equal(fast.finished_at, np.frombuffer(loop.finished, dtype=np.float64))
 
@@ -137,3 +136,16 @@ def test_batched_adapts():
     controller = AdaptiveController(BLOOM, plan, AdaptConfig())
     r = simulate(plan, JFFC(plan.chains), profile, BatchedService(), seed=0, controller=controller)
     assert r.num_finished == r.num_jobs and len(r.transitions) >= 1
+
+
+@pytest.mark.parametrize("service", ["exponential", "token"])
+def test_job_level_fast_path_equals_the_general_loop_without_failures(service):
+    plan = plan_for_rate(BLOOM, "greedy", 0.3)
+    fast = simulate(plan, JFFC(plan.chains), None, service, seed=7, num_jobs=2_000)
+    arrival_rng, service_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(7).spawn(2))
+    stream = PoissonArrivals().sample(plan.problem.workload, 2_000, arrival_rng)
+    duration = service_model(service).sampler(plan.problem, stream, service_rng)
+    loop = run_loop(plan, JFFC(plan.chains), None, lambda layout: JFFC(layout.chains), stream, duration)
+    np.testing.assert_array_equal(fast.started_at, np.frombuffer(loop.started, dtype=np.float64))
+    np.testing.assert_array_equal(fast.finished_at, np.frombuffer(loop.finished, dtype=np.float64))
+    np.testing.assert_array_equal(fast.chain, np.frombuffer(loop.chain_of, dtype=np.int64))

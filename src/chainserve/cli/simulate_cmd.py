@@ -60,7 +60,6 @@ from chainserve.plan.best import PLANNERS
 from chainserve.plan.types import Plan
 from chainserve.progress import spinner
 from chainserve.runtime.models import measured_model
-from chainserve.sim.adaptive import Failure, Transition
 from chainserve.sim.arrivals import (
     ArrivalProcess,
     GammaArrivals,
@@ -69,6 +68,7 @@ from chainserve.sim.arrivals import (
     TraceArrivals,
     read_azure_trace,
 )
+from chainserve.sim.loop import Failure, Transition
 from chainserve.sim.runs import Replication, run_method
 from chainserve.sim.service import SERVICE_MODELS, service_model
 

@@ -1,7 +1,7 @@
 """The plans a driver serves at once (beyond the paper, which plans once): the *generation* in
 force, one being brought in by a plan change (or a recomposition after a failure), and retired ones
 whose jobs still run (drained, never cut). Pure (no clock, no I/O): the orchestrator
-(:mod:`chainserve.runtime.plan_changes`) and the simulator (:mod:`chainserve.sim.adaptive`) both keep
+(:mod:`chainserve.runtime.plan_changes`) and the simulator (:mod:`chainserve.sim.loop`) both keep
 their plans in force here.
 
 Each :class:`Generation` is one layout with its own dispatcher and the block-slots its started jobs

@@ -201,7 +201,7 @@ def run_batched(
     plan: Layout, dispatcher: Dispatcher, stream: Arrivals, model: BatchedService
 ) -> tuple[array, array, array, list[Route | None], int]:
     """Simulate every arrival of ``stream`` to completion on one plan (a fast path, with paging; the
-    general loop, :mod:`chainserve.sim.adaptive`, drives the same :class:`BatchedProcess` through
+    general loop, :mod:`chainserve.sim.loop`, drives the same :class:`BatchedProcess` through
     failures and plan changes); returns per-job start and finish times, plan chain index (−1: none)
     and route, and the number of jobs refused on arrival (with paging, those ``dispatcher.fits``
     refuses), as :func:`chainserve.sim.engine.simulate` does."""

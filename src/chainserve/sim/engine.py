@@ -31,9 +31,9 @@ from chainserve.analysis.records import JobRecord, Summary, summarize_arrays
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
-from chainserve.sim.adaptive import Failure, Transition, simulate_adaptive
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.batched import BatchedService, run_batched
+from chainserve.sim.loop import Failure, Transition, run_loop
 from chainserve.sim.memory import MemoryLedger, demands
 from chainserve.sim.service import Duration, ServiceModel, service_model
 
@@ -109,13 +109,13 @@ def simulate(
     ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
     ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
     ``service`` times, until no event is left. ``failures``: (time, server) pairs or
-    :class:`~chainserve.sim.adaptive.Failure` events (a server back after ``down_s``), passed to
+    :class:`~chainserve.sim.loop.Failure` events (a server back after ``down_s``), passed to
     ``dispatcher.fail_server`` (and ``restore_server``); aborted jobs lose their service and restart
     whenever the dispatcher starts them again, keeping their arrival time. ``recover``: recompose the
-    chains after every failure and return, as the runtime does (:mod:`chainserve.sim.adaptive`;
+    chains after every failure and return, as the runtime does (:mod:`chainserve.sim.loop`;
     each recomposed plan gets ``make_dispatcher(plan)``). Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
-    executed as events (:mod:`chainserve.sim.adaptive`; each new plan gets ``make_dispatcher(plan)``,
+    executed as events (:mod:`chainserve.sim.loop`; each new plan gets ``make_dispatcher(plan)``,
     default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and the loop
     below runs unchanged; so it does for failures that never return, without ``recover`` — a fast
     path that ``tests/test_sim_loops.py`` pins to the general loop). The dispatcher's ``paging``
@@ -258,10 +258,10 @@ def _simulate_plans(
     failures: Sequence[Failure],
     recover: bool,
 ) -> SimResult:
-    """:func:`simulate` over changing plans: :func:`chainserve.sim.adaptive.simulate_adaptive`."""
+    """:func:`simulate` over changing plans: :func:`chainserve.sim.loop.run_loop`."""
     if dispatcher.paging is not None:
         raise ValueError("paging: plan changes and returns are simulated in max-length slots (the paper's model)")
-    run = simulate_adaptive(
+    run = run_loop(
         plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, timing, failures, recover
     )
     one_plan = controller is None and not recover

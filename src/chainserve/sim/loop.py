@@ -1,7 +1,10 @@
-"""The job-level loop over changing plans: the adaptive controller's plan changes and server failures
-(with the runtime's recovery) executed as events (beyond the paper; :mod:`chainserve.adapt`,
-:mod:`chainserve.plan.recovery`). :func:`chainserve.sim.engine.simulate` calls it when given a
-controller, a failure with a return, or ``recover``.
+"""The simulator's general event loop (issue 31; Vidur's lesson: plan changes and pipeline stages are
+event kinds, and a policy's decisions are applied by the loop): arrivals, job completions or the
+batched model's iterations and hops, server failures and returns, the adaptive controller's ticks
+and finished loads, all in one heap. :func:`chainserve.sim.engine.simulate` runs it for a controller,
+a failure with a return, ``recover`` or the batched model with failures; its two fast paths (the
+job-level loop in :mod:`.engine`, :func:`.batched.run_batched`) cover one plan and are pinned to this
+loop by ``tests/test_sim_loops.py`` (same seed, same records).
 
 Each plan in force is a *generation* with its own dispatcher, kept in the same
 :class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
@@ -192,7 +195,7 @@ class _Servers:
         gen.ended(start)
 
 
-def simulate_adaptive(
+def run_loop(
     plan: Layout,
     dispatcher: Dispatcher,
     controller: AdaptiveController | None,
