@@ -20,7 +20,8 @@ from chainserve.plan.types import Chain, Hop, Placement, Span
 from chainserve.sim.arrivals import Arrivals, PiecewiseArrivals, PoissonArrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
-from chainserve.sim.loop import Failure, run_loop
+from chainserve.sim.events import Failure
+from chainserve.sim.loop import run_loop
 from chainserve.sim.service import service_model
 
 BLOOM = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "paper-sim-bloom-20.yaml")

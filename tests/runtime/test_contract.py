@@ -5,7 +5,7 @@ through the :class:`~chainserve.runtime.orchestrator.Orchestrator` on a virtual 
 transport (each job's first hop holds its one forward step until the script says it completes).
 Both must start the same jobs at the same times on the same chains (house style: "one policy, two
 drivers"). A second script adds a server failure and its return (issue 31): the orchestrator is told
-the server died and is back, the simulator gets the same :class:`~chainserve.sim.loop.Failure`;
+the server died and is back, the simulator gets the same :class:`~chainserve.sim.events.Failure`;
 the aborted jobs run again at the same times on the same chains in both.
 """
 
@@ -25,7 +25,7 @@ from chainserve.runtime.orchestrator import Orchestrator
 from chainserve.runtime.requests import SamplingParams
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.engine import simulate
-from chainserve.sim.loop import Failure
+from chainserve.sim.events import Failure
 
 NUM_JOBS = 60
 

@@ -68,7 +68,7 @@ from chainserve.sim.arrivals import (
     TraceArrivals,
     read_azure_trace,
 )
-from chainserve.sim.loop import Failure, Transition
+from chainserve.sim.events import Failure, Transition
 from chainserve.sim.runs import Replication, run_method
 from chainserve.sim.service import SERVICE_MODELS, service_model
 

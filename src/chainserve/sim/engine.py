@@ -33,7 +33,8 @@ from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
 from chainserve.sim.batched import BatchedService, run_batched
-from chainserve.sim.loop import Failure, Transition, run_loop
+from chainserve.sim.events import Failure, Transition
+from chainserve.sim.loop import run_loop
 from chainserve.sim.memory import MemoryLedger, demands
 from chainserve.sim.service import Duration, ServiceModel, service_model
 
@@ -109,7 +110,7 @@ def simulate(
     ``dispatcher`` on ``plan`` (its placement bounds memory, its chains give the utilisation; a
     ``PathPlacement`` for the per-request routers: its cache pools bound memory), with
     ``service`` times, until no event is left. ``failures``: (time, server) pairs or
-    :class:`~chainserve.sim.loop.Failure` events (a server back after ``down_s``), passed to
+    :class:`~chainserve.sim.events.Failure` events (a server back after ``down_s``), passed to
     ``dispatcher.fail_server`` (and ``restore_server``); aborted jobs lose their service and restart
     whenever the dispatcher starts them again, keeping their arrival time. ``recover``: recompose the
     chains after every failure and return, as the runtime does (:mod:`chainserve.sim.loop`;

@@ -1,8 +1,8 @@
 """The simulator's general event loop (issue 31; Vidur's lesson: plan changes and pipeline stages are
 event kinds, and a policy's decisions are applied by the loop): arrivals, job completions or the
-batched model's iterations and hops, server failures and returns, the adaptive controller's ticks
-and finished loads, all in one heap. :func:`chainserve.sim.engine.simulate` runs it for a controller,
-a failure with a return, ``recover`` or the batched model with failures; its two fast paths (the
+batched model's iterations and hops, server failures and returns (:mod:`.events`), the adaptive
+controller's ticks and finished loads, all in one heap. :func:`chainserve.sim.engine.simulate` runs
+it for a controller, a failure with a return, ``recover`` or the batched model with failures; its two fast paths (the
 job-level loop in :mod:`.engine`, :func:`.batched.run_batched`) cover one plan and are pinned to this
 loop by ``tests/test_sim_loops.py`` (same seed, same records).
 
@@ -47,10 +47,11 @@ from chainserve.adapt.controller import AdaptiveController, PlanChange
 from chainserve.adapt.migration import Action, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.dispatch.generations import Generation, Generations
-from chainserve.plan.recovery import RestartPolicy, recompose, restart_s
+from chainserve.plan.recovery import recompose
 from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit, reserved_block_jobs
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
+from chainserve.sim.events import Failure, Transition
 from chainserve.sim.memory import MemoryExceeded
 from chainserve.sim.service import Duration
 
@@ -59,67 +60,6 @@ from chainserve.sim.service import Duration
 _FAIL, _BACK, _LOADED, _DONE, _TICK, _ITEM, _REPLY, _ITER = range(8)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Server ``server`` (index) fails at ``time_s`` and is back ``down_s`` seconds later (``None``:
-    never)."""
-
-    time_s: float
-    server: int
-    down_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.time_s >= 0:
-            raise ValueError(f"time_s: must be ≥ 0, got {self.time_s}")
-        if self.down_s is not None and not self.down_s >= 0:
-            raise ValueError(f"down_s: must be ≥ 0, got {self.down_s}")
-
-
-def supervised_failures(
-    layout: Layout, failures: Sequence[tuple[float, int, float | None]], policy: RestartPolicy
-) -> tuple[Failure, ...]:
-    """(time, server, down seconds or ``None``) as :class:`Failure` events, ``None`` meaning: restarted
-    by the runtime's supervisor after :func:`~chainserve.plan.recovery.restart_s` — its back-off counts
-    consecutive restarts of a server, afresh once it stayed up ``policy.stable_s`` — or never back when
-    the policy gives up.
-
-    >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
-    >>> from chainserve.plan.csearch import make_plan
-    >>> from chainserve.plan.types import Chain, Hop, Placement
-    >>> p = Problem((Server("a", 10, 1.0, 0.0),), ModelSpec("m", 1, 1.0, 1.0), Workload(0.5),
-    ...             load_bandwidth_gb_per_s=1.0)
-    >>> plan = make_plan(p, Placement((Span(0, 1, 1),), 1), (Chain((Hop(0, 1, 1),), 1.0, 1),), 1)
-    >>> events = [(10.0, 0, None), (12.0, 0, None), (100.0, 0, None), (200.0, 0, 5.0)]
-    >>> [f.down_s for f in supervised_failures(plan, events, RestartPolicy(max_restarts=5, stable_s=60))]
-    [1.0, 2.0, 1.0, 5.0]
-    """
-    out: list[Failure] = []
-    attempts: dict[int, int] = {}
-    back_at: dict[int, float] = {}
-    for t, j, down in sorted(failures, key=lambda f: f[0]):
-        if down is None:
-            span = layout.placement.span_of(j)
-            attempt = attempts.get(j, 0) if t - back_at.get(j, -math.inf) < policy.stable_s else 0
-            down = 0.0 if span is None else restart_s(layout.problem, span, policy, attempt)
-            attempts[j] = attempt + 1
-        out.append(Failure(t, j, down))
-        back_at[j] = math.inf if down is None else t + down
-    return tuple(out)
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One executed plan change: the decision and when its last server joined the new plan."""
-
-    change: PlanChange
-    finished_s: float
-
-    @property
-    def duration_s(self) -> float:
-        """Time spent migrating: from the decision until every server serves the new plan."""
-        return self.finished_s - self.change.time_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from chainserve.plan.recovery import RestartPolicy
 from chainserve.plan.types import Plan
 from chainserve.sim.arrivals import ArrivalProcess
 from chainserve.sim.engine import simulate
-from chainserve.sim.loop import Failure, Transition, supervised_failures
+from chainserve.sim.events import Failure, Transition, supervised_failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ def run_method(
     plan gets a fresh dispatcher of the method's policy, with the same coins' stream. ``page_tokens``:
     KV cache by tokens (issue 30, :func:`chainserve.methods.dispatcher_for`); ``None``: the paper's slots.
     ``failures``: (time, server, seconds down) — ``None`` down: restarted as ``restart_policy`` (default
-    the runtime's) restarts it (:func:`~chainserve.sim.loop.supervised_failures`) — each recovered
+    the runtime's) restarts it (:func:`~chainserve.sim.events.supervised_failures`) — each recovered
     from as the runtime recovers (chains recomposed on the live servers)."""
     base, _ = check_method_name(method)
     if adapt is not None and base != "proposed":
