@@ -150,3 +150,20 @@ def test_job_level_fast_path_equals_the_general_loop_without_failures(service):
     np.testing.assert_array_equal(fast.started_at, np.frombuffer(loop.started, dtype=np.float64))
     np.testing.assert_array_equal(fast.finished_at, np.frombuffer(loop.finished, dtype=np.float64))
     np.testing.assert_array_equal(fast.chain, np.frombuffer(loop.chain_of, dtype=np.int64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_overlapping_outages_lose_no_job(seed):
+    """Random servers of the plan fail at random times for random durations, overlapping (at times
+    nothing covers the model): every job finishes, in every service model's loop."""
+    plan = plan_for_rate(BLOOM, "greedy", 0.3)
+    rng = np.random.default_rng(seed)
+    placed = sorted({j for ch in plan.chains for j in ch.servers})
+    failures = [
+        Failure(float(rng.uniform(0, 3000)), int(rng.choice(placed)), float(rng.exponential(300))) for _ in range(8)
+    ]
+    for service, jobs in (("exponential", 1_500), ("batched", 300)):
+        model = BatchedService() if service == "batched" else service
+        r = simulate(plan, JFFC(plan.chains), None, model, seed=seed, num_jobs=jobs, failures=failures, recover=True)
+        assert r.num_finished == r.num_jobs, service
+        assert np.all(r.finished_at >= r.started_at) and np.all(r.started_at >= r.arrived_at)
