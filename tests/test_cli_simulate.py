@@ -206,7 +206,6 @@ def test_table():
         (("--fail", "high-1@10+-5"), "fail"),
         (("--fail", "high-1@10", "--method", "petals"), "failures"),
         (("--fail", "high-1@10", "--adapt"), "fail"),
-        (("--fail", "high-1@10", "--page-tokens", "16"), "fail"),
     ],
 )
 def test_errors_one_line_exit_2(args, field):

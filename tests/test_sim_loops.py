@@ -12,6 +12,7 @@ import pytest
 
 from chainserve.adapt.controller import AdaptConfig, AdaptiveController, plan_for_rate
 from chainserve.dispatch.jffc import JFFC
+from chainserve.methods import dispatcher_for
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.model.step_cost import StepCost
@@ -167,3 +168,26 @@ def test_overlapping_outages_lose_no_job(seed):
         r = simulate(plan, JFFC(plan.chains), None, model, seed=seed, num_jobs=jobs, failures=failures, recover=True)
         assert r.num_finished == r.num_jobs, service
         assert np.all(r.finished_at >= r.started_at) and np.all(r.started_at >= r.arrived_at)
+
+
+def test_paged_cache_through_failures():
+    """KV cache by tokens (issue 30): the fast path (a failure that never returns) and the general loop
+    give the same records, and with recovery every job finishes."""
+    plan = plan_for_rate(BLOOM.with_workload(arrival_rate_per_s=0.3), "greedy", 0.3)
+    problem = dataclasses.replace(plan.problem, model=dataclasses.replace(plan.problem.model, max_tokens=4096))
+    plan = dataclasses.replace(plan, problem=problem)
+
+    def paged(layout):
+        return dispatcher_for("proposed", layout, np.random.default_rng(0), page_tokens=16)
+
+    victim = plan.chains[0].servers[0]
+    fast = simulate(plan, paged(plan), None, "token", seed=1, num_jobs=2_000, failures=[(500.0, victim)])
+    loop = simulate(
+        plan, paged(plan), None, "token", seed=1, num_jobs=2_000, failures=[Failure(500.0, victim, math.inf)]
+    )
+    assert fast.num_restarts >= 1 and fast.records == loop.records
+    r = simulate(
+        plan, paged(plan), None, "token", seed=1, num_jobs=2_000, failures=[Failure(500.0, victim, 300.0)],
+        recover=True, make_dispatcher=paged,
+    )  # fmt: skip
+    assert r.num_finished + r.num_refused == r.num_jobs and r.num_recomposed == 2

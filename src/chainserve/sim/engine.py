@@ -260,15 +260,15 @@ def _simulate_plans(
     recover: bool,
 ) -> SimResult:
     """:func:`simulate` over changing plans: :func:`chainserve.sim.loop.run_loop`."""
-    if dispatcher.paging is not None:
-        raise ValueError("paging: plan changes and returns are simulated in max-length slots (the paper's model)")
+    if recover and dispatcher.paging is not None and make_dispatcher is None:
+        raise ValueError("make_dispatcher: recomposed plans need the paged dispatcher's maker")
     run = run_loop(
         plan, dispatcher, controller, make_dispatcher or _proposed_dispatcher, stream, timing, failures, recover
     )
     one_plan = controller is None and not recover
     result = _result(
-        plan, None, stream, warmup, run.started, run.finished, run.chain_of, run.route_of, run.num_restarts, 0,
-        per_chain=one_plan,
+        plan, None, stream, warmup, run.started, run.finished, run.chain_of, run.route_of, run.num_restarts,
+        run.num_refused, per_chain=one_plan,
     )  # fmt: skip
     return replace(result, transitions=run.transitions, num_retried=run.num_retried, num_recomposed=run.num_recomposed)
 

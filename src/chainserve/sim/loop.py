@@ -52,7 +52,7 @@ from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit, reserved_bl
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.events import Failure, Transition
-from chainserve.sim.memory import MemoryExceeded
+from chainserve.sim.memory import MemoryExceeded, demands
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times; then the batched service's (its item done, a
@@ -75,13 +75,16 @@ class LoopResult:
     num_restarts: int
     num_retried: int
     num_recomposed: int
+    num_refused: int = 0
 
 
 class _Servers:
-    """What each server holds now: its loaded span, whether it is alive and the cache in block-jobs
-    (all generations)."""
+    """What each server holds now: its loaded span, whether it is alive and the cache of all
+    generations' jobs, in block-jobs — or block-tokens with paging (``unit``: T tokens a slot holds;
+    a job then holds its demand d per block, :func:`~chainserve.sim.memory.demands`)."""
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, unit: int = 1):
+        self.unit = unit
         problem = layout.problem
         self.problem = problem
         self.loaded: list[Span | None] = [layout.placement.span_of(j) for j in range(problem.num_servers)]
@@ -94,7 +97,7 @@ class _Servers:
         if span is None:
             return 0
         room = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
-        return jobs_that_fit(room, problem.cache_size_gb(j))
+        return jobs_that_fit(room, problem.cache_size_gb(j) / self.unit)
 
     def load(self, j: int, span: Span) -> None:
         """Unload server ``j`` (it must hold no job) and give it ``span``."""
@@ -112,26 +115,26 @@ class _Servers:
             if not self.alive[j]:
                 raise MemoryExceeded(f"job {job} at t={now}: server {j} is dead")
 
-    def has_room(self, route: Route) -> bool:
-        return all(self.used[h.server] + h.num_blocks <= self.limit[h.server] for h in route.hops)
+    def has_room(self, route: Route, d: int) -> bool:
+        return all(self.used[h.server] + h.num_blocks * d <= self.limit[h.server] for h in route.hops)
 
-    def overflow(self, job: int, route: Route, now: float) -> str:
-        """What a start of ``job`` on ``route`` would exceed (it has no room)."""
-        hop = next(h for h in route.hops if self.used[h.server] + h.num_blocks > self.limit[h.server])
-        j = hop.server
+    def overflow(self, job: int, route: Route, d: int, now: float) -> str:
+        """What a start of ``job`` holding ``d`` per block on ``route`` would exceed (it has no room)."""
+        hop = next(h for h in route.hops if self.used[h.server] + h.num_blocks * d > self.limit[h.server])
+        j, units = hop.server, "jobs" if self.unit == 1 else "tokens"
         return (
-            f"job {job} at t={now}: server {j} would hold {self.used[j] + hop.num_blocks} block-jobs "
+            f"job {job} at t={now}: server {j} would hold {self.used[j] + hop.num_blocks * d} block-{units} "
             f"of cache, {self.limit[j]} fit"
         )
 
-    def admit(self, start: Start, gen: Generation) -> None:
+    def admit(self, start: Start, gen: Generation, d: int) -> None:
         for hop in start.route.hops:
-            self.used[hop.server] += hop.num_blocks
-        gen.started(start)
+            self.used[hop.server] += hop.num_blocks * d
+        gen.started(start)  # in block-slots, as the runtime's generations count
 
-    def release(self, start: Start, gen: Generation) -> None:
+    def release(self, start: Start, gen: Generation, d: int) -> None:
         for hop in start.route.hops:
-            self.used[hop.server] -= hop.num_blocks
+            self.used[hop.server] -= hop.num_blocks * d
         gen.ended(start)
 
 
@@ -158,11 +161,16 @@ def run_loop(
     problem = plan.problem
     times, prompts, outputs = stream.columns()
     times.append(math.inf)
-    servers = _Servers(plan)
+    paging = dispatcher.paging
+    if paging is not None and controller is not None:
+        raise ValueError("paging: plan changes are simulated in max-length slots (the paper's model)")
+    unit = 1 if paging is None else paging.tokens_per_slot
+    demand = demands(paging, prompts, outputs)  # cache per block: 1 slot, or its tokens in pages
+    servers = _Servers(plan, unit)
     if recover:  # as the runtime serves a fixed plan: each server's arena and limit are its reservation
         arenas = reserved_block_jobs(plan)
         for j, slots in arenas.items():
-            servers.limit[j] = min(servers.limit[j], slots)
+            servers.limit[j] = min(servers.limit[j], slots * unit)
     gens = Generations(plan, dispatcher)
     first = gens.current
     every: list[Generation] = [first]  # every generation ever, for the conservation check
@@ -181,7 +189,7 @@ def run_loop(
     transitions: list[Transition] = []
     change: PlanChange | None = None
     schedule: Migration | None = None
-    num_restarts = num_recomposed = 0
+    num_restarts = num_recomposed = num_refused = 0
     retried: set[int] = set()
 
     def push(t: float, kind: int, payload: int, who: int = 0) -> int:
@@ -195,7 +203,7 @@ def run_loop(
         finished[i] = t
         state[i] = _FINISHED
         gen = gen_of[i]
-        servers.release(start_of[i], gen)
+        servers.release(start_of[i], gen, demand[i])
         retry_held(t)  # the starts that waited for room first, as the runtime wakes its holds
         starts = gen.dispatcher.complete(i, t)
         if starts:
@@ -218,7 +226,7 @@ def run_loop(
     def run(i: int, now: float) -> None:
         """Job ``i``'s service begins: its cache is held and its completion scheduled."""
         start, gen = start_of[i], gen_of[i]
-        servers.admit(start, gen)
+        servers.admit(start, gen, demand[i])
         state[i] = _RUNNING
         started[i] = now
         route = start.route
@@ -240,9 +248,9 @@ def run_loop(
             servers.check(i, route, now)
             start_of[i], gen_of[i], route_of[i] = start, gen, route
             chain_of[i] = -1 if route.chain is None else route.chain
-            if not servers.has_room(route):
+            if not servers.has_room(route, demand[i]):
                 if not recover:  # only a recomposed plan's starts may wait for the old plan's jobs
-                    raise MemoryExceeded(servers.overflow(i, route, now))
+                    raise MemoryExceeded(servers.overflow(i, route, demand[i], now))
                 state[i] = _HELD
                 held.append(i)
             else:
@@ -256,7 +264,7 @@ def run_loop(
         waiting = list(held)
         held.clear()
         for i in waiting:  # the runtime's holds do not queue: whoever fits goes
-            if servers.has_room(start_of[i].route):
+            if servers.has_room(start_of[i].route, demand[i]):
                 run(i, now)
             elif gen_of[i] is not gens.current:
                 state[i] = _IDLE
@@ -270,7 +278,7 @@ def run_loop(
     def end(i: int) -> None:
         """Job ``i`` leaves service (finished or aborted): its cache is freed."""
         if state[i] == _RUNNING:
-            servers.release(start_of[i], gen_of[i])
+            servers.release(start_of[i], gen_of[i], demand[i])
         else:
             held.remove(i)
 
@@ -390,15 +398,23 @@ def run_loop(
             if controller is not None:
                 controller.observe(t_arrival, prompts[i], outputs[i])
             job = Job(i, t_arrival, prompts[i], outputs[i])
-            begin(gens.current.dispatcher.submit(job, t_arrival), t_arrival, gens.current)
+            current = gens.current
+            if paging is None or current.dispatcher.fits(job):
+                begin(current.dispatcher.submit(job, t_arrival), t_arrival, current)
+            else:
+                num_refused += 1  # no live chain could ever hold it: the runtime answers 400
             if controller is not None:
                 decide(t_arrival)
             next_job += 1
             t_arrival = times[next_job]
     unfinished = int(np.count_nonzero(np.isnan(np.frombuffer(finished, dtype=np.float64))))
     in_system = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in every)
-    if in_system != unfinished:
-        raise RuntimeError(f"conservation: {unfinished} jobs unfinished but the dispatchers hold {in_system}")
+    if in_system + num_refused != unfinished:
+        raise RuntimeError(
+            f"conservation: {unfinished} jobs unfinished but the dispatchers hold {in_system} and {num_refused} "
+            "were refused"
+        )
     return LoopResult(
-        started, finished, chain_of, route_of, tuple(transitions), num_restarts, len(retried), num_recomposed
-    )
+        started, finished, chain_of, route_of, tuple(transitions), num_restarts, len(retried), num_recomposed,
+        num_refused,
+    )  # fmt: skip
