@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes"]
+__all__ = ["PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes", "run_siblings"]
 
 
 def prepared_dtypes() -> frozenset[torch.dtype]:
@@ -73,6 +73,16 @@ def prepare_alone(linear: nn.Module) -> nn.Module:
     cannot be prepared. Its weight is reordered into a new tensor: a tied one (an LM head sharing the
     input embedding, issue 30) stays as it is for the module it is tied to."""
     return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
+
+
+def run_siblings(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``linears`` on ``x``: where they are exactly the members of one merged GEMM, in its
+    order, that GEMM once and its output's slices as views (no per-member bookkeeping, no copies:
+    :mod:`.lean`, issue 30); else each module called."""
+    merged = getattr(linears[0], "merged", None)
+    if merged is not None and [merged.index.get(id(m)) for m in linears] == list(range(len(merged.sizes))):
+        return list(_matmul(x, merged.weight, merged.lone_row, merged.bias).split(merged.sizes, dim=-1))
+    return [linear(x) for linear in linears]
 
 
 def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:

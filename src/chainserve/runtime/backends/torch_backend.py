@@ -49,6 +49,7 @@ from chainserve.runtime.backends.hf_parts import (
     load_parts,
     skeleton,
 )
+from chainserve.runtime.backends.lean import lean_layer
 from chainserve.runtime.backends.prepared import prepare_linears
 from chainserve.runtime.backends.torch_common import FROM_WIRE, torch_to_wire, wire_to_torch
 from chainserve.runtime.backends.torch_head import TorchHead
@@ -181,6 +182,8 @@ class TorchSpan:
         self.windows = windows[first : info.last_block]
         self.types = list(types[first : info.last_block]) if types else [None] * info.num_blocks
         self.calls = [_call_plan(layer) for layer in self.layers]
+        plain_rotary = self.rotary is not None and not self.rotary_per_type
+        self.lean = [lean_layer(layer, self.attention) if plain_rotary else None for layer in self.layers]
         shape = dry_run(config).kv[first]
         # Bounded KV memory: allocated once, never grows (pages_per_slot pages make one s_c).
         pages = (info.num_pages, info.page_tokens)
@@ -245,7 +248,11 @@ class TorchSpan:
                 "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias,
                 "cache": cache,
             }  # fmt: skip
+            heads = {t: (cos.unsqueeze(1), sin.unsqueeze(1)) for t, (cos, sin) in rotary.items()}  # lean layers'
             for i in range(offset, self.info.num_blocks):
+                if self.lean[i] is not None:
+                    h = self.lean[i](h, masks[self.windows[i]], *heads[self.types[i]], cache)
+                    continue
                 given["attention_mask"] = masks[self.windows[i]]
                 given["position_embeddings"] = rotary.get(self.types[i])
                 out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
