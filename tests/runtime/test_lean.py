@@ -1,16 +1,20 @@
 """The lean Llama layer (issue 30, :mod:`chainserve.runtime.backends.lean`): a span whose Llama layers
 run it computes bit for bit what the same span computes through the model's own layer forward (a
 prefill from 0, a batch of decodes at different positions, a chunk after a cached prefix), on
-prepared and plain weights; other layer classes and eager attention keep the model's forward."""
+prepared and plain weights; other layer classes and eager attention keep the model's forward. The head runs
+just the final norm and the LM head where that is bit for bit what the model's forward computes."""
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
+from tests.runtime.families import build_family  # noqa: E402
+
 from chainserve.runtime.backends.base import SpanInfo, SpanStep  # noqa: E402
 from chainserve.runtime.backends.lean import LeanLayer, lean_layer  # noqa: E402
 from chainserve.runtime.backends.torch_backend import TorchSpan  # noqa: E402
 from chainserve.runtime.backends.torch_common import torch_to_wire, wire_to_torch  # noqa: E402
+from chainserve.runtime.backends.torch_head import TorchHead  # noqa: E402
 from chainserve.runtime.models import resolve_model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -58,3 +62,13 @@ def test_lean_applies_only_to_llama_layers_under_sdpa(model_dir):
     assert lean_layer(layer, "eager") is None
     assert lean_layer(torch.nn.Linear(2, 2), "sdpa") is None
     span.close()
+
+
+@pytest.mark.parametrize(("name", "fast"), [("llama", True), ("cohere", False), ("gemma2", False)])
+def test_head_runs_norm_then_head_only_where_that_is_the_models_logits(tmp_path, name, fast):
+    head = TorchHead(build_family(name, tmp_path))
+    assert head.norm_then_head is fast  # cohere scales its logits, gemma2 softcaps them
+    hidden = [torch_to_wire(torch.randn(1, 4, head.hidden_size, generator=torch.Generator().manual_seed(1)))]
+    got = head.logits(hidden, [4])
+    head.norm_then_head = False
+    assert (got == head.logits(hidden, [4])).all()
