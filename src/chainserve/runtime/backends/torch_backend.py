@@ -248,10 +248,12 @@ class TorchSpan:
                 "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias,
                 "cache": cache,
             }  # fmt: skip
-            heads = {t: (cos.unsqueeze(1), sin.unsqueeze(1)) for t, (cos, sin) in rotary.items()}  # lean layers'
+            # lean layers': RoPE unsqueezed once, boolean masks as the additive ones sdpa makes of them per call
+            heads = {t: (cos.unsqueeze(1), sin.unsqueeze(1)) for t, (cos, sin) in rotary.items()}
+            added = {w: _additive(m, self.dtype) for w, m in masks.items()} if any(self.lean) else {}
             for i in range(offset, self.info.num_blocks):
                 if self.lean[i] is not None:
-                    h = self.lean[i](h, masks[self.windows[i]], *heads[self.types[i]], cache)
+                    h = self.lean[i](h, added[self.windows[i]], *heads[self.types[i]], cache)
                     continue
                 given["attention_mask"] = masks[self.windows[i]]
                 given["position_embeddings"] = rotary.get(self.types[i])
@@ -330,6 +332,15 @@ class TorchSpan:
         self._worker.shutdown(wait=True)
         self.layers = None
         self.keys = self.values = None
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean sdpa mask as the additive one (0 seen, −inf hidden) sdpa converts it to on every call:
+    the same values, converted once per iteration, not once per layer (issue 30: 232 against 266 µs
+    per attention call at 16 rows of 96 positions on this machine)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _kwargs_of(module: torch.nn.Module) -> set[str]:
