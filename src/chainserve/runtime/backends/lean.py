@@ -6,8 +6,9 @@ its attention dispatch, the per-member bookkeeping of merged GEMMs (:class:`~.pr
 and the copies that make each member's slice contiguous. :func:`lean_layer` runs the same tensor
 operations, in the same order and on the same values, as ``LlamaDecoderLayer.forward`` with sdpa
 attention (so the output is bit-identical: ``tests/runtime/test_lean.py``), in one Python function:
-the input norm, q/k/v from their merged GEMM as views, RoPE, the cache's ``update``, transformers'
-own ``sdpa_attention_forward``, the output projection, the post-attention norm and the gated MLP with
+the input norm, q/k/v from their merged GEMM as views (RoPE applied once to q and k side by side: the
+same elementwise operations on the same values), the cache's ``update``, transformers' own
+``sdpa_attention_forward``, the output projection, the post-attention norm and the gated MLP with
 gate/up merged. It applies only to that class (any other layer, or a Llama layer under another
 attention implementation, keeps the model's forward).
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from chainserve.runtime.backends.prepared import run_siblings
+from chainserve.runtime.backends.prepared import merged_output
 
 __all__ = ["LeanLayer", "lean_layer"]
 
@@ -47,6 +48,11 @@ class LeanLayer:
         self.sdpa: Callable = sdpa_attention_forward
         self.head_dim, self.scaling = self.attn.head_dim, self.attn.scaling
         self.norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.qkv = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        self.qk = self.attn.q_proj.out_features + self.attn.k_proj.out_features  # q and k's columns
+        self.q_heads = self.attn.q_proj.out_features // self.head_dim
+        self.gate_up = (self.mlp.gate_proj, self.mlp.up_proj)
+        self.gate_size = self.mlp.gate_proj.out_features
 
     def __call__(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache
@@ -55,16 +61,24 @@ class LeanLayer:
         attn, mlp = self.attn, self.mlp
         shape = (*hidden.shape[:-1], -1, self.head_dim)
         x = _rms_norm(hidden, *self.norms[0])
-        q, k, v = run_siblings((attn.q_proj, attn.k_proj, attn.v_proj), x)
-        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        y = merged_output(self.qkv, x)
+        if y is None:  # not merged (yet: the first forward learns the siblings)
+            q, k, v = (linear(x).view(shape).transpose(1, 2) for linear in self.qkv)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        else:
+            qk = _rope(y[..., : self.qk].view(shape).transpose(1, 2), cos, sin)
+            q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
+            v = y[..., self.qk :].view(shape).transpose(1, 2)
         k, v = cache.update(k, v, attn.layer_idx)
         out, _ = self.sdpa(attn, q, k, v, mask, dropout=0.0, scaling=self.scaling)
         out = attn.o_proj(out.reshape(*shape[:-2], -1).contiguous())
         hidden = hidden + out
         x = _rms_norm(hidden, *self.norms[1])
-        gate, up = run_siblings((mlp.gate_proj, mlp.up_proj), x)
+        y = merged_output(self.gate_up, x)
+        if y is None:
+            gate, up = (linear(x) for linear in self.gate_up)
+        else:
+            gate, up = y[..., : self.gate_size], y[..., self.gate_size :]
         return hidden + mlp.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -74,6 +88,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb``'s operations on one tensor of heads."""
+    return (x * cos) + (_rotate_half(x) * sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

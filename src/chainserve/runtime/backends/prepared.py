@@ -45,7 +45,7 @@ from torch import nn
 #: Two or three rows are padded up to this many for the reordered GEMM (one row has its transposed copy).
 MIN_ROWS = 4
 
-__all__ = ["MIN_ROWS", "PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes", "run_siblings"]
+__all__ = ["MIN_ROWS", "PreparedLinear", "prepare_alone", "prepare_linears", "merged_output", "prepared_dtypes"]
 
 
 def prepared_dtypes() -> frozenset[torch.dtype]:
@@ -83,14 +83,14 @@ def prepare_alone(linear: nn.Module) -> nn.Module:
     return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
 
 
-def run_siblings(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each of ``linears`` on ``x``: where they are exactly the members of one merged GEMM, in its
-    order, that GEMM once and its output's slices as views (no per-member bookkeeping, no copies:
-    :mod:`.lean`, issue 30); else each module called."""
+def merged_output(linears: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """``linears``' outputs on ``x`` side by side, from their merged GEMM run once, where they are
+    exactly its members in its order (no per-member bookkeeping, no copies: :mod:`.lean`, issue 30);
+    else ``None``."""
     merged = getattr(linears[0], "merged", None)
-    if merged is not None and [merged.index.get(id(m)) for m in linears] == list(range(len(merged.sizes))):
-        return list(_matmul(x, merged.weight, merged.lone_row, merged.bias).split(merged.sizes, dim=-1))
-    return [linear(x) for linear in linears]
+    if merged is None or [merged.index.get(id(m)) for m in linears] != list(range(len(merged.sizes))):
+        return None
+    return _matmul(x, merged.weight, merged.lone_row, merged.bias)
 
 
 def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
