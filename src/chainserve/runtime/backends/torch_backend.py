@@ -87,23 +87,25 @@ class PagedCache(Cache):
         self.positions, self.length, self.runs = positions, length, runs
         page_tokens = keys.shape[1]
         written = positions[:, None] + torch.arange(q, device=positions.device)[None, :]  # [B, q]
-        self.column, self.offset = written // page_tokens, written % page_tokens
+        column, self.offset = written // page_tokens, written % page_tokens
+        rows, blocks, _ = table.shape
+        # Once for every layer (issue 30): the page of each new position [blocks, B, q], each layer's pages flat
+        self.written = table.gather(2, column[:, None, :].expand(rows, blocks, -1)).transpose(0, 1)
+        self.flat = table.transpose(0, 1).reshape(blocks, -1)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         i = layer_idx - self.first_layer
-        pages = self.table[:, i]  # [B, n]
-        written = pages.gather(1, self.column)  # [B, q]: the page of each new position
-        self.keys[written, self.offset] = key_states.transpose(1, 2)  # [B, q, heads, dim]
-        self.values[written, self.offset] = value_states.transpose(1, 2)
-        rows, n = pages.shape
+        at = (self.written[i], self.offset)
+        self.keys.index_put_(at, key_states.transpose(1, 2))  # [B, q, heads, dim]
+        self.values.index_put_(at, value_states.transpose(1, 2))
+        rows, n = self.table.shape[0], self.table.shape[2]
         start = self.runs[i] if self.runs else None
         if start is not None:  # one row, consecutive pages: a view
             k, v = self.keys[start : start + n], self.values[start : start + n]
-        else:
-            flat = pages.reshape(-1)  # index_select: ~7x faster than ``keys[flat]`` on the CPU (issue 30)
-            k, v = self.keys.index_select(0, flat), self.values.index_select(0, flat)
+        else:  # index_select: ~7x faster than ``keys[flat]`` on the CPU (issue 30)
+            k, v = self.keys.index_select(0, self.flat[i]), self.values.index_select(0, self.flat[i])
         k = k.view(rows, -1, *k.shape[2:])[:, : self.length].transpose(1, 2)
         v = v.view(rows, -1, *v.shape[2:])[:, : self.length].transpose(1, 2)
         return k, v
