@@ -44,7 +44,7 @@ class LeanLayer:
     def __init__(self, layer: nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        self.layer, self.attn, self.mlp = layer, layer.self_attn, layer.mlp
+        self.attn, self.mlp = layer.self_attn, layer.mlp
         self.sdpa: Callable = sdpa_attention_forward
         self.head_dim, self.scaling = self.attn.head_dim, self.attn.scaling
         self.norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
