@@ -16,6 +16,7 @@ from tests.runtime.families import build_family  # noqa: E402
 
 from chainserve.runtime.backends.hf_parts import layer_list  # noqa: E402
 from chainserve.runtime.backends.prepared import (  # noqa: E402
+    MIN_ROWS,
     PreparedLinear,
     prepare_alone,
     prepare_linears,
@@ -124,7 +125,7 @@ def test_merged_siblings_with_and_without_bias(dtype):
     assert prepare_linears(prepared) == 3
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with torch.inference_mode():
-        for shape in ((1, 1, 16), (1, 2, 16), (3, 2, 16), (16, 2, 16)):  # (1, 1): the lone-row path
+        for shape in ((1, 1, 16), (1, 2, 16), (3, 2, 16), (16, 2, 16)):  # (1, 1): the lone-row path; 2, 3 rows: padded
             x = torch.randn(*shape, dtype=dtype)
             for got, want in zip(prepared(x), module(x), strict=True):
                 torch.testing.assert_close(got, want, **tol)
@@ -132,9 +133,10 @@ def test_merged_siblings_with_and_without_bias(dtype):
     assert prepared.a.merged.input is None  # both slices taken: the merged output is not kept
 
 
-def test_a_lone_row_computes_what_it_does_among_others():
-    """Issue 30: one row multiplies the transposed fp32 copy, more rows the reordered weight; the row's
-    output is the same either way (to fp32 rounding), merged or alone."""
+def test_few_rows_compute_what_they_do_among_others():
+    """Issue 30: one row multiplies the transposed fp32 copy, two or three the reordered weight padded
+    with zero rows to MIN_ROWS, more the reordered weight; a row's output is the same (to fp32 rounding)
+    either way, merged or alone."""
     torch.manual_seed(0)
     prepared = _TwoHeads()
     prepare_linears(prepared)
@@ -143,9 +145,11 @@ def test_a_lone_row_computes_what_it_does_among_others():
         prepared(x), prepared(x)  # the second call learns the siblings
         assert prepared.a.merged.lone_row.shape == (16, 21) and prepared.c.lone_row.shape == (16, 3)
         together = prepared(x)
-        for r in range(8):
-            for got, want in zip(prepared(x[r : r + 1]), together, strict=True):
-                torch.testing.assert_close(got, want[r : r + 1], rtol=1e-5, atol=1e-6)
+        for rows in (slice(r, r + 1) for r in range(8)), (slice(r, r + 2) for r in range(7)):
+            for r in rows:
+                for got, want in zip(prepared(x[r]), together, strict=True):
+                    torch.testing.assert_close(got, want[r], rtol=1e-5, atol=1e-6)
+        assert MIN_ROWS == 4 and [y.shape for y in prepared(x[:3])] == [(3, 1, 3), (3, 1, 5)]
 
 
 def test_a_tied_head_prepared_alone_leaves_the_embedding_its_weight(family):
@@ -158,7 +162,7 @@ def test_a_tied_head_prepared_alone_leaves_the_embedding_its_weight(family):
     prepared = prepare_alone(head)
     assert isinstance(prepared, PreparedLinear) and prepared.mode == "packed"
     with torch.inference_mode():
-        for rows in (1, 5):
+        for rows in (1, 2, 5):
             x = torch.randn(rows, head.in_features)
             torch.testing.assert_close(prepared(x), head(x), rtol=1e-5, atol=1e-5)
     assert embedding.weight is head.weight and torch.equal(embedding.weight, kept)

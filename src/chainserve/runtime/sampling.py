@@ -70,10 +70,23 @@ class Sampler:
         return self.constraint is not None and self.constraint.is_done
 
     def __call__(self, logits: np.ndarray, generated: Sequence[int] = ()) -> int:
+        if self._plain_greedy(generated):  # the argmax of the float32 logits is that of their float64 copy
+            return int(np.argmax(logits))
         token = self._pick(self._masked(logits, generated))
         if self.constraint is not None:
             self.constraint.accept(token)
         return token
+
+    def _plain_greedy(self, generated: Sequence[int]) -> bool:
+        """Greedy with nothing that changes the logits (issue 30: no float64 copy of the vocabulary per
+        token on the orchestrator's per-token path)."""
+        params = self.params
+        return (
+            params.is_greedy
+            and not params.has_penalties
+            and self.constraint is None
+            and not (len(generated) < params.min_tokens and self.eos_token_ids)
+        )
 
     def _masked(self, logits: np.ndarray, generated: Sequence[int]) -> np.ndarray:
         params = self.params

@@ -21,7 +21,12 @@ A lone row (one token of one session: a decode at batch 1) multiplies an fp32 we
 transposed to ``[in, out]`` (:func:`_lone_row_weight`, a non-persistent buffer): that GEMV beats the
 reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one thread, SmolLM2's
 GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price is a second copy
-of each prepared fp32 weight.
+of each prepared fp32 weight (SmolLM2's 30 blocks: ~350 MB more resident). Two or three rows are padded
+with zero rows to :data:`MIN_ROWS`: oneDNN's GEMM on the reordered weight is slow at one or two rows and
+fast from three, and a row's output is the same bits padded or not (issue 30; this machine, one thread,
+SmolLM2's GEMMs ×30, medians of 11 interleaved: two rows 36.4 ms, padded to four 25.8, transposed 38.9;
+one row 30.0, padded 25.5, transposed 26.7 there, yet whole 30-block iterations at one row took a median
+45.3 ms padded against 41.5 on the transposed copy, five alternating processes, so one row keeps it).
 
 Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
 torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
@@ -37,7 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PreparedLinear", "prepare_alone", "prepare_linears", "prepared_dtypes"]
+#: Two or three rows are padded up to this many for the reordered GEMM (one row has its transposed copy).
+MIN_ROWS = 4
+
+__all__ = ["MIN_ROWS", "PreparedLinear", "prepare_alone", "prepare_linears", "merged_output", "prepared_dtypes"]
 
 
 def prepared_dtypes() -> frozenset[torch.dtype]:
@@ -73,6 +81,16 @@ def prepare_alone(linear: nn.Module) -> nn.Module:
     cannot be prepared. Its weight is reordered into a new tensor: a tied one (an LM head sharing the
     input embedding, issue 30) stays as it is for the module it is tied to."""
     return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
+
+
+def merged_output(linears: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """``linears``' outputs on ``x`` side by side, from their merged GEMM run once, where they are
+    exactly its members in its order (no per-member bookkeeping, no copies: :mod:`.lean`, issue 30);
+    else ``None``."""
+    merged = getattr(linears[0], "merged", None)
+    if merged is None or [merged.index.get(id(m)) for m in linears] != list(range(len(merged.sizes))):
+        return None
+    return _matmul(x, merged.weight, merged.lone_row, merged.bias)
 
 
 def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
@@ -187,11 +205,18 @@ class _Merged(nn.Module):
 def _matmul(
     x: torch.Tensor, packed: torch.Tensor, lone_row: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered weight."""
-    if lone_row is not None and x.numel() == x.shape[-1]:
+    """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered
+    weight, fewer than :data:`MIN_ROWS` rows padded with zeros up to it."""
+    width = x.shape[-1]
+    rows = x.numel() // width
+    if lone_row is not None and rows == 1:
         y = x @ lone_row
         return y if bias is None else y.add_(bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if rows >= MIN_ROWS or rows == 0:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    padded = F.pad(x.reshape(rows, width), (0, 0, 0, MIN_ROWS - rows))
+    y = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")
+    return y[:rows].view(*x.shape[:-1], -1)
 
 
 def _lone_row_weight(weight: torch.Tensor) -> torch.Tensor | None:

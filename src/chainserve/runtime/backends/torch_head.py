@@ -14,7 +14,8 @@ outside the layer list loaded, tied embeddings tied) with its layer list replace
   Granite) are the model's own; the LM head's GEMM runs on prepared weights of its own (issue 30,
   :func:`~.prepared.prepare_alone`: a transposed copy for a lone row, oneDNN's layout for more; a
   tied head keeps the embedding's weight for the embedding), measured on this machine at one thread
-  for SmolLM2's 49,152 × 576 head: 6.7 ms against 13 for one row, 9.5 against 25 for eight.
+  for SmolLM2's 49,152 × 576 head: 6.7 ms against 13 for one row, 9.5 against 25 for eight; where the
+  logits are just the final norm and the LM head (checked at start, bit for bit) only those two run.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class TorchHead:
         self.embedding = model.get_input_embeddings()
         self.vocab_size = self.embedding.weight.shape[0]
         self.embeds_alone = self._embedding_is_entry()
+        self.norm_then_head = self._logits_are_norm_then_head()
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -143,6 +145,8 @@ class TorchHead:
         with torch.inference_mode():
             rows = [wire_to_torch(h, self.hidden_size)[0, -n:] for h, n in zip(hiddens, counts, strict=True)]
             h = torch.cat(rows).to(self.device, self.dtype)[None]
+            if self.norm_then_head:
+                return self._norm_then_head(h)[0].float().cpu().numpy()
             self.stand_in.given = h
             try:
                 out = self.model(inputs_embeds=h, use_cache=False)
@@ -168,6 +172,24 @@ class TorchHead:
         with torch.inference_mode():
             plain = self.embedding(ids)
             return all(torch.equal(self._entry(ids, p), plain) for p in (0, 7))
+
+    def _norm_then_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self.model.base_model.norm(h))
+
+    def _logits_are_norm_then_head(self) -> bool:
+        """Whether the causal LM's logits are its output embedding of its base model's final ``norm``
+        and nothing else (no scaling, softcapping or positions: Llama, Mistral, Qwen, …): checked on
+        sample hidden states, bit for bit; then :meth:`logits` runs just those two modules, not the
+        whole forward with its masks and rotary embeddings (~1 ms per call at one row, issue 30)."""
+        if not isinstance(getattr(self.model.base_model, "norm", None), torch.nn.Module):
+            return False
+        self.norm_then_head = False
+        gen = torch.Generator().manual_seed(0)
+        h = torch.randn(2, 3, self.hidden_size, generator=gen).to(self.device, self.dtype)
+        with torch.inference_mode():
+            rows = [torch_to_wire(row[None]) for row in h]
+            whole = self.logits(rows, [3, 3])
+            return np.array_equal(whole, self._norm_then_head(h.reshape(1, 6, -1))[0].float().cpu().numpy())
 
 
 def _eos_ids(model_dir: Path, config, tokenizer) -> tuple[int, ...]:

@@ -1,0 +1,100 @@
+"""A lean forward for Llama's decoder layer (issue 30: per-iteration Python overhead of a block server).
+
+A 30-block decode iteration of SmolLM2 at one row spent about 40 % of its time outside the GEMMs,
+much of it in Python: a dozen module calls per layer, transformers' keyword plumbing and wrappers,
+its attention dispatch, the per-member bookkeeping of merged GEMMs (:class:`~.prepared._Merged`)
+and the copies that make each member's slice contiguous. :func:`lean_layer` runs the same tensor
+operations, in the same order and on the same values, as ``LlamaDecoderLayer.forward`` with sdpa
+attention (so the output is bit-identical: ``tests/runtime/test_lean.py``), in one Python function:
+the input norm, q/k/v from their merged GEMM as views (RoPE applied once to q and k side by side: the
+same elementwise operations on the same values), the cache's ``update``, transformers' own
+``sdpa_attention_forward``, the output projection, the post-attention norm and the gated MLP with
+gate/up merged. It applies only to that class (any other layer, or a Llama layer under another
+attention implementation, keeps the model's forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from chainserve.runtime.backends.prepared import merged_output
+
+__all__ = ["LeanLayer", "lean_layer"]
+
+#: The layer classes whose forward :class:`LeanLayer` reproduces (transformers 5.x, Llama with sdpa).
+LEAN_CLASSES = frozenset({"LlamaDecoderLayer"})
+
+
+def lean_layer(layer: nn.Module, attention: str) -> LeanLayer | None:
+    """A :class:`LeanLayer` over ``layer`` where it reproduces the layer's own forward, else ``None``."""
+    if type(layer).__name__ not in LEAN_CLASSES or attention != "sdpa":
+        return None
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(attn, "training", True) or type(mlp.act_fn).__name__ != "SiLUActivation":
+        return None
+    return LeanLayer(layer)
+
+
+class LeanLayer:
+    """``LlamaDecoderLayer.forward`` (sdpa, inference) as one function over the layer's own modules."""
+
+    def __init__(self, layer: nn.Module):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.attn, self.mlp = layer.self_attn, layer.mlp
+        self.sdpa: Callable = sdpa_attention_forward
+        self.head_dim, self.scaling = self.attn.head_dim, self.attn.scaling
+        self.norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        self.qkv = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
+        self.qk = self.attn.q_proj.out_features + self.attn.k_proj.out_features  # q and k's columns
+        self.q_heads = self.attn.q_proj.out_features // self.head_dim
+        self.gate_up = (self.mlp.gate_proj, self.mlp.up_proj)
+        self.gate_size = self.mlp.gate_proj.out_features
+
+    def __call__(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache
+    ) -> torch.Tensor:
+        """``hidden`` [B, q, H] through the layer; ``cos``/``sin`` already unsqueezed at dim 1 (heads)."""
+        attn, mlp = self.attn, self.mlp
+        shape = (*hidden.shape[:-1], -1, self.head_dim)
+        x = _rms_norm(hidden, *self.norms[0])
+        y = merged_output(self.qkv, x)
+        if y is None:  # not merged (yet: the first forward learns the siblings)
+            q, k, v = (linear(x).view(shape).transpose(1, 2) for linear in self.qkv)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        else:
+            qk = _rope(y[..., : self.qk].view(shape).transpose(1, 2), cos, sin)
+            q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
+            v = y[..., self.qk :].view(shape).transpose(1, 2)
+        k, v = cache.update(k, v, attn.layer_idx)
+        out, _ = self.sdpa(attn, q, k, v, mask, dropout=0.0, scaling=self.scaling)
+        out = attn.o_proj(out.reshape(*shape[:-2], -1).contiguous())
+        hidden = hidden + out
+        x = _rms_norm(hidden, *self.norms[1])
+        y = merged_output(self.gate_up, x)
+        if y is None:
+            gate, up = (linear(x) for linear in self.gate_up)
+        else:
+            gate, up = y[..., : self.gate_size], y[..., self.gate_size :]
+        return hidden + mlp.down_proj(nn.functional.silu(gate) * up)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``'s operations."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb``'s operations on one tensor of heads."""
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,74 @@
+"""The lean Llama layer (issue 30, :mod:`chainserve.runtime.backends.lean`): a span whose Llama layers
+run it computes bit for bit what the same span computes through the model's own layer forward (a
+prefill from 0, a batch of decodes at different positions, a chunk after a cached prefix), on
+prepared and plain weights; other layer classes and eager attention keep the model's forward. The head runs
+just the final norm and the LM head where that is bit for bit what the model's forward computes."""
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
+
+from tests.runtime.families import build_family  # noqa: E402
+
+from chainserve.runtime.backends.base import SpanInfo, SpanStep  # noqa: E402
+from chainserve.runtime.backends.lean import LeanLayer, lean_layer  # noqa: E402
+from chainserve.runtime.backends.torch_backend import TorchSpan  # noqa: E402
+from chainserve.runtime.backends.torch_common import torch_to_wire, wire_to_torch  # noqa: E402
+from chainserve.runtime.backends.torch_head import TorchHead  # noqa: E402
+from chainserve.runtime.models import resolve_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return resolve_model("tiny-random", tmp_path_factory.mktemp("models"))
+
+
+def _steps(span, hiddens, positions, rows):
+    return [
+        SpanStep(torch_to_wire(h), 1, span.info.slot_pages(range(r * 2, r * 2 + 2)), p)
+        for h, p, r in zip(hiddens, positions, rows, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_lean_span_is_bit_identical_to_the_models_forward(model_dir, prepare):
+    info = SpanInfo(1, 2, 8, 64)
+    lean, plain = TorchSpan(model_dir, info, prepare=prepare), TorchSpan(model_dir, info, prepare=prepare)
+    assert all(isinstance(layer, LeanLayer) for layer in lean.lean)
+    plain.lean = [None] * len(plain.lean)
+    gen = torch.Generator().manual_seed(0)
+    size = lean.hidden_size
+    waves = [  # (hidden per row, position per row, rows)
+        ([torch.randn(1, 5, size, generator=gen) for _ in range(3)], [0, 0, 0], [0, 1, 2]),
+        ([torch.randn(1, 1, size, generator=gen) for _ in range(2)], [5, 5], [0, 1]),
+        ([torch.randn(1, 1, size, generator=gen) for _ in range(3)], [6, 5, 5], [0, 1, 2]),  # ragged lengths
+        ([torch.randn(1, 3, size, generator=gen)], [7], [0]),  # a chunk after a cached prefix
+        ([torch.randn(1, 1, size, generator=gen)], [10], [0]),  # a lone row
+    ]
+    for hiddens, positions, rows in waves:
+        got = lean.run_steps(_steps(lean, hiddens, positions, rows))
+        want = plain.run_steps(_steps(plain, hiddens, positions, rows))
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(wire_to_torch(g, size), wire_to_torch(w, size))
+    lean.close(), plain.close()
+
+
+def test_lean_applies_only_to_llama_layers_under_sdpa(model_dir):
+    span = TorchSpan(model_dir, SpanInfo(1, 2, 8, 64))
+    layer = span.layers[0]
+    assert lean_layer(layer, "sdpa") is not None
+    assert lean_layer(layer, "eager") is None
+    assert lean_layer(torch.nn.Linear(2, 2), "sdpa") is None
+    span.close()
+
+
+@pytest.mark.parametrize(("name", "fast"), [("llama", True), ("cohere", False), ("gemma2", False)])
+def test_head_runs_norm_then_head_only_where_that_is_the_models_logits(tmp_path, name, fast):
+    head = TorchHead(build_family(name, tmp_path))
+    assert head.norm_then_head is fast  # cohere scales its logits, gemma2 softcaps them
+    hidden = [torch_to_wire(torch.randn(1, 4, head.hidden_size, generator=torch.Generator().manual_seed(1)))]
+    got = head.logits(hidden, [4])
+    head.norm_then_head = False
+    assert (got == head.logits(hidden, [4])).all()
