@@ -95,7 +95,7 @@ class ServerActor:
         try:
             endpoint = str(json.loads(line)["endpoint"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            self.stop()
+            self._end_child()  # not stop(): a later restart through this actor must still be allowed
             with open(log_path, "rb") as log_file:
                 log_file.seek(log_start)
                 tail = log_file.read().decode(errors="replace").strip().splitlines()[-5:]
