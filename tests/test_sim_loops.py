@@ -1,7 +1,7 @@
 """One loop for failures, plan changes and every service model (issue 31, :mod:`chainserve.sim.loop`):
 a hand-checked failure, no job lost, memory checked on every start (the loop raises otherwise), the
-batched model through failures and plan changes, and the fast paths (job-level, batched) pinned to the
-general loop (same seed, same records)."""
+batched model through failures and plan changes, and the job-level fast path pinned to the general
+loop (same seed, same records)."""
 
 import dataclasses
 import math
@@ -105,15 +105,6 @@ def bloom_with_steps():
         for s in BLOOM.servers
     )
     return plan_for_rate(dataclasses.replace(BLOOM, servers=servers), "greedy", 0.3)
-
-
-def test_batched_fast_path_equals_the_general_loop():
-    plan = bloom_with_steps()
-    stream = PoissonArrivals().sample(plan.problem.workload, 400, np.random.default_rng(5))
-    fast = simulate(plan, JFFC(plan.chains), ReplayArrivals(stream), BatchedService(), num_jobs=400)
-    loop = run_loop(plan, JFFC(plan.chains), None, lambda layout: JFFC(layout.chains), stream, BatchedService())
-    np.testing.assert_array_equal(fast.started_at, np.frombuffer(loop.started, dtype=np.float64))
-    np.testing.assert_array_equal(fast.finished_at, np.frombuffer(loop.finished, dtype=np.float64))
 
 
 def test_batched_failure_recovers_every_job():

@@ -32,7 +32,7 @@ from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.methods import dispatcher_for
 from chainserve.plan.types import Layout
 from chainserve.sim.arrivals import ArrivalProcess, Arrivals, PoissonArrivals
-from chainserve.sim.batched import BatchedService, run_batched
+from chainserve.sim.batched import BatchedService
 from chainserve.sim.events import Failure, Transition
 from chainserve.sim.loop import run_loop
 from chainserve.sim.memory import MemoryLedger, demands
@@ -117,9 +117,10 @@ def simulate(
     each recomposed plan gets ``make_dispatcher(plan)``). Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
     executed as events (:mod:`chainserve.sim.loop`; each new plan gets ``make_dispatcher(plan)``,
-    default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and the loop
-    below runs unchanged; so it does for failures that never return, without ``recover`` — a fast
-    path that ``tests/test_sim_loops.py`` pins to the general loop). The dispatcher's ``paging``
+    default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and a
+    job-level model runs in the loop below; so it does for failures that never return, without
+    ``recover`` — a fast path that ``tests/test_sim_loops.py`` pins to the general loop, which runs
+    everything else, the ``"batched"`` model included). The dispatcher's ``paging``
     (issue 30) sets what each job holds; with it, a job that ``dispatcher.fits`` refuses (no live
     chain or path could ever hold it) is refused on arrival, as the runtime refuses it (400), and
     counted in ``num_refused``.
@@ -149,13 +150,9 @@ def simulate(
     model = service_model(service)
     events = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
     batched = isinstance(model, BatchedService)
-    if controller is not None or recover or any(f.down_s is not None for f in events) or (batched and events):
+    if controller is not None or recover or any(f.down_s is not None for f in events) or batched:
         timing = model if batched else model.sampler(plan.problem, stream, service_rng)
         return _simulate_plans(plan, dispatcher, controller, make_dispatcher, stream, timing, warmup, events, recover)
-    if batched:
-        started, finished, chain_of, route_of, refused = run_batched(plan, dispatcher, stream, model)
-        num_held = dispatcher.num_waiting + dispatcher.num_in_service
-        return _result(plan, num_held, stream, warmup, started, finished, chain_of, route_of, 0, refused)
     duration = model.sampler(plan.problem, stream, service_rng)
     # per-job columns live in typed arrays: list-speed access, numpy views at the end, no boxing churn
     times, prompts, outputs = stream.columns()

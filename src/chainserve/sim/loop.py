@@ -1,10 +1,11 @@
 """The simulator's general event loop (issue 31; Vidur's lesson: plan changes and pipeline stages are
 event kinds, and a policy's decisions are applied by the loop): arrivals, job completions or the
 batched model's iterations and hops, server failures and returns (:mod:`.events`), the adaptive
-controller's ticks and finished loads, all in one heap. :func:`chainserve.sim.engine.simulate` runs
-it for a controller, a failure with a return, ``recover`` or the batched model with failures; its two fast paths (the
-job-level loop in :mod:`.engine`, :func:`.batched.run_batched`) cover one plan and are pinned to this
-loop by ``tests/test_sim_loops.py`` (same seed, same records).
+controller's ticks and finished loads, all in one heap (:mod:`.heap`). :func:`chainserve.sim.engine.simulate`
+runs it for a controller, a failure with a return, ``recover`` and the batched model (a service
+component here, :class:`~chainserve.sim.batched.BatchedProcess`); its one fast path, the job-level
+loop of :mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed,
+same records).
 
 Each plan in force is a *generation* with its own dispatcher, kept in the same
 :class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
@@ -39,7 +40,7 @@ import math
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from heapq import heappop, heappush
+from heapq import heappop
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit, reserved_bl
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.events import Failure, Transition
+from chainserve.sim.heap import EventHeap
 from chainserve.sim.memory import MemoryExceeded, demands
 from chainserve.sim.service import Duration
 
@@ -184,8 +186,8 @@ def run_loop(
     live_seq = array("q", [0]) * n  # the seq of each job's live completion event
     held: list[int] = []  # jobs started by a dispatcher, waiting for room on a hop (oldest first)
     duration_routes: dict[int, dict[int, Route]] = {}  # id(generation) -> chain -> its timed route
-    heap: list[tuple[float, int, int, int, int]] = []  # (time, kind, seq, who, payload)
-    seq = 0
+    events = EventHeap()
+    heap = events.entries
     transitions: list[Transition] = []
     change: PlanChange | None = None
     schedule: Migration | None = None
@@ -193,10 +195,7 @@ def run_loop(
     retried: set[int] = set()
 
     def push(t: float, kind: int, payload: int, who: int = 0) -> int:
-        nonlocal seq
-        seq += 1
-        heappush(heap, (t, kind, seq, who, payload))
-        return seq
+        return events.push(t, kind, who, payload)
 
     def complete(i: int, t: float) -> None:
         """Job ``i`` finished: its cache is freed, its dispatcher starts what waited for it."""
@@ -218,7 +217,7 @@ def run_loop(
             service,
             prompts,
             outputs,
-            lambda t, k, who, x: push(t, k, x, who),
+            events,
             complete,
             (_ITEM, _REPLY, _ITER),
         )
