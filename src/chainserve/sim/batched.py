@@ -66,7 +66,7 @@ class _Station:
     """A batching server (or the head): its queue of waiting steps, its state, and the time and
     ``seq`` its next iteration starts at once the running one ends."""
 
-    __slots__ = ("cost", "queue", "state", "start_t", "start_seq")
+    __slots__ = ("cost", "queue", "state", "start_t", "start_seq", "lone_s")
 
     def __init__(self, cost: StepCost | None):
         self.cost = cost
@@ -74,12 +74,28 @@ class _Station:
         self.state = _IDLE
         self.start_t = 0.0
         self.start_seq = 0
+        self.lone_s: dict[tuple[int, int], float] = {}  # (blocks, tokens) -> the time of a batch of one
 
     def take(self, budget: int) -> list[Item]:
-        """The next batch by the block server's rule (:func:`~chainserve.model.step_cost.take_batch`)."""
+        """The next batch by the block server's rule (:func:`~chainserve.model.step_cost.take_batch`;
+        a lone step goes whatever its tokens)."""
+        if len(self.queue) == 1:
+            return [self.queue.popleft()]
         batch, rest = take_batch(self.queue, _tokens, budget)
         self.queue = deque(rest)
         return batch
+
+    def iteration_s(self, batch: list[Item]) -> float:
+        """What an iteration of ``batch`` costs (:meth:`StepCost.iteration_s`; a batch of one looked up)."""
+        if self.cost is None:
+            return 0.0
+        if len(batch) > 1:
+            return self.cost.iteration_s([(m, q) for _, q, m, _ in batch])
+        _, q, m, _ = batch[0]
+        cost = self.lone_s.get((m, q))
+        if cost is None:
+            cost = self.lone_s[m, q] = self.cost.iteration_s(((m, q),))
+        return cost
 
 
 def _tokens(item: Item) -> int:
@@ -121,12 +137,14 @@ class BatchedProcess:
         self.tokens_left = [0] * n  # prompt tokens of the current step still to compute on this hop
         self.attempt = [0] * n  # each step carries the attempt it belongs to; an aborted one's are void
         self.iter_t, self.iter_seq = -1.0, 0  # the latest iteration start run: its time and seq
+        self.calls: list[tuple[int, int]] = []  # (seq, station) of the starts due now, not yet pushed
 
     def start(self, i: int, route: Route, now: float) -> None:
         """Job ``i``'s service begins on ``route``: its prompt goes to the first hop."""
         self.route_of[i] = route
         self.steps_left[i], self.hop_at[i], self.tokens_left[i] = int(self.outputs[i]), 0, int(self.prompts[i])
         self._send(i, now)
+        self._push_calls(now)
 
     def abort(self, i: int) -> None:
         """Job ``i`` lost its service: its waiting steps leave their queues, its events are void."""
@@ -143,6 +161,20 @@ class BatchedProcess:
             self._done(who, payload, now)
         else:
             self._replies(payload, now)
+        calls, events = self.calls, self.events
+        while calls:  # the starts due now run at once while nothing else of this instant comes first
+            if not events.quiet(now):
+                self._push_calls(now)
+                return
+            if len(calls) > 1:
+                calls.sort()
+            seq, j = calls.pop(0)
+            self._iterate(j, seq, now)
+
+    def _push_calls(self, now: float) -> None:
+        for seq, j in self.calls:
+            self.events.push_at(now, self.kind_start, seq, j, seq)
+        self.calls.clear()
 
     def _enqueue(self, j: int, item: Item, now: float) -> None:
         """``item`` waits at station ``j``; an iteration starts after every event of this instant
@@ -156,7 +188,7 @@ class BatchedProcess:
             seq = station.start_seq  # the start after its last iteration is still to come in this instant
         else:
             seq = self.events.reserve()
-        self.events.push_at(now, self.kind_start, seq, j, seq)
+        self.calls.append((seq, j))
         station.state = _CALLED
 
     def _send(self, i: int, now: float) -> None:
@@ -182,8 +214,12 @@ class BatchedProcess:
         if not batch:  # its steps were aborted
             station.state = _IDLE
             return
-        cost = 0.0 if station.cost is None else station.cost.iteration_s([(m, q) for _, q, m, _ in batch])
-        end = now + cost
+        end = now + station.iteration_s(batch)
+        entries = self.events.entries
+        if end == now and (not entries or entries[0][:2] > (now, self.kind_done)):  # a free head's: over now
+            station.start_t, station.start_seq, station.state = end, self.events.reserve(), _RUNNING
+            self._done(j, batch, now)
+            return
         self.events.push(end, self.kind_done, j, batch)
         station.start_t, station.start_seq, station.state = end, self.events.reserve(), _RUNNING
 
@@ -216,7 +252,7 @@ class BatchedProcess:
             if replies:
                 self.events.push(now + self.comm[j], self.kind_reply, j, replies)
         if station.queue:
-            self.events.push_at(now, self.kind_start, station.start_seq, j, station.start_seq)
+            self.calls.append((station.start_seq, j))
             station.state = _CALLED
         else:
             station.state = _FREE

@@ -370,6 +370,7 @@ def run_loop(
     if next_tick <= t_last:
         push(next_tick, _TICK, 0)
     next_job, t_arrival = 0, times[0]
+    events.arrival_t = t_arrival
     while True:
         t_event = heap[0][0] if heap else math.inf
         if t_event < t_arrival or (t_event == t_arrival and (not heap or heap[0][1] != _ITER)):
@@ -405,7 +406,7 @@ def run_loop(
             if controller is not None:
                 decide(t_arrival)
             next_job += 1
-            t_arrival = times[next_job]
+            t_arrival = events.arrival_t = times[next_job]
     unfinished = int(np.count_nonzero(np.isnan(np.frombuffer(finished, dtype=np.float64))))
     in_system = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in every)
     if in_system + num_refused != unfinished:
