@@ -49,12 +49,12 @@ from chainserve.adapt.migration import Action, Join, Load, Migration, Switch
 from chainserve.dispatch.base import Dispatcher, Job, Route, Start
 from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.recovery import recompose
-from chainserve.plan.types import Layout, Plan, Span, jobs_that_fit, reserved_block_jobs
+from chainserve.plan.types import Layout, Plan, reserved_block_jobs
 from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.events import Failure, Transition
 from chainserve.sim.heap import EventHeap
-from chainserve.sim.memory import MemoryExceeded, demands
+from chainserve.sim.memory import MemoryLedger, demands
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times; then the batched service's (its item done, a
@@ -78,66 +78,6 @@ class LoopResult:
     num_retried: int
     num_recomposed: int
     num_refused: int = 0
-
-
-class _Servers:
-    """What each server holds now: its loaded span, whether it is alive and the cache of all
-    generations' jobs, in block-jobs — or block-tokens with paging (``unit``: T tokens a slot holds;
-    a job then holds its demand d per block, :func:`~chainserve.sim.memory.demands`)."""
-
-    def __init__(self, layout: Layout, unit: int = 1):
-        self.unit = unit
-        problem = layout.problem
-        self.problem = problem
-        self.loaded: list[Span | None] = [layout.placement.span_of(j) for j in range(problem.num_servers)]
-        self.used = [0] * problem.num_servers
-        self.limit = [self._limit(j) for j in range(problem.num_servers)]
-        self.alive = [True] * problem.num_servers
-
-    def _limit(self, j: int) -> int:
-        span, problem = self.loaded[j], self.problem
-        if span is None:
-            return 0
-        room = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
-        return jobs_that_fit(room, problem.cache_size_gb(j) / self.unit)
-
-    def load(self, j: int, span: Span) -> None:
-        """Unload server ``j`` (it must hold no job) and give it ``span``."""
-        if self.used[j]:
-            raise RuntimeError(f"server {j} unloaded while its jobs hold {self.used[j]} block-jobs of cache")
-        self.loaded[j] = span
-        self.limit[j] = self._limit(j)
-
-    def check(self, job: int, route: Route, now: float) -> None:
-        """Raise :class:`MemoryExceeded` unless every hop lies in its live server's span."""
-        for hop in route.hops:
-            j, span = hop.server, self.loaded[hop.server]
-            if span is None or hop.start_block < span.start_block or hop.end_block > span.end_block:
-                raise MemoryExceeded(f"job {job} at t={now}: server {j} does not hold blocks of {hop}")
-            if not self.alive[j]:
-                raise MemoryExceeded(f"job {job} at t={now}: server {j} is dead")
-
-    def has_room(self, route: Route, d: int) -> bool:
-        return all(self.used[h.server] + h.num_blocks * d <= self.limit[h.server] for h in route.hops)
-
-    def overflow(self, job: int, route: Route, d: int, now: float) -> str:
-        """What a start of ``job`` holding ``d`` per block on ``route`` would exceed (it has no room)."""
-        hop = next(h for h in route.hops if self.used[h.server] + h.num_blocks * d > self.limit[h.server])
-        j, units = hop.server, "jobs" if self.unit == 1 else "tokens"
-        return (
-            f"job {job} at t={now}: server {j} would hold {self.used[j] + hop.num_blocks * d} block-{units} "
-            f"of cache, {self.limit[j]} fit"
-        )
-
-    def admit(self, start: Start, gen: Generation, d: int) -> None:
-        for hop in start.route.hops:
-            self.used[hop.server] += hop.num_blocks * d
-        gen.started(start)  # in block-slots, as the runtime's generations count
-
-    def release(self, start: Start, gen: Generation, d: int) -> None:
-        for hop in start.route.hops:
-            self.used[hop.server] -= hop.num_blocks * d
-        gen.ended(start)
 
 
 def run_loop(
@@ -166,13 +106,11 @@ def run_loop(
     paging = dispatcher.paging
     if paging is not None and controller is not None:
         raise ValueError("paging: plan changes are simulated in max-length slots (the paper's model)")
-    unit = 1 if paging is None else paging.tokens_per_slot
     demand = demands(paging, prompts, outputs)  # cache per block: 1 slot, or its tokens in pages
-    servers = _Servers(plan, unit)
+    ledger = MemoryLedger(plan, paging)  # what each server holds, alive or not, and its jobs' cache
     if recover:  # as the runtime serves a fixed plan: each server's arena and limit are its reservation
         arenas = reserved_block_jobs(plan)
-        for j, slots in arenas.items():
-            servers.limit[j] = min(servers.limit[j], slots * unit)
+        ledger.keep_to_reservation(plan)
     gens = Generations(plan, dispatcher)
     first = gens.current
     every: list[Generation] = [first]  # every generation ever, for the conservation check
@@ -202,7 +140,7 @@ def run_loop(
         finished[i] = t
         state[i] = _FINISHED
         gen = gen_of[i]
-        servers.release(start_of[i], gen, demand[i])
+        release(i, gen)
         retry_held(t)  # the starts that waited for room first, as the runtime wakes its holds
         starts = gen.dispatcher.complete(i, t)
         if starts:
@@ -222,10 +160,15 @@ def run_loop(
             (_ITEM, _REPLY, _ITER),
         )
 
+    def release(i: int, gen: Generation) -> None:
+        ledger.release(start_of[i].route, demand[i])
+        gen.ended(start_of[i])
+
     def run(i: int, now: float) -> None:
         """Job ``i``'s service begins: its cache is held and its completion scheduled."""
         start, gen = start_of[i], gen_of[i]
-        servers.admit(start, gen, demand[i])
+        ledger.admit(i, start.route, now, demand[i])  # raises MemoryExceeded if it does not fit
+        gen.started(start)  # in block-slots, as the runtime's generations count
         state[i] = _RUNNING
         started[i] = now
         route = start.route
@@ -244,12 +187,11 @@ def run_loop(
             i, route = start.job.job_id, start.route
             if state[i] != _IDLE:
                 raise RuntimeError(f"job {i} started while in service or finished")
-            servers.check(i, route, now)
+            ledger.check(i, route, now)
             start_of[i], gen_of[i], route_of[i] = start, gen, route
             chain_of[i] = -1 if route.chain is None else route.chain
-            if not servers.has_room(route, demand[i]):
-                if not recover:  # only a recomposed plan's starts may wait for the old plan's jobs
-                    raise MemoryExceeded(servers.overflow(i, route, demand[i], now))
+            if recover and not ledger.has_room(route, demand[i]):
+                # only a recomposed plan's starts may wait for the old plan's jobs; others must fit
                 state[i] = _HELD
                 held.append(i)
             else:
@@ -263,7 +205,7 @@ def run_loop(
         waiting = list(held)
         held.clear()
         for i in waiting:  # the runtime's holds do not queue: whoever fits goes
-            if servers.has_room(start_of[i].route, demand[i]):
+            if ledger.has_room(start_of[i].route, demand[i]):
                 run(i, now)
             elif gen_of[i] is not gens.current:
                 state[i] = _IDLE
@@ -277,7 +219,7 @@ def run_loop(
     def end(i: int) -> None:
         """Job ``i`` leaves service (finished or aborted): its cache is freed."""
         if state[i] == _RUNNING:
-            servers.release(start_of[i], gen_of[i], demand[i])
+            release(i, gen_of[i])
         else:
             held.remove(i)
 
@@ -286,7 +228,7 @@ def run_loop(
         new = gens.newest
         for action in actions:
             if isinstance(action, Load):
-                servers.load(action.server, action.span)
+                ledger.load(action.server, action.span)
                 push(now + action.seconds, _LOADED, action.server)
             elif isinstance(action, Join):
                 begin(new.dispatcher.restore_server(action.server, now), now, new)
@@ -304,7 +246,7 @@ def run_loop(
         if decided is None:
             return
         change, layout = decided, decided.layout
-        loaded, limits = dict(enumerate(servers.loaded)), dict(enumerate(servers.limit))
+        loaded, limits = dict(enumerate(ledger.loaded)), dict(enumerate(ledger.limits))
         schedule = Migration(layout, dict(decided.migration), loaded, limits)
         new = gens.bring_in(layout, make_dispatcher(layout))
         every.append(new)
@@ -316,7 +258,7 @@ def run_loop(
     def recompose_now(now: float) -> None:
         """The orchestrator's ``PlanChanger.recompose``: chains for the live servers, if any cover."""
         nonlocal num_recomposed
-        alive = {j for j in range(problem.num_servers) if servers.alive[j]}
+        alive = {j for j in range(problem.num_servers) if ledger.alive[j]}
         new = recompose(plan, alive, arenas)
         if new is None:
             return  # no chain covers the model: jobs wait for a server to come back
@@ -329,9 +271,9 @@ def run_loop(
 
     def fail(j: int, now: float) -> None:
         nonlocal num_restarts
-        if not servers.alive[j]:
+        if not ledger.alive[j]:
             return  # dead already
-        servers.alive[j] = False
+        ledger.alive[j] = False
         for gen in list(gens):
             outcome = gen.dispatcher.fail_server(j, now)
             for job in outcome.aborted:
@@ -351,9 +293,9 @@ def run_loop(
         retry_held(now)
 
     def back(j: int, now: float) -> None:
-        if servers.alive[j]:
+        if ledger.alive[j]:
             return
-        servers.alive[j] = True
+        ledger.alive[j] = True
         for gen in list(gens):
             begin(gen.dispatcher.restore_server(j, now), now, gen)
         if recover:
@@ -388,7 +330,7 @@ def run_loop(
                 back(payload, t)
             elif kind == _LOADED:
                 j = payload
-                carry_out(schedule.loaded(j, servers.limit[j], gens.old_cache()), t)
+                carry_out(schedule.loaded(j, ledger.limits[j], gens.old_cache()), t)
             else:
                 decide(t)
                 if t + window <= t_last:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from array import array
 
 from chainserve.dispatch.base import Paging, Route
-from chainserve.plan.types import Layout, jobs_that_fit, reserved_block_jobs
+from chainserve.plan.types import Layout, Span, jobs_that_fit, reserved_block_jobs
 
 
 def demands(paging: Paging | None, prompts: array, outputs: array) -> list[int]:
@@ -68,18 +68,18 @@ class MemoryLedger:
 
     def __init__(self, plan: Layout, paging: Paging | None = None):
         problem = plan.problem
-        unit = 1 if paging is None else paging.tokens_per_slot  # per slot: 1 block-job, or T block-tokens
-        reserved = {j: r * unit for j, r in reserved_block_jobs(plan).items()}
-        self.limits = [0] * problem.num_servers
-        pools_gb = {} if plan.chains else plan.reservation_by_server()
-        for span in plan.placement.spans:
-            j = span.server
-            room_gb = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
-            pool_gb = pools_gb.get(j, room_gb)
-            # chains may use all the room (a start beyond c_k that fits is allowed); paths their pool
-            self.limits[j] = jobs_that_fit(pool_gb, problem.cache_size_gb(j) / unit)
+        self.problem = problem
+        self.unit = 1 if paging is None else paging.tokens_per_slot  # per slot: 1 block-job, or T block-tokens
+        reserved = {j: r * self.unit for j, r in reserved_block_jobs(plan).items()}
+        #: each server's cache pool (a path placement's; ``None``: chains may use all the room — a start
+        #: beyond c_k that fits is allowed)
+        self.pools_gb: dict[int, float] = {} if plan.chains else plan.reservation_by_server()
+        #: what each server holds now (the loop's plan changes load others) and whether it is alive
+        self.loaded: list[Span | None] = [plan.placement.span_of(j) for j in range(problem.num_servers)]
+        self.alive = [True] * problem.num_servers
+        self.limits = [self._limit(j) for j in range(problem.num_servers)]
         self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
-        self.capacity = [ch.capacity * unit for ch in plan.chains]
+        self.capacity = [ch.capacity * self.unit for ch in plan.chains]
         self.in_service = [0] * len(plan.chains)
         self.extra = [0] * problem.num_servers
         #: chain index -> the Route object the driver may take the fast path for
@@ -90,6 +90,41 @@ class MemoryLedger:
                 self.through[server].append((k, blocks))
         self.num_unsafe = int(any(r > self.limits[j] for j, r in reserved.items()))
         self.unit_name = "jobs" if paging is None else "tokens"
+
+    def _limit(self, j: int) -> int:
+        span, problem = self.loaded[j], self.problem
+        if span is None:
+            return 0
+        room_gb = problem.servers[j].memory_gb - problem.block_size_gb(j) * span.num_blocks
+        return jobs_that_fit(self.pools_gb.get(j, room_gb), problem.cache_size_gb(j) / self.unit)
+
+    def load(self, j: int, span: Span) -> None:
+        """Unload server ``j`` (it must hold no job's cache) and give it ``span`` (a plan change); the
+        fast path is off from then on."""
+        if self.used(j):
+            raise RuntimeError(f"server {j} unloaded while its jobs hold {self.used(j)} block-jobs of cache")
+        self.loaded[j] = span
+        self.limits[j] = self._limit(j)
+        self.num_unsafe += 1
+
+    def keep_to_reservation(self, plan: Layout) -> None:
+        """Each server's limit is ``plan``'s reservation there, as the runtime serves a fixed plan (its
+        arena); a reservation that fits keeps the fast path safe."""
+        for j, slots in reserved_block_jobs(plan).items():
+            self.limits[j] = min(self.limits[j], slots * self.unit)
+
+    def check(self, job: int, route: Route, now: float) -> None:
+        """Raise :class:`MemoryExceeded` unless every hop lies in its live server's span."""
+        for hop in route.hops:
+            j, span = hop.server, self.loaded[hop.server]
+            if span is None or hop.start_block < span.start_block or hop.end_block > span.end_block:
+                raise MemoryExceeded(f"job {job} at t={now}: server {j} does not hold blocks of {hop}")
+            if not self.alive[j]:
+                raise MemoryExceeded(f"job {job} at t={now}: server {j} is dead")
+
+    def has_room(self, route: Route, demand: int = 1) -> bool:
+        """Whether a job holding ``demand`` per block fits on every hop of ``route`` now."""
+        return all(self.used(h.server) + h.num_blocks * demand <= self.limits[h.server] for h in route.hops)
 
     def used(self, server: int) -> int:
         """Block-jobs (block-tokens) of cache held on ``server`` now."""
