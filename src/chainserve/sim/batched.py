@@ -205,7 +205,8 @@ class BatchedProcess:
             self.events.push(t, self.kind_reply, j, ((i, self.attempt[i]),))
             self.tokens_left[i] = 0
         else:
-            self._enqueue(j, (i, min(self.tokens_left[i], self.chunk), hop.num_blocks, self.attempt[i]), now)
+            q = self.tokens_left[i]
+            self._enqueue(j, (i, q if q < self.chunk else self.chunk, hop.num_blocks, self.attempt[i]), now)
 
     def _iterate(self, j: int, seq: int, now: float) -> None:
         self.iter_t, self.iter_seq = now, seq
@@ -246,7 +247,7 @@ class BatchedProcess:
                     continue
                 left = tokens_left[i] = tokens_left[i] - q
                 if left > 0:
-                    station.queue.append((i, min(left, chunk), m, a))
+                    station.queue.append((i, left if left < chunk else chunk, m, a))
                 else:
                     replies.append((i, a))
             if replies:

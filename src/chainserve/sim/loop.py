@@ -313,10 +313,11 @@ def run_loop(
         push(next_tick, _TICK, 0)
     next_job, t_arrival = 0, times[0]
     events.arrival_t = t_arrival
+    inf = math.inf
     while True:
-        t_event = heap[0][0] if heap else math.inf
+        t_event = heap[0][0] if heap else inf
         if t_event < t_arrival or (t_event == t_arrival and (not heap or heap[0][1] != _ITER)):
-            if t_event == math.inf:
+            if t_event == inf:
                 break
             t, kind, s, who, payload = heappop(heap)
             if kind >= _ITEM:
