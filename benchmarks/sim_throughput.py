@@ -4,7 +4,9 @@ The plan is the paper's pipeline (GBP-CR for one c, then GCA) on a synthetic BLO
 MIG slices (30 % 3g.40gb, 70 % 2g.20gb, RTTs uniform in 10–80 ms), like §4.1 but larger; the
 arrival rate is set to ``load × ν``. Exponential service, Poisson arrivals. Then the same plan with
 roofline step costs on every server under the iteration-level ``batched`` model (issue 18), whose
-events are per token and hop, beside the job-level model on the same jobs.
+events are per server iteration, beside the job-level model on the same jobs (issue 31 asks for the
+batched model within 10x of the job-level one per job; the ratio is printed in wall and CPU time, as
+this shared VM's wall times are noisy).
 
     python benchmarks/sim_throughput.py                 # 10^6 jobs, load 0.8; 20 000 batched
     python benchmarks/sim_throughput.py --profile       # plus a cProfile of the run
@@ -66,18 +68,18 @@ def batched_comparison(plan: Plan, num_jobs: int, seed: int) -> None:
         for s in problem.servers
     )
     costed = replace(plan, problem=replace(problem, servers=servers))
-    per_job: dict[str, float] = {}
+    per_job: dict[str, tuple[float, float]] = {}
     for name in ("exponential", "emulated", "batched"):
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = simulate(costed, JFFC(costed.chains), PoissonArrivals(), name, seed=seed, num_jobs=num_jobs)
-        wall = time.perf_counter() - wall
-        per_job[name] = wall / num_jobs
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        per_job[name] = (wall / num_jobs, cpu / num_jobs)
         print(
-            f"{name:>11} service: {num_jobs} jobs in {wall:.2f} s, {num_jobs / wall:,.0f} jobs/s; "
-            f"mean response {result.summary.response.mean_s:.3f} s"
+            f"{name:>11} service: {num_jobs} jobs in {wall:.2f} s wall, {cpu:.2f} s CPU, {num_jobs / wall:,.0f} "
+            f"jobs/s; mean response {result.summary.response.mean_s:.3f} s"
         )
-    # issue 31 asks for the batched model within 10x of the job-level one per job (same run, same jobs)
-    print(f"batched / job-level time per job: {per_job['batched'] / per_job['exponential']:.0f}x")
+    (batched_wall, batched_cpu), (job_wall, job_cpu) = per_job["batched"], per_job["exponential"]
+    print(f"batched / job-level time per job: {batched_wall / job_wall:.0f}x wall, {batched_cpu / job_cpu:.0f}x CPU")
 
 
 def main() -> None:

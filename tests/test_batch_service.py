@@ -52,6 +52,21 @@ def test_two_jobs_by_hand():
     assert r.finished_at.tolist() == pytest.approx([0.96, 0.886])
 
 
+@pytest.mark.parametrize("second_at", [0.5, 0.25])
+def test_an_iteration_start_keeps_its_place_in_its_instant(second_at):
+    """One 2-block server, every iteration 0.5 s whatever its batch, no communication, a free head. Job
+    0's first step ends at 0.5 s; job 1 reaches the server then (or waits since 0.25 s). The server's
+    next start was due at 0.5 s before the head's, whose zero-time iteration sends job 0's second step
+    on at 0.5 s too: it waits for the iteration after job 1's (issue 31: the start is pushed only when
+    something waits, at its reserved place in the order of the instant)."""
+    server = Server("a", 10, 0.1, 0.0, step=StepCost(0.25, 0.0, 0.25, 0.0))
+    problem = Problem((server,), ModelSpec("m", 2, 1.0, 0.1), Workload(0.001, prompt_tokens=1, output_tokens=2))
+    chain = Chain((Hop(0, 1, 2),), chain_time_s(problem, (Hop(0, 1, 2),)), 4)
+    plan = make_plan(problem, Placement((Span(0, 1, 2),), 2), (chain,), 4)
+    r = simulate(plan, JFFC(plan.chains), jobs_at([0.0, second_at], [1, 1], [2, 1]), BatchedService(), num_jobs=2)
+    assert r.finished_at.tolist() == [1.5, 1.0]
+
+
 def test_without_step_costs_it_is_the_emulated_model():
     plan = one_server_plan(None, capacity=2)
     jobs = jobs_at([0.0, 0.1, 0.2, 0.25], [5, 500, 5, 5], [4, 8, 2, 4])
