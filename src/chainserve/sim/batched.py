@@ -22,8 +22,10 @@ owns dispatch (a job's route comes from ``submit``/``complete``, as in the runti
 a job holds from start to its last token. Events are per server iteration, not per step: an
 iteration's end is one event carrying its batch, and the replies of its steps, which all travel the
 server's communication time, are one more; an iteration start is pushed only when something waits
-(its place in the order of events is reserved when the previous iteration begins, :mod:`.heap`).
-Cost: O(l_out · hops) iterations per job at most, fewer as batches grow.
+(its place in the order of events is reserved when the previous iteration begins, :mod:`.heap`), and
+runs at once when nothing else of its instant comes first, as does the end of a free head's. The
+records are those of one event per step and hop (``tests/test_batch_service.py`` pins the order at
+an instant). Cost: O(l_out · hops) iterations per job at most, fewer as batches grow.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ same records).
 
 Each plan in force is a *generation* with its own dispatcher, kept in the same
 :class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
-order they run at equal times: a server fails, a server is back, a server finished loading, a job
-finished, the controller's tick; arrivals come after every event of their instant.
+order they run at equal times: a server fails, a server is back, a server finished loading (its
+re-placement done: a plan change's new plan serves there only after its blocks' modelled load time), a
+job finished, the controller's tick, then the batched service's; arrivals come after every event of
+their instant but the batched service's iteration starts.
 
 * **Plan changes.** How a change is carried out — which servers load when, when the plans switch,
   when each server joins the new plan — is the pure schedule
@@ -57,8 +59,8 @@ from chainserve.sim.heap import EventHeap
 from chainserve.sim.memory import MemoryLedger, demands
 from chainserve.sim.service import Duration
 
-#: Event kinds, in the order they run at equal times; then the batched service's (its item done, a
-#: step's reply back, and an iteration start, which alone runs after the arrivals of its instant).
+#: Event kinds, in the order they run at equal times; then the batched service's (an iteration's
+#: end, a batch's replies back, and an iteration start, which alone runs after the arrivals of its instant).
 _FAIL, _BACK, _LOADED, _DONE, _TICK, _ITEM, _REPLY, _ITER = range(8)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
