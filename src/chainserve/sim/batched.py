@@ -78,26 +78,23 @@ class _Station:
         self.start_seq = 0
         self.lone_s: dict[tuple[int, int], float] = {}  # (blocks, tokens) -> the time of a batch of one
 
-    def take(self, budget: int) -> list[Item]:
+    def next_batch(self, budget: int) -> tuple[list[Item], float]:
         """The next batch by the block server's rule (:func:`~chainserve.model.step_cost.take_batch`;
-        a lone step goes whatever its tokens)."""
-        if len(self.queue) == 1:
-            return [self.queue.popleft()]
-        batch, rest = take_batch(self.queue, _tokens, budget)
-        self.queue = deque(rest)
-        return batch
-
-    def iteration_s(self, batch: list[Item]) -> float:
-        """What an iteration of ``batch`` costs (:meth:`StepCost.iteration_s`; a batch of one looked up)."""
-        if self.cost is None:
-            return 0.0
-        if len(batch) > 1:
-            return self.cost.iteration_s([(m, q) for _, q, m, _ in batch])
-        _, q, m, _ = batch[0]
-        cost = self.lone_s.get((m, q))
+        a lone step goes whatever its tokens) and what its iteration costs (:meth:`StepCost.iteration_s`;
+        a batch of one's looked up)."""
+        queue, cost = self.queue, self.cost
+        if len(queue) != 1:
+            batch, rest = take_batch(queue, _tokens, budget)
+            self.queue = deque(rest)
+            return batch, 0.0 if cost is None else cost.iteration_s([(m, q) for _, q, m, _ in batch])
+        item = queue.popleft()
         if cost is None:
-            cost = self.lone_s[m, q] = self.cost.iteration_s(((m, q),))
-        return cost
+            return [item], 0.0
+        key = (item[2], item[1])
+        seconds = self.lone_s.get(key)
+        if seconds is None:
+            seconds = self.lone_s[key] = cost.iteration_s((key,))
+        return [item], seconds
 
 
 def _tokens(item: Item) -> int:
@@ -213,11 +210,11 @@ class BatchedProcess:
     def _iterate(self, j: int, seq: int, now: float) -> None:
         self.iter_t, self.iter_seq = now, seq
         station = self.stations[j]
-        batch = station.take(self.budget)
+        batch, seconds = station.next_batch(self.budget)
         if not batch:  # its steps were aborted
             station.state = _IDLE
             return
-        end = now + station.iteration_s(batch)
+        end = now + seconds
         entries = self.events.entries
         if end == now and (not entries or entries[0][:2] > (now, self.kind_done)):  # a free head's: over now
             station.start_t, station.start_seq, station.state = end, self.events.reserve(), _RUNNING
