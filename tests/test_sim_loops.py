@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from chainserve.adapt.controller import AdaptConfig, AdaptiveController, plan_for_rate
+from chainserve.dispatch.base import Route
 from chainserve.dispatch.jffc import JFFC
-from chainserve.methods import dispatcher_for
+from chainserve.methods import build_method, dispatcher_for
 from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
 from chainserve.model.step_cost import StepCost
@@ -23,6 +24,7 @@ from chainserve.sim.batched import BatchedService
 from chainserve.sim.engine import simulate
 from chainserve.sim.events import Failure
 from chainserve.sim.loop import run_loop
+from chainserve.sim.memory import MemoryExceeded, MemoryLedger
 from chainserve.sim.service import service_model
 
 BLOOM = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "paper-sim-bloom-20.yaml")
@@ -182,3 +184,34 @@ def test_paged_cache_through_failures():
         recover=True, make_dispatcher=paged,
     )  # fmt: skip
     assert r.num_finished + r.num_refused == r.num_jobs and r.num_recomposed == 2
+
+
+def test_one_ledger_for_both_loops():
+    """The job-level fast path and the general loop count cache in the same ledger
+    (:class:`~chainserve.sim.memory.MemoryLedger`): what each server holds, whether it is alive, its
+    limit and its jobs' cache; a server is reloaded only once its jobs' cache is gone."""
+    plan = one_slot_plan()
+    ledger = MemoryLedger(plan)
+    route = Route.of_chain(0, plan.chains[0])
+    assert ledger.limits == [1] and ledger.has_room(route)
+    ledger.admit(0, route, 0.0)
+    assert not ledger.has_room(route)
+    with pytest.raises(MemoryExceeded, match="would hold 2 block-jobs"):
+        ledger.admit(1, route, 0.0)
+    with pytest.raises(RuntimeError, match="unloaded while its jobs hold"):
+        ledger.load(0, Span(0, 1, 1))
+    ledger.release(route)
+    ledger.alive[0] = False
+    with pytest.raises(MemoryExceeded, match="dead"):
+        ledger.check(2, route, 1.0)
+    ledger.load(0, Span(0, 1, 1))
+    assert ledger.loaded == [Span(0, 1, 1)] and ledger.num_unsafe  # after a reload, no fast path
+
+
+def test_the_batched_model_keeps_a_path_placement_in_its_pools():
+    """PETALS' per-request paths under the batched model (the general loop): its cache pools bound every start."""
+    problem = plan_for_rate(BLOOM, "greedy", 0.3).problem
+    setup = build_method("petals", problem, np.random.default_rng(0), "greedy")
+    dispatcher = setup.make_dispatcher(np.random.default_rng(1), None)
+    r = simulate(setup.plan_or_placement, dispatcher, None, "batched", seed=0, num_jobs=300)
+    assert r.num_finished == r.num_jobs
