@@ -12,7 +12,12 @@ Z_k ≤ c_k and no per-request route is in service. The driver handles that case
 counts Z_k); :meth:`MemoryLedger.admit` / :meth:`MemoryLedger.release` handle the rest — a start beyond
 c_k, a route that is not one of the plan's chains — by summing the actual usage of the servers
 involved. ``num_unsafe`` counts the reasons the fast path is off (chains over capacity, per-request
-jobs in service, a plan whose reservation does not fit).
+jobs in service, a plan whose reservation does not fit, a server reloaded).
+
+One ledger for both simulator loops (issue 31): the job-level fast path (:mod:`.engine`) and the
+general loop (:mod:`.loop`), where it also says what each server holds now — the span it has loaded
+(plan changes reload servers), whether it is alive — and, after a failure with recovery, keeps each
+server to the plan's reservation (the runtime's arena).
 
 With paging (issue 30, :class:`~chainserve.dispatch.base.Paging`: slots sized for T tokens, a job holding
 its own demand d of tokens) the unit is the block-token (s_c,j/T): a job holds m_ij·d on every server j
