@@ -56,7 +56,7 @@ from chainserve.sim.arrivals import Arrivals
 from chainserve.sim.batched import BatchedProcess, BatchedService
 from chainserve.sim.events import Failure, Transition
 from chainserve.sim.heap import EventHeap
-from chainserve.sim.memory import MemoryLedger, demands
+from chainserve.sim.memory import MemoryExceeded, MemoryLedger, demands
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times; then the batched service's (an iteration's
@@ -109,7 +109,7 @@ def run_loop(
     if paging is not None and controller is not None:
         raise ValueError("paging: plan changes are simulated in max-length slots (the paper's model)")
     demand = demands(paging, prompts, outputs)  # cache per block: 1 slot, or its tokens in pages
-    ledger = MemoryLedger(plan, paging)  # what each server holds, alive or not, and its jobs' cache
+    ledger = MemoryLedger(plan, paging, by_chain=False)  # what each server holds, alive or not, its jobs' cache
     if recover:  # as the runtime serves a fixed plan: each server's arena and limit are its reservation
         arenas = reserved_block_jobs(plan)
         ledger.keep_to_reservation(plan)
@@ -169,7 +169,7 @@ def run_loop(
     def run(i: int, now: float) -> None:
         """Job ``i``'s service begins: its cache is held and its completion scheduled."""
         start, gen = start_of[i], gen_of[i]
-        ledger.admit(i, start.route, now, demand[i])  # raises MemoryExceeded if it does not fit
+        ledger.hold(start.route, demand[i])  # :func:`begin` found room
         gen.started(start)  # in block-slots, as the runtime's generations count
         state[i] = _RUNNING
         started[i] = now
@@ -192,8 +192,9 @@ def run_loop(
             ledger.check(i, route, now)
             start_of[i], gen_of[i], route_of[i] = start, gen, route
             chain_of[i] = -1 if route.chain is None else route.chain
-            if recover and not ledger.has_room(route, demand[i]):
-                # only a recomposed plan's starts may wait for the old plan's jobs; others must fit
+            if not ledger.has_room(route, demand[i]):
+                if not recover:  # only a recomposed plan's starts may wait for the old plan's jobs
+                    raise MemoryExceeded(ledger.overflow(i, route, demand[i], now))
                 state[i] = _HELD
                 held.append(i)
             else:

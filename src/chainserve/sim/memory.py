@@ -53,7 +53,8 @@ class MemoryExceeded(RuntimeError):
 
 class MemoryLedger:
     """Jobs in service per plan chain (``in_service``, Z_k) and per-request cache (``extra``), per
-    server limits (``limits``) in block-jobs; see the module docstring.
+    server limits (``limits``) in block-jobs; see the module docstring. ``by_chain=False`` (the
+    general loop, whose plans change) counts every job's cache per server, as ``extra``.
 
     >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
     >>> from chainserve.plan.csearch import make_plan
@@ -71,7 +72,7 @@ class MemoryLedger:
     chainserve.sim.memory.MemoryExceeded: job 4 at t=0.0: server 0 would hold 10 block-jobs of cache, 8 fit
     """
 
-    def __init__(self, plan: Layout, paging: Paging | None = None):
+    def __init__(self, plan: Layout, paging: Paging | None = None, by_chain: bool = True):
         problem = plan.problem
         self.problem = problem
         self.unit = 1 if paging is None else paging.tokens_per_slot  # per slot: 1 block-job, or T block-tokens
@@ -83,9 +84,10 @@ class MemoryLedger:
         self.loaded: list[Span | None] = [plan.placement.span_of(j) for j in range(problem.num_servers)]
         self.alive = [True] * problem.num_servers
         self.limits = [self._limit(j) for j in range(problem.num_servers)]
-        self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in plan.chains]
-        self.capacity = [ch.capacity * self.unit for ch in plan.chains]
-        self.in_service = [0] * len(plan.chains)
+        chains = plan.chains if by_chain else ()
+        self.chain_hops = [tuple((h.server, h.num_blocks) for h in ch.hops) for ch in chains]
+        self.capacity = [ch.capacity * self.unit for ch in chains]
+        self.in_service = [0] * len(chains)
         self.extra = [0] * problem.num_servers
         #: chain index -> the Route object the driver may take the fast path for
         self.known: dict[int, Route] = {}
@@ -129,11 +131,18 @@ class MemoryLedger:
 
     def has_room(self, route: Route, demand: int = 1) -> bool:
         """Whether a job holding ``demand`` per block fits on every hop of ``route`` now."""
-        return all(self.used(h.server) + h.num_blocks * demand <= self.limits[h.server] for h in route.hops)
+        limits = self.limits
+        if not self.in_service:  # nothing counted by chain: all per server
+            extra = self.extra
+            return all(extra[h.server] + h.num_blocks * demand <= limits[h.server] for h in route.hops)
+        return all(self.used(h.server) + h.num_blocks * demand <= limits[h.server] for h in route.hops)
 
     def used(self, server: int) -> int:
         """Block-jobs (block-tokens) of cache held on ``server`` now."""
-        return self.extra[server] + sum(b * self.in_service[k] for k, b in self.through[server])
+        through = self.through[server]
+        if not through:
+            return self.extra[server]
+        return self.extra[server] + sum(b * self.in_service[k] for k, b in through)
 
     def _chain_of(self, route: Route) -> int | None:
         """The plan chain ``route`` runs on (its hops are the chain's), else ``None``."""
@@ -151,22 +160,33 @@ class MemoryLedger:
         """Account for ``job`` (holding ``demand`` units per block: 1 slot, or its tokens with paging)
         starting on ``route``; raise :class:`MemoryExceeded` if it does not fit."""
         k = self._chain_of(route)
-        hops = self.chain_hops[k] if k is not None else [(h.server, h.num_blocks) for h in route.hops]
-        for server, blocks in hops:
-            load = self.used(server) + blocks * demand
-            if load > self.limits[server]:
-                raise MemoryExceeded(
-                    f"job {job} at t={now}: server {server} would hold {load} block-{self.unit_name} "
-                    f"of cache, {self.limits[server]} fit"
-                )
+        if not self.has_room(route, demand):
+            raise MemoryExceeded(self.overflow(job, route, demand, now))
         if k is None:
-            for server, blocks in hops:
-                self.extra[server] += blocks * demand
-            self.num_unsafe += 1
+            self.hold(route, demand)
         else:
             self.num_unsafe -= self.in_service[k] > self.capacity[k]
             self.in_service[k] += demand
             self.num_unsafe += self.in_service[k] > self.capacity[k]
+
+    def overflow(self, job: int, route: Route, demand: int, now: float) -> str:
+        """What a start of ``job`` on ``route`` would exceed (it has no room)."""
+        j, load = next(
+            (h.server, self.used(h.server) + h.num_blocks * demand)
+            for h in route.hops
+            if self.used(h.server) + h.num_blocks * demand > self.limits[h.server]
+        )
+        return (
+            f"job {job} at t={now}: server {j} would hold {load} block-{self.unit_name} of cache, {self.limits[j]} fit"
+        )
+
+    def hold(self, route: Route, demand: int = 1) -> None:
+        """Account for a job's cache on every server of ``route`` (per server, unchecked: the caller
+        found room, :meth:`has_room`)."""
+        extra = self.extra
+        for hop in route.hops:
+            extra[hop.server] += hop.num_blocks * demand
+        self.num_unsafe += 1
 
     def release(self, route: Route, demand: int = 1) -> None:
         """Free the cache of one job that ran on ``route`` holding ``demand`` units per block."""
