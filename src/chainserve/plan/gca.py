@@ -2,14 +2,19 @@
 
 The routing graph is a DAG ordered by the servers' last blocks: j may follow i iff
 a_j ≤ e_i + 1 ≤ e_j (e = a + m − 1), and the edge's cost τ^c_j + τ^p_j·(e_j − e_i) depends on i only
-through e_i. So the shortest source→sink path is a dynamic programme over end blocks b = 0..L:
-D[b] = the cheapest path ending at a server whose last block is b. One round costs O(J·L) instead of
-O(J²) edges; results (ties included) equal the plain edge-by-edge search: a predecessor is chosen by
-least cost, then least end block, then least server index.
+through e_i. So the shortest source→sink path is a dynamic programme over end blocks: D[b] = the
+cheapest path ending at a server whose last block is b, for b = 0 and the distinct span ends only
+(no path passes anywhere else). One round costs O(edges) with at most J·(B + 1) usable edges, B the
+number of distinct ends, instead of O(J²); results (ties included) equal the plain edge-by-edge
+search: at each end block the least total, then the least server index, then the least predecessor
+end. Issue 32: the programme loops over each span's usable edges in Python (a handful per span),
+which is faster than numpy calls per end block at these sizes; the edges are rebuilt with numpy for
+the spans whose memory a round used.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -66,44 +71,57 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
         for hop in chain.hops:
             r = row_of[hop.server]
             resid[r] -= s_c[r] * hop.num_blocks * chain.capacity
-    # cost[r, b'] = τ^c + τ^p·(e_r − b') for a predecessor ending at b' (valid entries only)
-    prev_end = np.arange(L + 1)
-    cost = tau_c[:, None] + tau_p[:, None] * (end[:, None] - prev_end[None, :])
-    first_row = np.searchsorted(end, np.arange(L + 2))  # rows ending at b: first_row[b]:first_row[b+1]
+    # A path can only pass through block 0 or a span end, so the programme runs over those alone
+    # (issue 32: the distinct ends, not all L blocks): column p is the predecessor end prev_end[p].
+    distinct = np.unique(end)
+    prev_end = np.concatenate(([0], distinct[distinct < L]))
+    column_of = {int(b): p for p, b in enumerate(prev_end)}
+    first, after = np.searchsorted(end, distinct), np.searchsorted(end, distinct, "right")
+    groups = list(zip(distinct.tolist(), first.tolist(), after.tolist(), strict=True))  # end b: rows lo:hi
+    blocks_all = end[:, None] - prev_end[None, :]
+    cost = tau_c[:, None] + tau_p[:, None] * blocks_all  # τ^c + τ^p·(e_r − prev_end[p])
+    structural = (blocks_all > 0) & (prev_end[None, :] >= start[:, None] - 1)
+    edges: list[list[tuple[int, float]]] = [[] for _ in spans]
 
-    def usable_costs(rows: np.ndarray) -> np.ndarray:
-        """Costs with unusable edges set to inf: outside the span, not ending later, or no room
-        for one job (same test as :func:`jobs_that_fit`)."""
-        blocks = end[rows][:, None] - prev_end[None, :]
+    def update_edges(rows: np.ndarray) -> None:
+        """Each row's usable edges (column, cost), columns ascending: inside the span, ending later,
+        and room for one job (same test as :func:`jobs_that_fit`). Few per row, so the programme
+        below loops over them in Python (issue 32: faster than numpy calls per end block)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            fits = np.floor(resid[rows][:, None] / (s_c[rows][:, None] * blocks) + FIT_EPS) >= 1
-        ok = (blocks > 0) & (prev_end[None, :] >= start[rows][:, None] - 1) & fits & (resid[rows][:, None] >= 0)
-        return np.where(ok, cost[rows], np.inf)
+            fits = np.floor(resid[rows][:, None] / (s_c[rows][:, None] * blocks_all[rows]) + FIT_EPS) >= 1
+        ok = structural[rows] & fits & (resid[rows][:, None] >= 0)
+        at, columns = np.nonzero(ok)  # row-major: columns ascending within a row
+        weights = cost[rows][at, columns].tolist()
+        for r in rows.tolist():
+            edges[r] = []
+        for i, p, w in zip(rows[at].tolist(), columns.tolist(), weights, strict=True):
+            edges[i].append((p, w))
 
-    masked = usable_costs(np.arange(len(spans)))
+    update_edges(np.arange(len(spans)))
     chains: list[Chain] = list(reserved)
     while True:
-        best = np.full(L + 1, np.inf)
+        best = [math.inf] * len(prev_end)
         best[0] = 0.0
-        best_row = np.full(L + 1, -1)
-        best_prev = np.full(L + 1, -1)
-        for b in range(1, L + 1):
-            lo, hi = first_row[b], first_row[b + 1]
-            if lo == hi:
-                continue
-            totals = best[None, :b] + masked[lo:hi, :b]
-            flat = int(np.argmin(totals))
-            r, prev = divmod(flat, b)
-            if totals[r, prev] < np.inf:
-                best[b], best_row[b], best_prev[b] = totals[r, prev], lo + r, prev
-        if not np.isfinite(best[L]):
+        choice: dict[int, tuple[int, int]] = {}  # end block → (row, predecessor end)
+        for b, lo, hi in groups:  # least total, then least row, then least predecessor end
+            top, pick = math.inf, None
+            for r in range(lo, hi):
+                for p, w in edges[r]:
+                    total = best[p] + w
+                    if total < top:
+                        top, pick = total, (r, p)
+            if pick is not None:
+                choice[b] = (pick[0], int(prev_end[pick[1]]))
+                if b < L:
+                    best[column_of[b]] = top
+        if L not in choice:
             break
         rows, blocks, b = [], [], L
         while b > 0:
-            r, prev = best_row[b], best_prev[b]
+            r, prev = choice[b]
             rows.append(r)
-            blocks.append(int(b - prev))
-            b = int(prev)
+            blocks.append(b - prev)
+            b = prev
         rows.reverse()
         blocks.reverse()
         capacity = min(jobs_that_fit(resid[r], s_c[r] * m) for r, m in zip(rows, blocks, strict=True))
@@ -113,6 +131,5 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
             hops.append(Hop(int(server[r]), int(end[r]) - m + 1, m))
             time += tau_c[r] + tau_p[r] * m
         chains.append(Chain(tuple(hops), float(time), capacity))
-        path_rows = np.array(rows)
-        masked[path_rows] = usable_costs(path_rows)
+        update_edges(np.array(rows))
     return tuple(chains)
