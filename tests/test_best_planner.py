@@ -12,11 +12,10 @@ from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workloa
 from chainserve.plan.best import best_plan, plan_with
 from chainserve.plan.budget import Budget, WorkLimits
 from chainserve.plan.candidates import variant_placements, walk
-from chainserve.plan.complete import complete, fastest_paths, tighten
+from chainserve.plan.complete import ALLOCATION_MARGIN, complete, fastest_paths, tighten
 from chainserve.plan.csearch import search_c
 from chainserve.plan.exact import job_block_room, routing_paths
 from chainserve.plan.local_search import local_search
-from chainserve.plan.milp_placement import milp_placements
 from chainserve.plan.types import Placement, Span, check_placement, check_plan
 from test_planner_properties import clusters
 
@@ -104,12 +103,23 @@ def test_local_search_never_returns_worse():
     assert used <= 50 and found.bounds.lower_s <= start.bounds.lower_s
 
 
-def test_milp_placements_are_valid():
+def test_allocation_milp_only_near_the_incumbent():
+    """The allocation MILP runs for a placement whose GCA plan is within ALLOCATION_MARGIN of the best
+    lower bound so far, and not for one far above it (issue 32); the plan is valid either way."""
     problem = toy()
-    greedy = search_c(problem)
-    for placement in milp_placements(problem, [greedy], Budget(WorkLimits(), 60.0)):
-        check_placement(problem, placement)
-        complete(problem, placement).check()
+    placement = search_c(problem).placement
+    gca_plan = complete(problem, placement, exact=False)
+    for incumbent, milps_run in (
+        (None, 1),
+        (gca_plan.bounds.lower_s, 1),
+        (gca_plan.bounds.lower_s / (1 + ALLOCATION_MARGIN) * 1.001, 1),
+        (gca_plan.bounds.lower_s / (1 + ALLOCATION_MARGIN) * 0.999, 0),
+    ):
+        budget = Budget(WorkLimits(), 60.0)
+        plan = complete(problem, placement, budget=budget, incumbent_s=incumbent)
+        check_plan(plan)
+        assert plan.bounds.lower_s <= gca_plan.bounds.lower_s
+        assert WorkLimits().allocation_milps - budget.allocation_milps_left == milps_run
 
 
 def test_planner_choice_reaches_build_method():
