@@ -7,9 +7,9 @@ cheapest path ending at a server whose last block is b, for b = 0 and the distin
 (no path passes anywhere else). One round costs O(edges) with at most J·(B + 1) usable edges, B the
 number of distinct ends, instead of O(J²); results (ties included) equal the plain edge-by-edge
 search: at each end block the least total, then the least server index, then the least predecessor
-end. Issue 32: the programme loops over each span's usable edges in Python (a handful per span),
-which is faster than numpy calls per end block at these sizes; the edges are rebuilt with numpy for
-the spans whose memory a round used.
+end. Issue 32: the usable edges are found once with numpy, then the programme loops over each
+span's edges in Python (a handful per span: faster than numpy calls per end block at these sizes), and
+a round only drops the edges of its path's spans that no longer have room for one job.
 """
 
 from __future__ import annotations
@@ -80,24 +80,20 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
     groups = list(zip(distinct.tolist(), first.tolist(), after.tolist(), strict=True))  # end b: rows lo:hi
     blocks_all = end[:, None] - prev_end[None, :]
     cost = tau_c[:, None] + tau_p[:, None] * blocks_all  # τ^c + τ^p·(e_r − prev_end[p])
-    structural = (blocks_all > 0) & (prev_end[None, :] >= start[:, None] - 1)
-    edges: list[list[tuple[int, float]]] = [[] for _ in spans]
-
-    def update_edges(rows: np.ndarray) -> None:
-        """Each row's usable edges (column, cost), columns ascending: inside the span, ending later,
-        and room for one job (same test as :func:`jobs_that_fit`). Few per row, so the programme
-        below loops over them in Python (issue 32: faster than numpy calls per end block)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fits = np.floor(resid[rows][:, None] / (s_c[rows][:, None] * blocks_all[rows]) + FIT_EPS) >= 1
-        ok = structural[rows] & fits & (resid[rows][:, None] >= 0)
-        at, columns = np.nonzero(ok)  # row-major: columns ascending within a row
-        weights = cost[rows][at, columns].tolist()
-        for r in rows.tolist():
-            edges[r] = []
-        for i, p, w in zip(rows[at].tolist(), columns.tolist(), weights, strict=True):
-            edges[i].append((p, w))
-
-    update_edges(np.arange(len(spans)))
+    # usable edges: inside the span, ending later, and room for one job (as :func:`jobs_that_fit`)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fits = np.floor(resid[:, None] / (s_c[:, None] * blocks_all) + FIT_EPS) >= 1
+    usable = (blocks_all > 0) & (prev_end[None, :] >= start[:, None] - 1) & fits & (resid[:, None] >= 0)
+    # Each row's usable edges (column, cost, blocks), columns ascending: a handful per row, so the
+    # programme loops over them in Python (issue 32: faster than numpy calls per end block). Memory
+    # only shrinks, so a round drops edges from its path's rows and never adds any.
+    edges: list[list[tuple[int, float, int]]] = [[] for _ in spans]
+    at, columns = np.nonzero(usable)  # row-major
+    for r, p, w, m in zip(
+        at.tolist(), columns.tolist(), cost[at, columns].tolist(), blocks_all[at, columns].tolist(), strict=True
+    ):
+        edges[r].append((p, w, m))
+    free, per_block = resid.tolist(), s_c.tolist()
     chains: list[Chain] = list(reserved)
     while True:
         best = [math.inf] * len(prev_end)
@@ -106,7 +102,7 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
         for b, lo, hi in groups:  # least total, then least row, then least predecessor end
             top, pick = math.inf, None
             for r in range(lo, hi):
-                for p, w in edges[r]:
+                for p, w, _ in edges[r]:
                     total = best[p] + w
                     if total < top:
                         top, pick = total, (r, p)
@@ -124,12 +120,22 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
             b = prev
         rows.reverse()
         blocks.reverse()
-        capacity = min(jobs_that_fit(resid[r], s_c[r] * m) for r, m in zip(rows, blocks, strict=True))
+        capacity = min(jobs_that_fit(free[r], per_block[r] * m) for r, m in zip(rows, blocks, strict=True))
         hops, time = [], 0.0
         for r, m in zip(rows, blocks, strict=True):
-            resid[r] -= s_c[r] * m * capacity
+            free[r] -= per_block[r] * m * capacity
             hops.append(Hop(int(server[r]), int(end[r]) - m + 1, m))
             time += tau_c[r] + tau_p[r] * m
+            edges[r] = [edge for edge in edges[r] if _fits(free[r], per_block[r] * edge[2])]
         chains.append(Chain(tuple(hops), float(time), capacity))
-        update_edges(np.array(rows))
     return tuple(chains)
+
+
+def _fits(free_gb: float, need_gb: float) -> bool:
+    """One job fits: numpy's test above on Python floats (⌊free/need + ε⌋ ≥ 1, free ≥ 0; with need 0,
+    free > 0, as numpy's x/0 = inf and 0/0 = nan)."""
+    if free_gb < 0:
+        return False
+    if need_gb == 0:
+        return free_gb > 0
+    return math.floor(free_gb / need_gb + FIT_EPS) >= 1
