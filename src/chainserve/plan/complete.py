@@ -56,31 +56,33 @@ def fastest_paths(problem: Problem, spans: Sequence[Span], room: Callable[[Span]
     """Up to ``limit`` fastest distinct source→sink paths over ``spans`` (several spans of one server
     are allowed: a path never uses a server twice), by a k-best dynamic programme over end blocks:
     span (j, a, e) may follow a path ending at b iff a ≤ b + 1 ≤ e and m = e − b ≤ ``room(span)``
-    (one job fits). O(|spans| · B · limit), B the number of distinct span ends.
+    (one job fits). Ties keep the order found (spans as given, then predecessor ends, then their
+    paths). O(|spans| · B · limit), B the number of distinct span ends.
     """
     L = problem.model.num_blocks
     by_end: dict[int, list[Span]] = {}
     for span in spans:
         by_end.setdefault(span.end_block, []).append(span)
     # per end block: (time, path, bit mask of its servers), fastest first; the mask replaces a scan
-    # of the path for the server (issue 32: this search runs once per completion)
+    # of the path for the server. Issue 32 (this runs once per completion): a candidate is (time,
+    # predecessor end b, its index in best[b], server, mask), named by (b, index, server) and turned
+    # into a path only if it is kept.
     best: dict[int, list[tuple[float, Path, int]]] = {0: [(0.0, (), 0)]}
     for e in sorted(by_end):
-        found: dict[Path, tuple[float, int]] = {}
+        found: list[tuple[float, int, int, int, int]] = []
+        named: set[tuple[int, int, int]] = set()
         for span in by_end[e]:
             server = problem.servers[span.server]
             bit = 1 << span.server
             most = room(span)
             for b in [b for b in best if span.start_block - 1 <= b < e and e - b <= most]:
                 hop_s = server.tau_c_s + server.tau_p_s * (e - b)
-                hop = Hop(span.server, b + 1, e - b)
-                for time_s, path, mask in best[b]:
-                    if not mask & bit:
-                        key = (*path, hop)
-                        if key not in found:
-                            found[key] = (time_s + hop_s, mask | bit)
-        ranked = sorted(found.items(), key=lambda item: item[1][0])[:limit]
-        best[e] = [(time_s, path, mask) for path, (time_s, mask) in ranked]
+                for i, (time_s, _, mask) in enumerate(best[b]):
+                    if not mask & bit and (b, i, span.server) not in named:
+                        named.add((b, i, span.server))
+                        found.append((time_s + hop_s, b, i, span.server, mask | bit))
+        found.sort(key=lambda item: item[0])
+        best[e] = [(time_s, (*best[b][i][1], Hop(j, b + 1, e - b)), mask) for time_s, b, i, j, mask in found[:limit]]
     return [path for _, path, _ in best.get(L, [])]
 
 
@@ -128,9 +130,11 @@ def bound_optimal_allocation(
     :func:`chainserve.plan.exact.best_maximal_allocation`, when its tree is small (at most
     :data:`MAX_ALLOCATION_TREE` capacity vectors); ``None`` if too big or nothing beats ``incumbent``."""
     room = job_block_room(problem, placement)
-    most = [min(room[h.server] // h.num_blocks for h in path) for path in paths]
-    if math.prod(m + 1 for m in most) > MAX_ALLOCATION_TREE:
-        return None
+    tree = 1
+    for path in paths:  # stop counting once too big (issue 32: the paths are up to a hundred)
+        tree *= min(room[h.server] // h.num_blocks for h in path) + 1
+        if tree > MAX_ALLOCATION_TREE:
+            return None
     timed = sorted(paths, key=lambda p: chain_time_s(problem, p))
     slot = {j: i for i, j in enumerate(room)}
     needs = [[(slot[h.server], h.num_blocks) for h in path] for path in timed]
