@@ -9,7 +9,10 @@ number of distinct ends, instead of O(J²); results (ties included) equal the pl
 search: at each end block the least total, then the least server index, then the least predecessor
 end. Issue 32: the usable edges are found once with numpy, then the programme loops over each
 span's edges in Python (a handful per span: faster than numpy calls per end block at these sizes), and
-a round only drops the edges of its path's spans that no longer have room for one job.
+a round only drops the edges of its path's spans that no longer have room for one job. Since edges
+only go, D only grows, so the next round recomputes D[b] only where its choice lost its edge or its
+predecessor's D changed: otherwise the choice is still the first least total (its total is unchanged,
+every other one is no smaller), and D[b] stands. With hundreds of rounds (J = 1000) most D[b] stand.
 """
 
 from __future__ import annotations
@@ -95,38 +98,51 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
         edges[r].append((p, w, m))
     free, per_block = resid.tolist(), s_c.tolist()
     chains: list[Chain] = list(reserved)
+    ends = prev_end.tolist()
+    best = [math.inf] * len(ends)  # D over the columns
+    best[0] = 0.0
+    choice: dict[int, tuple[int, int]] = {}  # end block → (row, predecessor column) of D[b]
+    removed: set[tuple[int, int]] | None = None  # edges (row, column) the last round dropped; None: none yet
+    changed: set[int] = set()  # columns whose D changed this round
     while True:
-        best = [math.inf] * len(prev_end)
-        best[0] = 0.0
-        choice: dict[int, tuple[int, int]] = {}  # end block → (row, predecessor end)
         for b, lo, hi in groups:  # least total, then least row, then least predecessor end
+            held = choice.get(b)
+            if removed is not None and (held is None or ((held not in removed) and held[1] not in changed)):
+                continue  # D[b] and its choice stand (module doc: a round only removes edges)
             top, pick = math.inf, None
             for r in range(lo, hi):
                 for p, w, _ in edges[r]:
                     total = best[p] + w
                     if total < top:
                         top, pick = total, (r, p)
-            if pick is not None:
-                choice[b] = (pick[0], int(prev_end[pick[1]]))
-                if b < L:
-                    best[column_of[b]] = top
+            if pick is None:
+                choice.pop(b, None)
+            else:
+                choice[b] = pick
+            if b < L and top != best[column_of[b]]:
+                best[column_of[b]] = top
+                changed.add(column_of[b])
         if L not in choice:
             break
         rows, blocks, b = [], [], L
         while b > 0:
-            r, prev = choice[b]
+            r, p = choice[b]
             rows.append(r)
-            blocks.append(b - prev)
-            b = prev
+            blocks.append(b - ends[p])
+            b = ends[p]
         rows.reverse()
         blocks.reverse()
         capacity = min(jobs_that_fit(free[r], per_block[r] * m) for r, m in zip(rows, blocks, strict=True))
         hops, time = [], 0.0
+        removed, changed = set(), set()
         for r, m in zip(rows, blocks, strict=True):
             free[r] -= per_block[r] * m * capacity
             hops.append(Hop(int(server[r]), int(end[r]) - m + 1, m))
             time += tau_c[r] + tau_p[r] * m
-            edges[r] = [edge for edge in edges[r] if _fits(free[r], per_block[r] * edge[2])]
+            kept = [edge for edge in edges[r] if _fits(free[r], per_block[r] * edge[2])]
+            if len(kept) < len(edges[r]):
+                removed.update((r, edge[0]) for edge in edges[r] if edge not in kept)
+                edges[r] = kept
         chains.append(Chain(tuple(hops), float(time), capacity))
     return tuple(chains)
 
