@@ -15,7 +15,7 @@ from chainserve.plan.candidates import variant_placements, walk
 from chainserve.plan.complete import ALLOCATION_MARGIN, complete, fastest_paths, tighten
 from chainserve.plan.csearch import search_c
 from chainserve.plan.exact import job_block_room, routing_paths
-from chainserve.plan.local_search import local_search
+from chainserve.plan.local_search import _swaps, local_search
 from chainserve.plan.types import Placement, Span, check_placement, check_plan
 from test_planner_properties import clusters
 
@@ -101,6 +101,16 @@ def test_local_search_never_returns_worse():
     )
     check_plan(found)
     assert used <= 50 and found.bounds.lower_s <= start.bounds.lower_s
+
+
+def test_swap_moves_by_hand():
+    # placed 0: blocks 1..2, 1: 3..4, 2: 1..2 (same span as 0), idle 3; server 2 holds at most 1 block.
+    # Pairs in loop order: (0, 1) yes; (0, 2) no, same span; (0, 3) yes; (1, 2) no, 2 cannot hold 1's
+    # two blocks; (1, 3) yes; (2, 3) yes.
+    spans = {0: (1, 2), 1: (3, 2), 2: (1, 2)}
+    xs, ys, partners = _swaps(spans, [0, 1, 2], [3], [4, 4, 1, 4])
+    assert partners == [0, 1, 2, 3]
+    assert list(zip(xs, ys, strict=True)) == [(0, 1), (0, 3), (1, 3), (2, 3)]
 
 
 def test_allocation_milp_only_near_the_incumbent():

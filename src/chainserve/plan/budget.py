@@ -26,7 +26,8 @@ class WorkLimits:
     milp_nodes: int = 20_000
     #: most allocation MILPs of one run (:func:`chainserve.plan.exact.optimal_allocation`); later
     #: completions are GCA and the small branch and bound only. Their root work, not their nodes, is
-    #: most of a MILP's time, so their number is limited too
+    #: most of a MILP's time, so their number is limited too (issue 32: 40, each for a placement near
+    #: the best plan so far, :data:`chainserve.plan.complete.ALLOCATION_MARGIN`, found what 120 did)
     allocation_milps: int = 40
     #: most nodes of one allocation MILP
     allocation_nodes: int = 100
