@@ -82,7 +82,14 @@ def fastest_paths(problem: Problem, spans: Sequence[Span], room: Callable[[Span]
                         named.add((b, i, span.server))
                         found.append((time_s + hop_s, b, i, span.server, mask | bit))
         found.sort(key=lambda item: item[0])
-        best[e] = [(time_s, (*best[b][i][1], Hop(j, b + 1, e - b)), mask) for time_s, b, i, j, mask in found[:limit]]
+        hops: dict[tuple[int, int], Hop] = {}  # one Hop per (server, predecessor end)
+        kept = []
+        for time_s, b, i, j, mask in found[:limit]:
+            hop = hops.get((j, b))
+            if hop is None:
+                hop = hops[j, b] = Hop(j, b + 1, e - b)
+            kept.append((time_s, (*best[b][i][1], hop), mask))
+        best[e] = kept
     return [path for _, path, _ in best.get(L, [])]
 
 
@@ -111,7 +118,8 @@ def complete(
         paths = fastest_paths(
             problem, placement.spans, lambda span: room[span.server], MAX_ALLOCATION_PATHS - len(columns)
         )
-        columns.update((p, None) for p in paths)
+        own = list(columns)  # the paths are distinct: compare them with GCA's few chains, not hash them
+        columns.update((p, None) for p in paths if p not in own)
     if incumbent_s is None or plan.score_s <= incumbent_s * (1 + ALLOCATION_MARGIN):
         try:
             allocated = optimal_allocation(problem, placement, tuple(columns), budget=budget)
