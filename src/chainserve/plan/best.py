@@ -41,7 +41,7 @@ from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.budget import Budget, WorkLimits
 from chainserve.plan.candidates import variant_placements
 from chainserve.plan.complete import complete, is_better, score, tighten
-from chainserve.plan.csearch import candidate_plans, check_model_fits, search_c
+from chainserve.plan.csearch import BoundsMemo, candidate_plans, check_model_fits, search_c
 from chainserve.plan.local_search import local_search
 from chainserve.plan.types import Placement, Plan, SearchReport, check_plan
 
@@ -87,11 +87,12 @@ def best_plan(
     budget = Budget(limits if small else dataclasses.replace(limits, allocation_milps=0), time_limit_s)
     rng = np.random.default_rng(seed)
     evaluated: dict[Placement, Plan] = {}
+    memo: BoundsMemo = {}
 
     def evaluate(placement: Placement, c: int | None = None, exact: bool = not large) -> Plan:
         if placement not in evaluated:
             incumbent = None if best is None else best.score_s
-            evaluated[placement] = complete(problem, placement, exact, c, budget, incumbent)
+            evaluated[placement] = complete(problem, placement, exact, c, budget, incumbent, memo)
         return evaluated[placement]
 
     searched = candidate_plans(problem, stop=budget.expired)

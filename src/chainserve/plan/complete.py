@@ -20,7 +20,7 @@ import numpy as np
 
 from chainserve.model.spec import Problem
 from chainserve.plan.budget import Budget
-from chainserve.plan.csearch import make_plan
+from chainserve.plan.csearch import BoundsMemo, make_plan
 from chainserve.plan.exact import best_maximal_allocation, job_block_room, optimal_allocation
 from chainserve.plan.gca import gca
 from chainserve.plan.types import Chain, Hop, Placement, Plan, Span, chain_time_s
@@ -100,16 +100,18 @@ def complete(
     c: int | None = None,
     budget: Budget | None = None,
     incumbent_s: float | None = None,
+    memo: BoundsMemo | None = None,
 ) -> Plan:
     """GCA's plan for ``placement`` and, with ``exact``, the optimal allocation over GCA's chains and
     the fastest routing paths (at most :data:`MAX_ALLOCATION_PATHS` columns) by a MILP, unless GCA's
     plan is more than :data:`ALLOCATION_MARGIN` above ``incumbent_s`` (the best lower bound so far),
     and by :func:`bound_optimal_allocation`; the best by :func:`score`. Cost: one GCA (O(rounds·J·L))
     plus one small MILP, limited by ``budget`` (the allocation is then the best found within its nodes;
-    none once the budget has no MILP work left).
+    none once the budget has no MILP work left). ``memo``: the run's bounds computed so far
+    (:data:`chainserve.plan.csearch.BoundsMemo`).
     """
     chains = gca(problem, placement)
-    plan = make_plan(problem, placement, chains, c)
+    plan = make_plan(problem, placement, chains, c, memo=memo)
     if not exact or not chains:
         return plan
     columns = {ch.hops: None for ch in chains}
@@ -123,16 +125,21 @@ def complete(
     if incumbent_s is None or plan.score_s <= incumbent_s * (1 + ALLOCATION_MARGIN):
         try:
             allocated = optimal_allocation(problem, placement, tuple(columns), budget=budget)
-            alternative = make_plan(problem, placement, allocated.chains, c)
+            alternative = make_plan(problem, placement, allocated.chains, c, memo=memo)
             plan = alternative if is_better(alternative, plan) else plan
         except ValueError:
             pass  # no allocation found (or no MILP work left): GCA's stands
-    exact_plan = bound_optimal_allocation(problem, placement, tuple(columns), plan, c)
+    exact_plan = bound_optimal_allocation(problem, placement, tuple(columns), plan, c, memo)
     return exact_plan if exact_plan is not None else plan
 
 
 def bound_optimal_allocation(
-    problem: Problem, placement: Placement, paths: Sequence[Path], incumbent: Plan, c: int | None
+    problem: Problem,
+    placement: Placement,
+    paths: Sequence[Path],
+    incumbent: Plan,
+    c: int | None,
+    memo: BoundsMemo | None = None,
 ) -> Plan | None:
     """The allocation over ``paths`` with the least lower bound, by the branch and bound of
     :func:`chainserve.plan.exact.best_maximal_allocation`, when its tree is small (at most
@@ -153,7 +160,7 @@ def bound_optimal_allocation(
     if found is None:
         return None
     chains = tuple(Chain(p, chain_time_s(problem, p), k) for p, k in zip(timed, found[1], strict=True) if k > 0)
-    plan = make_plan(problem, placement, chains, c)
+    plan = make_plan(problem, placement, chains, c, memo=memo)
     return plan if is_better(plan, incumbent) else None
 
 
