@@ -139,19 +139,9 @@ def gca(problem: Problem, placement: Placement, reserved: Sequence[Chain] = ()) 
             free[r] -= per_block[r] * m * capacity
             hops.append(Hop(int(server[r]), int(end[r]) - m + 1, m))
             time += tau_c[r] + tau_p[r] * m
-            kept = [edge for edge in edges[r] if _fits(free[r], per_block[r] * edge[2])]
+            kept = [edge for edge in edges[r] if jobs_that_fit(free[r], per_block[r] * edge[2]) >= 1]
             if len(kept) < len(edges[r]):
                 removed.update((r, edge[0]) for edge in edges[r] if edge not in kept)
                 edges[r] = kept
         chains.append(Chain(tuple(hops), float(time), capacity))
     return tuple(chains)
-
-
-def _fits(free_gb: float, need_gb: float) -> bool:
-    """One job fits: numpy's test above on Python floats (⌊free/need + ε⌋ ≥ 1, free ≥ 0; with need 0,
-    free > 0, as numpy's x/0 = inf and 0/0 = nan)."""
-    if free_gb < 0:
-        return False
-    if need_gb == 0:
-        return free_gb > 0
-    return math.floor(free_gb / need_gb + FIT_EPS) >= 1
