@@ -34,7 +34,6 @@ SMALL = WorkLimits(
     milp_nodes=400,
     allocation_milps=12,
     allocation_nodes=20,
-    placement_nodes=10,
     max_evaluations=60,
     search_work=2_000,
 )

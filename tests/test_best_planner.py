@@ -12,11 +12,10 @@ from chainserve.model.spec import ModelSpec, Problem, Server, SpecError, Workloa
 from chainserve.plan.best import best_plan, plan_with
 from chainserve.plan.budget import Budget, WorkLimits
 from chainserve.plan.candidates import variant_placements, walk
-from chainserve.plan.complete import complete, fastest_paths, tighten
+from chainserve.plan.complete import ALLOCATION_MARGIN, complete, fastest_paths, tighten
 from chainserve.plan.csearch import search_c
 from chainserve.plan.exact import job_block_room, routing_paths
-from chainserve.plan.local_search import local_search
-from chainserve.plan.milp_placement import milp_placements
+from chainserve.plan.local_search import _swaps, local_search
 from chainserve.plan.types import Placement, Span, check_placement, check_plan
 from test_planner_properties import clusters
 
@@ -104,12 +103,33 @@ def test_local_search_never_returns_worse():
     assert used <= 50 and found.bounds.lower_s <= start.bounds.lower_s
 
 
-def test_milp_placements_are_valid():
+def test_swap_moves_by_hand():
+    # placed 0: blocks 1..2, 1: 3..4, 2: 1..2 (same span as 0), idle 3; server 2 holds at most 1 block.
+    # Pairs in loop order: (0, 1) yes; (0, 2) no, same span; (0, 3) yes; (1, 2) no, 2 cannot hold 1's
+    # two blocks; (1, 3) yes; (2, 3) yes.
+    spans = {0: (1, 2), 1: (3, 2), 2: (1, 2)}
+    xs, ys, partners = _swaps(spans, [0, 1, 2], [3], [4, 4, 1, 4])
+    assert partners == [0, 1, 2, 3]
+    assert list(zip(xs, ys, strict=True)) == [(0, 1), (0, 3), (1, 3), (2, 3)]
+
+
+def test_allocation_milp_only_near_the_incumbent():
+    """The allocation MILP runs for a placement whose GCA plan is within ALLOCATION_MARGIN of the best
+    lower bound so far, and not for one far above it (issue 32); the plan is valid either way."""
     problem = toy()
-    greedy = search_c(problem)
-    for placement in milp_placements(problem, [greedy], Budget(WorkLimits(), 60.0)):
-        check_placement(problem, placement)
-        complete(problem, placement).check()
+    placement = search_c(problem).placement
+    gca_plan = complete(problem, placement, exact=False)
+    for incumbent, milps_run in (
+        (None, 1),
+        (gca_plan.bounds.lower_s, 1),
+        (gca_plan.bounds.lower_s / (1 + ALLOCATION_MARGIN) * 1.001, 1),
+        (gca_plan.bounds.lower_s / (1 + ALLOCATION_MARGIN) * 0.999, 0),
+    ):
+        budget = Budget(WorkLimits(), 60.0)
+        plan = complete(problem, placement, budget=budget, incumbent_s=incumbent)
+        check_plan(plan)
+        assert plan.bounds.lower_s <= gca_plan.bounds.lower_s
+        assert WorkLimits().allocation_milps - budget.allocation_milps_left == milps_run
 
 
 def test_planner_choice_reaches_build_method():

@@ -141,6 +141,17 @@ def test_gca_tie_at_sink_takes_lowest_server_index():
     assert [(ch.servers, ch.capacity) for ch in chains] == [((0,), 2), ((1,), 2)]
 
 
+def test_gca_tie_between_predecessors_takes_the_earlier_end():
+    # L = 3, τ^c = 0, τ^p = 1: X holds block 1, Y blocks 1..2, Z blocks 2..3. X→Z costs 1 + 2 = 3 and
+    # Y→Z costs 2 + 1 = 3: the tie goes to the predecessor ending first (X, end 1). Its capacity:
+    # X ⌊(2 − 1)/(0.5·1)⌋ = 2, Z ⌊(4 − 2)/(0.5·2)⌋ = 2; Z is then full, so Y is on no chain (Y first
+    # would give two chains of one job each).
+    servers = (Server("X", 2.0, 1.0, 0.0), Server("Y", 3.0, 1.0, 0.0), Server("Z", 4.0, 1.0, 0.0))
+    p = Problem(servers, ModelSpec("toy", 3, 1.0, 0.5), Workload(0.1))
+    chains = gca(p, Placement((Span(0, 1, 1), Span(1, 1, 2), Span(2, 2, 2)), 3))
+    assert [(ch.servers, ch.service_time_s, ch.capacity) for ch in chains] == [((0, 2), 3.0, 2)]
+
+
 def test_gca_can_fall_below_gbp_cr_promise(problem):
     """Counterexample to §2.2's "GCA's total rate is at least what GBP-CR promised", and the guard.
 

@@ -10,17 +10,17 @@ Steps, each keeping the best plan so far (:func:`chainserve.plan.complete.is_bet
    orders, walking the servers GBP-CR leaves idle, trimmed chain ends, per-server reservation levels),
    each completed likewise;
 3. a local search (:mod:`chainserve.plan.local_search`) from the best few plans;
-4. for J ≤ :data:`~chainserve.plan.milp_placement.MAX_MILP_SERVERS`: node-limited MILPs on placement +
-   allocation over the heuristic plans' spans and chains (:mod:`chainserve.plan.milp_placement`), each
-   result completed and polished by another local search;
-5. :attr:`~chainserve.plan.budget.WorkLimits.polish_rounds` local searches from the best plan, each
+4. :attr:`~chainserve.plan.budget.WorkLimits.polish_rounds` local searches from the best plan, each
    allowed a few moves across ties (plateaus: a server added that no chain uses yet).
 
-Only small clusters (J ≤ :data:`~chainserve.plan.milp_placement.MAX_MILP_SERVERS`) run MILPs, step 4 and
-the allocation MILP inside every completion (:func:`chainserve.plan.complete.complete`); on larger ones
-a completion is GCA and the small branch and bound. Issue 32: on the 20-server default cluster the MILPs
+Only small clusters (J ≤ :data:`MAX_MILP_SERVERS`) run MILPs: the allocation MILP inside a completion
+(:func:`chainserve.plan.complete.complete`), for placements near the best plan so far; on larger ones a
+completion is GCA and the small branch and bound. Issue 32: on the 20-server default cluster the MILPs
 were 13 of 15 s and, on its batch of 20 random clusters of 2–40 servers, the ν-maximal allocation never
-beat GCA there, while more local search (steps 3 and 5) found plans as good or better by the lower bound.
+beat GCA there, while more local search (steps 3 and 4) found plans as good or better by the lower bound.
+The placement MILPs (joint placement + allocation over a pool of spans and chains) that once followed
+step 3 were dropped for the same reason: on that batch's clusters of ≤ 12 servers and on the 20 seeds
+of the 10-server §4.1 sweep they were 40–70 % of a run and never gave a better plan.
 
 The result is tightened (unused servers dropped, spans cut to what their chains run) and checked
 (:func:`chainserve.plan.types.check_plan`). Work is bounded by counts (:class:`~chainserve.plan.budget.
@@ -41,9 +41,8 @@ from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.budget import Budget, WorkLimits
 from chainserve.plan.candidates import variant_placements
 from chainserve.plan.complete import complete, is_better, score, tighten
-from chainserve.plan.csearch import candidate_plans, check_model_fits, search_c
+from chainserve.plan.csearch import BoundsMemo, candidate_plans, check_model_fits, search_c
 from chainserve.plan.local_search import local_search
-from chainserve.plan.milp_placement import MAX_MILP_SERVERS, milp_placements
 from chainserve.plan.types import Placement, Plan, SearchReport, check_plan
 
 PLANNERS = ("greedy", "best")
@@ -51,6 +50,9 @@ PLANNERS = ("greedy", "best")
 #: The safety net of one run (s), c-search included: ``chainserve plan`` answers within 30 s (loading
 #: and printing take the rest) on every cluster it accepts (up to 1000 servers).
 TOTAL_BUDGET_S = 25.0
+#: Largest cluster the allocation MILP runs on (issue 32: on larger ones it took most of a run, the
+#: 20-server default cluster 13 of 15 s, and on the issue's batch it never beat GCA there).
+MAX_MILP_SERVERS = 12
 #: The work limits of a run unless told otherwise.
 DEFAULT_LIMITS = WorkLimits()
 
@@ -64,10 +66,10 @@ def best_plan(
     than :func:`search_c` by the lower bound (then the upper) unless the safety net cut the c-search.
 
     Cost: c_max greedy plans (as :func:`search_c`) + O(J) variants per kept c, each one GCA
-    (O(rounds·J·L)) and (J ≤ 12) one small allocation MILP, + :meth:`WorkLimits.local_search_evaluations`
-    completions (and a quarter of them per polishing round), + for J ≤ 12 a few placement MILPs; MILPs
-    share :attr:`WorkLimits.milp_nodes`; all within ``time_limit_s``. Raises ``ValueError`` when no plan
-    is stable.
+    (O(rounds·J·L)) and (J ≤ 12, near the best plan) one small allocation MILP, +
+    :meth:`WorkLimits.local_search_evaluations` completions (and a quarter of them per polishing round);
+    MILPs share :attr:`WorkLimits.milp_nodes`; all within ``time_limit_s``. Raises ``ValueError`` when no
+    plan is stable.
 
     >>> from chainserve.model.spec import ModelSpec, Problem, Server, Workload
     >>> p = Problem((Server("a", 3, 1.0, 0.0), Server("b", 2, 1.0, 0.0)),
@@ -85,10 +87,12 @@ def best_plan(
     budget = Budget(limits if small else dataclasses.replace(limits, allocation_milps=0), time_limit_s)
     rng = np.random.default_rng(seed)
     evaluated: dict[Placement, Plan] = {}
+    memo: BoundsMemo = {}
 
     def evaluate(placement: Placement, c: int | None = None, exact: bool = not large) -> Plan:
         if placement not in evaluated:
-            evaluated[placement] = complete(problem, placement, exact, c, budget)
+            incumbent = None if best is None else best.score_s
+            evaluated[placement] = complete(problem, placement, exact, c, budget, incumbent, memo)
         return evaluated[placement]
 
     searched = candidate_plans(problem, stop=budget.expired)
@@ -127,13 +131,6 @@ def best_plan(
             budget.expired,
         )
         offer(found if large or budget.expired() else evaluate(found.placement, found.c))
-    if small and best is not None and not budget.expired():
-        for placement in milp_placements(problem, _distinct(sorted(pool, key=score), 5), budget):
-            plan = evaluate(placement)
-            found, _ = local_search(
-                problem, plan, lambda pl: evaluate(pl, exact=small), rng, evaluations // 4, budget.expired
-            )
-            offer(found)
     for _ in range(limits.polish_rounds):
         if best is None or budget.expired():
             break

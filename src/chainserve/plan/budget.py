@@ -26,12 +26,11 @@ class WorkLimits:
     milp_nodes: int = 20_000
     #: most allocation MILPs of one run (:func:`chainserve.plan.exact.optimal_allocation`); later
     #: completions are GCA and the small branch and bound only. Their root work, not their nodes, is
-    #: most of a MILP's time, so their number is limited too
-    allocation_milps: int = 120
+    #: most of a MILP's time, so their number is limited too (issue 32: 40, each for a placement near
+    #: the best plan so far, :data:`chainserve.plan.complete.ALLOCATION_MARGIN`, found what 120 did)
+    allocation_milps: int = 40
     #: most nodes of one allocation MILP
     allocation_nodes: int = 100
-    #: most nodes of one placement MILP (:func:`chainserve.plan.milp_placement.solve`)
-    placement_nodes: int = 30
     #: most completions of one run's local searches together
     max_evaluations: int = 4_000
     #: completions per server: the local searches' share is min(max_evaluations, this·J, search_work/J)

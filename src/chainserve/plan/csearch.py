@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Literal
 
-from chainserve.analysis.bounds import response_time_bounds
+from chainserve.analysis.bounds import Bounds, response_time_bounds
 from chainserve.model.spec import Problem, SpecError
 from chainserve.plan.gbp_cr import GbpCrResult, blocks_with_reservation, gbp_cr
 from chainserve.plan.gca import gca
@@ -16,18 +16,33 @@ from chainserve.plan.types import Chain, Placement, Plan, chain_time_s, jobs_tha
 Objective = Literal["lower", "surrogate"]
 
 
+#: Bounds already computed in one planning run, by (chain rates, capacities) fastest first: many
+#: placements give chains of the same rates and capacities (issue 32: half of the best planner's on
+#: the default cluster), and the §2.5 bounds depend on nothing else for one problem.
+BoundsMemo = dict[tuple[tuple[float, ...], tuple[int, ...]], Bounds]
+
+
 def make_plan(
-    problem: Problem, placement: Placement, chains: tuple[Chain, ...], c: int | None, method: str = "proposed"
+    problem: Problem,
+    placement: Placement,
+    chains: tuple[Chain, ...],
+    c: int | None,
+    method: str = "proposed",
+    memo: BoundsMemo | None = None,
 ) -> Plan:
     """A plan with chains sorted fastest first and its §2.5 bounds (batch-aware ones and the
-    load-dependent estimate when the problem has step costs: :mod:`.loaded`)."""
+    load-dependent estimate when the problem has step costs: :mod:`.loaded`); ``memo``: bounds of
+    this problem computed before, looked up and filled in."""
     chains = tuple(sorted(chains, key=lambda ch: ch.service_time_s))
     if problem.batch_aware or problem.head_cost is not None:
         bounds, estimate = loaded_bounds(problem, chains)
         return Plan(problem, placement, chains, c, bounds, method, estimate_s=estimate)
-    bounds = response_time_bounds(
-        problem.arrival_rate_per_s, [ch.rate_per_s for ch in chains], [ch.capacity for ch in chains]
-    )
+    key = (tuple(ch.rate_per_s for ch in chains), tuple(ch.capacity for ch in chains))
+    bounds = None if memo is None else memo.get(key)
+    if bounds is None:
+        bounds = response_time_bounds(problem.arrival_rate_per_s, list(key[0]), list(key[1]))
+        if memo is not None:
+            memo[key] = bounds
     return Plan(problem, placement, chains, c, bounds, method)
 
 

@@ -26,6 +26,7 @@ from chainserve.plan.types import Placement, Plan, Span, jobs_that_fit
 
 Spans = dict[int, tuple[int, int]]  # server → (start block, number of blocks)
 Evaluate = Callable[[Placement], Plan]
+Swaps = tuple[list[int], list[int], list[int]]  # see :func:`_swaps`
 
 
 def most_blocks(problem: Problem, server: int) -> int:
@@ -74,22 +75,49 @@ def neighbours(problem: Problem, spans: Spans, rng: np.random.Generator, max_add
             for e2 in {min(b + limit[j], L), *reach[:1], *reach[-1:]}:
                 put(j, b + 1, e2 - b)
     placed = sorted(spans)
-    for x, i in enumerate(placed):
-        for k in [*placed[x + 1 :], *idle]:
-            (a, m), other = spans[i], spans.get(k)
-            if other is None:
-                if m <= limit[k]:
-                    moves.append(((i, None), (k, (a, m))))
-            elif (a, m) != other and m <= limit[k] and other[1] <= limit[i]:
-                moves.append(((i, other), (k, (a, m))))
-    for index in rng.permutation(len(moves)):
+    xs, ys, partners = _swaps(spans, placed, idle, limit)
+    singles = len(moves)
+    for index in rng.permutation(singles + len(xs)).tolist():
+        if index < singles:
+            move = moves[index]
+        else:  # a swap: placed[x] and partners[y] (an idle one when y is past the placed ones)
+            i, k = placed[xs[index - singles]], partners[ys[index - singles]]
+            move = ((i, spans.get(k)), (k, spans[i]))
         changed = dict(spans)
-        for j, span in moves[index]:
+        for j, span in move:
             if span is None:
                 changed.pop(j, None)
             else:
                 changed[j] = span
         yield changed
+
+
+def _swaps(
+    spans: Spans, placed: list[int], idle: list[int], limit: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """The swap moves, in the order of a loop over placed servers i and, for each, the later placed
+    ones then ``idle``: (indices into ``placed``, indices into ``partners``, partners). A placed k: the
+    spans differ and each fits the other server; an idle k: i's span fits k. Built with numpy (issue
+    32: O(J²) pairs, listed in Python they were most of a J = 1000 local search)."""
+    partners = placed + idle
+    if not placed:
+        return [], [], partners
+    lim = np.array(limit)
+    start = np.array([spans[i][0] for i in placed])
+    blocks = np.array([spans[i][1] for i in placed])
+    other_start = np.concatenate((start, np.zeros(len(idle), dtype=int)))
+    other_blocks = np.concatenate((blocks, np.zeros(len(idle), dtype=int)))
+    column = np.arange(len(partners))
+    row = np.arange(len(placed))[:, None]
+    fits_partner = blocks[:, None] <= lim[np.array(partners)][None, :]
+    with_placed = (
+        (column[None, :] > row)
+        & ((start[:, None] != other_start[None, :]) | (blocks[:, None] != other_blocks[None, :]))
+        & (other_blocks[None, :] <= lim[np.array(placed)][:, None])
+    )
+    ok = fits_partner & np.where(column[None, :] < len(placed), with_placed, True)
+    xs, ys = np.nonzero(ok)  # row-major: the loop's order
+    return xs.tolist(), ys.tolist(), partners
 
 
 def local_search(
@@ -108,13 +136,13 @@ def local_search(
     plan worse than ``start`` by :func:`chainserve.plan.complete.score`. O(max_evaluations · one GCA)."""
     best = current = start
     spans: Spans = {s.server: (s.start_block, s.num_blocks) for s in start.placement.spans}
-    seen = {tuple(sorted(spans.items()))}
+    seen = {frozenset(spans.items())}
     used = 0
     improved = True
     while improved and used < max_evaluations and not expired():
         improved = False
         for candidate in neighbours(problem, spans, rng):
-            key = tuple(sorted(candidate.items()))
+            key = frozenset(candidate.items())
             if key in seen:
                 continue
             seen.add(key)
