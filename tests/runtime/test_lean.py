@@ -1,6 +1,7 @@
 """The lean Llama layer (issue 30, :mod:`chainserve.runtime.backends.lean`): a span whose Llama layers
 run it computes bit for bit what the same span computes through the model's own layer forward (a
-prefill from 0, a batch of decodes at different positions, a chunk after a cached prefix), on
+prefill from 0, a batch of decodes at different positions, a chunk after a cached prefix, decodes
+and a chunk packed into one forward: there up to the GEMM's rounding over more rows), on
 prepared and plain weights; other layer classes and eager attention keep the model's forward. The head runs
 just the final norm and the LM head where that is bit for bit what the model's forward computes."""
 
@@ -46,12 +47,17 @@ def test_lean_span_is_bit_identical_to_the_models_forward(model_dir, prepare):
         ([torch.randn(1, 1, size, generator=gen) for _ in range(3)], [6, 5, 5], [0, 1, 2]),  # ragged lengths
         ([torch.randn(1, 3, size, generator=gen)], [7], [0]),  # a chunk after a cached prefix
         ([torch.randn(1, 1, size, generator=gen)], [10], [0]),  # a lone row
+        # decodes beside a chunk: one packed forward here, one forward per length in the plain span
+        ([torch.randn(1, q, size, generator=gen) for q in (1, 1, 3)], [11, 6, 6], [0, 1, 2]),
     ]
     for hiddens, positions, rows in waves:
         got = lean.run_steps(_steps(lean, hiddens, positions, rows))
         want = plain.run_steps(_steps(plain, hiddens, positions, rows))
+        packed = len({h.shape[1] for h in hiddens}) > 1
         for g, w in zip(got, want, strict=True):
-            assert torch.equal(wire_to_torch(g, size), wire_to_torch(w, size))
+            g, w = wire_to_torch(g, size), wire_to_torch(w, size)
+            # a GEMM over more rows may round differently (MKL's kernel depends on them): equal up to that
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-5) if packed else torch.equal(g, w)
     lean.close(), plain.close()
 
 

@@ -15,14 +15,18 @@ attention implementation, keeps the model's forward).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from chainserve.runtime.backends.prepared import merged_output
 
-__all__ = ["LeanLayer", "lean_layer"]
+__all__ = ["LeanLayer", "Part", "lean_layer"]
+
+#: One part of a packed forward: its ``(rows, q)``, additive mask, RoPE ``cos``/``sin`` (unsqueezed at
+#: dim 1) and its :class:`~.torch_backend.PagedCache`.
+Part = tuple[tuple[int, int], "torch.Tensor | None", "torch.Tensor", "torch.Tensor", object]
 
 #: The layer classes whose forward :class:`LeanLayer` reproduces (transformers 5.x, Llama with sdpa).
 LEAN_CLASSES = frozenset({"LlamaDecoderLayer"})
@@ -58,20 +62,30 @@ class LeanLayer:
         self, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache
     ) -> torch.Tensor:
         """``hidden`` [B, q, H] through the layer; ``cos``/``sin`` already unsqueezed at dim 1 (heads)."""
+        flat = self.packed(hidden.reshape(-1, hidden.shape[-1]), [(hidden.shape[:-1], mask, cos, sin, cache)])
+        return flat.view(hidden.shape)
+
+    def packed(self, hidden: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        """``hidden`` [T, H]: the tokens of every part one after another, part p's ``(B, q)`` rows of q
+        tokens each, with its own mask, RoPE and cache (issue 30: decodes and prefill chunks of other
+        lengths in one forward, so an iteration streams the weights once). The norms, the projections
+        and the MLP run over all T tokens at once; RoPE, the cache and attention per part."""
         attn, mlp = self.attn, self.mlp
-        shape = (*hidden.shape[:-1], -1, self.head_dim)
         x = _rms_norm(hidden, *self.norms[0])
         y = merged_output(self.qkv, x)
-        if y is None:  # not merged (yet: the first forward learns the siblings)
-            q, k, v = (linear(x).view(shape).transpose(1, 2) for linear in self.qkv)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        else:
-            qk = _rope(y[..., : self.qk].view(shape).transpose(1, 2), cos, sin)
-            q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
-            v = y[..., self.qk :].view(shape).transpose(1, 2)
-        k, v = cache.update(k, v, attn.layer_idx)
-        out, _ = self.sdpa(attn, q, k, v, mask, dropout=0.0, scaling=self.scaling)
-        out = attn.o_proj(out.reshape(*shape[:-2], -1).contiguous())
+        if y is None:  # not merged (yet: the first forward learns the siblings); the same values side by side
+            y = torch.cat([linear(x) for linear in self.qkv], dim=-1)
+        outs, start = [], 0
+        for (rows, q), mask, cos, sin, cache in parts:
+            end = start + rows * q
+            shape = (rows, q, -1, self.head_dim)
+            part = y[start:end]
+            qk = _rope(part[:, : self.qk].view(shape).transpose(1, 2), cos, sin)  # RoPE once for q and k
+            k, v = cache.update(qk[:, self.q_heads :], part[:, self.qk :].view(shape).transpose(1, 2), attn.layer_idx)
+            out, _ = self.sdpa(attn, qk[:, : self.q_heads], k, v, mask, dropout=0.0, scaling=self.scaling)
+            outs.append(out.reshape(end - start, -1))
+            start = end
+        out = attn.o_proj(outs[0].contiguous() if len(outs) == 1 else torch.cat(outs))
         hidden = hidden + out
         x = _rms_norm(hidden, *self.norms[1])
         y = merged_output(self.gate_up, x)

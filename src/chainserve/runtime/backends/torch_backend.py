@@ -32,6 +32,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -112,6 +113,21 @@ class PagedCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions.min())
+
+
+@dataclass(slots=True)
+class _Forward:
+    """One part of an iteration (rows of one length entering at one block): its hidden states [B, q, H]
+    in the span's dtype, masks and RoPE per window / layer type, cache, the model layers' keyword
+    arguments, and the lean layers' RoPE (unsqueezed) and additive masks."""
+
+    h: torch.Tensor
+    masks: dict
+    rotary: dict
+    cache: PagedCache
+    given: dict
+    heads: dict
+    added: dict
 
 
 class TorchSpan:
@@ -200,11 +216,13 @@ class TorchSpan:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self.run_steps, list(steps))
 
     def run_steps(self, steps: Sequence[SpanStep]) -> list[WireTensor | ValueError]:
-        """The synchronous iteration: steps of as many tokens entering at the same block in one forward
-        each (every decode; prefill chunks of one length, issue 30: a wave of equal prompts is one
-        forward, not one per prompt); a step that fails its checks fails alone (its ``ValueError``)."""
+        """The synchronous iteration: the steps entering at the same block in one forward each (issue
+        30: decodes and prefill chunks together, rows of one length side by side, :meth:`run_parts`);
+        a step that fails its checks fails alone (its ``ValueError``)."""
         results: list[WireTensor | ValueError | None] = [None] * len(steps)
-        groups: defaultdict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        groups: defaultdict[int, defaultdict[int, list[tuple[int, torch.Tensor]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
         for i, step in enumerate(steps):
             try:
                 x = wire_to_torch(step.hidden, self.hidden_size)
@@ -212,13 +230,16 @@ class TorchSpan:
             except ValueError as exc:
                 results[i] = exc
                 continue
-            groups[offset, x.shape[1]].append((i, x))
-        for (offset, _), rows in groups.items():
-            first_block = self.info.first_block + offset
-            x = torch.cat([x for _, x in rows])
-            out = self.run(x, first_block, [steps[i].pages for i, _ in rows], [steps[i].position for i, _ in rows])
-            for (i, _), row in zip(rows, out.to(x.dtype).cpu(), strict=True):
-                results[i] = torch_to_wire(row.unsqueeze(0))
+            groups[offset][x.shape[1]].append((i, x))
+        for offset, by_length in groups.items():
+            parts = []
+            for rows in by_length.values():
+                hidden = torch.cat([x for _, x in rows])
+                parts.append((hidden, [steps[i].pages for i, _ in rows], [steps[i].position for i, _ in rows]))
+            outs = self.run_parts(self.info.first_block + offset, parts)
+            for rows, (hidden, _, _), out in zip(by_length.values(), parts, outs, strict=True):
+                for (i, _), row in zip(rows, out.to(hidden.dtype).cpu(), strict=True):
+                    results[i] = torch_to_wire(row.unsqueeze(0))
         return results  # type: ignore[return-value]
 
     def run(
@@ -231,36 +252,67 @@ class TorchSpan:
         """The synchronous forward on [B, q, hidden] (B rows of q new tokens each) entering at
         ``first_block``; row r's pages ``pages[r]`` (one sequence per block), its first new position
         ``positions[r]``. Returns the span's dtype, on its device."""
+        return self.run_parts(first_block, [(hidden, pages, positions)])[0]
+
+    def run_parts(
+        self,
+        first_block: int,
+        parts: Sequence[tuple[torch.Tensor, Sequence[Sequence[Sequence[int]]], Sequence[int]]],
+    ) -> list[torch.Tensor]:
+        """:meth:`run` on each ``(hidden, pages, positions)`` part (its rows of one length); where every
+        layer from ``first_block`` is lean, in one packed forward (:meth:`.LeanLayer.packed`: the
+        weights streamed once for all of them), else one forward per part."""
+        offset = first_block - self.info.first_block
+        with torch.inference_mode():
+            forwards = [self._prepare(hidden, first_block, pages, positions) for hidden, pages, positions in parts]
+            if not all(self.lean[offset:]):
+                return [self._through(f, offset) for f in forwards]
+            h = torch.cat([f.h.reshape(-1, self.hidden_size) for f in forwards])
+            for i in range(offset, self.info.num_blocks):
+                window, kind = self.windows[i], self.types[i]
+                h = self.lean[i].packed(
+                    h, [(f.h.shape[:2], f.added[window], *f.heads[kind], f.cache) for f in forwards]
+                )
+            sizes = [f.h.shape[0] * f.h.shape[1] for f in forwards]
+            return [out.view(f.h.shape) for f, out in zip(forwards, h.split(sizes), strict=True)]
+
+    def _prepare(
+        self, hidden: torch.Tensor, first_block: int, pages: Sequence[Sequence[Sequence[int]]], positions: Sequence[int]
+    ) -> _Forward:
+        """A part's masks, RoPE and cache, built once for every layer of its forward."""
         offset = first_block - self.info.first_block
         rows, q = hidden.shape[0], hidden.shape[1]
         dev = self.device
-        with torch.inference_mode():
-            h = hidden.to(dev, self.dtype)
-            starts = torch.tensor(list(positions), device=dev)
-            pos = starts[:, None] + torch.arange(q, device=dev)[None, :]
-            length = int(starts.max()) + q
-            alibi = None
-            if self.alibi is not None:
-                alibi = self.alibi(torch.ones(rows, length, device=dev), self.num_heads, self.dtype)
-            masks = {w: self._mask(starts, q, length, w, alibi) for w in set(self.windows[offset:])}
-            rotary = self._rotary(h, pos, set(self.types[offset:]))
-            table, runs = self._table(pages, length)
-            cache = PagedCache(self.keys, self.values, table, first_block - 1, starts, q, length, runs)
-            given = {
-                "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias,
-                "cache": cache,
-            }  # fmt: skip
-            # lean layers': RoPE unsqueezed once, boolean masks as the additive ones sdpa makes of them per call
-            heads = {t: (cos.unsqueeze(1), sin.unsqueeze(1)) for t, (cos, sin) in rotary.items()}
-            added = {w: _additive(m, self.dtype) for w, m in masks.items()} if any(self.lean) else {}
-            for i in range(offset, self.info.num_blocks):
-                if self.lean[i] is not None:
-                    h = self.lean[i](h, added[self.windows[i]], *heads[self.types[i]], cache)
-                    continue
-                given["attention_mask"] = masks[self.windows[i]]
-                given["position_embeddings"] = rotary.get(self.types[i])
-                out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
-                h = out[0] if isinstance(out, tuple) else out
+        h = hidden.to(dev, self.dtype)
+        starts = torch.tensor(list(positions), device=dev)
+        pos = starts[:, None] + torch.arange(q, device=dev)[None, :]
+        length = int(starts.max()) + q
+        alibi = None
+        if self.alibi is not None:
+            alibi = self.alibi(torch.ones(rows, length, device=dev), self.num_heads, self.dtype)
+        masks = {w: self._mask(starts, q, length, w, alibi) for w in set(self.windows[offset:])}
+        rotary = self._rotary(h, pos, set(self.types[offset:]))
+        table, runs = self._table(pages, length)
+        cache = PagedCache(self.keys, self.values, table, first_block - 1, starts, q, length, runs)
+        given = {
+            "position_ids": pos, "use_cache": True, "alibi": alibi, "position_bias": self.position_bias, "cache": cache,
+        }  # fmt: skip
+        # lean layers': RoPE unsqueezed once, boolean masks as the additive ones sdpa makes of them per call
+        heads = {t: (cos.unsqueeze(1), sin.unsqueeze(1)) for t, (cos, sin) in rotary.items()}
+        added = {w: _additive(m, self.dtype) for w, m in masks.items()} if any(self.lean) else {}
+        return _Forward(h, masks, rotary, cache, given, heads, added)
+
+    def _through(self, f: _Forward, offset: int) -> torch.Tensor:
+        """A part's own forward through the layers from ``offset`` (a lean one where there is one)."""
+        h, given = f.h, f.given
+        for i in range(offset, self.info.num_blocks):
+            if self.lean[i] is not None:
+                h = self.lean[i](h, f.added[self.windows[i]], *f.heads[self.types[i]], f.cache)
+                continue
+            given["attention_mask"] = f.masks[self.windows[i]]
+            given["position_embeddings"] = f.rotary.get(self.types[i])
+            out = self.layers[i](h, **{name: given[key] for name, key in self.calls[i]})
+            h = out[0] if isinstance(out, tuple) else out
         return h
 
     def _mask(
