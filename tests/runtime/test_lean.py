@@ -78,3 +78,16 @@ def test_head_runs_norm_then_head_only_where_that_is_the_models_logits(tmp_path,
     got = head.logits(hidden, [4])
     head.norm_then_head = False
     assert (got == head.logits(hidden, [4])).all()
+
+
+@pytest.mark.parametrize("width", [64, 576, 960, 2048])
+def test_the_fused_rms_norm_is_bit_identical_to_llamas(width):
+    from chainserve.runtime.backends.lean import _rms_norm
+
+    gen = torch.Generator().manual_seed(width)
+    weight = torch.randn(width, generator=gen)
+    for scale in (1e-3, 1.0, 30.0):
+        x = torch.randn(7, 3, width, generator=gen) * scale
+        y = x.to(torch.float32)
+        want = weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)  # LlamaRMSNorm
+        assert torch.equal(_rms_norm(x, weight, 1e-5), want)
