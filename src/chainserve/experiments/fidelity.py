@@ -235,8 +235,8 @@ def fidelity(
     methods: tuple[str, ...] = METHODS,
     clusters: tuple[str, ...] = CLUSTERS,
 ) -> Path:
-    """Run ``clusters`` and write ``fidelity.md`` with their sections and those a run before kept in
-    ``fidelity.json`` (``num_seeds`` is unused: one live run per method and cluster)."""
+    """Run ``clusters`` and write ``fidelity.md`` with their sections and the others' that ``fidelity.json``
+    holds when they are done (``num_seeds`` is unused: one live run per method and cluster)."""
     methods, clusters = check_methods(methods), check_clusters(clusters)
     if "smollm2-3" in clusters:
         require("torch", "the fidelity experiment's smollm2-3 cluster (SmolLM2's real weights)")
@@ -244,7 +244,7 @@ def fidelity(
         f"chainserve experiment fidelity --requests {num_jobs} --time-scale {time_scale:g} "
         f"--methods {','.join(methods)} --clusters {','.join(clusters)}"
     )
-    sections = load_sections(out_dir)
+    sections: dict[str, Section] = {}
     runs = {"testbed": _testbed_section, "bloom-20": _bloom_section, "smollm2-3": _smollm2_section}
     with progress_bar() as bar, tempfile.TemporaryDirectory(prefix="chainserve-fidelity-") as tmp:
         controls = 2 if "proposed" in methods else 0  # the torch cluster's one-at-a-time and busy runs
@@ -258,7 +258,7 @@ def fidelity(
             else:
                 section = runs[cluster](num_jobs, time_scale, methods, work, tick, out_dir)
             sections[cluster] = replace(section, command=command)
-    return _report(out_dir, sections)
+    return _report(out_dir, {**load_sections(out_dir), **sections})
 
 
 def check_clusters(clusters: tuple[str, ...]) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Hop, Layout, Plan
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.serve_process import serve_process
 from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
@@ -116,11 +117,12 @@ def simulate_run(
     requests: Sequence[BenchRequest],
     service: ServiceModel,
     seed: int = 0,
-    page_tokens: int | None = None,
+    page_tokens: int | None = PAGE_TOKENS,
     failures: Sequence[Failure] = (),
 ) -> SimResult:
     """The simulator's run of ``requests`` on ``layout`` with ``method``'s dispatcher (``page_tokens``:
-    the live runtime's KV paging, :func:`chainserve.methods.dispatcher_for`); ``failures`` are recovered
+    the KV paging, by default the live runtime's — pages of 16 tokens, a slot of the model's
+    ``max_tokens``, issue 30 — :func:`chainserve.methods.dispatcher_for`); ``failures`` are recovered
     from as the runtime does (chains recomposed, each new plan with ``method``'s dispatcher: ``simulate --fail``)."""
     rng = np.random.default_rng(seed)
     dispatcher = dispatcher_for(method, layout, rng, page_tokens=page_tokens)
@@ -142,7 +144,7 @@ def simulate_layout(
     requests: Sequence[BenchRequest],
     service: ServiceModel,
     seed: int = 0,
-    page_tokens: int | None = None,
+    page_tokens: int | None = PAGE_TOKENS,
 ):
     """The simulator's summary of :func:`simulate_run` without failures."""
     result = simulate_run(layout, method, requests, service, seed, page_tokens)
