@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from chainserve.cli import app
 from chainserve.experiments.fidelity import ClusterRun, Section, _cluster_rows, _report, fidelity_table, load_sections
-from chainserve.experiments.fidelity_fail import fail_runs, fail_table, outage_text, victim
+from chainserve.experiments.fidelity_fail import affected, fail_runs, fail_table, outage_text, victim
 from chainserve.experiments.table1_live import live_testbed, results_table, run_live, targets
 from chainserve.measure.bench import BenchRequest
 from chainserve.model.cluster_file import load_cluster
@@ -84,7 +84,13 @@ def test_fidelity_fail_scenario(tmp_path):
     assert unharmed.simulated.num_retried == 0 and killed.simulated.num_recomposed == 2  # on the kill and the return
     table = fail_table(runs).splitlines()
     assert len(table) == 4 and table[3].startswith(f"| {outage.server} killed at") and "24/24 / 24/24" in table[3]
-    assert outage_text(killed).startswith(f"Outage of {outage.server}")
+    assert outage_text(killed).startswith(f"Outage of {outage.server}") and "in the system during the outage" in (
+        outage_text(killed)
+    )
+    count, live, sim = affected(killed)
+    assert (
+        1 <= count < len(sent) and live > 0 and sim > 0
+    )  # the requests sent before the return, still running at the kill
     # the report keeps the sections of a run before beside the new ones, in the clusters' order
     _report(tmp_path, {"testbed-fail": Section("testbed-fail", "cmd b", fail_table(runs), [True, False], False)})
     _report(tmp_path, {**load_sections(tmp_path), "testbed": Section("testbed", "cmd a", "rows", [True], False)})

@@ -16,9 +16,12 @@ the chains are recomposed on the live servers and the dead server's jobs run aga
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from chainserve.experiments.common import markdown_table
 from chainserve.experiments.live import (
@@ -57,6 +60,17 @@ class FailRun:
     def within_target(self) -> bool:
         live, summary = self.measured.stats("response").mean_s, self.simulated.summary
         return summary is not None and within_target(summary.response.mean_s, live, self.target)
+
+
+def affected(run: FailRun) -> tuple[int, float, float]:
+    """The requests in the system at some time of the outage, live (sent before the server was back,
+    answered after the kill): how many, and their mean response live and simulated (the same requests)."""
+    m, outage = run.measured, run.measured.outage
+    if outage is None or m.index is None or m.sent_at_s is None:
+        return 0, math.nan, math.nan
+    hit = (m.sent_at_s <= outage.back_at_s) & (m.sent_at_s + m.response_s >= outage.killed_at_s)
+    sim = run.simulated.finished_at[m.index[hit]] - run.simulated.arrived_at[m.index[hit]]
+    return int(hit.sum()), float(m.response_s[hit].mean()), float(np.mean(sim))
 
 
 def victim(plan: Plan) -> str:
@@ -138,11 +152,15 @@ def outage_text(run: FailRun) -> str:
     outage = run.measured.outage
     if outage is None:
         return ""
+    count, live, sim = affected(run)
     return (
         f"Outage of {outage.server} (seconds from the benchmark's start, `/status` polled every 50 ms): "
         f"SIGKILL at {outage.killed_at_s:.2f}, seen dead at {outage.dead_at_s:.2f}, restarted and re-admitted "
         f"at {outage.back_at_s:.2f} ({outage.down_s:.2f} s down). Simulated: "
         f"`Failure({outage.killed_at_s:.2f}, {outage.server}, down {outage.down_s:.2f} s)` with recovery "
         f"(`simulate --fail {outage.server}@{outage.killed_at_s:.2f}+{outage.down_s:.2f}`); the simulator "
-        f"recomposed the chains {run.simulated.num_recomposed} times and aborted {run.simulated.num_restarts} starts."
+        f"recomposed the chains {run.simulated.num_recomposed} times and aborted {run.simulated.num_restarts} starts. "
+        f"The {count} requests in the system during the outage (sent before {outage.back_at_s:.2f}, answered after "
+        f"{outage.killed_at_s:.2f}): mean response {live:.3f} s live, {sim:.3f} s simulated "
+        f"({error_cell(sim, live)})."
     )

@@ -59,6 +59,8 @@ class Measured:
     duration_s: float
     num_retried: int = 0
     outage: Outage | None = None
+    index: np.ndarray | None = None  # each completed request's place in the requests sent
+    sent_at_s: np.ndarray | None = None  # … and when it was sent, from the benchmark's start
 
     @property
     def num_failed(self) -> int:
@@ -204,6 +206,8 @@ async def measure_layout(
         report.duration_s,
         sum(r.num_attempts > 1 for r in done),
         outage,
+        np.array([r.index for r in done], dtype=np.int64),
+        np.array([r.sent_at_s for r in done]),
     )
 
 
