@@ -44,7 +44,8 @@ import openai
 
 from chainserve.measure.balancer import Balancer
 from chainserve.runtime.backends.emulated import EmulatedHead
-from chainserve.runtime.client import BlockClient, stop_servers
+from chainserve.runtime.client import server_pid as block_server_pid
+from chainserve.runtime.client import stop_servers
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "runtime" / "data"
 CLUSTER = TEST_DATA / "emulated-6.yaml"
@@ -278,11 +279,7 @@ async def soak_single_chain(minutes: float, fault_every_s: float, clients: int, 
 
 
 async def server_pid(workdir: Path, name: str, endpoint: str) -> int:
-    client = BlockClient(name, endpoint, (workdir / "token").read_text())
-    try:
-        return int((await client.info())["pid"])
-    finally:
-        client.close()
+    return await block_server_pid(name, endpoint, (workdir / "token").read_text())
 
 
 def restart(workdir: Path, name: str, port: str) -> None:

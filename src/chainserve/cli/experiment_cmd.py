@@ -53,6 +53,13 @@ def experiment(
             help="Live experiments: comma-separated methods (petals,bprr,jffc-only,proposed) \\[default: all]."
         ),
     ] = None,
+    clusters: Annotated[
+        str | None,
+        typer.Option(
+            help="fidelity: comma-separated clusters to run (testbed,bloom-20,smollm2-3,testbed-fail); the "
+            "report keeps the others' sections from the run before \\[default: all]."
+        ),
+    ] = None,
 ) -> None:
     """Run an experiment; prints the path of its report."""
     with user_errors():
@@ -63,7 +70,7 @@ def experiment(
         num_jobs = spec.num_jobs if requests is None else limits.check_count("requests", requests, MAX_REQUESTS)
         if name in ("table1", "table1-live"):
             _check_trace_rows(num_jobs)
-        options = _live_options(name, spec.options, time_scale, methods)
+        options = _live_options(name, spec.options, time_scale, methods, clusters)
         check_out_folder("out", out)
         from chainserve import progress
 
@@ -81,9 +88,12 @@ def _check_trace_rows(num_jobs: int) -> None:
         raise SpecError("requests", f"table1 replays the bundled trace, which has {rows} rows; got {num_jobs}")
 
 
-def _live_options(name: str, accepted: frozenset[str], time_scale: float | None, methods: str | None) -> dict:
-    """``--time-scale`` and ``--methods`` for the experiments that take them (checked before the run)."""
-    given = {"time_scale": time_scale, "methods": methods}
+def _live_options(
+    name: str, accepted: frozenset[str], time_scale: float | None, methods: str | None, clusters: str | None
+) -> dict:
+    """``--time-scale``, ``--methods`` and ``--clusters`` for the experiments that take them (checked
+    before the run)."""
+    given = {"time_scale": time_scale, "methods": methods, "clusters": clusters}
     options = {}
     for key, value in given.items():
         if value is None:

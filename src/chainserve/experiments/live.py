@@ -10,6 +10,7 @@ its end-to-end time (``e2e_s``) in the ``chainserve`` field of the answer; measu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,16 +21,19 @@ import numpy as np
 from chainserve.analysis.records import Stats
 from chainserve.experiments.common import pct
 from chainserve.measure.bench import BenchRequest, run_bench
+from chainserve.measure.faults import Kill, Outage, kill_and_watch
 from chainserve.methods import build_method, dispatcher_for
 from chainserve.model.spec import Problem
 from chainserve.plan.baselines.petals import petals_placement
 from chainserve.plan.baselines.types import PathPlacement
 from chainserve.plan.plan_file import layout_to_dict
 from chainserve.plan.types import Hop, Layout, Plan
+from chainserve.runtime.backends.base import PAGE_TOKENS
 from chainserve.runtime.serve_process import serve_process
 from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
-from chainserve.sim.engine import simulate
+from chainserve.sim.engine import SimResult, simulate
+from chainserve.sim.events import Failure
 from chainserve.sim.service import EmulatedService, ServiceModel
 
 #: How long ``chainserve serve`` may take to start its block servers (torch loads weights).
@@ -40,7 +44,9 @@ FIDELITY_TARGET = 0.15
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """One method's live run: counts and per-request times (seconds) of the completed requests."""
+    """One method's live run: counts and per-request times (seconds) of the completed requests, the
+    run's span (first send to last answer), the requests resumed on another chain after a server
+    failure (``num_attempts`` > 1) and the outage of a killed server (``None``: no kill)."""
 
     num_requests: int
     num_completed: int
@@ -50,6 +56,11 @@ class Measured:
     server_e2e_s: np.ndarray
     model_service_s: np.ndarray  # the emulated backend's sleeps for the request's route and length
     hop_steps: np.ndarray  # hops of its route × its output tokens
+    duration_s: float
+    num_retried: int = 0
+    outage: Outage | None = None
+    index: np.ndarray | None = None  # each completed request's place in the requests sent
+    sent_at_s: np.ndarray | None = None  # … and when it was sent, from the benchmark's start
 
     @property
     def num_failed(self) -> int:
@@ -57,6 +68,11 @@ class Measured:
 
     def stats(self, name: str) -> Stats:
         return Stats.of(getattr(self, f"{name}_s"))
+
+    @property
+    def mean_in_service(self) -> float:
+        """The time-average number of jobs in service over the run (Σ service / span)."""
+        return float(np.sum(self.service_s)) / self.duration_s if self.duration_s > 0 else 0.0
 
 
 def scale_times(problem: Problem, factor: float) -> Problem:
@@ -97,18 +113,43 @@ def to_arrivals(requests: Sequence[BenchRequest]) -> Arrivals:
     )
 
 
+def simulate_run(
+    layout: Layout,
+    method: str,
+    requests: Sequence[BenchRequest],
+    service: ServiceModel,
+    seed: int = 0,
+    page_tokens: int | None = PAGE_TOKENS,
+    failures: Sequence[Failure] = (),
+) -> SimResult:
+    """The simulator's run of ``requests`` on ``layout`` with ``method``'s dispatcher (``page_tokens``:
+    the KV paging, by default the live runtime's — pages of 16 tokens, a slot of the model's
+    ``max_tokens``, issue 30 — :func:`chainserve.methods.dispatcher_for`); ``failures`` are recovered
+    from as the runtime does (chains recomposed, each new plan with ``method``'s dispatcher: ``simulate --fail``)."""
+    rng = np.random.default_rng(seed)
+    dispatcher = dispatcher_for(method, layout, rng, page_tokens=page_tokens)
+    return simulate(
+        layout,
+        dispatcher,
+        ReplayArrivals(to_arrivals(requests)),
+        service,
+        seed=seed,
+        failures=failures,
+        recover=bool(failures),
+        make_dispatcher=lambda plan: dispatcher_for(method, plan, rng, page_tokens=page_tokens),
+    )
+
+
 def simulate_layout(
     layout: Layout,
     method: str,
     requests: Sequence[BenchRequest],
     service: ServiceModel,
     seed: int = 0,
-    page_tokens: int | None = None,
+    page_tokens: int | None = PAGE_TOKENS,
 ):
-    """The simulator's summary of ``requests`` on ``layout`` with ``method``'s dispatcher (``page_tokens``:
-    the live runtime's KV paging, :func:`chainserve.methods.dispatcher_for`)."""
-    dispatcher = dispatcher_for(method, layout, np.random.default_rng(seed), page_tokens=page_tokens)
-    result = simulate(layout, dispatcher, ReplayArrivals(to_arrivals(requests)), service, seed=seed)
+    """The simulator's summary of :func:`simulate_run` without failures."""
+    result = simulate_run(layout, method, requests, service, seed, page_tokens)
     if result.summary is None:
         raise RuntimeError(f"{method}: no simulated job finished")
     return result.summary
@@ -122,8 +163,11 @@ async def measure_layout(
     backend: str = "emulated",
     model: str | None = None,
     progress: bool = False,
+    kill: Kill | None = None,
 ) -> Measured:
-    """Serve ``layout`` live, replay ``requests`` against it and collect the per-request times."""
+    """Serve ``layout`` live, replay ``requests`` against it and collect the per-request times;
+    ``kill``: SIGKILL that block server during the replay (:mod:`chainserve.measure.faults`; its
+    supervisor restarts it)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     plan_file = work_dir / "plan.json"
     plan_file.write_text(json.dumps(layout_to_dict(layout)), encoding="utf-8")
@@ -131,7 +175,13 @@ async def measure_layout(
     args += ["--max-waiting", "1000000", "--request-timeout-s", "3600", "--log-dir", str(work_dir / "logs")]
     args += ["--log-level", "warning", *(["--model", model] if model is not None else [])]
     with serve_process(args, work_dir / "logs" / "serve.log", READY_TIMEOUT_S) as served:
-        report = await run_bench(served.url, requests, progress=progress, timeout_s=3600)
+        started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        bench = run_bench(served.url, requests, progress=progress, timeout_s=3600, on_start=started.set_result)
+        if kill is None:
+            report, outage = await bench, None
+        else:
+            watch = kill_and_watch(served.url, work_dir / "logs" / "token", kill, started)
+            report, outage = await asyncio.gather(bench, watch)
     done = [r for r in report.results if r.ok and r.route is not None]
     queued = np.array([float(r.route["queued_s"]) for r in done])
     server_e2e = np.array([float(r.route["e2e_s"]) for r in done])
@@ -153,6 +203,11 @@ async def measure_layout(
         server_e2e,
         np.array([sleeps.step_s(problem, hops) * r.output_tokens for hops, r in zip(routes, done, strict=True)]),
         np.array([len(hops) * r.output_tokens for hops, r in zip(routes, done, strict=True)]),
+        report.duration_s,
+        sum(r.num_attempts > 1 for r in done),
+        outage,
+        np.array([r.index for r in done], dtype=np.int64),
+        np.array([r.sent_at_s for r in done]),
     )
 
 
@@ -188,9 +243,9 @@ def error_cell(sim: float, live: float) -> str:
     return pct(100 * (sim - live) / live) if live > 0 else "–"
 
 
-def within_target(sim: float, live: float) -> bool:
-    """Whether a simulated mean lies within :data:`FIDELITY_TARGET` of the measured one."""
-    return abs(sim - live) <= FIDELITY_TARGET * live
+def within_target(sim: float, live: float, target: float = FIDELITY_TARGET) -> bool:
+    """Whether a simulated mean lies within ``target`` (a fraction) of the measured one."""
+    return abs(sim - live) <= target * live
 
 
 def calibrated_batched(

@@ -15,7 +15,7 @@ class Experiment:
     num_seeds: int
     num_jobs: int
     help: str
-    options: frozenset[str] = frozenset()  # keyword options it takes besides those: "time_scale", "methods"
+    options: frozenset[str] = frozenset()  # keyword options besides those: "time_scale", "methods", "clusters"
 
     def load(self) -> Callable[..., Path]:
         module, _, function = self.target.partition(":")
@@ -55,8 +55,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         "chainserve.experiments.fidelity:fidelity",
         1,
         150,
-        "simulated vs measured response time on 3 live clusters (emulated and torch), with the Theorem-4 bounds",
-        frozenset({"time_scale", "methods"}),
+        "simulated vs measured response time on 3 live clusters (emulated and torch), with the Theorem-4 bounds, "
+        "and with a block server killed under load",
+        frozenset({"time_scale", "methods", "clusters"}),
     ),
     "batch-plans": Experiment(
         "chainserve.experiments.batch_plans:batch_plans",

@@ -32,7 +32,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,9 +302,11 @@ async def run_bench(
     progress: bool = True,
     timeout_s: float = 600.0,
     concurrency: int | None = None,
+    on_start: Callable[[float], None] | None = None,
 ) -> BenchReport:
     """Send every request at its ``at_s`` (``concurrency``: at most that many in flight, later ones
-    wait), stream the answers and report. ``url``: the server's root (``http://host:port``; a trailing
+    wait), stream the answers and report; ``on_start`` gets the run's start (``time.monotonic()``, the
+    zero of every ``at_s``). ``url``: the server's root (``http://host:port``; a trailing
     ``/v1`` is dropped); ``model``: default the first of ``/v1/models``. A server that does not answer
     ``/v1/models`` is a :class:`SpecError` on ``url`` before anything is sent."""
     if not requests:
@@ -321,6 +323,8 @@ async def run_bench(
             task = bar.add_task("bench", total=len(requests), failed=0)
             failed = 0
             began = time.monotonic()
+            if on_start is not None:
+                on_start(began)
 
             async def one(index: int, request: BenchRequest) -> RequestResult:
                 nonlocal failed

@@ -194,6 +194,16 @@ class BlockClient:
             self._io.close()
 
 
+async def server_pid(name: str, endpoint: str, token: str) -> int:
+    """The process id block server ``name`` at ``endpoint`` reports (``info``): what a fault injector
+    kills (``benchmarks/soak.py``, :mod:`chainserve.measure.faults`)."""
+    client = BlockClient(name, endpoint if "://" in endpoint else f"tcp://{endpoint}", token)
+    try:
+        return int((await client.info())["pid"])
+    finally:
+        client.close()
+
+
 async def stop_servers(endpoints: dict[str, str], token: str, timeout_s: float = 5.0) -> dict[str, str]:
     """Send ``shutdown`` to each block server (``name → host:port`` or ``tcp://…``); returns the ones
     that did not confirm, with why."""
