@@ -293,36 +293,41 @@ def _testbed_section(
     num_jobs: int, time_scale: float, methods: tuple[str, ...], work: Path, tick: Callable[[], None], out_dir: Path
 ) -> Section:
     problem, requests = _testbed(num_jobs, time_scale)
-    rows, overhead, skipped = _cluster_rows(
-        "testbed", problem, requests, methods, work, tick, "emulated", None, PETALS_CACHE_TOKENS, True
-    )
-    run = ClusterRun(
-        "testbed",
+    what = (
         f"LLaMA-2-7B on 3× 3g.40gb + 6× 2g.20gb (emulated), first {num_jobs} Azure code requests at "
-        f"{time_scale:g}× their gaps (λ = {problem.arrival_rate_per_s:.2f}/s)",
-        f"batched (roofline step costs at the paper's τ^p) + {overhead * 1000:.2f} ms per hop per step",
-        rows,
-        "; ".join(skipped),
+        f"{time_scale:g}× their gaps (λ = {problem.arrival_rate_per_s:.2f}/s)"
     )
-    return _cluster_section(run, False)
+    return _emulated_section("testbed", what, problem, requests, methods, work, tick, PETALS_CACHE_TOKENS)
 
 
 def _bloom_section(
     num_jobs: int, time_scale: float, methods: tuple[str, ...], work: Path, tick: Callable[[], None], out_dir: Path
 ) -> Section:
     problem, requests = _bloom(num_jobs)
-    rows, overhead, skipped = _cluster_rows(
-        "bloom-20", problem, requests, methods, work, tick, "emulated", None, None, True
-    )
-    run = ClusterRun(
-        "bloom-20",
+    what = (
         f"BLOOM-176B NF4 on 4 high + 16 low slices (emulated), times ×{BLOOM_TIME_FACTOR:g}, {num_jobs} "
-        f"Poisson requests at λ = {problem.arrival_rate_per_s:.2f}/s, 2000 / 20 tokens",
-        f"batched (roofline step costs at the paper's τ^p) + {overhead * 1000:.2f} ms per hop per step",
-        rows,
-        "; ".join(skipped),
+        f"Poisson requests at λ = {problem.arrival_rate_per_s:.2f}/s, 2000 / 20 tokens"
     )
-    return _cluster_section(run, False)
+    return _emulated_section("bloom-20", what, problem, requests, methods, work, tick, None)
+
+
+def _emulated_section(
+    name: str,
+    what: str,
+    problem: Problem,
+    requests: list[BenchRequest],
+    methods: tuple[str, ...],
+    work: Path,
+    tick: Callable[[], None],
+    petals_cache_tokens: int | None,
+) -> Section:
+    """An emulated cluster's section: every method live and simulated (batched, roofline step costs,
+    the runtime's per-hop time fitted on the runs)."""
+    rows, overhead, skipped = _cluster_rows(
+        name, problem, requests, methods, work, tick, "emulated", None, petals_cache_tokens, True
+    )
+    model = f"batched (roofline step costs at the paper's τ^p) + {overhead * 1000:.2f} ms per hop per step"
+    return _cluster_section(ClusterRun(name, what, model, rows, "; ".join(skipped)), False)
 
 
 def _smollm2_section(
