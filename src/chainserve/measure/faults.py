@@ -24,6 +24,8 @@ from chainserve.runtime.client import server_pid
 
 #: How often ``/status`` is polled while the server is down (the outage's resolution).
 POLL_S = 0.05
+#: How long after the kill the server must be back (the supervisor's back-off is capped at 30 s a restart).
+BACK_WITHIN_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,8 @@ class Outage:
 
 async def kill_and_watch(url: str, token_file: Path, kill: Kill, started: asyncio.Future[float]) -> Outage:
     """Kill ``kill.server`` of the ``serve`` at ``url`` ``kill.at_s`` after the benchmark's start
-    (``started``'s ``time.monotonic()``) and return the outage once ``/status`` shows it restarted."""
+    (``started``'s ``time.monotonic()``) and return the outage once ``/status`` shows it restarted;
+    ``TimeoutError`` when it is not back within :data:`BACK_WITHIN_S` (the supervisor gave up)."""
     token = token_file.read_text(encoding="utf-8").strip()
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
 
@@ -67,10 +70,11 @@ async def kill_and_watch(url: str, token_file: Path, kill: Kill, started: asynci
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         dead = None
-        while True:
+        while time.monotonic() - killed < BACK_WITHIN_S:
             await asyncio.sleep(POLL_S)
             now, state = time.monotonic(), await server()
             if not state["alive"] and dead is None:
                 dead = now
             if state["alive"] and state["restarts"] > before["restarts"]:
                 return Outage(kill.server, killed - began, (dead or now) - began, now - began)
+        raise TimeoutError(f"block server {kill.server}: not back within {BACK_WITHIN_S:g} s of its kill")
