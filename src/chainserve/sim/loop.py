@@ -59,9 +59,9 @@ from chainserve.sim.heap import EventHeap
 from chainserve.sim.memory import MemoryExceeded, MemoryLedger, demands
 from chainserve.sim.service import Duration
 
-#: Event kinds, in the order they run at equal times; then the batched service's (an iteration's
-#: end, a batch's replies back, and an iteration start, which alone runs after the arrivals of its instant).
-_FAIL, _BACK, _LOADED, _DONE, _TICK, _ITEM, _REPLY, _ITER = range(8)
+#: Event kinds, in the order they run at equal times; then the batched service's own events, which
+#: its compiled core keeps (:class:`~chainserve.sim.batched.BatchedProcess`; arrivals rank among them).
+_FAIL, _BACK, _LOADED, _DONE, _TICK = range(5)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
 
@@ -152,15 +152,8 @@ def run_loop(
 
     process, duration = None, service
     if isinstance(service, BatchedService):
-        process = BatchedProcess(
-            problem,
-            service,
-            prompts,
-            outputs,
-            events,
-            complete,
-            (_ITEM, _REPLY, _ITER),
-        )
+        process = BatchedProcess(problem, service, prompts, outputs)
+        arrival_rank = process.ARRIVAL
 
     def release(i: int, gen: Generation) -> None:
         ledger.release(start_of[i].route, demand[i])
@@ -315,17 +308,22 @@ def run_loop(
     if next_tick <= t_last:
         push(next_tick, _TICK, 0)
     next_job, t_arrival = 0, times[0]
-    events.arrival_t = t_arrival
     inf = math.inf
     while True:
         t_event = heap[0][0] if heap else inf
-        if t_event < t_arrival or (t_event == t_arrival and (not heap or heap[0][1] != _ITER)):
+        if process is not None:  # the batched service's events before the loop's next one
+            if t_event <= t_arrival and heap:
+                i = process.advance(t_event, heap[0][1])
+            else:
+                i = process.advance(t_arrival, arrival_rank)
+            if i >= 0:
+                complete(i, process.now)
+                continue
+        if t_event <= t_arrival:
             if t_event == inf:
                 break
             t, kind, s, who, payload = heappop(heap)
-            if kind >= _ITEM:
-                process.handle(kind, who, payload, t)
-            elif kind == _DONE:
+            if kind == _DONE:
                 if s == live_seq[payload]:  # else the completion of an aborted attempt
                     complete(payload, t)
             elif kind == _FAIL:
@@ -352,7 +350,7 @@ def run_loop(
             if controller is not None:
                 decide(t_arrival)
             next_job += 1
-            t_arrival = events.arrival_t = times[next_job]
+            t_arrival = times[next_job]
     unfinished = int(np.count_nonzero(np.isnan(np.frombuffer(finished, dtype=np.float64))))
     in_system = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in every)
     if in_system + num_refused != unfinished:

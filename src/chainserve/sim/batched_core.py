@@ -1,0 +1,548 @@
+"""The compiled core of the iteration-level model (issue 31, "One simulator": the batched model within
+10x of the job-level one per job): :mod:`.batched`'s stations, queues, iterations and replies as
+numba-jitted code over arrays, with an internal event heap, so that Python and the core cross O(1)
+times per job (:func:`start`, :func:`abort`, :func:`advance`).
+
+The model is the one :mod:`.batched` documents. Its events, in the loop's order at equal times
+(:mod:`.loop`): an iteration ends (:data:`ITEM_END`), a batch's replies reach the orchestrator
+(:data:`REPLY`), the loop's arrivals (:data:`ARRIVAL`, a rank only), an iteration starts
+(:data:`ITER`); then by ``seq``, the order they were pushed in, or the place a start reserved when
+the station's previous iteration began. The loop's own events (failures, returns, loads, ticks)
+rank before all of them at their instant.
+
+Twins: :func:`take_batch_mask` and :func:`iteration_s` are the compiled forms of
+:func:`chainserve.model.step_cost.take_batch` and :meth:`chainserve.model.step_cost.StepCost.iteration_s`,
+which stay the definition (``tests/test_batched_core.py`` pins them bit for bit).
+
+State (every array is allocated by :class:`Core`, which grows the slot pool when aborts leave stale
+steps in flight):
+
+* ``jobs[i]``: steps left, hop, prompt tokens left on this hop, attempt, route offset and length in
+  ``routes``, prompt and output tokens, the slot of its step waiting in a queue (−1: none);
+* ``st_i[j]`` / ``st_f[j]`` per station (servers, then the head): state, the ``seq`` reserved for
+  its next start, queue head and tail, whether it has a step cost / that start's time, the
+  communication and lone-step seconds, the cost coefficients α, β, α', β';
+* ``slots``: steps (job, tokens, blocks, attempt, next, prev), linked into a station's queue, a
+  running batch or a reply; the free ones form a list;
+* ``heap_t`` / ``heap_k``: the event heap (time; rank and seq, station and first slot of its batch);
+* ``glob`` / ``glob_f``: counters (:data:`G_SEQ` …) and times (:data:`F_ITER_T` …).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
+    # a read-only install: cache the compiled core per user (a user's own NUMBA_CACHE_DIR wins)
+    os.environ["NUMBA_CACHE_DIR"] = str(Path.home() / ".cache" / "chainserve" / "numba")
+    if "numba" in sys.modules:  # imported already: its config read the environment then
+        sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+import numpy as np  # noqa: E402
+from numba import njit  # noqa: E402
+
+#: Event ranks at equal times (the loop's own kinds, 0 to 4, come first).
+ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
+#: A station's state: no iteration and none due; an iteration runs; its next start is in the heap;
+#: an iteration ended with nothing waiting (its next start's place is reserved, unused).
+IDLE, RUNNING, CALLED, FREE = range(4)
+#: The heap's keys: (rank, seq) and (station, slot + 1) in one int64 each.
+_SEQ_BITS, _SLOT_BITS = 56, 40
+_SEQ_MASK, _SLOT_MASK = (1 << _SEQ_BITS) - 1, (1 << _SLOT_BITS) - 1
+#: Columns of ``jobs``.
+J_STEPS, J_HOP, J_TOKENS, J_ATTEMPT, J_ROUTE, J_HOPS, J_PROMPT, J_OUTPUT, J_QSLOT = range(9)
+#: Columns of ``st_i`` and ``st_f``.
+S_STATE, S_START_SEQ, S_QHEAD, S_QTAIL, S_COSTED = range(5)
+S_START_T, S_COMM, S_LONE, S_ALPHA, S_BETA, S_PALPHA, S_PBETA = range(7)
+#: Columns of ``slots``.
+L_JOB, L_TOKENS, L_BLOCKS, L_ATTEMPT, L_NEXT, L_PREV = range(6)
+#: ``glob``: the seq counter, heap size, free-slot list, the latest start run's seq, the prefill
+#: chunk, the token budget, the head's station, a head batch being handed out (station, next slot;
+#: −1: none), the job that finished, free slots left, and the fewest tokens a waiting step has (a
+#: batch is full when no more fit: 1, or 0 when a prompt has no tokens).
+G_SEQ, G_HEAP, G_FREE, G_ITER_SEQ, G_CHUNK, G_BUDGET, G_HEAD, G_PEND_ST, G_PEND_SLOT, G_DONE_JOB, G_NFREE, G_LEAST = (
+    range(12)
+)
+#: ``glob_f``: the latest start run's time, and the time of the event being handled.
+F_ITER_T, F_NOW = range(2)
+
+
+@njit(cache=True, inline="always")
+def _takes(k, used, c, budget):
+    """The batching rule for one more item of ``c`` tokens after ``k`` items of ``used`` tokens: the
+    oldest waiting item always, a later one if it still fits the budget."""
+    return k == 0 or used + c <= budget
+
+
+@njit(cache=True, inline="always")
+def _full(used, budget, least):
+    """Whether no item of ``least`` tokens or more can join a batch of ``used`` tokens any more."""
+    return budget - used < least
+
+
+@njit(cache=True)
+def take_batch_mask(tokens, count, budget, least, taken):
+    """:func:`~chainserve.model.step_cost.take_batch` on ``tokens[:count]`` (the waiting items'
+    tokens, oldest first; none under ``least``): ``taken[x]`` = 1 for the batch, 0 for the rest;
+    returns the batch size. The core's queues take their batches by the same two rules
+    (:func:`_takes`, and :func:`_full` to stop early)."""
+    used = 0
+    k = 0
+    for x in range(count):
+        taken[x] = 0
+    for x in range(count):
+        if k > 0 and _full(used, budget, least):
+            break
+        c = tokens[x]
+        if _takes(k, used, c, budget):
+            taken[x] = 1
+            used += c
+            k += 1
+    return k
+
+
+@njit(cache=True)
+def iteration_s(blocks, tokens, count, alpha, beta, palpha, pbeta):
+    """:meth:`~chainserve.model.step_cost.StepCost.iteration_s` of the items (``blocks[x]``,
+    ``tokens[x]``), ``x < count``, in the same operation order (the same float)."""
+    most = 0.0
+    decode = 0.0
+    prefill = 0.0
+    has_decode = False
+    has_prefill = False
+    for x in range(count):
+        m = blocks[x]
+        q = tokens[x]
+        if m > most:
+            most = float(m)
+        if q <= 1:
+            has_decode = True
+            decode = decode + m * beta
+        else:
+            has_prefill = True
+            prefill = prefill + (m * q) * pbeta
+    a = alpha if has_decode else 0.0
+    b = palpha if has_prefill else 0.0
+    fixed = b if b > a else a
+    return most * fixed + decode + prefill
+
+
+@njit(cache=True, inline="always")
+def _push(heap_t, heap_k, glob, t, rank, seq, who, slot):
+    """A new event: its order key packs (rank, seq), its payload (station, first slot)."""
+    key = (rank << _SEQ_BITS) | seq
+    payload = (who << _SLOT_BITS) | (slot + 1)
+    x = glob[G_HEAP]
+    glob[G_HEAP] = x + 1
+    while x > 0:  # sift the hole up
+        parent = (x - 1) >> 1
+        pt = heap_t[parent]
+        if t > pt or (t == pt and key > heap_k[parent, 0]):
+            break
+        heap_t[x], heap_k[x, 0], heap_k[x, 1] = pt, heap_k[parent, 0], heap_k[parent, 1]
+        x = parent
+    heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, key, payload
+
+
+@njit(cache=True, inline="always")
+def _pop(heap_t, heap_k, glob):
+    """Removes the first entry; returns its (key, payload)."""
+    key, payload = heap_k[0, 0], heap_k[0, 1]
+    n = glob[G_HEAP] - 1
+    glob[G_HEAP] = n
+    t, k, p = heap_t[n], heap_k[n, 0], heap_k[n, 1]
+    x = 0
+    while True:  # sift the hole down
+        c = 2 * x + 1
+        if c >= n:
+            break
+        d = c + 1
+        if d < n and (heap_t[d] < heap_t[c] or (heap_t[d] == heap_t[c] and heap_k[d, 0] < heap_k[c, 0])):
+            c = d
+        ct = heap_t[c]
+        if t < ct or (t == ct and k < heap_k[c, 0]):
+            break
+        heap_t[x], heap_k[x, 0], heap_k[x, 1] = ct, heap_k[c, 0], heap_k[c, 1]
+        x = c
+    heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, k, p
+    return key, payload
+
+
+@njit(cache=True, inline="always")
+def _new_slot(slots, glob, job, tokens, blocks, attempt):
+    s = glob[G_FREE]
+    glob[G_FREE] = slots[s, L_NEXT]
+    glob[G_NFREE] -= 1
+    slots[s, L_JOB], slots[s, L_TOKENS], slots[s, L_BLOCKS], slots[s, L_ATTEMPT] = job, tokens, blocks, attempt
+    slots[s, L_NEXT] = -1
+    slots[s, L_PREV] = -1
+    return s
+
+
+@njit(cache=True, inline="always")
+def _free_slot(slots, glob, s):
+    slots[s, L_NEXT] = glob[G_FREE]
+    glob[G_FREE] = s
+    glob[G_NFREE] += 1
+
+
+@njit(cache=True, inline="always")
+def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now):
+    """Step ``s`` waits at station ``j``; an iteration starts after every event of this instant
+    (steps that reach it together share it) unless one runs or is due."""
+    tail = st_i[j, S_QTAIL]
+    slots[s, L_PREV] = tail
+    slots[s, L_NEXT] = -1
+    if tail < 0:
+        st_i[j, S_QHEAD] = s
+    else:
+        slots[tail, L_NEXT] = s
+    st_i[j, S_QTAIL] = s
+    jobs[slots[s, L_JOB], J_QSLOT] = s
+    state = st_i[j, S_STATE]
+    if state == RUNNING or state == CALLED:
+        return
+    if (
+        state == FREE
+        and now == st_f[j, S_START_T]
+        and not (glob_f[F_ITER_T] == now and glob[G_ITER_SEQ] > st_i[j, S_START_SEQ])
+    ):
+        seq = st_i[j, S_START_SEQ]  # the start after its last iteration is still to come in this instant
+    else:
+        glob[G_SEQ] += 1
+        seq = glob[G_SEQ]
+    _push(heap_t, heap_k, glob, now, ITER, seq, j, -1)
+    st_i[j, S_STATE] = CALLED
+
+
+@njit(cache=True, inline="always")
+def _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now):
+    """Job ``i``'s current step to its current hop (or to the head after the last one)."""
+    h = jobs[i, J_HOP]
+    attempt = jobs[i, J_ATTEMPT]
+    if h == jobs[i, J_HOPS]:
+        s = _new_slot(slots, glob, i, 1, 1, attempt)
+        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, glob[G_HEAD], s, now)
+        return
+    r = jobs[i, J_ROUTE] + h
+    j = routes[r, 0]
+    m = routes[r, 1]
+    if st_i[j, S_COSTED] == 0:
+        s = _new_slot(slots, glob, i, 0, m, attempt)
+        glob[G_SEQ] += 1
+        _push(heap_t, heap_k, glob, now + m * st_f[j, S_LONE] + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, s)
+        jobs[i, J_TOKENS] = 0
+    else:
+        q = jobs[i, J_TOKENS]
+        chunk = glob[G_CHUNK]
+        s = _new_slot(slots, glob, i, q if q < chunk else chunk, m, attempt)
+        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now)
+
+
+@njit(cache=True, inline="always")
+def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, scratch, j, seq, now):
+    """Station ``j``'s iteration starts: its batch by the block server's rule, its cost."""
+    glob_f[F_ITER_T] = now
+    glob[G_ITER_SEQ] = seq
+    s = st_i[j, S_QHEAD]
+    if s < 0:  # its steps were aborted
+        st_i[j, S_STATE] = IDLE
+        return
+    budget, least = glob[G_BUDGET], glob[G_LEAST]
+    used = 0
+    k = 0
+    first = last = -1
+    while s >= 0 and not (k > 0 and _full(used, budget, least)):
+        nxt = slots[s, L_NEXT]
+        c = slots[s, L_TOKENS]
+        if _takes(k, used, c, budget):  # out of the queue, into the batch
+            prev = slots[s, L_PREV]
+            if prev < 0:
+                st_i[j, S_QHEAD] = nxt
+            else:
+                slots[prev, L_NEXT] = nxt
+            if nxt < 0:
+                st_i[j, S_QTAIL] = prev
+            else:
+                slots[nxt, L_PREV] = prev
+            jobs[slots[s, L_JOB], J_QSLOT] = -1
+            scratch[0, k] = c
+            scratch[1, k] = slots[s, L_BLOCKS]
+            used += c
+            k += 1
+            if last < 0:
+                first = s
+            else:
+                slots[last, L_NEXT] = s
+            last = s
+        s = nxt
+    slots[last, L_NEXT] = -1
+    seconds = 0.0
+    if st_i[j, S_COSTED]:
+        seconds = iteration_s(
+            scratch[1], scratch[0], k, st_f[j, S_ALPHA], st_f[j, S_BETA], st_f[j, S_PALPHA], st_f[j, S_PBETA]
+        )
+    end = now + seconds
+    glob[G_SEQ] += 1
+    _push(heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
+    glob[G_SEQ] += 1
+    st_f[j, S_START_T] = end
+    st_i[j, S_START_SEQ] = glob[G_SEQ]
+    st_i[j, S_STATE] = RUNNING
+
+
+@njit(cache=True, inline="always")
+def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now):
+    """Server ``j``'s iteration of the batch from slot ``s`` ended: each step moves on (its replies
+    travel together), a prompt's next chunk waits for the next iteration."""
+    chunk = glob[G_CHUNK]
+    first = last = -1
+    while s >= 0:
+        nxt = slots[s, L_NEXT]
+        i = slots[s, L_JOB]
+        if slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]:
+            _free_slot(slots, glob, s)
+        else:
+            left = jobs[i, J_TOKENS] - slots[s, L_TOKENS]
+            jobs[i, J_TOKENS] = left
+            if left > 0:
+                slots[s, L_TOKENS] = left if left < chunk else chunk
+                tail = st_i[j, S_QTAIL]  # back in the queue (the station runs: no start to call)
+                slots[s, L_PREV] = tail
+                slots[s, L_NEXT] = -1
+                if tail < 0:
+                    st_i[j, S_QHEAD] = s
+                else:
+                    slots[tail, L_NEXT] = s
+                st_i[j, S_QTAIL] = s
+                jobs[i, J_QSLOT] = s
+            else:
+                slots[s, L_NEXT] = -1
+                if last < 0:
+                    first = s
+                else:
+                    slots[last, L_NEXT] = s
+                last = s
+        s = nxt
+    if first >= 0:
+        glob[G_SEQ] += 1
+        _push(heap_t, heap_k, glob, now + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, first)
+
+
+@njit(cache=True, inline="always")
+def _station_next(st_i, heap_t, heap_k, glob, j, now):
+    """After station ``j``'s iteration: its next start at its reserved place, if anything waits."""
+    if st_i[j, S_QHEAD] >= 0:
+        _push(heap_t, heap_k, glob, now, ITER, st_i[j, S_START_SEQ], j, -1)
+        st_i[j, S_STATE] = CALLED
+    else:
+        st_i[j, S_STATE] = FREE
+
+
+@njit(cache=True, inline="always")
+def _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, now):
+    """The head's iteration from slot ``s`` on: each token is sampled, its job's next step begins;
+    returns at a job's last token (the rest of the batch is handed out at the next :func:`advance`)."""
+    while s >= 0:
+        nxt = slots[s, L_NEXT]
+        i = slots[s, L_JOB]
+        stale = slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]
+        _free_slot(slots, glob, s)
+        s = nxt
+        if stale:
+            continue
+        jobs[i, J_STEPS] -= 1
+        if jobs[i, J_STEPS] == 0:
+            glob[G_PEND_SLOT] = s
+            glob[G_DONE_JOB] = i
+            return i
+        jobs[i, J_HOP] = 0
+        jobs[i, J_TOKENS] = 1
+        _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+    glob[G_PEND_ST] = -1
+    _station_next(st_i, heap_t, heap_k, glob, glob[G_HEAD], now)
+    return -1
+
+
+@njit(cache=True, inline="always")
+def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, now):
+    """The replies of steps that left one server together reached the orchestrator: each step goes
+    on to its next hop."""
+    while s >= 0:
+        nxt = slots[s, L_NEXT]
+        i = slots[s, L_JOB]
+        stale = slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]
+        _free_slot(slots, glob, s)
+        s = nxt
+        if stale:
+            continue
+        jobs[i, J_HOP] += 1
+        jobs[i, J_TOKENS] = 1 if jobs[i, J_STEPS] < jobs[i, J_OUTPUT] else jobs[i, J_PROMPT]
+        _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+
+
+@njit(cache=True)
+def advance(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, scratch, limit_t, limit_rank):
+    """Runs the core's events that come before (``limit_t``, ``limit_rank``), the loop's next event;
+    returns a job at its last token (its time in ``glob_f[F_NOW]``), or −1 when none is left before
+    the limit. A head batch cut short by a finished job is handed out first, whatever the limit (its
+    events are one)."""
+    if glob[G_PEND_ST] >= 0:
+        done = _head_done(
+            jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, glob[G_PEND_SLOT], glob_f[F_NOW]
+        )
+        if done >= 0:
+            return done
+    while glob[G_HEAP] > 0:
+        t = heap_t[0]
+        rank = heap_k[0, 0] >> _SEQ_BITS
+        if t > limit_t or (t == limit_t and rank > limit_rank):
+            return -1
+        key, payload = _pop(heap_t, heap_k, glob)
+        seq, j, s = key & _SEQ_MASK, payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
+        glob_f[F_NOW] = t
+        if rank == ITER:
+            _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, scratch, j, seq, t)
+        elif rank == REPLY:
+            _replies(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, t)
+        elif j == glob[G_HEAD]:
+            glob[G_PEND_ST] = j
+            done = _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, t)
+            if done >= 0:
+                return done
+        else:
+            _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, t)
+            _station_next(st_i, heap_t, heap_k, glob, j, t)
+    return -1
+
+
+@njit(cache=True)
+def start(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, route, hops, now):
+    """Job ``i``'s service begins on the hops at ``routes[route:route + hops]``: its prompt goes to
+    the first hop."""
+    jobs[i, J_ROUTE] = route
+    jobs[i, J_HOPS] = hops
+    jobs[i, J_STEPS] = jobs[i, J_OUTPUT]
+    jobs[i, J_HOP] = 0
+    jobs[i, J_TOKENS] = jobs[i, J_PROMPT]
+    _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+
+
+@njit(cache=True)
+def abort(jobs, st_i, slots, glob, i):
+    """Job ``i`` lost its service: its waiting step leaves its queue, its steps in flight are void."""
+    jobs[i, J_ATTEMPT] += 1
+    s = jobs[i, J_QSLOT]
+    if s < 0:
+        return
+    jobs[i, J_QSLOT] = -1
+    prev, nxt = slots[s, L_PREV], slots[s, L_NEXT]
+    j = 0
+    if prev >= 0:
+        slots[prev, L_NEXT] = nxt
+    if nxt >= 0:
+        slots[nxt, L_PREV] = prev
+    if prev < 0 or nxt < 0:
+        for j in range(st_i.shape[0]):
+            if st_i[j, S_QHEAD] == s or st_i[j, S_QTAIL] == s:
+                break
+        if prev < 0:
+            st_i[j, S_QHEAD] = nxt
+        if nxt < 0:
+            st_i[j, S_QTAIL] = prev
+    _free_slot(slots, glob, s)
+
+
+class Core:
+    """The arrays of one run and the calls on them; ``slot_margin`` free slots are kept beyond one
+    per job (a stale step of an aborted attempt may still be in flight)."""
+
+    def __init__(self, prompts, outputs, comm, lone, costs, head_cost, chunk: int, budget: int):
+        n, servers = len(prompts), len(comm)
+        self.jobs = np.zeros((n, 9), np.int64)
+        self.jobs[:, J_PROMPT] = np.asarray(prompts, np.int64)
+        self.jobs[:, J_OUTPUT] = np.asarray(outputs, np.int64)
+        self.jobs[:, J_QSLOT] = -1
+        stations = servers + 1
+        self.st_i = np.zeros((stations, 5), np.int64)
+        self.st_i[:, S_QHEAD] = self.st_i[:, S_QTAIL] = -1
+        self.st_f = np.zeros((stations, 7), np.float64)
+        self.st_f[:servers, S_COMM] = comm
+        self.st_f[:servers, S_LONE] = lone
+        for j, cost in enumerate([*costs, head_cost]):
+            if cost is not None:
+                self.st_i[j, S_COSTED] = 1
+                self.st_f[j, S_ALPHA:] = (cost.alpha_s, cost.beta_s, cost.prefill_alpha_s, cost.prefill_beta_s)
+        self.glob = np.zeros(12, np.int64)
+        self.glob[G_CHUNK], self.glob[G_BUDGET], self.glob[G_HEAD] = chunk, budget, servers
+        self.glob[G_LEAST] = min(1, int(self.jobs[:, J_PROMPT].min(initial=1)))
+        self.glob[G_PEND_ST] = self.glob[G_FREE] = -1
+        self.glob_f = np.full(2, -1.0)
+        self.slots = np.zeros((0, 6), np.int64)
+        self.heap_t = np.zeros(0, np.float64)
+        self.heap_k = np.zeros((0, 2), np.int64)
+        self.scratch = np.zeros((2, 0), np.int64)
+        self.stations = stations
+        self.num_jobs = n
+        self.num_aborts = 0
+        self.routes = np.zeros((64, 2), np.int64)
+        self.num_routed = 0  # rows of ``routes`` in use
+        self.route_at: dict[int, tuple[object, int]] = {}  # id(hops) -> (hops, offset in routes)
+        self.grow(n + 16)
+
+    def grow(self, slots: int) -> None:
+        """Room for ``slots`` steps (every slot, free or not, may be a waiting step or an event)."""
+        old = len(self.slots)
+        self.slots = np.concatenate([self.slots, np.zeros((slots - old, 6), np.int64)])
+        self.slots[old:, L_NEXT] = np.arange(old + 1, slots + 1)
+        self.slots[slots - 1, L_NEXT] = self.glob[G_FREE]
+        self.glob[G_FREE] = old
+        self.glob[G_NFREE] += slots - old
+        events = slots + 2 * self.stations
+        used = self.glob[G_HEAP]
+        heap_t, heap_k = np.zeros(events, np.float64), np.zeros((events, 2), np.int64)
+        heap_t[:used], heap_k[:used] = self.heap_t[:used], self.heap_k[:used]
+        self.heap_t, self.heap_k = heap_t, heap_k
+        self.scratch = np.zeros((2, slots), np.int64)
+        self._bind()
+
+    def _bind(self) -> None:
+        self.state = (
+            self.jobs, self.st_i, self.st_f, self.slots, self.heap_t, self.heap_k, self.glob, self.glob_f, self.routes,
+        )  # fmt: skip
+
+    def route(self, hops) -> int:
+        """The offset of ``hops`` (a route's hops) in ``routes``, added on first sight."""
+        seen = self.route_at.get(id(hops))
+        if seen is not None and seen[0] is hops:
+            return seen[1]
+        offset = self.num_routed
+        self.num_routed += len(hops)
+        if self.num_routed > len(self.routes):
+            self.routes = np.concatenate([self.routes, np.zeros((len(self.routes) + len(hops), 2), np.int64)])
+        self.routes[offset : self.num_routed] = [(h.server, h.num_blocks) for h in hops]
+        self.route_at[id(hops)] = (hops, offset)
+        self._bind()
+        return offset
+
+    def start(self, i: int, hops, now: float) -> None:
+        """Job ``i``'s service begins on ``hops``."""
+        offset = self.route(hops)
+        start(*self.state, i, offset, len(hops), now)
+
+    def abort(self, i: int) -> None:
+        """Job ``i`` lost its service; a stale step of it may stay in flight, so one more slot is kept."""
+        abort(self.jobs, self.st_i, self.slots, self.glob, i)
+        self.num_aborts += 1
+        if self.num_jobs + self.num_aborts + 16 > len(self.slots):
+            self.grow(2 * len(self.slots))
+
+    def advance(self, limit_t: float, limit_rank: int) -> int:
+        """:func:`advance` up to the loop's next event; the finished job's time is :attr:`now`."""
+        return advance(*self.state, self.scratch, limit_t, limit_rank)
+
+    @property
+    def now(self) -> float:
+        return float(self.glob_f[F_NOW])
