@@ -23,7 +23,7 @@ a job holds from start to its last token. Its own events — iteration ends, a b
 iteration starts — and its stations, queues and per-job step state live in a compiled core
 (:mod:`.batched_core`, numba; issue 31 asks for the batched model within 10x of the job-level one
 per job), with a heap of its own: the loop asks it to run what comes before the loop's next event
-(:meth:`BatchedProcess.advance`), and it returns at each job's last token, so Python and the core
+(:class:`~chainserve.sim.batched_core.BatchedProcess`), and it returns at each job's last token, so Python and the core
 cross O(1) times per job. Events are per server iteration, not per step: an iteration's end is one
 event carrying its batch, and the replies of its steps, which all travel the server's communication
 time, are one more; an iteration start is pushed only when something waits (its place in the order
@@ -35,14 +35,10 @@ fewer as batches grow.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 from typing import ClassVar
 
-from chainserve.dispatch.base import Route
-from chainserve.model.spec import Problem
-from chainserve.model.step_cost import MAX_BATCH_TOKENS, prefill_chunk_tokens
-from chainserve.sim.batched_core import ARRIVAL, Core
+from chainserve.model.step_cost import MAX_BATCH_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,39 +54,3 @@ class BatchedService:
             raise ValueError(f"hop_overhead_s: must be ≥ 0, got {self.hop_overhead_s}")
         if self.max_batch_tokens < 2:
             raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
-
-
-class BatchedProcess:
-    """The iteration-level service of every job (module docstring) as a component of an event loop:
-    the loop calls :meth:`start` when a job's service begins, :meth:`abort` when a failure ends it,
-    and :meth:`advance` before each of its own events and arrivals; ``advance`` returns each job at
-    its last token (at :attr:`now`). The component's events run after the loop's own kinds of their
-    instant; an iteration's end and a batch's replies before the arrivals of the instant, an
-    iteration start after them (steps that reach a server together share it): ``ARRIVAL`` is the
-    arrivals' rank."""
-
-    ARRIVAL: ClassVar[int] = ARRIVAL
-
-    def __init__(self, problem: Problem, model: BatchedService, prompts: array, outputs: array):
-        servers, steps_mean = problem.servers, problem.workload.output_tokens
-        self.core = Core(
-            prompts,
-            outputs,
-            [s.tau_c_s / steps_mean + model.hop_overhead_s for s in servers],
-            [s.tau_p_s / steps_mean for s in servers],  # per block and step, no step cost
-            [s.step for s in servers],
-            problem.head_cost,  # the orchestrator's head
-            prefill_chunk_tokens(model.max_batch_tokens),
-            model.max_batch_tokens,
-        )
-        self.abort = self.core.abort
-        self.advance = self.core.advance
-
-    def start(self, i: int, route: Route, now: float) -> None:
-        """Job ``i``'s service begins on ``route``: its prompt goes to the first hop."""
-        self.core.start(i, route.hops, now)
-
-    @property
-    def now(self) -> float:
-        """The time of the job :meth:`advance` returned."""
-        return self.core.now

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
@@ -43,6 +44,8 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
 import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
+from chainserve.model.step_cost import prefill_chunk_tokens  # noqa: E402
+
 #: Event ranks at equal times (the loop's own kinds, 0 to 4, come first).
 ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
 #: A station's state: no iteration and none due; an iteration runs; its next start is in the heap;
@@ -50,7 +53,7 @@ ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
 IDLE, RUNNING, CALLED, FREE = range(4)
 #: The heap's keys: (rank, seq) and (station, slot + 1) in one int64 each.
 _SEQ_BITS, _SLOT_BITS = 56, 40
-_SEQ_MASK, _SLOT_MASK = (1 << _SEQ_BITS) - 1, (1 << _SLOT_BITS) - 1
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 #: Columns of ``jobs``.
 J_STEPS, J_HOP, J_TOKENS, J_ATTEMPT, J_ROUTE, J_HOPS, J_PROMPT, J_OUTPUT, J_QSLOT = range(9)
 #: Columns of ``st_i`` and ``st_f``.
@@ -60,29 +63,27 @@ S_START_T, S_COMM, S_LONE, S_ALPHA, S_BETA, S_PALPHA, S_PBETA = range(7)
 L_JOB, L_TOKENS, L_BLOCKS, L_ATTEMPT, L_NEXT, L_PREV = range(6)
 #: ``glob``: the seq counter, heap size, free-slot list, the latest start run's seq, the prefill
 #: chunk, the token budget, the head's station, a head batch being handed out (station, next slot;
-#: −1: none), the job that finished, free slots left, and the fewest tokens a waiting step has (a
-#: batch is full when no more fit: 1, or 0 when a prompt has no tokens).
-G_SEQ, G_HEAP, G_FREE, G_ITER_SEQ, G_CHUNK, G_BUDGET, G_HEAD, G_PEND_ST, G_PEND_SLOT, G_DONE_JOB, G_NFREE, G_LEAST = (
-    range(12)
-)
-#: ``glob_f``: the latest start run's time, and the time of the event being handled.
-F_ITER_T, F_NOW = range(2)
+#: −1: none), the fewest tokens a waiting step has (a batch is full when no more fit: 1, or 0 when a
+#: prompt has no tokens), and the number of starts due (``calls``).
+G_SEQ, G_HEAP, G_FREE, G_ITER_SEQ, G_CHUNK, G_BUDGET, G_HEAD, G_PEND_ST, G_PEND_SLOT, G_LEAST, G_NCALLS = range(11)
+#: ``glob_f``: the latest start run's time, the time of the event being handled, the starts' instant.
+F_ITER_T, F_NOW, F_CALLS_T = range(3)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _takes(k, used, c, budget):
     """The batching rule for one more item of ``c`` tokens after ``k`` items of ``used`` tokens: the
     oldest waiting item always, a later one if it still fits the budget."""
     return k == 0 or used + c <= budget
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _full(used, budget, least):
     """Whether no item of ``least`` tokens or more can join a batch of ``used`` tokens any more."""
     return budget - used < least
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def take_batch_mask(tokens, count, budget, least, taken):
     """:func:`~chainserve.model.step_cost.take_batch` on ``tokens[:count]`` (the waiting items'
     tokens, oldest first; none under ``least``): ``taken[x]`` = 1 for the batch, 0 for the rest;
@@ -103,7 +104,7 @@ def take_batch_mask(tokens, count, budget, least, taken):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def iteration_s(blocks, tokens, count, alpha, beta, palpha, pbeta):
     """:meth:`~chainserve.model.step_cost.StepCost.iteration_s` of the items (``blocks[x]``,
     ``tokens[x]``), ``x < count``, in the same operation order (the same float)."""
@@ -129,7 +130,7 @@ def iteration_s(blocks, tokens, count, alpha, beta, palpha, pbeta):
     return most * fixed + decode + prefill
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _push(heap_t, heap_k, glob, t, rank, seq, who, slot):
     """A new event: its order key packs (rank, seq), its payload (station, first slot)."""
     key = (rank << _SEQ_BITS) | seq
@@ -146,10 +147,10 @@ def _push(heap_t, heap_k, glob, t, rank, seq, who, slot):
     heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, key, payload
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _pop(heap_t, heap_k, glob):
-    """Removes the first entry; returns its (key, payload)."""
-    key, payload = heap_k[0, 0], heap_k[0, 1]
+    """Removes the first entry; returns its payload."""
+    payload = heap_k[0, 1]
     n = glob[G_HEAP] - 1
     glob[G_HEAP] = n
     t, k, p = heap_t[n], heap_k[n, 0], heap_k[n, 1]
@@ -167,29 +168,38 @@ def _pop(heap_t, heap_k, glob):
         heap_t[x], heap_k[x, 0], heap_k[x, 1] = ct, heap_k[c, 0], heap_k[c, 1]
         x = c
     heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, k, p
-    return key, payload
+    return payload
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
+def _call(calls, glob, glob_f, now, seq, j):
+    """Station ``j``'s iteration start at ``(now, ITER, seq)``: the starts due are all of one instant
+    (the last rank of it; every start due runs before the time moves on), kept beside the heap."""
+    x = glob[G_NCALLS]
+    glob[G_NCALLS] = x + 1
+    glob_f[F_CALLS_T] = now
+    calls[x, 0] = seq
+    calls[x, 1] = j
+
+
+@njit(cache=True, inline="always", _nrt=False)
 def _new_slot(slots, glob, job, tokens, blocks, attempt):
     s = glob[G_FREE]
     glob[G_FREE] = slots[s, L_NEXT]
-    glob[G_NFREE] -= 1
     slots[s, L_JOB], slots[s, L_TOKENS], slots[s, L_BLOCKS], slots[s, L_ATTEMPT] = job, tokens, blocks, attempt
     slots[s, L_NEXT] = -1
     slots[s, L_PREV] = -1
     return s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _free_slot(slots, glob, s):
     slots[s, L_NEXT] = glob[G_FREE]
     glob[G_FREE] = s
-    glob[G_NFREE] += 1
 
 
-@njit(cache=True, inline="always")
-def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now):
     """Step ``s`` waits at station ``j``; an iteration starts after every event of this instant
     (steps that reach it together share it) unless one runs or is due."""
     tail = st_i[j, S_QTAIL]
@@ -213,18 +223,18 @@ def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now):
     else:
         glob[G_SEQ] += 1
         seq = glob[G_SEQ]
-    _push(heap_t, heap_k, glob, now, ITER, seq, j, -1)
+    _call(calls, glob, glob_f, now, seq, j)
     st_i[j, S_STATE] = CALLED
 
 
-@njit(cache=True, inline="always")
-def _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now):
     """Job ``i``'s current step to its current hop (or to the head after the last one)."""
     h = jobs[i, J_HOP]
     attempt = jobs[i, J_ATTEMPT]
     if h == jobs[i, J_HOPS]:
         s = _new_slot(slots, glob, i, 1, 1, attempt)
-        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, glob[G_HEAD], s, now)
+        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, glob[G_HEAD], s, now)
         return
     r = jobs[i, J_ROUTE] + h
     j = routes[r, 0]
@@ -238,11 +248,11 @@ def _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
         q = jobs[i, J_TOKENS]
         chunk = glob[G_CHUNK]
         s = _new_slot(slots, glob, i, q if q < chunk else chunk, m, attempt)
-        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now)
+        _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now)
 
 
-@njit(cache=True, inline="always")
-def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, scratch, j, seq, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, now):
     """Station ``j``'s iteration starts: its batch by the block server's rule, its cost."""
     glob_f[F_ITER_T] = now
     glob[G_ITER_SEQ] = seq
@@ -293,8 +303,8 @@ def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, scratch, j, 
     st_i[j, S_STATE] = RUNNING
 
 
-@njit(cache=True, inline="always")
-def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now):
     """Server ``j``'s iteration of the batch from slot ``s`` ended: each step moves on (its replies
     travel together), a prompt's next chunk waits for the next iteration."""
     chunk = glob[G_CHUNK]
@@ -331,18 +341,18 @@ def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, no
         _push(heap_t, heap_k, glob, now + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, first)
 
 
-@njit(cache=True, inline="always")
-def _station_next(st_i, heap_t, heap_k, glob, j, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _station_next(st_i, calls, glob, glob_f, j, now):
     """After station ``j``'s iteration: its next start at its reserved place, if anything waits."""
     if st_i[j, S_QHEAD] >= 0:
-        _push(heap_t, heap_k, glob, now, ITER, st_i[j, S_START_SEQ], j, -1)
+        _call(calls, glob, glob_f, now, st_i[j, S_START_SEQ], j)
         st_i[j, S_STATE] = CALLED
     else:
         st_i[j, S_STATE] = FREE
 
 
-@njit(cache=True, inline="always")
-def _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, now):
     """The head's iteration from slot ``s`` on: each token is sampled, its job's next step begins;
     returns at a job's last token (the rest of the batch is handed out at the next :func:`advance`)."""
     while s >= 0:
@@ -356,18 +366,17 @@ def _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s,
         jobs[i, J_STEPS] -= 1
         if jobs[i, J_STEPS] == 0:
             glob[G_PEND_SLOT] = s
-            glob[G_DONE_JOB] = i
             return i
         jobs[i, J_HOP] = 0
         jobs[i, J_TOKENS] = 1
-        _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+        _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
     glob[G_PEND_ST] = -1
-    _station_next(st_i, heap_t, heap_k, glob, glob[G_HEAD], now)
+    _station_next(st_i, calls, glob, glob_f, glob[G_HEAD], now)
     return -1
 
 
-@njit(cache=True, inline="always")
-def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, now):
+@njit(cache=True, inline="always", _nrt=False)
+def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, now):
     """The replies of steps that left one server together reached the orchestrator: each step goes
     on to its next hop."""
     while s >= 0:
@@ -380,46 +389,66 @@ def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, n
             continue
         jobs[i, J_HOP] += 1
         jobs[i, J_TOKENS] = 1 if jobs[i, J_STEPS] < jobs[i, J_OUTPUT] else jobs[i, J_PROMPT]
-        _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+        _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
 
 
-@njit(cache=True)
-def advance(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, scratch, limit_t, limit_rank):
+@njit(cache=True, _nrt=False)
+def advance(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, scratch, limit_t, limit_rank):
     """Runs the core's events that come before (``limit_t``, ``limit_rank``), the loop's next event;
-    returns a job at its last token (its time in ``glob_f[F_NOW]``), or −1 when none is left before
-    the limit. A head batch cut short by a finished job is handed out first, whatever the limit (its
+    returns ``(job, t)`` at a job's last token, or ``(−1, limit_t)`` when none is left before the
+    limit. A head batch cut short by a finished job is handed out first, whatever the limit (its
     events are one)."""
     if glob[G_PEND_ST] >= 0:
         done = _head_done(
-            jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, glob[G_PEND_SLOT], glob_f[F_NOW]
+            jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, glob[G_PEND_SLOT], glob_f[F_NOW]
         )
         if done >= 0:
-            return done
-    while glob[G_HEAP] > 0:
-        t = heap_t[0]
-        rank = heap_k[0, 0] >> _SEQ_BITS
+            return done, glob_f[F_NOW]
+    while True:
+        calls_due = glob[G_NCALLS] > 0
+        if glob[G_HEAP] > 0:
+            t = heap_t[0]
+            rank = heap_k[0, 0] >> _SEQ_BITS
+            if calls_due and glob_f[F_CALLS_T] < t:
+                calls_due = True
+            else:
+                calls_due = False  # the heap's events of the instant rank before its starts
+        elif not calls_due:
+            return -1, limit_t
+        if calls_due:
+            t = glob_f[F_CALLS_T]
+            if t > limit_t or (t == limit_t and ITER > limit_rank):
+                return -1, limit_t
+            first = 0
+            for x in range(1, glob[G_NCALLS]):
+                if calls[x, 0] < calls[first, 0]:
+                    first = x
+            seq, j = calls[first, 0], calls[first, 1]
+            last = glob[G_NCALLS] - 1
+            calls[first, 0], calls[first, 1] = calls[last, 0], calls[last, 1]
+            glob[G_NCALLS] = last
+            glob_f[F_NOW] = t
+            _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, t)
+            continue
         if t > limit_t or (t == limit_t and rank > limit_rank):
-            return -1
-        key, payload = _pop(heap_t, heap_k, glob)
-        seq, j, s = key & _SEQ_MASK, payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
+            return -1, limit_t
+        payload = _pop(heap_t, heap_k, glob)
+        j, s = payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
         glob_f[F_NOW] = t
-        if rank == ITER:
-            _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, scratch, j, seq, t)
-        elif rank == REPLY:
-            _replies(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, t)
+        if rank == REPLY:
+            _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, t)
         elif j == glob[G_HEAD]:
             glob[G_PEND_ST] = j
-            done = _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, s, t)
+            done = _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, t)
             if done >= 0:
-                return done
+                return done, glob_f[F_NOW]
         else:
-            _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, j, s, t)
-            _station_next(st_i, heap_t, heap_k, glob, j, t)
-    return -1
+            _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, t)
+            _station_next(st_i, calls, glob, glob_f, j, t)
 
 
-@njit(cache=True)
-def start(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, route, hops, now):
+@njit(cache=True, _nrt=False)
+def start(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, route, hops, now):
     """Job ``i``'s service begins on the hops at ``routes[route:route + hops]``: its prompt goes to
     the first hop."""
     jobs[i, J_ROUTE] = route
@@ -427,10 +456,10 @@ def start(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, rout
     jobs[i, J_STEPS] = jobs[i, J_OUTPUT]
     jobs[i, J_HOP] = 0
     jobs[i, J_TOKENS] = jobs[i, J_PROMPT]
-    _send(jobs, st_i, st_f, slots, heap_t, heap_k, glob, glob_f, routes, i, now)
+    _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def abort(jobs, st_i, slots, glob, i):
     """Job ``i`` lost its service: its waiting step leaves its queue, its steps in flight are void."""
     jobs[i, J_ATTEMPT] += 1
@@ -455,52 +484,60 @@ def abort(jobs, st_i, slots, glob, i):
     _free_slot(slots, glob, s)
 
 
-class Core:
-    """The arrays of one run and the calls on them; ``slot_margin`` free slots are kept beyond one
-    per job (a stale step of an aborted attempt may still be in flight)."""
+class BatchedProcess:
+    """The iteration-level service of every job (:mod:`.batched`) as a component of the event loop
+    (:mod:`.loop`), over the arrays of one run: the loop calls :meth:`start` when a job's service
+    begins, :meth:`abort` when a failure ends it, and ``advance(limit_t, limit_rank)`` (:func:`advance`
+    on this run's arrays) before each of its own events and arrivals, which returns ``(job, t)`` at
+    a job's last token, or ``(−1, t)``. The component's events run after the loop's own kinds of
+    their instant; an iteration's end and a batch's replies before the arrivals of the instant
+    (:data:`ARRIVAL`, the rank the loop passes for one), an iteration start after them (steps that
+    reach a server together share it). One slot is kept per job and per abort (a stale step of an
+    aborted attempt may still be in flight)."""
 
-    def __init__(self, prompts, outputs, comm, lone, costs, head_cost, chunk: int, budget: int):
-        n, servers = len(prompts), len(comm)
+    def __init__(self, problem, model, prompts, outputs):
+        servers, steps_mean = problem.servers, problem.workload.output_tokens
+        n, stations = len(prompts), len(servers) + 1  # the servers, then the orchestrator's head
         self.jobs = np.zeros((n, 9), np.int64)
         self.jobs[:, J_PROMPT] = np.asarray(prompts, np.int64)
         self.jobs[:, J_OUTPUT] = np.asarray(outputs, np.int64)
         self.jobs[:, J_QSLOT] = -1
-        stations = servers + 1
         self.st_i = np.zeros((stations, 5), np.int64)
         self.st_i[:, S_QHEAD] = self.st_i[:, S_QTAIL] = -1
         self.st_f = np.zeros((stations, 7), np.float64)
-        self.st_f[:servers, S_COMM] = comm
-        self.st_f[:servers, S_LONE] = lone
-        for j, cost in enumerate([*costs, head_cost]):
+        for j, s in enumerate(servers):
+            self.st_f[j, S_COMM] = s.tau_c_s / steps_mean + model.hop_overhead_s
+            self.st_f[j, S_LONE] = s.tau_p_s / steps_mean  # per block and step, no step cost
+        for j, cost in enumerate([*(s.step for s in servers), problem.head_cost]):
             if cost is not None:
                 self.st_i[j, S_COSTED] = 1
                 self.st_f[j, S_ALPHA:] = (cost.alpha_s, cost.beta_s, cost.prefill_alpha_s, cost.prefill_beta_s)
-        self.glob = np.zeros(12, np.int64)
-        self.glob[G_CHUNK], self.glob[G_BUDGET], self.glob[G_HEAD] = chunk, budget, servers
+        self.glob = np.zeros(11, np.int64)
+        self.glob[G_CHUNK] = prefill_chunk_tokens(model.max_batch_tokens)
+        self.glob[G_BUDGET], self.glob[G_HEAD] = model.max_batch_tokens, len(servers)
         self.glob[G_LEAST] = min(1, int(self.jobs[:, J_PROMPT].min(initial=1)))
         self.glob[G_PEND_ST] = self.glob[G_FREE] = -1
-        self.glob_f = np.full(2, -1.0)
+        self.glob_f = np.full(3, -1.0)
+        self.calls = np.zeros((stations, 2), np.int64)  # the starts due: (seq, station)
         self.slots = np.zeros((0, 6), np.int64)
         self.heap_t = np.zeros(0, np.float64)
         self.heap_k = np.zeros((0, 2), np.int64)
-        self.scratch = np.zeros((2, 0), np.int64)
         self.stations = stations
         self.num_jobs = n
         self.num_aborts = 0
         self.routes = np.zeros((64, 2), np.int64)
         self.num_routed = 0  # rows of ``routes`` in use
         self.route_at: dict[int, tuple[object, int]] = {}  # id(hops) -> (hops, offset in routes)
-        self.grow(n + 16)
+        self._grow(n + 16)
 
-    def grow(self, slots: int) -> None:
+    def _grow(self, slots: int) -> None:
         """Room for ``slots`` steps (every slot, free or not, may be a waiting step or an event)."""
         old = len(self.slots)
         self.slots = np.concatenate([self.slots, np.zeros((slots - old, 6), np.int64)])
         self.slots[old:, L_NEXT] = np.arange(old + 1, slots + 1)
         self.slots[slots - 1, L_NEXT] = self.glob[G_FREE]
         self.glob[G_FREE] = old
-        self.glob[G_NFREE] += slots - old
-        events = slots + 2 * self.stations
+        events = slots + self.stations  # a reply per slot, an iteration's end per station
         used = self.glob[G_HEAP]
         heap_t, heap_k = np.zeros(events, np.float64), np.zeros((events, 2), np.int64)
         heap_t[:used], heap_k[:used] = self.heap_t[:used], self.heap_k[:used]
@@ -509,40 +546,28 @@ class Core:
         self._bind()
 
     def _bind(self) -> None:
-        self.state = (
-            self.jobs, self.st_i, self.st_f, self.slots, self.heap_t, self.heap_k, self.glob, self.glob_f, self.routes,
-        )  # fmt: skip
+        """``advance`` and ``_start`` on the current arrays."""
+        state = (self.jobs, self.st_i, self.st_f, self.slots, self.heap_t, self.heap_k, self.calls, self.glob)
+        self.advance = partial(advance, *state, self.glob_f, self.routes, self.scratch)
+        self._start = partial(start, *state, self.glob_f, self.routes)
 
-    def route(self, hops) -> int:
-        """The offset of ``hops`` (a route's hops) in ``routes``, added on first sight."""
+    def start(self, i: int, route, now: float) -> None:
+        """Job ``i``'s service begins on ``route``: its prompt goes to the first hop."""
+        hops = route.hops
         seen = self.route_at.get(id(hops))
-        if seen is not None and seen[0] is hops:
-            return seen[1]
-        offset = self.num_routed
-        self.num_routed += len(hops)
-        if self.num_routed > len(self.routes):
-            self.routes = np.concatenate([self.routes, np.zeros((len(self.routes) + len(hops), 2), np.int64)])
-        self.routes[offset : self.num_routed] = [(h.server, h.num_blocks) for h in hops]
-        self.route_at[id(hops)] = (hops, offset)
-        self._bind()
-        return offset
-
-    def start(self, i: int, hops, now: float) -> None:
-        """Job ``i``'s service begins on ``hops``."""
-        offset = self.route(hops)
-        start(*self.state, i, offset, len(hops), now)
+        if seen is None or seen[0] is not hops:  # hops first seen: into ``routes``
+            offset = self.num_routed
+            self.num_routed += len(hops)
+            if self.num_routed > len(self.routes):
+                self.routes = np.concatenate([self.routes, np.zeros((len(self.routes) + len(hops), 2), np.int64)])
+            self.routes[offset : self.num_routed] = [(h.server, h.num_blocks) for h in hops]
+            self.route_at[id(hops)] = seen = (hops, offset)
+            self._bind()
+        self._start(i, seen[1], len(hops), now)
 
     def abort(self, i: int) -> None:
-        """Job ``i`` lost its service; a stale step of it may stay in flight, so one more slot is kept."""
+        """Job ``i`` lost its service: its waiting step leaves its queue, its steps in flight are void."""
         abort(self.jobs, self.st_i, self.slots, self.glob, i)
         self.num_aborts += 1
         if self.num_jobs + self.num_aborts + 16 > len(self.slots):
-            self.grow(2 * len(self.slots))
-
-    def advance(self, limit_t: float, limit_rank: int) -> int:
-        """:func:`advance` up to the loop's next event; the finished job's time is :attr:`now`."""
-        return advance(*self.state, self.scratch, limit_t, limit_rank)
-
-    @property
-    def now(self) -> float:
-        return float(self.glob_f[F_NOW])
+            self._grow(2 * len(self.slots))

@@ -3,7 +3,7 @@ event kinds, and a policy's decisions are applied by the loop): arrivals, job co
 batched model's iterations and hops, server failures and returns (:mod:`.events`), the adaptive
 controller's ticks and finished loads, all in one heap (:mod:`.heap`). :func:`chainserve.sim.engine.simulate`
 runs it for a controller, a failure with a return, ``recover`` and the batched model (a service
-component here, :class:`~chainserve.sim.batched.BatchedProcess`); its one fast path, the job-level
+component here, :class:`~chainserve.sim.batched_core.BatchedProcess`); its one fast path, the job-level
 loop of :mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed,
 same records).
 
@@ -53,14 +53,14 @@ from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.recovery import recompose
 from chainserve.plan.types import Layout, Plan, reserved_block_jobs
 from chainserve.sim.arrivals import Arrivals
-from chainserve.sim.batched import BatchedProcess, BatchedService
+from chainserve.sim.batched import BatchedService
 from chainserve.sim.events import Failure, Transition
 from chainserve.sim.heap import EventHeap
 from chainserve.sim.memory import MemoryExceeded, MemoryLedger, demands
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times; then the batched service's own events, which
-#: its compiled core keeps (:class:`~chainserve.sim.batched.BatchedProcess`; arrivals rank among them).
+#: its compiled core keeps (:class:`~chainserve.sim.batched_core.BatchedProcess`; arrivals rank among them).
 _FAIL, _BACK, _LOADED, _DONE, _TICK = range(5)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
@@ -95,7 +95,7 @@ def run_loop(
     """Run ``stream`` through the generations of plans that ``controller``'s changes and, with
     ``recover``, the recompositions after ``failures`` make (module docstring); raises when a job is
     lost or memory is exceeded. ``service``: each job's duration (the job-level models), or the
-    iteration-level model (:class:`~chainserve.sim.batched.BatchedProcess` then serves every job as
+    iteration-level model (:class:`~chainserve.sim.batched_core.BatchedProcess` then serves every job as
     its steps, hops and batches, and a failure voids the steps in flight of the jobs it aborts)."""
     if controller is not None and failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
@@ -152,8 +152,9 @@ def run_loop(
 
     process, duration = None, service
     if isinstance(service, BatchedService):
+        from chainserve.sim.batched_core import ARRIVAL, BatchedProcess  # numba loads when the model runs
+
         process = BatchedProcess(problem, service, prompts, outputs)
-        arrival_rank = process.ARRIVAL
 
     def release(i: int, gen: Generation) -> None:
         ledger.release(start_of[i].route, demand[i])
@@ -313,11 +314,11 @@ def run_loop(
         t_event = heap[0][0] if heap else inf
         if process is not None:  # the batched service's events before the loop's next one
             if t_event <= t_arrival and heap:
-                i = process.advance(t_event, heap[0][1])
+                i, t = process.advance(t_event, heap[0][1])
             else:
-                i = process.advance(t_arrival, arrival_rank)
+                i, t = process.advance(t_arrival, ARRIVAL)
             if i >= 0:
-                complete(i, process.now)
+                complete(i, t)
                 continue
         if t_event <= t_arrival:
             if t_event == inf:
