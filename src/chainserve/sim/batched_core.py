@@ -252,14 +252,16 @@ def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, 
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, now):
-    """Station ``j``'s iteration starts: its batch by the block server's rule, its cost."""
+def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, now, limit_t, limit_rank):
+    """Station ``j``'s iteration starts: its batch by the block server's rule, its cost. Returns the
+    batch's first slot when the iteration is free and its end the next event (it is not pushed: it
+    runs at once), else −1."""
     glob_f[F_ITER_T] = now
     glob[G_ITER_SEQ] = seq
     s = st_i[j, S_QHEAD]
     if s < 0:  # its steps were aborted
         st_i[j, S_STATE] = IDLE
-        return
+        return -1
     budget, least = glob[G_BUDGET], glob[G_LEAST]
     used = 0
     k = 0
@@ -295,12 +297,21 @@ def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scrat
             scratch[1], scratch[0], k, st_f[j, S_ALPHA], st_f[j, S_BETA], st_f[j, S_PALPHA], st_f[j, S_PBETA]
         )
     end = now + seconds
+    st_f[j, S_START_T] = end
+    st_i[j, S_STATE] = RUNNING
+    if (
+        end == now
+        and (glob[G_HEAP] == 0 or heap_t[0] > now or (heap_k[0, 0] >> _SEQ_BITS) > ITEM_END)
+        and (now < limit_t or limit_rank > ITEM_END)
+    ):  # a free iteration whose end comes next: over at once
+        glob[G_SEQ] += 1
+        st_i[j, S_START_SEQ] = glob[G_SEQ]
+        return first
     glob[G_SEQ] += 1
     _push(heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
     glob[G_SEQ] += 1
-    st_f[j, S_START_T] = end
     st_i[j, S_START_SEQ] = glob[G_SEQ]
-    st_i[j, S_STATE] = RUNNING
+    return -1
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -428,13 +439,18 @@ def advance(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes
             calls[first, 0], calls[first, 1] = calls[last, 0], calls[last, 1]
             glob[G_NCALLS] = last
             glob_f[F_NOW] = t
-            _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, t)
-            continue
-        if t > limit_t or (t == limit_t and rank > limit_rank):
-            return -1, limit_t
-        payload = _pop(heap_t, heap_k, glob)
-        j, s = payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
-        glob_f[F_NOW] = t
+            s = _iterate(
+                jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, t, limit_t, limit_rank
+            )
+            if s < 0:
+                continue
+            rank = ITEM_END
+        else:
+            if t > limit_t or (t == limit_t and rank > limit_rank):
+                return -1, limit_t
+            payload = _pop(heap_t, heap_k, glob)
+            j, s = payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
+            glob_f[F_NOW] = t
         if rank == REPLY:
             _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, t)
         elif j == glob[G_HEAD]:
