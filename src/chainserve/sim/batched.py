@@ -15,7 +15,8 @@ iteration, and the step moves on after its last chunk. The iteration costs
 ``m·(max(α, α') + β·b + β'·q)`` (:meth:`StepCost.iteration_s`). A server without one serves every
 step at once in ``m_ij·τ^p_j / l̄_out`` (the emulated backend's model, no batching). The orchestrator's
 head batches likewise with ``Problem.head_cost`` (free without it). Communication per hop and step is
-``τ^c_j / l̄_out`` plus ``hop_overhead_s``, and does not hold the server.
+``τ^c_j / l̄_out`` plus ``hop_overhead_s``, and does not hold the server. Servers (and the head) that
+share a machine may share its cores (``BatchedService.hosts``: processor sharing, issue 31).
 
 The model is a service component of the simulator's one event loop (:mod:`.loop`, issue 31), which
 owns dispatch (a job's route comes from ``submit``/``complete``, as in the runtime) and the KV cache
@@ -43,10 +44,18 @@ from chainserve.model.step_cost import MAX_BATCH_TOKENS
 
 @dataclass(frozen=True, slots=True)
 class BatchedService:
-    """The iteration-level model (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step."""
+    """The iteration-level model (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step.
+
+    ``hosts`` (issue 31: servers that share a machine's cores): the host of each station, one per
+    server in ``problem.servers`` order and one for the orchestrator's head, indexing ``host_cores``
+    (each host's cores). An iteration in progress on a host then progresses at min(1, cores / n),
+    n the iterations in progress there (egalitarian processor sharing; a free iteration takes no
+    share), and its end moves whenever n changes. ``None``: every station computes alone."""
 
     hop_overhead_s: float = 0.0
     max_batch_tokens: int = MAX_BATCH_TOKENS
+    hosts: tuple[int, ...] | None = None
+    host_cores: tuple[float, ...] = ()
     name: ClassVar[str] = "batched"
 
     def __post_init__(self) -> None:
@@ -54,3 +63,5 @@ class BatchedService:
             raise ValueError(f"hop_overhead_s: must be ≥ 0, got {self.hop_overhead_s}")
         if self.max_batch_tokens < 2:
             raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
+        if self.hosts is not None and not all(c > 0 for c in self.host_cores):
+            raise ValueError(f"host_cores: each host needs cores > 0, got {self.host_cores}")

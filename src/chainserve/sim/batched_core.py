@@ -1,30 +1,45 @@
 """The compiled core of the iteration-level model (issue 31, "One simulator": the batched model within
 10x of the job-level one per job): :mod:`.batched`'s stations, queues, iterations and replies as
-numba-jitted code over arrays, with an internal event heap, so that Python and the core cross O(1)
-times per job (:func:`start`, :func:`abort`, :func:`advance`).
+numba-jitted code over arrays, with an event heap of its own, so that Python and the core cross
+O(1) times per job (:class:`BatchedProcess`: ``start``, ``abort``, ``advance``). The jitted
+functions allocate nothing and run without reference counting (``_nrt=False``); they are cached
+(``cache=True``: numba's cache beside this file, or ``~/.cache/chainserve/numba`` when the package
+is read-only and ``NUMBA_CACHE_DIR`` is not set).
 
-The model is the one :mod:`.batched` documents. Its events, in the loop's order at equal times
-(:mod:`.loop`): an iteration ends (:data:`ITEM_END`), a batch's replies reach the orchestrator
-(:data:`REPLY`), the loop's arrivals (:data:`ARRIVAL`, a rank only), an iteration starts
-(:data:`ITER`); then by ``seq``, the order they were pushed in, or the place a start reserved when
-the station's previous iteration began. The loop's own events (failures, returns, loads, ticks)
-rank before all of them at their instant.
+The model is the one :mod:`.batched` documents, float for float the Python model it replaced. Its
+events, in the loop's order at equal times (:mod:`.loop`): an iteration ends (:data:`ITEM_END`), a
+batch's replies reach the orchestrator (:data:`REPLY`), the loop's arrivals (:data:`ARRIVAL`, a rank
+only), an iteration starts (:data:`ITER`); then by ``seq``, the order they were pushed in, or the
+place a start reserved when the station's previous iteration began. The loop's own events
+(failures, returns, loads, ticks) rank before all of them at their instant. The starts due, all of
+one instant, wait in ``calls`` beside the heap; a free iteration whose end comes next is over at
+once; a head batch that finishes a job is handed out across two calls of ``advance``.
+
+With ``hosts`` (processor sharing, :class:`~chainserve.sim.batched.BatchedService`) an iteration's
+end is pushed again whenever the number of iterations in progress on its host changes
+(:func:`_share`); ``S_END_SEQ`` tells the live end event from the stale ones.
 
 Twins: :func:`take_batch_mask` and :func:`iteration_s` are the compiled forms of
 :func:`chainserve.model.step_cost.take_batch` and :meth:`chainserve.model.step_cost.StepCost.iteration_s`,
-which stay the definition (``tests/test_batched_core.py`` pins them bit for bit).
+which stay the definition (``tests/test_batched_core.py`` pins them bit for bit); the queues take
+their batches by the same two rules (:func:`_takes`, :func:`_full`).
 
-State (every array is allocated by :class:`Core`, which grows the slot pool when aborts leave stale
-steps in flight):
+State (every array is allocated by :class:`BatchedProcess`, which grows the slot pool when aborts
+leave stale steps in flight):
 
 * ``jobs[i]``: steps left, hop, prompt tokens left on this hop, attempt, route offset and length in
   ``routes``, prompt and output tokens, the slot of its step waiting in a queue (−1: none);
 * ``st_i[j]`` / ``st_f[j]`` per station (servers, then the head): state, the ``seq`` reserved for
-  its next start, queue head and tail, whether it has a step cost / that start's time, the
-  communication and lone-step seconds, the cost coefficients α, β, α', β';
+  its next start, queue head and tail, whether it has a step cost, the ``seq`` of its live end
+  event, its host, whether it shares the host now, its running batch, and (a column of its own)
+  the stations in host order / that start's time, the communication and lone-step seconds, the
+  cost coefficients α, β, α', β', the work its iteration has left at full speed;
+* ``host_i[h]`` / ``host_f[h]`` per host: iterations in progress, its stations in ``S_MEMBER`` /
+  cores, the time work was last counted;
 * ``slots``: steps (job, tokens, blocks, attempt, next, prev), linked into a station's queue, a
   running batch or a reply; the free ones form a list;
 * ``heap_t`` / ``heap_k``: the event heap (time; rank and seq, station and first slot of its batch);
+* ``calls``: the starts due (seq, station);
 * ``glob`` / ``glob_f``: counters (:data:`G_SEQ` …) and times (:data:`F_ITER_T` …).
 """
 
@@ -53,19 +68,25 @@ ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
 IDLE, RUNNING, CALLED, FREE = range(4)
 #: The heap's keys: (rank, seq) and (station, slot + 1) in one int64 each.
 _SEQ_BITS, _SLOT_BITS = 56, 40
-_SLOT_MASK = (1 << _SLOT_BITS) - 1
+_SEQ_MASK, _SLOT_MASK = (1 << _SEQ_BITS) - 1, (1 << _SLOT_BITS) - 1
 #: Columns of ``jobs``.
 J_STEPS, J_HOP, J_TOKENS, J_ATTEMPT, J_ROUTE, J_HOPS, J_PROMPT, J_OUTPUT, J_QSLOT = range(9)
 #: Columns of ``st_i`` and ``st_f``.
-S_STATE, S_START_SEQ, S_QHEAD, S_QTAIL, S_COSTED = range(5)
-S_START_T, S_COMM, S_LONE, S_ALPHA, S_BETA, S_PALPHA, S_PBETA = range(7)
+S_STATE, S_START_SEQ, S_QHEAD, S_QTAIL, S_COSTED, S_END_SEQ, S_HOST, S_SHARING, S_BATCH, S_MEMBER = range(10)
+S_START_T, S_COMM, S_LONE, S_ALPHA, S_BETA, S_PALPHA, S_PBETA, S_WORK = range(8)
+#: Columns of ``host_i`` and ``host_f`` (processor sharing): iterations in progress, the host's first
+#: station in ``st_i[:, S_MEMBER]`` and its number of stations / cores, the time work was last counted.
+H_BUSY, H_FIRST, H_SIZE = range(3)
+H_CORES, H_SINCE = range(2)
 #: Columns of ``slots``.
 L_JOB, L_TOKENS, L_BLOCKS, L_ATTEMPT, L_NEXT, L_PREV = range(6)
 #: ``glob``: the seq counter, heap size, free-slot list, the latest start run's seq, the prefill
 #: chunk, the token budget, the head's station, a head batch being handed out (station, next slot;
 #: −1: none), the fewest tokens a waiting step has (a batch is full when no more fit: 1, or 0 when a
-#: prompt has no tokens), and the number of starts due (``calls``).
-G_SEQ, G_HEAP, G_FREE, G_ITER_SEQ, G_CHUNK, G_BUDGET, G_HEAD, G_PEND_ST, G_PEND_SLOT, G_LEAST, G_NCALLS = range(11)
+#: prompt has no tokens), the number of starts due (``calls``), and whether hosts are shared.
+G_SEQ, G_HEAP, G_FREE, G_ITER_SEQ, G_CHUNK, G_BUDGET, G_HEAD, G_PEND_ST, G_PEND_SLOT, G_LEAST, G_NCALLS, G_SHARED = (
+    range(12)
+)
 #: ``glob_f``: the latest start run's time, the time of the event being handled, the starts' instant.
 F_ITER_T, F_NOW, F_CALLS_T = range(3)
 
@@ -252,7 +273,60 @@ def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, 
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, now, limit_t, limit_rank):
+def _share(st_i, st_f, heap_t, heap_k, glob, host_i, host_f, h, now, j, busy):
+    """Processor sharing on host ``h`` (:class:`~chainserve.sim.batched.BatchedService` ``hosts``):
+    station ``j``'s iteration joins (``busy`` = 1, its work in ``S_WORK``) or leaves (0) the ones in
+    progress there. Each progressed at min(1, cores / n) since the last change; their ends move to
+    what is left at the new rate (the old end events go stale: ``S_END_SEQ``)."""
+    n = host_i[h, H_BUSY]
+    first, last = host_i[h, H_FIRST], host_i[h, H_FIRST] + host_i[h, H_SIZE]
+    if n > 0:
+        rate = host_f[h, H_CORES] / n
+        if rate > 1.0:
+            rate = 1.0
+        dt = now - host_f[h, H_SINCE]
+        for x in range(first, last):
+            k = st_i[x, S_MEMBER]
+            if st_i[k, S_SHARING] and k != j:
+                left = st_f[k, S_WORK] - dt * rate
+                st_f[k, S_WORK] = left if left > 0.0 else 0.0
+    host_f[h, H_SINCE] = now
+    st_i[j, S_SHARING] = busy
+    n += 1 if busy else -1
+    host_i[h, H_BUSY] = n
+    if n == 0:
+        return
+    rate = host_f[h, H_CORES] / n
+    if rate > 1.0:
+        rate = 1.0
+    for x in range(first, last):
+        k = st_i[x, S_MEMBER]
+        if st_i[k, S_SHARING]:
+            glob[G_SEQ] += 1
+            st_i[k, S_END_SEQ] = glob[G_SEQ]
+            _push(heap_t, heap_k, glob, now + st_f[k, S_WORK] / rate, ITEM_END, glob[G_SEQ], k, st_i[k, S_BATCH])
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _iterate(
+    jobs,
+    st_i,
+    st_f,
+    slots,
+    heap_t,
+    heap_k,
+    calls,
+    glob,
+    glob_f,
+    scratch,
+    host_i,
+    host_f,
+    j,
+    seq,
+    now,
+    limit_t,
+    limit_rank,
+):
     """Station ``j``'s iteration starts: its batch by the block server's rule, its cost. Returns the
     batch's first slot when the iteration is free and its end the next event (it is not pushed: it
     runs at once), else −1."""
@@ -307,8 +381,14 @@ def _iterate(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scrat
         glob[G_SEQ] += 1
         st_i[j, S_START_SEQ] = glob[G_SEQ]
         return first
-    glob[G_SEQ] += 1
-    _push(heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
+    if glob[G_SHARED] and seconds > 0.0:  # its end depends on what else runs on its host
+        st_f[j, S_WORK] = seconds
+        st_i[j, S_BATCH] = first
+        _share(st_i, st_f, heap_t, heap_k, glob, host_i, host_f, st_i[j, S_HOST], now, j, 1)
+    else:
+        glob[G_SEQ] += 1
+        st_i[j, S_END_SEQ] = glob[G_SEQ]
+        _push(heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
     glob[G_SEQ] += 1
     st_i[j, S_START_SEQ] = glob[G_SEQ]
     return -1
@@ -404,7 +484,9 @@ def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, route
 
 
 @njit(cache=True, _nrt=False)
-def advance(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, scratch, limit_t, limit_rank):
+def advance(
+    jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, scratch, host_i, host_f, limit_t, limit_rank
+):
     """Runs the core's events that come before (``limit_t``, ``limit_rank``), the loop's next event;
     returns ``(job, t)`` at a job's last token, or ``(−1, limit_t)`` when none is left before the
     limit. A head batch cut short by a finished job is handed out first, whatever the limit (its
@@ -440,17 +522,23 @@ def advance(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes
             glob[G_NCALLS] = last
             glob_f[F_NOW] = t
             s = _iterate(
-                jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, j, seq, t, limit_t, limit_rank
-            )
+                jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, scratch, host_i, host_f, j, seq, t,
+                limit_t, limit_rank,
+            )  # fmt: skip
             if s < 0:
                 continue
             rank = ITEM_END
         else:
             if t > limit_t or (t == limit_t and rank > limit_rank):
                 return -1, limit_t
+            key = heap_k[0, 0]
             payload = _pop(heap_t, heap_k, glob)
             j, s = payload >> _SLOT_BITS, (payload & _SLOT_MASK) - 1
+            if rank == ITEM_END and (key & _SEQ_MASK) != st_i[j, S_END_SEQ]:
+                continue  # an end its host's sharing moved
             glob_f[F_NOW] = t
+            if st_i[j, S_SHARING] and rank == ITEM_END:
+                _share(st_i, st_f, heap_t, heap_k, glob, host_i, host_f, st_i[j, S_HOST], t, j, 0)
         if rank == REPLY:
             _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, s, t)
         elif j == glob[G_HEAD]:
@@ -518,22 +606,28 @@ class BatchedProcess:
         self.jobs[:, J_PROMPT] = np.asarray(prompts, np.int64)
         self.jobs[:, J_OUTPUT] = np.asarray(outputs, np.int64)
         self.jobs[:, J_QSLOT] = -1
-        self.st_i = np.zeros((stations, 5), np.int64)
+        self.st_i = np.zeros((stations, 10), np.int64)
         self.st_i[:, S_QHEAD] = self.st_i[:, S_QTAIL] = -1
-        self.st_f = np.zeros((stations, 7), np.float64)
+        self.st_f = np.zeros((stations, 8), np.float64)
         for j, s in enumerate(servers):
             self.st_f[j, S_COMM] = s.tau_c_s / steps_mean + model.hop_overhead_s
             self.st_f[j, S_LONE] = s.tau_p_s / steps_mean  # per block and step, no step cost
         for j, cost in enumerate([*(s.step for s in servers), problem.head_cost]):
             if cost is not None:
                 self.st_i[j, S_COSTED] = 1
-                self.st_f[j, S_ALPHA:] = (cost.alpha_s, cost.beta_s, cost.prefill_alpha_s, cost.prefill_beta_s)
-        self.glob = np.zeros(11, np.int64)
+                self.st_f[j, S_ALPHA : S_PBETA + 1] = (
+                    cost.alpha_s,
+                    cost.beta_s,
+                    cost.prefill_alpha_s,
+                    cost.prefill_beta_s,
+                )
+        self.glob = np.zeros(12, np.int64)
         self.glob[G_CHUNK] = prefill_chunk_tokens(model.max_batch_tokens)
         self.glob[G_BUDGET], self.glob[G_HEAD] = model.max_batch_tokens, len(servers)
         self.glob[G_LEAST] = min(1, int(self.jobs[:, J_PROMPT].min(initial=1)))
         self.glob[G_PEND_ST] = self.glob[G_FREE] = -1
         self.glob_f = np.full(3, -1.0)
+        self._hosts(model, stations)
         self.calls = np.zeros((stations, 2), np.int64)  # the starts due: (seq, station)
         self.slots = np.zeros((0, 6), np.int64)
         self.heap_t = np.zeros(0, np.float64)
@@ -545,6 +639,29 @@ class BatchedProcess:
         self.num_routed = 0  # rows of ``routes`` in use
         self.route_at: dict[int, tuple[object, int]] = {}  # id(hops) -> (hops, offset in routes)
         self._grow(n + 16)
+
+    def _hosts(self, model, stations: int) -> None:
+        """The host of each station and the cores of each host (``model.hosts``; none: no sharing)."""
+        hosts = model.hosts
+        if hosts is None:
+            self.host_i, self.host_f = np.zeros((1, 3), np.int64), np.zeros((1, 2), np.float64)
+            return
+        if len(hosts) != stations:
+            raise ValueError(f"hosts: one per server and one for the head, {stations}; got {len(hosts)}")
+        if min(hosts) < 0 or max(hosts) >= len(model.host_cores):
+            raise ValueError(f"hosts: indices into host_cores ({len(model.host_cores)} hosts), got {hosts}")
+        order = sorted(range(stations), key=lambda j: hosts[j])
+        self.st_i[:, S_HOST] = hosts
+        self.st_i[:, S_MEMBER] = order
+        self.host_i = np.zeros((len(model.host_cores), 3), np.int64)
+        self.host_f = np.zeros((len(model.host_cores), 2), np.float64)
+        self.host_f[:, H_CORES] = model.host_cores
+        for x, j in enumerate(order):
+            h = hosts[j]
+            if self.host_i[h, H_SIZE] == 0:
+                self.host_i[h, H_FIRST] = x
+            self.host_i[h, H_SIZE] += 1
+        self.glob[G_SHARED] = 1
 
     def _grow(self, slots: int) -> None:
         """Room for ``slots`` steps (every slot, free or not, may be a waiting step or an event)."""
@@ -564,7 +681,7 @@ class BatchedProcess:
     def _bind(self) -> None:
         """``advance`` and ``_start`` on the current arrays."""
         state = (self.jobs, self.st_i, self.st_f, self.slots, self.heap_t, self.heap_k, self.calls, self.glob)
-        self.advance = partial(advance, *state, self.glob_f, self.routes, self.scratch)
+        self.advance = partial(advance, *state, self.glob_f, self.routes, self.scratch, self.host_i, self.host_f)
         self._start = partial(start, *state, self.glob_f, self.routes)
 
     def start(self, i: int, route, now: float) -> None:
