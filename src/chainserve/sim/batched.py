@@ -23,15 +23,15 @@ owns dispatch (a job's route comes from ``submit``/``complete``, as in the runti
 a job holds from start to its last token. Its own events — iteration ends, a batch's replies back,
 iteration starts — and its stations, queues and per-job step state live in a compiled core
 (:mod:`.batched_core`, numba; issue 31 asks for the batched model within 10x of the job-level one
-per job), with a heap of its own: the loop asks it to run what comes before the loop's next event
-(:class:`~chainserve.sim.batched_core.BatchedProcess`), and it returns at each job's last token, so Python and the core
-cross O(1) times per job. Events are per server iteration, not per step: an iteration's end is one
-event carrying its batch, and the replies of its steps, which all travel the server's communication
-time, are one more; an iteration start is pushed only when something waits (its place in the order
-of events is reserved when the previous iteration begins). The records are those of one event per
-step and hop (``tests/test_batch_service.py`` pins the order at an instant), and the same, float for
-float, as the Python model this core replaced. Cost: O(l_out · hops) iterations per job at most,
-fewer as batches grow.
+per job) with a heap of its own: the loop asks it to run what comes before the loop's next event
+(:class:`~chainserve.sim.batched_process.BatchedProcess`), and it returns at each job's last token,
+so Python and the core cross O(1) times per job. Events are per server iteration, not per step: an
+iteration's end is one event carrying its batch, and the replies of its steps, which all travel the
+server's communication time, are one more; an iteration start runs only when something waits (its
+place in the order of events is reserved when the previous iteration begins). The records are those
+of one event per step and hop (``tests/test_batch_service.py`` pins the order at an instant), and
+the same, float for float, as the Python model this core replaced. Cost: O(l_out · hops) iterations
+per job at most, fewer as batches grow.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The compiled core of the iteration-level model (issue 31, "One simulator": the batched model within
 10x of the job-level one per job): :mod:`.batched`'s stations, queues, iterations and replies as
 numba-jitted code over arrays, with an event heap of its own, so that Python and the core cross
-O(1) times per job (:class:`BatchedProcess`: ``start``, ``abort``, ``advance``). The jitted
+O(1) times per job (:class:`~chainserve.sim.batched_process.BatchedProcess`: ``start``, ``abort``,
+``advance``). The jitted
 functions allocate nothing and run without reference counting (``_nrt=False``); they are cached
 (``cache=True``: numba's cache beside this file, or ``~/.cache/chainserve/numba`` when the package
 is read-only and ``NUMBA_CACHE_DIR`` is not set).
@@ -24,8 +25,8 @@ Twins: :func:`take_batch_mask` and :func:`iteration_s` are the compiled forms of
 which stay the definition (``tests/test_batched_core.py`` pins them bit for bit); the queues take
 their batches by the same two rules (:func:`_takes`, :func:`_full`).
 
-State (every array is allocated by :class:`BatchedProcess`, which grows the slot pool when aborts
-leave stale steps in flight):
+State (every array is allocated by :class:`~chainserve.sim.batched_process.BatchedProcess`, which
+grows the slot pool when aborts leave stale steps in flight):
 
 * ``jobs[i]``: steps left, hop, prompt tokens left on this hop, attempt, route offset and length in
   ``routes``, prompt and output tokens, the slot of its step waiting in a queue (−1: none);
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
@@ -56,10 +56,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
     if "numba" in sys.modules:  # imported already: its config read the environment then
         sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
-import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
-
-from chainserve.model.step_cost import prefill_chunk_tokens  # noqa: E402
 
 #: Event ranks at equal times (the loop's own kinds, 0 to 4, come first).
 ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
@@ -125,7 +122,7 @@ def take_batch_mask(tokens, count, budget, least, taken):
     return k
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, inline="always", _nrt=False)
 def iteration_s(blocks, tokens, count, alpha, beta, palpha, pbeta):
     """:meth:`~chainserve.model.step_cost.StepCost.iteration_s` of the items (``blocks[x]``,
     ``tokens[x]``), ``x < count``, in the same operation order (the same float)."""
@@ -204,13 +201,17 @@ def _call(calls, glob, glob_f, now, seq, j):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _new_slot(slots, glob, job, tokens, blocks, attempt):
+def _new_slot(slots, glob):
     s = glob[G_FREE]
     glob[G_FREE] = slots[s, L_NEXT]
+    return s
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _fill_slot(slots, s, job, tokens, blocks, attempt):
     slots[s, L_JOB], slots[s, L_TOKENS], slots[s, L_BLOCKS], slots[s, L_ATTEMPT] = job, tokens, blocks, attempt
     slots[s, L_NEXT] = -1
     slots[s, L_PREV] = -1
-    return s
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -249,26 +250,26 @@ def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s,
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now):
-    """Job ``i``'s current step to its current hop (or to the head after the last one)."""
+def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, s, now):
+    """Job ``i``'s current step, in slot ``s``, to its current hop (or to the head after the last one)."""
     h = jobs[i, J_HOP]
     attempt = jobs[i, J_ATTEMPT]
     if h == jobs[i, J_HOPS]:
-        s = _new_slot(slots, glob, i, 1, 1, attempt)
+        _fill_slot(slots, s, i, 1, 1, attempt)
         _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, glob[G_HEAD], s, now)
         return
     r = jobs[i, J_ROUTE] + h
     j = routes[r, 0]
     m = routes[r, 1]
     if st_i[j, S_COSTED] == 0:
-        s = _new_slot(slots, glob, i, 0, m, attempt)
+        _fill_slot(slots, s, i, 0, m, attempt)
         glob[G_SEQ] += 1
         _push(heap_t, heap_k, glob, now + m * st_f[j, S_LONE] + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, s)
         jobs[i, J_TOKENS] = 0
     else:
         q = jobs[i, J_TOKENS]
         chunk = glob[G_CHUNK]
-        s = _new_slot(slots, glob, i, q if q < chunk else chunk, m, attempt)
+        _fill_slot(slots, s, i, q if q < chunk else chunk, m, attempt)
         _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now)
 
 
@@ -449,18 +450,19 @@ def _head_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, rou
     while s >= 0:
         nxt = slots[s, L_NEXT]
         i = slots[s, L_JOB]
-        stale = slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]
-        _free_slot(slots, glob, s)
-        s = nxt
-        if stale:
+        if slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]:
+            _free_slot(slots, glob, s)
+            s = nxt
             continue
         jobs[i, J_STEPS] -= 1
         if jobs[i, J_STEPS] == 0:
-            glob[G_PEND_SLOT] = s
+            _free_slot(slots, glob, s)
+            glob[G_PEND_SLOT] = nxt
             return i
         jobs[i, J_HOP] = 0
         jobs[i, J_TOKENS] = 1
-        _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
+        _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, s, now)  # the slot goes on
+        s = nxt
     glob[G_PEND_ST] = -1
     _station_next(st_i, calls, glob, glob_f, glob[G_HEAD], now)
     return -1
@@ -473,14 +475,13 @@ def _replies(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, route
     while s >= 0:
         nxt = slots[s, L_NEXT]
         i = slots[s, L_JOB]
-        stale = slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]
-        _free_slot(slots, glob, s)
+        if slots[s, L_ATTEMPT] != jobs[i, J_ATTEMPT]:
+            _free_slot(slots, glob, s)
+        else:
+            jobs[i, J_HOP] += 1
+            jobs[i, J_TOKENS] = 1 if jobs[i, J_STEPS] < jobs[i, J_OUTPUT] else jobs[i, J_PROMPT]
+            _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, s, now)  # the slot goes on
         s = nxt
-        if stale:
-            continue
-        jobs[i, J_HOP] += 1
-        jobs[i, J_TOKENS] = 1 if jobs[i, J_STEPS] < jobs[i, J_OUTPUT] else jobs[i, J_PROMPT]
-        _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
 
 
 @njit(cache=True, _nrt=False)
@@ -560,7 +561,7 @@ def start(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, 
     jobs[i, J_STEPS] = jobs[i, J_OUTPUT]
     jobs[i, J_HOP] = 0
     jobs[i, J_TOKENS] = jobs[i, J_PROMPT]
-    _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, now)
+    _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, i, _new_slot(slots, glob), now)
 
 
 @njit(cache=True, _nrt=False)
@@ -586,121 +587,3 @@ def abort(jobs, st_i, slots, glob, i):
         if nxt < 0:
             st_i[j, S_QTAIL] = prev
     _free_slot(slots, glob, s)
-
-
-class BatchedProcess:
-    """The iteration-level service of every job (:mod:`.batched`) as a component of the event loop
-    (:mod:`.loop`), over the arrays of one run: the loop calls :meth:`start` when a job's service
-    begins, :meth:`abort` when a failure ends it, and ``advance(limit_t, limit_rank)`` (:func:`advance`
-    on this run's arrays) before each of its own events and arrivals, which returns ``(job, t)`` at
-    a job's last token, or ``(−1, t)``. The component's events run after the loop's own kinds of
-    their instant; an iteration's end and a batch's replies before the arrivals of the instant
-    (:data:`ARRIVAL`, the rank the loop passes for one), an iteration start after them (steps that
-    reach a server together share it). One slot is kept per job and per abort (a stale step of an
-    aborted attempt may still be in flight)."""
-
-    def __init__(self, problem, model, prompts, outputs):
-        servers, steps_mean = problem.servers, problem.workload.output_tokens
-        n, stations = len(prompts), len(servers) + 1  # the servers, then the orchestrator's head
-        self.jobs = np.zeros((n, 9), np.int64)
-        self.jobs[:, J_PROMPT] = np.asarray(prompts, np.int64)
-        self.jobs[:, J_OUTPUT] = np.asarray(outputs, np.int64)
-        self.jobs[:, J_QSLOT] = -1
-        self.st_i = np.zeros((stations, 10), np.int64)
-        self.st_i[:, S_QHEAD] = self.st_i[:, S_QTAIL] = -1
-        self.st_f = np.zeros((stations, 8), np.float64)
-        for j, s in enumerate(servers):
-            self.st_f[j, S_COMM] = s.tau_c_s / steps_mean + model.hop_overhead_s
-            self.st_f[j, S_LONE] = s.tau_p_s / steps_mean  # per block and step, no step cost
-        for j, cost in enumerate([*(s.step for s in servers), problem.head_cost]):
-            if cost is not None:
-                self.st_i[j, S_COSTED] = 1
-                self.st_f[j, S_ALPHA : S_PBETA + 1] = (
-                    cost.alpha_s,
-                    cost.beta_s,
-                    cost.prefill_alpha_s,
-                    cost.prefill_beta_s,
-                )
-        self.glob = np.zeros(12, np.int64)
-        self.glob[G_CHUNK] = prefill_chunk_tokens(model.max_batch_tokens)
-        self.glob[G_BUDGET], self.glob[G_HEAD] = model.max_batch_tokens, len(servers)
-        self.glob[G_LEAST] = min(1, int(self.jobs[:, J_PROMPT].min(initial=1)))
-        self.glob[G_PEND_ST] = self.glob[G_FREE] = -1
-        self.glob_f = np.full(3, -1.0)
-        self._hosts(model, stations)
-        self.calls = np.zeros((stations, 2), np.int64)  # the starts due: (seq, station)
-        self.slots = np.zeros((0, 6), np.int64)
-        self.heap_t = np.zeros(0, np.float64)
-        self.heap_k = np.zeros((0, 2), np.int64)
-        self.stations = stations
-        self.num_jobs = n
-        self.num_aborts = 0
-        self.routes = np.zeros((64, 2), np.int64)
-        self.num_routed = 0  # rows of ``routes`` in use
-        self.route_at: dict[int, tuple[object, int]] = {}  # id(hops) -> (hops, offset in routes)
-        self._grow(n + 16)
-
-    def _hosts(self, model, stations: int) -> None:
-        """The host of each station and the cores of each host (``model.hosts``; none: no sharing)."""
-        hosts = model.hosts
-        if hosts is None:
-            self.host_i, self.host_f = np.zeros((1, 3), np.int64), np.zeros((1, 2), np.float64)
-            return
-        if len(hosts) != stations:
-            raise ValueError(f"hosts: one per server and one for the head, {stations}; got {len(hosts)}")
-        if min(hosts) < 0 or max(hosts) >= len(model.host_cores):
-            raise ValueError(f"hosts: indices into host_cores ({len(model.host_cores)} hosts), got {hosts}")
-        order = sorted(range(stations), key=lambda j: hosts[j])
-        self.st_i[:, S_HOST] = hosts
-        self.st_i[:, S_MEMBER] = order
-        self.host_i = np.zeros((len(model.host_cores), 3), np.int64)
-        self.host_f = np.zeros((len(model.host_cores), 2), np.float64)
-        self.host_f[:, H_CORES] = model.host_cores
-        for x, j in enumerate(order):
-            h = hosts[j]
-            if self.host_i[h, H_SIZE] == 0:
-                self.host_i[h, H_FIRST] = x
-            self.host_i[h, H_SIZE] += 1
-        self.glob[G_SHARED] = 1
-
-    def _grow(self, slots: int) -> None:
-        """Room for ``slots`` steps (every slot, free or not, may be a waiting step or an event)."""
-        old = len(self.slots)
-        self.slots = np.concatenate([self.slots, np.zeros((slots - old, 6), np.int64)])
-        self.slots[old:, L_NEXT] = np.arange(old + 1, slots + 1)
-        self.slots[slots - 1, L_NEXT] = self.glob[G_FREE]
-        self.glob[G_FREE] = old
-        events = slots + self.stations  # a reply per slot, an iteration's end per station
-        used = self.glob[G_HEAP]
-        heap_t, heap_k = np.zeros(events, np.float64), np.zeros((events, 2), np.int64)
-        heap_t[:used], heap_k[:used] = self.heap_t[:used], self.heap_k[:used]
-        self.heap_t, self.heap_k = heap_t, heap_k
-        self.scratch = np.zeros((2, slots), np.int64)
-        self._bind()
-
-    def _bind(self) -> None:
-        """``advance`` and ``_start`` on the current arrays."""
-        state = (self.jobs, self.st_i, self.st_f, self.slots, self.heap_t, self.heap_k, self.calls, self.glob)
-        self.advance = partial(advance, *state, self.glob_f, self.routes, self.scratch, self.host_i, self.host_f)
-        self._start = partial(start, *state, self.glob_f, self.routes)
-
-    def start(self, i: int, route, now: float) -> None:
-        """Job ``i``'s service begins on ``route``: its prompt goes to the first hop."""
-        hops = route.hops
-        seen = self.route_at.get(id(hops))
-        if seen is None or seen[0] is not hops:  # hops first seen: into ``routes``
-            offset = self.num_routed
-            self.num_routed += len(hops)
-            if self.num_routed > len(self.routes):
-                self.routes = np.concatenate([self.routes, np.zeros((len(self.routes) + len(hops), 2), np.int64)])
-            self.routes[offset : self.num_routed] = [(h.server, h.num_blocks) for h in hops]
-            self.route_at[id(hops)] = seen = (hops, offset)
-            self._bind()
-        self._start(i, seen[1], len(hops), now)
-
-    def abort(self, i: int) -> None:
-        """Job ``i`` lost its service: its waiting step leaves its queue, its steps in flight are void."""
-        abort(self.jobs, self.st_i, self.slots, self.glob, i)
-        self.num_aborts += 1
-        if self.num_jobs + self.num_aborts + 16 > len(self.slots):
-            self._grow(2 * len(self.slots))

@@ -1,11 +1,13 @@
 """The simulator's general event loop (issue 31; Vidur's lesson: plan changes and pipeline stages are
-event kinds, and a policy's decisions are applied by the loop): arrivals, job completions or the
-batched model's iterations and hops, server failures and returns (:mod:`.events`), the adaptive
-controller's ticks and finished loads, all in one heap (:mod:`.heap`). :func:`chainserve.sim.engine.simulate`
-runs it for a controller, a failure with a return, ``recover`` and the batched model (a service
-component here, :class:`~chainserve.sim.batched_core.BatchedProcess`); its one fast path, the job-level
-loop of :mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed,
-same records).
+event kinds, and a policy's decisions are applied by the loop): arrivals, job completions, server
+failures and returns (:mod:`.events`), the adaptive controller's ticks and finished loads, in one
+heap (:mod:`.heap`); the batched model's iterations and hops run in its compiled core
+(:class:`~chainserve.sim.batched_process.BatchedProcess`, a service component here), which the loop
+asks before each of its own events and arrivals to run what comes first and which hands back each
+job at its last token. :func:`chainserve.sim.engine.simulate` runs the loop for a controller, a
+failure with a return, ``recover`` and the batched model; its one fast path, the job-level loop of
+:mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed, same
+records).
 
 Each plan in force is a *generation* with its own dispatcher, kept in the same
 :class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
@@ -60,7 +62,7 @@ from chainserve.sim.memory import MemoryExceeded, MemoryLedger, demands
 from chainserve.sim.service import Duration
 
 #: Event kinds, in the order they run at equal times; then the batched service's own events, which
-#: its compiled core keeps (:class:`~chainserve.sim.batched_core.BatchedProcess`; arrivals rank among them).
+#: its compiled core keeps (:class:`~chainserve.sim.batched_process.BatchedProcess`; arrivals rank among them).
 _FAIL, _BACK, _LOADED, _DONE, _TICK = range(5)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
@@ -95,7 +97,7 @@ def run_loop(
     """Run ``stream`` through the generations of plans that ``controller``'s changes and, with
     ``recover``, the recompositions after ``failures`` make (module docstring); raises when a job is
     lost or memory is exceeded. ``service``: each job's duration (the job-level models), or the
-    iteration-level model (:class:`~chainserve.sim.batched_core.BatchedProcess` then serves every job as
+    iteration-level model (:class:`~chainserve.sim.batched_process.BatchedProcess` then serves every job as
     its steps, hops and batches, and a failure voids the steps in flight of the jobs it aborts)."""
     if controller is not None and failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
@@ -152,7 +154,7 @@ def run_loop(
 
     process, duration = None, service
     if isinstance(service, BatchedService):
-        from chainserve.sim.batched_core import ARRIVAL, BatchedProcess  # numba loads when the model runs
+        from chainserve.sim.batched_process import ARRIVAL, BatchedProcess  # numba loads when the model runs
 
         process = BatchedProcess(problem, service, prompts, outputs)
 
