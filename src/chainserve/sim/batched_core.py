@@ -167,24 +167,29 @@ def _push(heap_t, heap_k, glob, t, rank, seq, who, slot):
 
 @njit(cache=True, inline="always", _nrt=False)
 def _pop(heap_t, heap_k, glob):
-    """Removes the first entry; returns its payload."""
+    """Removes the first entry; returns its payload. The hole goes down to a leaf along the earlier
+    children, then the last entry moves up from there (bottom-up: fewer comparisons)."""
     payload = heap_k[0, 1]
     n = glob[G_HEAP] - 1
     glob[G_HEAP] = n
     t, k, p = heap_t[n], heap_k[n, 0], heap_k[n, 1]
     x = 0
-    while True:  # sift the hole down
+    while True:
         c = 2 * x + 1
         if c >= n:
             break
         d = c + 1
         if d < n and (heap_t[d] < heap_t[c] or (heap_t[d] == heap_t[c] and heap_k[d, 0] < heap_k[c, 0])):
             c = d
-        ct = heap_t[c]
-        if t < ct or (t == ct and k < heap_k[c, 0]):
-            break
-        heap_t[x], heap_k[x, 0], heap_k[x, 1] = ct, heap_k[c, 0], heap_k[c, 1]
+        heap_t[x], heap_k[x, 0], heap_k[x, 1] = heap_t[c], heap_k[c, 0], heap_k[c, 1]
         x = c
+    while x > 0:
+        parent = (x - 1) >> 1
+        pt = heap_t[parent]
+        if t > pt or (t == pt and k > heap_k[parent, 0]):
+            break
+        heap_t[x], heap_k[x, 0], heap_k[x, 1] = pt, heap_k[parent, 0], heap_k[parent, 1]
+        x = parent
     heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, k, p
     return payload
 
