@@ -22,8 +22,8 @@ end is pushed again whenever the number of iterations in progress on its host ch
 
 Twins: :func:`take_batch_mask` and :func:`iteration_s` are the compiled forms of
 :func:`chainserve.model.step_cost.take_batch` and :meth:`chainserve.model.step_cost.StepCost.iteration_s`,
-which stay the definition (``tests/test_batched_core.py`` pins them bit for bit); the queues take
-their batches by the same two rules (:func:`_takes`, :func:`_full`).
+which stay the definition (``tests/test_batched_core.py`` pins them bit for bit); the core takes
+every batch of two or more waiting steps and costs every iteration with them.
 
 State (every array is allocated by :class:`~chainserve.sim.batched_process.BatchedProcess`, which
 grows the slot pool when aborts leave stale steps in flight):
@@ -89,33 +89,20 @@ F_ITER_T, F_NOW, F_CALLS_T = range(3)
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _takes(k, used, c, budget):
-    """The batching rule for one more item of ``c`` tokens after ``k`` items of ``used`` tokens: the
-    oldest waiting item always, a later one if it still fits the budget."""
-    return k == 0 or used + c <= budget
-
-
-@njit(cache=True, inline="always", _nrt=False)
-def _full(used, budget, least):
-    """Whether no item of ``least`` tokens or more can join a batch of ``used`` tokens any more."""
-    return budget - used < least
-
-
-@njit(cache=True, _nrt=False)
 def take_batch_mask(tokens, count, budget, least, taken):
     """:func:`~chainserve.model.step_cost.take_batch` on ``tokens[:count]`` (the waiting items'
-    tokens, oldest first; none under ``least``): ``taken[x]`` = 1 for the batch, 0 for the rest;
-    returns the batch size. The core's queues take their batches by the same two rules
-    (:func:`_takes`, and :func:`_full` to stop early)."""
+    tokens, oldest first; none under ``least``): the oldest item always, then each later one that
+    still fits ``budget``; ``taken[x]`` = 1 for the batch, 0 for the rest; returns the batch size.
+    It stops looking once no item of ``least`` tokens fits any more."""
     used = 0
     k = 0
     for x in range(count):
         taken[x] = 0
     for x in range(count):
-        if k > 0 and _full(used, budget, least):
+        if k > 0 and budget - used < least:
             break
         c = tokens[x]
-        if _takes(k, used, c, budget):
+        if k == 0 or used + c <= budget:
             taken[x] = 1
             used += c
             k += 1
@@ -342,39 +329,47 @@ def _iterate(
     if s < 0:  # its steps were aborted
         st_i[j, S_STATE] = IDLE
         return -1
-    budget, least = glob[G_BUDGET], glob[G_LEAST]
-    used = 0
-    k = 0
+    count = 0
+    while s >= 0:  # the waiting steps' tokens, oldest first
+        scratch[0, count] = slots[s, L_TOKENS]
+        scratch[1, count] = s
+        count += 1
+        s = slots[s, L_NEXT]
+    if count == 1:  # a lone step goes whatever its tokens
+        scratch[2, 0] = k = 1
+    else:
+        k = take_batch_mask(scratch[0], count, glob[G_BUDGET], glob[G_LEAST], scratch[2])
     first = last = -1
-    while s >= 0 and not (k > 0 and _full(used, budget, least)):
-        nxt = slots[s, L_NEXT]
-        c = slots[s, L_TOKENS]
-        if _takes(k, used, c, budget):  # out of the queue, into the batch
-            prev = slots[s, L_PREV]
-            if prev < 0:
-                st_i[j, S_QHEAD] = nxt
-            else:
-                slots[prev, L_NEXT] = nxt
-            if nxt < 0:
-                st_i[j, S_QTAIL] = prev
-            else:
-                slots[nxt, L_PREV] = prev
-            jobs[slots[s, L_JOB], J_QSLOT] = -1
-            scratch[0, k] = c
-            scratch[1, k] = slots[s, L_BLOCKS]
-            used += c
-            k += 1
-            if last < 0:
-                first = s
-            else:
-                slots[last, L_NEXT] = s
-            last = s
-        s = nxt
+    b = 0
+    for x in range(count):
+        if not scratch[2, x]:
+            continue
+        s = scratch[1, x]  # out of the queue, into the batch
+        prev, nxt = slots[s, L_PREV], slots[s, L_NEXT]
+        if prev < 0:
+            st_i[j, S_QHEAD] = nxt
+        else:
+            slots[prev, L_NEXT] = nxt
+        if nxt < 0:
+            st_i[j, S_QTAIL] = prev
+        else:
+            slots[nxt, L_PREV] = prev
+        jobs[slots[s, L_JOB], J_QSLOT] = -1
+        scratch[3, b] = scratch[0, x]
+        scratch[4, b] = slots[s, L_BLOCKS]
+        b += 1
+        if last < 0:
+            first = s
+        else:
+            slots[last, L_NEXT] = s
+        last = s
+        if b == k:
+            break
     slots[last, L_NEXT] = -1
     seconds = 0.0
     if st_i[j, S_COSTED]:
         seconds = iteration_s(
-            scratch[1], scratch[0], k, st_f[j, S_ALPHA], st_f[j, S_BETA], st_f[j, S_PALPHA], st_f[j, S_PBETA]
+            scratch[4], scratch[3], k, st_f[j, S_ALPHA], st_f[j, S_BETA], st_f[j, S_PALPHA], st_f[j, S_PBETA]
         )
     end = now + seconds
     st_f[j, S_START_T] = end

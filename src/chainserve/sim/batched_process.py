@@ -131,7 +131,7 @@ class BatchedProcess:
         heap_t, heap_k = np.zeros(events, np.float64), np.zeros((events, 2), np.int64)
         heap_t[:used], heap_k[:used] = self.heap_t[:used], self.heap_k[:used]
         self.heap_t, self.heap_k = heap_t, heap_k
-        self.scratch = np.zeros((2, slots), np.int64)
+        self.scratch = np.zeros((5, slots), np.int64)
         self._bind()
 
     def _bind(self) -> None:
