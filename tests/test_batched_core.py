@@ -23,6 +23,7 @@ from chainserve.plan.types import Chain, Hop, Placement, Span, chain_time_s
 from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
 from chainserve.sim.batched_core import iteration_s, take_batch_mask
+from chainserve.sim.batched_process import BatchedProcess
 from chainserve.sim.engine import simulate
 from chainserve.sim.events import Failure
 
@@ -107,16 +108,41 @@ def test_hosts_are_checked():
         finish_times(0.0, BatchedService(hosts=(0, 0), host_cores=(1.0,)))
 
 
-def test_a_host_per_station_is_no_sharing():
-    """One station per host, one core each: the records are those without hosts, float for float
-    (through a failure with recovery, so aborted steps and restarts too)."""
+def bloom_with_steps():
+    """The paper's BLOOM cluster with a step cost on every server, planned for 0.3/s."""
     cluster = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "paper-sim-bloom-20.yaml")
     servers = tuple(
         dataclasses.replace(s, step=StepCost(s.tau_p_s / 40, s.tau_p_s / 400, s.tau_p_s / 40, s.tau_p_s / 40_000))
         for s in cluster.servers
     )
-    plan = plan_for_rate(dataclasses.replace(cluster, servers=servers), "greedy", 0.3)
-    stations = len(servers) + 1
+    return plan_for_rate(dataclasses.replace(cluster, servers=servers), "greedy", 0.3)
+
+
+def test_ends_that_sharing_moved_leave_room(monkeypatch):
+    """Every station on one 1-core host: each change re-pushes the ends of all iterations in
+    progress and leaves the old ones stale in the heap. A heap of 25 entries (the live events fit,
+    the stale ones would not) is compacted when full: the same records as with room to spare."""
+    plan = bloom_with_steps()
+    model = BatchedService(hosts=(0,) * (plan.problem.num_servers + 1), host_cores=(1.0,))
+    roomy = simulate(plan, JFFC(plan.chains), None, model, seed=2, num_jobs=400)
+    grow = BatchedProcess._grow
+
+    def small_heap(self, slots):
+        grow(self, slots)
+        self.heap_t, self.heap_k = self.heap_t[:25].copy(), self.heap_k[:25].copy()
+        self._bind()
+
+    monkeypatch.setattr(BatchedProcess, "_grow", small_heap)
+    tight = simulate(plan, JFFC(plan.chains), None, model, seed=2, num_jobs=400)
+    assert tight.num_finished == 400
+    np.testing.assert_array_equal(roomy.finished_at, tight.finished_at)
+
+
+def test_a_host_per_station_is_no_sharing():
+    """One station per host, one core each: the records are those without hosts, float for float
+    (through a failure with recovery, so aborted steps and restarts too)."""
+    plan = bloom_with_steps()
+    stations = plan.problem.num_servers + 1
     failure = [Failure(600.0, plan.chains[0].servers[-1], 120.0)]
     runs = [
         simulate(plan, JFFC(plan.chains), None, model, seed=2, num_jobs=400, failures=failure, recover=True)

@@ -135,11 +135,43 @@ def iteration_s(blocks, tokens, count, alpha, beta, palpha, pbeta):
     return most * fixed + decode + prefill
 
 
+@njit(cache=True, _nrt=False)
+def _compact(st_i, heap_t, heap_k, glob):
+    """Drops the stale iteration ends (processor sharing moved them; their station's ``S_END_SEQ``
+    names a later one) and rebuilds the heap. The live events always fit: a reply per slot, an
+    end per station."""
+    m = 0
+    for x in range(glob[G_HEAP]):
+        key, payload = heap_k[x, 0], heap_k[x, 1]
+        if (key >> _SEQ_BITS) == ITEM_END and (key & _SEQ_MASK) != st_i[payload >> _SLOT_BITS, S_END_SEQ]:
+            continue
+        heap_t[m], heap_k[m, 0], heap_k[m, 1] = heap_t[x], key, payload
+        m += 1
+    glob[G_HEAP] = m
+    for top in range((m - 2) // 2, -1, -1):  # sift each parent down, the last first
+        t, k, p = heap_t[top], heap_k[top, 0], heap_k[top, 1]
+        x = top
+        while True:
+            c = 2 * x + 1
+            if c >= m:
+                break
+            d = c + 1
+            if d < m and (heap_t[d] < heap_t[c] or (heap_t[d] == heap_t[c] and heap_k[d, 0] < heap_k[c, 0])):
+                c = d
+            if t < heap_t[c] or (t == heap_t[c] and k < heap_k[c, 0]):
+                break
+            heap_t[x], heap_k[x, 0], heap_k[x, 1] = heap_t[c], heap_k[c, 0], heap_k[c, 1]
+            x = c
+        heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, k, p
+
+
 @njit(cache=True, inline="always", _nrt=False)
-def _push(heap_t, heap_k, glob, t, rank, seq, who, slot):
+def _push(st_i, heap_t, heap_k, glob, t, rank, seq, who, slot):
     """A new event: its order key packs (rank, seq), its payload (station, first slot)."""
     key = (rank << _SEQ_BITS) | seq
     payload = (who << _SLOT_BITS) | (slot + 1)
+    if glob[G_HEAP] == heap_t.shape[0]:  # full of ends that sharing moved: drop them
+        _compact(st_i, heap_t, heap_k, glob)
     x = glob[G_HEAP]
     glob[G_HEAP] = x + 1
     while x > 0:  # sift the hole up
@@ -256,7 +288,7 @@ def _send(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, routes, 
     if st_i[j, S_COSTED] == 0:
         _fill_slot(slots, s, i, 0, m, attempt)
         glob[G_SEQ] += 1
-        _push(heap_t, heap_k, glob, now + m * st_f[j, S_LONE] + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, s)
+        _push(st_i, heap_t, heap_k, glob, now + m * st_f[j, S_LONE] + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, s)
         jobs[i, J_TOKENS] = 0
     else:
         q = jobs[i, J_TOKENS]
@@ -297,7 +329,7 @@ def _share(st_i, st_f, heap_t, heap_k, glob, host_i, host_f, h, now, j, busy):
         if st_i[k, S_SHARING]:
             glob[G_SEQ] += 1
             st_i[k, S_END_SEQ] = glob[G_SEQ]
-            _push(heap_t, heap_k, glob, now + st_f[k, S_WORK] / rate, ITEM_END, glob[G_SEQ], k, st_i[k, S_BATCH])
+            _push(st_i, heap_t, heap_k, glob, now + st_f[k, S_WORK] / rate, ITEM_END, glob[G_SEQ], k, st_i[k, S_BATCH])
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -389,7 +421,7 @@ def _iterate(
     else:
         glob[G_SEQ] += 1
         st_i[j, S_END_SEQ] = glob[G_SEQ]
-        _push(heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
+        _push(st_i, heap_t, heap_k, glob, end, ITEM_END, glob[G_SEQ], j, first)
     glob[G_SEQ] += 1
     st_i[j, S_START_SEQ] = glob[G_SEQ]
     return -1
@@ -430,7 +462,7 @@ def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j
         s = nxt
     if first >= 0:
         glob[G_SEQ] += 1
-        _push(heap_t, heap_k, glob, now + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, first)
+        _push(st_i, heap_t, heap_k, glob, now + st_f[j, S_COMM], REPLY, glob[G_SEQ], j, first)
 
 
 @njit(cache=True, inline="always", _nrt=False)
