@@ -56,6 +56,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
     if "numba" in sys.modules:  # imported already: its config read the environment then
         sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
+import numpy as np  # noqa: E402
 from numba import njit  # noqa: E402
 
 #: Event ranks at equal times (the loop's own kinds, 0 to 4, come first).
@@ -192,14 +193,14 @@ def _pop(heap_t, heap_k, glob):
     n = glob[G_HEAP] - 1
     glob[G_HEAP] = n
     t, k, p = heap_t[n], heap_k[n, 0], heap_k[n, 1]
+    heap_t[n] = np.inf  # a sentinel: a last child at n is never the earlier one
     x = 0
     while True:
         c = 2 * x + 1
         if c >= n:
             break
-        d = c + 1
-        if d < n and (heap_t[d] < heap_t[c] or (heap_t[d] == heap_t[c] and heap_k[d, 0] < heap_k[c, 0])):
-            c = d
+        td, tc = heap_t[c + 1], heap_t[c]
+        c += (td < tc) | ((td == tc) & (heap_k[c + 1, 0] < heap_k[c, 0]))  # the earlier child, branch-free
         heap_t[x], heap_k[x, 0], heap_k[x, 1] = heap_t[c], heap_k[c, 0], heap_k[c, 1]
         x = c
     while x > 0:
