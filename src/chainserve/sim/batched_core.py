@@ -61,7 +61,7 @@ from numba import njit  # noqa: E402
 
 #: Event ranks at equal times (the loop's own kinds, 0 to 4, come first).
 ITEM_END, REPLY, ARRIVAL, ITER = 5, 6, 7, 8
-#: A station's state: no iteration and none due; an iteration runs; its next start is in the heap;
+#: A station's state: no iteration and none due; an iteration runs; its next start is due (``calls``);
 #: an iteration ended with nothing waiting (its next start's place is reserved, unused).
 IDLE, RUNNING, CALLED, FREE = range(4)
 #: The heap's keys: (rank, seq) and (station, slot + 1) in one int64 each.
