@@ -1,11 +1,13 @@
 """The simulator's general event loop (issue 31; Vidur's lesson: plan changes and pipeline stages are
-event kinds, and a policy's decisions are applied by the loop): arrivals, job completions or the
-batched model's iterations and hops, server failures and returns (:mod:`.events`), the adaptive
-controller's ticks and finished loads, all in one heap (:mod:`.heap`). :func:`chainserve.sim.engine.simulate`
-runs it for a controller, a failure with a return, ``recover`` and the batched model (a service
-component here, :class:`~chainserve.sim.batched.BatchedProcess`); its one fast path, the job-level
-loop of :mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed,
-same records).
+event kinds, and a policy's decisions are applied by the loop): arrivals, job completions, server
+failures and returns (:mod:`.events`), the adaptive controller's ticks and finished loads, in one
+heap (:mod:`.heap`); the batched model's iterations and hops run in its compiled core
+(:class:`~chainserve.sim.batched_process.BatchedProcess`, a service component here), which the loop
+asks before each of its own events and arrivals to run what comes first and which hands back each
+job at its last token. :func:`chainserve.sim.engine.simulate` runs the loop for a controller, a
+failure with a return, ``recover`` and the batched model; its one fast path, the job-level loop of
+:mod:`.engine` on one plan, is pinned to this loop by ``tests/test_sim_loops.py`` (same seed, same
+records).
 
 Each plan in force is a *generation* with its own dispatcher, kept in the same
 :class:`~chainserve.dispatch.generations.Generations` the orchestrator keeps. Event kinds, in the
@@ -53,15 +55,15 @@ from chainserve.dispatch.generations import Generation, Generations
 from chainserve.plan.recovery import recompose
 from chainserve.plan.types import Layout, Plan, reserved_block_jobs
 from chainserve.sim.arrivals import Arrivals
-from chainserve.sim.batched import BatchedProcess, BatchedService
+from chainserve.sim.batched import BatchedService
 from chainserve.sim.events import Failure, Transition
 from chainserve.sim.heap import EventHeap
 from chainserve.sim.memory import MemoryExceeded, MemoryLedger, demands
 from chainserve.sim.service import Duration
 
-#: Event kinds, in the order they run at equal times; then the batched service's (an iteration's
-#: end, a batch's replies back, and an iteration start, which alone runs after the arrivals of its instant).
-_FAIL, _BACK, _LOADED, _DONE, _TICK, _ITEM, _REPLY, _ITER = range(8)
+#: Event kinds, in the order they run at equal times; then the batched service's own events, which
+#: its compiled core keeps (:class:`~chainserve.sim.batched_process.BatchedProcess`; arrivals rank among them).
+_FAIL, _BACK, _LOADED, _DONE, _TICK = range(5)
 #: A job's state: not in service (yet, or aborted), started but waiting for room, in service, finished.
 _IDLE, _HELD, _RUNNING, _FINISHED = 0, 1, 2, 3
 
@@ -95,7 +97,7 @@ def run_loop(
     """Run ``stream`` through the generations of plans that ``controller``'s changes and, with
     ``recover``, the recompositions after ``failures`` make (module docstring); raises when a job is
     lost or memory is exceeded. ``service``: each job's duration (the job-level models), or the
-    iteration-level model (:class:`~chainserve.sim.batched.BatchedProcess` then serves every job as
+    iteration-level model (:class:`~chainserve.sim.batched_process.BatchedProcess` then serves every job as
     its steps, hops and batches, and a failure voids the steps in flight of the jobs it aborts)."""
     if controller is not None and failures:
         raise ValueError("failures: not simulated together with an adaptive controller")
@@ -152,15 +154,9 @@ def run_loop(
 
     process, duration = None, service
     if isinstance(service, BatchedService):
-        process = BatchedProcess(
-            problem,
-            service,
-            prompts,
-            outputs,
-            events,
-            complete,
-            (_ITEM, _REPLY, _ITER),
-        )
+        from chainserve.sim.batched_process import ARRIVAL, BatchedProcess  # numba loads when the model runs
+
+        process = BatchedProcess(problem, service, prompts, outputs)
 
     def release(i: int, gen: Generation) -> None:
         ledger.release(start_of[i].route, demand[i])
@@ -315,17 +311,22 @@ def run_loop(
     if next_tick <= t_last:
         push(next_tick, _TICK, 0)
     next_job, t_arrival = 0, times[0]
-    events.arrival_t = t_arrival
     inf = math.inf
     while True:
         t_event = heap[0][0] if heap else inf
-        if t_event < t_arrival or (t_event == t_arrival and (not heap or heap[0][1] != _ITER)):
+        if process is not None:  # the batched service's events before the loop's next one
+            if t_event <= t_arrival and heap:
+                i, t = process.advance(t_event, heap[0][1])
+            else:
+                i, t = process.advance(t_arrival, ARRIVAL)
+            if i >= 0:
+                complete(i, t)
+                continue
+        if t_event <= t_arrival:
             if t_event == inf:
                 break
             t, kind, s, who, payload = heappop(heap)
-            if kind >= _ITEM:
-                process.handle(kind, who, payload, t)
-            elif kind == _DONE:
+            if kind == _DONE:
                 if s == live_seq[payload]:  # else the completion of an aborted attempt
                     complete(payload, t)
             elif kind == _FAIL:
@@ -352,7 +353,7 @@ def run_loop(
             if controller is not None:
                 decide(t_arrival)
             next_job += 1
-            t_arrival = events.arrival_t = times[next_job]
+            t_arrival = times[next_job]
     unfinished = int(np.count_nonzero(np.isnan(np.frombuffer(finished, dtype=np.float64))))
     in_system = sum(g.dispatcher.num_waiting + g.dispatcher.num_in_service for g in every)
     if in_system + num_refused != unfinished:
