@@ -5,7 +5,9 @@ O(1) times per job (:class:`~chainserve.sim.batched_process.BatchedProcess`: ``s
 ``advance``). The jitted
 functions allocate nothing and run without reference counting (``_nrt=False``); they are cached
 (``cache=True``: numba's cache beside this file, or ``~/.cache/chainserve/numba`` when the package
-is read-only and ``NUMBA_CACHE_DIR`` is not set).
+is read-only and ``NUMBA_CACHE_DIR`` is not set). Like all numba code its array accesses are not bounds-checked;
+the three stores that grow (the heap, the step slots, the starts due) check their room and raise
+``RuntimeError`` rather than write past it.
 
 The model is the one :mod:`.batched` documents, float for float the Python model it replaced. Its
 events, in the loop's order at equal times (:mod:`.loop`): an iteration ends (:data:`ITEM_END`), a
@@ -173,6 +175,8 @@ def _push(st_i, heap_t, heap_k, glob, t, rank, seq, who, slot):
     payload = (who << _SLOT_BITS) | (slot + 1)
     if glob[G_HEAP] == heap_t.shape[0]:  # full of ends that sharing moved: drop them
         _compact(st_i, heap_t, heap_k, glob)
+        if glob[G_HEAP] == heap_t.shape[0]:  # the arrays are not bounds-checked: never write past them
+            raise RuntimeError("batched core: event heap full (a reply per slot and an end per station broke)")
     x = glob[G_HEAP]
     glob[G_HEAP] = x + 1
     while x > 0:  # sift the hole up
@@ -219,6 +223,8 @@ def _call(calls, glob, glob_f, now, seq, j):
     """Station ``j``'s iteration start at ``(now, ITER, seq)``: the starts due are all of one instant
     (the last rank of it; every start due runs before the time moves on), kept beside the heap."""
     x = glob[G_NCALLS]
+    if x == calls.shape[0]:  # one start due per station at most
+        raise RuntimeError("batched core: more starts due than stations")
     glob[G_NCALLS] = x + 1
     glob_f[F_CALLS_T] = now
     calls[x, 0] = seq
@@ -228,6 +234,8 @@ def _call(calls, glob, glob_f, now, seq, j):
 @njit(cache=True, inline="always", _nrt=False)
 def _new_slot(slots, glob):
     s = glob[G_FREE]
+    if s < 0:  # the arrays are not bounds-checked: never read past them
+        raise RuntimeError("batched core: no free step slot (one per job and one per abort broke)")
     glob[G_FREE] = slots[s, L_NEXT]
     return s
 
