@@ -1,7 +1,7 @@
 """The batched model's compiled core (issue 31, :mod:`chainserve.sim.batched_core`): its twins of the
 batching rule and of the iteration cost are pinned to the definitions the runtime's ``Batcher`` uses
 (:func:`~chainserve.model.step_cost.take_batch`, :meth:`~chainserve.model.step_cost.StepCost.iteration_s`),
-bit for bit; and processor sharing of hosts, by hand."""
+bit for bit; and processor sharing of hosts, by hand, given to the model or as the cluster's shared hosts."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from chainserve.adapt.controller import plan_for_rate
 from chainserve.dispatch.jffc import JFFC
+from chainserve.measure.profile import ProfileSettings, cluster_yaml, this_machine
 from chainserve.model.cluster_file import load_cluster
-from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.model.spec import ModelSpec, Problem, Server, SharedHost, SpecError, Workload
 from chainserve.model.step_cost import StepCost, take_batch
 from chainserve.plan.csearch import make_plan
 from chainserve.plan.types import Chain, Hop, Placement, Span, chain_time_s
@@ -155,3 +156,57 @@ def test_a_host_per_station_is_no_sharing():
     slow = simulate(plan, JFFC(plan.chains), None, shared, seed=2, num_jobs=400, failures=failure, recover=True)
     assert slow.num_finished == 400
     assert np.nanmean(slow.finished_at - slow.arrived_at) > np.nanmean(runs[0].finished_at - runs[0].arrived_at)
+
+
+def test_the_clusters_shared_host_is_the_models():
+    """A cluster file's ``hosts`` (issue 31) reach the simulator: the two servers on one 1-core host
+    share it as ``BatchedService(hosts=...)`` does; the head on no host computes alone."""
+    plan = two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5))
+    problem = dataclasses.replace(plan.problem, hosts=(SharedHost("box", 1, ("a", "b")),))
+    assert BatchedService().host_model(problem) == ((0, 0, 1), (1.0, 1.0))
+    assert BatchedService().host_model(plan.problem) is None
+    given_hosts = BatchedService(hosts=(0, 1, 2), host_cores=(1.0, 1.0, 1.0))
+    assert given_hosts.host_model(problem) == ((0, 1, 2), (1.0, 1.0, 1.0))  # the model's own win
+    shared = dataclasses.replace(plan, problem=problem)
+    jobs = ReplayArrivals(Arrivals(np.array([0.0, 0.0]), np.array([1, 1]), np.array([1, 1])))
+    r = simulate(shared, JFFC(shared.chains), jobs, BatchedService(), num_jobs=2)
+    assert r.finished_at.tolist() == [2.0, 2.0]
+
+
+def test_shared_hosts_in_a_cluster_file(tmp_path):
+    text = """
+model: {name: m, num_blocks: 2, block_size_gb: 1.0, cache_size_gb: 0.1}
+workload: {arrival_rate: 0.5}
+servers:
+  - {name: a, memory_gb: 10, tau_p_ms: 100, tau_c_ms: 10}
+  - {name: b, memory_gb: 10, tau_p_ms: 100, tau_c_ms: 10}
+hosts:
+  - {name: box, cores: 2, servers: [a, b], head: true}
+"""
+    (tmp_path / "c.yaml").write_text(text)
+    problem = load_cluster(tmp_path / "c.yaml")
+    assert problem.hosts == (SharedHost("box", 2, ("a", "b"), True),)
+    assert BatchedService().host_model(problem) == ((0, 0, 0), (2.0,))
+    for bad, message in [
+        ("  - {name: box, cores: 2, servers: [a, z]}", "'z' is not a server"),
+        ("  - {name: box, cores: 2, servers: [a]}\n  - {name: other, cores: 1, servers: [a]}", "'a' is on two hosts"),
+        ("  - {name: box, cores: 0, servers: [a]}", "hosts\\[0\\].cores"),
+        ("  - {name: box, cores: 2}", "shares nothing"),
+        ("  - {name: box, cores: 2, servers: [a], head: 1}", "true or false"),
+        ("  - {name: box, cores: 2, servers: [a], gpus: 1}", "gpus"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(text.split("hosts:")[0] + "hosts:\n" + bad + "\n")
+        with pytest.raises(SpecError, match=message):
+            load_cluster(tmp_path / "bad.yaml")
+
+
+def test_profile_writes_this_machine_as_the_shared_host(tmp_path):
+    """``chainserve profile`` of torch servers it started here names this machine their shared host;
+    the cluster file it writes reads back with it."""
+    problem = load_cluster(Path(__file__).resolve().parents[1] / "examples" / "fidelity-smollm2-3.yaml")
+    host = this_machine(problem)
+    assert host.servers == tuple(s.name for s in problem.servers) and host.head and host.cores >= 1
+    settings = ProfileSettings(prompt_tokens=8, output_tokens=4)
+    text = cluster_yaml(dataclasses.replace(problem, hosts=(host,)), {}, settings, "test")
+    (tmp_path / "profiled.yaml").write_text(text)
+    assert load_cluster(tmp_path / "profiled.yaml").hosts == (host,)

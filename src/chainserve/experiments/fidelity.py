@@ -18,7 +18,8 @@ scaled so one job alone keeps the paper's τ^p: :func:`chainserve.model.catalogu
 so their block servers batch and sleep each iteration's cost. The simulator replays the very requests
 sent, on the very layouts served, with the iteration-level model (``--service batched``): on the
 emulated clusters plus the runtime's own time per hop and step fitted on the cluster's runs
-(:func:`.live.calibrated_batched`), on the torch cluster with the profiled coefficients alone. The
+(:func:`.live.calibrated_batched`), on the torch cluster with the profiled coefficients, the cores its
+processes share and that per-hop time fitted on the one-at-a-time control alone. The
 bounds assume Poisson arrivals at the plan's λ and exponential service (batch-1 speeds for the lower
 one, full-load speeds for the upper one); they exist for the chain methods (proposed, JFFC-only), not
 for the per-request routers.
@@ -59,7 +60,7 @@ from chainserve.experiments.table1_live import (
 )
 from chainserve.extras import require
 from chainserve.measure.bench import BenchRequest, rate_requests, trace_requests
-from chainserve.measure.profile import ProfileSettings, ServerProfile, profiled_problem
+from chainserve.measure.profile import ProfileSettings, ServerProfile, profiled_problem, this_machine
 from chainserve.measure.profile_batch import measure_head
 from chainserve.measure.profile_live import profile_cluster
 from chainserve.model.catalogue import with_roofline_step_costs
@@ -127,11 +128,11 @@ def _cluster_rows(
     backend: str,
     model: str | None,
     petals_cache_tokens: int | None,
-    calibrate: bool,
+    service: BatchedService | None,
 ) -> tuple[tuple[Row, ...], float, list[str]]:
-    """Serve every method that applies and simulate it with the batched model (issue 18), with the
-    runtime's overhead per hop and step fitted on these runs when ``calibrate``; returns the rows, that
-    overhead and the methods skipped with why."""
+    """Serve every method that applies and simulate it with the batched model (issue 18): ``service``,
+    or (``None``) with the runtime's overhead per hop and step fitted on these runs; returns the rows,
+    that overhead and the methods skipped with why."""
     runs, skipped = [], []
     for method in methods:
         try:
@@ -143,7 +144,8 @@ def _cluster_rows(
         measured = asyncio.run(measure_layout(layout, method, requests, work_dir / name / method, backend, model))
         runs.append((method, layout, measured))
         tick()
-    service = calibrated_batched([(lay, m, meas) for m, lay, meas in runs], requests) if calibrate else BatchedService()
+    if service is None:
+        service = calibrated_batched([(lay, m, meas) for m, lay, meas in runs], requests)
     rows = []
     for method, layout, measured in runs:
         summary = simulate_layout(layout, method, requests, service)
@@ -168,10 +170,12 @@ def _bloom(num_jobs: int) -> tuple[Problem, list[BenchRequest]]:
 
 def profiled_smollm2(settings: ProfileSettings) -> tuple[Problem, dict[str, ServerProfile]]:
     """``examples/fidelity-smollm2-3.yaml`` as measured live (torch backend): every server's τ^p, τ^c
-    and batched step cost, and the orchestrator's head cost (issue 18); and the profiles (the fits)."""
+    and batched step cost, and the orchestrator's head cost (issue 18), all on this machine's cores (a
+    shared host, issue 31); and the profiles (the fits)."""
     problem = load_cluster(EXAMPLES / "fidelity-smollm2-3.yaml")
     profiles = asyncio.run(profile_cluster(problem, "torch", SMOLLM2_MODEL, settings, {}, {}))
-    return profiled_problem(problem, profiles, measure_head("torch", SMOLLM2_MODEL, device="cpu")), profiles
+    profiled = profiled_problem(problem, profiles, measure_head("torch", SMOLLM2_MODEL, device="cpu"))
+    return replace(profiled, hosts=(this_machine(profiled),)), profiles  # as `profile` writes it (issue 31)
 
 
 def _bounds(layout: Layout) -> str:
@@ -324,7 +328,7 @@ def _emulated_section(
     """An emulated cluster's section: every method live and simulated (batched, roofline step costs,
     the runtime's per-hop time fitted on the runs)."""
     rows, overhead, skipped = _cluster_rows(
-        name, problem, requests, methods, work, tick, "emulated", None, petals_cache_tokens, True
+        name, problem, requests, methods, work, tick, "emulated", None, petals_cache_tokens, None
     )
     model = f"batched (roofline step costs at the paper's τ^p) + {overhead * 1000:.2f} ms per hop per step"
     return _cluster_section(ClusterRun(name, what, model, rows, "; ".join(skipped)), False)
@@ -333,18 +337,21 @@ def _emulated_section(
 def _smollm2_section(
     num_jobs: int, time_scale: float, methods: tuple[str, ...], work: Path, tick: Callable[[], None], out_dir: Path
 ) -> Section:
-    """The torch cluster: the methods at the cluster file's λ, the one-at-a-time control, and the
-    proposed method at :data:`BUSY_RATE` (several jobs in service)."""
+    """The torch cluster: the one-at-a-time control (the runtime's own time per hop and step fitted on
+    it), then the methods at the cluster file's λ and the proposed method at :data:`BUSY_RATE` (several
+    jobs in service), predicted with that time."""
     torch_jobs = max(num_jobs // TORCH_REQUEST_SHARE, 2)
     settings = ProfileSettings(prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS)
     problem, profiles = profiled_smollm2(settings)
     w = problem.workload
     requests = rate_requests(w.arrival_rate_per_s, torch_jobs, w.prompt_tokens, w.output_tokens, seed=0)
+    control, service = _control(problem, work, tick)
     rows, _, skipped = _cluster_rows(
-        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, False
+        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, service
     )
+    rows += (control,)
     if "proposed" in methods:
-        rows += _proposed_controls(problem, work, tick)
+        rows += (_busy(problem, service, work, tick),)
     taus = ", ".join(
         f"{s.name}: α {s.step.alpha_s * 1000:.2f} ms, β {s.step.beta_s * 1000:.3f} ms, "
         f"β' {s.step.prefill_beta_s * 1000:.3f} ms per block (R² {s.step.r2:.3f}), τ^c {s.tau_c_s * 1000:.0f} ms"
@@ -358,7 +365,9 @@ def _smollm2_section(
         f"SmolLM2-135M (real weights, torch, 1 CPU thread per server) on 3 block servers, {torch_jobs} "
         f"Poisson requests at λ = {w.arrival_rate_per_s:.2f}/s and {BUSY_REQUESTS} at λ = {BUSY_RATE:g}/s "
         f"(the proposed plan for that rate), 40 / 24 tokens; profiled: {taus}",
-        "batched with the profiled step costs and head cost, nothing fitted on these runs",
+        f"batched with the profiled step costs and head cost, the servers and head sharing this machine's "
+        f"{os.cpu_count()} cores, + {service.hop_overhead_s * 1000:.2f} ms per hop per step fitted on the "
+        "one-at-a-time control (no job beside another), nothing fitted on the other runs",
         rows,
         "; ".join(skipped),
     )
@@ -367,27 +376,31 @@ def _smollm2_section(
     return replace(section, markdown=section.markdown + "\n\n" + extra)
 
 
-def _proposed_controls(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Row, ...]:
-    """The proposed chains with never two jobs in service, and the proposed plan for :data:`BUSY_RATE`
-    under that load (several jobs in service, issue 31)."""
+def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Row, BatchedService]:
+    """The proposed chains with never two jobs in service, and the batched model with the runtime's
+    own time per hop and step (transport, routing, sampling: what ``profile``'s direct client does not
+    see) fitted on that run (:func:`.live.calibrated_batched`)."""
     w = problem.workload
     layout = method_layout("proposed", problem)
     alone = one_at_a_time(layout, SEQUENTIAL_REQUESTS, w.prompt_tokens, w.output_tokens)
     measured = asyncio.run(measure_layout(layout, "proposed", alone, work / "alone", "torch", SMOLLM2_MODEL))
-    control = Row(
-        "smollm2-3",
-        "proposed, one at a time",
-        layout,
-        measured,
-        simulate_layout(layout, "proposed", alone, BatchedService()),
-    )
+    service = calibrated_batched([(layout, "proposed", measured)], alone)
     tick()
+    row = Row(
+        "smollm2-3", "proposed, one at a time", layout, measured, simulate_layout(layout, "proposed", alone, service)
+    )
+    return row, service
+
+
+def _busy(problem: Problem, service: BatchedService, work: Path, tick: Callable[[], None]) -> Row:
+    """The proposed plan for :data:`BUSY_RATE` under that load (several jobs in service, issue 31)."""
+    w = problem.workload
     layout = method_layout("proposed", replace(problem, workload=replace(w, arrival_rate_per_s=BUSY_RATE)))
     requests = rate_requests(BUSY_RATE, BUSY_REQUESTS, w.prompt_tokens, w.output_tokens, seed=0)
     measured = asyncio.run(measure_layout(layout, "proposed", requests, work / "busy", "torch", SMOLLM2_MODEL))
-    summary = simulate_layout(layout, "proposed", requests, BatchedService())
+    summary = simulate_layout(layout, "proposed", requests, service)
     tick()
-    return control, Row("smollm2-3", f"proposed, λ = {BUSY_RATE:g}/s", layout, measured, summary)
+    return Row("smollm2-3", f"proposed, λ = {BUSY_RATE:g}/s", layout, measured, summary)
 
 
 def _fail_section(num_jobs: int, time_scale: float, work: Path, tick: Callable[[], None]) -> Section:
@@ -473,8 +486,13 @@ def _torch_note(cluster: ClusterRun) -> list[str]:
         "each iteration costs more the more it carries (m·(α + β·b), prefill chunks m·β'·q beside the "
         "decodes); the orchestrator's LM head over SmolLM2's 49,152-token vocabulary costs α_h + β_h·n per "
         "batch of n jobs. `profile` fits both (coefficients and R² below) and the batched simulator "
-        "replays every iteration, hop and head batch with them. What it still leaves out is the CPU the "
-        f"processes share: three block servers, the orchestrator and the benchmark client on {os.cpu_count()} "
-        "cores, each server profiled alone, so jobs whose steps overlap may run slower than simulated; the "
-        "one-at-a-time control's ratio beside the others' shows how much."
+        "replays every iteration, hop and head batch with them. Each server was profiled alone, but the "
+        f"three block servers and the orchestrator's head compute on this machine's {os.cpu_count()} cores "
+        "together: the profiled cluster file names them one shared host (`hosts`, issue 31), and the "
+        "simulator shares its cores among the iterations in progress (processor sharing: with more of them "
+        "than cores, each runs at cores / n of its speed). The runtime's own time per hop and step (the "
+        "orchestrator's routing, transport, sampling: what the profile's direct client does not see) is "
+        "fitted on the one-at-a-time control, where no job slows another. What the model leaves out is the "
+        "CPU that this Python takes under load, beside the models' compute on the same cores, with the "
+        "benchmark client's: the loaded runs' ratios beside the control's show how much."
     ]

@@ -30,6 +30,8 @@ added; a server whose span (or free cache) allows only one block count adds its 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -39,7 +41,7 @@ from scipy.stats import theilslopes
 
 from chainserve.measure.step_fit import DEFAULT_MAX_BATCH, StepFit, cost_entry
 from chainserve.model import catalogue
-from chainserve.model.spec import ModelSpec, Problem, SpecError
+from chainserve.model.spec import ModelSpec, Problem, SharedHost, SpecError
 from chainserve.model.step_cost import StepCost
 
 
@@ -252,7 +254,21 @@ def cluster_dict(
         "servers": servers,
     }
     data |= {"head_cost": cost_entry(head_cost, head=True)} if head_cost is not None else {}
+    data |= {"hosts": [host_entry(h) for h in problem.hosts]} if problem.hosts else {}
     return data | ({"bprr_sessions": problem.bprr_sessions} if problem.bprr_sessions is not None else {})
+
+
+def host_entry(host: SharedHost) -> dict:
+    """A cluster file's ``hosts`` entry (:mod:`chainserve.model.cluster_file`)."""
+    return {"name": host.name, "cores": host.cores, "servers": list(host.servers), "head": host.head}
+
+
+def this_machine(problem: Problem) -> SharedHost:
+    """The machine this process runs on, as the host whose cores ``problem``'s servers and the
+    orchestrator's head share (block servers started here on the CPU: ``profile``, the local launcher)."""
+    return SharedHost(
+        socket.gethostname() or "local", float(os.cpu_count() or 1), tuple(s.name for s in problem.servers), True
+    )
 
 
 def cluster_yaml(

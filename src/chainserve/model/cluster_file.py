@@ -65,6 +65,11 @@ not hold ÷ this bandwidth (:mod:`chainserve.adapt.cost`).
 ``head_cost`` (optional, top level): the orchestrator's batched iteration (embedding, LM head,
 sampling) per job stepped together, ``{alpha_ms, beta_ms}``; absent: free.
 
+``hosts`` (optional, top level; issue 31): machines whose CPU cores some servers, and with ``head:
+true`` the orchestrator's head, share, each ``{name, cores, servers: [names], head}``
+(:class:`~chainserve.model.spec.SharedHost`; ``chainserve profile`` writes one for the servers it ran
+on its machine). The batched simulator then shares each host's cores among what computes there.
+
 **Raw format** (seconds and GB, as solvers exchange instances)::
 
     {"servers": [{"server_id": 0, "memory_gb": 40, "tau_c": 0.9, "tau_p": 0.109}],
@@ -96,7 +101,15 @@ import yaml
 from chainserve.model import catalogue, limits
 from chainserve.model.catalogue import GpuProfile, ModelArch
 from chainserve.model.formats import FLOAT_BYTES, WEIGHT_FORMATS
-from chainserve.model.spec import DEFAULT_LOAD_BANDWIDTH_GB_PER_S, ModelSpec, Problem, Server, SpecError, Workload
+from chainserve.model.spec import (
+    DEFAULT_LOAD_BANDWIDTH_GB_PER_S,
+    ModelSpec,
+    Problem,
+    Server,
+    SharedHost,
+    SpecError,
+    Workload,
+)
 from chainserve.model.step_cost import StepCost
 
 WORKLOAD_KEYS = ("arrival_rate", "prompt_tokens", "output_tokens", "rho_bar")
@@ -207,6 +220,7 @@ def problem_from_dict(
             "bprr_sessions",
             "load_bandwidth_gb_per_s",
             "head_cost",
+            "hosts",
         ),
         required=("model", "workload", "servers"),
     )
@@ -229,7 +243,26 @@ def problem_from_dict(
         bprr_sessions=_bprr_sessions(data),
         load_bandwidth_gb_per_s=_load_bandwidth(data),
         head_cost=_step_cost(data["head_cost"], "head_cost", HEAD_COST_STEMS) if "head_cost" in data else None,
+        hosts=_hosts(data["hosts"]) if "hosts" in data else (),
     )
+
+
+def _hosts(raw: Any) -> tuple[SharedHost, ...]:
+    """The ``hosts`` list: ``{name, cores, servers, head}`` each (the names are checked by ``Problem``)."""
+    hosts = []
+    for i, entry in enumerate(_list(raw, "hosts")):
+        path = f"hosts[{i}]"
+        entry = _mapping(entry, path)
+        _check_keys(entry, path, ("name", "cores", "servers", "head"), required=("name", "cores"))
+        head = entry.get("head", False)
+        if not isinstance(head, bool):
+            raise SpecError(f"{path}.head", f"must be true or false, got {head!r}")
+        listed = _list(entry["servers"], f"{path}.servers") if "servers" in entry else []
+        names = tuple(_string(n, f"{path}.servers") for n in listed)
+        hosts.append(
+            SharedHost(_string(entry["name"], f"{path}.name"), _number(entry, "cores", path, CORES), names, head)
+        )
+    return tuple(hosts)
 
 
 def replica_servers(
@@ -732,3 +765,4 @@ RHO = (limits.RHO_BAR, "(below 1: a design load of 1 or more plans for an unstab
 MEMORY = (limits.MEMORY_GB, "GB")
 #: Weight-loading bandwidth: from a slow network share to well past any PCIe/NVLink link.
 LOAD_BANDWIDTH = ((1e-3, 1e4), "GB/s")
+CORES = ((1e-3, 1e5), "cores")

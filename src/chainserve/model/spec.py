@@ -174,6 +174,27 @@ class Workload:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedHost:
+    """A machine whose CPU cores several of the cluster's processes share (issue 31): ``servers`` (their
+    names) and, with ``head``, the orchestrator's LM head compute there, one core each at most, so when
+    more of them compute at once than it has ``cores`` each runs at ``cores / n`` of its speed
+    (processor sharing: the batched simulator's model, :class:`~chainserve.sim.batched.BatchedService`).
+    A server on no shared host has its device to itself (a GPU; the paper's model)."""
+
+    name: str
+    cores: float
+    servers: tuple[str, ...]
+    head: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise SpecError("hosts.name", "must be a non-empty string")
+        _positive(f"hosts.{self.name}.cores", self.cores)
+        if not self.servers and not self.head:
+            raise SpecError(f"hosts.{self.name}", "shares nothing: give servers or head")
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     """A planning instance: the servers, the model and the workload.
 
@@ -182,6 +203,7 @@ class Problem:
     its span (GB/s; :mod:`chainserve.adapt.cost`).
     ``head_cost``: the orchestrator's batched iteration (embedding, LM head, sampling) for every job
     whose step came back together, as a one-block :class:`StepCost` (``None``: free; issue 18).
+    ``hosts``: the machines whose cores some servers (and the head) share (:class:`SharedHost`, issue 31).
     """
 
     servers: tuple[Server, ...]
@@ -192,6 +214,7 @@ class Problem:
     bprr_sessions: int | None = None
     load_bandwidth_gb_per_s: float = DEFAULT_LOAD_BANDWIDTH_GB_PER_S
     head_cost: StepCost | None = None
+    hosts: tuple[SharedHost, ...] = ()
 
     def __post_init__(self) -> None:
         _positive("load_bandwidth_gb_per_s", self.load_bandwidth_gb_per_s)
@@ -205,6 +228,20 @@ class Problem:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise SpecError("servers", f"server names must be unique, {dup!r} repeats")
+        self._check_hosts(set(names))
+
+    def _check_hosts(self, names: set[str]) -> None:
+        """Each shared host names known servers; a server and the head are on one host at most."""
+        seen: set[str] = set()
+        for host in self.hosts:
+            for name in host.servers:
+                if name not in names:
+                    raise SpecError(f"hosts.{host.name}.servers", f"{name!r} is not a server of the cluster")
+                if name in seen:
+                    raise SpecError(f"hosts.{host.name}.servers", f"{name!r} is on two hosts")
+                seen.add(name)
+        if sum(host.head for host in self.hosts) > 1:
+            raise SpecError("hosts", "the head is on two hosts")
 
     @property
     def batch_aware(self) -> bool:

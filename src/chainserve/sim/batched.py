@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from chainserve.model.spec import Problem
 from chainserve.model.step_cost import MAX_BATCH_TOKENS
 
 
@@ -65,3 +66,26 @@ class BatchedService:
             raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
         if self.hosts is not None and not all(c > 0 for c in self.host_cores):
             raise ValueError(f"host_cores: each host needs cores > 0, got {self.host_cores}")
+
+    def host_model(self, problem: Problem) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """``(hosts, host_cores)`` as given, else from the cluster's shared hosts
+        (:attr:`Problem.hosts <chainserve.model.spec.Problem.hosts>`: a station on none gets a host of
+        its own with one core, which never slows it); ``None``: no station shares a host."""
+        if self.hosts is not None:
+            return self.hosts, self.host_cores
+        if not problem.hosts:
+            return None
+        index = {name: j for j, name in enumerate(s.name for s in problem.servers)}
+        stations = len(problem.servers) + 1  # the head last
+        hosts = [-1] * stations
+        for h, host in enumerate(problem.hosts):
+            for name in host.servers:
+                hosts[index[name]] = h
+            if host.head:
+                hosts[-1] = h
+        cores = [float(host.cores) for host in problem.hosts]
+        for j in range(stations):
+            if hosts[j] < 0:
+                hosts[j] = len(cores)
+                cores.append(1.0)
+        return tuple(hosts), tuple(cores)

@@ -83,7 +83,7 @@ class BatchedProcess:
         self.glob[G_LEAST] = min(1, int(self.jobs[:, J_PROMPT].min(initial=1)))
         self.glob[G_PEND_ST] = self.glob[G_FREE] = -1
         self.glob_f = np.full(3, -1.0)
-        self._hosts(model, stations)
+        self._hosts(problem, model, stations)
         self.calls = np.zeros((stations, 2), np.int64)  # the starts due: (seq, station)
         self.slots = np.zeros((0, 6), np.int64)
         self.heap_t = np.zeros(0, np.float64)
@@ -96,22 +96,24 @@ class BatchedProcess:
         self.route_at: dict[int, tuple[object, int]] = {}  # id(hops) -> (hops, offset in routes)
         self._grow(n + 16)
 
-    def _hosts(self, model, stations: int) -> None:
-        """The host of each station and the cores of each host (``model.hosts``; none: no sharing)."""
-        hosts = model.hosts
-        if hosts is None:
+    def _hosts(self, problem, model, stations: int) -> None:
+        """The host of each station and the cores of each host (:meth:`BatchedService.host_model`: the
+        model's, else the cluster's shared hosts; none: no sharing)."""
+        shared = model.host_model(problem)
+        if shared is None:
             self.host_i, self.host_f = np.zeros((1, 3), np.int64), np.zeros((1, 2), np.float64)
             return
+        hosts, host_cores = shared
         if len(hosts) != stations:
             raise ValueError(f"hosts: one per server and one for the head, {stations}; got {len(hosts)}")
-        if min(hosts) < 0 or max(hosts) >= len(model.host_cores):
-            raise ValueError(f"hosts: indices into host_cores ({len(model.host_cores)} hosts), got {hosts}")
+        if min(hosts) < 0 or max(hosts) >= len(host_cores):
+            raise ValueError(f"hosts: indices into host_cores ({len(host_cores)} hosts), got {hosts}")
         order = sorted(range(stations), key=lambda j: hosts[j])
         self.st_i[:, S_HOST] = hosts
         self.st_i[:, S_MEMBER] = order
-        self.host_i = np.zeros((len(model.host_cores), 3), np.int64)
-        self.host_f = np.zeros((len(model.host_cores), 2), np.float64)
-        self.host_f[:, H_CORES] = model.host_cores
+        self.host_i = np.zeros((len(host_cores), 3), np.int64)
+        self.host_f = np.zeros((len(host_cores), 2), np.float64)
+        self.host_f[:, H_CORES] = host_cores
         for x, j in enumerate(order):
             h = hosts[j]
             if self.host_i[h, H_SIZE] == 0:
