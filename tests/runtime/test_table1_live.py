@@ -53,7 +53,7 @@ def test_table1_live_runs_add_up(tmp_path):
 def test_fidelity_rows_and_table(tmp_path):
     problem = load_cluster(REPLICAS)
     rows, overhead, skipped = _cluster_rows(
-        "replicas", problem, requests(), ("jffc-only",), tmp_path, lambda: None, "emulated", None, None, True
+        "replicas", problem, requests(), ("jffc-only",), tmp_path, lambda: None, "emulated", None, None, None
     )
     assert skipped == [] and overhead >= 0 and [r.method for r in rows] == ["jffc-only"]
     (row,) = rows

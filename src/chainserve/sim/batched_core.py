@@ -179,14 +179,7 @@ def _push(st_i, heap_t, heap_k, glob, t, rank, seq, who, slot):
             raise RuntimeError("batched core: event heap full (a reply per slot and an end per station broke)")
     x = glob[G_HEAP]
     glob[G_HEAP] = x + 1
-    while x > 0:  # sift the hole up
-        parent = (x - 1) >> 1
-        pt = heap_t[parent]
-        if t > pt or (t == pt and key > heap_k[parent, 0]):
-            break
-        heap_t[x], heap_k[x, 0], heap_k[x, 1] = pt, heap_k[parent, 0], heap_k[parent, 1]
-        x = parent
-    heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, key, payload
+    _sift_up(heap_t, heap_k, x, t, key, payload)
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -207,15 +200,21 @@ def _pop(heap_t, heap_k, glob):
         c += (td < tc) | ((td == tc) & (heap_k[c + 1, 0] < heap_k[c, 0]))  # the earlier child, branch-free
         heap_t[x], heap_k[x, 0], heap_k[x, 1] = heap_t[c], heap_k[c, 0], heap_k[c, 1]
         x = c
+    _sift_up(heap_t, heap_k, x, t, k, p)
+    return payload
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _sift_up(heap_t, heap_k, x, t, key, payload):
+    """Puts the entry (``t``, ``key``, ``payload``) in the hole at ``x``, moving it up past every later parent."""
     while x > 0:
         parent = (x - 1) >> 1
         pt = heap_t[parent]
-        if t > pt or (t == pt and k > heap_k[parent, 0]):
+        if t > pt or (t == pt and key > heap_k[parent, 0]):
             break
         heap_t[x], heap_k[x, 0], heap_k[x, 1] = pt, heap_k[parent, 0], heap_k[parent, 1]
         x = parent
-    heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, k, p
-    return payload
+    heap_t[x], heap_k[x, 0], heap_k[x, 1] = t, key, payload
 
 
 @njit(cache=True, inline="always", _nrt=False)
