@@ -253,9 +253,8 @@ def _free_slot(slots, glob, s):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now):
-    """Step ``s`` waits at station ``j``; an iteration starts after every event of this instant
-    (steps that reach it together share it) unless one runs or is due."""
+def _append(jobs, st_i, slots, j, s):
+    """Step ``s`` joins the tail of station ``j``'s queue."""
     tail = st_i[j, S_QTAIL]
     slots[s, L_PREV] = tail
     slots[s, L_NEXT] = -1
@@ -265,6 +264,13 @@ def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s,
         slots[tail, L_NEXT] = s
     st_i[j, S_QTAIL] = s
     jobs[slots[s, L_JOB], J_QSLOT] = s
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _enqueue(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j, s, now):
+    """Step ``s`` waits at station ``j``; an iteration starts after every event of this instant
+    (steps that reach it together share it) unless one runs or is due."""
+    _append(jobs, st_i, slots, j, s)
     state = st_i[j, S_STATE]
     if state == RUNNING or state == CALLED:
         return
@@ -451,15 +457,7 @@ def _server_done(jobs, st_i, st_f, slots, heap_t, heap_k, calls, glob, glob_f, j
             jobs[i, J_TOKENS] = left
             if left > 0:
                 slots[s, L_TOKENS] = left if left < chunk else chunk
-                tail = st_i[j, S_QTAIL]  # back in the queue (the station runs: no start to call)
-                slots[s, L_PREV] = tail
-                slots[s, L_NEXT] = -1
-                if tail < 0:
-                    st_i[j, S_QHEAD] = s
-                else:
-                    slots[tail, L_NEXT] = s
-                st_i[j, S_QTAIL] = s
-                jobs[i, J_QSLOT] = s
+                _append(jobs, st_i, slots, j, s)  # back in the queue (the station runs: no start to call)
             else:
                 slots[s, L_NEXT] = -1
                 if last < 0:
