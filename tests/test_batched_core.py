@@ -20,6 +20,8 @@ from chainserve.model.cluster_file import load_cluster
 from chainserve.model.spec import ModelSpec, Problem, Server, SharedHost, SpecError, Workload
 from chainserve.model.step_cost import StepCost, take_batch
 from chainserve.plan.csearch import make_plan
+from chainserve.plan.gca import gca
+from chainserve.plan.recovery import replace_survivors
 from chainserve.plan.types import Chain, Hop, Placement, Span, chain_time_s
 from chainserve.sim.arrivals import Arrivals, ReplayArrivals
 from chainserve.sim.batched import BatchedService
@@ -210,3 +212,18 @@ def test_profile_writes_this_machine_as_the_shared_host(tmp_path):
     text = cluster_yaml(dataclasses.replace(problem, hosts=(host,)), {}, settings, "test")
     (tmp_path / "profiled.yaml").write_text(text)
     assert load_cluster(tmp_path / "profiled.yaml").hosts == (host,)
+
+
+def test_a_shared_host_outlives_a_dead_server():
+    """Placing the model anew on the survivors (``replace_survivors``) plans on the problem narrowed to
+    them (:meth:`Problem.with_servers`): a shared host that named the dead server keeps the others."""
+    p = Problem(tuple(Server(n, 5, 1.0, 0.0) for n in "abc"), ModelSpec("toy", 4, 1.0, 0.5), Workload(0.1))
+    p = dataclasses.replace(p, hosts=(SharedHost("box", 2, ("a", "c"), True), SharedHost("gone", 1, ("b",))))
+    narrowed = p.with_servers([0, 1])
+    assert [s.name for s in narrowed.servers] == ["a", "b"]
+    assert narrowed.hosts == (SharedHost("box", 2, ("a",), True), SharedHost("gone", 1, ("b",)))
+    assert p.with_servers([0, 2]).hosts == (SharedHost("box", 2, ("a", "c"), True),)
+    placement = Placement((Span(0, 1, 2), Span(1, 3, 2), Span(2, 1, 4)), 4)
+    plan = make_plan(p, placement, gca(p, placement), None)
+    new = replace_survivors(plan, {0, 1})
+    assert new is not None and new.problem is p and {s.server for s in new.placement.spans} == {0, 1}

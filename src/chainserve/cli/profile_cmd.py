@@ -150,7 +150,7 @@ def profile(
     from chainserve.cli.serve_cmd import parse_pairs
     from chainserve.extras import require
     from chainserve.measure import profile_live
-    from chainserve.measure.profile import ProfileSettings, cluster_yaml, ranks_agree, this_machine
+    from chainserve.measure.profile import ProfileSettings, cluster_yaml, cpu_hosts, ranks_agree
     from chainserve.measure.profile_batch import measure_head, served_backend
     from chainserve.model.cluster_file import load_cluster
     from chainserve.runtime.models import measured_model, torch_model_for
@@ -197,8 +197,8 @@ def profile(
                 )
             )
             source = f"{cluster}, {backend} backend"
-            if backend == "torch":  # the servers computed on this machine's cores, as they will when served here
-                problem = replace(problem, hosts=(this_machine(problem),))
+            if backend == "torch":  # on the CPU they computed on this machine's cores, as they will served here
+                problem = replace(problem, hosts=cpu_hosts(problem))
         head_cost = measure_head(backend, model) if max_batch else None
         out.write_text(cluster_yaml(problem, profiles, settings, source, head_cost), encoding="utf-8")
     console = stdout_console()

@@ -60,7 +60,7 @@ from chainserve.experiments.table1_live import (
 )
 from chainserve.extras import require
 from chainserve.measure.bench import BenchRequest, rate_requests, trace_requests
-from chainserve.measure.profile import ProfileSettings, ServerProfile, profiled_problem, this_machine
+from chainserve.measure.profile import ProfileSettings, ServerProfile, cpu_hosts, profiled_problem
 from chainserve.measure.profile_batch import measure_head
 from chainserve.measure.profile_live import profile_cluster
 from chainserve.model.catalogue import with_roofline_step_costs
@@ -175,7 +175,7 @@ def profiled_smollm2(settings: ProfileSettings) -> tuple[Problem, dict[str, Serv
     problem = load_cluster(EXAMPLES / "fidelity-smollm2-3.yaml")
     profiles = asyncio.run(profile_cluster(problem, "torch", SMOLLM2_MODEL, settings, {}, {}))
     profiled = profiled_problem(problem, profiles, measure_head("torch", SMOLLM2_MODEL, device="cpu"))
-    return replace(profiled, hosts=(this_machine(profiled),)), profiles  # as `profile` writes it (issue 31)
+    return replace(profiled, hosts=cpu_hosts(profiled)), profiles  # as `profile` writes it (issue 31)
 
 
 def _bounds(layout: Layout) -> str:

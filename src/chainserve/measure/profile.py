@@ -263,6 +263,14 @@ def host_entry(host: SharedHost) -> dict:
     return {"name": host.name, "cores": host.cores, "servers": list(host.servers), "head": host.head}
 
 
+def cpu_hosts(problem: Problem) -> tuple[SharedHost, ...]:
+    """What ``problem``'s torch block servers started here share: this machine's cores when torch's
+    ``auto`` device is the CPU (the local launcher's default), none when they go to a GPU."""
+    from chainserve.runtime.backends.devices import resolve_device  # torch: only for the torch backend
+
+    return (this_machine(problem),) if resolve_device("auto").type == "cpu" else ()
+
+
 def this_machine(problem: Problem) -> SharedHost:
     """The machine this process runs on, as the host whose cores ``problem``'s servers and the
     orchestrator's head share (block servers started here on the CPU: ``profile``, the local launcher)."""

@@ -67,8 +67,8 @@ sampling) per job stepped together, ``{alpha_ms, beta_ms}``; absent: free.
 
 ``hosts`` (optional, top level; issue 31): machines whose CPU cores some servers, and with ``head:
 true`` the orchestrator's head, share, each ``{name, cores, servers: [names], head}``
-(:class:`~chainserve.model.spec.SharedHost`; ``chainserve profile`` writes one for the servers it ran
-on its machine). The batched simulator then shares each host's cores among what computes there.
+(:class:`~chainserve.model.spec.SharedHost`; ``chainserve profile`` writes one for the torch servers
+it ran on its machine's CPU). The batched simulator then shares each host's cores among what computes there.
 
 **Raw format** (seconds and GB, as solvers exchange instances)::
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chainserve.model.formats import BITS_PER_PARAM, FLOAT_BYTES, WEIGHT_FORMATS, FormatSizes, compute_dtype
@@ -287,3 +288,12 @@ class Problem:
         }
         fields.update(changes)
         return dataclasses.replace(self, workload=Workload(**fields))
+
+    def with_servers(self, kept: Sequence[int]) -> Problem:
+        """A copy on the servers at indices ``kept`` (in that order), each shared host narrowed to them
+        (one left sharing nothing is dropped)."""
+        servers = tuple(self.servers[j] for j in kept)
+        names = {s.name for s in servers}
+        kept_names = [(h, tuple(n for n in h.servers if n in names)) for h in self.hosts]
+        hosts = tuple(dataclasses.replace(h, servers=on) for h, on in kept_names if on or h.head)
+        return dataclasses.replace(self, servers=servers, hosts=hosts)

@@ -150,7 +150,7 @@ def replace_survivors(plan: Plan, alive: Set[int]) -> Plan | None:
 
     problem = plan.problem
     live = sorted(alive)
-    sub = dataclasses.replace(problem, servers=tuple(problem.servers[j] for j in live))
+    sub = problem.with_servers(live)
     try:
         found = search_c(sub)
     except ValueError:
