@@ -104,9 +104,22 @@ def test_servers_on_one_core_share_it(second_at, shared, apart):
     assert finish_times(second_at, BatchedService()) == apart
 
 
+def test_background_cores_come_off_the_shared_host():
+    """Issue 31: work the model does not time takes cores off its host. Two cores of which the
+    runtime's own CPU takes one on average leave one: the two jobs share it."""
+    busy = BatchedService(hosts=(0, 0, 0), host_cores=(2.0,), background_cores=1.0)
+    assert busy.host_model(two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5)).problem) == ((0, 0, 0), (1.0,))
+    assert finish_times(0.0, busy) == [2.0, 2.0]
+    assert finish_times(0.0, dataclasses.replace(busy, background_cores=0.5)) == [4 / 3, 4 / 3]  # 1.5 cores
+
+
 def test_hosts_are_checked():
     with pytest.raises(ValueError, match="host_cores"):
         BatchedService(hosts=(0, 0, 0), host_cores=(0.0,))
+    with pytest.raises(ValueError, match="background_cores: must be"):
+        BatchedService(background_cores=-0.1)
+    with pytest.raises(ValueError, match="leaves a shared host no cores"):
+        finish_times(0.0, BatchedService(hosts=(0, 0, 0), host_cores=(2.0,), background_cores=2.0))
     with pytest.raises(ValueError, match="one per server and one for the head"):
         finish_times(0.0, BatchedService(hosts=(0, 0), host_cores=(1.0,)))
 
@@ -167,6 +180,8 @@ def test_the_clusters_shared_host_is_the_models():
     problem = dataclasses.replace(plan.problem, hosts=(SharedHost("box", 1, ("a", "b")),))
     assert BatchedService().host_model(problem) == ((0, 0, 1), (1.0, 1.0))
     assert BatchedService().host_model(plan.problem) is None
+    # the runtime's own CPU comes off the cluster's shared host only, not off the head's own core
+    assert BatchedService(background_cores=0.25).host_model(problem) == ((0, 0, 1), (0.75, 1.0))
     given_hosts = BatchedService(hosts=(0, 1, 2), host_cores=(1.0, 1.0, 1.0))
     assert given_hosts.host_model(problem) == ((0, 1, 2), (1.0, 1.0, 1.0))  # the model's own win
     shared = dataclasses.replace(plan, problem=problem)

@@ -61,6 +61,7 @@ def test_fidelity_rows_and_table(tmp_path):
         row.measured.num_completed == NUM_REQUESTS and row.simulated.response.p95_s >= row.simulated.response.mean_s > 0
     )
     assert row.measured.duration_s > 0 and row.measured.mean_in_service > 0 and row.measured.num_retried == 0
+    assert row.measured.cpu_s is not None and row.measured.cpu_s > 0  # the served processes' and client's CPU
     table = fidelity_table([ClusterRun("replicas", "test", "emulated", rows, "")]).splitlines()
     assert len(table) == 3 and table[2].startswith("| replicas | jffc-only |")
     lower, upper = (float(x) for x in table[2].rstrip(" |").rsplit("|", 1)[1].split("–"))

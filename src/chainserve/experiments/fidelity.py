@@ -76,7 +76,7 @@ SMOLLM2_MODEL = "smollm2-135m"
 #: Token lengths of the torch cluster's requests (and of its profile).
 PROMPT_TOKENS, OUTPUT_TOKENS = 40, 24
 #: Requests of the torch cluster's control run, sent one at a time.
-SEQUENTIAL_REQUESTS = 10
+SEQUENTIAL_REQUESTS = 20
 #: The torch cluster runs real compute on this machine's CPUs: a fifth of the requests.
 TORCH_REQUEST_SHARE = 5
 #: Issue 31: the torch cluster's busy run, Poisson at this rate (the batched simulator, with the issue-18
@@ -345,13 +345,17 @@ def _smollm2_section(
     problem, profiles = profiled_smollm2(settings)
     w = problem.workload
     requests = rate_requests(w.arrival_rate_per_s, torch_jobs, w.prompt_tokens, w.output_tokens, seed=0)
-    control, service = _control(problem, work, tick)
+    control, service, runtime_cpu_s = _control(problem, work, tick)
+
+    def at(rate: float) -> BatchedService:  # the runtime's CPU at that rate, off the shared cores
+        return replace(service, background_cores=runtime_cpu_s * rate)
+
     rows, _, skipped = _cluster_rows(
-        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, service
+        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, at(w.arrival_rate_per_s)
     )
     rows += (control,)
     if "proposed" in methods:
-        rows += (_busy(problem, service, work, tick),)
+        rows += (_busy(problem, at(BUSY_RATE), work, tick),)
     taus = ", ".join(
         f"{s.name}: α {s.step.alpha_s * 1000:.2f} ms, β {s.step.beta_s * 1000:.3f} ms, "
         f"β' {s.step.prefill_beta_s * 1000:.3f} ms per block (R² {s.step.r2:.3f}), τ^c {s.tau_c_s * 1000:.0f} ms"
@@ -366,7 +370,8 @@ def _smollm2_section(
         f"Poisson requests at λ = {w.arrival_rate_per_s:.2f}/s and {BUSY_REQUESTS} at λ = {BUSY_RATE:g}/s "
         f"(the proposed plan for that rate), 40 / 24 tokens; profiled: {taus}",
         f"batched with the profiled step costs and head cost, the servers and head sharing this machine's "
-        f"{os.cpu_count()} cores, + {service.hop_overhead_s * 1000:.2f} ms per hop per step fitted on the "
+        f"{os.cpu_count()} cores, + {service.hop_overhead_s * 1000:.2f} ms per hop per step and the runtime's "
+        f"own CPU, {runtime_cpu_s * 1000:.0f} ms per job (× λ cores off the shared host), both measured on the "
         "one-at-a-time control (no job beside another), nothing fitted on the other runs",
         rows,
         "; ".join(skipped),
@@ -376,10 +381,11 @@ def _smollm2_section(
     return replace(section, markdown=section.markdown + "\n\n" + extra)
 
 
-def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Row, BatchedService]:
-    """The proposed chains with never two jobs in service, and the batched model with the runtime's
-    own time per hop and step (transport, routing, sampling: what ``profile``'s direct client does not
-    see) fitted on that run (:func:`.live.calibrated_batched`)."""
+def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Row, BatchedService, float]:
+    """The proposed chains with never two jobs in service, the batched model with the runtime's own
+    time per hop and step (transport, routing, sampling: what ``profile``'s direct client does not
+    see) fitted on that run (:func:`.live.calibrated_batched`), and the runtime's own CPU seconds per
+    job there (:func:`runtime_cpu_per_job`)."""
     w = problem.workload
     layout = method_layout("proposed", problem)
     alone = one_at_a_time(layout, SEQUENTIAL_REQUESTS, w.prompt_tokens, w.output_tokens)
@@ -389,7 +395,29 @@ def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Ro
     row = Row(
         "smollm2-3", "proposed, one at a time", layout, measured, simulate_layout(layout, "proposed", alone, service)
     )
-    return row, service
+    if not isinstance(layout, Plan):
+        raise TypeError(f"the proposed method gave a {type(layout).__name__}, not a Plan")
+    return row, service, runtime_cpu_per_job(layout, measured, w.prompt_tokens, w.output_tokens)
+
+
+def runtime_cpu_per_job(plan: Plan, measured: Measured, prompt_tokens: int, output_tokens: int) -> float:
+    """CPU seconds per job that the served processes and the client used beyond the compute the
+    model times (issue 31), from a run with one job at a time (each on the plan's fastest chain): the
+    measured CPU per completed job less that chain's profiled compute for one job alone (each hop's
+    m·τ^p at batch 1, :meth:`StepCost.job_s <chainserve.model.step_cost.StepCost.job_s>`, and l_out
+    head batches of one); 0 when that is negative or the CPU was not measured."""
+    if measured.cpu_s is None or measured.num_completed == 0:
+        return 0.0
+    problem = plan.problem
+    chain = min(plan.chains, key=lambda c: c.service_time_s)
+    compute = 0.0
+    for hop in chain.hops:
+        server = problem.servers[hop.server]
+        one = server.step.job_s(prompt_tokens, output_tokens) if server.step is not None else server.tau_p_s
+        compute += hop.num_blocks * one
+    if problem.head_cost is not None:
+        compute += output_tokens * problem.head_cost.decode_s(1)
+    return max(measured.cpu_s / measured.num_completed - compute, 0.0)
 
 
 def _busy(problem: Problem, service: BatchedService, work: Path, tick: Callable[[], None]) -> Row:
@@ -492,7 +520,11 @@ def _torch_note(cluster: ClusterRun) -> list[str]:
         "simulator shares its cores among the iterations in progress (processor sharing: with more of them "
         "than cores, each runs at cores / n of its speed). The runtime's own time per hop and step (the "
         "orchestrator's routing, transport, sampling: what the profile's direct client does not see) is "
-        "fitted on the one-at-a-time control, where no job slows another. What the model leaves out is the "
-        "CPU that this Python takes under load, beside the models' compute on the same cores, with the "
-        "benchmark client's: the loaded runs' ratios beside the control's show how much."
+        "fitted on the one-at-a-time control, where no job slows another. That Python also takes CPU beside "
+        "the models' compute, on the same cores, with the benchmark client's: the control measures it "
+        "(the CPU the served processes and the client used, per job, less the profiled compute of a job "
+        "alone), and the simulator takes λ times that many cores off the shared host (a mean field: that "
+        "work spread evenly over the run). What the model still leaves out: the cores' contention for "
+        "memory bandwidth when two servers compute at once, and the machine's own drift between the "
+        "profile, the control and the loaded runs; the loaded runs' ratios beside the control's show how much."
     ]

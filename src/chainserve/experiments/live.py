@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +47,9 @@ FIDELITY_TARGET = 0.15
 class Measured:
     """One method's live run: counts and per-request times (seconds) of the completed requests, the
     run's span (first send to last answer), the requests resumed on another chain after a server
-    failure (``num_attempts`` > 1) and the outage of a killed server (``None``: no kill)."""
+    failure (``num_attempts`` > 1), the outage of a killed server (``None``: no kill) and the CPU seconds
+    that ``chainserve serve``, its block servers and this process (the benchmark client) used from the
+    first request sent to the last answer (a killed server's stop counting when it dies)."""
 
     num_requests: int
     num_completed: int
@@ -61,6 +64,7 @@ class Measured:
     outage: Outage | None = None
     index: np.ndarray | None = None  # each completed request's place in the requests sent
     sent_at_s: np.ndarray | None = None  # … and when it was sent, from the benchmark's start
+    cpu_s: float | None = None  # CPU the served processes and this client used over the run (issue 31)
 
     @property
     def num_failed(self) -> int:
@@ -176,12 +180,19 @@ async def measure_layout(
     args += ["--log-level", "warning", *(["--model", model] if model is not None else [])]
     with serve_process(args, work_dir / "logs" / "serve.log", READY_TIMEOUT_S) as served:
         started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        bench = run_bench(served.url, requests, progress=progress, timeout_s=3600, on_start=started.set_result)
+        cpu_at_start: list[float] = []
+
+        def start(at: float) -> None:
+            cpu_at_start.append(served.cpu_s() + time.process_time())
+            started.set_result(at)
+
+        bench = run_bench(served.url, requests, progress=progress, timeout_s=3600, on_start=start)
         if kill is None:
             report, outage = await bench, None
         else:
             watch = kill_and_watch(served.url, work_dir / "logs" / "token", kill, started)
             report, outage = await asyncio.gather(bench, watch)
+        cpu_s = served.cpu_s() + time.process_time() - cpu_at_start[0]
     done = [r for r in report.results if r.ok and r.route is not None]
     queued = np.array([float(r.route["queued_s"]) for r in done])
     server_e2e = np.array([float(r.route["e2e_s"]) for r in done])
@@ -208,6 +219,7 @@ async def measure_layout(
         outage,
         np.array([r.index for r in done], dtype=np.int64),
         np.array([r.sent_at_s for r in done]),
+        cpu_s,
     )
 
 

@@ -1,6 +1,7 @@
 """``chainserve serve`` as a child process, started the way a user starts it (the CLI), for the
 end-to-end tests and the live experiments: wait for its ready line, hand out its URL, stop it with
-SIGTERM (it stops its block servers) and wait for it to exit."""
+SIGTERM (it stops its block servers) and wait for it to exit; :meth:`ServeProcess.cpu_s` reads the CPU
+its processes have used."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 #: The line ``chainserve serve`` prints on stdout once its API listens.
 READY = re.compile(r"chainserve: (?:serving \S+|standing by for \S+) on (http://\S+)")
 
@@ -31,6 +34,23 @@ class ServeProcess:
 
     url: str
     proc: subprocess.Popen
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by ``chainserve serve`` and its live descendants
+        (its block servers): a process that has exited no longer counts."""
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return total
+        for p in family:
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        return total
 
 
 @contextmanager

@@ -51,17 +51,25 @@ class BatchedService:
     server in ``problem.servers`` order and one for the orchestrator's head, indexing ``host_cores``
     (each host's cores). An iteration in progress on a host then progresses at min(1, cores / n),
     n the iterations in progress there (egalitarian processor sharing; a free iteration takes no
-    share), and its end moves whenever n changes. ``None``: every station computes alone."""
+    share), and its end moves whenever n changes. ``None``: every station computes alone.
+
+    ``background_cores`` ≥ 0: the cores each shared host spends, on average, on work the model does not
+    time — the runtime's own Python (HTTP, routing, transport), a benchmark client — taken off its
+    ``cores`` (a mean-field approximation: that work is spread evenly over the run); it must leave
+    every shared host some."""
 
     hop_overhead_s: float = 0.0
     max_batch_tokens: int = MAX_BATCH_TOKENS
     hosts: tuple[int, ...] | None = None
     host_cores: tuple[float, ...] = ()
+    background_cores: float = 0.0
     name: ClassVar[str] = "batched"
 
     def __post_init__(self) -> None:
         if not self.hop_overhead_s >= 0:
             raise ValueError(f"hop_overhead_s: must be ≥ 0, got {self.hop_overhead_s}")
+        if not self.background_cores >= 0:
+            raise ValueError(f"background_cores: must be ≥ 0, got {self.background_cores}")
         if self.max_batch_tokens < 2:
             raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
         if self.hosts is not None and not all(c > 0 for c in self.host_cores):
@@ -70,9 +78,10 @@ class BatchedService:
     def host_model(self, problem: Problem) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """``(hosts, host_cores)`` as given, else from the cluster's shared hosts
         (:attr:`Problem.hosts <chainserve.model.spec.Problem.hosts>`: a station on none gets a host of
-        its own with one core, which never slows it); ``None``: no station shares a host."""
+        its own with one core, which never slows it), each shared host less ``background_cores``;
+        ``None``: no station shares a host."""
         if self.hosts is not None:
-            return self.hosts, self.host_cores
+            return self.hosts, self._less_background(self.host_cores)
         if not problem.hosts:
             return None
         index = {name: j for j, name in enumerate(s.name for s in problem.servers)}
@@ -83,9 +92,17 @@ class BatchedService:
                 hosts[index[name]] = h
             if host.head:
                 hosts[-1] = h
-        cores = [float(host.cores) for host in problem.hosts]
+        cores = list(self._less_background(tuple(float(host.cores) for host in problem.hosts)))
         for j in range(stations):
             if hosts[j] < 0:
                 hosts[j] = len(cores)
                 cores.append(1.0)
         return tuple(hosts), tuple(cores)
+
+    def _less_background(self, cores: tuple[float, ...]) -> tuple[float, ...]:
+        left = tuple(c - self.background_cores for c in cores)
+        if not all(c > 0 for c in left):
+            raise ValueError(
+                f"background_cores: {self.background_cores:g} leaves a shared host no cores (it has {min(cores):g})"
+            )
+        return left
