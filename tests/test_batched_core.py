@@ -73,10 +73,11 @@ def two_servers_plan(cost: StepCost):
     return make_plan(problem, Placement((Span(0, 0, 1), Span(1, 0, 1)), 1), chains, 1)
 
 
-def finish_times(second_at: float, model: BatchedService) -> list[float]:
+def finish_times(second_at: float, model: BatchedService, hosts: tuple[SharedHost, ...] = ()) -> list[float]:
     """Two one-token jobs, at 0 and ``second_at``: each one iteration of 1 s (a decode of one block,
-    α = β = 0.5 s), on its own server."""
+    α = β = 0.5 s), on its own server (``a``, ``b``), the cluster's shared ``hosts``."""
     plan = two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5))
+    plan = dataclasses.replace(plan, problem=dataclasses.replace(plan.problem, hosts=hosts))
     jobs = ReplayArrivals(Arrivals(np.array([0.0, second_at]), np.array([1, 1]), np.array([1, 1])))
     r = simulate(plan, JFFC(plan.chains), jobs, model, num_jobs=2)
     assert sorted(r.chain.tolist()) == [0, 1]
@@ -94,34 +95,33 @@ def finish_times(second_at: float, model: BatchedService) -> list[float]:
 )
 def test_servers_on_one_core_share_it(second_at, shared, apart):
     """Processor sharing (issue 31): both servers on one 1-core host (the head on its own)."""
-    one_core = BatchedService(hosts=(0, 0, 1), host_cores=(1.0, 1.0))
-    assert finish_times(second_at, one_core) == shared
-    with_head = BatchedService(hosts=(0, 0, 0), host_cores=(1.0,))  # the free head takes no share
-    assert finish_times(second_at, with_head) == shared
-    two_cores = BatchedService(hosts=(0, 0, 1), host_cores=(2.0, 1.0))  # n ≤ cores: no slowdown
-    assert finish_times(second_at, two_cores) == apart
-    assert finish_times(second_at, BatchedService(hosts=(0, 1, 2), host_cores=(1.0, 1.0, 1.0))) == apart
-    assert finish_times(second_at, BatchedService()) == apart
+    model = BatchedService()
+    assert finish_times(second_at, model, (SharedHost("box", 1, ("a", "b")),)) == shared
+    with_head = (SharedHost("box", 1, ("a", "b"), head=True),)  # the free head takes no share
+    assert finish_times(second_at, model, with_head) == shared
+    two_cores = (SharedHost("box", 2, ("a", "b")),)  # n ≤ cores: no slowdown
+    assert finish_times(second_at, model, two_cores) == apart
+    apart_hosts = (SharedHost("x", 1, ("a",)), SharedHost("y", 1, ("b",), head=True))
+    assert finish_times(second_at, model, apart_hosts) == apart
+    assert finish_times(second_at, model) == apart
 
 
 def test_background_cores_come_off_the_shared_host():
     """Issue 31: work the model does not time takes cores off its host. Two cores of which the
     runtime's own CPU takes one on average leave one: the two jobs share it."""
-    busy = BatchedService(hosts=(0, 0, 0), host_cores=(2.0,), background_cores=1.0)
-    assert busy.host_model(two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5)).problem) == ((0, 0, 0), (1.0,))
-    assert finish_times(0.0, busy) == [2.0, 2.0]
-    assert finish_times(0.0, dataclasses.replace(busy, background_cores=0.5)) == [4 / 3, 4 / 3]  # 1.5 cores
+    box = (SharedHost("box", 2, ("a", "b"), head=True),)
+    busy = BatchedService(background_cores=1.0)
+    plan = two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5))
+    assert busy.host_model(dataclasses.replace(plan.problem, hosts=box)) == ((0, 0, 0), (1.0,))
+    assert finish_times(0.0, busy, box) == [2.0, 2.0]
+    assert finish_times(0.0, BatchedService(background_cores=0.5), box) == [4 / 3, 4 / 3]  # 1.5 cores
 
 
-def test_hosts_are_checked():
-    with pytest.raises(ValueError, match="host_cores"):
-        BatchedService(hosts=(0, 0, 0), host_cores=(0.0,))
+def test_background_cores_are_checked():
     with pytest.raises(ValueError, match="background_cores: must be"):
         BatchedService(background_cores=-0.1)
     with pytest.raises(ValueError, match="leaves a shared host no cores"):
-        finish_times(0.0, BatchedService(hosts=(0, 0, 0), host_cores=(2.0,), background_cores=2.0))
-    with pytest.raises(ValueError, match="one per server and one for the head"):
-        finish_times(0.0, BatchedService(hosts=(0, 0), host_cores=(1.0,)))
+        finish_times(0.0, BatchedService(background_cores=2.0), (SharedHost("box", 2, ("a", "b")),))
 
 
 def bloom_with_steps():
@@ -134,12 +134,18 @@ def bloom_with_steps():
     return plan_for_rate(dataclasses.replace(cluster, servers=servers), "greedy", 0.3)
 
 
+def on_hosts(plan, hosts):
+    """``plan`` with its cluster's shared hosts ``hosts(server names)``."""
+    names = tuple(s.name for s in plan.problem.servers)
+    return dataclasses.replace(plan, problem=dataclasses.replace(plan.problem, hosts=hosts(names)))
+
+
 def test_ends_that_sharing_moved_leave_room(monkeypatch):
     """Every station on one 1-core host: each change re-pushes the ends of all iterations in
     progress and leaves the old ones stale in the heap. A heap of 25 entries (the live events fit,
     the stale ones would not) is compacted when full: the same records as with room to spare."""
-    plan = bloom_with_steps()
-    model = BatchedService(hosts=(0,) * (plan.problem.num_servers + 1), host_cores=(1.0,))
+    plan = on_hosts(bloom_with_steps(), lambda names: (SharedHost("box", 1, names, head=True),))
+    model = BatchedService()
     roomy = simulate(plan, JFFC(plan.chains), None, model, seed=2, num_jobs=400)
     grow = BatchedProcess._grow
 
@@ -158,36 +164,29 @@ def test_a_host_per_station_is_no_sharing():
     """One station per host, one core each: the records are those without hosts, float for float
     (through a failure with recovery, so aborted steps and restarts too)."""
     plan = bloom_with_steps()
-    stations = plan.problem.num_servers + 1
     failure = [Failure(600.0, plan.chains[0].servers[-1], 120.0)]
+    one_each = on_hosts(plan, lambda names: tuple(SharedHost(n, 1, (n,)) for n in names))
     runs = [
-        simulate(plan, JFFC(plan.chains), None, model, seed=2, num_jobs=400, failures=failure, recover=True)
-        for model in (BatchedService(), BatchedService(hosts=tuple(range(stations)), host_cores=(1.0,) * stations))
+        simulate(p, JFFC(p.chains), None, BatchedService(), seed=2, num_jobs=400, failures=failure, recover=True)
+        for p in (plan, one_each)
     ]
     assert runs[0].num_retried >= 1
     np.testing.assert_array_equal(runs[0].started_at, runs[1].started_at)
     np.testing.assert_array_equal(runs[0].finished_at, runs[1].finished_at)
-    shared = BatchedService(hosts=(0,) * stations, host_cores=(2.0,))  # all on one 2-core machine: slower
-    slow = simulate(plan, JFFC(plan.chains), None, shared, seed=2, num_jobs=400, failures=failure, recover=True)
+    box = on_hosts(plan, lambda names: (SharedHost("box", 2, names, head=True),))  # one 2-core machine: slower
+    slow = simulate(box, JFFC(box.chains), None, BatchedService(), seed=2, num_jobs=400, failures=failure, recover=True)
     assert slow.num_finished == 400
     assert np.nanmean(slow.finished_at - slow.arrived_at) > np.nanmean(runs[0].finished_at - runs[0].arrived_at)
 
 
-def test_the_clusters_shared_host_is_the_models():
-    """A cluster file's ``hosts`` (issue 31) reach the simulator: the two servers on one 1-core host
-    share it as ``BatchedService(hosts=...)`` does; the head on no host computes alone."""
+def test_host_model_of_the_clusters_hosts():
+    """The stations' hosts from the cluster's ``hosts`` (issue 31): the two servers on the shared
+    host, the head on no host alone on one core; the runtime's CPU comes off the shared host only."""
     plan = two_servers_plan(StepCost(0.5, 0.5, 0.5, 0.5))
     problem = dataclasses.replace(plan.problem, hosts=(SharedHost("box", 1, ("a", "b")),))
     assert BatchedService().host_model(problem) == ((0, 0, 1), (1.0, 1.0))
     assert BatchedService().host_model(plan.problem) is None
-    # the runtime's own CPU comes off the cluster's shared host only, not off the head's own core
     assert BatchedService(background_cores=0.25).host_model(problem) == ((0, 0, 1), (0.75, 1.0))
-    given_hosts = BatchedService(hosts=(0, 1, 2), host_cores=(1.0, 1.0, 1.0))
-    assert given_hosts.host_model(problem) == ((0, 1, 2), (1.0, 1.0, 1.0))  # the model's own win
-    shared = dataclasses.replace(plan, problem=problem)
-    jobs = ReplayArrivals(Arrivals(np.array([0.0, 0.0]), np.array([1, 1]), np.array([1, 1])))
-    r = simulate(shared, JFFC(shared.chains), jobs, BatchedService(), num_jobs=2)
-    assert r.finished_at.tolist() == [2.0, 2.0]
 
 
 def test_shared_hosts_in_a_cluster_file(tmp_path):

@@ -16,7 +16,8 @@ iteration, and the step moves on after its last chunk. The iteration costs
 step at once in ``m_ij·τ^p_j / l̄_out`` (the emulated backend's model, no batching). The orchestrator's
 head batches likewise with ``Problem.head_cost`` (free without it). Communication per hop and step is
 ``τ^c_j / l̄_out`` plus ``hop_overhead_s``, and does not hold the server. Servers (and the head) that
-share a machine may share its cores (``BatchedService.hosts``: processor sharing, issue 31).
+share a machine share its cores (the cluster's ``hosts``, :class:`~chainserve.model.spec.SharedHost`:
+processor sharing, issue 31).
 
 The model is a service component of the simulator's one event loop (:mod:`.loop`, issue 31), which
 owns dispatch (a job's route comes from ``submit``/``complete``, as in the runtime) and the KV cache
@@ -47,21 +48,16 @@ from chainserve.model.step_cost import MAX_BATCH_TOKENS
 class BatchedService:
     """The iteration-level model (module docstring); ``hop_overhead_s`` ≥ 0 per hop and step.
 
-    ``hosts`` (issue 31: servers that share a machine's cores): the host of each station, one per
-    server in ``problem.servers`` order and one for the orchestrator's head, indexing ``host_cores``
-    (each host's cores). An iteration in progress on a host then progresses at min(1, cores / n),
-    n the iterations in progress there (egalitarian processor sharing; a free iteration takes no
-    share), and its end moves whenever n changes. ``None``: every station computes alone.
-
-    ``background_cores`` ≥ 0: the cores each shared host spends, on average, on work the model does not
-    time — the runtime's own Python (HTTP, routing, transport), a benchmark client — taken off its
-    ``cores`` (a mean-field approximation: that work is spread evenly over the run); it must leave
-    every shared host some."""
+    The cluster's shared hosts (:attr:`Problem.hosts <chainserve.model.spec.Problem.hosts>`, issue 31)
+    share their cores: an iteration in progress on a host of c cores progresses at min(1, c / n), n the
+    iterations in progress there (egalitarian processor sharing; a free iteration takes no share), and
+    its end moves whenever n changes. ``background_cores`` ≥ 0: the cores each shared host spends, on
+    average, on work the model does not time — the runtime's own Python (HTTP, routing, transport), a
+    benchmark client — taken off its cores (a mean-field approximation: that work is spread evenly over
+    the run); it must leave every shared host some."""
 
     hop_overhead_s: float = 0.0
     max_batch_tokens: int = MAX_BATCH_TOKENS
-    hosts: tuple[int, ...] | None = None
-    host_cores: tuple[float, ...] = ()
     background_cores: float = 0.0
     name: ClassVar[str] = "batched"
 
@@ -72,16 +68,19 @@ class BatchedService:
             raise ValueError(f"background_cores: must be ≥ 0, got {self.background_cores}")
         if self.max_batch_tokens < 2:
             raise ValueError(f"max_batch_tokens: must be ≥ 2, got {self.max_batch_tokens}")
-        if self.hosts is not None and not all(c > 0 for c in self.host_cores):
-            raise ValueError(f"host_cores: each host needs cores > 0, got {self.host_cores}")
 
     def host_model(self, problem: Problem) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
-        """``(hosts, host_cores)`` as given, else from the cluster's shared hosts
-        (:attr:`Problem.hosts <chainserve.model.spec.Problem.hosts>`: a station on none gets a host of
-        its own with one core, which never slows it), each shared host less ``background_cores``;
-        ``None``: no station shares a host."""
-        if self.hosts is not None:
-            return self.hosts, self._less_background(self.host_cores)
+        """The host of each station (the servers in ``problem.servers`` order, the head last) and the
+        cores of each host: the cluster's shared hosts, each less ``background_cores``, then a host of
+        one core for each station on none (which never slows it); ``None``: no shared host.
+
+        >>> from chainserve.model.spec import ModelSpec, Server, SharedHost, Workload
+        >>> servers = tuple(Server(name, 10, 1.0, 0.0) for name in "abc")
+        >>> box = SharedHost("box", 2, ("a", "b"), head=True)
+        >>> p = Problem(servers, ModelSpec("m", 1, 1.0, 0.1), Workload(0.1), hosts=(box,))
+        >>> BatchedService(background_cores=0.5).host_model(p)  # c alone on a host of its own
+        ((0, 0, 1, 0), (1.5, 1.0))
+        """
         if not problem.hosts:
             return None
         index = {name: j for j, name in enumerate(s.name for s in problem.servers)}
@@ -92,17 +91,14 @@ class BatchedService:
                 hosts[index[name]] = h
             if host.head:
                 hosts[-1] = h
-        cores = list(self._less_background(tuple(float(host.cores) for host in problem.hosts)))
+        cores = [float(host.cores) - self.background_cores for host in problem.hosts]
+        if not all(c > 0 for c in cores):
+            raise ValueError(
+                f"background_cores: {self.background_cores:g} leaves a shared host no cores "
+                f"(the least has {min(host.cores for host in problem.hosts):g})"
+            )
         for j in range(stations):
             if hosts[j] < 0:
                 hosts[j] = len(cores)
                 cores.append(1.0)
         return tuple(hosts), tuple(cores)
-
-    def _less_background(self, cores: tuple[float, ...]) -> tuple[float, ...]:
-        left = tuple(c - self.background_cores for c in cores)
-        if not all(c > 0 for c in left):
-            raise ValueError(
-                f"background_cores: {self.background_cores:g} leaves a shared host no cores (it has {min(cores):g})"
-            )
-        return left

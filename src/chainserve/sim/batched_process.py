@@ -98,16 +98,12 @@ class BatchedProcess:
 
     def _hosts(self, problem, model, stations: int) -> None:
         """The host of each station and the cores of each host (:meth:`BatchedService.host_model`: the
-        model's, else the cluster's shared hosts; none: no sharing)."""
+        cluster's shared hosts; none: no sharing)."""
         shared = model.host_model(problem)
         if shared is None:
             self.host_i, self.host_f = np.zeros((1, 3), np.int64), np.zeros((1, 2), np.float64)
             return
         hosts, host_cores = shared
-        if len(hosts) != stations:
-            raise ValueError(f"hosts: one per server and one for the head, {stations}; got {len(hosts)}")
-        if min(hosts) < 0 or max(hosts) >= len(host_cores):
-            raise ValueError(f"hosts: indices into host_cores ({len(host_cores)} hosts), got {hosts}")
         order = sorted(range(stations), key=lambda j: hosts[j])
         self.st_i[:, S_HOST] = hosts
         self.st_i[:, S_MEMBER] = order
