@@ -205,7 +205,7 @@ def test_table():
         (("--fail", "high-1@ten"), "fail"),
         (("--fail", "high-1@10+-5"), "fail"),
         (("--fail", "high-1@10", "--method", "petals"), "failures"),
-        (("--fail", "high-1@10", "--adapt"), "fail"),
+        (("--rate-profile", "0:0.3,1200:0.9", "--adapt", "--fail", "high-1@1240+50"), "failures"),  # during a change
     ],
 )
 def test_errors_one_line_exit_2(args, field):
@@ -266,8 +266,13 @@ def test_fail_recovers_every_job_and_counts_the_retried():
     assert "high-1 at 100 s, back after 50 s" in table and "ran again" in table
 
 
-def test_batched_runs_with_failures_and_with_adapt():
+def test_batched_runs_with_failures_with_adapt_and_with_both():
     failed = run_json("--requests", "600", "--service", "batched", "--fail", "high-1@300+200")
     assert failed["requests"] == 600 and failed["retried"] >= 1 and failed["service_model"] == "batched"
     adapted = run_json("--requests", "1200", "--service", "batched", "--rate-profile", "0:0.3,1200:0.9", "--adapt")
     assert adapted["requests"] == 1200 and adapted["plan_changes"] >= 1
+    both = run_json(
+        "--requests", "1200", "--service", "batched", "--rate-profile", "0:0.3,1200:0.9", "--adapt",
+        "--fail", "high-1@600+200",
+    )  # fmt: skip
+    assert both["plan_changes"] >= 1 and both["retried"] >= 1 and both["recomposed"] >= 1

@@ -93,11 +93,28 @@ def test_fast_path_equals_the_general_loop(service):
     assert fast.summary == loop.summary
 
 
-def test_failures_with_a_controller_are_refused():
+def test_failures_and_plan_changes_in_one_run():
+    """Issue 31: a server fails and comes back while the controller adapts to a rate that triples
+    (the runtime's rules: no decision while a server is down or a change runs; recovery recomposes
+    the plan last placed); no job is lost and memory is never exceeded (the loop raises)."""
     plan = plan_for_rate(BLOOM, "greedy", 0.3)
-    controller = AdaptiveController(BLOOM, plan, AdaptConfig())
-    with pytest.raises(ValueError, match="failures"):
-        simulate(plan, JFFC(plan.chains), seed=0, num_jobs=100, failures=[Failure(1.0, 0, 1.0)], controller=controller)
+    arrivals = PiecewiseArrivals((0.0, 1500.0), (0.3, 0.9), 5000.0)
+    victim = plan.chains[0].servers[0]
+    failures = [Failure(600.0, victim, 300.0), Failure(2500.0, victim, 200.0)]
+    for recover in (False, True):
+        r = simulate(
+            plan, JFFC(plan.chains), arrivals, seed=0, num_jobs=3000, failures=failures, recover=recover,
+            controller=AdaptiveController(BLOOM, plan, AdaptConfig()),
+        )  # fmt: skip
+        assert r.num_finished == 3000 and r.num_restarts >= 1
+        assert r.transitions, "the controller must change the plan"
+        assert all(not 600.0 <= t.change.time_s < 900.0 for t in r.transitions)  # never while the server is down
+    during = [Failure(600.0, victim, 300.0), Failure(1530.0, 1, 40.0)]  # the first change runs 1521–1601 s
+    with pytest.raises(ValueError, match="during a plan change is not simulated"):
+        simulate(
+            plan, JFFC(plan.chains), arrivals, seed=0, num_jobs=3000, failures=during,
+            controller=AdaptiveController(BLOOM, plan, AdaptConfig()),
+        )  # fmt: skip
 
 
 def bloom_with_steps():

@@ -6,20 +6,27 @@ transport (each job's first hop holds its one forward step until the script says
 Both must start the same jobs at the same times on the same chains (house style: "one policy, two
 drivers"). A second script adds a server failure and its return (issue 31): the orchestrator is told
 the server died and is back, the simulator gets the same :class:`~chainserve.sim.events.Failure`;
-the aborted jobs run again at the same times on the same chains in both.
+the aborted jobs run again at the same times on the same chains in both. A third adds, after the
+failure, an adaptive plan change that both drivers ask the same scripted controller for
+(:class:`ScriptedChange`) and carry out by the same migration schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from chainserve.adapt.controller import PlanChange
+from chainserve.adapt.cost import REALLOCATE
 from chainserve.methods import build_method, dispatcher_for
 from chainserve.model.spec import ModelSpec, Problem, Server, Workload
+from chainserve.plan.csearch import make_plan
 from chainserve.runtime.backends.emulated import EmulatedHead
 from chainserve.runtime.orchestrator import Orchestrator
 from chainserve.runtime.requests import SamplingParams
@@ -123,14 +130,15 @@ class Recompose:
 
 
 async def drive_orchestrator(
-    layout, dispatcher, times, durations, failures=(), plan_ops=None
+    layout, dispatcher, times, durations, failures=(), plan_ops=None, controller=None
 ) -> dict[int, tuple[float, int | None, tuple]]:
     """Replay the script; ``failures``: (time, server, seconds down); ``plan_ops``: recompose the
-    chains (:class:`Recompose`). Returns each job's last start."""
+    chains (:class:`Recompose`); ``controller``: plan changes (:class:`ScriptedChange`). Returns each
+    job's last start."""
     clock, gates, began = VirtualClock(), {}, []
     clients = {j: FakeClient(s.name, gates, began) for j, s in enumerate(layout.problem.servers)}
     head = EmulatedHead("toy", layout.problem.model.num_blocks, 64)
-    orch = Orchestrator(layout, dispatcher, head, clients, clock=clock, plan_ops=plan_ops)
+    orch = Orchestrator(layout, dispatcher, head, clients, clock=clock, plan_ops=plan_ops, controller=controller)
     params = SamplingParams(max_tokens=1, temperature=0)
     consumers, completions, seen = [], [], 0
 
@@ -221,6 +229,74 @@ def test_a_failure_and_a_return_make_identical_starts(recover: bool) -> None:
     )
     assert sim.num_restarts >= 1 and sim.num_finished == NUM_JOBS
     assert sim.num_recomposed == 2 * recover
+    assert sorted(live) == list(range(NUM_JOBS))
+    for job in range(NUM_JOBS):
+        at, chain, servers = live[job]
+        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
+        assert (chain if chain is not None else -1) == sim.chain[job], job
+        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+
+
+class ScriptedChange:
+    """An adaptive controller (the object both drivers ask after each arrival) that decides one plan
+    change, at the first arrival at or after ``at_s``: a re-allocation to ``layout`` (the same
+    placement, so no block server reloads)."""
+
+    def __init__(self, layout, at_s: float):
+        self.layout, self.at_s = layout, at_s
+        self.config = SimpleNamespace(window_s=math.inf)  # no window ticks: decisions at arrivals only
+        self.decided_at = self.applied_at = None
+
+    def observe(self, t: float, prompt_tokens: int, output_tokens: int) -> None:
+        """Arrivals do not matter to the script."""
+
+    def decide(self, t: float) -> PlanChange | None:
+        if self.decided_at is not None or t < self.at_s:
+            return None
+        self.decided_at = t
+        return PlanChange(t, "rate_down", REALLOCATE, self.layout.c, self.layout.c, 1.0, self.layout, (), 1.0, 0.0, 0.0)
+
+    def applied(self, change: PlanChange, t: float) -> None:
+        self.applied_at = t
+
+
+def test_a_failure_and_a_plan_change_make_identical_starts() -> None:
+    """Issue 31's script: arrivals, completions, a server failure and its return (the chains
+    recomposed around it and back), then an adaptive plan change (a re-allocation that drops the
+    plan's last chain while jobs wait) replayed through both drivers: the same starts, at the same
+    times, on the same chains and servers; the waiting jobs move to the new plan at once, the
+    running ones finish on the old chains."""
+    rng = np.random.default_rng(11)
+    times = np.cumsum(rng.exponential(0.15, NUM_JOBS))
+    durations = rng.exponential(1.5, NUM_JOBS)
+    setup = build_method("proposed", problem(), np.random.default_rng(0))
+    plan = setup.plan_or_placement
+    smaller = make_plan(plan.problem, plan.placement, plan.chains[:-1], plan.c)
+    victim, t_fail, down_s = plan.chains[0].servers[0], float(times[10]) + 0.01, 1.0
+    t_change = float(times[40])  # jobs wait then
+
+    def make_dispatcher(layout):
+        return dispatcher_for("proposed", layout, np.random.default_rng(1))
+
+    sim_controller, live_controller = ScriptedChange(smaller, t_change), ScriptedChange(smaller, t_change)
+    sim = simulate(
+        plan, setup.make_dispatcher(np.random.default_rng(1)), ScriptedArrivals(times), ScriptedService(durations),
+        num_jobs=NUM_JOBS, failures=[Failure(t_fail, victim, down_s)], recover=True, controller=sim_controller,
+        make_dispatcher=make_dispatcher,
+    )  # fmt: skip
+    live = asyncio.run(
+        drive_orchestrator(
+            plan, setup.make_dispatcher(np.random.default_rng(1)), times, durations, [(t_fail, victim, down_s)],
+            Recompose(make_dispatcher), live_controller,
+        )
+    )  # fmt: skip
+    assert sim.num_finished == NUM_JOBS and sim.num_restarts >= 1 and sim.num_recomposed == 2
+    assert sim_controller.decided_at == live_controller.decided_at == t_change
+    assert sim_controller.applied_at == live_controller.applied_at > t_change  # the old plan's jobs drained
+    waited = [job for job in range(NUM_JOBS) if times[job] < t_change < sim.started_at[job]]
+    assert len(waited) >= 2, "the script must move waiting jobs to the new plan"
+    dropped = len(plan.chains) - 1
+    assert all(sim.chain[job] != dropped for job in range(NUM_JOBS) if times[job] >= t_change)
     assert sorted(live) == list(range(NUM_JOBS))
     for job in range(NUM_JOBS):
         at, chain, servers = live[job]

@@ -163,8 +163,6 @@ def simulate(
         if adapt and page_tokens is not None:
             raise SpecError("page-tokens", "--adapt simulates the paper's max-length slots; leave out --page-tokens")
         profile = None if rate_profile is None else parse_rate_profile(rate_profile)
-        if fail and adapt:
-            raise SpecError("fail", "failures are not simulated together with --adapt")
         if profile is not None and (rate is not None or trace is not None or burstiness is not None):
             raise SpecError("rate-profile", "excludes --rate, --trace and --burstiness (it sets the arrivals)")
         problem = load_cluster(cluster or DEFAULT_CLUSTER, measured_model)

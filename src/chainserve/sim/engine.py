@@ -117,7 +117,8 @@ def simulate(
     each recomposed plan gets ``make_dispatcher(plan)``). Jobs ``0 .. warmup-1`` are not summarised.
     ``controller``: an :class:`~chainserve.adapt.controller.AdaptiveController` whose plan changes are
     executed as events (:mod:`chainserve.sim.loop`; each new plan gets ``make_dispatcher(plan)``,
-    default the proposed method's, JFFC; the paper's slots only); without one the plan stays (and a
+    default the proposed method's, JFFC; the paper's slots only; with ``failures`` too, by the
+    orchestrator's rules — a failure during a plan change raises ``ValueError``); without one the plan stays (and a
     job-level model runs in the loop below; so it does for failures that never return, without
     ``recover`` — a fast path that ``tests/test_sim_loops.py`` pins to the general loop, which runs
     everything else, the ``"batched"`` model included). The dispatcher's ``paging``

@@ -20,7 +20,9 @@ their instant but the batched service's iteration starts.
   when each server joins the new plan — is the pure schedule
   :class:`~chainserve.adapt.migration.Migration`, the one the serving runtime steps too; here its
   loads take their modelled seconds of virtual time. The controller sees every arrival (``observe``)
-  and decides after each arrival and at every window boundary of its detector.
+  and is asked after each arrival and at every window boundary of its detector — as the orchestrator
+  asks it, never while a plan change runs or a server is down. A block server holds what its plan
+  reserves there (its arena, as the runtime starts it; a server loaded by a change, the new plan's).
 * **Failures** (:class:`Failure`), as the orchestrator handles them: every generation's dispatcher
   fails the server (its jobs there lose their service and wait again, keeping their arrival time);
   with ``recover`` the chains are then recomposed on the live servers within their arenas
@@ -29,8 +31,11 @@ their instant but the batched service's iteration starts.
   (:func:`~chainserve.plan.types.reserved_block_jobs`) — and the recomposed plan takes the waiting
   jobs at once while running ones finish on the old chains; when the server comes back every
   dispatcher restores it, and with ``recover`` the chains are recomposed again (all alive: the
-  placed plan itself). When no chain covers the model the jobs wait for a server to come back (the
-  runtime may place the model anew; not simulated).
+  placed plan itself) — the plan last placed, so after a plan change the new one. A failure while a
+  plan change runs is refused (``ValueError``: the old plans' jobs and the servers already loaded
+  for the new one are not modelled together). When no
+  chain covers the model the jobs wait for a server to come back (the runtime may place the model
+  anew; not simulated).
 
 Memory is checked on every start against what each server holds *now*: the span loaded (a hop must
 lie inside it), the server alive, and ``s_m·m_j + cache of all generations' jobs ≤ M_j``. A start
@@ -99,8 +104,6 @@ def run_loop(
     lost or memory is exceeded. ``service``: each job's duration (the job-level models), or the
     iteration-level model (:class:`~chainserve.sim.batched_process.BatchedProcess` then serves every job as
     its steps, hops and batches, and a failure voids the steps in flight of the jobs it aborts)."""
-    if controller is not None and failures:
-        raise ValueError("failures: not simulated together with an adaptive controller")
     if recover and not isinstance(plan, Plan):
         raise ValueError("recover: recomposing chains needs a plan with chains")
     n = len(stream)
@@ -112,8 +115,8 @@ def run_loop(
         raise ValueError("paging: plan changes are simulated in max-length slots (the paper's model)")
     demand = demands(paging, prompts, outputs)  # cache per block: 1 slot, or its tokens in pages
     ledger = MemoryLedger(plan, paging, by_chain=False)  # what each server holds, alive or not, its jobs' cache
-    if recover:  # as the runtime serves a fixed plan: each server's arena and limit are its reservation
-        arenas = reserved_block_jobs(plan)
+    placed = plan  # the plan the servers were last placed for: recover recomposes its chains
+    if recover or controller is not None:  # as the runtime: each server's arena is its plan's reservation
         ledger.keep_to_reservation(plan)
     gens = Generations(plan, dispatcher)
     first = gens.current
@@ -223,11 +226,12 @@ def run_loop(
             held.remove(i)
 
     def carry_out(actions: Sequence[Action], now: float) -> None:
-        nonlocal change, schedule
+        nonlocal change, schedule, placed
         new = gens.newest
         for action in actions:
             if isinstance(action, Load):
                 ledger.load(action.server, action.span)
+                ledger.keep_to_reservation(new.layout, (action.server,))  # restarted with the new plan's arena
                 push(now + action.seconds, _LOADED, action.server)
             elif isinstance(action, Join):
                 begin(new.dispatcher.restore_server(action.server, now), now, new)
@@ -237,10 +241,14 @@ def run_loop(
             else:
                 controller.applied(change, now)
                 transitions.append(Transition(change, now))
-                change, schedule = None, None
+                placed, change, schedule = new.layout, None, None
 
     def decide(now: float) -> None:
+        """The controller's decision, asked as the orchestrator asks it: never during a plan change
+        nor while a server is down."""
         nonlocal change, schedule
+        if schedule is not None or not all(ledger.alive):
+            return
         decided = controller.decide(now)
         if decided is None:
             return
@@ -255,10 +263,12 @@ def run_loop(
         carry_out(schedule.start(gens.old_cache(), in_use), now)
 
     def recompose_now(now: float) -> None:
-        """The orchestrator's ``PlanChanger.recompose``: chains for the live servers, if any cover."""
+        """The orchestrator's ``PlanChanger.recompose``: chains for the live servers of the plan last
+        placed, within its reservations, if any cover (never during a plan change: none starts while
+        a server is down, and a failure during one is refused)."""
         nonlocal num_recomposed
         alive = {j for j in range(problem.num_servers) if ledger.alive[j]}
-        new = recompose(plan, alive, arenas)
+        new = recompose(placed, alive, reserved_block_jobs(placed))
         if new is None:
             return  # no chain covers the model: jobs wait for a server to come back
         num_recomposed += 1
@@ -272,6 +282,11 @@ def run_loop(
         nonlocal num_restarts
         if not ledger.alive[j]:
             return  # dead already
+        if schedule is not None:
+            raise ValueError(
+                f"failures: server {problem.servers[j].name} fails at {now:g} s while the plan change decided "
+                f"at {change.time_s:g} s runs; a failure during a plan change is not simulated"
+            )
         ledger.alive[j] = False
         for gen in list(gens):
             outcome = gen.dispatcher.fail_server(j, now)

@@ -28,6 +28,7 @@ fast path safe while every chain keeps to its budget. ``admit``/``release`` then
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 
 from chainserve.dispatch.base import Paging, Route
 from chainserve.plan.types import Layout, Span, jobs_that_fit, reserved_block_jobs
@@ -114,11 +115,13 @@ class MemoryLedger:
         self.limits[j] = self._limit(j)
         self.num_unsafe += 1
 
-    def keep_to_reservation(self, plan: Layout) -> None:
-        """Each server's limit is ``plan``'s reservation there, as the runtime serves a fixed plan (its
-        arena); a reservation that fits keeps the fast path safe."""
+    def keep_to_reservation(self, plan: Layout, servers: Sequence[int] | None = None) -> None:
+        """Each server's (of ``servers``; ``None``: all) limit is ``plan``'s reservation there, as the
+        runtime's block server, started for a plan, holds that many (its arena); a reservation that
+        fits keeps the fast path safe."""
         for j, slots in reserved_block_jobs(plan).items():
-            self.limits[j] = min(self.limits[j], slots * self.unit)
+            if servers is None or j in servers:
+                self.limits[j] = min(self.limits[j], slots * self.unit)
 
     def check(self, job: int, route: Route, now: float) -> None:
         """Raise :class:`MemoryExceeded` unless every hop lies in its live server's span."""
