@@ -347,15 +347,20 @@ def _smollm2_section(
     requests = rate_requests(w.arrival_rate_per_s, torch_jobs, w.prompt_tokens, w.output_tokens, seed=0)
     control, service, runtime_cpu_s = _control(problem, work, tick)
 
-    def at(rate: float) -> BatchedService:  # the runtime's CPU at that rate, off the shared cores
-        return replace(service, background_cores=runtime_cpu_s * rate)
+    def at(rate: float) -> BatchedService:
+        """The model with the runtime's CPU at ``rate`` off the shared cores; raises before the live
+        runs when that would leave the host none."""
+        model = replace(service, background_cores=runtime_cpu_s * rate)
+        model.host_model(problem)
+        return model
 
+    at_plan_rate, at_busy_rate = at(w.arrival_rate_per_s), at(BUSY_RATE)
     rows, _, skipped = _cluster_rows(
-        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, at(w.arrival_rate_per_s)
+        "smollm2-3", problem, requests, methods, work, tick, "torch", SMOLLM2_MODEL, None, at_plan_rate
     )
     rows += (control,)
     if "proposed" in methods:
-        rows += (_busy(problem, at(BUSY_RATE), work, tick),)
+        rows += (_busy(problem, at_busy_rate, work, tick),)
     taus = ", ".join(
         f"{s.name}: α {s.step.alpha_s * 1000:.2f} ms, β {s.step.beta_s * 1000:.3f} ms, "
         f"β' {s.step.prefill_beta_s * 1000:.3f} ms per block (R² {s.step.r2:.3f}), τ^c {s.tau_c_s * 1000:.0f} ms"
