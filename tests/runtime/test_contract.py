@@ -181,6 +181,16 @@ async def drive_orchestrator(
     return {r.job_id: (service_at[r.job_id], r.chain, r.servers) for r in orch.starts}
 
 
+def assert_same_starts(live: dict[int, tuple[float, int | None, tuple]], sim) -> None:
+    """Every job's last start: the same time, chain and servers in both drivers."""
+    assert sorted(live) == list(range(NUM_JOBS))
+    for job in range(NUM_JOBS):
+        at, chain, servers = live[job]
+        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
+        assert (chain if chain is not None else -1) == sim.chain[job], job
+        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+
+
 @pytest.mark.parametrize("method", ["proposed", "proposed:sa-jsq", "petals", "bprr"])
 def test_simulator_and_orchestrator_make_identical_starts(method: str) -> None:
     rng = np.random.default_rng(11)
@@ -197,13 +207,8 @@ def test_simulator_and_orchestrator_make_identical_starts(method: str) -> None:
     live = asyncio.run(
         drive_orchestrator(setup.plan_or_placement, setup.make_dispatcher(np.random.default_rng(1)), times, durations)
     )
-    assert sorted(live) == list(range(NUM_JOBS))
     assert int(np.count_nonzero(sim.started_at > times + 1e-12)) > 5, "the script must make jobs wait"
-    for job in range(NUM_JOBS):
-        at, chain, servers = live[job]
-        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
-        assert (chain if chain is not None else -1) == sim.chain[job], job
-        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+    assert_same_starts(live, sim)
 
 
 @pytest.mark.parametrize("recover", [False, True])
@@ -229,12 +234,7 @@ def test_a_failure_and_a_return_make_identical_starts(recover: bool) -> None:
     )
     assert sim.num_restarts >= 1 and sim.num_finished == NUM_JOBS
     assert sim.num_recomposed == 2 * recover
-    assert sorted(live) == list(range(NUM_JOBS))
-    for job in range(NUM_JOBS):
-        at, chain, servers = live[job]
-        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
-        assert (chain if chain is not None else -1) == sim.chain[job], job
-        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+    assert_same_starts(live, sim)
 
 
 class ScriptedChange:
@@ -297,9 +297,4 @@ def test_a_failure_and_a_plan_change_make_identical_starts() -> None:
     assert len(waited) >= 2, "the script must move waiting jobs to the new plan"
     dropped = len(plan.chains) - 1
     assert all(sim.chain[job] != dropped for job in range(NUM_JOBS) if times[job] >= t_change)
-    assert sorted(live) == list(range(NUM_JOBS))
-    for job in range(NUM_JOBS):
-        at, chain, servers = live[job]
-        assert at == pytest.approx(sim.started_at[job], abs=1e-12), job
-        assert (chain if chain is not None else -1) == sim.chain[job], job
-        assert servers == tuple(h.server for h in sim.routes[job].hops), job
+    assert_same_starts(live, sim)
