@@ -393,6 +393,8 @@ def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Ro
     job there (:func:`runtime_cpu_per_job`)."""
     w = problem.workload
     layout = method_layout("proposed", problem)
+    if not isinstance(layout, Plan):
+        raise TypeError(f"the proposed method gave a {type(layout).__name__}, not a Plan")
     alone = one_at_a_time(layout, SEQUENTIAL_REQUESTS, w.prompt_tokens, w.output_tokens)
     measured = asyncio.run(measure_layout(layout, "proposed", alone, work / "alone", "torch", SMOLLM2_MODEL))
     service = calibrated_batched([(layout, "proposed", measured)], alone)
@@ -400,8 +402,6 @@ def _control(problem: Problem, work: Path, tick: Callable[[], None]) -> tuple[Ro
     row = Row(
         "smollm2-3", "proposed, one at a time", layout, measured, simulate_layout(layout, "proposed", alone, service)
     )
-    if not isinstance(layout, Plan):
-        raise TypeError(f"the proposed method gave a {type(layout).__name__}, not a Plan")
     return row, service, runtime_cpu_per_job(layout, measured, w.prompt_tokens, w.output_tokens)
 
 

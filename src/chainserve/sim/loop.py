@@ -33,9 +33,8 @@ their instant but the batched service's iteration starts.
   dispatcher restores it, and with ``recover`` the chains are recomposed again (all alive: the
   placed plan itself) — the plan last placed, so after a plan change the new one. A failure while a
   plan change runs is refused (``ValueError``: the old plans' jobs and the servers already loaded
-  for the new one are not modelled together). When no
-  chain covers the model the jobs wait for a server to come back (the runtime may place the model
-  anew; not simulated).
+  for the new one are not modelled together). When no chain covers the model the jobs wait for a
+  server to come back (the runtime may place the model anew; not simulated).
 
 Memory is checked on every start against what each server holds *now*: the span loaded (a hop must
 lie inside it), the server alive, and ``s_m·m_j + cache of all generations' jobs ≤ M_j``. A start
