@@ -1,18 +1,23 @@
 """chainserve against vLLM's CPU engine (issue 30), measured by vLLM's own client, ``vllm bench serve``.
 
-One run serves the same model directory (SmolLM2-135M-Instruct, fp32, CPU) three ways, one after the
-other, and sends each the same ``vllm bench serve`` workload (random prompts of ``--input-len`` tokens,
-``--output-len`` output tokens with ``--ignore-eos`` so every request makes exactly that many,
-``--num-prompts`` requests at each ``--max-concurrency`` of ``--concurrency``):
+One run serves the same model directory (SmolLM2-135M-Instruct, fp32, CPU) three ways, all up at once
+(an idle server takes no measurable CPU: vLLM's 1.7 % of a core), and sends each the same ``vllm bench
+serve`` workload (random prompts of ``--input-len`` tokens, ``--output-len`` output tokens with
+``--ignore-eos`` so every request makes exactly that many, ``--num-prompts`` requests at each
+``--max-concurrency`` of ``--concurrency``):
 
 1. vLLM's OpenAI server (``vllm serve``) on its CPU engine with one compute thread;
 2. chainserve with ONE block server holding all 30 blocks (benchmarks/data/vs-vllm-1server.yaml);
 3. chainserve with a chain of three block servers of 10 blocks each (benchmarks/data/vs-vllm-3servers.yaml).
 
-It prints output tokens/s (``output_throughput`` of ``vllm bench serve --save-result``'s JSON) per
-concurrency, chainserve's ratio to vLLM, and issue 30's targets (ratio ≥ 1.0 at concurrency 1, ≥ 0.9
-at 8 and 16 for the one-server chainserve). Every process it starts runs in its own process group and
-is stopped (SIGTERM, then SIGKILL) when its part ends, on an error and on Ctrl-C.
+``--rounds N`` runs every concurrency of every system N times, interleaved (round 1: c₁ on each system,
+c₂ on each, …; then round 2), so a slow spell of a shared machine (seen here: whole runs 20 % slower
+minutes apart, stalls of 0.5 s) falls on both sides of a ratio. It prints output tokens/s
+(``output_throughput`` of ``vllm bench serve --save-result``'s JSON), the median over rounds, per
+concurrency; chainserve's ratio to vLLM, the median of the rounds' ratios (each round's listed); and
+issue 30's targets (ratio ≥ 1.0 at concurrency 1, ≥ 0.9 at 8 and 16 for the one-server chainserve).
+Every process it starts runs in its own process group and is stopped (SIGTERM, then SIGKILL) at the
+end, on an error and on Ctrl-C.
 
 Fairness. Both systems compute on one thread: chainserve's block servers run one torch thread each
 (``OMP_NUM_THREADS=1``, its local launcher), vLLM gets ``OMP_NUM_THREADS=1`` and
@@ -30,9 +35,10 @@ then, from the repository root (chainserve importable, e.g. ``PYTHONPATH=src``):
 
     python benchmarks/vs_vllm.py                              # all three, concurrency 1 4 8 16
     python benchmarks/vs_vllm.py --concurrency 1 8 --only vllm chainserve-1
+    python benchmarks/vs_vllm.py --concurrency 8 16 --rounds 3 --only vllm chainserve-1   # paired rounds
     python benchmarks/vs_vllm.py --json vs_vllm.json --log-dir /tmp/vs-vllm   # keep figures and logs
 
-A full run (64 prompts, four concurrencies, three systems) takes ~15-25 min on two busy cores.
+A full run (64 prompts, four concurrencies, three systems, one round) takes ~15-25 min on two busy cores.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,86 +151,89 @@ def wait_ready(server: Child, base_url: str, timeout_s: float) -> str:
 
 @dataclass
 class Run:
-    """One system's figures: concurrency → ``vllm bench serve``'s result JSON."""
+    """One system's figures: concurrency → ``vllm bench serve``'s result JSON of each round."""
 
     system: str
-    results: dict[int, dict] = field(default_factory=dict)
+    results: dict[int, list[dict]] = field(default_factory=dict)
+
+    def rounds(self, c: int) -> list[float]:
+        """Output tokens/s of each round at concurrency ``c``."""
+        return [float(r["output_throughput"]) for r in self.results.get(c, [])]
 
     def tokens_per_s(self, c: int) -> float | None:
-        result = self.results.get(c)
-        return None if result is None else float(result["output_throughput"])
+        """The median over rounds (``None`` if none ran)."""
+        got = self.rounds(c)
+        return statistics.median(got) if got else None
 
 
-def bench(args: argparse.Namespace, system: str, base_url: str, model_id: str, tokenizer: Path, work: Path) -> Run:
-    """``vllm bench serve`` against ``base_url`` at every concurrency."""
-    run = Run(system)
-    for c in args.concurrency:
-        name = f"{system}-c{c}.json"
-        argv = [
-            str(args.venv / "bin" / "vllm"),
-            "bench",
-            "serve",
-            "--backend",
-            "openai",
-            "--base-url",
-            base_url,
-            "--endpoint",
-            "/v1/completions",
-            "--model",
-            model_id,
-            "--tokenizer",
-            str(tokenizer),
-            "--dataset-name",
-            "random",
-            "--random-input-len",
-            str(args.input_len),
-            "--random-output-len",
-            str(args.output_len),
-            "--num-prompts",
-            str(args.num_prompts),
-            "--max-concurrency",
-            str(c),
-            "--ignore-eos",
-            "--temperature",
-            "0",
-            "--seed",
-            str(args.seed),
-            "--save-result",
-            "--result-dir",
-            str(work),
-            "--result-filename",
-            name,
-        ]
-        if args.cpus:
-            argv = ["taskset", "-c", args.cpus, *argv]
-        log_path = work / f"{system}-c{c}.log"
-        print(f"  {system}: vllm bench serve --max-concurrency {c} ...", flush=True)
-        began = time.monotonic()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=client_env(args), start_new_session=True
-            )
-            try:
-                code = proc.wait(args.bench_timeout_s)
-            except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise
-        out = work / name
-        if code != 0 or not out.exists():
-            tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-20:])
-            raise BenchError(f"vllm bench serve against {system} at concurrency {c} failed ({code}):\n{tail}")
-        result = json.loads(out.read_text())
-        run.results[c] = result
-        print(
-            f"  {system}: c={c}: {result['output_throughput']:.2f} output tok/s, "
-            f"{result['completed']}/{args.num_prompts} completed, {time.monotonic() - began:.0f} s",
-            flush=True,
+def bench(args: argparse.Namespace, server: Server, c: int, rnd: int, tokenizer: Path, work: Path) -> dict:
+    """One ``vllm bench serve`` against ``server`` at concurrency ``c`` (round ``rnd``): its result JSON."""
+    system, base_url, model_id = server.system, server.base_url, server.model_id
+    name = f"{system}-c{c}-r{rnd}.json"
+    argv = [
+        str(args.venv / "bin" / "vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model_id,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--max-concurrency",
+        str(c),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        str(args.seed),
+        "--save-result",
+        "--result-dir",
+        str(work),
+        "--result-filename",
+        name,
+    ]
+    if args.cpus:
+        argv = ["taskset", "-c", args.cpus, *argv]
+    log_path = work / f"{system}-c{c}-r{rnd}.log"
+    print(f"  round {rnd}, {system}: vllm bench serve --max-concurrency {c} ...", flush=True)
+    began = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=client_env(args), start_new_session=True
         )
-        if result["completed"] != args.num_prompts:
-            raise BenchError(f"{system} at concurrency {c}: only {result['completed']} of {args.num_prompts} completed")
-    return run
+        try:
+            code = proc.wait(args.bench_timeout_s)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    out = work / name
+    if code != 0 or not out.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-20:])
+        raise BenchError(f"vllm bench serve against {system} at concurrency {c} failed ({code}):\n{tail}")
+    result = json.loads(out.read_text())
+    print(
+        f"  {system}: c={c}: {result['output_throughput']:.2f} output tok/s, "
+        f"{result['completed']}/{args.num_prompts} completed, {time.monotonic() - began:.0f} s",
+        flush=True,
+    )
+    if result["completed"] != args.num_prompts:
+        raise BenchError(f"{system} at concurrency {c}: only {result['completed']} of {args.num_prompts} completed")
+    return result
 
 
 def client_env(args: argparse.Namespace) -> dict[str, str]:
@@ -231,7 +241,17 @@ def client_env(args: argparse.Namespace) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def run_vllm(args: argparse.Namespace, model_dir: Path, work: Path) -> Run:
+@dataclass(frozen=True)
+class Server:
+    """A system's server, up and answering: its name in :data:`SYSTEMS`, base URL and served model id."""
+
+    system: str
+    base_url: str
+    model_id: str
+
+
+def start_vllm(args: argparse.Namespace, model_dir: Path, work: Path, stack: contextlib.ExitStack) -> Server:
+    """``vllm serve`` on its CPU engine, stopped when ``stack`` closes."""
     port = free_port()
     env = {
         **client_env(args),
@@ -257,14 +277,16 @@ def run_vllm(args: argparse.Namespace, model_dir: Path, work: Path) -> Run:
         str(args.seed),
     ]
     print(f"vLLM: starting vllm serve on port {port} (log {work / 'vllm-serve.log'})", flush=True)
-    with child("vllm serve", argv, env, work / "vllm-serve.log", args.cpus) as server:
-        base_url = f"http://127.0.0.1:{port}"
-        model_id = wait_ready(server, base_url, args.ready_timeout_s)
-        print(f"vLLM: ready ({model_id})", flush=True)
-        return bench(args, "vllm", base_url, model_id, model_dir, work)
+    server = stack.enter_context(child("vllm serve", argv, env, work / "vllm-serve.log", args.cpus))
+    base_url = f"http://127.0.0.1:{port}"
+    model_id = wait_ready(server, base_url, args.ready_timeout_s)
+    print(f"vLLM: ready ({model_id})", flush=True)
+    return Server("vllm", base_url, model_id)
 
 
-def run_chainserve(args: argparse.Namespace, system: str, cluster: Path, model_dir: Path, work: Path) -> Run:
+def start_chainserve(args: argparse.Namespace, system: str, work: Path, stack: contextlib.ExitStack) -> Server:
+    """``chainserve serve`` of ``system``'s cluster file, stopped when ``stack`` closes."""
+    cluster = SYSTEMS[system]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     argv = [
@@ -287,11 +309,29 @@ def run_chainserve(args: argparse.Namespace, system: str, cluster: Path, model_d
         str(work / f"{system}-servers"),
     ]
     print(f"{system}: starting chainserve serve {cluster.name} on port {port}", flush=True)
-    with child(f"chainserve serve ({system})", argv, env, work / f"{system}-serve.log", args.cpus) as server:
-        base_url = f"http://127.0.0.1:{port}"
-        model_id = wait_ready(server, base_url, args.ready_timeout_s)
-        print(f"{system}: ready ({model_id})", flush=True)
-        return bench(args, system, base_url, model_id, model_dir, work)
+    log_path = work / f"{system}-serve.log"
+    server = stack.enter_context(child(f"chainserve serve ({system})", argv, env, log_path, args.cpus))
+    base_url = f"http://127.0.0.1:{port}"
+    model_id = wait_ready(server, base_url, args.ready_timeout_s)
+    print(f"{system}: ready ({model_id})", flush=True)
+    return Server(system, base_url, model_id)
+
+
+def measure(args: argparse.Namespace, servers: list[Server], tokenizer: Path, work: Path, runs: dict[str, Run]) -> None:
+    """``--rounds`` rounds; in each, every concurrency, every system one after the other (so a slow
+    spell of a shared machine falls on both sides of a ratio, not on one system's whole run)."""
+    for rnd in range(1, args.rounds + 1):
+        for c in args.concurrency:
+            for server in servers:
+                result = bench(args, server, c, rnd, tokenizer, work)
+                runs.setdefault(server.system, Run(server.system)).results.setdefault(c, []).append(result)
+
+
+def paired_ratios(run: Run | None, vllm: Run | None, c: int) -> list[float]:
+    """``run`` / vLLM at concurrency ``c``, round by round (rounds both completed)."""
+    if run is None or vllm is None:
+        return []
+    return [t / v for t, v in zip(run.rounds(c), vllm.rounds(c), strict=False) if v > 0]
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -313,8 +353,9 @@ def table(args: argparse.Namespace, runs: dict[str, Run]) -> tuple[str, list[dic
         for system, key in (("chainserve-1", "chainserve_1server"), ("chainserve-3", "chainserve_3servers")):
             run = runs.get(system)
             t = run.tokens_per_s(c) if run else None
-            ratio = t / v if t is not None and v else None
-            row[f"{key}_tok_s"], row[f"{key}_ratio"] = t, ratio
+            paired = paired_ratios(run, vllm, c)
+            ratio = statistics.median(paired) if paired else None
+            row[f"{key}_tok_s"], row[f"{key}_ratio"], row[f"{key}_round_ratios"] = t, ratio, paired
             cells.append(f"{fmt(t):>10} {fmt(ratio, '.2f') + 'x' if ratio is not None else '—':>6}")
         target = TARGETS.get(c)
         mark = ""
@@ -323,11 +364,16 @@ def table(args: argparse.Namespace, runs: dict[str, Run]) -> tuple[str, list[dic
             met = None if ratio is None else ratio >= target
             row["target_ratio"], row["target_met"] = target, met
             mark = f"≥ {target:.1f}: " + ("—" if met is None else "met" if met else "NOT met")
+        rows.append(row)
         lines.append(f"{c:>4} | {fmt(v):>10} | {cells[0]} | {cells[1]} | {mark}")
+        if args.rounds > 1 and row["chainserve_1server_round_ratios"]:
+            by_round = ", ".join(f"{r:.2f}" for r in row["chainserve_1server_round_ratios"])
+            lines.append(f"     |   cs-1 / vLLM by round: {by_round}")
     lines.append(
         f"output tokens/s of `vllm bench serve` (random {args.input_len} → {args.output_len} tokens, "
-        f"{args.num_prompts} prompts, --ignore-eos); ratio = chainserve / vLLM; "
-        "cs-1: one block server (30 blocks), cs-3: chain of three (10 + 10 + 10); target: cs-1's ratio"
+        f"{args.num_prompts} prompts, --ignore-eos), the median of {args.rounds} round(s); ratio = the median "
+        "of each round's chainserve / vLLM; cs-1: one block server (30 blocks), cs-3: chain of three "
+        "(10 + 10 + 10); target: cs-1's ratio"
     )
     return "\n".join(lines), rows
 
@@ -341,6 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of every concurrency × system, interleaved")
     p.add_argument("--only", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS), help="systems to run")
     p.add_argument("--cpus", default=None, help="taskset -c LIST for every server and the client (default: none)")
     p.add_argument("--vllm-bind", default="nobind", help="VLLM_CPU_OMP_THREADS_BIND (default nobind; e.g. 0)")
@@ -393,12 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
         runs: dict[str, Run] = {}
         try:
-            for system in args.only:
-                cluster = SYSTEMS[system]
-                if cluster is None:
-                    runs[system] = run_vllm(args, model_dir, work)
-                else:
-                    runs[system] = run_chainserve(args, system, cluster, model_dir, work)
+            servers = [
+                start_vllm(args, model_dir, work, stack)
+                if system == "vllm"
+                else start_chainserve(args, system, work, stack)
+                for system in args.only
+            ]
+            measure(args, servers, model_dir, work, runs)
         except BenchError as e:
             print(f"error: {e}", file=sys.stderr)
             if runs:
@@ -418,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "versions": versions,
                         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                         "rows": rows,
-                        "results": {s: {str(c): r for c, r in run.results.items()} for s, run in runs.items()},
+                        "results": {s: {str(c): rs for c, rs in run.results.items()} for s, run in runs.items()},
                     },
                     indent=1,
                 )
