@@ -277,11 +277,7 @@ def start_vllm(args: argparse.Namespace, model_dir: Path, work: Path, stack: con
         str(args.seed),
     ]
     print(f"vLLM: starting vllm serve on port {port} (log {work / 'vllm-serve.log'})", flush=True)
-    server = stack.enter_context(child("vllm serve", argv, env, work / "vllm-serve.log", args.cpus))
-    base_url = f"http://127.0.0.1:{port}"
-    model_id = wait_ready(server, base_url, args.ready_timeout_s)
-    print(f"vLLM: ready ({model_id})", flush=True)
-    return Server("vllm", base_url, model_id)
+    return up(args, stack, "vllm", "vLLM", child("vllm serve", argv, env, work / "vllm-serve.log", args.cpus), port)
 
 
 def start_chainserve(args: argparse.Namespace, system: str, work: Path, stack: contextlib.ExitStack) -> Server:
@@ -309,17 +305,31 @@ def start_chainserve(args: argparse.Namespace, system: str, work: Path, stack: c
         str(work / f"{system}-servers"),
     ]
     print(f"{system}: starting chainserve serve {cluster.name} on port {port}", flush=True)
-    log_path = work / f"{system}-serve.log"
-    server = stack.enter_context(child(f"chainserve serve ({system})", argv, env, log_path, args.cpus))
+    started = child(f"chainserve serve ({system})", argv, env, work / f"{system}-serve.log", args.cpus)
+    return up(args, stack, system, system, started, port)
+
+
+def up(
+    args: argparse.Namespace,
+    stack: contextlib.ExitStack,
+    system: str,
+    shown: str,
+    started: contextlib.AbstractContextManager[Child],
+    port: int,
+) -> Server:
+    """The server ``started`` on ``port``, stopped when ``stack`` closes, once it answers (``shown``: its
+    name in the progress lines)."""
+    server = stack.enter_context(started)
     base_url = f"http://127.0.0.1:{port}"
     model_id = wait_ready(server, base_url, args.ready_timeout_s)
-    print(f"{system}: ready ({model_id})", flush=True)
+    print(f"{shown}: ready ({model_id})", flush=True)
     return Server(system, base_url, model_id)
 
 
 def measure(args: argparse.Namespace, servers: list[Server], tokenizer: Path, work: Path, runs: dict[str, Run]) -> None:
     """``--rounds`` rounds; in each, every concurrency, every system one after the other (so a slow
-    spell of a shared machine falls on both sides of a ratio, not on one system's whole run)."""
+    spell of a shared machine falls on both sides of a ratio, not on one system's whole run). Each
+    result lands in ``runs`` as it comes, so a later failure still leaves the earlier ones to print."""
     for rnd in range(1, args.rounds + 1):
         for c in args.concurrency:
             for server in servers:
