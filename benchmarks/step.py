@@ -1,6 +1,7 @@
 """An efficient step (issue 30, item 3): one block server's decode iteration on prepared weights
 (:mod:`chainserve.runtime.backends.prepared`: oneDNN-reordered GEMMs, q/k/v and gate/up merged) against
-the model's own ``nn.Linear`` modules, in one run so the ratio shares the machine's state.
+the model's own ``nn.Linear`` modules, in one run so the ratio shares the machine's state; with
+``--kernels`` a third span, prepared and on the fused CPU kernels (:mod:`~.backends.cpu_kernels`).
 
 Two spans of the same blocks of SmolLM2 (fp32, one thread, in this process), each session prefilled
 with ``--context`` tokens; then B sessions decode one token each in one batched iteration
@@ -11,6 +12,7 @@ slope over every B, and the largest difference of the two spans' outputs relativ
 
     python benchmarks/step.py                       # 30 blocks, B = 1, 4, 8, 16, 64 cached positions
     python benchmarks/step.py --sessions 1,8 --blocks 10 --repeats 5
+    python benchmarks/step.py --sessions 1,8,16 --kernels   # + prepared on the fused kernels
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="cached positions per session")
     parser.add_argument("--sessions", default="1,4,8,16", help="batch sizes B, comma-separated")
     parser.add_argument("--repeats", type=int, default=9, help="timed iterations per span per B")
+    parser.add_argument("--kernels", action="store_true", help="a third span: prepared, on the fused CPU kernels")
     args = parser.parse_args()
 
     import torch
@@ -43,7 +46,14 @@ def main() -> None:
     n, most = args.blocks, max(sizes)
     info = SpanInfo(1, n, most * n, args.context + 2)
     path = resolve_model(args.model)
-    spans = {"plain": TorchSpan(path, info, prepare=False), "prepared": TorchSpan(path, info)}
+    spans = {
+        "plain": TorchSpan(path, info, prepare=False, kernels=False),
+        "prepared": TorchSpan(path, info, kernels=False),
+    }
+    if args.kernels:
+        spans["kernels"] = TorchSpan(path, info)
+        if not all(layer.fused_decode for layer in spans["kernels"].lean):
+            parser.error("the fused CPU kernels could not be built here (see the log)")
     hidden = spans["plain"].hidden_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randn(1, args.context, hidden, generator=gen) for _ in range(most)]
@@ -58,14 +68,15 @@ def main() -> None:
         out = spans[name].run_steps(steps)
         return time.perf_counter() - start, out
 
-    outs = {name: iteration(name, most)[1] for name in spans}
-    got, want = (torch.cat([wire_to_torch(w, hidden) for w in outs[k]]) for k in ("prepared", "plain"))
-    error = float((got - want).abs().max() / want.abs().max())
+    outs = {name: torch.cat([wire_to_torch(w, hidden) for w in iteration(name, most)[1]]) for name in spans}
+    want = outs["plain"]
+    errors = {name: float((got - want).abs().max() / want.abs().max()) for name, got in outs.items()}
     stats = {"median": statistics.median, "min": min}  # min: the least disturbed by other processes
     ms: dict[str, dict[str, dict[int, float]]] = {stat: {name: {} for name in spans} for stat in stats}
     for b in sizes:
         times: dict[str, list[float]] = {name: [] for name in spans}
-        iteration("plain", b), iteration("prepared", b)  # warm
+        for name in spans:  # warm
+            iteration(name, b)
         for _ in range(args.repeats):
             for name in spans:
                 times[name].append(iteration(name, b)[0])
@@ -74,18 +85,20 @@ def main() -> None:
                 ms[stat][name][b] = f(times[name]) * 1000
 
     print(f"{args.model}: {n} blocks, fp32, 1 thread, {args.context} cached positions, {args.repeats} iterations per B")
-    first = sizes[0]
+    first, others = sizes[0], [name for name in spans if name != "plain"]
     for stat in stats:
-        plain, prepared = ms[stat]["plain"], ms[stat]["prepared"]
-        print(f"{stat}:\n   B   plain ms  prepared ms  speedup   added ms/session: plain  prepared")
+        t = ms[stat]
+        head = "".join(f"{name + ' ms':>13}{'speedup':>9}" for name in others)
+        print(f"{stat}:\n   B   plain ms{head}   added ms/session: " + "  ".join(spans))
         for b in sizes:
-            added = "" if b == first else f"{(plain[b] - plain[first]) / (b - first):24.2f}"
-            added += "" if b == first else f"{(prepared[b] - prepared[first]) / (b - first):10.2f}"
-            print(f"{b:4d} {plain[b]:10.1f} {prepared[b]:12.1f} {plain[b] / prepared[b]:8.2f}x {added}")
+            row = "".join(f"{t[name][b]:13.1f}{t['plain'][b] / t[name][b]:8.2f}x" for name in others)
+            added = "" if b == first else "".join(f"{(t[n][b] - t[n][first]) / (b - first):9.2f}" for n in spans)
+            print(f"{b:4d} {t['plain'][b]:10.1f}{row}   {added}")
         if len(sizes) > 1:
-            slopes = [np.polyfit(sizes, [t[b] for b in sizes], 1)[0] for t in (plain, prepared)]
-            print(f"least-squares added ms/session over B: plain {slopes[0]:.2f}, prepared {slopes[1]:.2f}")
-    print(f"max |prepared − plain| / max |plain| at B = {most}: {error:.1e}")
+            slopes = {n: np.polyfit(sizes, [t[n][b] for b in sizes], 1)[0] for n in spans}
+            print("least-squares added ms/session over B: " + ", ".join(f"{n} {v:.2f}" for n, v in slopes.items()))
+    for name in others:
+        print(f"max |{name} − plain| / max |plain| at B = {most}: {errors[name]:.1e}")
 
 
 if __name__ == "__main__":

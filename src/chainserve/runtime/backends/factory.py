@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from chainserve.extras import require
 from chainserve.model.step_cost import StepCost
 from chainserve.runtime.backends.base import ModelHead, SpanBackend, SpanInfo
 
 BACKENDS = ("torch", "emulated")
+
+log = logging.getLogger("chainserve.block_server")
 
 
 def make_span(
@@ -43,7 +47,9 @@ def make_span(
             raise ValueError("model: the torch backend needs --model (a name such as smollm2-135m, or a path)")
         path, where = resolve_model(model), resolve_device(device)
         check_weights(weights, where)
-        return TorchSpan(path, info, default_dtype(where), where, weights), path.name
+        span = TorchSpan(path, info, default_dtype(where), where, weights)
+        log.info("span %d..%d warmed up in %.2f s", info.first_block, info.last_block, span.warm_up())
+        return span, path.name
     raise ValueError(f"backend: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
 

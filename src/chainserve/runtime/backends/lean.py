@@ -11,6 +11,13 @@ same elementwise operations on the same values), the cache's ``update``, transfo
 ``sdpa_attention_forward``, the output projection, the post-attention norm and the gated MLP with
 gate/up merged. It applies only to that class (any other layer, or a Llama layer under another
 attention implementation, keeps the model's forward).
+
+On fp32 CPU weights, where :func:`~.cpu_kernels.cpu_kernels` are built, the same arithmetic runs in
+fused passes instead (equal up to float rounding, no longer bit for bit): a part of decode rows (one
+new token each, a layer without a sliding window) has RoPE, its page writes and attention over its
+pages in one kernel (:meth:`~.torch_backend.PagedCache.attend_decode`), the MLP's SiLU·mul is one, and
+the residual add with the post-attention norm is one (issue 30: a SmolLM2 decode iteration of 8
+sessions, 30 blocks, one thread, 51 → 44 ms on this machine, ``benchmarks/step.py --kernels``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from chainserve.runtime.backends.cpu_kernels import cpu_kernels
 from chainserve.runtime.backends.prepared import merged_output
 
 __all__ = ["LeanLayer", "Part", "lean_layer"]
@@ -32,20 +40,22 @@ Part = tuple[tuple[int, int], "torch.Tensor | None", "torch.Tensor", "torch.Tens
 LEAN_CLASSES = frozenset({"LlamaDecoderLayer"})
 
 
-def lean_layer(layer: nn.Module, attention: str) -> LeanLayer | None:
-    """A :class:`LeanLayer` over ``layer`` where it reproduces the layer's own forward, else ``None``."""
+def lean_layer(layer: nn.Module, attention: str, window: int | None = None, kernels: bool = True) -> LeanLayer | None:
+    """A :class:`LeanLayer` over ``layer`` (its attention limited to ``window`` keys, or none; the fused
+    CPU kernels where ``kernels`` and they apply) where it reproduces the layer's own forward, else ``None``."""
     if type(layer).__name__ not in LEAN_CLASSES or attention != "sdpa":
         return None
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(attn, "training", True) or type(mlp.act_fn).__name__ != "SiLUActivation":
         return None
-    return LeanLayer(layer)
+    return LeanLayer(layer, window, kernels)
 
 
 class LeanLayer:
-    """``LlamaDecoderLayer.forward`` (sdpa, inference) as one function over the layer's own modules."""
+    """``LlamaDecoderLayer.forward`` (sdpa, inference) as one function over the layer's own modules;
+    ``kernels``: the fused CPU kernels where its weights are fp32 on the CPU and they are built."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, window: int | None = None, kernels: bool = True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.attn, self.mlp = layer.self_attn, layer.mlp
@@ -57,6 +67,11 @@ class LeanLayer:
         self.q_heads = self.attn.q_proj.out_features // self.head_dim
         self.gate_up = (self.mlp.gate_proj, self.mlp.up_proj)
         self.gate_size = self.mlp.gate_proj.out_features
+        norm = layer.input_layernorm.weight
+        fp32_cpu = norm.dtype == torch.float32 and norm.device.type == "cpu"
+        self.kernels = cpu_kernels() if kernels and fp32_cpu else None
+        self.kv_heads = self.attn.k_proj.out_features // self.head_dim
+        self.fused_decode = self.kernels is not None and window is None and self.head_dim % 2 == 0
 
     def __call__(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache
@@ -80,17 +95,27 @@ class LeanLayer:
             end = start + rows * q
             shape = (rows, q, -1, self.head_dim)
             part = y[start:end]
+            if q == 1 and self.fused_decode:  # RoPE, page writes and attention over the pages: one kernel
+                args = (self.kernels, part, cos, sin, attn.layer_idx, self.q_heads, self.scaling)
+                outs.append(cache.attend_decode(*args))
+                start = end
+                continue
             qk = _rope(part[:, : self.qk].view(shape).transpose(1, 2), cos, sin)  # RoPE once for q and k
             k, v = cache.update(qk[:, self.q_heads :], part[:, self.qk :].view(shape).transpose(1, 2), attn.layer_idx)
             out, _ = self.sdpa(attn, qk[:, : self.q_heads], k, v, mask, dropout=0.0, scaling=self.scaling)
             outs.append(out.reshape(end - start, -1))
             start = end
         out = attn.o_proj(outs[0].contiguous() if len(outs) == 1 else torch.cat(outs))
-        hidden = hidden + out
-        x = _rms_norm(hidden, *self.norms[1])
+        if self.kernels is not None:
+            hidden, x = self.kernels.add_rms_norm(hidden, out, *self.norms[1])
+        else:
+            hidden = hidden + out
+            x = _rms_norm(hidden, *self.norms[1])
         y = merged_output(self.gate_up, x)
         if y is None:
             gate, up = (linear(x) for linear in self.gate_up)
+        elif self.kernels is not None:
+            return hidden + mlp.down_proj(self.kernels.silu_mul(y))
         else:
             gate, up = y[..., : self.gate_size], y[..., self.gate_size :]
         return hidden + mlp.down_proj(nn.functional.silu(gate) * up)

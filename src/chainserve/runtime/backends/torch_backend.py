@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,20 @@ class PagedCache(Cache):
         v = v.view(rows, -1, *v.shape[2:])[:, : self.length].transpose(1, 2)
         return k, v
 
+    def attend_decode(
+        self, kernels, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, q_heads: int,
+        scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """The fused CPU kernel (:mod:`.cpu_kernels`) for decode rows (q = 1): RoPE on ``qkv``'s [B, (q_heads
+        + 2 kv) · dim] q and k heads, the new k and v written into each row's page, and each q head's
+        attention over its row's positions 0..p read from the pages in place; returns [B, q_heads · dim]."""
+        i = layer_idx - self.first_layer
+        rows = self.table.shape[0]
+        return kernels.paged_decode_attention(
+            qkv, cos, sin, self.keys, self.values, self.flat[i].view(rows, -1), self.positions,
+            q_heads, self.keys.shape[2], scale,
+        )  # fmt: skip
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.positions.min())
 
@@ -134,7 +149,8 @@ class TorchSpan:
     """SpanBackend running blocks ``info.first_block..info.last_block`` of the model in ``model_dir``
     on ``device``, computing and caching in ``dtype``; ``weights``: the format its weights are held in
     (one of :data:`~chainserve.model.formats.WEIGHT_FORMATS`; ``None``: ``dtype``); ``prepare``: its
-    linears on prepared weights (:mod:`.prepared`)."""
+    linears on prepared weights (:mod:`.prepared`); ``kernels``: its lean layers on the fused CPU kernels
+    where they apply (:mod:`.cpu_kernels`)."""
 
     #: The block server schedules iterations: one :meth:`forward` at a time over a batch of steps.
     batches = True
@@ -147,6 +163,7 @@ class TorchSpan:
         device: str | torch.device = "cpu",
         weights: str | None = None,
         prepare: bool = True,
+        kernels: bool = True,
     ):
         config = load_config(model_dir)
         text = config.get_text_config()
@@ -201,7 +218,10 @@ class TorchSpan:
         self.types = list(types[first : info.last_block]) if types else [None] * info.num_blocks
         self.calls = [_call_plan(layer) for layer in self.layers]
         plain_rotary = self.rotary is not None and not self.rotary_per_type
-        self.lean = [lean_layer(layer, self.attention) if plain_rotary else None for layer in self.layers]
+        self.lean = [
+            lean_layer(layer, self.attention, window, kernels) if plain_rotary else None
+            for layer, window in zip(self.layers, self.windows, strict=True)
+        ]
         shape = dry_run(config).kv[first]
         # Bounded KV memory: allocated once, never grows (pages_per_slot pages make one s_c).
         pages = (info.num_pages, info.page_tokens)
@@ -380,6 +400,27 @@ class TorchSpan:
         if len(pages) != need or any(len(block) < held for block in pages):
             raise ValueError(f"pages: need {need} blocks of at least {held} pages for {position + q} positions")
         return first_block - info.first_block
+
+    def warm_up(self, rows: Sequence[int] = (1, 4)) -> float:
+        """Run a prefill of a few tokens and a decode of each of ``rows`` sessions (as many as the pool
+        holds) on the pool's first pages before the server takes a session, so the one-time work (the
+        merged GEMMs learnt and reordered, oneDNN's kernels for these shapes) is not paid by the first
+        requests (issue 30: the first decode after a prefill took 497 ms, later ones 34, SmolLM2 at one
+        row). The pages are free: a session reads only positions it has written. Returns the seconds."""
+        started, info = time.perf_counter(), self.info
+        fits = [r for r in rows if r * info.num_blocks <= info.num_block_slots]
+        tokens = min(4, info.pages_per_slot * info.page_tokens - 1, (self.context or 5) - 1)  # then one decode
+        if fits and tokens >= 1 and self.layers is not None:
+            n = info.num_blocks
+            pages = [info.slot_pages(range(r * n, (r + 1) * n)) for r in range(max(fits))]
+            prompt, token = (torch_to_wire(torch.zeros(1, q, self.hidden_size, dtype=self.dtype)) for q in (tokens, 1))
+            waves = [[SpanStep(prompt, info.first_block, p, 0) for p in pages]]
+            waves += [[SpanStep(token, info.first_block, p, tokens) for p in pages[:r]] for r in fits]
+            for wave in waves:
+                failed = [out for out in self.run_steps(wave) if isinstance(out, ValueError)]
+                if failed:
+                    raise failed[0]
+        return time.perf_counter() - started
 
     def close(self) -> None:
         """Drop the weights and the arena; stop the worker thread."""

@@ -1,0 +1,176 @@
+// Fused fp32 CPU kernels of a Llama decode iteration (issue 30, item 3 "an efficient step").
+// Loaded by cpu_kernels.py (built once per machine with torch's C++ extension loader); registered as
+// torch.ops.chainserve_cpu.*. Each replaces several eager ops of chainserve's lean layer with one pass:
+//   paged_decode_attention  RoPE on the new token's q and k, its k and v written into the row's page,
+//                           attention over the row's pages in place (no gather, no mask);
+//   silu_mul                silu(gate) * up of a merged gate/up GEMM's output;
+//   add_rms_norm            the residual add and the next RMSNorm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, ": float32 on the CPU");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": 2-d rows with unit column stride");
+}
+
+// qkv [B, (Hq + 2 Hk) D]: each row one session's new token (q heads, k heads, v heads side by side);
+// cos, sin [B, D]; keys, values [pages, P, Hk, D]; table [B, n]: row r's pages in order; positions [B]:
+// the new token's position. Returns [B, Hq D], each q head attending to its row's positions 0..position.
+at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor keys, at::Tensor values, const at::Tensor& table,
+                                  const at::Tensor& positions, int64_t q_heads, int64_t kv_heads, double scale) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(),
+              "keys, values: contiguous pages of one shape");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat, "keys, values: float32");
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0 && keys.size(2) == kv_heads, "heads: q_heads a multiple of kv_heads");
+  const int64_t B = qkv.size(0), P = keys.size(1), D = keys.size(3), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (q_heads + 2 * kv_heads) * D, "qkv: width is (q_heads + 2 kv_heads) head_dim");
+  const auto c = cos.reshape({B, D}).contiguous(), s = sin.reshape({B, D}).contiguous();
+  TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat, "cos, sin: float32");
+  const auto tab = table.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(tab.dim() == 2 && tab.size(0) == B && pos.numel() == B, "table [B, n], positions [B]");
+  const int64_t n = tab.size(1), pages = keys.size(0), group = q_heads / kv_heads, row_stride = qkv.stride(0);
+  const float* x = qkv.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  const int64_t* tp = tab.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK(pp[r] >= 0 && pp[r] / P < n, "positions: row ", r, "'s position ", pp[r], " lies beyond its pages");
+    for (int64_t j = 0; j <= pp[r] / P; ++j) {
+      TORCH_CHECK(tp[r * n + j] >= 0 && tp[r * n + j] < pages, "table: page ", tp[r * n + j], " is not in the pool");
+    }
+  }
+  auto out = at::empty({B, q_heads * D}, qkv.options());
+  auto rotated = at::empty({B, q_heads, D}, qkv.options());
+  float* qr = rotated.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t tok_stride = kv_heads * D, page_stride = P * tok_stride;
+  // RoPE (x cos + rotate_half(x) sin) on every q and k head; k and v into the new position's page slot
+  for (int64_t r = 0; r < B; ++r) {
+    const float* row = x + r * row_stride;
+    const float* cr = cp + r * D;
+    const float* sr = sp + r * D;
+    const int64_t slot = tp[r * n + pp[r] / P] * page_stride + (pp[r] % P) * tok_stride;
+    for (int64_t h = 0; h < q_heads + kv_heads; ++h) {
+      const float* in = row + h * D;
+      float* dst = h < q_heads ? qr + (r * q_heads + h) * D : kp + slot + (h - q_heads) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float rot = i < half ? -in[i + half] : in[i - half];
+        dst[i] = in[i] * cr[i] + rot * sr[i];
+      }
+    }
+    const float* v_new = row + (q_heads + kv_heads) * D;
+    std::copy(v_new, v_new + kv_heads * D, vp + slot);
+  }
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * q_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / q_heads, h = job % q_heads, g = h / group, L = pp[r] + 1;
+      const float* qv = qr + job * D;
+      score.resize(L);
+      float* w = score.data();
+      for (int64_t t = 0; t < L; ++t) {
+        const float* k = kp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; ++i) dot += qv[i] * k[i];
+        w[t] = dot * sc;
+      }
+      const float top = *std::max_element(w, w + L);
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) w[t] = expf(w[t] - top);
+      float total = 0.f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t t = 0; t < L; ++t) total += w[t];
+      float* o = op + r * q_heads * D + h * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const float* v = vp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
+        const float wt = w[t];
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) o[i] += wt * v[i];
+      }
+      const float inv = 1.f / total;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+    }
+  });
+  return out;
+}
+
+// gate_up [T, 2I] (gate's I columns, then up's) → silu(gate) * up [T, I]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: an even width");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, stride = gate_up.stride(0);
+  auto out = at::empty({T, I}, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = in + t * stride;
+    const float* u = g + I;
+    float* d = o + t * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) d[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+  }
+  return out;
+}
+
+// hidden + delta [T, H] → (that sum, RMSNorm of it: sum / sqrt(mean(sum²) + eps) * weight)
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& hidden, const at::Tensor& delta,
+                                                const at::Tensor& weight, double eps) {
+  check_rows(hidden, "hidden");
+  check_rows(delta, "delta");
+  TORCH_CHECK(hidden.sizes() == delta.sizes(), "hidden, delta: one shape");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden.size(1),
+              "weight: float32 [H]");
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  auto sum = at::empty({T, H}, hidden.options()), normed = at::empty({T, H}, hidden.options());
+  const float* wp = weight.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* a = hidden.data_ptr<float>() + t * hidden.stride(0);
+    const float* b = delta.data_ptr<float>() + t * delta.stride(0);
+    float* s = sum.data_ptr<float>() + t * H;
+    float* o = normed.data_ptr<float>() + t * H;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < H; ++i) {
+      s[i] = a[i] + b[i];
+      squares += s[i] * s[i];
+    }
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + e);
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (s[i] * inv);
+  }
+  return {sum, normed};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chainserve_cpu, m) {
+  m.def(
+      "paged_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
+      "Tensor table, Tensor positions, int q_heads, int kv_heads, float scale) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("add_rms_norm(Tensor hidden, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(chainserve_cpu, CPU, m) {
+  m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("silu_mul", silu_mul);
+  m.impl("add_rms_norm", add_rms_norm);
+}
