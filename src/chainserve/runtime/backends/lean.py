@@ -112,13 +112,13 @@ class LeanLayer:
             hidden = hidden + out
             x = _rms_norm(hidden, *self.norms[1])
         y = merged_output(self.gate_up, x)
-        if y is None:
-            gate, up = (linear(x) for linear in self.gate_up)
-        elif self.kernels is not None:
-            return hidden + mlp.down_proj(self.kernels.silu_mul(y))
+        if y is None:  # not merged (yet): the same values side by side, so the activation is the same
+            y = torch.cat([linear(x) for linear in self.gate_up], dim=-1)
+        if self.kernels is not None:
+            act = self.kernels.silu_mul(y)
         else:
-            gate, up = y[..., : self.gate_size], y[..., self.gate_size :]
-        return hidden + mlp.down_proj(nn.functional.silu(gate) * up)
+            act = nn.functional.silu(y[..., : self.gate_size]) * y[..., self.gate_size :]
+        return hidden + mlp.down_proj(act)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
