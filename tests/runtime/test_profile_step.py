@@ -169,8 +169,8 @@ def test_a_torch_cluster_and_its_head(tmp_path: Path) -> None:
 
     out = tmp_path / "profiled.yaml"
     args = ["profile", str(DATA / "tiny-3.yaml"), "--backend", "torch", "--out", str(out), "--max-batch", "4"]
-    # compute well above timer noise: the tiny model's steps are ~0.1 ms a block on the fused kernels, and a
-    # loaded machine (the full suite) once gave ×20 a negative slope
+    # compute well above timer noise: the tiny model's steps are shorter on the fused kernels, and under
+    # the full suite's load ×20 once gave a negative slope
     slow = [x for name in ("t0", "t1", "t2") for x in ("--slowdown", f"{name}=60")]
     done = CliRunner().invoke(app, [*args, *slow, "--repeats", "3", "--warmup", "1", "--quiet"])
     assert done.exit_code == 0, done.stderr
