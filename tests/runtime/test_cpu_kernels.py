@@ -97,6 +97,14 @@ def test_silu_mul_is_silu_of_gate_times_up(ops):
     assert torch.allclose(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
+def test_rms_norm_is_torchs_rms_norm_on_rows_of_a_wider_tensor(ops):
+    gen = torch.Generator().manual_seed(5)
+    wide, weight = torch.randn(4, 600, generator=gen) * 20, torch.randn(576, generator=gen)
+    hidden = wide[:, :576]  # rows with a stride wider than the row
+    want = torch.nn.functional.rms_norm(hidden, (576,), weight, 1e-5)
+    assert torch.allclose(ops.rms_norm(hidden, weight, 1e-5), want, rtol=1e-5, atol=1e-6)
+
+
 def test_add_rms_norm_is_the_residual_add_then_rms_norm(ops):
     gen = torch.Generator().manual_seed(4)
     hidden, delta, weight = torch.randn(3, 576, generator=gen), torch.randn(3, 576, generator=gen), torch.randn(576)

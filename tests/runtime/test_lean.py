@@ -64,8 +64,12 @@ def test_lean_span_is_bit_identical_to_the_models_forward(model_dir, prepare, ke
         packed = len({h.shape[1] for h in hiddens}) > 1
         for g, w in zip(got, want, strict=True):
             g, w = wire_to_torch(g, size), wire_to_torch(w, size)
-            # a GEMM over more rows may round differently (MKL's kernel depends on them): equal up to that
-            assert torch.allclose(g, w, rtol=1e-5, atol=1e-5) if packed or kernels else torch.equal(g, w)
+            # a GEMM over more rows may round differently (MKL's kernel depends on them): equal up to that;
+            # the kernels' sums run in another order: equal up to rounding at the outputs' scale
+            if kernels:
+                assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+            else:
+                assert torch.allclose(g, w, rtol=1e-5, atol=1e-5) if packed else torch.equal(g, w)
     lean.close(), plain.close()
 
 

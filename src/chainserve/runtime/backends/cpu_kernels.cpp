@@ -4,7 +4,11 @@
 //   paged_decode_attention  RoPE on the new token's q and k, its k and v written into the row's page,
 //                           attention over the row's pages in place (no gather, no mask);
 //   silu_mul                silu(gate) * up of a merged gate/up GEMM's output;
+//   rms_norm                the layer's input RMSNorm (one pass; torch's composite op takes ~50 us);
 //   add_rms_norm            the residual add and the next RMSNorm.
+// The attention's dot products take four keys per pass over q, and its weighted sum four values per
+// pass over the output (fewer horizontal sums and output loads: 4.5 against 5.8 ms for 30 layers of
+// 8 rows at 80 positions, this machine, one thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -82,7 +86,26 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       const float* qv = qr + job * D;
       score.resize(L);
       float* w = score.data();
-      for (int64_t t = 0; t < L; ++t) {
+      int64_t t = 0;
+      for (; t + 4 <= L; t += 4) {
+        const float* k0 = kp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
+        const float* k1 = kp + tp[r * n + (t + 1) / P] * page_stride + ((t + 1) % P) * tok_stride + g * D;
+        const float* k2 = kp + tp[r * n + (t + 2) / P] * page_stride + ((t + 2) % P) * tok_stride + g * D;
+        const float* k3 = kp + tp[r * n + (t + 3) / P] * page_stride + ((t + 3) % P) * tok_stride + g * D;
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t i = 0; i < D; ++i) {
+          d0 += qv[i] * k0[i];
+          d1 += qv[i] * k1[i];
+          d2 += qv[i] * k2[i];
+          d3 += qv[i] * k3[i];
+        }
+        w[t] = d0 * sc;
+        w[t + 1] = d1 * sc;
+        w[t + 2] = d2 * sc;
+        w[t + 3] = d3 * sc;
+      }
+      for (; t < L; ++t) {
         const float* k = kp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -97,9 +120,19 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       for (int64_t t = 0; t < L; ++t) total += w[t];
       float* o = op + r * q_heads * D + h * D;
       std::fill(o, o + D, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const float* v = vp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
-        const float wt = w[t];
+      int64_t u = 0;
+      for (; u + 4 <= L; u += 4) {
+        const float* v0 = vp + tp[r * n + u / P] * page_stride + (u % P) * tok_stride + g * D;
+        const float* v1 = vp + tp[r * n + (u + 1) / P] * page_stride + ((u + 1) % P) * tok_stride + g * D;
+        const float* v2 = vp + tp[r * n + (u + 2) / P] * page_stride + ((u + 2) % P) * tok_stride + g * D;
+        const float* v3 = vp + tp[r * n + (u + 3) / P] * page_stride + ((u + 3) % P) * tok_stride + g * D;
+        const float w0 = w[u], w1 = w[u + 1], w2 = w[u + 2], w3 = w[u + 3];
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) o[i] += w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i];
+      }
+      for (; u < L; ++u) {
+        const float* v = vp + tp[r * n + u / P] * page_stride + (u % P) * tok_stride + g * D;
+        const float wt = w[u];
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) o[i] += wt * v[i];
       }
@@ -127,6 +160,27 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t i = 0; i < I; ++i) d[i] = g[i] / (1.f + expf(-g[i])) * u[i];
   }
   return out;
+}
+
+// RMSNorm of hidden [T, H]: hidden / sqrt(mean(hidden²) + eps) * weight
+at::Tensor rms_norm(const at::Tensor& hidden, const at::Tensor& weight, double eps) {
+  check_rows(hidden, "hidden");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden.size(1),
+              "weight: float32 [H]");
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  auto normed = at::empty({T, H}, hidden.options());
+  const float* wp = weight.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* a = hidden.data_ptr<float>() + t * hidden.stride(0);
+    float* o = normed.data_ptr<float>() + t * H;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < H; ++i) squares += a[i] * a[i];
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (a[i] * inv);
+  }
+  return normed;
 }
 
 // hidden + delta [T, H] → (that sum, RMSNorm of it: sum / sqrt(mean(sum²) + eps) * weight)
@@ -166,11 +220,13 @@ TORCH_LIBRARY(chainserve_cpu, m) {
       "paged_decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
       "Tensor table, Tensor positions, int q_heads, int kv_heads, float scale) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rms_norm(Tensor hidden, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor hidden, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(chainserve_cpu, CPU, m) {
   m.impl("paged_decode_attention", paged_decode_attention);
   m.impl("silu_mul", silu_mul);
+  m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
 }

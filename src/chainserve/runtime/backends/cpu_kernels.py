@@ -3,11 +3,12 @@
 A decode iteration of a block server spent ~17 of its ~49 ms (SmolLM2, 30 blocks, 8 sessions, one
 thread, this machine) outside the GEMMs: RoPE as six eager ops, the cache's page writes and its gather
 of every row's history, sdpa, SiLU·mul, the residual adds and norms, and the Python between them.
-``cpu_kernels.cpp`` does the same arithmetic in three passes (``torch.ops.chainserve_cpu``):
+``cpu_kernels.cpp`` does the same arithmetic in four passes (``torch.ops.chainserve_cpu``):
 
 - ``paged_decode_attention``: RoPE on a decode row's q and k, k and v into its page, and attention read
   straight from the row's pages (no gather, no mask: row r sees its positions 0..p);
 - ``silu_mul``: SiLU(gate)·up of the merged gate/up GEMM's output;
+- ``rms_norm``: the layer's input RMSNorm;
 - ``add_rms_norm``: the residual add and the following RMSNorm.
 
 No maintained library offers these for torch 2.13 on the CPU (Intel's extension stops at older torch,

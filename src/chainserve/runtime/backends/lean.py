@@ -15,9 +15,10 @@ attention implementation, keeps the model's forward).
 On fp32 CPU weights, where :func:`~.cpu_kernels.cpu_kernels` are built, the same arithmetic runs in
 fused passes instead (equal up to float rounding, no longer bit for bit): a part of decode rows (one
 new token each, a layer without a sliding window) has RoPE, its page writes and attention over its
-pages in one kernel (:meth:`~.torch_backend.PagedCache.attend_decode`), the MLP's SiLU·mul is one, and
-the residual add with the post-attention norm is one (issue 30: a SmolLM2 decode iteration of 8
-sessions, 30 blocks, one thread, 51 → 44 ms on this machine, ``benchmarks/step.py --kernels``).
+pages in one kernel (:meth:`~.torch_backend.PagedCache.attend_decode`), the input norm is one, the
+MLP's SiLU·mul is one, and the residual add with the post-attention norm is one (issue 30: a SmolLM2
+decode iteration of 8 sessions, 30 blocks, one thread, 53 → 43 ms on this machine, medians of
+``benchmarks/step.py --kernels``).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class LeanLayer:
         lengths in one forward, so an iteration streams the weights once). The norms, the projections
         and the MLP run over all T tokens at once; RoPE, the cache and attention per part."""
         attn, mlp = self.attn, self.mlp
-        x = _rms_norm(hidden, *self.norms[0])
+        x = _rms_norm(hidden, *self.norms[0]) if self.kernels is None else self.kernels.rms_norm(hidden, *self.norms[0])
         y = merged_output(self.qkv, x)
         if y is None:  # not merged (yet: the first forward learns the siblings); the same values side by side
             y = torch.cat([linear(x) for linear in self.qkv], dim=-1)
