@@ -71,7 +71,6 @@ class LeanLayer:
         norm = layer.input_layernorm.weight
         fp32_cpu = norm.dtype == torch.float32 and norm.device.type == "cpu"
         self.kernels = cpu_kernels() if kernels and fp32_cpu else None
-        self.kv_heads = self.attn.k_proj.out_features // self.head_dim
         self.fused_decode = self.kernels is not None and window is None and self.head_dim % 2 == 0
 
     def __call__(
