@@ -86,12 +86,13 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       const float* qv = qr + job * D;
       score.resize(L);
       float* w = score.data();
+      // where position t of this row's kv head g lies in the pool of keys or values
+      const auto at = [&](const float* pool, int64_t t) {
+        return pool + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
+      };
       int64_t t = 0;
       for (; t + 4 <= L; t += 4) {
-        const float* k0 = kp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
-        const float* k1 = kp + tp[r * n + (t + 1) / P] * page_stride + ((t + 1) % P) * tok_stride + g * D;
-        const float* k2 = kp + tp[r * n + (t + 2) / P] * page_stride + ((t + 2) % P) * tok_stride + g * D;
-        const float* k3 = kp + tp[r * n + (t + 3) / P] * page_stride + ((t + 3) % P) * tok_stride + g * D;
+        const float *k0 = at(kp, t), *k1 = at(kp, t + 1), *k2 = at(kp, t + 2), *k3 = at(kp, t + 3);
         float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
         for (int64_t i = 0; i < D; ++i) {
@@ -106,7 +107,7 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, 
         w[t + 3] = d3 * sc;
       }
       for (; t < L; ++t) {
-        const float* k = kp + tp[r * n + t / P] * page_stride + (t % P) * tok_stride + g * D;
+        const float* k = at(kp, t);
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < D; ++i) dot += qv[i] * k[i];
@@ -122,16 +123,13 @@ at::Tensor paged_decode_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       std::fill(o, o + D, 0.f);
       int64_t u = 0;
       for (; u + 4 <= L; u += 4) {
-        const float* v0 = vp + tp[r * n + u / P] * page_stride + (u % P) * tok_stride + g * D;
-        const float* v1 = vp + tp[r * n + (u + 1) / P] * page_stride + ((u + 1) % P) * tok_stride + g * D;
-        const float* v2 = vp + tp[r * n + (u + 2) / P] * page_stride + ((u + 2) % P) * tok_stride + g * D;
-        const float* v3 = vp + tp[r * n + (u + 3) / P] * page_stride + ((u + 3) % P) * tok_stride + g * D;
+        const float *v0 = at(vp, u), *v1 = at(vp, u + 1), *v2 = at(vp, u + 2), *v3 = at(vp, u + 3);
         const float w0 = w[u], w1 = w[u + 1], w2 = w[u + 2], w3 = w[u + 3];
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) o[i] += w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i];
       }
       for (; u < L; ++u) {
-        const float* v = vp + tp[r * n + u / P] * page_stride + (u % P) * tok_stride + g * D;
+        const float* v = at(vp, u);
         const float wt = w[u];
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) o[i] += wt * v[i];
