@@ -1,7 +1,8 @@
 """The fused CPU kernels (issue 30, :mod:`chainserve.runtime.backends.cpu_kernels`) against the eager
 operations they replace, on small hand-built instances: RoPE, the page writes and attention of decode
 rows at ragged positions over scattered pages (grouped-query heads), SiLU·mul, the residual add with
-RMSNorm; their checks on bad input; and the eager fallback where they are off or cannot be built."""
+RMSNorm, the panel GEMM; their checks on bad input; and the eager fallback where they are off or
+cannot be built."""
 
 import logging
 
@@ -112,6 +113,47 @@ def test_add_rms_norm_is_the_residual_add_then_rms_norm(ops):
     assert torch.equal(total, hidden + delta)
     want = torch.nn.functional.rms_norm(hidden + delta, (576,), weight, 1e-5)
     assert torch.allclose(normed, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("out", "width"), [(37, 5), (64, 9), (100, 33), (960, 576)])
+def test_panel_linear_is_x_times_w_transposed_plus_bias(ops, out, width):
+    """Whole and partly filled last panels, inputs of 0 to 64 rows (tiles of up to 12, evened out) under
+    leading dimensions, with and without a bias; within fp32 rounding of ``F.linear``."""
+    gen = torch.Generator().manual_seed(out)
+    weight, bias = torch.randn(out, width, generator=gen), torch.randn(out, generator=gen)
+    panels = ops.pack_panels(weight)
+    assert panels.shape == ((out + 31) // 32, width, 32)
+    for shape in ((0, width), (1, width), (3, 1, width), (2, 13, width), (25, width), (64, width)):
+        x = torch.randn(*shape, generator=gen)
+        for b in (None, bias):
+            want = torch.nn.functional.linear(x, weight, b)
+            got = ops.panel_linear(x, panels, out, b)
+            assert got.shape == want.shape
+            scale = float(torch.cat([want.abs().flatten(), torch.ones(1)]).max())
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_panel_linear_gives_a_row_the_same_bits_in_any_batch(ops):
+    """Each output is the plain sum over the input in order, whoever else is in the batch."""
+    gen = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(100, 70, generator=gen), torch.randn(29, 70, generator=gen)
+    panels = ops.pack_panels(weight)
+    whole = ops.panel_linear(x, panels, 100, None)
+    for start, stop in ((0, 1), (5, 6), (2, 9), (0, 12), (3, 16), (7, 29)):
+        assert torch.equal(ops.panel_linear(x[start:stop], panels, 100, None), whole[start:stop])
+
+
+def test_panel_linear_refuses_what_does_not_match_its_panels(ops):
+    weight = torch.randn(40, 8)
+    panels = ops.pack_panels(weight)
+    with pytest.raises(RuntimeError, match="in_features"):
+        ops.panel_linear(torch.randn(2, 9), panels, 40, None)
+    with pytest.raises(RuntimeError, match="out_features"):
+        ops.panel_linear(torch.randn(2, 8), panels, 70, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.panel_linear(torch.randn(2, 8), panels, 40, torch.randn(41))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.pack_panels(weight.double())
 
 
 def test_off_by_the_environment_or_without_a_compiler_the_lean_layer_keeps_eager_ops(monkeypatch, caplog):

@@ -5,7 +5,9 @@
 //                           attention over the row's pages in place (no gather, no mask);
 //   silu_mul                silu(gate) * up of a merged gate/up GEMM's output;
 //   rms_norm                the layer's input RMSNorm (one pass; torch's composite op takes ~50 us);
-//   add_rms_norm            the residual add and the next RMSNorm.
+//   add_rms_norm            the residual add and the next RMSNorm;
+//   pack_panels,            a linear's weight packed once into panels of 32 outputs, and the GEMM
+//   panel_linear            y = x W^T (+ b) over them (below).
 // The attention's dot products take four keys per pass over q, and its weighted sum four values per
 // pass over the output (fewer horizontal sums and output loads: 4.5 against 5.8 ms for 30 layers of
 // 8 rows at 80 positions, this machine, one thread).
@@ -15,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -211,6 +215,108 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& hidden, const 
   return {sum, normed};
 }
 
+
+// ---- the panel GEMM -------------------------------------------------------------------------------
+// A decode iteration multiplies a few rows (one per session) by every weight of the span: it streams
+// the weights from memory once and is bound by that stream, not by arithmetic. oneDNN's GEMM on its
+// reordered weight ran SmolLM2's 30 layers of GEMMs at 8 rows in 37 ms on this machine (one thread)
+// where the weights alone take ~21 ms to read. Here each weight is packed once into panels of PANEL
+// output columns, [ceil(N / PANEL), K, PANEL] (zero columns past N), so a panel is one contiguous
+// stream; a tile of up to MAX_ROWS rows keeps its 2 x rows accumulators in vector registers while
+// the panel streams past once (a panel stays in L2 for the next tile of a longer input). Each output
+// is the plain sum over k in order, whatever the other rows are: a row's result does not depend on
+// the batch it is in (tests/runtime/test_cpu_kernels.py checks this bit for bit).
+constexpr int64_t LANES = 16;
+constexpr int64_t PANEL = 2 * LANES;
+constexpr int64_t MAX_ROWS = 12;
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+
+inline lanes_t load_lanes(const float* p) {
+  lanes_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// rows x [ROWS, K] (row stride ldx) times one panel [K, PANEL] (+ bias[PANEL]) → out [ROWS, PANEL] (stride ldo)
+template <int ROWS>
+void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* out,
+                int64_t ldo) {
+  lanes_t lo[ROWS], hi[ROWS];
+  const lanes_t b_lo = bias ? load_lanes(bias) : lanes_t{}, b_hi = bias ? load_lanes(bias + LANES) : lanes_t{};
+  for (int r = 0; r < ROWS; ++r) lo[r] = b_lo, hi[r] = b_hi;
+  for (int64_t k = 0; k < K; ++k) {
+    const lanes_t w_lo = load_lanes(panel + k * PANEL), w_hi = load_lanes(panel + k * PANEL + LANES);
+#pragma GCC unroll 12
+    for (int r = 0; r < ROWS; ++r) {
+      const float a = x[r * ldx + k];
+      lo[r] += w_lo * a;
+      hi[r] += w_hi * a;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    std::memcpy(out + r * ldo, &lo[r], sizeof(lanes_t));
+    std::memcpy(out + r * ldo + LANES, &hi[r], sizeof(lanes_t));
+  }
+}
+
+using tile_fn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t);
+constexpr tile_fn TILES[MAX_ROWS] = {panel_tile<1>, panel_tile<2>, panel_tile<3>, panel_tile<4>,
+                                     panel_tile<5>, panel_tile<6>, panel_tile<7>, panel_tile<8>,
+                                     panel_tile<9>, panel_tile<10>, panel_tile<11>, panel_tile<12>};
+
+// weight [N, K] → panels [ceil(N / PANEL), K, PANEL]
+at::Tensor pack_panels(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2,
+              "weight: float32 [out, in] on the CPU");
+  const int64_t N = weight.size(0), K = weight.size(1), panels = (N + PANEL - 1) / PANEL;
+  auto padded = at::zeros({panels * PANEL, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  return padded.view({panels, PANEL, K}).transpose(1, 2).contiguous();
+}
+
+// x [..., K] times the panels of an [N, K] weight (+ bias [N]) → [..., N]
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
+                        const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1, "x: float32 [..., in] on the CPU");
+  TORCH_CHECK(panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.dim() == 3 &&
+                  panels.size(2) == PANEL && panels.size(1) == x.size(-1),
+              "panels: pack_panels of a weight whose in_features is x's width");
+  const int64_t N = out_features, K = panels.size(1), P = panels.size(0);
+  TORCH_CHECK(N > (P - 1) * PANEL && N <= P * PANEL, "out_features: ", N, " does not match ", P, " panels");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias: float32 [out_features]");
+  const auto rows_in = x.reshape({-1, K}).contiguous();
+  const int64_t M = rows_in.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto out = at::empty(shape, x.options());
+  if (M == 0) return out;
+  std::vector<float> bias_pad;
+  if (bias) {
+    bias_pad.assign(P * PANEL, 0.f);
+    std::copy_n(bias->data_ptr<float>(), N, bias_pad.begin());
+  }
+  const float* xs = rows_in.data_ptr<float>();
+  const float* ws = panels.data_ptr<float>();
+  const float* bs = bias ? bias_pad.data() : nullptr;
+  float* ys = out.data_ptr<float>();
+  const int64_t tiles = (M + MAX_ROWS - 1) / MAX_ROWS, rows = (M + tiles - 1) / tiles;  // tiles of even size
+  at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
+    float last[MAX_ROWS * PANEL];  // the last panel's columns before those past N are dropped
+    for (int64_t p = begin; p < end; ++p) {
+      const bool whole = (p + 1) * PANEL <= N;
+      for (int64_t m0 = 0; m0 < M; m0 += rows) {
+        const int64_t n = std::min(rows, M - m0);
+        float* dest = whole ? ys + m0 * N + p * PANEL : last;
+        TILES[n - 1](xs + m0 * K, K, ws + p * K * PANEL, K, bs ? bs + p * PANEL : nullptr, dest, whole ? N : PANEL);
+        for (int64_t r = 0; !whole && r < n; ++r)
+          std::copy_n(last + r * PANEL, N - p * PANEL, ys + (m0 + r) * N + p * PANEL);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chainserve_cpu, m) {
@@ -220,6 +326,8 @@ TORCH_LIBRARY(chainserve_cpu, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rms_norm(Tensor hidden, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor hidden, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("pack_panels(Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chainserve_cpu, CPU, m) {
@@ -227,4 +335,6 @@ TORCH_LIBRARY_IMPL(chainserve_cpu, CPU, m) {
   m.impl("silu_mul", silu_mul);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
+  m.impl("pack_panels", pack_panels);
+  m.impl("panel_linear", panel_linear);
 }

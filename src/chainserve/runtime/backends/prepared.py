@@ -18,7 +18,7 @@ share one reordered weight (their rows concatenated), the first of them called o
 all their outputs and the others return their slice (:class:`_Merged`); the rest are reordered alone.
 
 A lone row (one token of one session: a decode at batch 1) multiplies an fp32 weight kept a second time,
-transposed to ``[in, out]`` (:func:`_lone_row_weight`, a non-persistent buffer): that GEMV beats the
+transposed to ``[in, out]`` (:meth:`_OneDnn.lone_row`, a non-persistent buffer): that GEMV beats the
 reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one thread, SmolLM2's
 GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price is a second copy
 of each prepared fp32 weight (SmolLM2's 30 blocks: ~350 MB more resident). Two or three rows are padded
@@ -27,6 +27,15 @@ fast from three, and a row's output is the same bits padded or not (issue 30; th
 SmolLM2's GEMMs ×30, medians of 11 interleaved: two rows 36.4 ms, padded to four 25.8, transposed 38.9;
 one row 30.0, padded 25.5, transposed 26.7 there, yet whole 30-block iterations at one row took a median
 45.3 ms padded against 41.5 on the transposed copy, five alternating processes, so one row keeps it).
+
+Where the fused CPU kernels are built (:func:`~.cpu_kernels.cpu_kernels`), an fp32 weight is packed
+into panels of 32 output columns instead and multiplied by their ``panel_linear`` (:class:`_Panels`):
+one contiguous stream per panel, so a few decode rows cost about what reading the weight costs, and
+one copy for every row count (no transposed lone-row copy). This machine, one thread, SmolLM2's GEMMs
+×30 of distinct weights, medians of five interleaved: 22.5 ms against oneDNN's 30.1 at one row, 22.2
+against 39.7 at 8, 39.9 against 48.9 at 16, 136 against 143 at 64. A row's output does not depend on
+the other rows of its batch, bit for bit. Without the kernels (``kernels=False``, or no compiler) fp32
+takes the oneDNN path above.
 
 Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
 torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
@@ -42,25 +51,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chainserve.runtime.backends.cpu_kernels import cpu_kernels
+
 #: Two or three rows are padded up to this many for the reordered GEMM (one row has its transposed copy).
 MIN_ROWS = 4
 
 __all__ = ["MIN_ROWS", "PreparedLinear", "prepare_alone", "prepare_linears", "merged_output", "prepared_dtypes"]
 
 
-def prepared_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes whose CPU GEMMs this build of torch can run on reordered weights (none without oneDNN)."""
+def prepared_dtypes(kernels: bool = True) -> frozenset[torch.dtype]:
+    """The dtypes whose CPU GEMMs run on prepared weights here: oneDNN's (none without it in this build
+    of torch), and fp32 wherever the panel kernel is built (``kernels``)."""
+    panels = {torch.float32} if kernels and cpu_kernels() is not None else set()
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return frozenset()
+        return frozenset(panels)
     bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32})
+    return frozenset({torch.float32, torch.bfloat16} if bf16 else {torch.float32}) | panels
 
 
-def prepare_linears(layers: nn.Module) -> int:
-    """Replace each eligible ``nn.Linear`` under ``layers`` by a :class:`PreparedLinear` (in place);
-    returns how many were replaced. Eligible: on the CPU, a plain tensor weight in one of
-    :func:`prepared_dtypes`, held by no other module in ``layers`` (a tied weight is left alone)."""
-    dtypes = prepared_dtypes()
+def prepare_linears(layers: nn.Module, kernels: bool = True) -> int:
+    """Replace each eligible ``nn.Linear`` under ``layers`` by a :class:`PreparedLinear` (in place; fp32
+    on panels where ``kernels`` and they are built); returns how many were replaced. Eligible: on the CPU,
+    a plain tensor weight in one of :func:`prepared_dtypes`, held by no other module in ``layers`` (a
+    tied weight is left alone)."""
+    dtypes = prepared_dtypes(kernels)
     uses = Counter(id(p) for _, p in layers.named_parameters(remove_duplicate=False))
     replaced = 0
     for parent in list(layers.modules()):
@@ -71,16 +85,18 @@ def prepare_linears(layers: nn.Module) -> int:
         for found in siblings.values():
             group = _Siblings() if len(found) > 1 else None
             for name, linear in found:
-                setattr(parent, name, PreparedLinear(linear, group))
+                setattr(parent, name, PreparedLinear(linear, group, _gemm_for(linear.weight.dtype, kernels)))
                 replaced += 1
     return replaced
 
 
-def prepare_alone(linear: nn.Module) -> nn.Module:
+def prepare_alone(linear: nn.Module, kernels: bool = True) -> nn.Module:
     """``linear`` as a :class:`PreparedLinear` of its own (no siblings), or ``linear`` itself where it
-    cannot be prepared. Its weight is reordered into a new tensor: a tied one (an LM head sharing the
+    cannot be prepared. Its weight is packed into a new tensor: a tied one (an LM head sharing the
     input embedding, issue 30) stays as it is for the module it is tied to."""
-    return PreparedLinear(linear, None) if _can_prepare(linear, prepared_dtypes()) else linear
+    if not _can_prepare(linear, prepared_dtypes(kernels)):
+        return linear
+    return PreparedLinear(linear, None, _gemm_for(linear.weight.dtype, kernels))
 
 
 def merged_output(linears: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
@@ -90,7 +106,7 @@ def merged_output(linears: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tens
     merged = getattr(linears[0], "merged", None)
     if merged is None or [merged.index.get(id(m)) for m in linears] != list(range(len(merged.sizes))):
         return None
-    return _matmul(x, merged.weight, merged.lone_row, merged.bias)
+    return merged.gemm(x, merged.weight, merged.lone_row, merged.bias, merged.out_features)
 
 
 def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
@@ -104,18 +120,18 @@ def _can_prepare(module: nn.Module, dtypes: frozenset[torch.dtype]) -> bool:
 
 
 class PreparedLinear(nn.Module):
-    """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a oneDNN-reordered weight, alone or as a slice
-    of its siblings' merged GEMM (see the module's docstring). Its weights stay parameters (the merged
-    ones those of the shared :class:`_Merged`), so the span's parameters count the model's weights once
-    (the lone-row copy is a buffer)."""
+    """``y = x Wᵀ + b`` of one former ``nn.Linear`` on a weight prepared by ``gemm`` (oneDNN's layout or
+    panels), alone or as a slice of its siblings' merged GEMM (see the module's docstring). Its weights
+    stay parameters (the merged ones those of the shared :class:`_Merged`), so the span's parameters
+    count the model's weights once (padded to whole panels; the lone-row copy is a buffer)."""
 
-    def __init__(self, linear: nn.Linear, siblings: _Siblings | None):
+    def __init__(self, linear: nn.Linear, siblings: _Siblings | None, gemm: _Gemm):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.in_features, self.out_features, self.gemm = linear.in_features, linear.out_features, gemm
         self.siblings, self.packed, self.merged = siblings, siblings is None, None
-        self.weight = _reordered(linear.weight) if self.packed else linear.weight
+        self.weight = gemm.pack(linear.weight) if self.packed else linear.weight
         self.bias = linear.bias
-        self.register_buffer("lone_row", _lone_row_weight(linear.weight) if self.packed else None, persistent=False)
+        self.register_buffer("lone_row", gemm.lone_row(linear.weight) if self.packed else None, persistent=False)
         if siblings is not None:
             siblings.members.append(self)
 
@@ -123,7 +139,7 @@ class PreparedLinear(nn.Module):
         if self.merged is not None:
             return self.merged.run(self, x)
         if self.packed:
-            return _matmul(x, self.weight, self.lone_row, self.bias)
+            return self.gemm(x, self.weight, self.lone_row, self.bias, self.out_features)
         if self.siblings.note(self, x):
             return self(x)
         return F.linear(x, self.weight, self.bias)
@@ -160,8 +176,8 @@ class _Siblings:
             else:
                 alone += group
         for m in alone:
-            m.lone_row = _lone_row_weight(m.weight)
-            m.weight, m.packed = _reordered(m.weight), True
+            m.lone_row = m.gemm.lone_row(m.weight)
+            m.weight, m.packed = m.gemm.pack(m.weight), True
         for m in self.members:
             m.siblings = None
         self.inputs.clear()
@@ -180,10 +196,11 @@ class _Merged(nn.Module):
         if any(b is not None for b in biases):
             zeros = [w.new_zeros(w.shape[0]) for w in weights]
             bias = nn.Parameter(torch.cat([z if b is None else b for z, b in zip(zeros, biases, strict=True)]), False)
-        merged = torch.cat(weights)
-        self.weight, self.bias = _reordered(merged), bias
-        self.register_buffer("lone_row", _lone_row_weight(merged), persistent=False)
+        merged, self.gemm = torch.cat(weights), members[0].gemm
+        self.weight, self.bias = self.gemm.pack(merged), bias
+        self.register_buffer("lone_row", self.gemm.lone_row(merged), persistent=False)
         self.sizes = [w.shape[0] for w in weights]
+        self.out_features = merged.shape[0]
         self.index = {id(m): i for i, m in enumerate(members)}
         self.input: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = []
@@ -194,7 +211,7 @@ class _Merged(nn.Module):
     def run(self, member: PreparedLinear, x: torch.Tensor) -> torch.Tensor:
         i = self.index[id(member)]
         if x is not self.input or self.outputs[i] is None:
-            y = _matmul(x, self.weight, self.lone_row, self.bias)
+            y = self.gemm(x, self.weight, self.lone_row, self.bias, self.out_features)
             self.input, self.outputs = x, [part.contiguous() for part in y.split(self.sizes, dim=-1)]
         out, self.outputs[i] = self.outputs[i], None
         if all(o is None for o in self.outputs):
@@ -202,31 +219,67 @@ class _Merged(nn.Module):
         return out
 
 
-def _matmul(
-    x: torch.Tensor, packed: torch.Tensor, lone_row: torch.Tensor | None, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered
-    weight, fewer than :data:`MIN_ROWS` rows padded with zeros up to it."""
-    width = x.shape[-1]
-    rows = x.numel() // width
-    if lone_row is not None and rows == 1:
-        y = x @ lone_row
-        return y if bias is None else y.add_(bias)
-    if rows >= MIN_ROWS or rows == 0:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    padded = F.pad(x.reshape(rows, width), (0, 0, 0, MIN_ROWS - rows))
-    y = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")
-    return y[:rows].view(*x.shape[:-1], -1)
+class _Gemm:
+    """How a prepared weight is stored (``pack``, ``lone_row``: an optional second copy) and multiplied."""
 
+    def pack(self, weight: torch.Tensor) -> nn.Parameter:
+        raise NotImplementedError
 
-def _lone_row_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """``[in, out]``, contiguous, for an fp32 weight (measured only there); ``None`` for other dtypes."""
-    if weight.dtype != torch.float32:
+    def lone_row(self, weight: torch.Tensor) -> torch.Tensor | None:
         return None
-    with torch.no_grad():
-        return weight.detach().t().contiguous()
+
+    def __call__(
+        self, x: torch.Tensor, packed: torch.Tensor, lone_row: torch.Tensor | None, bias: torch.Tensor | None, out: int
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def _reordered(weight: torch.Tensor) -> nn.Parameter:
-    with torch.no_grad():
-        return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()), False)
+class _OneDnn(_Gemm):
+    """oneDNN's reordered weight, and for fp32 a transposed copy for a lone row (module docstring)."""
+
+    def pack(self, weight: torch.Tensor) -> nn.Parameter:
+        with torch.no_grad():
+            return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()), False)
+
+    def lone_row(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``[in, out]``, contiguous, for an fp32 weight (measured only there); ``None`` for other dtypes."""
+        if weight.dtype != torch.float32:
+            return None
+        with torch.no_grad():
+            return weight.detach().t().contiguous()
+
+    def __call__(self, x, packed, lone_row, bias, out):
+        """``x Wᵀ + b``: on the transposed copy for a lone row where there is one, else on the reordered
+        weight, fewer than :data:`MIN_ROWS` rows padded with zeros up to it."""
+        width = x.shape[-1]
+        rows = x.numel() // width
+        if lone_row is not None and rows == 1:
+            y = x @ lone_row
+            return y if bias is None else y.add_(bias)
+        if rows >= MIN_ROWS or rows == 0:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        padded = F.pad(x.reshape(rows, width), (0, 0, 0, MIN_ROWS - rows))
+        y = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], -1)
+
+
+class _Panels(_Gemm):
+    """fp32 in panels of 32 output columns, multiplied by the fused kernels' ``panel_linear``."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def pack(self, weight: torch.Tensor) -> nn.Parameter:
+        with torch.no_grad():
+            return nn.Parameter(self.kernels.pack_panels(weight.detach()), False)
+
+    def __call__(self, x, packed, lone_row, bias, out):
+        return self.kernels.panel_linear(x, packed, out, bias)
+
+
+def _gemm_for(dtype: torch.dtype, kernels: bool) -> _Gemm:
+    built = cpu_kernels() if kernels and dtype == torch.float32 else None
+    return _ONEDNN if built is None else _Panels(built)
+
+
+_ONEDNN = _OneDnn()

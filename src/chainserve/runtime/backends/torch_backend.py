@@ -196,8 +196,8 @@ class TorchSpan:
         self.layers = torch.nn.ModuleList(layers[first : info.last_block]).to(self.device).eval()
         if weights == "int8":
             _quantize_int8(self.layers)
-        if prepare:  # oneDNN-reordered and merged GEMMs on the CPU (issue 30)
-            prepare_linears(self.layers)
+        if prepare:  # packed (panels or oneDNN's layout) and merged GEMMs on the CPU (issue 30)
+            prepare_linears(self.layers, kernels)
         base = model.base_model
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is not None:
