@@ -1,15 +1,18 @@
-"""Fused fp32 CPU kernels for the lean Llama layer (issue 30, item 3 "an efficient step").
+"""Fused fp32 CPU kernels for the lean Llama layer and prepared GEMMs (issue 30, item 3 "an efficient step").
 
 A decode iteration of a block server spent ~17 of its ~49 ms (SmolLM2, 30 blocks, 8 sessions, one
 thread, this machine) outside the GEMMs: RoPE as six eager ops, the cache's page writes and its gather
-of every row's history, sdpa, SiLU·mul, the residual adds and norms, and the Python between them.
-``cpu_kernels.cpp`` does the same arithmetic in four passes (``torch.ops.chainserve_cpu``):
+of every row's history, sdpa, SiLU·mul, the residual adds and norms, and the Python between them; and
+oneDNN's GEMMs took ~37 ms for weights read from memory in ~21. ``cpu_kernels.cpp`` does the same
+arithmetic in these passes (``torch.ops.chainserve_cpu``):
 
 - ``paged_decode_attention``: RoPE on a decode row's q and k, k and v into its page, and attention read
   straight from the row's pages (no gather, no mask: row r sees its positions 0..p);
 - ``silu_mul``: SiLU(gate)·up of the merged gate/up GEMM's output;
 - ``rms_norm``: the layer's input RMSNorm;
-- ``add_rms_norm``: the residual add and the following RMSNorm.
+- ``add_rms_norm``: the residual add and the following RMSNorm;
+- ``pack_panels`` and ``panel_linear``: a linear's weight packed once into panels of 32 output columns,
+  and ``x Wᵀ + b`` streaming each panel once for up to 12 rows (:mod:`.prepared`).
 
 No maintained library offers these for torch 2.13 on the CPU (Intel's extension stops at older torch,
 vLLM's CPU kernels are built against its own torch), so they are built here, once per machine, with

@@ -18,7 +18,7 @@ new token each, a layer without a sliding window) has RoPE, its page writes and 
 pages in one kernel (:meth:`~.torch_backend.PagedCache.attend_decode`), the input norm is one, the
 MLP's SiLU·mul is one, and the residual add with the post-attention norm is one (issue 30: a SmolLM2
 decode iteration of 8 sessions, 30 blocks, one thread, 53 → 43 ms on this machine, medians of
-``benchmarks/step.py --kernels``).
+``benchmarks/step.py --kernels``; 26 ms once the span's GEMMs ran on panels, :mod:`.prepared`).
 """
 
 from __future__ import annotations

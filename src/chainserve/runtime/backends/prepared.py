@@ -1,46 +1,44 @@
 """Weights prepared once for the CPU GEMM (issue 30, item 3 "an efficient step").
 
 :func:`prepare_linears` replaces the ``nn.Linear`` modules of a span's layers (any family) by
-:class:`PreparedLinear`: the weight reordered once into oneDNN's blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, the packing ``torch.compile``'s freezing uses on CPU) and
-multiplied by ``torch.ops.mkldnn._linear_pointwise``. Measured on this 2-core machine, one thread, B
-decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at B = 1 and
-1.6–1.8x less at B = 4..16 (merging adds 5–10 %); a whole 30-block iteration 1.15–1.8x faster at
-B = 4..16 but 0.87–0.98x at B = 1 before the lone-row path below (``benchmarks/step.py``, five runs
-on a loaded machine; a reorder for one row, ``_reorder_linear_weight(w, 1)``, wins at B = 1 and loses
-at B ≥ 8), its output within 4e-6 of the plain span's (relative to its scale).
+:class:`PreparedLinear`, its weight packed once for one of two GEMMs (:class:`_Gemm`):
+
+- **panels** (fp32, where the fused CPU kernels are built: :func:`~.cpu_kernels.cpu_kernels`): the
+  weight in panels of 32 output columns, multiplied by the kernels' ``panel_linear`` (:class:`_Panels`),
+  which streams each panel once for up to 12 rows. A decode iteration's few rows then cost about what
+  reading the weights costs, with one copy for every row count, and a row's output does not depend on
+  the other rows of its batch, bit for bit. This machine, one thread, SmolLM2's GEMMs ×30 of distinct
+  weights, medians of five interleaved: 22.5 ms against oneDNN's 30.1 at one row, 22.2 against 39.7 at
+  8, 39.9 against 48.9 at 16, 136 against 143 at 64 (a prefill chunk).
+- **oneDNN** (bf16 where this CPU supports it; fp32 without the kernels, or with ``kernels=False``):
+  the weight reordered into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the
+  packing ``torch.compile``'s freezing uses on CPU) and multiplied by
+  ``torch.ops.mkldnn._linear_pointwise`` (:class:`_OneDnn`). Measured on this 2-core machine, one
+  thread, B decode rows: SmolLM2's seven GEMMs per layer ×30 take 1.1x less time than ``F.linear`` at
+  B = 1 and 1.6–1.8x less at B = 4..16 (merging adds 5–10 %); its output within 4e-6 of the plain
+  span's (relative to its scale). A lone row and two or three rows take the paths described below.
 
 Sibling linears of one module reading the same input (q/k/v, gate/up: whichever the family's forward
 feeds one tensor) are merged into one GEMM. Which siblings those are is *learnt*, not named: the
 linears of one module with the same input width start as plain ``F.linear`` and note the tensor each
 reads; when one of them is called a second time (the next forward), those that read one tensor object
-share one reordered weight (their rows concatenated), the first of them called on an input computes
-all their outputs and the others return their slice (:class:`_Merged`); the rest are reordered alone.
+share one packed weight (their rows concatenated), the first of them called on an input computes
+all their outputs and the others return their slice (:class:`_Merged`); the rest are packed alone.
 
-A lone row (one token of one session: a decode at batch 1) multiplies an fp32 weight kept a second time,
-transposed to ``[in, out]`` (:meth:`_OneDnn.lone_row`, a non-persistent buffer): that GEMV beats the
-reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one thread, SmolLM2's
-GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price is a second copy
-of each prepared fp32 weight (SmolLM2's 30 blocks: ~350 MB more resident). Two or three rows are padded
+On oneDNN's path, a lone row (one token of one session: a decode at batch 1) multiplies an fp32 weight
+kept a second time, transposed to ``[in, out]`` (:meth:`_OneDnn.lone_row`, a non-persistent buffer):
+that GEMV beats the reordered GEMM at one row, which wins from two rows on (issue 30; this machine, one
+thread, SmolLM2's GEMMs ×30: 30 ms against 35 at one row, 44 against 49 (transposed) at two). The price
+is a second copy of each prepared fp32 weight (SmolLM2's 30 blocks: ~350 MB more resident). Two or three rows are padded
 with zero rows to :data:`MIN_ROWS`: oneDNN's GEMM on the reordered weight is slow at one or two rows and
 fast from three, and a row's output is the same bits padded or not (issue 30; this machine, one thread,
 SmolLM2's GEMMs ×30, medians of 11 interleaved: two rows 36.4 ms, padded to four 25.8, transposed 38.9;
 one row 30.0, padded 25.5, transposed 26.7 there, yet whole 30-block iterations at one row took a median
 45.3 ms padded against 41.5 on the transposed copy, five alternating processes, so one row keeps it).
 
-Where the fused CPU kernels are built (:func:`~.cpu_kernels.cpu_kernels`), an fp32 weight is packed
-into panels of 32 output columns instead and multiplied by their ``panel_linear`` (:class:`_Panels`):
-one contiguous stream per panel, so a few decode rows cost about what reading the weight costs, and
-one copy for every row count (no transposed lone-row copy). This machine, one thread, SmolLM2's GEMMs
-×30 of distinct weights, medians of five interleaved: 22.5 ms against oneDNN's 30.1 at one row, 22.2
-against 39.7 at 8, 39.9 against 48.9 at 16, 136 against 143 at 64. A row's output does not depend on
-the other rows of its batch, bit for bit. Without the kernels (``kernels=False``, or no compiler) fp32
-takes the oneDNN path above.
-
-Only fp32, and bf16 where oneDNN supports it on this CPU, with plain tensors as weights: CUDA, fp16,
-torchao's int8 tensors, subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights
-(:func:`prepare_alone` prepares one on a copy: the orchestrator's LM head) and every other module are
-left as they are.
+Only fp32 and bf16 (as above), with plain tensors as weights: CUDA, fp16, torchao's int8 tensors,
+subclasses of ``nn.Linear`` (their own ``forward``, e.g. Falcon's), tied weights (:func:`prepare_alone`
+prepares one on a copy: the orchestrator's LM head) and every other module are left as they are.
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ outside the layer list loaded, tied embeddings tied) with its layer list replace
 - :meth:`TorchHead.logits` runs the causal LM with the stand-in returning the hidden states that left
   the last block: the final norm, the LM head and any logit scaling or softcapping (Gemma 2/3, Cohere,
   Granite) are the model's own; the LM head's GEMM runs on prepared weights of its own (issue 30,
-  :func:`~.prepared.prepare_alone`: a transposed copy for a lone row, oneDNN's layout for more; a
-  tied head keeps the embedding's weight for the embedding), measured on this machine at one thread
-  for SmolLM2's 49,152 × 576 head: 6.7 ms against 13 for one row, 9.5 against 25 for eight; where the
-  logits are just the final norm and the LM head (checked at start, bit for bit) only those two run.
+  :func:`~.prepared.prepare_alone`: fp32 in panels where the fused CPU kernels are built, else a
+  transposed copy for a lone row and oneDNN's layout for more; a tied head keeps the embedding's weight
+  for the embedding), measured on this machine at one thread for SmolLM2's 49,152 × 576 head: on
+  oneDNN 6.7 ms against 13 unprepared for one row, 9.5 against 25 for eight; on panels 6.1 against
+  oneDNN's 9.2 for eight; where the logits are just the final norm and the LM head (checked at start,
+  bit for bit) only those two run.
 """
 
 from __future__ import annotations
