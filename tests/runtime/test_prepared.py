@@ -29,11 +29,16 @@ pytestmark = pytest.mark.skipif(torch.float32 not in prepared_dtypes(False), rea
 torch.set_num_threads(1)
 
 
+def _skip_without_kernels() -> None:
+    if cpu_kernels() is None:
+        pytest.skip("the fused CPU kernels are not built here")
+
+
 @pytest.fixture(params=[False, True], ids=["onednn", "panels"])
 def kernels(request) -> bool:
     """Whether fp32 weights go to panels (the fused kernels' GEMM) or to oneDNN's layout."""
-    if request.param and cpu_kernels() is None:
-        pytest.skip("the fused CPU kernels are not built here")
+    if request.param:
+        _skip_without_kernels()
     return request.param
 
 
@@ -133,14 +138,11 @@ class _TwoHeads(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", sorted(prepared_dtypes(), key=str))
-@pytest.mark.parametrize("use_kernels", [False, True], ids=["onednn", "panels"])
-def test_merged_siblings_with_and_without_bias(dtype, use_kernels):
-    if use_kernels and cpu_kernels() is None:
-        pytest.skip("the fused CPU kernels are not built here")
+def test_merged_siblings_with_and_without_bias(dtype, kernels):
     torch.manual_seed(0)
     module = _TwoHeads().to(dtype)
     prepared = copy.deepcopy(module)
-    assert prepare_linears(prepared, use_kernels) == 3
+    assert prepare_linears(prepared, kernels) == 3
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with torch.inference_mode():
         for shape in ((1, 1, 16), (1, 2, 16), (3, 2, 16), (16, 2, 16)):  # (1, 1): the lone-row path; 2, 3 rows: padded
@@ -174,8 +176,7 @@ def test_panels_give_a_row_the_same_bits_in_any_batch():
     """Issue 30, panels: one packed weight for every row count (no lone-row copy), and a row's output is
     the same bits alone, in any slice of a batch and merged or not (the plain sum over the input in
     order): a session's tokens do not depend on who shares its iteration."""
-    if cpu_kernels() is None:
-        pytest.skip("the fused CPU kernels are not built here")
+    _skip_without_kernels()
     torch.manual_seed(0)
     module = _TwoHeads()
     prepared = copy.deepcopy(module)

@@ -164,23 +164,31 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+void check_norm_weight(const at::Tensor& weight, const at::Tensor& hidden) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden.size(1),
+              "weight: float32 [H]");
+}
+
+// o = a / sqrt(squares / H + eps) * w over one row of H, given squares = sum(a²)
+void rms_scale_row(const float* a, float squares, const float* w, float* o, int64_t H, double eps) {
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+#pragma omp simd
+  for (int64_t i = 0; i < H; ++i) o[i] = w[i] * (a[i] * inv);
+}
+
 // RMSNorm of hidden [T, H]: hidden / sqrt(mean(hidden²) + eps) * weight
 at::Tensor rms_norm(const at::Tensor& hidden, const at::Tensor& weight, double eps) {
   check_rows(hidden, "hidden");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden.size(1),
-              "weight: float32 [H]");
+  check_norm_weight(weight, hidden);
   const int64_t T = hidden.size(0), H = hidden.size(1);
   auto normed = at::empty({T, H}, hidden.options());
   const float* wp = weight.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     const float* a = hidden.data_ptr<float>() + t * hidden.stride(0);
-    float* o = normed.data_ptr<float>() + t * H;
     float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
     for (int64_t i = 0; i < H; ++i) squares += a[i] * a[i];
-    const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (a[i] * inv);
+    rms_scale_row(a, squares, wp, normed.data_ptr<float>() + t * H, H, eps);
   }
   return normed;
 }
@@ -191,26 +199,21 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& hidden, const 
   check_rows(hidden, "hidden");
   check_rows(delta, "delta");
   TORCH_CHECK(hidden.sizes() == delta.sizes(), "hidden, delta: one shape");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == hidden.size(1),
-              "weight: float32 [H]");
+  check_norm_weight(weight, hidden);
   const int64_t T = hidden.size(0), H = hidden.size(1);
   auto sum = at::empty({T, H}, hidden.options()), normed = at::empty({T, H}, hidden.options());
   const float* wp = weight.data_ptr<float>();
-  const float e = static_cast<float>(eps);
   for (int64_t t = 0; t < T; ++t) {
     const float* a = hidden.data_ptr<float>() + t * hidden.stride(0);
     const float* b = delta.data_ptr<float>() + t * delta.stride(0);
     float* s = sum.data_ptr<float>() + t * H;
-    float* o = normed.data_ptr<float>() + t * H;
     float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
     for (int64_t i = 0; i < H; ++i) {
       s[i] = a[i] + b[i];
       squares += s[i] * s[i];
     }
-    const float inv = 1.f / std::sqrt(squares / static_cast<float>(H) + e);
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) o[i] = wp[i] * (s[i] * inv);
+    rms_scale_row(s, squares, wp, normed.data_ptr<float>() + t * H, H, eps);
   }
   return {sum, normed};
 }
